@@ -1,0 +1,122 @@
+"""The one place configuration lives: ``Settings`` reads ``TGW_*`` environment variables.
+
+Built inside ``create_app()`` / the CLI, never at import time, and validated at start-up:
+a bad value stops the process with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TGW_", extra="ignore", validate_default=True)
+
+    # --- HTTP server -------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes for `tgw serve`")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="413 above this request size")
+    state_dir: Path = Field(PROJECT_ROOT / ".tgw", description="where the embedded stack keeps its files")
+
+    # --- Triton ------------------------------------------------------------------------------
+    triton_url: str | None = Field(
+        None, description="gRPC address host:port of an external Triton; unset = start the embedded one"
+    )
+    triton_timeout_s: float = Field(30.0, gt=0, description="per-call deadline for inference")
+    triton_channels: int = Field(1, ge=1, le=32, description="gRPC channels, requests spread round-robin")
+    triton_retries: int = Field(2, ge=0, le=10, description="retries on UNAVAILABLE (request not sent)")
+    triton_startup_timeout_s: float = Field(120.0, gt=0)
+    triton_http_port: int = Field(8000, ge=1, le=65535, description="embedded Triton HTTP port")
+    triton_grpc_port: int = Field(8001, ge=1, le=65535, description="embedded Triton gRPC port")
+    triton_metrics_port: int = Field(8002, ge=1, le=65535, description="embedded Triton metrics port")
+    model_repository: Annotated[list[Path], NoDecode] = Field(
+        default_factory=lambda: [PROJECT_ROOT / "model_repository"],
+        description="comma-separated model repositories for the embedded Triton",
+    )
+    triton_model_config_name: str = Field(
+        "cpu", description="embedded Triton loads configs/<name>.pbtxt where a model has one"
+    )
+    metadata_ttl_s: float = Field(5.0, ge=0, description="how long model metadata is cached")
+    retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503 answers")
+
+    # --- Redis / response cache --------------------------------------------------------------
+    redis_url: str | None = Field(None, description="redis:// URL; unset = start the embedded redis-server")
+    redis_port: int = Field(6379, ge=1, le=65535, description="embedded Redis port")
+    redis_timeout_s: float = Field(0.25, gt=0, description="bound on every cache operation")
+    cache_enabled: bool = True
+    cache_ttl_s: int = Field(3600, ge=1)
+    cache_namespace: str = Field("tgw:cache:v1", min_length=1)
+    cache_exclude_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated models never cached"
+    )
+    cache_max_value_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger answers are not cached")
+
+    # --- Async jobs and webhooks ---------------------------------------------------------------
+    job_ttl_s: int = Field(86400, ge=1)
+    job_max_attempts: int = Field(5, ge=1)
+    queue_max: int = Field(10000, ge=1)
+    webhook_secret: str | None = Field(None, description="whsec_<base64>; several separated by spaces")
+    webhook_allow_private: bool = False
+
+    # --- Operations ----------------------------------------------------------------------------
+    drain_s: float = Field(30.0, ge=0, description="how long in-flight requests may finish on SIGTERM")
+    otel_endpoint: str | None = None
+
+    @field_validator("model_repository", "cache_exclude_models", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("triton_url")
+    @classmethod
+    def _strip_scheme(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        for prefix in ("grpc://", "http://"):
+            if value.startswith(prefix):
+                value = value[len(prefix) :]
+        if ":" not in value:
+            raise ValueError("expected host:port of Triton's gRPC endpoint, e.g. triton:8001")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Settings:
+        if self.triton_url is None:
+            ports = [self.port, self.triton_http_port, self.triton_grpc_port, self.triton_metrics_port]
+            if self.redis_url is None:
+                ports.append(self.redis_port)
+            if len(set(ports)) != len(ports):
+                raise ValueError(f"the gateway and the embedded servers need distinct ports, got {ports}")
+        return self
+
+    @property
+    def triton_grpc_address(self) -> str:
+        return self.triton_url or f"127.0.0.1:{self.triton_grpc_port}"
+
+    @property
+    def redis_address(self) -> str:
+        return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
