@@ -1,0 +1,207 @@
+"""Triton model configurations written by ``tgw convert``.
+
+Two files per model (see docs/models.md):
+
+- ``<model>/config.pbtxt``: production, TensorRT (``platform: "tensorrt_plan"``) on GPU, dynamic
+  batching with preferred sizes, CUDA graphs for the optimisation profile's batch sizes.
+- ``<model>/configs/cpu.pbtxt``: what the embedded Triton loads (it runs with
+  ``--model-config-name=cpu``): Python backend + ONNX Runtime on ``<version>/model.onnx``
+  through ``app.triton_models.onnx_runner``.
+
+The text is produced from templates so it can carry comments, then parsed back into Triton's
+``ModelConfig`` protobuf (``parse_config``) before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# dtype names accepted on the command line -> Triton data type
+_DTYPES = {
+    "bool": "TYPE_BOOL",
+    "uint8": "TYPE_UINT8",
+    "int8": "TYPE_INT8",
+    "int16": "TYPE_INT16",
+    "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64",
+    "float16": "TYPE_FP16",
+    "fp16": "TYPE_FP16",
+    "half": "TYPE_FP16",
+    "float32": "TYPE_FP32",
+    "fp32": "TYPE_FP32",
+    "float": "TYPE_FP32",
+    "float64": "TYPE_FP64",
+    "fp64": "TYPE_FP64",
+    "double": "TYPE_FP64",
+}
+for _v in set(_DTYPES.values()):
+    _DTYPES[_v.lower()] = _v
+    _DTYPES[_v.removeprefix("TYPE_").lower()] = _v
+
+# CPU dynamic-batching delay, see the comment written into configs/cpu.pbtxt and docs/models.md.
+DEFAULT_CPU_QUEUE_DELAY_US = 500
+DEFAULT_GPU_QUEUE_DELAY_US = 100
+
+
+def triton_dtype(name: str) -> str:
+    """``float32`` / ``fp32`` / ``FP32`` / ``TYPE_FP32`` -> ``TYPE_FP32``; ValueError if unknown."""
+    key = name.strip().lower()
+    if key not in _DTYPES:
+        known = "bool, uint8, int8, int16, int32, int64, float16, float32, float64"
+        raise ValueError(f"unknown dtype {name!r} (known: {known})")
+    return _DTYPES[key]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dims: tuple[int, ...]  # per item, without the batch dimension
+    dtype: str = "TYPE_FP32"
+
+    def pbtxt(self) -> str:
+        dims = ", ".join(str(d) for d in self.dims)
+        return f'{{ name: "{self.name}" data_type: {self.dtype} dims: [ {dims} ] }}'
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    min_batch: int = 1
+    opt_batch: int = 32
+    max_batch: int = 128
+    preferred_batch_sizes: list[int] = field(default_factory=list)  # empty: [opt, max]
+    gpu_queue_delay_us: int = DEFAULT_GPU_QUEUE_DELAY_US
+    cpu_queue_delay_us: int = DEFAULT_CPU_QUEUE_DELAY_US
+    gpu_instance_count: int = 1
+    cpu_instance_count: int = 2
+    intra_op_threads: int = 1
+    priority_levels: int = 0
+    versions: list[int] = field(default_factory=lambda: [1])
+    precision: str = "fp16"  # fp32 | fp16 | int8, only recorded in the production config's comment
+
+    def preferred(self) -> list[int]:
+        sizes = self.preferred_batch_sizes or [self.opt_batch, self.max_batch]
+        return sorted({s for s in sizes if 1 <= s <= self.max_batch})
+
+    def graph_batch_sizes(self) -> list[int]:
+        return sorted({self.min_batch, self.opt_batch, self.max_batch, *self.preferred()})
+
+    def validate(self) -> None:
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError(
+                f"batch profile must satisfy 1 <= min <= opt <= max, got "
+                f"{self.min_batch}/{self.opt_batch}/{self.max_batch}"
+            )
+        bad = [s for s in self.preferred_batch_sizes if not 1 <= s <= self.max_batch]
+        if bad:
+            raise ValueError(f"preferred batch sizes {bad} are outside 1..{self.max_batch}")
+        for t in [*self.inputs, *self.outputs]:
+            if not t.dims or any(d == 0 or d < -1 for d in t.dims):
+                raise ValueError(f"tensor {t.name!r}: dims {list(t.dims)} must be positive (or -1)")
+        names = [t.name for t in [*self.inputs, *self.outputs]]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tensor names must be distinct, got {names}")
+        if self.priority_levels < 0 or self.gpu_queue_delay_us < 0 or self.cpu_queue_delay_us < 0:
+            raise ValueError("priority levels and queue delays must be >= 0")
+        if self.gpu_instance_count < 1 or self.cpu_instance_count < 1 or self.intra_op_threads < 1:
+            raise ValueError("instance counts and thread counts must be >= 1")
+
+
+def _tensors(kind: str, specs: Sequence[TensorSpec]) -> str:
+    body = ",\n".join(f"  {t.pbtxt()}" for t in specs)
+    return f"{kind} [\n{body}\n]\n"
+
+
+def _version_policy(spec: ModelSpec) -> str:
+    if len(spec.versions) <= 1:
+        return "version_policy: { latest: { num_versions: 1 } }\n"
+    versions = ", ".join(str(v) for v in sorted(spec.versions))
+    return (
+        "# Several versions are served side by side; address one with /v1/models/{m}/versions/{v}/infer.\n"
+        f"version_policy: {{ specific: {{ versions: [ {versions} ] }} }}\n"
+    )
+
+
+def _priority(spec: ModelSpec) -> str:
+    if spec.priority_levels <= 0:
+        return ""
+    # 1 is the highest priority; requests without one get the lowest level.
+    return (
+        f"  priority_levels: {spec.priority_levels}\n"
+        f"  default_priority_level: {spec.priority_levels}\n"
+    )
+
+
+def tensorrt_config(spec: ModelSpec) -> str:
+    """Production configuration: TensorRT plan on GPU."""
+    spec.validate()
+    preferred = ", ".join(str(s) for s in spec.preferred())
+    graphs = ",\n".join(f"      {{ batch_size: {b} }}" for b in spec.graph_batch_sizes())
+    return (
+        f"# Production configuration (GPU, TensorRT) written by `tgw convert`.\n"
+        f"# <version>/model.plan is built from <version>/model.onnx on the target GPU ({spec.precision.upper()},\n"
+        f"# optimisation profile min/opt/max batch {spec.min_batch}/{spec.opt_batch}/{spec.max_batch}):\n"
+        f"# see build_plan.sh next to this file and Dockerfile.triton. The embedded CPU Triton loads\n"
+        f"# configs/cpu.pbtxt instead (tritonserver --model-config-name=cpu).\n"
+        f'name: "{spec.name}"\n'
+        f'platform: "tensorrt_plan"\n'
+        f"max_batch_size: {spec.max_batch}\n"
+        + _tensors("input", spec.inputs)
+        + _tensors("output", spec.outputs)
+        + f"# Wait up to {spec.gpu_queue_delay_us} us to fill a preferred batch: a batch-{spec.opt_batch} TensorRT\n"
+        f"# launch costs about as much as batch 1, so a short wait buys throughput for little latency.\n"
+        f"dynamic_batching {{\n"
+        f"  preferred_batch_size: [ {preferred} ]\n"
+        f"  max_queue_delay_microseconds: {spec.gpu_queue_delay_us}\n"
+        + _priority(spec)
+        + "}\n"
+        f"instance_group [ {{ count: {spec.gpu_instance_count} kind: KIND_GPU }} ]\n"
+        f"optimization {{\n"
+        f"  cuda {{\n"
+        f"    graphs: true\n"
+        f"    graph_spec [\n{graphs}\n    ]\n"
+        f"  }}\n"
+        f"}}\n" + _version_policy(spec)
+    )
+
+
+def cpu_config(spec: ModelSpec) -> str:
+    """CPU configuration for the embedded Triton: Python backend + ONNX Runtime."""
+    spec.validate()
+    return (
+        f"# CPU configuration written by `tgw convert`: loaded by the embedded Triton, which runs with\n"
+        f"# --model-config-name=cpu. Python backend running ONNX Runtime on <version>/model.onnx\n"
+        f"# (app/triton_models/onnx_runner.py); production uses ../config.pbtxt (TensorRT).\n"
+        f'name: "{spec.name}"\n'
+        f'backend: "python"\n'
+        f"max_batch_size: {spec.max_batch}\n"
+        + _tensors("input", spec.inputs)
+        + _tensors("output", spec.outputs)
+        + f"# max_queue_delay {spec.cpu_queue_delay_us} us: one ONNX Runtime call costs ~0.2-0.5 ms whatever the\n"
+        f"# batch (Python-backend IPC + ORT overhead dominate small batches), so holding a request for up to\n"
+        f"# about one call's duration lets concurrent requests share it: throughput grows with load while an\n"
+        f"# idle server adds at most {spec.cpu_queue_delay_us / 1000:g} ms (see docs/models.md).\n"
+        f"dynamic_batching {{\n"
+        f"  max_queue_delay_microseconds: {spec.cpu_queue_delay_us}\n"
+        + _priority(spec)
+        + "}\n"
+        f"# {spec.cpu_instance_count} instance(s) x {spec.intra_op_threads} ORT intra-op thread(s): one per core on the\n"
+        f"# 2-core target, so one instance computes while the other moves tensors through the stub.\n"
+        f"instance_group [ {{ count: {spec.cpu_instance_count} kind: KIND_CPU }} ]\n"
+        f"parameters [\n"
+        f'  {{ key: "onnx_file" value: {{ string_value: "model.onnx" }} }},\n'
+        f'  {{ key: "intra_op_threads" value: {{ string_value: "{spec.intra_op_threads}" }} }}\n'
+        f"]\n" + _version_policy(spec)
+    )
+
+
+def parse_config(text: str) -> Any:
+    """Parse pbtxt into ``inference.ModelConfig`` (raises ``google.protobuf.text_format.ParseError``)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(text, model_config_pb2.ModelConfig())

@@ -1,0 +1,1 @@
+"""Training code for the example forecasting models (needs the ``models`` extra: torch)."""
