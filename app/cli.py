@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
-from collections.abc import Callable
 
 import uvicorn
 from pydantic import ValidationError
@@ -17,7 +17,6 @@ from app.settings import Settings
 
 logger = logging.getLogger("app.cli")
 
-SubcommandAdder = Callable[[argparse._SubParsersAction], None]  # type: ignore[type-arg]
 
 
 def _setup_logging(level: str) -> None:
@@ -101,8 +100,6 @@ def cmd_up(_: argparse.Namespace) -> int:
             triton.start(timeout=settings.triton_startup_timeout_s)
             children.append(triton.process)
         # The gateway (and any uvicorn worker) reads its settings from the environment.
-        import os
-
         if redis is not None:
             os.environ["TGW_REDIS_URL"] = redis.url
         if triton is not None:

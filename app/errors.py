@@ -127,50 +127,62 @@ def from_grpc(status: grpc.StatusCode | None, message: str, retry_after_s: int =
     return cls(f"Triton rejected the request: {message}", details)
 
 
-def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> bytes:
+def is_kserve_path(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def error_body(code: str, message: str, details: dict[str, Any] | None = None, kserve: bool = False) -> bytes:
+    """The one error shape. Under ``/v2`` the KServe v2 protocol mandates ``"error"`` to be the message
+    string (``tritonclient.http`` reads it so), so there ``code`` and ``details`` sit beside it."""
+    if kserve:
+        return orjson.dumps({"error": message, "code": code, "details": details or {}})
     return orjson.dumps({"error": {"code": code, "message": message, "details": details or {}}})
 
 
 def error_response(
-    status: int, code: str, message: str, details: dict[str, Any] | None = None,
+    request: Request | None, status: int, code: str, message: str, details: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response:  # fmt: skip
     headers = dict(headers or {})
     rid = current_request_id()
     if rid:
         headers.setdefault("X-Request-ID", rid)
-    return Response(error_body(code, message, details), status, headers, media_type="application/json")
+    kserve = request is not None and is_kserve_path(request.url.path)
+    body = error_body(code, message, details, kserve)
+    return Response(body, status, headers, media_type="application/json")
 
 
-async def _gateway_error(_: Request, exc: Exception) -> Response:
+async def _gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
     if exc.status_code >= 500:
         logger.warning("%s: %s", exc.code, exc.message)
-    return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+    return error_response(request, exc.status_code, exc.code, exc.message, exc.details, exc.headers)
 
 
-async def _validation_error(_: Request, exc: Exception) -> Response:
+async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors = [
         {"field": ".".join(str(p) for p in e.get("loc", ())), "message": e.get("msg", "")}
         for e in exc.errors()
     ]
     first = errors[0] if errors else {"field": "", "message": "invalid request"}
-    return error_response(422, "invalid_request", f"{first['field']}: {first['message']}", {"errors": errors})
+    message = f"{first['field']}: {first['message']}"
+    return error_response(request, 422, "invalid_request", message, {"errors": errors})
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "payload_too_large"}
 
 
-async def _http_error(_: Request, exc: Exception) -> Response:
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail), None, dict(exc.headers or {}))
+    return error_response(request, exc.status_code, code, str(exc.detail), None, dict(exc.headers or {}))
 
 
-async def _unhandled(_: Request, exc: Exception) -> Response:
-    logger.exception("unhandled error", exc_info=exc)
-    return error_response(500, "internal_error", "internal error; see the gateway log for this request id")
+async def _unhandled(request: Request, exc: Exception) -> Response:
+    logger.error("unhandled error", exc_info=exc)
+    message = "internal error; see the gateway log for this request id"
+    return error_response(request, 500, "internal_error", message)
 
 
 EXCEPTION_HANDLERS = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import PayloadTooLarge, error_body
+from app.errors import PayloadTooLarge, error_body, is_kserve_path
 from app.request_context import set_request_id
 
 
@@ -46,6 +46,7 @@ class RequestContextMiddleware:
                 "payload_too_large",
                 f"request body is {length} bytes, the limit is {limit} (TGW_MAX_BODY_BYTES)",
                 {"limit_bytes": limit, "received_bytes": length},
+                kserve=is_kserve_path(scope.get("path", "")),
             )
             await send({
                 "type": "http.response.start",

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 def tensor_bytes(arr: np.ndarray) -> bytes:
     if arr.dtype == np.object_:
-        return bytes(serialize_byte_tensor(arr).tobytes())
+        return bytes(serialize_byte_tensor(arr).item()) if arr.size else b""
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     return np.ascontiguousarray(arr).tobytes()
