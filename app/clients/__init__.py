@@ -1,0 +1,1 @@
+"""Clients for the servers the gateway talks to, behind small protocols (see ``protocols``)."""

@@ -1,0 +1,161 @@
+"""Triton over gRPC (``tritonclient.grpc.aio``): channels are created once, in the app lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from app.clients.protocols import TritonResult
+from app.errors import GatewayError, from_grpc, grpc_status_from_text
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_MAX_MESSAGE = 256 * 1024 * 1024
+_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # Fail fast while Triton is down, so the 503 answer is quick and the retry loop decides.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+_CONNECT_FAILURES = ("failed to connect", "connection refused", "connections to all backends failing",
+                     "name resolution", "dns resolution")  # fmt: skip
+
+
+def _not_sent(exc: InferenceServerException) -> bool:
+    text = f"{exc.message()} {exc.debug_details() or ''}".lower()
+    return any(marker in text for marker in _CONNECT_FAILURES)
+
+
+class TritonGrpcClient:
+    """Implements ``TritonClient`` with ``channels`` independent gRPC channels used round-robin."""
+
+    def __init__(
+        self, url: str, channels: int = 1, retries: int = 2, retry_after_s: int = 2,
+        admin_timeout_s: float = 5.0,
+    ) -> None:  # fmt: skip
+        self.url = url
+        self._clients = [
+            grpcclient.InferenceServerClient(url, channel_args=list(_CHANNEL_ARGS)) for _ in range(channels)
+        ]
+        self._next = itertools.cycle(self._clients)
+        self._retries = retries
+        self._retry_after_s = retry_after_s
+        self._admin_timeout_s = admin_timeout_s
+
+    def _map(self, exc: InferenceServerException) -> GatewayError:
+        status = grpc_status_from_text(exc.status())
+        return from_grpc(status, exc.message() or str(exc), self._retry_after_s)
+
+    async def _call(self, fn: Callable[[grpcclient.InferenceServerClient], Awaitable[T]]) -> T:
+        """Run one RPC; retry only on UNAVAILABLE raised while connecting, i.e. the request never left
+        (an UNAVAILABLE after the stream was open may have reached Triton and is not retried)."""
+        attempt = 0
+        while True:
+            client = next(self._next)
+            try:
+                return await fn(client)
+            except InferenceServerException as exc:
+                status = grpc_status_from_text(exc.status())
+                if status is grpc.StatusCode.UNAVAILABLE and attempt < self._retries and _not_sent(exc):
+                    attempt += 1
+                    await asyncio.sleep(0.05 * attempt)
+                    continue
+                raise self._map(exc) from None
+
+    async def server_live(self) -> bool:
+        try:
+            return bool(await self._call(lambda c: c.is_server_live(client_timeout=self._admin_timeout_s)))
+        except GatewayError:
+            return False
+
+    async def server_ready(self) -> bool:
+        try:
+            return bool(await self._call(lambda c: c.is_server_ready(client_timeout=self._admin_timeout_s)))
+        except GatewayError:
+            return False
+
+    async def server_metadata(self) -> dict[str, Any]:
+        out = await self._call(
+            lambda c: c.get_server_metadata(as_json=True, client_timeout=self._admin_timeout_s)
+        )
+        return dict(out)
+
+    async def repository_index(self) -> list[dict[str, Any]]:
+        out = await self._call(
+            lambda c: c.get_model_repository_index(as_json=True, client_timeout=self._admin_timeout_s)
+        )
+        return list(out.get("models", []))
+
+    async def model_metadata(self, model: str, version: str = "") -> dict[str, Any]:
+        out = await self._call(
+            lambda c: c.get_model_metadata(
+                model, version, as_json=True, client_timeout=self._admin_timeout_s
+            )
+        )
+        return dict(out)
+
+    async def model_config(self, model: str, version: str = "") -> dict[str, Any]:
+        out = await self._call(
+            lambda c: c.get_model_config(model, version, as_json=True, client_timeout=self._admin_timeout_s)
+        )
+        return dict(out.get("config", {}))
+
+    async def infer(
+        self,
+        model: str,
+        version: str,
+        inputs: Mapping[str, np.ndarray],
+        datatypes: Mapping[str, str],
+        outputs: Sequence[str] | None,
+        parameters: Mapping[str, Any] | None,
+        request_id: str,
+        timeout_s: float,
+    ) -> TritonResult:
+        infer_inputs = []
+        for name, array in inputs.items():
+            tensor = grpcclient.InferInput(name, list(array.shape), datatypes[name])
+            tensor.set_data_from_numpy(array)
+            infer_inputs.append(tensor)
+        requested = [grpcclient.InferRequestedOutput(name) for name in outputs] if outputs else None
+        headers = {"x-request-id": request_id} if request_id else None
+        result = await self._call(
+            lambda c: c.infer(
+                model,
+                infer_inputs,
+                model_version=version,
+                outputs=requested,
+                request_id=request_id,
+                parameters=dict(parameters) if parameters else None,
+                client_timeout=timeout_s,
+                headers=headers,
+            )
+        )
+        response = result.get_response()
+        arrays: dict[str, np.ndarray] = {}
+        dtypes: dict[str, str] = {}
+        for out in response.outputs:
+            arr = result.as_numpy(out.name)
+            if arr is not None:
+                arrays[out.name] = arr
+                dtypes[out.name] = out.datatype
+        return TritonResult(response.model_version, arrays, dtypes)
+
+    async def close(self) -> None:
+        for client in self._clients:
+            await client.close()

@@ -1,0 +1,38 @@
+"""FastAPI dependencies: the long-lived objects built in the lifespan, read from ``app.state``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.services.health import HealthService
+from app.services.inference import InferenceService
+from app.services.registry import ModelRegistry
+from app.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_inference(request: Request) -> InferenceService:
+    service: InferenceService = request.app.state.inference
+    return service
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    registry: ModelRegistry = request.app.state.registry
+    return registry
+
+
+def get_health(request: Request) -> HealthService:
+    health: HealthService = request.app.state.health
+    return health
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+InferenceDep = Annotated[InferenceService, Depends(get_inference)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+HealthDep = Annotated[HealthService, Depends(get_health)]

@@ -1,0 +1,198 @@
+"""Domain exceptions and the one table that turns them into HTTP answers.
+
+Every error leaves the gateway in one shape: ``{"error": {"code", "message", "details"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from app.request_context import current_request_id
+
+logger = logging.getLogger(__name__)
+
+
+class GatewayError(Exception):
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+        self.headers = headers or {}
+
+
+class BadRequest(GatewayError):
+    status_code = 400
+    code = "bad_request"
+
+
+class InvalidInput(GatewayError):
+    status_code = 422
+    code = "invalid_input"
+
+
+class PayloadTooLarge(GatewayError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class NotFound(GatewayError):
+    status_code = 404
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class Conflict(GatewayError):
+    status_code = 409
+    code = "conflict"
+
+
+class ServiceUnavailable(GatewayError):
+    """503 with Retry-After: not ready, upstream unreachable, overloaded."""
+
+    status_code = 503
+    code = "unavailable"
+
+    def __init__(
+        self, message: str, details: dict[str, Any] | None = None, retry_after_s: int = 2
+    ) -> None:
+        super().__init__(message, details, {"Retry-After": str(retry_after_s)})
+
+
+class UpstreamUnavailable(ServiceUnavailable):
+    code = "triton_unavailable"
+
+
+class UpstreamError(GatewayError):
+    status_code = 502
+    code = "triton_error"
+
+
+class UpstreamTimeout(GatewayError):
+    status_code = 504
+    code = "triton_timeout"
+
+
+# gRPC status of a Triton call -> the domain error it becomes. Anything not listed is a 502.
+_GRPC_TO_ERROR: dict[grpc.StatusCode, type[GatewayError]] = {
+    grpc.StatusCode.UNAVAILABLE: UpstreamUnavailable,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: UpstreamUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: UpstreamTimeout,
+    grpc.StatusCode.NOT_FOUND: ModelNotFound,
+    grpc.StatusCode.INVALID_ARGUMENT: UpstreamError,
+    grpc.StatusCode.FAILED_PRECONDITION: UpstreamError,
+    grpc.StatusCode.INTERNAL: UpstreamError,
+    grpc.StatusCode.UNKNOWN: UpstreamError,
+    grpc.StatusCode.UNIMPLEMENTED: UpstreamError,
+    grpc.StatusCode.CANCELLED: UpstreamError,
+    grpc.StatusCode.ABORTED: UpstreamError,
+}
+
+
+def grpc_status_from_text(status: str | None) -> grpc.StatusCode | None:
+    """tritonclient reports the status as text, e.g. ``"StatusCode.UNAVAILABLE"``."""
+    if not status:
+        return None
+    name = status.rsplit(".", 1)[-1]
+    return grpc.StatusCode.__members__.get(name)
+
+
+def from_grpc(status: grpc.StatusCode | None, message: str, retry_after_s: int = 2) -> GatewayError:
+    cls = _GRPC_TO_ERROR.get(status, UpstreamError) if status else UpstreamError
+    details = {"grpc_status": status.name if status else "UNKNOWN"}
+    if issubclass(cls, ServiceUnavailable):
+        return cls(f"Triton is unavailable: {message}", details, retry_after_s=retry_after_s)
+    if cls is UpstreamTimeout:
+        return cls("Triton did not answer before the deadline", details)
+    if cls is ModelNotFound:
+        return cls(f"Triton does not serve it: {message}", details)
+    return cls(f"Triton rejected the request: {message}", details)
+
+
+def is_kserve_path(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def error_body(code: str, message: str, details: dict[str, Any] | None = None, kserve: bool = False) -> bytes:
+    """The one error shape. Under ``/v2`` the KServe v2 protocol mandates ``"error"`` to be the message
+    string (``tritonclient.http`` reads it so), so there ``code`` and ``details`` sit beside it."""
+    if kserve:
+        return orjson.dumps({"error": message, "code": code, "details": details or {}})
+    return orjson.dumps({"error": {"code": code, "message": message, "details": details or {}}})
+
+
+def error_response(
+    request: Request | None, status: int, code: str, message: str, details: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:  # fmt: skip
+    headers = dict(headers or {})
+    rid = current_request_id()
+    if rid:
+        headers.setdefault("X-Request-ID", rid)
+    kserve = request is not None and is_kserve_path(request.url.path)
+    body = error_body(code, message, details, kserve)
+    return Response(body, status, headers, media_type="application/json")
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    if exc.status_code >= 500:
+        logger.warning("%s: %s", exc.code, exc.message)
+    return error_response(request, exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"field": ".".join(str(p) for p in e.get("loc", ())), "message": e.get("msg", "")}
+        for e in exc.errors()
+    ]
+    first = errors[0] if errors else {"field": "", "message": "invalid request"}
+    message = f"{first['field']}: {first['message']}"
+    return error_response(request, 422, "invalid_request", message, {"errors": errors})
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "payload_too_large"}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return error_response(request, exc.status_code, code, str(exc.detail), None, dict(exc.headers or {}))
+
+
+async def _unhandled(request: Request, exc: Exception) -> Response:
+    logger.error("unhandled error", exc_info=exc)
+    message = "internal error; see the gateway log for this request id"
+    return error_response(request, 500, "internal_error", message)
+
+
+EXCEPTION_HANDLERS = {
+    GatewayError: _gateway_error,
+    RequestValidationError: _validation_error,
+    StarletteHTTPException: _http_error,
+    Exception: _unhandled,
+}
+
+
+def install_exception_handlers(app: FastAPI) -> None:
+    for exc_type, handler in EXCEPTION_HANDLERS.items():
+        app.add_exception_handler(exc_type, handler)

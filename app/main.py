@@ -1,0 +1,75 @@
+"""``create_app()``: the FastAPI application. Settings are built and validated here; long-lived clients
+(gRPC channels, the Redis pool) are created in the lifespan and held on ``app.state``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.clients.redis import RedisCacheStore, make_redis
+from app.clients.triton import TritonGrpcClient
+from app.errors import install_exception_handlers
+from app.middleware import RequestContextMiddleware
+from app.routers import health, infer, models, v2
+from app.services.cache import ResponseCache
+from app.services.health import HealthService
+from app.services.inference import InferenceService
+from app.services.registry import ModelRegistry
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    triton = TritonGrpcClient(
+        settings.triton_grpc_address,
+        channels=settings.triton_channels,
+        retries=settings.triton_retries,
+        retry_after_s=settings.retry_after_s,
+    )
+    redis = (
+        make_redis(settings.redis_address, settings.redis_timeout_s, settings.redis_cluster)
+        if settings.cache_enabled
+        else None
+    )
+    store = RedisCacheStore(redis, settings.redis_timeout_s) if redis is not None else None
+    cache = ResponseCache(store, settings.cache_ttl_s, settings.cache_max_value_bytes)
+    registry = ModelRegistry(triton, settings.metadata_ttl_s, settings.cache_exclude_models)
+    app.state.triton = triton
+    app.state.redis = redis
+    app.state.cache = cache
+    app.state.registry = registry
+    app.state.inference = InferenceService(
+        triton, registry, cache, settings.cache_namespace, settings.triton_timeout_s
+    )
+    app.state.health = HealthService(triton, cache)
+    logger.info("gateway up: Triton %s, Redis %s", settings.triton_grpc_address,
+                settings.redis_address if redis is not None else "disabled")  # fmt: skip
+    try:
+        yield
+    finally:
+        if store is not None:
+            await store.close()
+        await triton.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(
+        title="triton-gateway",
+        version=__version__,
+        description="Validating, caching gateway in front of NVIDIA Triton Inference Server.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_exception_handlers(app)
+    for module in (health, models, infer, v2):
+        app.include_router(module.router)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    return app

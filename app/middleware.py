@@ -1,0 +1,86 @@
+"""Pure ASGI middleware (no per-request BaseHTTPMiddleware overhead).
+
+``RequestContextMiddleware``: sets the request id (echoed from ``X-Request-ID`` or generated), adds it to
+every response, and bounds the request body: a declared ``Content-Length`` above the limit is answered
+413 before anything is read; a streamed body is cut off as soon as it crosses the limit.
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import PayloadTooLarge, error_body, is_kserve_path
+from app.request_context import set_request_id
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        incoming: str | None = None
+        length: int | None = None
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                incoming = value.decode("latin-1")
+            elif key == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    length = None
+        rid = set_request_id(incoming)
+        scope.setdefault("state", {})["request_id"] = rid
+        rid_header = (b"x-request-id", rid.encode())
+
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
+            return
+
+        limit = self.max_body_bytes
+        if length is not None and length > limit:
+            body = error_body(
+                "payload_too_large",
+                f"request body is {length} bytes, the limit is {limit} (TGW_MAX_BODY_BYTES)",
+                {"limit_bytes": limit, "received_bytes": length},
+                kserve=is_kserve_path(scope.get("path", "")),
+            )
+            await send({
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                    rid_header,
+                ],
+            })
+            await send({"type": "http.response.body", "body": body})
+            return
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge(
+                        f"request body exceeds the limit of {limit} bytes (TGW_MAX_BODY_BYTES)",
+                        {"limit_bytes": limit},
+                    )
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k == b"x-request-id" for k, _ in headers):
+                    headers.append(rid_header)
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, limited_receive, send_with_id)

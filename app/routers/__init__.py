@@ -1,0 +1,1 @@
+"""Thin HTTP/WebSocket routers: parse, call a service, render."""

@@ -1,0 +1,28 @@
+"""``/healthz`` (process up) and ``/readyz`` (Triton live, models ready; Redis degraded is still ready)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.deps import HealthDep, SettingsDep
+from app.routers.common import ORJSONResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_class=ORJSONResponse)
+async def healthz() -> ORJSONResponse:
+    return ORJSONResponse({"status": "ok"})
+
+
+@router.get("/readyz", response_class=ORJSONResponse)
+async def readyz(health: HealthDep, settings: SettingsDep) -> ORJSONResponse:
+    ready, checks = await health.readiness()
+    if ready:
+        degraded = any(c.get("status") == "degraded" for c in checks.values())
+        return ORJSONResponse({"status": "degraded" if degraded else "ready", "checks": checks})
+    return ORJSONResponse(
+        {"status": "not_ready", "checks": checks},
+        status_code=503,
+        headers={"Retry-After": str(settings.retry_after_s)},
+    )

@@ -1,0 +1,1 @@
+"""Services: model registry, validation, response cache, single-flight and inference."""

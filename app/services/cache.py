@@ -1,0 +1,169 @@
+"""The response cache: canonical keys, a compact value codec, and Redis access that never fails a request.
+
+Key = namespace : model : served version : blake2b(outputs, parameters, and every input's name, datatype,
+shape and little-endian bytes). Bumping ``TGW_CACHE_NAMESPACE`` (or the format version in it) orphans
+every old entry at once; a new model version is a new key, so it never sees an old version's answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import orjson
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+
+from app.clients.protocols import CacheStore, TritonResult
+from app.services.validation import NUMPY_DTYPES
+
+logger = logging.getLogger(__name__)
+
+
+def tensor_bytes(arr: np.ndarray) -> bytes:
+    if arr.dtype == np.object_:
+        return bytes(serialize_byte_tensor(arr).item()) if arr.size else b""
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(arr).tobytes()
+
+
+def cache_key(
+    namespace: str,
+    model: str,
+    version: str,
+    outputs: Sequence[str],
+    parameters: Mapping[str, Any],
+    inputs: Mapping[str, np.ndarray],
+    datatypes: Mapping[str, str],
+) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    h.update(orjson.dumps([sorted(outputs), parameters], option=orjson.OPT_SORT_KEYS))
+    for name in sorted(inputs):
+        arr = inputs[name]
+        data = tensor_bytes(arr)
+        h.update(orjson.dumps([name, datatypes[name], list(arr.shape), len(data)]))
+        h.update(data)
+    return f"{namespace}:{model}:{version}:{h.hexdigest()}"
+
+
+# Value: 4-byte header length, JSON header {"v": version, "o": [[name, datatype, shape, nbytes]...]},
+# then the output tensors' bytes back to back.
+_LEN = struct.Struct("<I")
+
+
+def encode_result(result: TritonResult) -> bytes:
+    blobs = [tensor_bytes(result.outputs[name]) for name in result.outputs]
+    header = orjson.dumps({
+        "v": result.model_version,
+        "o": [
+            [name, result.datatypes[name], list(arr.shape), len(blob)]
+            for (name, arr), blob in zip(result.outputs.items(), blobs, strict=True)
+        ],
+    })
+    return b"".join([_LEN.pack(len(header)), header, *blobs])
+
+
+def decode_result(value: bytes) -> TritonResult:
+    (hlen,) = _LEN.unpack_from(value, 0)
+    header = orjson.loads(value[4 : 4 + hlen])
+    offset = 4 + hlen
+    outputs: dict[str, np.ndarray] = {}
+    datatypes: dict[str, str] = {}
+    for name, datatype, shape, nbytes in header["o"]:
+        blob = value[offset : offset + nbytes]
+        offset += nbytes
+        if datatype == "BYTES":
+            arr = deserialize_bytes_tensor(blob).reshape(shape)
+        else:
+            arr = np.frombuffer(blob, dtype=NUMPY_DTYPES[datatype]).reshape(shape)
+        outputs[name] = arr
+        datatypes[name] = datatype
+    return TritonResult(header["v"], outputs, datatypes)
+
+
+class CacheState(StrEnum):
+    OK = "ok"
+    DEGRADED = "degraded"
+    DISABLED = "disabled"
+
+
+class CacheUnavailable(Exception):
+    """Redis failed or was too slow; the caller serves from Triton and reports BYPASS."""
+
+
+class ResponseCache:
+    """Redis-backed; every error or timeout becomes ``CacheUnavailable`` (never a 5xx), and after one the
+    cache is skipped for ``backoff_s`` so a dead Redis does not add its timeout to every request."""
+
+    def __init__(
+        self, store: CacheStore | None, ttl_s: int, max_value_bytes: int, backoff_s: float = 2.0
+    ) -> None:
+        self.store = store
+        self.ttl_s = ttl_s
+        self.max_value_bytes = max_value_bytes
+        self.backoff_s = backoff_s
+        self._down_until = 0.0
+        self.last_error: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.store is not None
+
+    def state(self) -> CacheState:
+        if self.store is None:
+            return CacheState.DISABLED
+        return CacheState.DEGRADED if time.monotonic() < self._down_until else CacheState.OK
+
+    def _failed(self, exc: BaseException) -> CacheUnavailable:
+        self._down_until = time.monotonic() + self.backoff_s
+        self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        logger.warning(
+            "response cache unavailable (%s); bypassing for %.1f s", self.last_error, self.backoff_s
+        )
+        return CacheUnavailable(self.last_error)
+
+    def _usable(self) -> CacheStore:
+        if self.store is None or time.monotonic() < self._down_until:
+            raise CacheUnavailable(self.last_error or "cache disabled")
+        return self.store
+
+    async def get(self, key: str) -> TritonResult | None:
+        store = self._usable()
+        try:
+            value = await store.get(key)
+        except Exception as exc:
+            raise self._failed(exc) from exc
+        if value is None:
+            return None
+        try:
+            return decode_result(value)
+        except Exception:
+            logger.warning("dropping an unreadable cache entry %s", key)
+            return None
+
+    async def put(self, key: str, result: TritonResult) -> None:
+        store = self._usable()
+        value = encode_result(result)
+        if len(value) > self.max_value_bytes:
+            return
+        try:
+            await store.set(key, value, self.ttl_s)
+        except Exception as exc:
+            raise self._failed(exc) from exc
+
+    async def probe(self) -> bool:
+        """Readiness check; also ends the back-off early once Redis answers again."""
+        if self.store is None:
+            return False
+        ok = await self.store.ping()
+        if ok:
+            self._down_until = 0.0
+        else:
+            self._down_until = time.monotonic() + self.backoff_s
+        return ok

@@ -1,0 +1,159 @@
+"""The inference service: resolve the model, validate, answer from the cache, else forward (single-flight).
+
+Used by the /v1 and /v2 routers and by the async job workers alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from app.clients.protocols import TritonClient, TritonResult
+from app.errors import InvalidInput, UpstreamTimeout
+from app.services.cache import CacheUnavailable, ResponseCache, cache_key
+from app.services.registry import ModelInfo, ModelRegistry
+from app.services.singleflight import SingleFlight
+from app.services.validation import validate_outputs, validate_parameters, validate_v1_inputs
+
+logger = logging.getLogger(__name__)
+
+CacheOutcome = Literal["HIT", "MISS", "BYPASS"]
+
+
+@dataclass(slots=True)
+class InferRequest:
+    info: ModelInfo
+    inputs: dict[str, np.ndarray]
+    outputs: list[str] | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    cache_read: bool = True
+    cache_write: bool = True
+
+
+@dataclass(slots=True)
+class InferResponse:
+    model: str
+    result: TritonResult
+    cache: CacheOutcome
+
+    def to_v1(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "model_version": self.result.model_version,
+            "outputs": {name: jsonable(arr) for name, arr in self.result.outputs.items()},
+        }
+
+
+def jsonable(arr: np.ndarray) -> Any:
+    """orjson serialises numeric numpy arrays natively; BYTES become strings."""
+    if arr.dtype == np.object_:
+        return np.vectorize(
+            lambda b: b.decode("utf-8", "replace") if isinstance(b, bytes) else b, otypes=[object]
+        )(arr).tolist()
+    return arr
+
+
+def cache_directives(header: str | None) -> tuple[bool, bool]:
+    """``Cache-Control: no-cache`` skips the read, ``no-store`` the write. Returns (read, write)."""
+    if not header:
+        return True, True
+    tokens = {t.strip().split("=", 1)[0].lower() for t in header.split(",")}
+    return "no-cache" not in tokens, "no-store" not in tokens
+
+
+class InferenceService:
+    def __init__(
+        self,
+        triton: TritonClient,
+        registry: ModelRegistry,
+        cache: ResponseCache,
+        namespace: str,
+        timeout_s: float,
+    ) -> None:
+        self.triton = triton
+        self.registry = registry
+        self.cache = cache
+        self.namespace = namespace
+        self.timeout_s = timeout_s
+        self.flights: SingleFlight[TritonResult] = SingleFlight()
+
+    async def prepare_v1(self, model: str, version: str | None, body: Any) -> InferRequest:
+        """Validate a /v1 body ``{"inputs": {...}, "outputs"?: [...], "parameters"?: {...}}``."""
+        if not isinstance(body, dict):
+            raise InvalidInput("body: expected a JSON object with an 'inputs' object", {"field": "body"})
+        info = await self.registry.resolve(model, version)
+        unknown = set(body) - {"inputs", "outputs", "parameters"}
+        if unknown:
+            field_name = sorted(unknown)[0]
+            raise InvalidInput(
+                f"{field_name}: unknown field; expected inputs, outputs, parameters", {"field": field_name}
+            )
+        return InferRequest(
+            info=info,
+            inputs=validate_v1_inputs(info, body.get("inputs")),
+            outputs=validate_outputs(info, body.get("outputs")),
+            parameters=validate_parameters(body.get("parameters")),
+        )
+
+    def key_for(self, req: InferRequest) -> str:
+        info = req.info
+        datatypes = {name: info.inputs[name].datatype for name in req.inputs}
+        outputs = req.outputs or list(info.outputs)
+        return cache_key(
+            self.namespace, info.name, info.version, outputs, req.parameters, req.inputs, datatypes
+        )
+
+    async def infer(self, req: InferRequest, request_id: str = "") -> InferResponse:
+        info = req.info
+        key = self.key_for(req)
+        use_cache = info.cache_enabled and self.cache.enabled
+        outcome: CacheOutcome = "BYPASS"
+        if use_cache and req.cache_read:
+            try:
+                hit = await self.cache.get(key)
+            except CacheUnavailable:
+                use_cache = False
+            else:
+                if hit is not None:
+                    return InferResponse(info.name, hit, "HIT")
+                outcome = "MISS"
+        write = use_cache and req.cache_write
+
+        async def forward() -> TritonResult:
+            result = await self._forward(req, request_id)
+            if write:
+                await self._store(key, req, result)
+            return result
+
+        result, _shared = await self.flights.do(key, forward)
+        return InferResponse(info.name, result, outcome)
+
+    async def _forward(self, req: InferRequest, request_id: str) -> TritonResult:
+        info = req.info
+        datatypes = {name: info.inputs[name].datatype for name in req.inputs}
+        try:
+            async with asyncio.timeout(self.timeout_s + 1.0):
+                result = await self.triton.infer(
+                    info.name, info.version, req.inputs, datatypes, req.outputs, req.parameters,
+                    request_id, self.timeout_s,
+                )  # fmt: skip
+        except TimeoutError:
+            raise UpstreamTimeout("Triton did not answer before the deadline") from None
+        if result.model_version and result.model_version != info.version:
+            logger.info("model %s answered from version %s, expected %s; refreshing metadata",
+                        info.name, result.model_version, info.version)  # fmt: skip
+            self.registry.invalidate()
+        return result
+
+    async def _store(self, key: str, req: InferRequest, result: TritonResult) -> None:
+        if result.model_version and result.model_version != req.info.version:
+            return  # never file an answer under another version's key
+        try:
+            await self.cache.put(key, result)
+        except CacheUnavailable:
+            pass
+

@@ -1,0 +1,282 @@
+"""Validate tensors against the model's metadata with numpy, before anything reaches Triton.
+
+No per-element Python work: nested lists become arrays in one ``np.asarray`` call; dtype, range,
+finiteness and shape checks are vectorised. Every failure is an ``InvalidInput`` (422) naming the
+input and saying what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from tritonclient.utils import deserialize_bytes_tensor
+
+from app.errors import InvalidInput
+from app.services.registry import ModelInfo, TensorSpec
+
+NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+_RESERVED_PARAMETERS = frozenset(
+    {"sequence_id", "sequence_start", "sequence_end", "priority", "binary_data_output", "timeout"}
+)
+
+
+def _fail(field: str, message: str, **details: Any) -> InvalidInput:
+    return InvalidInput(f"{field}: {message}", {"field": field, **details})
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _to_array(field: str, value: Any, spec: TensorSpec) -> np.ndarray:
+    """A nested JSON list -> array of the declared datatype, or a 422 explaining why not."""
+    if not isinstance(value, list):
+        raise _fail(
+            field,
+            f"expected a nested list of shape {_shape_text(spec.shape)} with {spec.datatype} values, "
+            f"got {type(value).__name__}",
+            expected={"shape": list(spec.shape), "datatype": spec.datatype},
+        )
+    try:
+        raw = np.asarray(value)
+    except ValueError:
+        raise _fail(
+            field,
+            f"ragged nested list: every row must have the same length (expected shape "
+            f"{_shape_text(spec.shape)})",
+            expected={"shape": list(spec.shape), "datatype": spec.datatype},
+        ) from None
+    return convert(field, raw, spec)
+
+
+def convert(field: str, raw: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Check that the values fit ``spec.datatype`` and return them as that dtype."""
+    dtype_name = spec.datatype
+    target = NUMPY_DTYPES.get(dtype_name)
+    if target is None:
+        raise _fail(field, f"datatype {dtype_name} is not supported by the JSON API")
+    kind = raw.dtype.kind
+    expected = {"shape": list(spec.shape), "datatype": dtype_name}
+    if raw.size == 0 and raw.ndim == 1:
+        raise _fail(field, "empty tensor", expected=expected, received={"shape": [0]})
+    if dtype_name == "BYTES":
+        if kind not in "US":
+            raise _fail(field, "expected strings for BYTES", expected=expected, received={"kind": kind})
+        return np.vectorize(lambda s: s.encode() if isinstance(s, str) else s, otypes=[object])(raw)
+    if dtype_name == "BOOL":
+        if kind != "b":
+            raise _fail(field, "expected true/false values for BOOL", expected=expected,
+                        received={"datatype": _received_kind(kind)})  # fmt: skip
+        return raw
+    if target.kind in "iu":
+        if kind not in "iu":
+            raise _fail(field, f"expected integers for {dtype_name}", expected=expected,
+                        received={"datatype": _received_kind(kind)})  # fmt: skip
+        info = np.iinfo(target)
+        lo, hi = int(raw.min()), int(raw.max())
+        if lo < info.min or hi > info.max:
+            raise _fail(
+                field,
+                f"value out of range for {dtype_name} ({info.min}..{info.max}), got {lo}..{hi}",
+                expected=expected,
+            )
+        return raw.astype(target, copy=False)
+    # floating point
+    if kind not in "iuf":
+        raise _fail(field, f"expected numbers for {dtype_name}", expected=expected,
+                    received={"datatype": _received_kind(kind)})  # fmt: skip
+    with np.errstate(over="ignore", invalid="ignore"):
+        return raw.astype(target, copy=False)
+
+
+def _received_kind(kind: str) -> str:
+    return {"b": "boolean", "i": "integer", "u": "integer", "f": "number", "U": "string", "S": "bytes",
+            "O": "mixed or null values"}.get(kind, kind)  # fmt: skip
+
+
+def check_tensor(field: str, arr: np.ndarray, spec: TensorSpec, info: ModelInfo) -> None:
+    """Rank, dims, batch bound and finiteness."""
+    expected = {"shape": list(spec.shape), "datatype": spec.datatype}
+    received = {"shape": list(arr.shape), "datatype": spec.datatype}
+    if arr.ndim != len(spec.shape) or any(
+        want != -1 and want != got for want, got in zip(spec.shape, arr.shape, strict=False)
+    ):
+        raise _fail(
+            field,
+            f"expected shape {_shape_text(spec.shape)}, got {_shape_text(arr.shape)}",
+            expected=expected,
+            received=received,
+        )
+    if info.batched:
+        batch = arr.shape[0]
+        if batch < 1 or batch > info.max_batch_size:
+            raise _fail(
+                field,
+                f"batch size {batch} is outside 1..{info.max_batch_size} (max_batch_size)",
+                expected={**expected, "max_batch_size": info.max_batch_size},
+                received=received,
+            )
+    if arr.dtype.kind == "f" and not info.allow_nonfinite and not np.isfinite(arr).all():
+        raise _fail(
+            field,
+            f"NaN or infinite values (or values out of {spec.datatype} range) are not allowed",
+            expected=expected,
+        )
+
+
+def _check_names(info: ModelInfo, given: Sequence[str]) -> None:
+    unknown = [n for n in given if n not in info.inputs]
+    if unknown:
+        raise _fail(
+            f"inputs.{unknown[0]}",
+            f"model '{info.name}' has no input '{unknown[0]}'; its inputs are {sorted(info.inputs)}",
+            expected={"inputs": sorted(info.inputs)},
+        )
+    missing = [n for n, s in info.inputs.items() if not s.optional and n not in given]
+    if missing:
+        spec = info.inputs[missing[0]]
+        raise _fail(
+            f"inputs.{missing[0]}",
+            f"required input is missing (shape {_shape_text(spec.shape)}, {spec.datatype})",
+            expected=spec.public(),
+        )
+
+
+def _check_batch_agreement(info: ModelInfo, arrays: Mapping[str, np.ndarray]) -> None:
+    if not info.batched or len(arrays) < 2:
+        return
+    batches = {name: int(a.shape[0]) for name, a in arrays.items()}
+    if len(set(batches.values())) > 1:
+        raise _fail("inputs", f"inputs disagree on the batch size: {batches}", received=batches)
+
+
+def validate_outputs(info: ModelInfo, outputs: Any) -> list[str] | None:
+    if outputs is None:
+        return None
+    if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+        raise _fail("outputs", "expected a list of output names", expected={"outputs": sorted(info.outputs)})
+    unknown = [o for o in outputs if o not in info.outputs]
+    if unknown:
+        raise _fail(
+            "outputs",
+            f"model '{info.name}' has no output '{unknown[0]}'; its outputs are {sorted(info.outputs)}",
+            expected={"outputs": sorted(info.outputs)},
+        )
+    return list(dict.fromkeys(outputs)) or None
+
+
+def validate_parameters(parameters: Any) -> dict[str, Any]:
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise _fail("parameters", "expected an object of name -> string, number or boolean")
+    for key, value in parameters.items():
+        if key in _RESERVED_PARAMETERS:
+            raise _fail(f"parameters.{key}", "is reserved by Triton and cannot be passed as a parameter")
+        if not isinstance(value, str | int | float | bool):
+            raise _fail(f"parameters.{key}", "expected a string, number or boolean")
+    return dict(parameters)
+
+
+def validate_v1_inputs(info: ModelInfo, inputs: Any) -> dict[str, np.ndarray]:
+    """``{"<input>": <nested list>}`` -> validated arrays."""
+    if not isinstance(inputs, dict) or not inputs:
+        raise _fail(
+            "inputs",
+            "expected an object mapping input names to nested lists",
+            expected={"inputs": [s.public() for s in info.inputs.values()]},
+        )
+    _check_names(info, list(inputs))
+    arrays: dict[str, np.ndarray] = {}
+    for name, value in inputs.items():
+        spec = info.inputs[name]
+        field = f"inputs.{name}"
+        arr = _to_array(field, value, spec)
+        check_tensor(field, arr, spec, info)
+        arrays[name] = arr
+    _check_batch_agreement(info, arrays)
+    return arrays
+
+
+def validate_v2_inputs(
+    info: ModelInfo, inputs: Any, binary: Mapping[str, bytes] | None = None
+) -> dict[str, np.ndarray]:
+    """KServe v2 ``inputs: [{name, shape, datatype, data}]``; ``binary`` holds binary-extension data."""
+    if not isinstance(inputs, list) or not inputs:
+        raise _fail("inputs", "expected a non-empty list of {name, shape, datatype, data} tensors")
+    names = []
+    arrays: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(inputs):
+        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+            raise _fail(f"inputs[{i}]", "expected an object with name, shape, datatype and data")
+        names.append(tensor["name"])
+    _check_names(info, names)
+    for tensor in inputs:
+        name = tensor["name"]
+        spec = info.inputs[name]
+        field = f"inputs.{name}"
+        shape = tensor.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise _fail(f"{field}.shape", "expected a list of non-negative integers")
+        datatype = tensor.get("datatype")
+        if datatype != spec.datatype:
+            raise _fail(
+                f"{field}.datatype",
+                f"expected {spec.datatype}, got {datatype}",
+                expected=spec.public(),
+                received={"datatype": datatype},
+            )
+        count = int(np.prod(shape)) if shape else 1
+        if binary is not None and name in binary:
+            arr = _from_binary(field, binary[name], spec, shape, count)
+        else:
+            data = tensor.get("data")
+            if data is None:
+                raise _fail(f"{field}.data", "missing tensor data")
+            flat = _to_array(field, data if isinstance(data, list) else [data], spec).reshape(-1)
+            if flat.size != count:
+                raise _fail(
+                    f"{field}.data",
+                    f"has {flat.size} values but shape {_shape_text(shape)} needs {count}",
+                    received={"values": int(flat.size), "shape": shape},
+                )
+            arr = flat.reshape(shape)
+        check_tensor(field, arr, spec, info)
+        arrays[name] = arr
+    _check_batch_agreement(info, arrays)
+    return arrays
+
+
+def _from_binary(field: str, data: bytes, spec: TensorSpec, shape: list[int], count: int) -> np.ndarray:
+    if spec.datatype == "BYTES":
+        try:
+            arr = deserialize_bytes_tensor(data)
+        except Exception:
+            raise _fail(field, "malformed BYTES binary data (4-byte length prefixes expected)") from None
+        if arr.size != count:
+            raise _fail(field, f"has {arr.size} elements but shape {_shape_text(shape)} needs {count}")
+        return arr.reshape(shape)
+    dtype = NUMPY_DTYPES[spec.datatype]
+    if len(data) != count * dtype.itemsize:
+        raise _fail(
+            field,
+            f"binary data is {len(data)} bytes; shape {_shape_text(shape)} of {spec.datatype} needs "
+            f"{count * dtype.itemsize}",
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)

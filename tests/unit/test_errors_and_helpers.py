@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from app.clients.protocols import TritonResult
+from app.errors import (
+    ModelNotFound,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    error_body,
+    from_grpc,
+    grpc_status_from_text,
+)
+from app.services.inference import InferRequest, InferResponse, cache_directives
+from app.services.kserve import parse_v2, render_v2
+from app.services.registry import ModelInfo
+from app.services.singleflight import SingleFlight
+from app.settings import Settings
+
+
+@pytest.mark.parametrize(
+    ("status", "cls", "http"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, UpstreamUnavailable, 503),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, UpstreamUnavailable, 503),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, UpstreamTimeout, 504),
+        (grpc.StatusCode.NOT_FOUND, ModelNotFound, 404),
+        (grpc.StatusCode.INVALID_ARGUMENT, UpstreamError, 502),
+        (grpc.StatusCode.INTERNAL, UpstreamError, 502),
+        (grpc.StatusCode.PERMISSION_DENIED, UpstreamError, 502),
+        (None, UpstreamError, 502),
+    ],
+)
+def test_grpc_status_mapping(status: grpc.StatusCode | None, cls: type, http: int) -> None:
+    err = from_grpc(status, "boom", retry_after_s=7)
+    assert isinstance(err, cls) and err.status_code == http
+    if http == 503:
+        assert err.headers == {"Retry-After": "7"}
+
+
+def test_status_text_parsing() -> None:
+    assert grpc_status_from_text("StatusCode.UNAVAILABLE") is grpc.StatusCode.UNAVAILABLE
+    assert grpc_status_from_text(None) is None
+    assert grpc_status_from_text("weird") is None
+
+
+def test_error_shapes() -> None:
+    body = orjson.loads(error_body("c", "m", {"field": "f"}))
+    assert body == {"error": {"code": "c", "message": "m", "details": {"field": "f"}}}
+    v2 = orjson.loads(error_body("c", "m", None, kserve=True))
+    assert v2 == {"error": "m", "code": "c", "details": {}}
+
+
+def test_cache_directives() -> None:
+    assert cache_directives(None) == (True, True)
+    assert cache_directives("no-cache") == (False, True)
+    assert cache_directives("No-Store, max-age=0") == (True, False)
+    assert cache_directives("no-cache, no-store") == (False, False)
+
+
+def test_single_flight_shares_one_call() -> None:
+    calls = 0
+
+    async def scenario() -> list[tuple[int, bool]]:
+        flights: SingleFlight[int] = SingleFlight()
+
+        async def work() -> int:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.05)
+            return 42
+
+        return await asyncio.gather(*(flights.do("k", work) for _ in range(10)))
+
+    results = asyncio.run(scenario())
+    assert calls == 1
+    assert [r for r, _ in results] == [42] * 10
+    assert sum(shared for _, shared in results) == 9
+
+
+def test_kserve_binary_round_trip(batched: ModelInfo) -> None:
+    data = np.arange(20, dtype=np.float32).reshape(1, 20, 1)
+    header = orjson.dumps({
+        "id": "7",
+        "inputs": [{"name": "series", "shape": [1, 20, 1], "datatype": "FP32",
+                    "parameters": {"binary_data_size": 80}}],
+        "outputs": [{"name": "forecast", "parameters": {"binary_data": True}}],
+    })  # fmt: skip
+    req = parse_v2(batched, header + data.tobytes(), str(len(header)))
+    assert np.array_equal(req.request.inputs["series"], data)
+    assert req.binary_outputs == {"forecast"} and req.id == "7"
+    out = np.ones((1, 10), np.float32)
+    response = InferResponse("ts", TritonResult("1", {"forecast": out}, {"forecast": "FP32"}), "MISS")
+    body, hlen = render_v2(response, req)
+    assert hlen is not None
+    head = orjson.loads(body[:hlen])
+    assert head["outputs"][0]["parameters"]["binary_data_size"] == 40 and head["id"] == "7"
+    assert np.array_equal(np.frombuffer(body[hlen:], np.float32), out.reshape(-1))
+    assert isinstance(req.request, InferRequest)
+
+
+def test_settings_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TGW_TRITON_URL", "grpc://triton:8001")
+    monkeypatch.setenv("TGW_CACHE_EXCLUDE_MODELS", "a, b")
+    s = Settings()
+    assert s.triton_grpc_address == "triton:8001" and s.cache_exclude_models == ["a", "b"]
+    monkeypatch.setenv("TGW_TRITON_URL", "triton")
+    with pytest.raises(ValidationError, match="host:port"):
+        Settings()
+    monkeypatch.delenv("TGW_TRITON_URL")
+    monkeypatch.setenv("TGW_PORT", "8001")
+    with pytest.raises(ValidationError, match="distinct ports"):
+        Settings()
+    monkeypatch.setenv("TGW_PORT", "8080")
+    monkeypatch.setenv("TGW_REDIS_URL", "http://nope")
+    with pytest.raises(ValidationError, match="redis://"):
+        Settings()
+
+
+def test_retry_only_when_the_request_was_not_sent() -> None:
+    from tritonclient.utils import InferenceServerException
+
+    from app.clients.triton import _not_sent
+
+    refused = InferenceServerException(
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Connection refused",
+        status="StatusCode.UNAVAILABLE",
+    )
+    dropped = InferenceServerException("Socket closed", status="StatusCode.UNAVAILABLE")
+    assert _not_sent(refused)
+    assert not _not_sent(dropped)
