@@ -95,7 +95,7 @@ def add_parser(subparsers: Any) -> None:
     out.add_argument("--force", action="store_true", help="write into an existing model directory")
     out.add_argument("--tolerance", type=float, default=None,
                      help="max |ONNX Runtime - PyTorch| allowed (default 1e-4 + 1e-4 * max|output|)")
-    p.set_defaults(func=run)
+    p.set_defaults(fn=run)
 
 
 def _names(given: list[str] | None, n: int, single: str, prefix: str) -> list[str]:
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
     args = parser.parse_args(argv)
-    code: int = args.func(args)
+    code: int = args.fn(args)
     return code
 
 
