@@ -24,15 +24,51 @@ def build(output_dir: Path, skip_tensorrt: bool = True) -> int:
     if skip_tensorrt:
         common.append("--skip-tensorrt")
     jobs = [
-        ["--checkpoint", str(CKPT / "transformer.pth"), "--model-class", "TransformerForecaster",
-         "--name", "transformer_timeseries", "--input-shapes", "20,1", "--output-shapes", "10"],
+        [
+            "--checkpoint",
+            str(CKPT / "transformer.pth"),
+            "--model-class",
+            "TransformerForecaster",
+            "--name",
+            "transformer_timeseries",
+            "--input-shapes",
+            "20,1",
+            "--output-shapes",
+            "10",
+        ],
         # two versions: 1 = the VAE part-way through training, 2 = fully trained; both served
-        ["--checkpoint", str(CKPT / "vae_step1000.pth"), "--model-class", "VAEForecaster",
-         "--name", "vae_timeseries", "--input-shapes", "1,20", "--output-shapes", "10",
-         "--version", "1", "--version-policy", "all"],
-        ["--checkpoint", str(CKPT / "vae.pth"), "--model-class", "VAEForecaster",
-         "--name", "vae_timeseries", "--input-shapes", "1,20", "--output-shapes", "10",
-         "--version", "2", "--version-policy", "all"],
+        [
+            "--checkpoint",
+            str(CKPT / "vae_step1000.pth"),
+            "--model-class",
+            "VAEForecaster",
+            "--name",
+            "vae_timeseries",
+            "--input-shapes",
+            "1,20",
+            "--output-shapes",
+            "10",
+            "--version",
+            "1",
+            "--version-policy",
+            "all",
+        ],
+        [
+            "--checkpoint",
+            str(CKPT / "vae.pth"),
+            "--model-class",
+            "VAEForecaster",
+            "--name",
+            "vae_timeseries",
+            "--input-shapes",
+            "1,20",
+            "--output-shapes",
+            "10",
+            "--version",
+            "2",
+            "--version-policy",
+            "all",
+        ],
     ]
     for job in jobs:
         code = convert(["convert", *job, *common])
@@ -44,7 +80,9 @@ def build(output_dir: Path, skip_tensorrt: bool = True) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", type=Path, default=ROOT / "model_repository")
-    p.add_argument("--tensorrt", action="store_true", help="also build model.plan where TensorRT is installed")
+    p.add_argument(
+        "--tensorrt", action="store_true", help="also build model.plan where TensorRT is installed"
+    )
     a = p.parse_args(argv)
     return build(a.output_dir, skip_tensorrt=not a.tensorrt)
 

@@ -111,7 +111,12 @@ class VAEForecaster(nn.Module):
     """
 
     def __init__(
-        self, input_len: int = 20, horizon: int = 10, latent_dim: int = 32, hidden: int = 128, channels: int = 32
+        self,
+        input_len: int = 20,
+        horizon: int = 10,
+        latent_dim: int = 32,
+        hidden: int = 128,
+        channels: int = 32,
     ) -> None:
         super().__init__()
         self.input_len = input_len
@@ -140,7 +145,9 @@ class VAEForecaster(nn.Module):
         h = self.encoder(z_in)
         return self.to_mu(h), self.to_logvar(h)
 
-    def trajectory(self, series: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def trajectory(
+        self, series: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training view: (scaled reconstruction+forecast [b, len+h], mu, logvar, scaled input)."""
         z_in, _, _ = _standardise(series, dim=2)
         mu, logvar = self.encode(z_in)

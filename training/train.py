@@ -30,12 +30,22 @@ CHECKPOINTS = ROOT / "checkpoints"
 ARCHS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "transformer": (
         TransformerForecaster,
-        {"input_len": INPUT_LEN, "horizon": HORIZON, "d_model": 64, "nhead": 4, "num_layers": 3,
-         "dim_ff": 128, "dropout": 0.1},
+        {
+            "input_len": INPUT_LEN,
+            "horizon": HORIZON,
+            "d_model": 64,
+            "nhead": 4,
+            "num_layers": 3,
+            "dim_ff": 128,
+            "dropout": 0.1,
+        },
     ),
     "vae": (VAEForecaster, {"input_len": INPUT_LEN, "horizon": HORIZON, "latent_dim": 32, "hidden": 128}),
 }
-DEFAULTS = {"transformer": {"steps": 1500, "batch": 256, "lr": 2e-3}, "vae": {"steps": 4000, "batch": 256, "lr": 2e-3}}
+DEFAULTS = {
+    "transformer": {"steps": 1500, "batch": 256, "lr": 2e-3},
+    "vae": {"steps": 4000, "batch": 256, "lr": 2e-3},
+}
 
 
 def to_model_input(arch: str, past: np.ndarray) -> torch.Tensor:
@@ -43,12 +53,13 @@ def to_model_input(arch: str, past: np.ndarray) -> torch.Tensor:
     return x[:, :, None] if arch == "transformer" else x[:, None, :]
 
 
-def loss_fn(arch: str, model: nn.Module, past: torch.Tensor, future: torch.Tensor, beta: float) -> torch.Tensor:
+def loss_fn(
+    arch: str, model: nn.Module, past: torch.Tensor, future: torch.Tensor, beta: float
+) -> torch.Tensor:
     """L1 (the metric) in each trajectory's own scale, so large-amplitude series don't dominate;
     + beta * KL for the VAE. The scale is the std of past+future: stable even for a flat past window."""
     flat = past.reshape(past.shape[0], -1)
     full = torch.cat([flat, future], 1)
-    mean = flat.mean(1, keepdim=True)
     std = full.std(1, keepdim=True).clamp_min(1e-3)
     if arch == "vae":
         assert isinstance(model, VAEForecaster)
@@ -81,8 +92,16 @@ def evaluate(arch: str, model: nn.Module, past: np.ndarray, future: np.ndarray) 
     }
 
 
-def train(arch: str, steps: int, batch: int, lr: float, seed: int = 0, n_train: int = 200_000,
-          snapshot_at: int | None = None, out: Path | None = None) -> dict[str, Any]:
+def train(
+    arch: str,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int = 0,
+    n_train: int = 200_000,
+    snapshot_at: int | None = None,
+    out: Path | None = None,
+) -> dict[str, Any]:
     torch.manual_seed(seed)
     torch.set_num_threads(2)
     cls, cfg = ARCHS[arch]
@@ -110,9 +129,12 @@ def train(arch: str, steps: int, batch: int, lr: float, seed: int = 0, n_train: 
         sched.step()
         if step % 250 == 0 or step == steps:
             m = evaluate(arch, model, val_past, val_future)
-            print(f"[{arch}] step {step:5d}/{steps} loss {loss.item():.4f}  held-out MAE {m['mae']:.4f} "
-                  f"(naive {m['naive_mae']:.4f}, {m['improvement']:+.1%})  sine MAE {m['sine_mae']:.4f}  "
-                  f"{time.time() - t0:.0f}s", flush=True)
+            print(
+                f"[{arch}] step {step:5d}/{steps} loss {loss.item():.4f}  held-out MAE {m['mae']:.4f} "
+                f"(naive {m['naive_mae']:.4f}, {m['improvement']:+.1%})  sine MAE {m['sine_mae']:.4f}  "
+                f"{time.time() - t0:.0f}s",
+                flush=True,
+            )
         if snapshot_at is not None and step == snapshot_at:
             snapshots["snapshot"] = {
                 "state_dict": {k: v.clone() for k, v in model.state_dict().items()},
@@ -128,12 +150,19 @@ def train(arch: str, steps: int, batch: int, lr: float, seed: int = 0, n_train: 
         torch.save(ckpt, out)
         if snapshots:
             snap = snapshots["snapshot"]
-            torch.save({"state_dict": snap["state_dict"], "model_config": cfg,
-                        "metrics": {**snap["metrics"], "steps": snap["step"]}},
-                       out.with_name(out.stem + f"_step{snap['step']}.pth"))
-    print(f"[{arch}] final held-out MAE {metrics['mae']:.4f} vs naive last-value {metrics['naive_mae']:.4f} "
-          f"({metrics['improvement']:.1%} better); sine sin(2*pi*t/10) MAE {metrics['sine_mae']:.4f}; "
-          f"{metrics['train_seconds']:.0f}s")
+            torch.save(
+                {
+                    "state_dict": snap["state_dict"],
+                    "model_config": cfg,
+                    "metrics": {**snap["metrics"], "steps": snap["step"]},
+                },
+                out.with_name(out.stem + f"_step{snap['step']}.pth"),
+            )
+    print(
+        f"[{arch}] final held-out MAE {metrics['mae']:.4f} vs naive last-value {metrics['naive_mae']:.4f} "
+        f"({metrics['improvement']:.1%} better); sine sin(2*pi*t/10) MAE {metrics['sine_mae']:.4f}; "
+        f"{metrics['train_seconds']:.0f}s"
+    )
     return {"model": model, "metrics": metrics}
 
 
@@ -149,8 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="checkpoint path (default training/checkpoints/<arch>.pth)")
     a = p.parse_args(argv)
     d = DEFAULTS[a.arch]
-    res = train(a.arch, a.steps or d["steps"], a.batch or d["batch"], a.lr or d["lr"], a.seed, a.n_train,
-                a.snapshot_at, a.out or CHECKPOINTS / f"{a.arch}.pth")
+    res = train(
+        a.arch,
+        a.steps or d["steps"],
+        a.batch or d["batch"],
+        a.lr or d["lr"],
+        a.seed,
+        a.n_train,
+        a.snapshot_at,
+        a.out or CHECKPOINTS / f"{a.arch}.pth",
+    )
     print(json.dumps(res["metrics"]))
     return 0
 

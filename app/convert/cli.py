@@ -35,7 +35,9 @@ def _dims(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected comma-separated ints, e.g. 20,1") from None
+        raise argparse.ArgumentTypeError(
+            f"bad shape {text!r}: expected comma-separated ints, e.g. 20,1"
+        ) from None
     if not dims or any(d == 0 or d < -1 for d in dims):
         raise argparse.ArgumentTypeError(f"bad shape {text!r}: dims must be positive")
     return dims
@@ -56,12 +58,22 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_argument_group("model")
-    src.add_argument("--checkpoint", type=Path, required=True, help=".pth: state_dict or {state_dict, model_config}")
+    src.add_argument(
+        "--checkpoint", type=Path, required=True, help=".pth: state_dict or {state_dict, model_config}"
+    )
     src.add_argument("--module", type=Path, required=True, help="Python file that defines the model class")
-    src.add_argument("--model-class", required=True, help="class name in --module; built as Class(**model_config)")
+    src.add_argument(
+        "--model-class", required=True, help="class name in --module; built as Class(**model_config)"
+    )
     src.add_argument("--name", required=True, help="Triton model name (directory name)")
-    src.add_argument("--input-shapes", type=_dims, nargs="+", required=True, metavar="D1,D2",
-                     help="per-item input shape(s) without batch, one per input, e.g. 20,1")
+    src.add_argument(
+        "--input-shapes",
+        type=_dims,
+        nargs="+",
+        required=True,
+        metavar="D1,D2",
+        help="per-item input shape(s) without batch, one per input, e.g. 20,1",
+    )
     src.add_argument("--output-shapes", type=_dims, nargs="+", required=True, metavar="D1,D2")
     src.add_argument("--input-names", nargs="+", help="default: series (one input) or input_<i>")
     src.add_argument("--output-names", nargs="+", help="default: forecast (one output) or output_<i>")
@@ -70,15 +82,29 @@ def add_parser(subparsers: Any) -> None:
     b = p.add_argument_group("batching and serving")
     b.add_argument("--min-batch", type=int, default=1)
     b.add_argument("--opt-batch", type=int, default=32)
-    b.add_argument("--max-batch", type=int, default=128, help="max_batch_size and the profile's max (default 128)")
+    b.add_argument(
+        "--max-batch", type=int, default=128, help="max_batch_size and the profile's max (default 128)"
+    )
     b.add_argument("--preferred-batch-sizes", type=_ints, default=None, help="e.g. 32,128 (default: opt,max)")
-    b.add_argument("--max-queue-delay-us", type=int, default=DEFAULT_GPU_QUEUE_DELAY_US,
-                   help=f"GPU dynamic-batching delay (default {DEFAULT_GPU_QUEUE_DELAY_US})")
-    b.add_argument("--cpu-max-queue-delay-us", type=int, default=DEFAULT_CPU_QUEUE_DELAY_US,
-                   help=f"CPU config's delay (default {DEFAULT_CPU_QUEUE_DELAY_US})")
+    b.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=DEFAULT_GPU_QUEUE_DELAY_US,
+        help=f"GPU dynamic-batching delay (default {DEFAULT_GPU_QUEUE_DELAY_US})",
+    )
+    b.add_argument(
+        "--cpu-max-queue-delay-us",
+        type=int,
+        default=DEFAULT_CPU_QUEUE_DELAY_US,
+        help=f"CPU config's delay (default {DEFAULT_CPU_QUEUE_DELAY_US})",
+    )
     b.add_argument("--instance-count", type=int, default=1, help="GPU instances in config.pbtxt (default 1)")
-    b.add_argument("--cpu-instance-count", type=int, default=2, help="CPU instances in configs/cpu.pbtxt (default 2)")
-    b.add_argument("--priority-levels", type=int, default=0, help="dynamic-batching priority levels (0 = off)")
+    b.add_argument(
+        "--cpu-instance-count", type=int, default=2, help="CPU instances in configs/cpu.pbtxt (default 2)"
+    )
+    b.add_argument(
+        "--priority-levels", type=int, default=0, help="dynamic-batching priority levels (0 = off)"
+    )
     prec = p.add_argument_group("TensorRT precision")
     fp16 = prec.add_mutually_exclusive_group()
     fp16.add_argument("--fp16", dest="fp16", action="store_true", default=True, help="FP16 plan (default)")
@@ -86,15 +112,25 @@ def add_parser(subparsers: Any) -> None:
     prec.add_argument("--int8", action="store_true", help="INT8 plan, calibrated with --calib-data")
     prec.add_argument("--calib-data", type=Path, help=".npy of shape [N, *input_shape] (with --int8)")
     prec.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT workspace limit (MiB)")
-    prec.add_argument("--skip-tensorrt", action="store_true", help="do not build model.plan even if TensorRT exists")
+    prec.add_argument(
+        "--skip-tensorrt", action="store_true", help="do not build model.plan even if TensorRT exists"
+    )
     out = p.add_argument_group("output")
     out.add_argument("--output-dir", type=Path, default=Path("model_repository"))
     out.add_argument("--version", type=int, default=1)
-    out.add_argument("--version-policy", choices=["latest", "all"], default="latest",
-                     help="latest: serve the newest version; all: serve every version directory present")
+    out.add_argument(
+        "--version-policy",
+        choices=["latest", "all"],
+        default="latest",
+        help="latest: serve the newest version; all: serve every version directory present",
+    )
     out.add_argument("--force", action="store_true", help="write into an existing model directory")
-    out.add_argument("--tolerance", type=float, default=None,
-                     help="max |ONNX Runtime - PyTorch| allowed (default 1e-4 + 1e-4 * max|output|)")
+    out.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="max |ONNX Runtime - PyTorch| allowed (default 1e-4 + 1e-4 * max|output|)",
+    )
     p.set_defaults(fn=run)
 
 
@@ -124,7 +160,9 @@ def build_spec(args: argparse.Namespace) -> ModelSpec:
     spec = ModelSpec(
         name=args.name,
         inputs=[TensorSpec(n, s, t) for n, s, t in zip(in_names, args.input_shapes, in_types, strict=True)],
-        outputs=[TensorSpec(n, s, t) for n, s, t in zip(out_names, args.output_shapes, out_types, strict=True)],
+        outputs=[
+            TensorSpec(n, s, t) for n, s, t in zip(out_names, args.output_shapes, out_types, strict=True)
+        ],
         min_batch=args.min_batch,
         opt_batch=args.opt_batch,
         max_batch=args.max_batch,
@@ -142,7 +180,11 @@ def build_spec(args: argparse.Namespace) -> ModelSpec:
 
 
 def _present_versions(model_dir: Path, version: int) -> list[int]:
-    found = {int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()} if model_dir.is_dir() else set()
+    found = (
+        {int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()}
+        if model_dir.is_dir()
+        else set()
+    )
     return sorted(found | {version})
 
 
@@ -177,7 +219,9 @@ def run(args: argparse.Namespace) -> int:
         calib = np.load(args.calib_data)
         want = spec.inputs[0].dims
         if calib.ndim != len(want) + 1 or tuple(calib.shape[1:]) != want:
-            return fail(f"--calib-data has shape {list(calib.shape)}, expected [N, {', '.join(map(str, want))}]")
+            return fail(
+                f"--calib-data has shape {list(calib.shape)}, expected [N, {', '.join(map(str, want))}]"
+            )
     if args.version_policy == "all":
         spec.versions = _present_versions(model_dir, args.version)
     try:
@@ -213,29 +257,39 @@ def run(args: argparse.Namespace) -> int:
                 tol = args.tolerance if args.tolerance is not None else r.tolerance
                 ok = r.max_abs_err <= tol
                 failed |= not ok
-                say(f"      batch {r.batch:4d}: max abs error {r.max_abs_err:.3e} (tolerance {tol:.1e}) "
-                    f"{'ok' if ok else 'FAIL'}")
+                say(
+                    f"      batch {r.batch:4d}: max abs error {r.max_abs_err:.3e} (tolerance {tol:.1e}) "
+                    f"{'ok' if ok else 'FAIL'}"
+                )
             if failed:
-                return fail("ONNX Runtime and PyTorch disagree beyond the tolerance; nothing written", EXIT_FAILED)
+                return fail(
+                    "ONNX Runtime and PyTorch disagree beyond the tolerance; nothing written", EXIT_FAILED
+                )
 
             say(f"[4/5] writing {model_dir}")
             script = tensorrt.build_script(spec, args.fp16, args.int8, args.workspace_mb)
             export.write_model_dir(spec, onnx_path, args.output_dir, args.version, args.force, script)
-            say(f"      config.pbtxt (TensorRT, {prec.upper()}), configs/cpu.pbtxt (ONNX Runtime on CPU), "
-                f"{args.version}/model.onnx, {args.version}/model.py, build_plan.sh")
+            say(
+                f"      config.pbtxt (TensorRT, {prec.upper()}), configs/cpu.pbtxt (ONNX Runtime on CPU), "
+                f"{args.version}/model.onnx, {args.version}/model.py, build_plan.sh"
+            )
             if spec.versions != [args.version]:
                 say(f"      version_policy: specific versions {spec.versions}")
 
         say("[5/5] TensorRT engine")
         onnx_final = model_dir / str(args.version) / "model.onnx"
-        command = tensorrt.trtexec_command(spec, model_dir, args.version, args.fp16, args.int8, args.workspace_mb)
+        command = tensorrt.trtexec_command(
+            spec, model_dir, args.version, args.fp16, args.int8, args.workspace_mb
+        )
         if args.skip_tensorrt or not tensorrt.tensorrt_available():
             why = "--skip-tensorrt given" if args.skip_tensorrt else "TensorRT is not installed here"
             say(f"      {why}: model.plan NOT built. Build it on the target GPU with:\n        {command}")
             say(f"      (or `sh {model_dir}/build_plan.sh`; Dockerfile.triton does this for every model)")
             if args.int8:
-                say("      INT8 needs a calibration cache that only the TensorRT Python API path writes; "
-                    "without it build_plan.sh falls back to FP16")
+                say(
+                    "      INT8 needs a calibration cache that only the TensorRT Python API path writes; "
+                    "without it build_plan.sh falls back to FP16"
+                )
             return EXIT_OK
         plan = model_dir / str(args.version) / "model.plan"
         done = export.timed(say, "      build")
@@ -249,16 +303,23 @@ def run(args: argparse.Namespace) -> int:
         worst_fail = False
         for i, bsz in enumerate(sorted({spec.min_batch, spec.opt_batch, spec.max_batch})):
             arrays = export.random_inputs(spec.inputs, bsz, seed=200 + i)
-            ref = session.run([t.name for t in spec.outputs], {t.name: a for t, a in zip(spec.inputs, arrays, strict=True)})
+            ref = session.run(
+                [t.name for t in spec.outputs], {t.name: a for t, a in zip(spec.inputs, arrays, strict=True)}
+            )
             got = tensorrt.run_engine(plan, spec, arrays)
             err = max(float(np.max(np.abs(g - r))) for g, r in zip(got, ref, strict=True))
             tol = atol + rtol * max(float(np.max(np.abs(r))) for r in ref)
             ok = err <= tol
             worst_fail |= not ok
-            say(f"      TensorRT vs ONNX Runtime, batch {bsz:4d}: max abs error {err:.3e} (tolerance {tol:.1e}) "
-                f"{'ok' if ok else 'FAIL'}")
+            say(
+                f"      TensorRT vs ONNX Runtime, batch {bsz:4d}: max abs error {err:.3e} "
+                f"(tolerance {tol:.1e}) "
+                f"{'ok' if ok else 'FAIL'}"
+            )
         if worst_fail:
-            return fail(f"the {prec.upper()} plan disagrees with ONNX Runtime beyond the tolerance", EXIT_FAILED)
+            return fail(
+                f"the {prec.upper()} plan disagrees with ONNX Runtime beyond the tolerance", EXIT_FAILED
+            )
         return EXIT_OK
     except export.ConvertError as exc:
         return fail(str(exc))

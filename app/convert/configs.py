@@ -130,10 +130,7 @@ def _priority(spec: ModelSpec) -> str:
     if spec.priority_levels <= 0:
         return ""
     # 1 is the highest priority; requests without one get the lowest level.
-    return (
-        f"  priority_levels: {spec.priority_levels}\n"
-        f"  default_priority_level: {spec.priority_levels}\n"
-    )
+    return f"  priority_levels: {spec.priority_levels}\n  default_priority_level: {spec.priority_levels}\n"
 
 
 def tensorrt_config(spec: ModelSpec) -> str:
@@ -143,8 +140,9 @@ def tensorrt_config(spec: ModelSpec) -> str:
     graphs = ",\n".join(f"      {{ batch_size: {b} }}" for b in spec.graph_batch_sizes())
     return (
         f"# Production configuration (GPU, TensorRT) written by `tgw convert`.\n"
-        f"# <version>/model.plan is built from <version>/model.onnx on the target GPU ({spec.precision.upper()},\n"
-        f"# optimisation profile min/opt/max batch {spec.min_batch}/{spec.opt_batch}/{spec.max_batch}):\n"
+        f"# <version>/model.plan is built from <version>/model.onnx on the target GPU\n"
+        f"# ({spec.precision.upper()}, optimisation profile min/opt/max batch "
+        f"{spec.min_batch}/{spec.opt_batch}/{spec.max_batch}):\n"
         f"# see build_plan.sh next to this file and Dockerfile.triton. The embedded CPU Triton loads\n"
         f"# configs/cpu.pbtxt instead (tritonserver --model-config-name=cpu).\n"
         f'name: "{spec.name}"\n'
@@ -152,13 +150,12 @@ def tensorrt_config(spec: ModelSpec) -> str:
         f"max_batch_size: {spec.max_batch}\n"
         + _tensors("input", spec.inputs)
         + _tensors("output", spec.outputs)
-        + f"# Wait up to {spec.gpu_queue_delay_us} us to fill a preferred batch: a batch-{spec.opt_batch} TensorRT\n"
-        f"# launch costs about as much as batch 1, so a short wait buys throughput for little latency.\n"
+        + f"# Wait up to {spec.gpu_queue_delay_us} us to fill a preferred batch: a batch-{spec.opt_batch}\n"
+        f"# TensorRT launch costs about as much as batch 1, so a short wait buys throughput for\n"
+        f"# little latency.\n"
         f"dynamic_batching {{\n"
         f"  preferred_batch_size: [ {preferred} ]\n"
-        f"  max_queue_delay_microseconds: {spec.gpu_queue_delay_us}\n"
-        + _priority(spec)
-        + "}\n"
+        f"  max_queue_delay_microseconds: {spec.gpu_queue_delay_us}\n" + _priority(spec) + "}\n"
         f"instance_group [ {{ count: {spec.gpu_instance_count} kind: KIND_GPU }} ]\n"
         f"optimization {{\n"
         f"  cuda {{\n"
@@ -181,16 +178,16 @@ def cpu_config(spec: ModelSpec) -> str:
         f"max_batch_size: {spec.max_batch}\n"
         + _tensors("input", spec.inputs)
         + _tensors("output", spec.outputs)
-        + f"# max_queue_delay {spec.cpu_queue_delay_us} us: one ONNX Runtime call costs ~0.2-0.5 ms whatever the\n"
-        f"# batch (Python-backend IPC + ORT overhead dominate small batches), so holding a request for up to\n"
-        f"# about one call's duration lets concurrent requests share it: throughput grows with load while an\n"
-        f"# idle server adds at most {spec.cpu_queue_delay_us / 1000:g} ms (see docs/models.md).\n"
+        + f"# Wait up to {spec.cpu_queue_delay_us} us for more requests: less than one batch-1 ONNX Runtime\n"
+        f"# call of the example models (~0.5-2 ms on one core), so an idle server adds little latency,\n"
+        f"# while under load requests arriving within the window share one call (per-item cost falls\n"
+        f"# ~4x from batch 1 to 32).\n"
+        f"# See docs/models.md.\n"
         f"dynamic_batching {{\n"
-        f"  max_queue_delay_microseconds: {spec.cpu_queue_delay_us}\n"
-        + _priority(spec)
-        + "}\n"
-        f"# {spec.cpu_instance_count} instance(s) x {spec.intra_op_threads} ORT intra-op thread(s): one per core on the\n"
-        f"# 2-core target, so one instance computes while the other moves tensors through the stub.\n"
+        f"  max_queue_delay_microseconds: {spec.cpu_queue_delay_us}\n" + _priority(spec) + "}\n"
+        f"# {spec.cpu_instance_count} instance(s) x {spec.intra_op_threads} ORT intra-op thread(s): with 2\n"
+        f"# instances on the 2-core target one computes while the other moves tensors through the\n"
+        f"# Python-backend stub.\n"
         f"instance_group [ {{ count: {spec.cpu_instance_count} kind: KIND_CPU }} ]\n"
         f"parameters [\n"
         f'  {{ key: "onnx_file" value: {{ string_value: "model.onnx" }} }},\n'

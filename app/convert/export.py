@@ -81,13 +81,17 @@ def load_class(module_file: Path, class_name: str) -> type:
             sys.path.remove(parent)
     cls = getattr(module, class_name, None)
     if cls is None or not inspect.isclass(cls):
-        classes = sorted(n for n, v in vars(module).items() if inspect.isclass(v) and v.__module__ == mod_name)
-        raise ConvertError(f"class {class_name!r} not found in {module_file} (classes there: {classes or 'none'})")
+        classes = sorted(
+            n for n, v in vars(module).items() if inspect.isclass(v) and v.__module__ == mod_name
+        )
+        raise ConvertError(
+            f"class {class_name!r} not found in {module_file} (classes there: {classes or 'none'})"
+        )
     return cls
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(state_dict, model_config)`` from ``{"state_dict": ..., "model_config": {...}}`` or a bare state_dict."""
+    """``(state_dict, model_config)`` from ``{"state_dict", "model_config"}`` or a bare state_dict."""
     import torch
 
     if not path.is_file():
@@ -97,7 +101,9 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     except Exception as exc:
         raise ConvertError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(ckpt, dict):
-        raise ConvertError(f"{path}: expected a dict (state_dict or {{'state_dict', 'model_config'}}), got {type(ckpt)}")
+        raise ConvertError(
+            f"{path}: expected a dict (state_dict or {{'state_dict', 'model_config'}}), got {type(ckpt)}"
+        )
     if "state_dict" in ckpt:
         state, config = ckpt["state_dict"], ckpt.get("model_config") or {}
     else:
@@ -115,7 +121,9 @@ def build_model(cls: type, model_config: dict[str, Any], state: dict[str, Any]) 
     try:
         model = cls(**model_config)
     except TypeError as exc:
-        raise ConvertError(f"{cls.__name__}(**model_config) failed: {exc} (model_config: {model_config})") from exc
+        raise ConvertError(
+            f"{cls.__name__}(**model_config) failed: {exc} (model_config: {model_config})"
+        ) from exc
     if not isinstance(model, torch.nn.Module):
         raise ConvertError(f"{cls.__name__} is not a torch.nn.Module")
     expected = model.state_dict()
@@ -145,6 +153,7 @@ def random_inputs(inputs: Sequence[TensorSpec], batch: int, seed: int) -> list[n
     for t in inputs:
         shape = (batch, *(d if d > 0 else 8 for d in t.dims))
         dtype = NUMPY_DTYPES[t.dtype]
+        a: np.ndarray
         if np.issubdtype(dtype, np.floating):
             # raw-value-like inputs: an offset and a scale, not only N(0, 1)
             a = rng.normal(size=shape) * rng.uniform(0.5, 3.0) + rng.uniform(-2, 2)
@@ -227,7 +236,9 @@ def check_parity(model: Any, spec: ModelSpec, onnx_path: Path, batches: Sequence
     for i, b in enumerate(batches):
         arrays = random_inputs(spec.inputs, b, seed=100 + i)
         ref = torch_forward(model, arrays)
-        got = session.run([t.name for t in spec.outputs], {t.name: a for t, a in zip(spec.inputs, arrays, strict=True)})
+        got = session.run(
+            [t.name for t in spec.outputs], {t.name: a for t, a in zip(spec.inputs, arrays, strict=True)}
+        )
         err = max(float(np.max(np.abs(g.astype(np.float64) - r))) for g, r in zip(got, ref, strict=True))
         scale = max(float(np.max(np.abs(r))) for r in ref)
         results.append(ParityResult(b, err, PARITY_ATOL + PARITY_RTOL * scale))

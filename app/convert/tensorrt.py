@@ -57,10 +57,14 @@ def trtexec_args(
     return args
 
 
-def trtexec_command(spec: ModelSpec, model_dir: Path, version: int, fp16: bool, int8: bool, workspace_mb: int) -> str:
+def trtexec_command(
+    spec: ModelSpec, model_dir: Path, version: int, fp16: bool, int8: bool, workspace_mb: int
+) -> str:
     vdir = model_dir / str(version)
     cache = str(vdir / "calibration.cache") if int8 else None
-    args = trtexec_args(spec, str(vdir / "model.onnx"), str(vdir / "model.plan"), fp16, int8, workspace_mb, cache)
+    args = trtexec_args(
+        spec, str(vdir / "model.onnx"), str(vdir / "model.plan"), fp16, int8, workspace_mb, cache
+    )
     return shlex.join(["trtexec", *args])
 
 
@@ -87,9 +91,7 @@ def build_script(spec: ModelSpec, fp16: bool, int8: bool, workspace_mb: int) -> 
         "for onnx in */model.onnx; do\n"
         '  v="${onnx%/model.onnx}"\n'
         '  if [ -f "$v/model.plan" ] && [ "$v/model.plan" -nt "$onnx" ]; then continue; fi\n'
-        "  set --\n"
-        + int8_part
-        + f'  "$TRTEXEC" {quoted} "$@"\n'
+        "  set --\n" + int8_part + f'  "$TRTEXEC" {quoted} "$@"\n'
         "done\n"
     )
 
@@ -104,7 +106,7 @@ class TrtResult:
 def _calibrator(trt: Any, data: np.ndarray, input_name: str, batch: int, cache: Path) -> Any:
     import torch
 
-    class NpyCalibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc,name-defined]
+    class NpyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
             super().__init__()
             self.index = 0
@@ -116,7 +118,9 @@ def _calibrator(trt: Any, data: np.ndarray, input_name: str, batch: int, cache: 
         def get_batch(self, names: Sequence[str]) -> list[int] | None:
             if self.index + batch > len(data):
                 return None
-            chunk = torch.from_numpy(np.ascontiguousarray(data[self.index : self.index + batch], dtype=np.float32))
+            chunk = torch.from_numpy(
+                np.ascontiguousarray(data[self.index : self.index + batch], dtype=np.float32)
+            )
             self.buffer.copy_(chunk)
             self.index += batch
             return [int(self.buffer.data_ptr())]
@@ -195,7 +199,9 @@ def run_engine(plan_path: Path, spec: ModelSpec, arrays: Sequence[np.ndarray]) -
     outs = []
     for t in spec.outputs:
         shape = tuple(context.get_tensor_shape(t.name))
-        buf = torch.empty(shape, dtype=torch.float32 if t.dtype == "TYPE_FP32" else torch.float16, device="cuda")
+        buf = torch.empty(
+            shape, dtype=torch.float32 if t.dtype == "TYPE_FP32" else torch.float16, device="cuda"
+        )
         outs.append(buf)
         context.set_tensor_address(t.name, int(buf.data_ptr()))
     if not context.execute_async_v3(stream.cuda_stream):

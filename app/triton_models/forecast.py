@@ -35,9 +35,10 @@ def _param(args: dict[str, str], key: str, default: int) -> int:
     return int(value) if value else default
 
 
-def preprocess(series: np.ndarray, horizon: np.ndarray | None, window: int = WINDOW, max_horizon: int = HORIZON
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pure function (unit-tested): returns ``(window [1, W, 1], scale [2], horizon [1])``; ValueError if bad."""
+def preprocess(
+    series: np.ndarray, horizon: np.ndarray | None, window: int = WINDOW, max_horizon: int = HORIZON
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pure function: ``(window [1, W, 1], scale [2], horizon [1])``; ValueError on bad input."""
     x = np.asarray(series, dtype=np.float64).reshape(-1)
     if x.size < window:
         raise ValueError(f"series needs at least {window} points, got {x.size}")

@@ -57,7 +57,10 @@ def test_convert_writes_a_model_dir_matching_pytorch(
     assert "max abs error" in log and "trtexec --onnx=" in log and "NOT built" in log
     mdir = out / "m"
     assert {p.name for p in (mdir / "1").iterdir()} == {"model.onnx", "model.py"}
-    trt, cpu = parse_config((mdir / "config.pbtxt").read_text()), parse_config((mdir / "configs/cpu.pbtxt").read_text())
+    trt, cpu = (
+        parse_config((mdir / "config.pbtxt").read_text()),
+        parse_config((mdir / "configs/cpu.pbtxt").read_text()),
+    )
     assert trt.platform == "tensorrt_plan" and trt.max_batch_size == 64 and cpu.backend == "python"
     assert trt.dynamic_batching.priority_levels == 2
     assert "--maxShapes=series:64x" in (mdir / "build_plan.sh").read_text()
@@ -82,7 +85,9 @@ def test_second_version_and_force(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert tgw(convert(ckpt, "VAEForecaster", out, "--skip-tensorrt")) == 0
     assert tgw(convert(ckpt, "VAEForecaster", out, "--version", "2")) == 2
     assert "already exists (use --force" in capsys.readouterr().err
-    assert tgw(convert(ckpt, "VAEForecaster", out, "--version", "2", "--version-policy", "all", "--force")) == 0
+    assert (
+        tgw(convert(ckpt, "VAEForecaster", out, "--version", "2", "--version-policy", "all", "--force")) == 0
+    )
     cfg = parse_config((out / "m" / "configs" / "cpu.pbtxt").read_text())
     assert list(cfg.version_policy.specific.versions) == [1, 2]
     assert (out / "m" / "1" / "model.onnx").is_file() and (out / "m" / "2" / "model.onnx").is_file()
@@ -152,7 +157,9 @@ def fake_pb_utils() -> SimpleNamespace:
     return SimpleNamespace(
         Tensor=FakeTensor,
         TritonError=TritonError,
-        InferenceResponse=lambda output_tensors=None, error=None: SimpleNamespace(outputs=output_tensors, error=error),
+        InferenceResponse=lambda output_tensors=None, error=None: SimpleNamespace(
+            outputs=output_tensors, error=error
+        ),
         get_input_tensor_by_name=lambda req, name: req.get(name),
     )
 

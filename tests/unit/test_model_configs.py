@@ -99,7 +99,9 @@ def test_shipped_onnx_forecasts_the_sine(name: str) -> None:
     ort = pytest.importorskip("onnxruntime")
     versions = sorted(int(p.name) for p in (REPO / name).iterdir() if p.name.isdigit())
     for v in versions:
-        session = ort.InferenceSession(str(REPO / name / str(v) / "model.onnx"), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(REPO / name / str(v) / "model.onnx"), providers=["CPUExecutionProvider"]
+        )
         x, target = sine_window(ONNX_MODELS[name])
         pred = session.run(["forecast"], {"series": x})[0][0]
         assert np.abs(pred - target).mean() < 0.15, (name, v)
