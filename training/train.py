@@ -101,9 +101,10 @@ def train(
     n_train: int = 200_000,
     snapshot_at: int | None = None,
     out: Path | None = None,
+    threads: int = 2,
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     cls, cfg = ARCHS[arch]
     model = cls(**cfg)
     past, future = make_windows(n_train, seed=seed)
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=200_000)
     p.add_argument("--snapshot-at", type=int, help="also save the model at this step (an older version)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 on a busy machine)")
     p.add_argument("--out", type=Path, help="checkpoint path (default training/checkpoints/<arch>.pth)")
     a = p.parse_args(argv)
     d = DEFAULTS[a.arch]
@@ -187,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         a.n_train,
         a.snapshot_at,
         a.out or CHECKPOINTS / f"{a.arch}.pth",
+        a.threads,
     )
     print(json.dumps(res["metrics"]))
     return 0

@@ -194,7 +194,7 @@ def test_training_smoke(tmp_path: Path) -> None:
     from training.train import train
 
     for arch in ("transformer", "vae"):
-        result = train(arch, steps=3, batch=16, lr=1e-3, n_train=256, out=tmp_path / f"{arch}.pth")
+        result = train(arch, steps=3, batch=16, lr=1e-3, n_train=256, out=tmp_path / f"{arch}.pth", threads=1)
         assert set(result["metrics"]) >= {"mae", "naive_mae", "sine_mae"}
         ckpt = torch.load(tmp_path / f"{arch}.pth", weights_only=True)
         assert {"state_dict", "model_config", "metrics"} <= set(ckpt)
