@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from app.convert.configs import ModelSpec, TensorSpec, cpu_config, parse_config, tensorrt_config
+from app.triton_models.onnx_runner import TRITON_TO_NUMPY
 
 OPSET = 18  # >= 17 as required; 18 is what torch's dynamo exporter emits natively
 # Parity: fail when max |ORT - PyTorch| > PARITY_ATOL + PARITY_RTOL * max |PyTorch|.
@@ -29,17 +30,7 @@ MODEL_PY = (
     "from app.triton_models.onnx_runner import TritonPythonModel  # noqa: F401\n"
 )
 
-NUMPY_DTYPES: dict[str, Any] = {
-    "TYPE_BOOL": np.bool_,
-    "TYPE_UINT8": np.uint8,
-    "TYPE_INT8": np.int8,
-    "TYPE_INT16": np.int16,
-    "TYPE_INT32": np.int32,
-    "TYPE_INT64": np.int64,
-    "TYPE_FP16": np.float16,
-    "TYPE_FP32": np.float32,
-    "TYPE_FP64": np.float64,
-}
+NUMPY_DTYPES: dict[str, Any] = TRITON_TO_NUMPY
 
 Reporter = Callable[[str], None]
 

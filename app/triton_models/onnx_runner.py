@@ -110,9 +110,8 @@ class TritonPythonModel:
             feeds = {name: np.concatenate([f[name] for f in per_request]) for name, _ in self.inputs}
             results = self._run(feeds)
         except Exception as exc:  # one bad batch must not take the instance down
-            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"ONNX Runtime: {exc}"))] * len(
-                requests
-            )
+            message = f"ONNX Runtime: {exc}"
+            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(message)) for _ in requests]
         bounds = np.cumsum([0, *sizes])
         return [self._respond([r[bounds[i] : bounds[i + 1]] for r in results]) for i in range(len(requests))]
 
