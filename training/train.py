@@ -1,7 +1,7 @@
 """Train an example forecaster on synthetic series, report MAE vs the naive forecast, save a checkpoint.
 
-    python -m training.train transformer   # ~3 min on 2 CPU cores
-    python -m training.train vae           # ~1 min
+    python -m training.train transformer   # ~3.5 min on 2 CPU cores
+    python -m training.train vae --snapshot-at 1000   # ~1 min
 
 The checkpoint (``{"state_dict", "model_config", "metrics"}``) is what ``tgw convert`` takes;
 ``python -m training.build_repository`` turns the checkpoints into ``model_repository/``.
