@@ -99,7 +99,11 @@ def test_forecast_ensemble_answers_a_raw_series(client: httpx.Client) -> None:
     out = np.asarray(r.json()["outputs"]["forecast"], dtype=np.float32)
     assert out.shape == (10,)
     # same as the transformer on the last 20 raw points (it is scale/shift-equivariant)
-    ref = torch_forecast("transformer.pth", series[-20:].reshape(1, 20, 1))[0]
+    direct = infer(
+        client, "/v1/models/transformer_timeseries/infer", {"series": series[-20:].reshape(1, 20, 1).tolist()}
+    )
+    assert direct.status_code == 200, direct.text
+    ref = np.asarray(direct.json()["outputs"]["forecast"], dtype=np.float32)[0]
     np.testing.assert_allclose(out, ref, atol=2e-3, rtol=1e-4)
     future = 40 + 6 * np.sin(2 * np.pi * np.arange(47, 57) / 12) + 0.1 * np.arange(47, 57)
     assert np.abs(out - future).mean() < np.abs(series[-1] - future).mean()  # beats last-value
