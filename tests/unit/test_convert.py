@@ -198,3 +198,26 @@ def test_training_smoke(tmp_path: Path) -> None:
         assert set(result["metrics"]) >= {"mae", "naive_mae", "sine_mae"}
         ckpt = torch.load(tmp_path / f"{arch}.pth", weights_only=True)
         assert {"state_dict", "model_config", "metrics"} <= set(ckpt)
+
+
+@pytest.mark.parametrize(
+    ("ckpt", "onnx"),
+    [
+        ("transformer.pth", "transformer_timeseries/1"),
+        ("vae_step1000.pth", "vae_timeseries/1"),
+        ("vae.pth", "vae_timeseries/2"),
+    ],
+)
+def test_committed_onnx_matches_committed_checkpoint(ckpt: str, onnx: str) -> None:
+    state = torch.load(ROOT / "training" / "checkpoints" / ckpt, weights_only=True)
+    cls = TransformerForecaster if ckpt.startswith("transformer") else VAEForecaster
+    model = cls(**state["model_config"])
+    model.load_state_dict(state["state_dict"])
+    model.eval()
+    shape = (20, 1) if cls is TransformerForecaster else (1, 20)
+    x = (np.random.default_rng(3).normal(size=(16, *shape)) * 2 + 1).astype(np.float32)
+    session = ort.InferenceSession(str(ROOT / "model_repository" / onnx / "model.onnx"))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(session.run(["forecast"], {"series": x})[0], ref, atol=1e-4, rtol=1e-4)
+    assert state["metrics"]["improvement"] >= 0.30 and state["metrics"]["sine_mae"] < 0.15
