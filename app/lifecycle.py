@@ -23,6 +23,7 @@ import inspect
 import logging
 import math
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from types import FrameType
@@ -35,6 +36,8 @@ from uvicorn.supervisors import multiprocess as uvicorn_multiprocess
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+SETTLE_S = 0.5  # after the listener closes, before idle connections are closed
 
 DrainHook = Callable[[], Awaitable[None] | None]
 ShutdownHook = Callable[[], Awaitable[None]]
@@ -150,6 +153,17 @@ class GracefulServer(uvicorn.Server):
             logger.info("shutdown delay over: closing the listener and draining in-flight requests")
             self.should_exit = True
         return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn closes every connection that has no request in progress right after closing the
+        # listener, including ones accepted a moment ago whose request has not been read yet: their
+        # clients would get a reset. Stop accepting first, let those requests start, then go on.
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        await asyncio.sleep(SETTLE_S)
+        await super().shutdown(sockets)
 
 
 class GracefulProcess(uvicorn_multiprocess.Process):
