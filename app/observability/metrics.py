@@ -192,6 +192,22 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(render(snapshot), media_type=CONTENT_TYPE_LATEST)
 
 
+_http_instrumentation: Callable[..., None] | None = None
+
+
+def _http_metrics() -> Callable[..., None]:
+    """The instrumentator's default HTTP metrics, built once per process: its metrics live in the global
+    registry, and building them again (a second app in the same process, as in tests) would fail."""
+    global _http_instrumentation
+    if _http_instrumentation is None:
+        from prometheus_fastapi_instrumentator import metrics as http_metrics
+
+        built = http_metrics.default(latency_lowr_buckets=HTTP_LATENCY_BUCKETS)
+        assert built is not None, "HTTP metrics already registered outside app.observability.metrics"
+        _http_instrumentation = built
+    return _http_instrumentation
+
+
 def setup_metrics(app: Starlette) -> None:
     """HTTP metrics (``http_requests_total{handler,method,status}``, ``http_request_duration_seconds``...)
     and the ``/metrics`` route. Call from ``create_app`` before the app starts."""
@@ -201,5 +217,5 @@ def setup_metrics(app: Starlette) -> None:
         should_group_status_codes=False,
         should_ignore_untemplated=True,
         excluded_handlers=["^/metrics$"],
-    ).instrument(app, latency_lowr_buckets=HTTP_LATENCY_BUCKETS)
+    ).add(_http_metrics()).instrument(app)
     app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
