@@ -108,7 +108,9 @@ def test_one_access_log_line_per_request(client: httpx.Client, caplog: pytest.Lo
 
 
 @contextmanager
-def tgw_serve(triton: EmbeddedTriton, redis: EmbeddedRedis, tmp: Path, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+def tgw_serve(
+    triton: EmbeddedTriton, redis: EmbeddedRedis, tmp: Path, **env: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
     port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("TGW_", "PROMETHEUS_"))}
     full_env = {
@@ -117,7 +119,9 @@ def tgw_serve(triton: EmbeddedTriton, redis: EmbeddedRedis, tmp: Path, **env: st
     }  # fmt: skip
     log = tmp / "gateway.log"
     with log.open("wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=full_env, stdout=sink, stderr=sink)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve"], env=full_env, stdout=sink, stderr=sink
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -160,7 +164,11 @@ async def _client_loop(url: str, n: int, result: LoadResult, stop: asyncio.Event
         while not stop.is_set():
             i += 1
             if (n + i) % 2:  # a Triton call of 0.3 s, never from the cache
-                path, body, headers = SLEEP, {"inputs": {"DELAY_S": [[0.3]]}}, {"Cache-Control": "no-cache, no-store"}
+                path, body, headers = (
+                    SLEEP,
+                    {"inputs": {"DELAY_S": [[0.3]]}},
+                    {"Cache-Control": "no-cache, no-store"},
+                )
             else:
                 path, body, headers = IDENTITY, {"inputs": {"INPUT0": rows(1)}}, {}
             try:
@@ -245,7 +253,11 @@ def test_sigterm_drains_under_load_without_failed_requests(
 def test_two_workers_share_metrics_and_exit_cleanly(
     triton: EmbeddedTriton, redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
-    with tgw_serve(triton, redis_server, tmp_path, TGW_WORKERS="2", TGW_SHUTDOWN_DELAY_S="0.2") as (proc, url, log):
+    with tgw_serve(triton, redis_server, tmp_path, TGW_WORKERS="2", TGW_SHUTDOWN_DELAY_S="0.2") as (
+        proc,
+        url,
+        log,
+    ):
         assert len(list(tmp_path.glob("tgw-prometheus-*"))) == 1
 
         async def traffic() -> list[int]:
