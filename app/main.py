@@ -14,10 +14,11 @@ from app.clients.redis import RedisCacheStore, make_redis
 from app.clients.triton import TritonGrpcClient
 from app.errors import install_exception_handlers
 from app.middleware import RequestContextMiddleware
-from app.routers import health, infer, models, v2
+from app.routers import health, infer, jobs, models, v2, ws
 from app.services.cache import ResponseCache
 from app.services.health import HealthService
 from app.services.inference import InferenceService
+from app.services.jobs.runtime import JobsRuntime
 from app.services.registry import ModelRegistry
 from app.settings import Settings
 
@@ -45,11 +46,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         triton, registry, cache, settings.cache_namespace, settings.triton_timeout_s
     )
     app.state.health = HealthService(triton, cache)
+    # --- async jobs: store, service, event fan-out; worker + webhooks if TGW_WORKER_IN_PROCESS ---
+    app.state.jobs = JobsRuntime(settings, app.state.inference)
+    await app.state.jobs.start()
     logger.info("gateway up: Triton %s, Redis %s", settings.triton_grpc_address,
                 settings.redis_address if redis is not None else "disabled")  # fmt: skip
     try:
         yield
     finally:
+        await app.state.jobs.stop(drain_s=min(settings.drain_s, 5.0) if settings.worker_in_process else 0)
         if store is not None:
             await store.close()
         await triton.close()
@@ -65,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_exception_handlers(app)
-    for module in (health, models, infer, v2):
+    for module in (health, models, infer, v2, jobs, ws):
         app.include_router(module.router)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     return app
