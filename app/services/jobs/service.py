@@ -86,7 +86,8 @@ class JobService:
         fields = {
             "id": job_id, "status": "queued", "model": model, "version": version or "",
             "request": orjson.dumps(infer_body).decode(), "priority": priority,
-            "created_at": str(time.time()), "attempts": "0", "webhook_url": webhook_url or "", "request_id": request_id,
+            "created_at": str(time.time()), "attempts": "0", "webhook_url": webhook_url or "",
+            "request_id": request_id,
         }  # fmt: skip
         hit = await self._cache_hit(req)
         try:
