@@ -162,10 +162,10 @@ class JobService:
         return out
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
-        outcome = await self.store.cancel(job_id)
+        cancelled, outcome = await self.store.cancel(job_id)
         if outcome == "gone":
             raise NotFound(f"no job {job_id!r} (unknown or expired)", {"job_id": job_id})
-        if outcome != "cancelled":
+        if not cancelled:
             raise Conflict(
                 f"job {job_id} is {outcome}; only queued jobs can be cancelled",
                 {"job_id": job_id, "status": outcome},

@@ -43,7 +43,9 @@ def unsafe_reason(ip: IPAddress) -> str | None:
     if ip in _METADATA:
         return "a cloud metadata address"
     if isinstance(ip, ipaddress.IPv6Address):
-        embedded: IPAddress | None = ip.ipv4_mapped or ip.sixtofour
+        if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d is a.b.c.d on a dual-stack socket
+            return unsafe_reason(ip.ipv4_mapped)
+        embedded: IPAddress | None = ip.sixtofour
         if embedded is None and ip.teredo is not None:
             embedded = ip.teredo[1]
         if embedded is None and ip in _NAT64:

@@ -158,15 +158,15 @@ class JobStore:
             return _s(done)
         return bool(done)
 
-    async def cancel(self, job_id: str) -> str:
-        """'cancelled', or the status that prevents it, or 'gone'."""
+    async def cancel(self, job_id: str) -> tuple[bool, str]:
+        """(True, 'cancelled'), or (False, the status that prevents it or 'gone')."""
         done = await self.finish(job_id, "cancelled")
         if done is True:
-            return "cancelled"
+            return True, "cancelled"
         if done is False:
             status = await self.redis.hget(job_key(job_id), "status")
-            return _s(status) if status is not None else "gone"
-        return done
+            return False, _s(status) if status is not None else "gone"
+        return False, done
 
     async def get(self, job_id: str) -> dict[str, str] | None:
         raw = await self.redis.hgetall(job_key(job_id))
