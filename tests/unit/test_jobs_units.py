@@ -6,7 +6,7 @@ import base64
 import ipaddress
 
 import pytest
-from standardwebhooks import Webhook
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from app.services.jobs.ssrf import UnsafeURL, literal_ip, parse_url, unsafe_reason, vet_url
 from app.services.jobs.webhooks import _retry_after, parse_secrets, sign
@@ -24,7 +24,7 @@ def test_signature_verifies_with_standardwebhooks_for_every_rotated_secret() -> 
     headers = {"webhook-id": "msg_x", "webhook-timestamp": str(ts), "webhook-signature": sign(keys, "msg_x", ts, body)}
     for secret in (SECRET_A, SECRET_B):
         assert Webhook(secret).verify(body, headers) == {"type": "job.succeeded", "data": {"id": "x"}}
-    with pytest.raises(Exception):
+    with pytest.raises(WebhookVerificationError):
         Webhook("whsec_" + base64.b64encode(b"c" * 32).decode()).verify(body, headers)
     with pytest.raises(ValueError):
         parse_secrets("whsec_not*base64")
