@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from app.services.inference import InferenceService
 from app.services.jobs.events import EventHub
 from app.services.jobs.service import JobService
-from app.services.jobs.store import JobStore
+from app.services.jobs.store import JobStore, ensure_groups
 from app.services.jobs.webhooks import HttpxWebhookSender, WebhookDispatcher, parse_secrets
 from app.services.jobs.worker import JobWorker
 from app.settings import Settings
@@ -72,10 +72,18 @@ class JobsRuntime:
 
     async def start(self) -> None:
         self.hub.start()
+        self._tasks.append(asyncio.create_task(self._ensure_groups(), name="job-groups"))
         if self.worker is not None:
             self._tasks.append(asyncio.create_task(self.worker.run(), name="job-worker"))
         if self.dispatcher is not None:
             self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="webhook-dispatcher"))
+
+    async def _ensure_groups(self) -> None:
+        """Create the consumer group at start-up (autoscalers read its lag before any worker runs)."""
+        try:
+            await ensure_groups(self.redis)
+        except Exception as exc:
+            logger.warning("could not create the job consumer group yet (%s); workers will", exc)
 
     async def stop(self, drain_s: float = 0.0) -> None:
         if self.worker is not None and drain_s > 0:

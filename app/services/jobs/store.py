@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 import orjson
+from redis.exceptions import ResponseError
 
 STREAM = "tgw:jobs:stream"  # normal priority; the KEDA ScaledObject watches it
 STREAM_HIGH = "tgw:jobs:stream:high"  # read before STREAM by every worker
@@ -87,6 +88,17 @@ local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, AR
 for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
 return ids
 """
+
+
+async def ensure_groups(redis: Any) -> None:
+    """The consumer group on every priority stream, from the stream's start (so nothing queued before
+    the group existed is skipped)."""
+    for stream in STREAMS.values():
+        try:
+            await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
 
 
 def _s(value: Any) -> str:

@@ -18,12 +18,11 @@ import uuid
 from typing import Any
 
 import orjson
-from redis.exceptions import ResponseError
 
 from app.errors import GatewayError
 from app.services.inference import InferenceService
 from app.services.jobs.service import error_json, result_json
-from app.services.jobs.store import GROUP, STREAM, STREAM_HIGH, STREAMS, TERMINAL, JobStore
+from app.services.jobs.store import GROUP, STREAM, STREAM_HIGH, STREAMS, TERMINAL, JobStore, ensure_groups
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +58,7 @@ class JobWorker:
         self.stopping = False
 
     async def ensure_groups(self) -> None:
-        for stream in STREAMS.values():
-            try:
-                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+        await ensure_groups(self.redis)
 
     async def run(self) -> None:
         logger.info("job worker %s: concurrency %d", self.name, self.concurrency)
