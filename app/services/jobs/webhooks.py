@@ -191,7 +191,7 @@ class WebhookDispatcher:
             outcome, state = "delivered", "delivered"
         elif code == 410:
             outcome, state = "gone", "stopped"
-        elif res.refused or (code is not None and 400 <= code < 500 and code != 429):
+        elif res.refused or (code is not None and 300 <= code < 500 and code != 429):  # no redirects
             outcome, state = "failed", "dead"
         elif attempt > len(self.schedule_s):
             outcome, state = "dead", "dead"
