@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import GatewayFactory
-from tests.integration.jobs_helpers import unique_row
+from tests.integration.jobs_helpers import unique_row, wait_job
 
 pytestmark = pytest.mark.integration
 
@@ -101,3 +101,15 @@ def test_backpressure_503_with_retry_after(start_gateway: GatewayFactory) -> Non
         assert {"jobs_total", "webhook_deliveries_total", "websockets_open"} <= set(stats)
         for job_id in ids:
             c.delete(f"/v1/jobs/{job_id}")
+
+
+def test_high_priority_jobs_run_first(start_gateway: GatewayFactory) -> None:
+    """Queued while no worker runs; then one worker with one slot takes the high stream first."""
+    with start_gateway() as url, httpx.Client(base_url=url, timeout=10) as c:
+        normal = [c.post(JOBS, json={"inputs": {"INPUT0": [unique_row()]}}).json()["id"] for _ in range(3)]
+        high = [c.post(JOBS, json={"inputs": {"INPUT0": [unique_row()]}, "priority": "high"}).json()["id"] for _ in range(2)]
+    with start_gateway(worker_in_process=True, worker_concurrency=1) as url, httpx.Client(base_url=url) as c:
+        jobs = {i: wait_job(c, i) for i in normal + high}
+    assert all(j["status"] == "succeeded" for j in jobs.values())
+    assert jobs[high[0]]["priority"] == "high"
+    assert max(jobs[i]["started_at"] for i in high) < min(jobs[i]["started_at"] for i in normal)

@@ -206,6 +206,8 @@ def test_webhook_retried_until_receiver_is_up_signed_same_id(wc: httpx.Client) -
     finally:
         rx.close()
     assert len(rx.calls) == 3
+    # connected to the vetted address, with the URL's own Host header
+    assert rx.calls[0][0]["host"] == f"localhost:{rx.server.server_address[1]}"
     assert {h["webhook-id"] for h, _ in rx.calls} == {f"msg_{job_id}"}
     assert len({b for _, b in rx.calls}) == 1  # the same body on every attempt
     for headers, raw in rx.calls:

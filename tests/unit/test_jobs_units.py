@@ -72,3 +72,13 @@ def test_retry_after_parsing() -> None:
     assert _retry_after("7") == 7.0
     assert _retry_after(None) is None
     assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+
+
+async def test_sender_vets_again_at_delivery_time() -> None:
+    import httpx
+
+    from app.services.jobs.webhooks import HttpxWebhookSender
+
+    async with httpx.AsyncClient() as client:
+        result = await HttpxWebhookSender(client, False, 1024).send("http://localhost:9/x", b"{}", {})
+    assert result.refused and result.status_code is None and "loopback" in (result.error or "")
