@@ -13,7 +13,12 @@ def unique_row(n: int = 4) -> list[float]:
     return [round(random.uniform(-100, 100), 3) for _ in range(n)]
 
 
-def wait_job(client: httpx.Client, job_id: str, timeout: float = 20.0, statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled")) -> dict[str, Any]:
+def wait_job(
+    client: httpx.Client,
+    job_id: str,
+    timeout: float = 20.0,
+    statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         r = client.get(f"/v1/jobs/{job_id}")

@@ -107,7 +107,10 @@ def test_high_priority_jobs_run_first(start_gateway: GatewayFactory) -> None:
     """Queued while no worker runs; then one worker with one slot takes the high stream first."""
     with start_gateway() as url, httpx.Client(base_url=url, timeout=10) as c:
         normal = [c.post(JOBS, json={"inputs": {"INPUT0": [unique_row()]}}).json()["id"] for _ in range(3)]
-        high = [c.post(JOBS, json={"inputs": {"INPUT0": [unique_row()]}, "priority": "high"}).json()["id"] for _ in range(2)]
+        high = [
+            c.post(JOBS, json={"inputs": {"INPUT0": [unique_row()]}, "priority": "high"}).json()["id"]
+            for _ in range(2)
+        ]
     with start_gateway(worker_in_process=True, worker_concurrency=1) as url, httpx.Client(base_url=url) as c:
         jobs = {i: wait_job(c, i) for i in normal + high}
     assert all(j["status"] == "succeeded" for j in jobs.values())

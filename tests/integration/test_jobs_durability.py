@@ -35,10 +35,14 @@ def start_worker(triton: EmbeddedTriton, redis_url: str, log: Path) -> subproces
         TGW_WORKER_CONCURRENCY="3", TGW_LOG_LEVEL="INFO", TGW_DRAIN_S="2",
     )  # fmt: skip
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], cwd=ROOT, env=env, stdout=out, stderr=out)
+        return subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker"], cwd=ROOT, env=env, stdout=out, stderr=out
+        )
 
 
-def collect_results(ws_url: str, job_ids: list[str], frames: list[dict[str, Any]], stop: threading.Event) -> None:
+def collect_results(
+    ws_url: str, job_ids: list[str], frames: list[dict[str, Any]], stop: threading.Event
+) -> None:
     with connect(ws_url) as ws:
         for job_id in job_ids:
             ws.send(json.dumps({"op": "subscribe", "job_id": job_id}))
@@ -60,10 +64,15 @@ def test_sigkill_worker_mid_batch_every_job_succeeds_exactly_once(
         with start_gateway() as url, httpx.Client(base_url=url, timeout=10) as c:
             base = 0.8 + (time.time_ns() % 1000) / 1e6
             delays = [round(base + i / 1000, 6) for i in range(10)]
-            ids = [c.post("/v1/models/sleep_fp32/jobs", json={"inputs": {"DELAY_S": [[d]]}}).json()["id"] for d in delays]
+            ids = [
+                c.post("/v1/models/sleep_fp32/jobs", json={"inputs": {"DELAY_S": [[d]]}}).json()["id"]
+                for d in delays
+            ]
             frames: list[dict[str, Any]] = []
             stop = threading.Event()
-            collector = threading.Thread(target=collect_results, args=(url.replace("http", "ws") + "/v1/ws", ids, frames, stop))
+            collector = threading.Thread(
+                target=collect_results, args=(url.replace("http", "ws") + "/v1/ws", ids, frames, stop)
+            )
             collector.start()
             # SIGKILL a worker that holds running jobs.
             victim = None

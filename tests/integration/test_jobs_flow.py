@@ -93,15 +93,25 @@ def test_job_websocket_before_and_after_completion(wc: httpx.Client) -> None:
 
 
 def test_multiplexed_websocket(wc: httpx.Client, worker_url: str) -> None:
-    slow = wc.post("/v1/models/sleep_fp32/jobs", json={"inputs": {"DELAY_S": [[0.6 + time.time() % 1 / 1000]]}})
+    slow = wc.post(
+        "/v1/models/sleep_fp32/jobs", json={"inputs": {"DELAY_S": [[0.6 + time.time() % 1 / 1000]]}}
+    )
     row = unique_row()
     with connect(worker_url.replace("http", "ws") + "/v1/ws") as ws:
         ws.send(json.dumps({"op": "subscribe", "job_id": slow.json()["id"]}))
-        ws.send(json.dumps({"op": "infer", "ref": "a", "model": "identity_fp32", "inputs": {"INPUT0": [row]}}))
+        ws.send(
+            json.dumps({"op": "infer", "ref": "a", "model": "identity_fp32", "inputs": {"INPUT0": [row]}})
+        )
         ws.send("not json")
         ws.send(json.dumps({"op": "dance", "ref": "b"}))
-        ws.send(json.dumps({"op": "infer", "ref": "c", "model": "identity_fp32", "inputs": {"NOPE": [[1.0]]}}))
-        ws.send(json.dumps({"op": "infer", "ref": "big", "model": "identity_fp32", "inputs": {"INPUT0": [[1.0] * 2000]}}))
+        ws.send(
+            json.dumps({"op": "infer", "ref": "c", "model": "identity_fp32", "inputs": {"NOPE": [[1.0]]}})
+        )
+        ws.send(
+            json.dumps(
+                {"op": "infer", "ref": "big", "model": "identity_fp32", "inputs": {"INPUT0": [[1.0] * 2000]}}
+            )
+        )
         ws.send(json.dumps({"op": "ping", "ref": "p"}))
         got: list[dict[str, Any]] = []
         deadline = time.monotonic() + 10
@@ -109,14 +119,18 @@ def test_multiplexed_websocket(wc: httpx.Client, worker_url: str) -> None:
             assert time.monotonic() < deadline, got
             got.append(json.loads(ws.recv(timeout=5)))
         # The socket is still usable after the bad frames.
-        ws.send(json.dumps({"op": "infer", "ref": "d", "model": "identity_fp32", "inputs": {"INPUT0": [row]}}))
+        ws.send(
+            json.dumps({"op": "infer", "ref": "d", "model": "identity_fp32", "inputs": {"INPUT0": [row]}})
+        )
         while not any(f.get("ref") == "d" for f in got):
             got.append(json.loads(ws.recv(timeout=5)))
     by_ref = {f.get("ref"): f for f in got if f.get("ref")}
     assert by_ref["a"]["type"] == "result" and by_ref["a"]["result"]["outputs"]["OUTPUT0"] == [row]
     assert by_ref["b"]["error"]["code"] == "invalid_input"
     assert by_ref["c"]["error"]["code"] == "invalid_input"
-    assert any(f["type"] == "error" and f["error"]["details"].get("limit_bytes") == 4096 for f in got)  # untagged
+    assert any(
+        f["type"] == "error" and f["error"]["details"].get("limit_bytes") == 4096 for f in got
+    )  # untagged
     assert by_ref["p"]["type"] == "pong" and by_ref["d"]["cache"] == "HIT"
     assert any(f["type"] == "error" and "JSON" in f["error"]["message"] for f in got)
     assert any(f["type"] == "heartbeat" for f in got)
@@ -129,7 +143,9 @@ def test_multiplexed_in_flight_bound(worker_url: str) -> None:
     with connect(worker_url.replace("http", "ws") + "/v1/ws") as ws:
         for i in range(5):
             delay = 0.3 + i / 1000 + time.time() % 1 / 1e5
-            ws.send(json.dumps({"op": "infer", "ref": i, "model": "sleep_fp32", "inputs": {"DELAY_S": [[delay]]}}))
+            ws.send(
+                json.dumps({"op": "infer", "ref": i, "model": "sleep_fp32", "inputs": {"DELAY_S": [[delay]]}})
+            )
         got = []
         while len([f for f in got if f["type"] in ("result", "error")]) < 5:
             got.append(json.loads(ws.recv(timeout=10)))
@@ -140,7 +156,9 @@ def test_multiplexed_in_flight_bound(worker_url: str) -> None:
 def test_two_replicas_fan_out(wc: httpx.Client, start_gateway: GatewayFactory) -> None:
     """Replica A runs no worker; the job is submitted to and computed by replica B (the worker gateway)."""
     with start_gateway() as url_a:
-        r = wc.post("/v1/models/sleep_fp32/jobs", json={"inputs": {"DELAY_S": [[0.5 + time.time() % 1 / 1000]]}})
+        r = wc.post(
+            "/v1/models/sleep_fp32/jobs", json={"inputs": {"DELAY_S": [[0.5 + time.time() % 1 / 1000]]}}
+        )
         job_id = r.json()["id"]
         with connect(url_a.replace("http", "ws") + f"/v1/jobs/{job_id}/ws") as ws:
             frames = frames_until_close(ws)
@@ -148,7 +166,10 @@ def test_two_replicas_fan_out(wc: httpx.Client, start_gateway: GatewayFactory) -
         assert frames[-1]["type"] == "result" and frames[-1]["job"]["status"] == "succeeded"
         with connect(url_a.replace("http", "ws") + "/v1/ws") as ws:
             with httpx.Client(base_url=url_a) as ca:
-                r = ca.post("/v1/models/sleep_fp32/jobs", json={"inputs": {"DELAY_S": [[0.3 + time.time() % 1 / 1000]]}})
+                r = ca.post(
+                    "/v1/models/sleep_fp32/jobs",
+                    json={"inputs": {"DELAY_S": [[0.3 + time.time() % 1 / 1000]]}},
+                )
             ws.send(json.dumps({"op": "subscribe", "job_id": r.json()["id"]}))
             while (f := json.loads(ws.recv(timeout=10)))["type"] != "result":
                 pass
@@ -160,7 +181,10 @@ def test_failing_job_is_dead_lettered(wc: httpx.Client, redis_server: EmbeddedRe
     assert r.status_code == 202, r.text
     job = wait_job(wc, r.json()["id"], timeout=15)
     assert job["status"] == "failed" and job["attempts"] == 2
-    assert job["error"]["code"] == "attempts_exhausted" and job["error"]["details"]["last_error"]["code"] == "triton_error"
+    assert (
+        job["error"]["code"] == "attempts_exhausted"
+        and job["error"]["details"]["last_error"]["code"] == "triton_error"
+    )
     dead = redis.Redis.from_url(redis_server.url).xrevrange(DEAD, count=20)
     assert any(fields[b"job_id"].decode() == job["id"] for _, fields in dead)
 
@@ -226,7 +250,10 @@ def test_webhook_410_stops_and_exhaustion_dead_letters(wc: httpx.Client) -> None
     gone, down = Receiver(fail_first=99, fail_status=410), Receiver(fail_first=99, fail_status=500)
     try:
         ids = [
-            wc.post("/v1/models/identity_fp32/jobs", json={"inputs": {"INPUT0": [unique_row()]}, "webhook": {"url": rx.url}}).json()["id"]
+            wc.post(
+                "/v1/models/identity_fp32/jobs",
+                json={"inputs": {"INPUT0": [unique_row()]}, "webhook": {"url": rx.url}},
+            ).json()["id"]
             for rx in (gone, down)
         ]
         deadline = time.monotonic() + 15

@@ -21,7 +21,11 @@ def test_signature_verifies_with_standardwebhooks_for_every_rotated_secret() -> 
     import time
 
     ts = int(time.time())
-    headers = {"webhook-id": "msg_x", "webhook-timestamp": str(ts), "webhook-signature": sign(keys, "msg_x", ts, body)}
+    headers = {
+        "webhook-id": "msg_x",
+        "webhook-timestamp": str(ts),
+        "webhook-signature": sign(keys, "msg_x", ts, body),
+    }
     for secret in (SECRET_A, SECRET_B):
         assert Webhook(secret).verify(body, headers) == {"type": "job.succeeded", "data": {"id": "x"}}
     with pytest.raises(WebhookVerificationError):
@@ -48,19 +52,31 @@ def test_public_addresses_are_allowed(ip: str) -> None:
     assert unsafe_reason(ipaddress.ip_address(ip)) is None
 
 
-@pytest.mark.parametrize("host", ["2130706433", "0x7f.1", "0177.0.0.1", "0x7f000001", "127.1", "[::ffff:7f00:1]"])
+@pytest.mark.parametrize(
+    "host", ["2130706433", "0x7f.1", "0177.0.0.1", "0x7f000001", "127.1", "[::ffff:7f00:1]"]
+)
 def test_encoded_ipv4_forms_are_decoded(host: str) -> None:
     ip = literal_ip(host)
     assert ip is not None and unsafe_reason(ip) is not None
 
 
 async def test_vet_url_rules() -> None:
-    for url in ["ftp://example.com/x", "file:///etc/passwd", "http://user:pw@8.8.8.8/", "http:///x", "gopher://a"]:
+    for url in [
+        "ftp://example.com/x",
+        "file:///etc/passwd",
+        "http://user:pw@8.8.8.8/",
+        "http:///x",
+        "gopher://a",
+    ]:
         with pytest.raises(UnsafeURL):
             await vet_url(url)
     target = await vet_url("https://8.8.8.8:8443/hook?x=1")
     assert (target.scheme, target.host, target.port, target.path, target.address) == (
-        "https", "8.8.8.8", 8443, "/hook?x=1", "8.8.8.8"
+        "https",
+        "8.8.8.8",
+        8443,
+        "/hook?x=1",
+        "8.8.8.8",
     )
     with pytest.raises(UnsafeURL, match="loopback"):
         await vet_url("http://localhost:9/")
