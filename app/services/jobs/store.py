@@ -144,12 +144,25 @@ class JobStore:
             await pipe.execute()
 
     async def create_finished(self, job_id: str, fields: dict[str, str], result: bytes, cache: str) -> None:
-        """A job answered from the cache: created queued and finished in one go (same script path)."""
+        """A job answered from the cache: created and finished in one transaction (same finish script)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(job_key(job_id), mapping=fields)
             pipe.hincrby(COUNTS, "queued", 1)
+            await self._finish(
+                keys=[job_key(job_id), COUNTS, SCHEDULE, EVENTS],
+                args=[
+                    "succeeded",
+                    time.time(),
+                    result,
+                    b"",
+                    cache,
+                    self.ttl_s,
+                    job_id,
+                    event(job_id, "succeeded"),
+                ],
+                client=pipe,
+            )
             await pipe.execute()
-        await self.finish(job_id, "succeeded", result=result, cache=cache)
 
     # --- state changes --------------------------------------------------------------------------
     async def start(self, job_id: str, max_attempts: int) -> tuple[str, int]:
