@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -167,6 +168,7 @@ def cmd_up(_: argparse.Namespace) -> int:
             os.environ["TGW_REDIS_URL"] = redis.url
         if triton is not None:
             os.environ["TGW_TRITON_URL"] = triton.grpc_url
+        os.environ.setdefault("TGW_WORKER_IN_PROCESS", "true")  # the embedded default runs jobs too
         logger.info("gateway on http://%s:%d", settings.host, settings.port)
         code = asyncio.run(_serve_with_children(settings, children))
     except LaunchError as exc:
@@ -194,6 +196,37 @@ def cmd_serve(_: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
+async def _run_worker(settings: Settings) -> int:
+    """The gateway's lifespan (same clients, same inference service) with a worker and the webhook
+    dispatcher in it, and no HTTP server. SIGTERM/SIGINT: stop reading, let running jobs finish."""
+    from app.main import create_app
+
+    app = create_app(settings.model_copy(update={"worker_in_process": True, "drain_s": 0}))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with app.router.lifespan_context(app):
+        logger.info("job worker %s running", app.state.jobs.worker.name)
+        await stop.wait()
+        logger.info("draining job worker (up to %.0f s)", settings.drain_s)
+        await app.state.jobs.worker.drain(settings.drain_s)
+    return 0
+
+
+def cmd_worker(_: argparse.Namespace) -> int:
+    settings = _load_settings()
+    _setup_logging(settings)
+    if not _wait_for_dependencies(settings):
+        return 1
+    if settings.worker_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.worker_metrics_port, addr=settings.host)
+        logger.info("worker metrics on http://%s:%d/metrics", settings.host, settings.worker_metrics_port)
+    return asyncio.run(_run_worker(settings))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tgw", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="the gateway only (TGW_TRITON_URL, TGW_REDIS_URL)").set_defaults(
         fn=cmd_serve
     )
+    sub.add_parser("worker", help="a job worker (TGW_TRITON_URL, TGW_REDIS_URL)").set_defaults(fn=cmd_worker)
     return parser
 
 

@@ -16,12 +16,13 @@ from app.errors import install_exception_handlers
 from app.lifecycle import Lifecycle
 from app.middleware import RequestContextMiddleware
 from app.observability import tracing
-from app.observability.metrics import setup_metrics
+from app.observability.metrics import register_jobs_snapshot, setup_metrics
 from app.observability.middleware import ObservabilityMiddleware
-from app.routers import health, infer, models, v2
+from app.routers import health, infer, jobs, models, v2, ws
 from app.services.cache import ResponseCache
 from app.services.health import HealthService
 from app.services.inference import InferenceService
+from app.services.jobs.runtime import JobsRuntime
 from app.services.registry import ModelRegistry
 from app.settings import Settings
 
@@ -57,6 +58,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     lifecycle: Lifecycle = app.state.lifecycle
     lifecycle.watch(app.state.health)
     lifecycle.activate()
+    # --- async jobs: store, service, event fan-out; worker + webhooks if TGW_WORKER_IN_PROCESS ---
+    app.state.jobs = JobsRuntime(settings, app.state.inference)
+    await app.state.jobs.start()
+    register_jobs_snapshot(app, app.state.jobs.metrics_snapshot)
+    lifecycle.drain_hooks.append(app.state.jobs.begin_drain)
     logger.info("gateway up: Triton %s, Redis %s", settings.triton_grpc_address,
                 settings.redis_address if redis is not None else "disabled")  # fmt: skip
     try:
@@ -64,6 +70,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await lifecycle.run_shutdown_hooks(settings.drain_s)
         lifecycle.deactivate()
+        await app.state.jobs.stop(drain_s=min(settings.drain_s, 5.0) if settings.worker_in_process else 0)
         if store is not None:
             await store.close()
         await triton.close()
@@ -81,7 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_exception_handlers(app)
-    for module in (health, models, infer, v2):
+    for module in (health, models, infer, v2, jobs, ws):
         app.include_router(module.router)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     # --- observability (outermost): metrics, access log, tracing; lifecycle hooks ---

@@ -72,6 +72,25 @@ class Settings(BaseSettings):
     queue_max: int = Field(10000, ge=1)
     webhook_secret: str | None = Field(None, description="whsec_<base64>; several separated by spaces")
     webhook_allow_private: bool = False
+    job_claim_idle_s: float = Field(
+        30.0, gt=0, description="a job pending this long on a dead worker is reclaimed (XAUTOCLAIM)"
+    )
+    worker_concurrency: int = Field(4, ge=1, le=256, description="jobs one worker process runs at once")
+    worker_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="`tgw worker` serves Prometheus metrics on this port when set"
+    )
+    worker_in_process: bool = Field(False, description="run a job worker inside the gateway (tgw up: on)")
+    job_redis_timeout_s: float = Field(5.0, gt=0, description="bound on job-store Redis calls")
+    webhook_schedule_s: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
+        description="comma-separated delays between webhook attempts (default ~27 h over 8 attempts)",
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="per-delivery connect+read bound")
+    webhook_max_response_bytes: int = Field(65536, ge=0, description="response bytes read from a receiver")
+    ws_max_frame_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger client frames: error")
+    ws_max_in_flight: int = Field(32, ge=1, description="concurrent requests per /v1/ws socket")
+    ws_send_queue: int = Field(256, ge=1, description="frames buffered per socket before it is dropped")
+    ws_heartbeat_s: float = Field(20.0, gt=0, description="heartbeat frame interval on idle sockets")
 
     # --- Operations ----------------------------------------------------------------------------
     drain_s: float = Field(30.0, ge=0, description="how long in-flight requests may finish on SIGTERM")
@@ -87,7 +106,7 @@ class Settings(BaseSettings):
     otel_endpoint: str | None = Field(None, description="OTLP/gRPC endpoint, e.g. http://otel-collector:4317")
     otel_service_name: str = "triton-gateway"
 
-    @field_validator("model_repository", "cache_exclude_models", mode="before")
+    @field_validator("model_repository", "cache_exclude_models", "webhook_schedule_s", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
