@@ -132,6 +132,12 @@ def cmd_serve(_: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from app.bench import runner
+
+    return runner.run(runner.options_from(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tgw", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="the gateway only (TGW_TRITON_URL, TGW_REDIS_URL)").set_defaults(
         fn=cmd_serve
     )
+    bench = sub.add_parser(
+        "bench", help="benchmark: Triton direct vs the gateway (embedded stack, reports in bench-results/)"
+    )
+    from app.bench.runner import add_arguments
+
+    add_arguments(bench)
+    bench.set_defaults(fn=cmd_bench)
     return parser
 
 
