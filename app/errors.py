@@ -152,11 +152,15 @@ def error_response(
     return Response(body, status, headers, media_type="application/json")
 
 
-async def _gateway_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, GatewayError)
+def gateway_error_response(request: Request | None, exc: GatewayError) -> Response:
     if exc.status_code >= 500:
         logger.warning("%s: %s", exc.code, exc.message)
     return error_response(request, exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return gateway_error_response(request, exc)
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:

@@ -107,6 +107,9 @@ def _level(gen: Generator, stack: Stack, t: TargetSpec, c: int, o: Options) -> L
 def _line(i: int, n: int, r: LevelResult) -> str:
     cache = ",".join(f"{k}:{v}" for k, v in sorted(r.cache.items()))
     srv = " ".join(f"{k}={v:.2f}" for k, v in r.server_cpu_cores.items())
+    gw_us = 1e6 * r.server_cpu_cores.get("gateway", 0.0) / r.throughput_rps if r.throughput_rps else 0.0
+    if gw_us:
+        srv += f" (gateway {gw_us:,.0f} µs CPU/req)"
     return (
         f"[{i:>3}/{n}] {r.model:<22} {r.target:<13} c={r.concurrency:<4} {r.throughput_rps:>9,.0f} req/s  "
         f"p50 {r.p50_ms:6.2f}  p99 {r.p99_ms:7.2f}  max {r.max_ms:7.1f} ms  err {r.errors}  "
