@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 import uvicorn
 from pydantic import ValidationError
@@ -48,9 +50,20 @@ def _uvicorn_config(settings: Settings, **extra: object) -> uvicorn.Config:
     )
 
 
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, except that a SIGTERM/SIGINT it handled is not re-raised once it has stopped:
+    the caller still has children to stop and an exit code to return."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
+
+
 async def _serve_with_children(settings: Settings, children: list[ManagedProcess]) -> int:
     """Serve the gateway; if a child server dies, stop everything and say which one and why."""
-    server = uvicorn.Server(_uvicorn_config(settings))
+    server = GatewayServer(_uvicorn_config(settings))
     failed: list[str] = []
 
     async def watch() -> None:
@@ -127,7 +140,7 @@ def cmd_serve(_: argparse.Namespace) -> int:
             timeout_graceful_shutdown=int(settings.drain_s) or None,
         )  # fmt: skip
         return 0
-    server = uvicorn.Server(_uvicorn_config(settings))
+    server = GatewayServer(_uvicorn_config(settings))
     server.run()
     return 0 if server.started else 1
 

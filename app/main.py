@@ -33,7 +33,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         retries=settings.triton_retries,
         retry_after_s=settings.retry_after_s,
     )
-    redis = make_redis(settings.redis_address, settings.redis_timeout_s) if settings.cache_enabled else None
+    redis = (
+        make_redis(settings.redis_address, settings.redis_timeout_s, settings.redis_cluster)
+        if settings.cache_enabled
+        else None
+    )
     store = RedisCacheStore(redis, settings.redis_timeout_s) if redis is not None else None
     cache = ResponseCache(store, settings.cache_ttl_s, settings.cache_max_value_bytes)
     registry = ModelRegistry(triton, settings.metadata_ttl_s, settings.cache_exclude_models)

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
 
     # --- Redis / response cache --------------------------------------------------------------
     redis_url: str | None = Field(None, description="redis:// URL; unset = start the embedded redis-server")
+    redis_cluster: bool = Field(False, description="TGW_REDIS_URL points at a Redis Cluster")
     redis_port: int = Field(6379, ge=1, le=65535, description="embedded Redis port")
     redis_timeout_s: float = Field(0.25, gt=0, description="bound on every cache operation")
     cache_enabled: bool = True

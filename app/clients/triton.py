@@ -33,6 +33,15 @@ _CHANNEL_ARGS = [
 ]
 
 
+_CONNECT_FAILURES = ("failed to connect", "connection refused", "connections to all backends failing",
+                     "name resolution", "dns resolution")  # fmt: skip
+
+
+def _not_sent(exc: InferenceServerException) -> bool:
+    text = f"{exc.message()} {exc.debug_details() or ''}".lower()
+    return any(marker in text for marker in _CONNECT_FAILURES)
+
+
 class TritonGrpcClient:
     """Implements ``TritonClient`` with ``channels`` independent gRPC channels used round-robin."""
 
@@ -54,7 +63,8 @@ class TritonGrpcClient:
         return from_grpc(status, exc.message() or str(exc), self._retry_after_s)
 
     async def _call(self, fn: Callable[[grpcclient.InferenceServerClient], Awaitable[T]]) -> T:
-        """Run one RPC; retry only when the channel is UNAVAILABLE, i.e. the request never left."""
+        """Run one RPC; retry only on UNAVAILABLE raised while connecting, i.e. the request never left
+        (an UNAVAILABLE after the stream was open may have reached Triton and is not retried)."""
         attempt = 0
         while True:
             client = next(self._next)
@@ -62,7 +72,7 @@ class TritonGrpcClient:
                 return await fn(client)
             except InferenceServerException as exc:
                 status = grpc_status_from_text(exc.status())
-                if status is grpc.StatusCode.UNAVAILABLE and attempt < self._retries:
+                if status is grpc.StatusCode.UNAVAILABLE and attempt < self._retries and _not_sent(exc):
                     attempt += 1
                     await asyncio.sleep(0.05 * attempt)
                     continue

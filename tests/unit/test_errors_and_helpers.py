@@ -122,3 +122,17 @@ def test_settings_validation(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TGW_REDIS_URL", "http://nope")
     with pytest.raises(ValidationError, match="redis://"):
         Settings()
+
+
+def test_retry_only_when_the_request_was_not_sent() -> None:
+    from tritonclient.utils import InferenceServerException
+
+    from app.clients.triton import _not_sent
+
+    refused = InferenceServerException(
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Connection refused",
+        status="StatusCode.UNAVAILABLE",
+    )
+    dropped = InferenceServerException("Socket closed", status="StatusCode.UNAVAILABLE")
+    assert _not_sent(refused)
+    assert not _not_sent(dropped)

@@ -1,0 +1,118 @@
+"""``tgw up`` as a real process: serves, stops all three on SIGTERM, goes down whole when a child dies,
+and leaves no orphans when it is killed outright."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.launcher import free_port
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Stack:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = [p for p in pids if _alive(p)]
+        if not left:
+            return []
+        time.sleep(0.2)
+    return [p for p in pids if _alive(p)]
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    port = free_port()
+    env = dict(os.environ)
+    env.update({
+        "TGW_PORT": str(port),
+        "TGW_TRITON_HTTP_PORT": str(free_port()),
+        "TGW_TRITON_GRPC_PORT": str(free_port()),
+        "TGW_TRITON_METRICS_PORT": str(free_port()),
+        "TGW_REDIS_PORT": str(free_port()),
+        "TGW_MODEL_REPOSITORY": str(ROOT / "tests" / "models"),
+        "TGW_STATE_DIR": str(tmp_path / "state"),
+        "TGW_SHUTDOWN_DELAY_S": "0",
+        "TGW_DRAIN_S": "5",
+    })
+    env.pop("TGW_TRITON_URL", None)
+    env.pop("TGW_REDIS_URL", None)
+    log = tmp_path / "tgw-up.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up"], env=env, stdout=out, stderr=out, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"tgw up did not become ready:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+    yield Stack(proc, url, log)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_sigterm_stops_all_three(stack: Stack) -> None:
+    r = httpx.post(f"{stack.url}/v1/models/identity_fp32/infer", json={"inputs": {"INPUT0": [[1.0, 2.0]]}})
+    assert r.status_code == 200
+    children = stack.children()
+    assert len(children) == 2  # redis-server and tritonserver
+    stack.proc.send_signal(signal.SIGTERM)
+    assert stack.proc.wait(timeout=60) == 0
+    assert _wait_gone(children) == []
+
+
+def test_a_dead_child_takes_the_stack_down(stack: Stack) -> None:
+    children = stack.children()
+    triton_pid = next(p for p in children if "tritonserver" in Path(f"/proc/{p}/cmdline").read_text())
+    os.kill(triton_pid, signal.SIGKILL)
+    assert stack.proc.wait(timeout=60) == 1
+    assert _wait_gone(children) == []
+    assert "tritonserver exited unexpectedly" in stack.log.read_text()
+
+
+def test_sigkill_leaves_no_orphans(stack: Stack) -> None:
+    children = stack.children()
+    stack.proc.kill()
+    stack.proc.wait()
+    assert _wait_gone(children, timeout=30) == []
