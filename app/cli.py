@@ -20,7 +20,6 @@ from app.settings import Settings
 logger = logging.getLogger("app.cli")
 
 
-
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr

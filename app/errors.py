@@ -71,9 +71,7 @@ class ServiceUnavailable(GatewayError):
     status_code = 503
     code = "unavailable"
 
-    def __init__(
-        self, message: str, details: dict[str, Any] | None = None, retry_after_s: int = 2
-    ) -> None:
+    def __init__(self, message: str, details: dict[str, Any] | None = None, retry_after_s: int = 2) -> None:
         super().__init__(message, details, {"Retry-After": str(retry_after_s)})
 
 

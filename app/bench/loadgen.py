@@ -15,6 +15,7 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any, cast
 
@@ -129,9 +130,7 @@ async def _run_http(job: Job, window: _Window) -> None:
     for cid in job.conn_ids:
         done: asyncio.Future[None] = loop.create_future()
         make = http_request_factory(t, cid)
-        transport, _ = await loop.create_connection(
-            lambda make=make, done=done: _HttpConn(make, window, done), t.host, t.port
-        )
+        transport, _ = await loop.create_connection(partial(_HttpConn, make, window, done), t.host, t.port)
         transports.append(transport)
         dones.append(done)
     await _clock(job, window)
@@ -150,9 +149,7 @@ async def _run_grpc(job: Job, window: _Window) -> None:
         grpc.aio.insecure_channel(f"{t.host}:{t.port}", options=[("grpc.use_local_subchannel_pool", 1)])
         for _ in range(min(len(job.conn_ids), 4))
     ]
-    calls = [
-        ch.unary_unary("/inference.GRPCInferenceService/ModelInfer") for ch in channels
-    ]
+    calls = [ch.unary_unary("/inference.GRPCInferenceService/ModelInfer") for ch in channels]
 
     async def loop_one(i: int, cid: int) -> None:
         call = calls[i % len(calls)]

@@ -38,19 +38,25 @@ def ratios(results: Sequence[LevelResult], baseline: str = BASELINE) -> list[dic
         base = _find(results, r.model, baseline, r.concurrency)
         if base is None:
             continue
-        out.append({
-            "model": r.model,
-            "target": r.target,
-            "concurrency": r.concurrency,
-            "throughput_ratio": round(ratio(r.throughput_rps, base.throughput_rps), 3),
-            "added_p50_ms": round(r.p50_ms - base.p50_ms, 3),
-            "added_p99_ms": round(r.p99_ms - base.p99_ms, 3),
-        })
+        out.append(
+            {
+                "model": r.model,
+                "target": r.target,
+                "concurrency": r.concurrency,
+                "throughput_ratio": round(ratio(r.throughput_rps, base.throughput_rps), 3),
+                "added_p50_ms": round(r.p50_ms - base.p50_ms, 3),
+                "added_p99_ms": round(r.p99_ms - base.p99_ms, 3),
+            }
+        )
     return out
 
 
 def write_json(path: Path, results: Sequence[LevelResult], meta: dict[str, Any]) -> None:
-    doc = {**meta, "results": [r.row() | {"cache": r.cache, "server_cpu_cores": r.server_cpu_cores} for r in results], "ratios": ratios(results)}
+    doc = {
+        **meta,
+        "results": [r.row() | {"cache": r.cache, "server_cpu_cores": r.server_cpu_cores} for r in results],
+        "ratios": ratios(results),
+    }
     path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
 
 
@@ -63,7 +69,7 @@ def write_csv(path: Path, results: Sequence[LevelResult]) -> None:
 
 
 def _fmt(x: float, digits: int = 2) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def markdown(results: Sequence[LevelResult], meta: dict[str, Any] | None = None) -> str:
@@ -74,12 +80,13 @@ def markdown(results: Sequence[LevelResult], meta: dict[str, Any] | None = None)
         lines += [
             f"### {model}",
             "",
-            "| target | conc. | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | × triton-http | gen CPU (cores) |",
+            "| target | conc. | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | x triton-http "
+            "| gen CPU (cores) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             base = _find(results, model, BASELINE, r.concurrency)
-            rel = _fmt(ratio(r.throughput_rps, base.throughput_rps)) if base else "–"
+            rel = _fmt(ratio(r.throughput_rps, base.throughput_rps)) if base else "-"
             lines.append(
                 f"| {r.target} | {r.concurrency} | {r.throughput_rps:,.0f} | {_fmt(r.p50_ms)} | "
                 f"{_fmt(r.p90_ms)} | {_fmt(r.p99_ms)} | {_fmt(r.max_ms)} | {r.errors} | {rel} | "

@@ -20,7 +20,14 @@ from typing import Any
 
 from app.bench import report
 from app.bench.loadgen import Generator
-from app.bench.payloads import MODELS, TARGET_HELP, TARGET_NAMES, TargetSpec, http_request_factory, make_targets
+from app.bench.payloads import (
+    MODELS,
+    TARGET_HELP,
+    TARGET_NAMES,
+    TargetSpec,
+    http_request_factory,
+    make_targets,
+)
 from app.bench.stack import Stack, cpu_seconds, machine_info, rss_bytes, triton_version
 from app.bench.stats import LevelResult, merge, ratio
 from app.launcher import LaunchError
@@ -124,7 +131,7 @@ def run_wrk(url: str, body_request: bytes, concurrency: int, duration_s: float) 
     wrk = shutil.which("wrk")
     if wrk is None:
         return None
-    head, _, body = body_request.partition(b"\r\n\r\n")
+    _, _, body = body_request.partition(b"\r\n\r\n")
     script = (
         'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
         f"wrk.body = [[{body.decode()}]]\n"
@@ -180,8 +187,10 @@ def soak(gen: Generator, stack: Stack, t: TargetSpec, total: int, o: Options) ->
     workers = [p for p in stack.gateway_pids()[1:]] or stack.gateway_pids()
     per_worker_final = {str(p): samples[-1]["rss_mb"].get(str(p), math.nan) for p in workers}
     ref = min(samples, key=lambda s: abs(s["requests"] - 200_000))
-    growth = {str(p): round(samples[-1]["rss_mb"].get(str(p), math.nan) - ref["rss_mb"].get(str(p), math.nan), 1)
-              for p in workers}  # fmt: skip
+    last = samples[-1]["rss_mb"]
+    growth = {
+        str(p): round(last.get(str(p), math.nan) - ref["rss_mb"].get(str(p), math.nan), 1) for p in workers
+    }
     return {
         "requests": done, "seconds": round(time.monotonic() - t_start, 1), "samples": samples,
         "worker_rss_mb_final": per_worker_final, "worker_growth_mb_after_200k": growth,
@@ -199,16 +208,16 @@ def check_targets(results: Sequence[LevelResult], soak_doc: dict[str, Any] | Non
         a, b = get(model, target, 64), get(model, "triton-http", 64)
         if a and b:
             v = ratio(a.throughput_rps, b.throughput_rps)
-            out.append({"name": name, "measured": f"{v:.2f}×", "goal": f"≥ {goal}×", "met": v >= goal})
+            out.append({"name": name, "measured": f"{v:.2f}x", "goal": f">= {goal}x", "met": v >= goal})
 
     tp_ratio("tiny: cache-miss throughput / Triton HTTP, c=64", "identity_fp32", "gateway-miss", 0.5)
     tp_ratio("tiny: cache-hit throughput / Triton HTTP, c=64", "identity_fp32", "gateway-hit", 1.0)
     a, b = get("identity_fp32", "gateway-miss", 1), get("identity_fp32", "triton-http", 1)
     if a and b:
         d50, d99 = a.p50_ms - b.p50_ms, a.p99_ms - b.p99_ms
-        out.append({"name": "tiny: added p50 at c=1 (miss)", "measured": f"{d50:.3f} ms", "goal": "≤ 0.3 ms",
+        out.append({"name": "tiny: added p50 at c=1 (miss)", "measured": f"{d50:.3f} ms", "goal": "<= 0.3 ms",
                     "met": d50 <= 0.3})  # fmt: skip
-        out.append({"name": "tiny: added p99 at c=1 (miss)", "measured": f"{d99:.3f} ms", "goal": "≤ 1 ms",
+        out.append({"name": "tiny: added p99 at c=1 (miss)", "measured": f"{d99:.3f} ms", "goal": "<= 1 ms",
                     "met": d99 <= 1.0})  # fmt: skip
     tp_ratio("transformer_timeseries: miss throughput / Triton HTTP, c=64", "transformer_timeseries",
              "gateway-miss", 0.8)  # fmt: skip
@@ -218,7 +227,7 @@ def check_targets(results: Sequence[LevelResult], soak_doc: dict[str, Any] | Non
         n = soak_doc["requests"]
         out.append({"name": f"gateway RSS per worker after {n:,} requests", "measured": f"{final:.0f} MB",
                     "goal": "< 250 MB", "met": final < 250})  # fmt: skip
-        out.append({"name": "RSS growth, ~200 k → end", "measured": f"{growth:+.1f} MB", "goal": "≈ 0 (< 5 MB)",
+        out.append({"name": "RSS growth, ~200 k -> end", "measured": f"{growth:+.1f} MB", "goal": "< 5 MB",
                     "met": growth < 5})  # fmt: skip
     return out
 
@@ -267,8 +276,8 @@ def run(o: Options) -> int:
                 if w is None:
                     say("wrk not found: skipping the cross-check (apt-get install wrk)")
                     break
-                ours = next((r for r in results if (r.model, r.target, r.concurrency) == (t.model.name, name, 64)),
-                            None)  # fmt: skip
+                key = (t.model.name, name, 64)
+                ours = next((r for r in results if (r.model, r.target, r.concurrency) == key), None)
                 w.update(model=t.model.name, target=name, concurrency=64,
                          harness_rps=ours.throughput_rps if ours else None)  # fmt: skip
                 meta["wrk"].append(w)
@@ -303,7 +312,7 @@ def run(o: Options) -> int:
     say(report.markdown(results, meta))
     say("ratios gateway / Triton direct HTTP (throughput; added p50/p99 ms):")
     for q in report.ratios(results):
-        say(f"  {q['model']:<22} {q['target']:<13} c={q['concurrency']:<4} {q['throughput_ratio']:.2f}×  "
+        say(f"  {q['model']:<22} {q['target']:<13} c={q['concurrency']:<4} {q['throughput_ratio']:.2f}x  "
             f"+{q['added_p50_ms']:.3f} / +{q['added_p99_ms']:.3f} ms")  # fmt: skip
     say(f"wrote {o.out}/results.json, results.csv, results.md" + (", results.png" if plotted else
         " (no plot: pip install matplotlib)") + f" in {meta['seconds']:.0f} s")  # fmt: skip

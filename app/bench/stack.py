@@ -54,18 +54,22 @@ class Stack:
         assert self.triton is not None and self.redis is not None
         self.gateway_port = free_port()
         env = dict(os.environ)
-        env.update({
-            "TGW_TRITON_URL": self.triton.grpc_url,
-            "TGW_REDIS_URL": self.redis.url,
-            "TGW_PORT": str(self.gateway_port),
-            "TGW_HOST": "127.0.0.1",
-            "TGW_WORKERS": str(self.workers),
-            "TGW_LOG_LEVEL": "WARNING",
-            "TGW_DRAIN_S": "1",
-        })
+        env.update(
+            {
+                "TGW_TRITON_URL": self.triton.grpc_url,
+                "TGW_REDIS_URL": self.redis.url,
+                "TGW_PORT": str(self.gateway_port),
+                "TGW_HOST": "127.0.0.1",
+                "TGW_WORKERS": str(self.workers),
+                "TGW_LOG_LEVEL": "WARNING",
+                "TGW_DRAIN_S": "1",
+            }
+        )
         env.update(self.gateway_env)
         argv = [sys.executable, "-m", "app.cli", "serve"]
-        self.gateway = ManagedProcess("gateway", argv, self.state_dir / "gateway.log", env=env, cwd=PROJECT_ROOT)
+        self.gateway = ManagedProcess(
+            "gateway", argv, self.state_dir / "gateway.log", env=env, cwd=PROJECT_ROOT
+        )
         self.gateway.start()
         url = f"{self.gateway_url}/readyz"
         self.gateway.wait_until(lambda: _get(url) == 200, 60, "ready (/readyz)")

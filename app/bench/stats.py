@@ -59,7 +59,9 @@ class LevelResult:
         return out
 
 
-def merge(model: str, target: str, concurrency: int, duration_s: float, shards: Sequence[Shard]) -> LevelResult:
+def merge(
+    model: str, target: str, concurrency: int, duration_s: float, shards: Sequence[Shard]
+) -> LevelResult:
     lat = sorted(v for s in shards for v in s.latencies_us)
     errors = sum(s.errors for s in shards)
     cache: dict[str, int] = {}

@@ -30,11 +30,13 @@ async def ready(health: HealthDep) -> Response:
 @router.get("", response_class=ORJSONResponse)
 async def server_metadata(request: Request) -> ORJSONResponse:
     triton_meta = await request.app.state.triton.server_metadata()
-    return ORJSONResponse({
-        "name": "triton-gateway",
-        "version": triton_meta.get("version", ""),
-        "extensions": [e for e in triton_meta.get("extensions", []) if e in _EXTENSIONS],
-    })
+    return ORJSONResponse(
+        {
+            "name": "triton-gateway",
+            "version": triton_meta.get("version", ""),
+            "extensions": [e for e in triton_meta.get("extensions", []) if e in _EXTENSIONS],
+        }
+    )
 
 
 _EXTENSIONS = {"binary_tensor_data", "model_repository", "model_configuration", "parameters"}

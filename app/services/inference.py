@@ -156,4 +156,3 @@ class InferenceService:
             await self.cache.put(key, result)
         except CacheUnavailable:
             pass
-
