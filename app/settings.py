@@ -76,7 +76,9 @@ class Settings(BaseSettings):
         description="extra wait for a batch to fill; 0 = it takes what queued while a call was in flight",
     )  # fmt: skip
     batch_max_inflight: int = Field(2, ge=1, le=64, description="batched Triton calls in flight per model")
-    l1_cache_entries: int = Field(4096, ge=0, description="in-process cache in front of Redis; 0 = off")
+    l1_cache_entries: int = Field(
+        0, ge=0, description="in-process cache in front of Redis (e.g. 4096); 0 = off: Redis down = BYPASS"
+    )
     l1_cache_bytes: int = Field(32 * 1024 * 1024, ge=0, description="bound on the in-process cache's values")
     l1_cache_ttl_s: float = Field(
         60.0, ge=0, description="an in-process entry lives at most this long (and never past its Redis TTL)"

@@ -49,6 +49,7 @@ class Options:
     generators: int
     workers: int
     soak_requests: int
+    soak_max_s: float
     wrk: bool
     quick: bool
     gateway_env: dict[str, str] = field(default_factory=dict)
@@ -67,18 +68,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gateway worker processes (TGW_WORKERS)")  # fmt: skip
     p.add_argument("--soak-requests", type=int, default=1_000_000,
                    help="cache-miss requests for the memory soak (0: skip)")  # fmt: skip
+    p.add_argument("--soak-max-s", type=float, default=240.0,
+                   help="soak time limit, even if short of --soak-requests")  # fmt: skip
     p.add_argument("--no-wrk", action="store_true", help="skip the cross-check against wrk")
     p.add_argument("--set", action="append", default=[], metavar="TGW_X=V",
                    help="gateway setting for this run (repeatable)")  # fmt: skip
 
 
+# The gateway as the benchmark runs it (each can be overridden with --set): the in-process L1 on.
+BENCH_GATEWAY_ENV = {"TGW_L1_CACHE_ENTRIES": "4096"}
+
+
 def options_from(args: argparse.Namespace) -> Options:
-    env = dict(item.split("=", 1) for item in args.set)
+    env = {**BENCH_GATEWAY_ENV, **dict(item.split("=", 1) for item in args.set)}
     if args.quick:
         return Options(
             out=args.out, models=["identity_fp32"], targets=["triton-http", "gateway-miss", "gateway-hit"],
             levels=list(QUICK_LEVELS), duration_s=1.0, warmup_s=0.3, generators=min(args.generators, 2),
-            workers=1, soak_requests=0, wrk=False, quick=True, gateway_env=env,
+            workers=1, soak_requests=0, soak_max_s=0, wrk=False, quick=True, gateway_env=env,
         )  # fmt: skip
     return Options(
         out=args.out,
@@ -90,6 +97,7 @@ def options_from(args: argparse.Namespace) -> Options:
         generators=args.generators,
         workers=args.workers,
         soak_requests=args.soak_requests,
+        soak_max_s=args.soak_max_s,
         wrk=not args.no_wrk,
         quick=False,
         gateway_env=env,
@@ -175,7 +183,7 @@ def soak(gen: Generator, stack: Stack, t: TargetSpec, total: int, o: Options) ->
     samples: list[dict[str, Any]] = []
     done = 0
     t_start = time.monotonic()
-    while done < total:
+    while done < total and time.monotonic() - t_start < o.soak_max_s:
         shards = gen.run(t, 64, 0.0, 5.0)
         r = merge(t.model.name, t.name, 64, 5.0, shards)
         done += r.requests + r.errors
