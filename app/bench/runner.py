@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gateway worker processes (TGW_WORKERS)")  # fmt: skip
     p.add_argument("--soak-requests", type=int, default=1_000_000,
                    help="cache-miss requests for the memory soak (0: skip)")  # fmt: skip
-    p.add_argument("--soak-max-s", type=float, default=240.0,
+    p.add_argument("--soak-max-s", type=float, default=180.0,
                    help="soak time limit, even if short of --soak-requests")  # fmt: skip
     p.add_argument("--no-wrk", action="store_true", help="skip the cross-check against wrk")
     p.add_argument("--set", action="append", default=[], metavar="TGW_X=V",
