@@ -15,7 +15,11 @@ from app.clients.redis import RedisCacheStore, make_redis
 from app.clients.triton import TritonGrpcClient
 from app.errors import install_exception_handlers
 from app.fastpath import InferFastPath
+from app.lifecycle import Lifecycle
 from app.middleware import RequestContextMiddleware
+from app.observability import tracing
+from app.observability.metrics import setup_metrics
+from app.observability.middleware import ObservabilityMiddleware
 from app.routers import health, infer, models, v2
 from app.services.batcher import BatchingTritonClient
 from app.services.cache import ResponseCache
@@ -63,14 +67,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         infer_client, registry, cache, settings.cache_namespace, settings.triton_timeout_s
     )
     app.state.health = HealthService(triton, cache)
+    # --- lifecycle: SIGTERM drains (readiness 503), hooks on app.state.lifecycle ---
+    lifecycle: Lifecycle = app.state.lifecycle
+    lifecycle.watch(app.state.health)
+    lifecycle.activate()
     logger.info("gateway up: Triton %s, Redis %s", settings.triton_grpc_address,
                 settings.redis_address if redis is not None else "disabled")  # fmt: skip
     try:
         yield
     finally:
+        await lifecycle.run_shutdown_hooks(settings.drain_s)
+        lifecycle.deactivate()
         if store is not None:
             await store.close()
         await triton.close()
+        if settings.otel_endpoint:
+            tracing.shutdown_tracing()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -88,4 +100,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.fast_path:  # added first = inside RequestContextMiddleware (request id, body limit)
         app.add_middleware(InferFastPath)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    # --- observability (outermost): metrics, access log, tracing; lifecycle hooks ---
+    app.state.lifecycle = Lifecycle()
+    if settings.metrics_enabled:
+        setup_metrics(app)
+    tracing.setup_tracing(settings.otel_endpoint, settings.otel_service_name)
+    app.add_middleware(ObservabilityMiddleware, lifecycle=app.state.lifecycle)
     return app

@@ -93,7 +93,17 @@ class Settings(BaseSettings):
 
     # --- Operations ----------------------------------------------------------------------------
     drain_s: float = Field(30.0, ge=0, description="how long in-flight requests may finish on SIGTERM")
-    otel_endpoint: str | None = None
+    shutdown_delay_s: float = Field(
+        5.0, ge=0, le=600, description="on SIGTERM, /readyz is 503 this long before the listener closes"
+    )
+    startup_wait_s: float = Field(
+        60.0, ge=0, description="`tgw serve` waits this long for Triton and Redis; 0 = do not wait"
+    )
+    startup_retry_interval_s: float = Field(2.0, gt=0, description="pause between start-up checks")
+    log_format: Literal["json", "text"] = "json"
+    metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus)")
+    otel_endpoint: str | None = Field(None, description="OTLP/gRPC endpoint, e.g. http://otel-collector:4317")
+    otel_service_name: str = "triton-gateway"
 
     @field_validator("model_repository", "cache_exclude_models", mode="before")
     @classmethod
@@ -112,6 +122,11 @@ class Settings(BaseSettings):
         if ":" not in value:
             raise ValueError("expected host:port of Triton's gRPC endpoint, e.g. triton:8001")
         return value
+
+    @field_validator("otel_endpoint")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value.strip() if value and value.strip() else None
 
     @field_validator("redis_url")
     @classmethod

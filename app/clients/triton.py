@@ -22,6 +22,7 @@ from tritonclient.utils import (
 
 from app.clients.protocols import TritonResult
 from app.errors import GatewayError, from_grpc, grpc_status_from_text
+from app.observability import tracing
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -202,7 +203,8 @@ class TritonGrpcClient:
             tensor.set_data_from_numpy(array)
             infer_inputs.append(tensor)
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs] if outputs else None
-        headers = {"x-request-id": request_id} if request_id else None
+        headers = {"x-request-id": request_id} if request_id else {}
+        tracing.inject(headers)  # W3C traceparent as gRPC metadata; no-op unless tracing is on
         result = await self._call(
             lambda c: c.infer(
                 model,
@@ -212,7 +214,7 @@ class TritonGrpcClient:
                 request_id=request_id,
                 parameters=dict(parameters) if parameters else None,
                 client_timeout=timeout_s,
-                headers=headers,
+                headers=headers or None,
             )
         )
         response = result.get_response()
