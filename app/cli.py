@@ -225,6 +225,10 @@ def cmd_worker(_: argparse.Namespace) -> int:
         start_http_server(settings.worker_metrics_port, addr=settings.host)
         logger.info("worker metrics on http://%s:%d/metrics", settings.host, settings.worker_metrics_port)
     return asyncio.run(_run_worker(settings))
+def cmd_bench(args: argparse.Namespace) -> int:
+    from app.bench import runner
+
+    return runner.run(runner.options_from(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         fn=cmd_serve
     )
     sub.add_parser("worker", help="a job worker (TGW_TRITON_URL, TGW_REDIS_URL)").set_defaults(fn=cmd_worker)
+    bench = sub.add_parser(
+        "bench", help="benchmark: Triton direct vs the gateway (embedded stack, reports in bench-results/)"
+    )
+    from app.bench.runner import add_arguments
+
+    add_arguments(bench)
+    bench.set_defaults(fn=cmd_bench)
     return parser
 
 

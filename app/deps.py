@@ -1,4 +1,7 @@
-"""FastAPI dependencies: the long-lived objects built in the lifespan, read from ``app.state``."""
+"""FastAPI dependencies: the long-lived objects built in the lifespan, read from ``app.state``.
+
+They are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in the thread pool, which costs
+a thread hand-off (and GIL contention) on every request."""
 
 from __future__ import annotations
 
@@ -15,22 +18,22 @@ from app.services.registry import ModelRegistry
 from app.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_inference(request: Request) -> InferenceService:
+async def get_inference(request: Request) -> InferenceService:
     service: InferenceService = request.app.state.inference
     return service
 
 
-def get_registry(request: Request) -> ModelRegistry:
+async def get_registry(request: Request) -> ModelRegistry:
     registry: ModelRegistry = request.app.state.registry
     return registry
 
 
-def get_health(request: Request) -> HealthService:
+async def get_health(request: Request) -> HealthService:
     health: HealthService = request.app.state.health
     return health
 

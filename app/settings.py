@@ -66,6 +66,24 @@ class Settings(BaseSettings):
     )
     cache_max_value_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger answers are not cached")
 
+    # --- Hot path ----------------------------------------------------------------------------------
+    fast_path: bool = Field(True, description="serve the infer routes without FastAPI routing (app.fastpath)")
+    batch_enabled: bool = Field(
+        True, description="stack concurrent small requests into one Triton call (dynamic-batching models)"
+    )
+    batch_window_us: int = Field(
+        0, ge=0, le=100_000,
+        description="extra wait for a batch to fill; 0 = it takes what queued while a call was in flight",
+    )  # fmt: skip
+    batch_max_inflight: int = Field(2, ge=1, le=64, description="batched Triton calls in flight per model")
+    l1_cache_entries: int = Field(
+        0, ge=0, description="in-process cache in front of Redis (e.g. 4096); 0 = off: Redis down = BYPASS"
+    )
+    l1_cache_bytes: int = Field(32 * 1024 * 1024, ge=0, description="bound on the in-process cache's values")
+    l1_cache_ttl_s: float = Field(
+        60.0, ge=0, description="an in-process entry lives at most this long (and never past its Redis TTL)"
+    )
+
     # --- Async jobs and webhooks ---------------------------------------------------------------
     job_ttl_s: int = Field(86400, ge=1)
     job_max_attempts: int = Field(5, ge=1)

@@ -192,4 +192,3 @@ class InferenceService:
             pass
         finally:
             metrics.cache_operation("put", time.perf_counter() - start)
-
