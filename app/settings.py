@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     )  # fmt: skip
     batch_max_inflight: int = Field(2, ge=1, le=64, description="batched Triton calls in flight per model")
     l1_cache_entries: int = Field(
-        0, ge=0, description="in-process cache in front of Redis (e.g. 4096); 0 = off: Redis down = BYPASS"
+        4096, ge=0, description="hot answers kept in process in front of Redis; 0 = off"
     )
     l1_cache_bytes: int = Field(32 * 1024 * 1024, ge=0, description="bound on the in-process cache's values")
     l1_cache_ttl_s: float = Field(
