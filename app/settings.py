@@ -25,10 +25,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TGW_", extra="ignore", validate_default=True)
 
     # --- HTTP server -------------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="address the gateway listens on (0.0.0.0 in containers)")
+    port: int = Field(8080, ge=1, le=65535, description="gateway HTTP port")
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes for `tgw serve`")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL"
+    )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="413 above this request size")
     state_dir: Path = Field(PROJECT_ROOT / ".tgw", description="where the embedded stack keeps its files")
 
@@ -39,7 +41,9 @@ class Settings(BaseSettings):
     triton_timeout_s: float = Field(30.0, gt=0, description="per-call deadline for inference")
     triton_channels: int = Field(1, ge=1, le=32, description="gRPC channels, requests spread round-robin")
     triton_retries: int = Field(2, ge=0, le=10, description="retries on UNAVAILABLE (request not sent)")
-    triton_startup_timeout_s: float = Field(120.0, gt=0)
+    triton_startup_timeout_s: float = Field(
+        120.0, gt=0, description="how long `tgw up` waits for the embedded Triton to load every model"
+    )
     triton_http_port: int = Field(8000, ge=1, le=65535, description="embedded Triton HTTP port")
     triton_grpc_port: int = Field(8001, ge=1, le=65535, description="embedded Triton gRPC port")
     triton_metrics_port: int = Field(8002, ge=1, le=65535, description="embedded Triton metrics port")
@@ -58,9 +62,13 @@ class Settings(BaseSettings):
     redis_cluster: bool = Field(False, description="TGW_REDIS_URL points at a Redis Cluster")
     redis_port: int = Field(6379, ge=1, le=65535, description="embedded Redis port")
     redis_timeout_s: float = Field(0.25, gt=0, description="bound on every cache operation")
-    cache_enabled: bool = True
-    cache_ttl_s: int = Field(3600, ge=1)
-    cache_namespace: str = Field("tgw:cache:v1", min_length=1)
+    cache_enabled: bool = Field(True, description="false = no Redis response cache at all (X-Cache: BYPASS)")
+    cache_ttl_s: int = Field(3600, ge=1, description="lifetime of a cached answer in Redis")
+    cache_namespace: str = Field(
+        "tgw:cache:v1",
+        min_length=1,
+        description="key prefix; change it to orphan every cached answer at once",
+    )
     cache_exclude_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated models never cached"
     )
@@ -85,11 +93,19 @@ class Settings(BaseSettings):
     )
 
     # --- Async jobs and webhooks ---------------------------------------------------------------
-    job_ttl_s: int = Field(86400, ge=1)
-    job_max_attempts: int = Field(5, ge=1)
-    queue_max: int = Field(10000, ge=1)
+    job_ttl_s: int = Field(
+        86400, ge=1, description="jobs, their results and idempotency keys expire after this"
+    )
+    job_max_attempts: int = Field(
+        5, ge=1, description="a job failing this often goes to the dead-letter stream, status failed"
+    )
+    queue_max: int = Field(
+        10000, ge=1, description="above this many pending jobs, submit answers 503 with Retry-After"
+    )
     webhook_secret: str | None = Field(None, description="whsec_<base64>; several separated by spaces")
-    webhook_allow_private: bool = False
+    webhook_allow_private: bool = Field(
+        False, description="development and tests only: allow webhooks to loopback/private addresses"
+    )
     job_claim_idle_s: float = Field(
         30.0, gt=0, description="a job pending this long on a dead worker is reclaimed (XAUTOCLAIM)"
     )
@@ -119,10 +135,10 @@ class Settings(BaseSettings):
         60.0, ge=0, description="`tgw serve` waits this long for Triton and Redis; 0 = do not wait"
     )
     startup_retry_interval_s: float = Field(2.0, gt=0, description="pause between start-up checks")
-    log_format: Literal["json", "text"] = "json"
+    log_format: Literal["json", "text"] = Field("json", description="json (one object per line) or text")
     metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus)")
     otel_endpoint: str | None = Field(None, description="OTLP/gRPC endpoint, e.g. http://otel-collector:4317")
-    otel_service_name: str = "triton-gateway"
+    otel_service_name: str = Field("triton-gateway", description="service.name of the OpenTelemetry resource")
 
     @field_validator("model_repository", "cache_exclude_models", "webhook_schedule_s", mode="before")
     @classmethod
@@ -173,3 +189,32 @@ class Settings(BaseSettings):
     @property
     def redis_address(self) -> str:
         return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+
+
+def settings_markdown() -> str:
+    """The README's settings table (``python -m app.settings``), grouped as in this file."""
+    import inspect
+    import re
+
+    source = inspect.getsource(Settings)
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for line in source.splitlines():
+        section = re.match(r"\s*# --- (.+?) -+$", line)
+        if section:
+            rows.append(f"| **{section.group(1)}** | | |")
+            continue
+        field = re.match(r"    (\w+): ", line)
+        if field and field.group(1) in Settings.model_fields:
+            info = Settings.model_fields[field.group(1)]
+            default = info.default_factory() if info.default_factory is not None else info.default  # type: ignore[call-arg]
+            if isinstance(default, list):
+                default = ",".join(str(d) for d in default)
+            shown = "unset" if default in (None, "") else str(default).replace(f"{PROJECT_ROOT}/", "")
+            rows.append(f"| `TGW_{field.group(1).upper()}` | `{shown}` | {info.description or ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(settings_markdown() + "\n")
