@@ -44,8 +44,16 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check app tests
 	$(BIN)/mypy
 
-bench: $(STAMP)
-	$(BIN)/tgw bench
+# `make bench`: the whole benchmark (Triton direct vs the gateway; reports in bench-results/).
+# BENCH_ARGS passes options, e.g. `make bench BENCH_ARGS=--quick`.
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[embedded,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/tgw bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .tgw .pytest_cache .mypy_cache .ruff_cache

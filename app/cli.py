@@ -5,34 +5,64 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
+import shutil
+import signal
 import sys
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
 
 from app.launcher import EmbeddedRedis, EmbeddedTriton, LaunchError, ManagedProcess
+from app.lifecycle import (
+    DependencyUnavailable,
+    GracefulServer,
+    redact_url,
+    run_workers,
+    wait_for_dependencies,
+)
+from app.observability.logging import configure_logging, log_config
 from app.settings import Settings
 
 logger = logging.getLogger("app.cli")
 
+_SECRET_WORDS = ("secret", "password", "token")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+def _setup_logging(settings: Settings) -> None:
+    configure_logging(settings.log_level, settings.log_format)
+
+
+def _shown_value(name: str, value: Any) -> str:
+    if any(word in name for word in _SECRET_WORDS):
+        return "<redacted>"
+    if isinstance(value, str) and "://" in value:
+        value = redact_url(value)
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _load_settings() -> Settings:
+    """Settings from the environment; on a bad value, say which variable, its value and why, exit 2."""
     try:
         return Settings()
     except ValidationError as exc:
-        lines = [f"  TGW_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()]
-        sys.stderr.write("invalid settings:\n" + "\n".join(lines) + "\n")
+        lines = []
+        for err in exc.errors():
+            loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+            if loc:
+                var = f"TGW_{loc[0].upper()}"
+                shown = _shown_value(loc[0], err.get("input"))
+                lines.append(f"  {var}={shown}: {err['msg']}")
+            else:
+                lines.append(f"  {err['msg']}")
+        header = "invalid settings (fix these environment variables):\n"
+        sys.stderr.write(header + "\n".join(lines) + "\n")
         raise SystemExit(2) from None
 
 
@@ -43,6 +73,8 @@ def _uvicorn_config(settings: Settings, **extra: object) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        log_config=log_config(settings.log_level, settings.log_format),
+        access_log=False,  # app.access logs one structured line per request instead
         loop="uvloop",
         http="httptools",
         timeout_graceful_shutdown=int(settings.drain_s) or None,
@@ -50,20 +82,39 @@ def _uvicorn_config(settings: Settings, **extra: object) -> uvicorn.Config:
     )
 
 
-class GatewayServer(uvicorn.Server):
-    """uvicorn's server, except that a SIGTERM/SIGINT it handled is not re-raised once it has stopped:
-    the caller still has children to stop and an exit code to return."""
+def _wait_for_dependencies(settings: Settings) -> bool:
+    try:
+        asyncio.run(wait_for_dependencies(settings))
+    except DependencyUnavailable as exc:
+        logger.error("cannot start: %s", exc)
+        return False
+    return True
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        with super().capture_signals():
-            yield
-            self._captured_signals.clear()
+
+@contextmanager
+def _multiprocess_metrics_dir() -> Iterator[None]:
+    """Prometheus multiprocess mode for uvicorn workers: a fresh directory for the samples, removed at exit.
+    A directory given in PROMETHEUS_MULTIPROC_DIR is emptied at start instead (stale samples)."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        os.makedirs(given, exist_ok=True)
+        for name in os.listdir(given):
+            if name.endswith(".db"):
+                os.remove(os.path.join(given, name))
+        yield
+        return
+    path = tempfile.mkdtemp(prefix="tgw-prometheus-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    try:
+        yield
+    finally:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 async def _serve_with_children(settings: Settings, children: list[ManagedProcess]) -> int:
     """Serve the gateway; if a child server dies, stop everything and say which one and why."""
-    server = GatewayServer(_uvicorn_config(settings))
+    server = GracefulServer(_uvicorn_config(settings), settings.shutdown_delay_s)
     failed: list[str] = []
 
     async def watch() -> None:
@@ -91,7 +142,7 @@ async def _serve_with_children(settings: Settings, children: list[ManagedProcess
 
 def cmd_up(_: argparse.Namespace) -> int:
     settings = _load_settings()
-    _setup_logging(settings.log_level)
+    _setup_logging(settings)
     children: list[ManagedProcess] = []
     redis: EmbeddedRedis | None = None
     triton: EmbeddedTriton | None = None
@@ -117,6 +168,7 @@ def cmd_up(_: argparse.Namespace) -> int:
             os.environ["TGW_REDIS_URL"] = redis.url
         if triton is not None:
             os.environ["TGW_TRITON_URL"] = triton.grpc_url
+        os.environ.setdefault("TGW_WORKER_IN_PROCESS", "true")  # the embedded default runs jobs too
         logger.info("gateway on http://%s:%d", settings.host, settings.port)
         code = asyncio.run(_serve_with_children(settings, children))
     except LaunchError as exc:
@@ -132,17 +184,51 @@ def cmd_up(_: argparse.Namespace) -> int:
 
 def cmd_serve(_: argparse.Namespace) -> int:
     settings = _load_settings()
-    _setup_logging(settings.log_level)
+    _setup_logging(settings)
+    if not _wait_for_dependencies(settings):
+        return 1
+    config = _uvicorn_config(settings, workers=settings.workers)
     if settings.workers > 1:
-        uvicorn.run(
-            "app.main:create_app", factory=True, host=settings.host, port=settings.port,
-            workers=settings.workers, log_level=settings.log_level.lower(), loop="uvloop", http="httptools",
-            timeout_graceful_shutdown=int(settings.drain_s) or None,
-        )  # fmt: skip
-        return 0
-    server = GatewayServer(_uvicorn_config(settings))
+        with _multiprocess_metrics_dir():
+            return run_workers(config)
+    server = GracefulServer(config, settings.shutdown_delay_s)
     server.run()
     return 0 if server.started else 1
+
+
+async def _run_worker(settings: Settings) -> int:
+    """The gateway's lifespan (same clients, same inference service) with a worker and the webhook
+    dispatcher in it, and no HTTP server. SIGTERM/SIGINT: stop reading, let running jobs finish."""
+    from app.main import create_app
+
+    app = create_app(settings.model_copy(update={"worker_in_process": True, "drain_s": 0}))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with app.router.lifespan_context(app):
+        logger.info("job worker %s running", app.state.jobs.worker.name)
+        await stop.wait()
+        logger.info("draining job worker (up to %.0f s)", settings.drain_s)
+        await app.state.jobs.worker.drain(settings.drain_s)
+    return 0
+
+
+def cmd_worker(_: argparse.Namespace) -> int:
+    settings = _load_settings()
+    _setup_logging(settings)
+    if not _wait_for_dependencies(settings):
+        return 1
+    if settings.worker_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.worker_metrics_port, addr=settings.host)
+        logger.info("worker metrics on http://%s:%d/metrics", settings.host, settings.worker_metrics_port)
+    return asyncio.run(_run_worker(settings))
+def cmd_bench(args: argparse.Namespace) -> int:
+    from app.bench import runner
+
+    return runner.run(runner.options_from(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="the gateway only (TGW_TRITON_URL, TGW_REDIS_URL)").set_defaults(
         fn=cmd_serve
     )
+    sub.add_parser("worker", help="a job worker (TGW_TRITON_URL, TGW_REDIS_URL)").set_defaults(fn=cmd_worker)
+    bench = sub.add_parser(
+        "bench", help="benchmark: Triton direct vs the gateway (embedded stack, reports in bench-results/)"
+    )
+    from app.bench.runner import add_arguments
+
+    add_arguments(bench)
+    bench.set_defaults(fn=cmd_bench)
     return parser
 
 

@@ -71,9 +71,7 @@ class ServiceUnavailable(GatewayError):
     status_code = 503
     code = "unavailable"
 
-    def __init__(
-        self, message: str, details: dict[str, Any] | None = None, retry_after_s: int = 2
-    ) -> None:
+    def __init__(self, message: str, details: dict[str, Any] | None = None, retry_after_s: int = 2) -> None:
         super().__init__(message, details, {"Retry-After": str(retry_after_s)})
 
 
@@ -152,11 +150,15 @@ def error_response(
     return Response(body, status, headers, media_type="application/json")
 
 
-async def _gateway_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, GatewayError)
+def gateway_error_response(request: Request | None, exc: GatewayError) -> Response:
     if exc.status_code >= 500:
         logger.warning("%s: %s", exc.code, exc.message)
     return error_response(request, exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return gateway_error_response(request, exc)
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:

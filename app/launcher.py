@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import util as importlib_util
@@ -215,6 +216,10 @@ class EmbeddedTriton:
             "--exit-on-error=false", "--strict-readiness=true",
             "--log-verbose=0",
         ]  # fmt: skip
+        # Our own prefix for the Python backend's /dev/shm regions, so that regions left by a server that
+        # was killed can be removed by ``stop`` (and several servers on one machine never mix them).
+        self.shm_prefix = f"tgw_{uuid.uuid4().hex[:12]}_"
+        argv.append(f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}")
         if model_config_name:
             argv.append(f"--model-config-name={model_config_name}")
         argv += list(extra_args)
@@ -262,16 +267,38 @@ class EmbeddedTriton:
         except OSError:
             return False
 
-    def start(self, timeout: float = 120.0) -> None:
+    def start(self, timeout: float = 120.0, attempts: int = 3) -> None:
+        """Start and wait until every model is loaded. The Python backend can abort while many stubs
+        start at once on a loaded machine (Triton issue #8882, ``boost::interprocess::lock_exception``);
+        a server killed by a signal before it was ready is started again, up to ``attempts`` times."""
         for port in (self.http_port, self.grpc_port, self.metrics_port):
             if port_in_use(port):
                 raise LaunchError(
                     f"port {port} is already in use; set TGW_TRITON_HTTP_PORT/GRPC_PORT/METRICS_PORT "
                     "or TGW_TRITON_URL"
                 )
-        self.process.start()
-        self.process.wait_until(self.ready, timeout, "ready (all models loaded)")
-        logger.info("tritonserver ready: HTTP %s, gRPC %s", self.http_url, self.grpc_url)
+        deadline = time.monotonic() + timeout
+        for attempt in range(1, attempts + 1):
+            self.process.start()
+            try:
+                self.process.wait_until(self.ready, max(deadline - time.monotonic(), 1.0), "ready")
+            except LaunchError:
+                code = self.process.returncode()
+                if code is None or code >= 0 or attempt == attempts:
+                    self.stop()
+                    raise
+                logger.warning("tritonserver died with signal %d while loading models; starting it again "
+                               "(attempt %d of %d)", -code, attempt + 1, attempts)  # fmt: skip
+                self._remove_shm()
+                continue
+            logger.info("tritonserver ready: HTTP %s, gRPC %s", self.http_url, self.grpc_url)
+            return
+
+    def _remove_shm(self) -> None:
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            with contextlib.suppress(OSError):
+                region.unlink()
 
     def stop(self) -> None:
         self.process.stop(timeout=30)
+        self._remove_shm()

@@ -10,14 +10,22 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
+from app.clients.protocols import TritonClient
 from app.clients.redis import RedisCacheStore, make_redis
 from app.clients.triton import TritonGrpcClient
 from app.errors import install_exception_handlers
+from app.fastpath import InferFastPath
+from app.lifecycle import Lifecycle
 from app.middleware import RequestContextMiddleware
-from app.routers import health, infer, models, v2
+from app.observability import tracing
+from app.observability.metrics import register_jobs_snapshot, setup_metrics
+from app.observability.middleware import ObservabilityMiddleware
+from app.routers import health, infer, jobs, models, v2, ws
+from app.services.batcher import BatchingTritonClient
 from app.services.cache import ResponseCache
 from app.services.health import HealthService
 from app.services.inference import InferenceService
+from app.services.jobs.runtime import JobsRuntime
 from app.services.registry import ModelRegistry
 from app.settings import Settings
 
@@ -39,24 +47,49 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         else None
     )
     store = RedisCacheStore(redis, settings.redis_timeout_s) if redis is not None else None
-    cache = ResponseCache(store, settings.cache_ttl_s, settings.cache_max_value_bytes)
+    cache = ResponseCache(
+        store, settings.cache_ttl_s, settings.cache_max_value_bytes,
+        l1_entries=settings.l1_cache_entries, l1_bytes=settings.l1_cache_bytes,
+        l1_ttl_s=settings.l1_cache_ttl_s,
+    )  # fmt: skip
     registry = ModelRegistry(triton, settings.metadata_ttl_s, settings.cache_exclude_models)
+    # Micro-batching wraps only the client the inference path uses; health and metadata go direct.
+    infer_client: TritonClient = (
+        BatchingTritonClient(triton, registry.peek, settings.batch_window_us, settings.batch_max_inflight)
+        if settings.batch_enabled
+        else triton
+    )
     app.state.triton = triton
     app.state.redis = redis
     app.state.cache = cache
     app.state.registry = registry
+    app.state.batcher = infer_client if isinstance(infer_client, BatchingTritonClient) else None
     app.state.inference = InferenceService(
-        triton, registry, cache, settings.cache_namespace, settings.triton_timeout_s
+        infer_client, registry, cache, settings.cache_namespace, settings.triton_timeout_s
     )
     app.state.health = HealthService(triton, cache)
+    # --- lifecycle: SIGTERM drains (readiness 503), hooks on app.state.lifecycle ---
+    lifecycle: Lifecycle = app.state.lifecycle
+    lifecycle.watch(app.state.health)
+    lifecycle.activate()
+    # --- async jobs: store, service, event fan-out; worker + webhooks if TGW_WORKER_IN_PROCESS ---
+    app.state.jobs = JobsRuntime(settings, app.state.inference)
+    await app.state.jobs.start()
+    register_jobs_snapshot(app, app.state.jobs.metrics_snapshot)
+    lifecycle.drain_hooks.append(app.state.jobs.begin_drain)
     logger.info("gateway up: Triton %s, Redis %s", settings.triton_grpc_address,
                 settings.redis_address if redis is not None else "disabled")  # fmt: skip
     try:
         yield
     finally:
+        await lifecycle.run_shutdown_hooks(settings.drain_s)
+        lifecycle.deactivate()
+        await app.state.jobs.stop(drain_s=min(settings.drain_s, 5.0) if settings.worker_in_process else 0)
         if store is not None:
             await store.close()
         await triton.close()
+        if settings.otel_endpoint:
+            tracing.shutdown_tracing()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -69,7 +102,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_exception_handlers(app)
-    for module in (health, models, infer, v2):
+    for module in (health, models, infer, v2, jobs, ws):
         app.include_router(module.router)
+    if settings.fast_path:  # added first = inside RequestContextMiddleware (request id, body limit)
+        app.add_middleware(InferFastPath)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    # --- observability (outermost): metrics, access log, tracing; lifecycle hooks ---
+    app.state.lifecycle = Lifecycle()
+    if settings.metrics_enabled:
+        setup_metrics(app)
+    tracing.setup_tracing(settings.otel_endpoint, settings.otel_service_name)
+    app.add_middleware(ObservabilityMiddleware, lifecycle=app.state.lifecycle)
     return app

@@ -48,16 +48,18 @@ class RequestContextMiddleware:
                 {"limit_bytes": limit, "received_bytes": length},
                 kserve=is_kserve_path(scope.get("path", "")),
             )
-            await send({
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                    rid_header,
-                ],
-            })
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 413,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"connection", b"close"),
+                        rid_header,
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return
 

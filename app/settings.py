@@ -25,10 +25,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TGW_", extra="ignore", validate_default=True)
 
     # --- HTTP server -------------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="address the gateway listens on (0.0.0.0 in containers)")
+    port: int = Field(8080, ge=1, le=65535, description="gateway HTTP port")
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes for `tgw serve`")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL"
+    )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="413 above this request size")
     state_dir: Path = Field(PROJECT_ROOT / ".tgw", description="where the embedded stack keeps its files")
 
@@ -39,7 +41,9 @@ class Settings(BaseSettings):
     triton_timeout_s: float = Field(30.0, gt=0, description="per-call deadline for inference")
     triton_channels: int = Field(1, ge=1, le=32, description="gRPC channels, requests spread round-robin")
     triton_retries: int = Field(2, ge=0, le=10, description="retries on UNAVAILABLE (request not sent)")
-    triton_startup_timeout_s: float = Field(120.0, gt=0)
+    triton_startup_timeout_s: float = Field(
+        120.0, gt=0, description="how long `tgw up` waits for the embedded Triton to load every model"
+    )
     triton_http_port: int = Field(8000, ge=1, le=65535, description="embedded Triton HTTP port")
     triton_grpc_port: int = Field(8001, ge=1, le=65535, description="embedded Triton gRPC port")
     triton_metrics_port: int = Field(8002, ge=1, le=65535, description="embedded Triton metrics port")
@@ -58,26 +62,85 @@ class Settings(BaseSettings):
     redis_cluster: bool = Field(False, description="TGW_REDIS_URL points at a Redis Cluster")
     redis_port: int = Field(6379, ge=1, le=65535, description="embedded Redis port")
     redis_timeout_s: float = Field(0.25, gt=0, description="bound on every cache operation")
-    cache_enabled: bool = True
-    cache_ttl_s: int = Field(3600, ge=1)
-    cache_namespace: str = Field("tgw:cache:v1", min_length=1)
+    cache_enabled: bool = Field(True, description="false = no Redis response cache at all (X-Cache: BYPASS)")
+    cache_ttl_s: int = Field(3600, ge=1, description="lifetime of a cached answer in Redis")
+    cache_namespace: str = Field(
+        "tgw:cache:v1",
+        min_length=1,
+        description="key prefix; change it to orphan every cached answer at once",
+    )
     cache_exclude_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated models never cached"
     )
     cache_max_value_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger answers are not cached")
 
+    # --- Hot path ----------------------------------------------------------------------------------
+    fast_path: bool = Field(True, description="serve the infer routes without FastAPI routing (app.fastpath)")
+    batch_enabled: bool = Field(
+        True, description="stack concurrent small requests into one Triton call (dynamic-batching models)"
+    )
+    batch_window_us: int = Field(
+        0, ge=0, le=100_000,
+        description="extra wait for a batch to fill; 0 = it takes what queued while a call was in flight",
+    )  # fmt: skip
+    batch_max_inflight: int = Field(2, ge=1, le=64, description="batched Triton calls in flight per model")
+    l1_cache_entries: int = Field(
+        4096, ge=0, description="hot answers kept in process in front of Redis; 0 = off"
+    )
+    l1_cache_bytes: int = Field(32 * 1024 * 1024, ge=0, description="bound on the in-process cache's values")
+    l1_cache_ttl_s: float = Field(
+        60.0, ge=0, description="an in-process entry lives at most this long (and never past its Redis TTL)"
+    )
+
     # --- Async jobs and webhooks ---------------------------------------------------------------
-    job_ttl_s: int = Field(86400, ge=1)
-    job_max_attempts: int = Field(5, ge=1)
-    queue_max: int = Field(10000, ge=1)
+    job_ttl_s: int = Field(
+        86400, ge=1, description="jobs, their results and idempotency keys expire after this"
+    )
+    job_max_attempts: int = Field(
+        5, ge=1, description="a job failing this often goes to the dead-letter stream, status failed"
+    )
+    queue_max: int = Field(
+        10000, ge=1, description="above this many pending jobs, submit answers 503 with Retry-After"
+    )
     webhook_secret: str | None = Field(None, description="whsec_<base64>; several separated by spaces")
-    webhook_allow_private: bool = False
+    webhook_allow_private: bool = Field(
+        False, description="development and tests only: allow webhooks to loopback/private addresses"
+    )
+    job_claim_idle_s: float = Field(
+        30.0, gt=0, description="a job pending this long on a dead worker is reclaimed (XAUTOCLAIM)"
+    )
+    worker_concurrency: int = Field(4, ge=1, le=256, description="jobs one worker process runs at once")
+    worker_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="`tgw worker` serves Prometheus metrics on this port when set"
+    )
+    worker_in_process: bool = Field(False, description="run a job worker inside the gateway (tgw up: on)")
+    job_redis_timeout_s: float = Field(5.0, gt=0, description="bound on job-store Redis calls")
+    webhook_schedule_s: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
+        description="comma-separated delays between webhook attempts (default ~27 h over 8 attempts)",
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="per-delivery connect+read bound")
+    webhook_max_response_bytes: int = Field(65536, ge=0, description="response bytes read from a receiver")
+    ws_max_frame_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger client frames: error")
+    ws_max_in_flight: int = Field(32, ge=1, description="concurrent requests per /v1/ws socket")
+    ws_send_queue: int = Field(256, ge=1, description="frames buffered per socket before it is dropped")
+    ws_heartbeat_s: float = Field(20.0, gt=0, description="heartbeat frame interval on idle sockets")
 
     # --- Operations ----------------------------------------------------------------------------
     drain_s: float = Field(30.0, ge=0, description="how long in-flight requests may finish on SIGTERM")
-    otel_endpoint: str | None = None
+    shutdown_delay_s: float = Field(
+        5.0, ge=0, le=600, description="on SIGTERM, /readyz is 503 this long before the listener closes"
+    )
+    startup_wait_s: float = Field(
+        60.0, ge=0, description="`tgw serve` waits this long for Triton and Redis; 0 = do not wait"
+    )
+    startup_retry_interval_s: float = Field(2.0, gt=0, description="pause between start-up checks")
+    log_format: Literal["json", "text"] = Field("json", description="json (one object per line) or text")
+    metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus)")
+    otel_endpoint: str | None = Field(None, description="OTLP/gRPC endpoint, e.g. http://otel-collector:4317")
+    otel_service_name: str = Field("triton-gateway", description="service.name of the OpenTelemetry resource")
 
-    @field_validator("model_repository", "cache_exclude_models", mode="before")
+    @field_validator("model_repository", "cache_exclude_models", "webhook_schedule_s", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -94,6 +157,11 @@ class Settings(BaseSettings):
         if ":" not in value:
             raise ValueError("expected host:port of Triton's gRPC endpoint, e.g. triton:8001")
         return value
+
+    @field_validator("otel_endpoint")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value.strip() if value and value.strip() else None
 
     @field_validator("redis_url")
     @classmethod
@@ -121,3 +189,32 @@ class Settings(BaseSettings):
     @property
     def redis_address(self) -> str:
         return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+
+
+def settings_markdown() -> str:
+    """The README's settings table (``python -m app.settings``), grouped as in this file."""
+    import inspect
+    import re
+
+    source = inspect.getsource(Settings)
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for line in source.splitlines():
+        section = re.match(r"\s*# --- (.+?) -+$", line)
+        if section:
+            rows.append(f"| **{section.group(1)}** | | |")
+            continue
+        field = re.match(r"    (\w+): ", line)
+        if field and field.group(1) in Settings.model_fields:
+            info = Settings.model_fields[field.group(1)]
+            default = info.default_factory() if info.default_factory is not None else info.default  # type: ignore[call-arg]
+            if isinstance(default, list):
+                default = ",".join(str(d) for d in default)
+            shown = "unset" if default in (None, "") else str(default).replace(f"{PROJECT_ROOT}/", "")
+            rows.append(f"| `TGW_{field.group(1).upper()}` | `{shown}` | {info.description or ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(settings_markdown() + "\n")

@@ -11,10 +11,18 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
-from tritonclient.utils import InferenceServerException
+from tritonclient.grpc import service_pb2
+from tritonclient.grpc._utils import get_error_grpc
+from tritonclient.utils import (
+    InferenceServerException,
+    deserialize_bytes_tensor,
+    serialize_byte_tensor,
+    triton_to_np_dtype,
+)
 
 from app.clients.protocols import TritonResult
 from app.errors import GatewayError, from_grpc, grpc_status_from_text
+from app.observability import tracing
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,6 +48,14 @@ _CONNECT_FAILURES = ("failed to connect", "connection refused", "connections to 
 def _not_sent(exc: InferenceServerException) -> bool:
     text = f"{exc.message()} {exc.debug_details() or ''}".lower()
     return any(marker in text for marker in _CONNECT_FAILURES)
+
+
+def _raw_bytes(array: np.ndarray, datatype: str) -> bytes:
+    """What ``InferInput.set_data_from_numpy`` would send: C-order bytes; BYTES length-prefixed."""
+    if datatype == "BYTES":
+        serialized = serialize_byte_tensor(array)
+        return bytes(serialized.item()) if serialized.size else b""
+    return np.ascontiguousarray(array).tobytes()
 
 
 class TritonGrpcClient:
@@ -104,9 +120,7 @@ class TritonGrpcClient:
 
     async def model_metadata(self, model: str, version: str = "") -> dict[str, Any]:
         out = await self._call(
-            lambda c: c.get_model_metadata(
-                model, version, as_json=True, client_timeout=self._admin_timeout_s
-            )
+            lambda c: c.get_model_metadata(model, version, as_json=True, client_timeout=self._admin_timeout_s)
         )
         return dict(out)
 
@@ -127,13 +141,70 @@ class TritonGrpcClient:
         request_id: str,
         timeout_s: float,
     ) -> TritonResult:
+        """The hot path: the ``ModelInferRequest`` is built directly (no ``InferInput`` objects, one
+        protobuf, raw tensor bytes) and sent on the channel's stub; outputs are read straight from
+        ``raw_output_contents``. Requests with parameters take ``tritonclient``'s full builder (its
+        reserved-parameter checks)."""
+        if parameters:
+            return await self._infer_tritonclient(
+                model, version, inputs, datatypes, outputs, parameters, request_id, timeout_s
+            )
+        request = service_pb2.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+        for name, array in inputs.items():
+            datatype = datatypes[name]
+            tensor = request.inputs.add()
+            tensor.name = name
+            tensor.datatype = datatype
+            tensor.shape.extend(array.shape)
+            request.raw_input_contents.append(_raw_bytes(array, datatype))
+        if outputs:
+            for name in outputs:
+                request.outputs.add().name = name
+        metadata = (("x-request-id", request_id),) if request_id else ()
+
+        async def call(client: grpcclient.InferenceServerClient) -> service_pb2.ModelInferResponse:
+            try:
+                return await client._client_stub.ModelInfer(
+                    request=request, metadata=metadata, timeout=timeout_s
+                )
+            except grpc.RpcError as rpc_error:
+                raise get_error_grpc(rpc_error) from None
+
+        response = await self._call(call)
+        arrays: dict[str, np.ndarray] = {}
+        dtypes: dict[str, str] = {}
+        raw = response.raw_output_contents
+        for i, out in enumerate(response.outputs):
+            if i >= len(raw):
+                continue
+            shape = list(out.shape)
+            if out.datatype == "BYTES":
+                arr = deserialize_bytes_tensor(raw[i]).reshape(shape)
+            else:
+                arr = np.frombuffer(raw[i], dtype=triton_to_np_dtype(out.datatype)).reshape(shape)
+            arrays[out.name] = arr
+            dtypes[out.name] = out.datatype
+        return TritonResult(response.model_version, arrays, dtypes)
+
+    async def _infer_tritonclient(
+        self,
+        model: str,
+        version: str,
+        inputs: Mapping[str, np.ndarray],
+        datatypes: Mapping[str, str],
+        outputs: Sequence[str] | None,
+        parameters: Mapping[str, Any] | None,
+        request_id: str,
+        timeout_s: float,
+    ) -> TritonResult:
         infer_inputs = []
         for name, array in inputs.items():
             tensor = grpcclient.InferInput(name, list(array.shape), datatypes[name])
             tensor.set_data_from_numpy(array)
             infer_inputs.append(tensor)
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs] if outputs else None
-        headers = {"x-request-id": request_id} if request_id else None
+        headers = {"x-request-id": request_id} if request_id else {}
+        tracing.inject(headers)  # W3C traceparent as gRPC metadata; no-op unless tracing is on
         result = await self._call(
             lambda c: c.infer(
                 model,
@@ -143,7 +214,7 @@ class TritonGrpcClient:
                 request_id=request_id,
                 parameters=dict(parameters) if parameters else None,
                 client_timeout=timeout_s,
-                headers=headers,
+                headers=headers or None,
             )
         )
         response = result.get_response()

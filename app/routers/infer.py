@@ -33,7 +33,8 @@ _BODY_DOC = {
 }
 
 
-async def _infer(service: InferenceService, request: Request, model: str, version: str | None) -> Response:
+async def serve_v1(service: InferenceService, request: Request, model: str, version: str | None) -> Response:
+    """The /v1 handler; also called directly by ``app.fastpath``."""
     body = await read_json(request)
     req = await service.prepare_v1(model, version, body)
     req.cache_read, req.cache_write = cache_directives(request.headers.get("cache-control"))
@@ -43,9 +44,9 @@ async def _infer(service: InferenceService, request: Request, model: str, versio
 
 @router.post("/{model}/infer", openapi_extra=_BODY_DOC, response_class=ORJSONResponse)
 async def infer(model: str, request: Request, service: InferenceDep) -> Response:
-    return await _infer(service, request, model, None)
+    return await serve_v1(service, request, model, None)
 
 
 @router.post("/{model}/versions/{version}/infer", openapi_extra=_BODY_DOC, response_class=ORJSONResponse)
 async def infer_version(model: str, version: str, request: Request, service: InferenceDep) -> Response:
-    return await _infer(service, request, model, version)
+    return await serve_v1(service, request, model, version)

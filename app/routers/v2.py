@@ -9,8 +9,9 @@ from starlette.responses import Response
 from app.deps import HealthDep, InferenceDep, RegistryDep
 from app.request_context import current_request_id
 from app.routers.common import ORJSONResponse
-from app.services.inference import cache_directives
+from app.services.inference import InferenceService, cache_directives
 from app.services.kserve import HEADER_LENGTH, parse_v2, render_v2
+from app.services.registry import ModelRegistry
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
@@ -29,11 +30,13 @@ async def ready(health: HealthDep) -> Response:
 @router.get("", response_class=ORJSONResponse)
 async def server_metadata(request: Request) -> ORJSONResponse:
     triton_meta = await request.app.state.triton.server_metadata()
-    return ORJSONResponse({
-        "name": "triton-gateway",
-        "version": triton_meta.get("version", ""),
-        "extensions": [e for e in triton_meta.get("extensions", []) if e in _EXTENSIONS],
-    })
+    return ORJSONResponse(
+        {
+            "name": "triton-gateway",
+            "version": triton_meta.get("version", ""),
+            "extensions": [e for e in triton_meta.get("extensions", []) if e in _EXTENSIONS],
+        }
+    )
 
 
 _EXTENSIONS = {"binary_tensor_data", "model_repository", "model_configuration", "parameters"}
@@ -86,6 +89,13 @@ async def model_config(model: str, registry: RegistryDep, version: str | None = 
 async def infer(
     model: str, request: Request, service: InferenceDep, registry: RegistryDep, version: str | None = None
 ) -> Response:
+    return await serve_v2(service, registry, request, model, version)
+
+
+async def serve_v2(
+    service: InferenceService, registry: ModelRegistry, request: Request, model: str, version: str | None
+) -> Response:
+    """The /v2 infer handler; also called directly by ``app.fastpath``."""
     raw = await request.body()
     info = await registry.resolve(model, version)
     v2 = parse_v2(info, raw, request.headers.get(HEADER_LENGTH))

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any
@@ -59,13 +60,15 @@ _LEN = struct.Struct("<I")
 
 def encode_result(result: TritonResult) -> bytes:
     blobs = [tensor_bytes(result.outputs[name]) for name in result.outputs]
-    header = orjson.dumps({
-        "v": result.model_version,
-        "o": [
-            [name, result.datatypes[name], list(arr.shape), len(blob)]
-            for (name, arr), blob in zip(result.outputs.items(), blobs, strict=True)
-        ],
-    })
+    header = orjson.dumps(
+        {
+            "v": result.model_version,
+            "o": [
+                [name, result.datatypes[name], list(arr.shape), len(blob)]
+                for (name, arr), blob in zip(result.outputs.items(), blobs, strict=True)
+            ],
+        }
+    )
     return b"".join([_LEN.pack(len(header)), header, *blobs])
 
 
@@ -97,19 +100,77 @@ class CacheUnavailable(Exception):
     """Redis failed or was too slow; the caller serves from Triton and reports BYPASS."""
 
 
+class L1Cache:
+    """In-process LRU of decoded answers in front of Redis, bounded in entries and in bytes.
+
+    An entry never outlives the Redis entry it mirrors: it is filled after a successful Redis ``SET`` (with
+    the same TTL) or from a Redis hit together with that key's remaining TTL (``PTTL``), and it is capped
+    at ``max_ttl_s`` so that a Redis flushed by hand is followed within that bound.
+    """
+
+    _OVERHEAD = 256  # bytes of Python objects per entry, roughly
+
+    def __init__(self, max_entries: int, max_bytes: int, max_ttl_s: float) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.max_ttl_s = max_ttl_s
+        self._items: OrderedDict[str, tuple[TritonResult, float, int]] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> TritonResult | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        if time.monotonic() >= item[1]:
+            self._drop(key)
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return item[0]
+
+    def put(self, key: str, result: TritonResult, ttl_s: float) -> None:
+        ttl_s = min(ttl_s, self.max_ttl_s)
+        size = len(key) + self._OVERHEAD + sum(a.nbytes for a in result.outputs.values())
+        if ttl_s <= 0 or size > self.max_bytes // 4:
+            return
+        for arr in result.outputs.values():
+            arr.setflags(write=False)  # shared by every request that hits it
+        self._drop(key)
+        self._items[key] = (result, time.monotonic() + ttl_s, size)
+        self.bytes += size
+        while self._items and (len(self._items) > self.max_entries or self.bytes > self.max_bytes):
+            self._drop(next(iter(self._items)))
+
+    def _drop(self, key: str) -> None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            self.bytes -= item[2]
+
+
 class ResponseCache:
     """Redis-backed; every error or timeout becomes ``CacheUnavailable`` (never a 5xx), and after one the
-    cache is skipped for ``backoff_s`` so a dead Redis does not add its timeout to every request."""
+    cache is skipped for ``backoff_s`` so a dead Redis does not add its timeout to every request.
+
+    With ``l1_entries`` > 0 an ``L1Cache`` answers hot keys without a Redis round trip. It is consulted only
+    while Redis is not in back-off, so a known-down Redis still means BYPASS; an entry may be served for up
+    to ``l1_ttl_s`` after Redis itself lost it (off by default for that reason: ``TGW_L1_CACHE_ENTRIES``).
+    """
 
     def __init__(
-        self, store: CacheStore | None, ttl_s: int, max_value_bytes: int, backoff_s: float = 2.0
-    ) -> None:
+        self, store: CacheStore | None, ttl_s: int, max_value_bytes: int, backoff_s: float = 2.0,
+        l1_entries: int = 0, l1_bytes: int = 32 * 1024 * 1024, l1_ttl_s: float = 60.0,
+    ) -> None:  # fmt: skip
         self.store = store
         self.ttl_s = ttl_s
         self.max_value_bytes = max_value_bytes
         self.backoff_s = backoff_s
         self._down_until = 0.0
         self.last_error: str | None = None
+        self.l1 = L1Cache(l1_entries, l1_bytes, l1_ttl_s) if l1_entries > 0 and l1_bytes > 0 else None
 
     @property
     def enabled(self) -> bool:
@@ -135,17 +196,30 @@ class ResponseCache:
 
     async def get(self, key: str) -> TritonResult | None:
         store = self._usable()
+        l1 = self.l1
+        if l1 is not None:
+            hit = l1.get(key)
+            if hit is not None:
+                return hit
+        get_with_ttl = getattr(store, "get_with_ttl", None) if l1 is not None else None
+        ttl_left = 0.0
         try:
-            value = await store.get(key)
+            if get_with_ttl is not None:
+                value, ttl_left = await get_with_ttl(key)
+            else:
+                value = await store.get(key)
         except Exception as exc:
             raise self._failed(exc) from exc
         if value is None:
             return None
         try:
-            return decode_result(value)
+            result = decode_result(value)
         except Exception:
             logger.warning("dropping an unreadable cache entry %s", key)
             return None
+        if l1 is not None and ttl_left > 0:
+            l1.put(key, result, ttl_left)
+        return result
 
     async def put(self, key: str, result: TritonResult) -> None:
         store = self._usable()
@@ -156,6 +230,8 @@ class ResponseCache:
             await store.set(key, value, self.ttl_s)
         except Exception as exc:
             raise self._failed(exc) from exc
+        if self.l1 is not None:
+            self.l1.put(key, result, self.ttl_s)
 
     async def probe(self) -> bool:
         """Readiness check; also ends the back-off early once Redis answers again."""

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
 from app.clients.protocols import TritonClient, TritonResult
-from app.errors import InvalidInput, UpstreamTimeout
+from app.errors import GatewayError, InvalidInput, UpstreamTimeout
+from app.observability import metrics, tracing
+from app.observability.context import annotate
 from app.services.cache import CacheUnavailable, ResponseCache, cache_key
 from app.services.registry import ModelInfo, ModelRegistry
 from app.services.singleflight import SingleFlight
@@ -79,7 +82,7 @@ class InferenceService:
         self.cache = cache
         self.namespace = namespace
         self.timeout_s = timeout_s
-        self.flights: SingleFlight[TritonResult] = SingleFlight()
+        self.flights: SingleFlight[TritonResult] = SingleFlight(metrics.SINGLEFLIGHT_WAITERS)
 
     async def prepare_v1(self, model: str, version: str | None, body: Any) -> InferRequest:
         """Validate a /v1 body ``{"inputs": {...}, "outputs"?: [...], "parameters"?: {...}}``."""
@@ -114,13 +117,20 @@ class InferenceService:
         outcome: CacheOutcome = "BYPASS"
         if use_cache and req.cache_read:
             try:
-                hit = await self.cache.get(key)
+                hit = await self._cache_get(key)
             except CacheUnavailable:
                 use_cache = False
+                metrics.cache_outcome("error")
             else:
                 if hit is not None:
+                    metrics.cache_outcome("hit")
+                    annotate(info.name, info.version, "HIT")
                     return InferResponse(info.name, hit, "HIT")
                 outcome = "MISS"
+                metrics.cache_outcome("miss")
+        else:
+            metrics.cache_outcome("bypass")
+        annotate(info.name, info.version, outcome)
         write = use_cache and req.cache_write
 
         async def forward() -> TritonResult:
@@ -129,20 +139,42 @@ class InferenceService:
                 await self._store(key, req, result)
             return result
 
-        result, _shared = await self.flights.do(key, forward)
+        result, shared = await self.flights.do(key, forward)
+        if shared:
+            metrics.SINGLEFLIGHT_SHARED.inc()
         return InferResponse(info.name, result, outcome)
+
+    async def _cache_get(self, key: str) -> TritonResult | None:
+        start = time.perf_counter()
+        try:
+            with tracing.span("cache.get"):
+                return await self.cache.get(key)
+        finally:
+            metrics.cache_operation("get", time.perf_counter() - start)
 
     async def _forward(self, req: InferRequest, request_id: str) -> TritonResult:
         info = req.info
         datatypes = {name: info.inputs[name].datatype for name in req.inputs}
+        start = time.perf_counter()
+        status = "ok"
         try:
-            async with asyncio.timeout(self.timeout_s + 1.0):
-                result = await self.triton.infer(
-                    info.name, info.version, req.inputs, datatypes, req.outputs, req.parameters,
-                    request_id, self.timeout_s,
-                )  # fmt: skip
+            with tracing.span("triton.infer", {"tgw.model": info.name, "tgw.model_version": info.version}):
+                async with asyncio.timeout(self.timeout_s + 1.0):
+                    result = await self.triton.infer(
+                        info.name, info.version, req.inputs, datatypes, req.outputs, req.parameters,
+                        request_id, self.timeout_s,
+                    )  # fmt: skip
         except TimeoutError:
+            status = UpstreamTimeout.code
             raise UpstreamTimeout("Triton did not answer before the deadline") from None
+        except GatewayError as exc:
+            status = exc.code
+            raise
+        except BaseException:
+            status = "error"
+            raise
+        finally:
+            metrics.triton_request(info.name, info.version, status, time.perf_counter() - start)
         if result.model_version and result.model_version != info.version:
             logger.info("model %s answered from version %s, expected %s; refreshing metadata",
                         info.name, result.model_version, info.version)  # fmt: skip
@@ -152,8 +184,11 @@ class InferenceService:
     async def _store(self, key: str, req: InferRequest, result: TritonResult) -> None:
         if result.model_version and result.model_version != req.info.version:
             return  # never file an answer under another version's key
+        start = time.perf_counter()
         try:
-            await self.cache.put(key, result)
+            with tracing.span("cache.put"):
+                await self.cache.put(key, result)
         except CacheUnavailable:
             pass
-
+        finally:
+            metrics.cache_operation("put", time.perf_counter() - start)

@@ -179,8 +179,13 @@ class ModelRegistry:
                 self._models[key] = info
             return info
 
+    def peek(self, model: str, version: str) -> ModelInfo | None:
+        """The cached metadata of this exact version, without any I/O (None when not cached)."""
+        return self._models.get((model, version))
+
     async def list_models(self) -> list[dict[str, Any]]:
         return summarize_index(await self.index())
+
 
 def summarize_index(index: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Repository index entries (one per model version) -> one item per model with its versions."""

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 
 
+class _Gauge(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+    def dec(self, amount: float = 1) -> None: ...
+
+
 class SingleFlight(Generic[T]):
-    def __init__(self) -> None:
+    def __init__(self, waiters: _Gauge | None = None) -> None:
         self._inflight: dict[str, asyncio.Future[T]] = {}
+        self._waiters = waiters  # e.g. a Prometheus gauge of callers waiting on another's call
 
     @property
     def inflight(self) -> int:
@@ -22,7 +28,13 @@ class SingleFlight(Generic[T]):
         disconnect) does not cancel it for the others."""
         existing = self._inflight.get(key)
         if existing is not None:
-            return await asyncio.shield(existing), True
+            if self._waiters is None:
+                return await asyncio.shield(existing), True
+            self._waiters.inc()
+            try:
+                return await asyncio.shield(existing), True
+            finally:
+                self._waiters.dec()
         task: asyncio.Future[T] = asyncio.ensure_future(fn())
         self._inflight[key] = task
 

@@ -20,11 +20,15 @@ def _body() -> dict[str, object]:
     return {"inputs": {"INPUT0": [[random.uniform(-1, 1) for _ in range(3)]]}}
 
 
-def test_redis_stopped_mid_test_serves_bypass(triton: EmbeddedTriton, tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("l1_entries", [0, 4096])
+def test_redis_stopped_mid_test_serves_bypass(triton: EmbeddedTriton, tmp_path, l1_entries: int) -> None:  # type: ignore[no-untyped-def]
+    """Without the in-process L1 every request is served from Triton (BYPASS) once Redis is gone; with
+    it, answers it already holds are still HITs (same outputs), new ones BYPASS."""
     own_redis = EmbeddedRedis(free_port(), tmp_path / "redis")
     own_redis.start()
     try:
-        with running_gateway(triton_url=triton.grpc_url, redis_url=own_redis.url, redis_timeout_s=0.2) as url:
+        with running_gateway(triton_url=triton.grpc_url, redis_url=own_redis.url, redis_timeout_s=0.2,
+                             l1_cache_entries=l1_entries) as url:  # fmt: skip
             c = httpx.Client(base_url=url, timeout=10)
             body = _body()
             assert c.post("/v1/models/identity_fp32/infer", json=body).headers["x-cache"] == "MISS"
@@ -36,7 +40,7 @@ def test_redis_stopped_mid_test_serves_bypass(triton: EmbeddedTriton, tmp_path) 
             down = c.post("/v1/models/identity_fp32/infer", json=body)
             assert time.monotonic() - t0 < 2.0
             assert down.status_code == 200
-            assert down.headers["x-cache"] == "BYPASS"
+            assert down.headers["x-cache"] == ("HIT" if l1_entries else "BYPASS")
             assert down.json() == hit.json()
             fresh = c.post("/v1/models/identity_fp32/infer", json=_body())
             assert fresh.status_code == 200 and fresh.headers["x-cache"] == "BYPASS"

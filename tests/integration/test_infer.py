@@ -113,7 +113,9 @@ def test_single_flight_makes_one_triton_call(gateway_url: str, triton: EmbeddedT
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as c:
-            return await asyncio.gather(*(c.post("/v1/models/sleep_fp32/infer", json=body) for _ in range(12)))
+            return await asyncio.gather(
+                *(c.post("/v1/models/sleep_fp32/infer", json=body) for _ in range(12))
+            )
 
     responses = asyncio.run(burst())
     assert all(r.status_code == 200 for r in responses)

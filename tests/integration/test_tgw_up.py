@@ -58,22 +58,26 @@ def _wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
 def stack(tmp_path: Path) -> Iterator[Stack]:
     port = free_port()
     env = dict(os.environ)
-    env.update({
-        "TGW_PORT": str(port),
-        "TGW_TRITON_HTTP_PORT": str(free_port()),
-        "TGW_TRITON_GRPC_PORT": str(free_port()),
-        "TGW_TRITON_METRICS_PORT": str(free_port()),
-        "TGW_REDIS_PORT": str(free_port()),
-        "TGW_MODEL_REPOSITORY": str(ROOT / "tests" / "models"),
-        "TGW_STATE_DIR": str(tmp_path / "state"),
-        "TGW_SHUTDOWN_DELAY_S": "0",
-        "TGW_DRAIN_S": "5",
-    })
+    env.update(
+        {
+            "TGW_PORT": str(port),
+            "TGW_TRITON_HTTP_PORT": str(free_port()),
+            "TGW_TRITON_GRPC_PORT": str(free_port()),
+            "TGW_TRITON_METRICS_PORT": str(free_port()),
+            "TGW_REDIS_PORT": str(free_port()),
+            "TGW_MODEL_REPOSITORY": str(ROOT / "tests" / "models"),
+            "TGW_STATE_DIR": str(tmp_path / "state"),
+            "TGW_SHUTDOWN_DELAY_S": "0",
+            "TGW_DRAIN_S": "5",
+        }
+    )
     env.pop("TGW_TRITON_URL", None)
     env.pop("TGW_REDIS_URL", None)
     log = tmp_path / "tgw-up.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up"], env=env, stdout=out, stderr=out, cwd=ROOT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "up"], env=env, stdout=out, stderr=out, cwd=ROOT
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:

@@ -28,17 +28,29 @@ GOOD_TYPED = {"I8": [1, 2], "FLAG": [True], "TEXT": ["a"], "F16": [1.0, 2.0]}
         (IDENT, {"INPUT0": "x"}, "inputs.INPUT0", "expected a nested list"),
         (IDENT, {"NOPE": [[1.0]]}, "inputs.NOPE", "has no input 'NOPE'"),
         (IDENT, {}, "inputs", "expected an object"),
-        ("/v1/models/sleep_fp32/infer", {"DELAY_S": [[0.1, 0.2]]}, "inputs.DELAY_S", "expected shape [-1, 1]"),
+        (
+            "/v1/models/sleep_fp32/infer",
+            {"DELAY_S": [[0.1, 0.2]]},
+            "inputs.DELAY_S",
+            "expected shape [-1, 1]",
+        ),
         (TYPED, {**GOOD_TYPED, "I8": [1, 300]}, "inputs.I8", "out of range for INT8"),
         (TYPED, {**GOOD_TYPED, "I8": [1.5, 2]}, "inputs.I8", "expected integers"),
         (TYPED, {**GOOD_TYPED, "FLAG": [1]}, "inputs.FLAG", "true/false"),
         (TYPED, {**GOOD_TYPED, "F16": [1.0, 70000.0]}, "inputs.F16", "FP16"),
         (TYPED, {**GOOD_TYPED, "TEXT": [1]}, "inputs.TEXT", "strings"),
-        (TYPED, {k: v for k, v in GOOD_TYPED.items() if k != "F16"}, "inputs.F16", "required input is missing"),
+        (
+            TYPED,
+            {k: v for k, v in GOOD_TYPED.items() if k != "F16"},
+            "inputs.F16",
+            "required input is missing",
+        ),
         (TYPED, {**GOOD_TYPED, "I8": [1, 2, 3]}, "inputs.I8", "expected shape [2], got [3]"),
     ],
 )
-def test_invalid_inputs_are_422(client: httpx.Client, url: str, inputs: object, field: str, fragment: str) -> None:
+def test_invalid_inputs_are_422(
+    client: httpx.Client, url: str, inputs: object, field: str, fragment: str
+) -> None:
     r = client.post(url, json={"inputs": inputs})
     assert r.status_code == 422, r.text
     err = r.json()["error"]
@@ -63,7 +75,7 @@ def test_unknown_output_and_bad_parameters(client: httpx.Client) -> None:
 
 
 def test_not_json_is_400(client: httpx.Client) -> None:
-    for raw in (b"not json", b"", b"{\"inputs\": "):
+    for raw in (b"not json", b"", b'{"inputs": '):
         r = client.post(IDENT, content=raw)
         assert r.status_code == 400, raw
         assert r.json()["error"]["code"] == "bad_request"

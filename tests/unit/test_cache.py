@@ -54,7 +54,9 @@ def test_order_does_not_change_the_key() -> None:
     two = {"a": X, "b": X + 1}
     dts = {"a": "FP32", "b": "FP32"}
     k1 = key(inputs=two, datatypes=dts, outputs=["o", "p"], parameters={"a": 1, "b": 2})
-    k2 = key(inputs=dict(reversed(two.items())), datatypes=dts, outputs=["p", "o"], parameters={"b": 2, "a": 1})
+    k2 = key(
+        inputs=dict(reversed(two.items())), datatypes=dts, outputs=["p", "o"], parameters={"b": 2, "a": 1}
+    )
     assert k1 == k2
 
 

@@ -109,7 +109,9 @@ def test_outputs_and_parameters(batched: ModelInfo) -> None:
 
 def test_v2_json_and_binary(batched: ModelInfo) -> None:
     flat = [float(i) for i in range(40)]
-    out = validate_v2_inputs(batched, [{"name": "series", "shape": [2, 20, 1], "datatype": "FP32", "data": flat}])
+    out = validate_v2_inputs(
+        batched, [{"name": "series", "shape": [2, 20, 1], "datatype": "FP32", "data": flat}]
+    )
     assert out["series"].shape == (2, 20, 1)
     raw = np.arange(20, dtype=np.float32).tobytes()
     out = validate_v2_inputs(
@@ -117,6 +119,10 @@ def test_v2_json_and_binary(batched: ModelInfo) -> None:
     )
     assert out["series"][0, 19, 0] == 19.0
     with pytest.raises(InvalidInput, match="binary data is 80 bytes"):
-        validate_v2_inputs(batched, [{"name": "series", "shape": [2, 20, 1], "datatype": "FP32"}], {"series": raw})
+        validate_v2_inputs(
+            batched, [{"name": "series", "shape": [2, 20, 1], "datatype": "FP32"}], {"series": raw}
+        )
     with pytest.raises(InvalidInput, match="expected FP32, got FP64"):
-        validate_v2_inputs(batched, [{"name": "series", "shape": [1, 20, 1], "datatype": "FP64", "data": flat}])
+        validate_v2_inputs(
+            batched, [{"name": "series", "shape": [1, 20, 1], "datatype": "FP64", "data": flat}]
+        )

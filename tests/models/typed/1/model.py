@@ -16,8 +16,12 @@ class TritonPythonModel:
             extra = float(opt.as_numpy().sum()) if opt is not None else 0.0
             total = float(i8.astype(np.float64).sum() + f16.astype(np.float64).sum() + flag.sum()) + extra
             upper = np.array([t.upper() for t in text], dtype=np.object_)
-            out.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor("SUM", np.array([total], dtype=np.float32)),
-                pb_utils.Tensor("TEXT_OUT", upper),
-            ]))
+            out.append(
+                pb_utils.InferenceResponse(
+                    [
+                        pb_utils.Tensor("SUM", np.array([total], dtype=np.float32)),
+                        pb_utils.Tensor("TEXT_OUT", upper),
+                    ]
+                )
+            )
         return out

@@ -1,0 +1,263 @@
+"""Graceful lifecycle: drain on SIGTERM, and wait for Triton and Redis at start-up.
+
+Shutdown sequence (``GracefulServer``, used by ``tgw up`` and ``tgw serve``, every worker process alike):
+
+1. SIGTERM/SIGINT: every ``Lifecycle`` of the process starts draining at once: ``draining = True`` (so
+   ``/readyz`` answers 503 and responses carry ``Connection: close``) and its ``drain_hooks`` run
+   (e.g. job consumers stop taking new jobs).
+2. ``TGW_SHUTDOWN_DELAY_S`` later the listening socket closes: new connections are refused. Load
+   balancers have seen the 503 by then. A second signal skips the delay; a third stops waiting.
+3. In-flight requests finish, for up to ``TGW_DRAIN_S`` (uvicorn's ``timeout_graceful_shutdown``).
+4. Lifespan shutdown: ``shutdown_hooks`` run concurrently, bounded by ``TGW_DRAIN_S`` (job workers
+   finish or release their jobs), then clients close. The process exits 0.
+
+Hooks for other modules (the async-jobs code): ``app.state.lifecycle.drain_hooks.append(fn)`` where
+``fn`` is a plain or ``async`` callable with no arguments, and
+``app.state.lifecycle.shutdown_hooks.append(async_fn)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from types import FrameType
+from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import uvicorn
+from uvicorn.supervisors import multiprocess as uvicorn_multiprocess
+
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SETTLE_S = 0.5  # after the listener closes, before idle connections are closed
+
+DrainHook = Callable[[], Awaitable[None] | None]
+ShutdownHook = Callable[[], Awaitable[None]]
+
+
+class _Drainable(Protocol):
+    draining: bool
+
+
+class Lifecycle:
+    """One application's drain state and hooks (``app.state.lifecycle``)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.drain_hooks: list[DrainHook] = []
+        self.shutdown_hooks: list[ShutdownHook] = []
+        self._targets: list[_Drainable] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def watch(self, target: _Drainable) -> None:
+        """``target.draining`` is set together with ours (e.g. ``HealthService``, for ``/readyz``)."""
+        self._targets.append(target)
+        target.draining = self.draining
+
+    def activate(self) -> None:
+        """Called in the lifespan start-up: signals received by this process now reach this app."""
+        self._loop = asyncio.get_running_loop()
+        _ACTIVE.append(self)
+
+    def deactivate(self) -> None:
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+
+    def begin_drain(self) -> None:
+        """Safe to call from a signal handler: sets the flag, schedules the hooks on the loop."""
+        if self.draining:
+            return
+        self.draining = True
+        for target in self._targets:
+            target.draining = True
+        if self._loop is not None and self.drain_hooks:
+            self._loop.call_soon_threadsafe(self._run_drain_hooks)
+
+    def _run_drain_hooks(self) -> None:
+        for hook in self.drain_hooks:
+            try:
+                result = hook()
+            except Exception:
+                logger.exception("drain hook %r failed", hook)
+                continue
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def run_shutdown_hooks(self, timeout_s: float) -> None:
+        if not self.shutdown_hooks:
+            return
+        jobs = [asyncio.ensure_future(hook()) for hook in self.shutdown_hooks]
+        done, pending = await asyncio.wait(jobs, timeout=timeout_s or None)
+        for task in pending:
+            task.cancel()
+        if pending:
+            logger.error("%d shutdown hook(s) still running after %.0f s (TGW_DRAIN_S); cancelled",
+                         len(pending), timeout_s)  # fmt: skip
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                logger.error("shutdown hook failed: %r", task.exception())
+
+
+_ACTIVE: list[Lifecycle] = []
+
+
+def begin_drain_all() -> None:
+    for lifecycle in list(_ACTIVE):
+        lifecycle.begin_drain()
+
+
+class GracefulServer(uvicorn.Server):
+    """``uvicorn.Server`` whose first exit signal starts draining and closes the listener only
+    ``shutdown_delay_s`` later. The signal is not re-raised after shutdown, so the exit code is 0."""
+
+    def __init__(self, config: uvicorn.Config, shutdown_delay_s: float | None = None) -> None:
+        super().__init__(config)
+        if shutdown_delay_s is None:
+            shutdown_delay_s = Settings().shutdown_delay_s
+        self.shutdown_delay_s = shutdown_delay_s
+        self._exit_at: float | None = None
+        self._signal: int | None = None
+        self._announced = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._exit_at is None:
+            self._signal = sig
+            self._exit_at = time.monotonic() + self.shutdown_delay_s
+            begin_drain_all()
+        elif not self.should_exit:
+            self.should_exit = True  # a second signal: skip the delay
+        else:
+            self.force_exit = True  # a third: stop waiting for in-flight requests
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._exit_at is not None and not self._announced:
+            self._announced = True
+            name = signal.Signals(self._signal).name if self._signal else "signal"
+            logger.info(
+                "%s received: draining (readiness 503); new connections refused in %.1f s "
+                "(TGW_SHUTDOWN_DELAY_S), then in-flight requests get up to %s s (TGW_DRAIN_S)",
+                name, self.shutdown_delay_s, self.config.timeout_graceful_shutdown,
+            )  # fmt: skip
+        if self._exit_at is not None and not self.should_exit and time.monotonic() >= self._exit_at:
+            logger.info("shutdown delay over: closing the listener and draining in-flight requests")
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn closes every connection that has no request in progress right after closing the
+        # listener, including ones accepted a moment ago whose request has not been read yet: their
+        # clients would get a reset. Stop accepting first, let those requests start, then go on.
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        await asyncio.sleep(SETTLE_S)
+        await super().shutdown(sockets)
+
+
+class GracefulProcess(uvicorn_multiprocess.Process):
+    """A uvicorn worker process that runs ``GracefulServer`` (settings read from the environment)."""
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            self._server = GracefulServer(config=self.config)
+        return self._server
+
+
+def run_workers(config: uvicorn.Config) -> int:
+    """uvicorn's multiprocess supervisor with ``GracefulServer`` in every worker. On SIGTERM the
+    supervisor forwards SIGTERM to each worker, which drains as above; returns 0 if all exit 0."""
+    sock = config.bind_socket()
+    original = uvicorn_multiprocess.Process
+    uvicorn_multiprocess.Process = GracefulProcess  # type: ignore[misc]
+    try:
+        supervisor = uvicorn_multiprocess.Multiprocess(config, sockets=[sock])
+        supervisor.run()
+    finally:
+        uvicorn_multiprocess.Process = original  # type: ignore[misc]
+        sock.close()
+    codes = [p.exitcode for p in supervisor.processes]
+    if any(code != 0 for code in codes):
+        logger.error("worker exit codes: %s", codes)
+        return 1
+    return 0
+
+
+# --- start-up: wait for dependencies ----------------------------------------------------------------
+
+
+class DependencyUnavailable(RuntimeError):
+    pass
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def _triton_live(address: str, timeout_s: float) -> bool:
+    from app.clients.triton import TritonGrpcClient
+
+    client = TritonGrpcClient(address, retries=0, admin_timeout_s=timeout_s)
+    try:
+        return await client.server_live()
+    finally:
+        await client.close()
+
+
+async def _redis_ping(url: str, timeout_s: float) -> bool:
+    from app.clients.redis import RedisCacheStore, make_redis
+
+    store = RedisCacheStore(make_redis(url, timeout_s), timeout_s)
+    try:
+        return await store.ping()
+    finally:
+        await store.close()
+
+
+async def wait_for_dependencies(settings: Settings) -> None:
+    """Poll Triton (gRPC live) and Redis (PING, when the cache is on) until they answer, for up to
+    ``TGW_STARTUP_WAIT_S``; raises ``DependencyUnavailable`` with what was unreachable."""
+    if settings.startup_wait_s <= 0:
+        return
+    interval = settings.startup_retry_interval_s
+    attempts = max(1, math.ceil(settings.startup_wait_s / interval))
+    probe_timeout = min(2.0, interval)
+    deps: list[tuple[str, str, str, Callable[[], Awaitable[bool]]]] = [(
+        "Triton", settings.triton_grpc_address, "TGW_TRITON_URL",
+        lambda: _triton_live(settings.triton_grpc_address, probe_timeout),
+    )]  # fmt: skip
+    if settings.cache_enabled:
+        deps.append((
+            "Redis", redact_url(settings.redis_address), "TGW_REDIS_URL",
+            lambda: _redis_ping(settings.redis_address, probe_timeout),
+        ))  # fmt: skip
+    for name, where, env, check in deps:
+        for attempt in range(1, attempts + 1):
+            if await check():
+                if attempt > 1:
+                    logger.info("%s at %s is up", name, where)
+                break
+            logger.warning("waiting for %s at %s (attempt %d/%d)", name, where, attempt, attempts)
+            if attempt < attempts:
+                await asyncio.sleep(interval)
+        else:
+            raise DependencyUnavailable(
+                f"{name} at {where} did not answer after {attempts} attempts over "
+                f"{settings.startup_wait_s:g} s (TGW_STARTUP_WAIT_S); check {env}"
+            )

@@ -1,0 +1,221 @@
+"""Prometheus metrics: ``GET /metrics`` (HTTP metrics from ``prometheus-fastapi-instrumentator`` plus the
+gateway's own ``tgw_*`` metrics), in one process or several.
+
+Multiprocess: when ``PROMETHEUS_MULTIPROC_DIR`` is set (``tgw serve`` with ``TGW_WORKERS>1`` sets it to
+a fresh temporary directory and removes it on exit), every worker writes its samples there and a scrape
+served by any worker aggregates all of them (``prometheus_client.multiprocess``). Gauges use ``livesum``
+(sum over live workers). The variable must be set before this module is imported.
+
+Hot path: labelled children are bound once (``_CACHE_OUTCOMES`` ...) or memoised per label tuple.
+
+Hooks for the async-jobs code (another module fills them; nothing here imports it):
+
+* ``register_jobs_snapshot(app, fn)``: ``fn`` is ``async () -> JobsSnapshot`` (queue depth and the age of
+  the oldest pending job, read from Redis). It is awaited on every scrape, bounded by 1 s; a failure is
+  logged and the two gauges are left out of that scrape. Exposed as ``tgw_jobs_queue_depth`` and
+  ``tgw_jobs_oldest_pending_age_seconds``. Being computed at scrape time from shared state, they are
+  right with any number of workers.
+* ``record_job(status)``: ``tgw_jobs_total{status}`` (queued, succeeded, failed, cancelled, retried, ...).
+* ``record_webhook_delivery(outcome)``: ``tgw_webhook_deliveries_total{outcome}`` (success, retry, failed).
+* ``websocket_opened()`` / ``websocket_closed()`` or ``async with track_websocket():``:
+  ``tgw_websockets_open``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+
+logger = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_SLOW = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BYTES = tuple(float(4**i * 256) for i in range(10))  # 256 B .. 64 MiB
+HTTP_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+CACHE_REQUESTS = Counter(
+    "tgw_cache_requests", "Response-cache lookups by outcome (hit, miss, bypass, error)", ["outcome"]
+)
+CACHE_OPERATION_DURATION = Histogram(
+    "tgw_cache_operation_duration_seconds", "Redis cache operation latency", ["operation"], buckets=_FAST
+)
+TRITON_DURATION = Histogram(
+    "tgw_triton_request_duration_seconds",
+    "Triton inference call latency by model, version and outcome (ok or an error code)",
+    ["model", "version", "outcome"],
+    buckets=_SLOW,
+)
+SINGLEFLIGHT_WAITERS = Gauge(
+    "tgw_singleflight_waiters", "Requests waiting on an identical in-flight Triton call",
+    multiprocess_mode="livesum",
+)  # fmt: skip
+SINGLEFLIGHT_SHARED = Counter(
+    "tgw_singleflight_shared", "Requests answered by another identical in-flight Triton call"
+)
+REQUEST_SIZE = Histogram("tgw_request_size_bytes", "HTTP request body size", buckets=_BYTES)
+RESPONSE_SIZE = Histogram("tgw_response_size_bytes", "HTTP response body size", buckets=_BYTES)
+INFLIGHT = Gauge("tgw_inflight_requests", "HTTP requests being served", multiprocess_mode="livesum")
+JOBS = Counter("tgw_jobs", "Async jobs reaching a status", ["status"])
+WEBHOOK_DELIVERIES = Counter("tgw_webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"])
+WEBSOCKETS_OPEN = Gauge("tgw_websockets_open", "Open WebSocket connections", multiprocess_mode="livesum")
+
+_CACHE_OUTCOMES = {o: CACHE_REQUESTS.labels(o) for o in ("hit", "miss", "bypass", "error")}
+_CACHE_OPS = {op: CACHE_OPERATION_DURATION.labels(op) for op in ("get", "put")}
+_triton_children: dict[tuple[str, str, str], Histogram] = {}
+
+
+def cache_outcome(outcome: str) -> None:
+    """``outcome``: hit, miss, bypass or error."""
+    _CACHE_OUTCOMES[outcome].inc()
+
+
+def cache_operation(operation: str, seconds: float) -> None:
+    child = _CACHE_OPS.get(operation) or CACHE_OPERATION_DURATION.labels(operation)
+    child.observe(seconds)
+
+
+def triton_request(model: str, version: str, outcome: str, seconds: float) -> None:
+    key = (model, version, outcome)
+    child = _triton_children.get(key)
+    if child is None:
+        child = _triton_children[key] = TRITON_DURATION.labels(model, version, outcome)
+    child.observe(seconds)
+
+
+# --- jobs hooks ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JobsSnapshot:
+    queue_depth: float
+    oldest_pending_age_seconds: float
+
+
+JobsSnapshotFn = Callable[[], Awaitable[JobsSnapshot]]
+
+
+def register_jobs_snapshot(app: Starlette, fn: JobsSnapshotFn) -> None:
+    app.state.jobs_snapshot = fn
+
+
+def record_job(status: str) -> None:
+    JOBS.labels(status).inc()
+
+
+def record_webhook_delivery(outcome: str) -> None:
+    WEBHOOK_DELIVERIES.labels(outcome).inc()
+
+
+def websocket_opened() -> None:
+    WEBSOCKETS_OPEN.inc()
+
+
+def websocket_closed() -> None:
+    WEBSOCKETS_OPEN.dec()
+
+
+@asynccontextmanager
+async def track_websocket() -> AsyncIterator[None]:
+    websocket_opened()
+    try:
+        yield
+    finally:
+        websocket_closed()
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, snap: JobsSnapshot) -> None:
+        self.snap = snap
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "tgw_jobs_queue_depth", "Jobs waiting in the queue", value=self.snap.queue_depth
+        )
+        yield GaugeMetricFamily(
+            "tgw_jobs_oldest_pending_age_seconds", "Age of the oldest pending job",
+            value=self.snap.oldest_pending_age_seconds,
+        )  # fmt: skip
+
+
+# --- exposition ------------------------------------------------------------------------------------
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+def render(snapshot: JobsSnapshot | None = None) -> bytes:
+    if multiprocess_enabled():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    body = generate_latest(registry)
+    if snapshot is not None:
+        extra = CollectorRegistry(auto_describe=False)
+        extra.register(_SnapshotCollector(snapshot))
+        body += generate_latest(extra)
+    return body
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    snapshot: JobsSnapshot | None = None
+    fn: JobsSnapshotFn | None = getattr(request.app.state, "jobs_snapshot", None)
+    if fn is not None:
+        try:
+            async with asyncio.timeout(1.0):
+                snapshot = await fn()
+        except Exception as exc:
+            logger.warning("jobs metrics snapshot failed: %s", exc or type(exc).__name__)
+    return Response(render(snapshot), media_type=CONTENT_TYPE_LATEST)
+
+
+_http_instrumentation: Callable[..., None] | None = None
+
+
+def _http_metrics() -> Callable[..., None]:
+    """The instrumentator's default HTTP metrics, built once per process: its metrics live in the global
+    registry, and building them again (a second app in the same process, as in tests) would fail."""
+    global _http_instrumentation
+    if _http_instrumentation is None:
+        from prometheus_fastapi_instrumentator import metrics as http_metrics
+
+        built = http_metrics.default(latency_lowr_buckets=HTTP_LATENCY_BUCKETS)
+        assert built is not None, "HTTP metrics already registered outside app.observability.metrics"
+        _http_instrumentation = built
+    return _http_instrumentation
+
+
+def setup_metrics(app: Starlette) -> None:
+    """HTTP metrics (``http_requests_total{handler,method,status}``, ``http_request_duration_seconds``...)
+    and the ``/metrics`` route. Call from ``create_app`` before the app starts."""
+    from prometheus_fastapi_instrumentator import Instrumentator
+
+    Instrumentator(
+        should_group_status_codes=False,
+        should_ignore_untemplated=True,
+        excluded_handlers=["^/metrics$"],
+    ).add(_http_metrics()).instrument(app)
+    app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)

@@ -1,0 +1,89 @@
+"""Fan-out of job events to this replica's WebSocket subscribers.
+
+Every gateway replica holds ONE Redis pub/sub subscription on ``tgw:jobs:events``; whichever replica or
+worker finished a job, the finishing script published there, so every replica hears it and hands it to
+its local subscribers of that job id. Delivery to a subscriber is ``put_nowait`` on its own queue: a slow
+socket can never hold up the hub or other sockets. Pub/sub is at-most-once, so subscribers also re-read
+the job hash now and then (see ``routers.ws``); the event stream is the fast path, the store the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from app.services.jobs.store import EVENTS
+
+logger = logging.getLogger(__name__)
+
+Listener = Callable[[str, str], None]  # (job_id, status)
+
+
+class EventHub:
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis  # a client without a socket timeout: the subscription idles
+        self._listeners: dict[str, set[Listener]] = defaultdict(set)
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+
+    def subscribe(self, job_id: str, listener: Listener) -> Callable[[], None]:
+        self._listeners[job_id].add(listener)
+
+        def unsubscribe() -> None:
+            listeners = self._listeners.get(job_id)
+            if listeners is not None:
+                listeners.discard(listener)
+                if not listeners:
+                    self._listeners.pop(job_id, None)
+
+        return unsubscribe
+
+    def dispatch(self, job_id: str, status: str) -> None:
+        for listener in list(self._listeners.get(job_id, ())):
+            try:
+                listener(job_id, status)
+            except Exception:
+                logger.exception("job event listener failed")
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="job-events")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(EVENTS)
+                self.connected.set()
+                backoff = 0.2
+                while True:
+                    msg = await pubsub.get_message(timeout=5.0)
+                    if msg is None or msg.get("type") != "message":
+                        continue
+                    try:
+                        data = orjson.loads(msg["data"])
+                        self.dispatch(str(data["job_id"]), str(data["status"]))
+                    except (orjson.JSONDecodeError, KeyError, TypeError):
+                        logger.warning("ignoring a malformed job event")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.connected.clear()
+                logger.warning("job event subscription lost (%s); retrying in %.1f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()

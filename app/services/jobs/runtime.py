@@ -1,0 +1,116 @@
+"""Builds and owns the job machinery for one process: created in the app lifespan, held on ``app.state``.
+
+Every gateway replica gets the store, the service and the event hub; with ``TGW_WORKER_IN_PROCESS``
+(on under ``tgw up``, and in ``tgw worker``) it also runs a worker and the webhook dispatcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import httpx
+from redis.asyncio import Redis
+
+from app.observability.metrics import JobsSnapshot
+from app.services.inference import InferenceService
+from app.services.jobs.events import EventHub
+from app.services.jobs.service import JobService
+from app.services.jobs.store import JobStore, ensure_groups
+from app.services.jobs.webhooks import HttpxWebhookSender, WebhookDispatcher, parse_secrets
+from app.services.jobs.worker import JobWorker
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class JobsRuntime:
+    def __init__(self, settings: Settings, inference: InferenceService) -> None:
+        url = settings.redis_address
+        self.settings = settings
+        self.redis: Any = Redis.from_url(
+            url, socket_timeout=settings.job_redis_timeout_s,
+            socket_connect_timeout=settings.job_redis_timeout_s, health_check_interval=30,
+        )  # fmt: skip
+        # Blocking reads (XREADGROUP BLOCK, pub/sub) idle longer than any short socket timeout.
+        self.blocking: Any = Redis.from_url(
+            url, socket_timeout=None, socket_connect_timeout=5, health_check_interval=30
+        )
+        self.store = JobStore(self.redis, settings.job_ttl_s)
+        self.service = JobService(
+            self.store, inference, settings.queue_max, settings.retry_after_s, settings.webhook_allow_private
+        )
+        self.hub = EventHub(self.blocking)
+        self.worker: JobWorker | None = None
+        self.dispatcher: WebhookDispatcher | None = None
+        self.http: httpx.AsyncClient | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        secrets = parse_secrets(settings.webhook_secret)
+        if settings.worker_in_process:
+            self.worker = JobWorker(
+                self.blocking, self.store, inference, settings.worker_concurrency, settings.job_claim_idle_s,
+                settings.job_max_attempts,
+            )  # fmt: skip
+            t = settings.webhook_timeout_s
+            self.http = httpx.AsyncClient(
+                timeout=httpx.Timeout(t, connect=min(t, 5.0)), follow_redirects=False, trust_env=False,
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+            )  # fmt: skip
+            sender = HttpxWebhookSender(
+                self.http, settings.webhook_allow_private, settings.webhook_max_response_bytes
+            )
+
+            async def payload(job_id: str) -> dict[str, Any]:
+                return await self.service.get(job_id)
+
+            self.dispatcher = WebhookDispatcher(
+                self.store, payload, sender, secrets, settings.webhook_schedule_s, lease_s=4 * t + 30
+            )
+            if not secrets:
+                logger.warning("TGW_WEBHOOK_SECRET is not set: webhook deliveries go out unsigned")
+
+    async def start(self) -> None:
+        self.hub.start()
+        self._tasks.append(asyncio.create_task(self._ensure_groups(), name="job-groups"))
+        if self.worker is not None:
+            self._tasks.append(asyncio.create_task(self.worker.run(), name="job-worker"))
+        if self.dispatcher is not None:
+            self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="webhook-dispatcher"))
+
+    async def metrics_snapshot(self) -> JobsSnapshot:
+        """For the Prometheus collector, read at scrape time (cluster-wide, from Redis)."""
+        stats = await self.store.stats()
+        return JobsSnapshot(float(stats["queue_depth"]), float(stats["oldest_pending_age_seconds"]))
+
+    def begin_drain(self) -> None:
+        """SIGTERM: the in-process worker stops taking new entries (running ones finish in ``stop``)."""
+        if self.worker is not None:
+            self.worker.stopping = True
+
+    async def _ensure_groups(self) -> None:
+        """Create the consumer group at start-up (autoscalers read its lag before any worker runs)."""
+        try:
+            await ensure_groups(self.redis)
+        except Exception as exc:
+            logger.warning("could not create the job consumer group yet (%s); workers will", exc)
+
+    async def stop(self, drain_s: float = 0.0) -> None:
+        if self.worker is not None and drain_s > 0:
+            await self.worker.drain(drain_s)
+        for task in self._tasks:
+            task.cancel()
+        if self.worker is not None:
+            for task in list(self.worker._active.values()):
+                task.cancel()
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.hub.stop()
+        if self.http is not None:
+            await self.http.aclose()
+        await self.redis.aclose()
+        await self.blocking.aclose()

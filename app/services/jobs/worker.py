@@ -1,0 +1,238 @@
+"""The job worker: reads the request streams through the consumer group ``tgw-workers`` (high priority
+first), runs each job through the same ``InferenceService`` as the sync path, stores the result, acks.
+
+At-least-once: an entry is acked only after its job is finished in the store. A worker that dies leaves
+its entries pending; any worker's reclaimer takes them over with XAUTOCLAIM once idle for
+``TGW_JOB_CLAIM_IDLE_S`` (a live worker keeps its running entries fresh with a JUSTID XCLAIM heartbeat).
+Client-visible exactly-once comes from the store's finish script, which completes a job only once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from typing import Any
+
+import orjson
+
+from app.errors import GatewayError
+from app.observability import metrics
+from app.services.inference import InferenceService
+from app.services.jobs.service import error_json, result_json
+from app.services.jobs.store import GROUP, STREAM, STREAM_HIGH, STREAMS, TERMINAL, JobStore, ensure_groups
+
+logger = logging.getLogger(__name__)
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Retryable(Exception):
+    pass
+
+
+class JobWorker:
+    def __init__(
+        self,
+        redis: Any,  # a client without socket timeout (XREADGROUP BLOCK)
+        store: JobStore,
+        inference: InferenceService,
+        concurrency: int,
+        claim_idle_s: float,
+        max_attempts: int,
+        name: str | None = None,
+    ) -> None:
+        self.redis = redis
+        self.store = store
+        self.inference = inference
+        self.concurrency = concurrency
+        self.claim_idle_ms = int(claim_idle_s * 1000)
+        self.max_attempts = max_attempts
+        self.name = name or consumer_name()
+        self._active: dict[str, asyncio.Task[None]] = {}
+        self._freed = asyncio.Event()
+        self.stopping = False
+
+    async def ensure_groups(self) -> None:
+        await ensure_groups(self.redis)
+
+    async def run(self) -> None:
+        logger.info("job worker %s: concurrency %d", self.name, self.concurrency)
+        reclaimer = asyncio.create_task(self._reclaim_loop(), name="job-reclaim")
+        backoff = 0.2
+        try:
+            await self._retrying(self.ensure_groups)
+            while not self.stopping:
+                free = self.concurrency - len(self._active)
+                if free <= 0:
+                    self._freed.clear()
+                    await self._freed.wait()
+                    continue
+                try:
+                    resp = await self.redis.xreadgroup(GROUP, self.name, {STREAM_HIGH: ">"}, count=free)
+                    if not resp:
+                        resp = await self.redis.xreadgroup(
+                            GROUP, self.name, {STREAM_HIGH: ">", STREAM: ">"}, count=free, block=1000
+                        )
+                    backoff = 0.2
+                except (asyncio.CancelledError, KeyboardInterrupt):
+                    raise
+                except Exception as exc:
+                    if "NOGROUP" in str(exc):
+                        await self._retrying(self.ensure_groups)
+                        continue
+                    logger.warning("job worker: reading the stream failed (%s); retrying", exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                for stream, entries in resp or []:
+                    for entry_id, fields in entries:
+                        self._spawn(_s(stream), _s(entry_id), fields)
+        finally:
+            reclaimer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reclaimer
+
+    async def _retrying(self, fn: Any) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await fn()
+                return
+            except Exception as exc:
+                logger.warning("job worker: Redis not ready (%s)", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _spawn(self, stream: str, entry_id: str, fields: Any) -> None:
+        if entry_id in self._active:
+            return
+        job_id = _s((fields or {}).get(b"job_id") or (fields or {}).get("job_id") or "")
+        task = asyncio.create_task(self._process(stream, entry_id, job_id), name=f"job-{job_id}")
+        self._active[entry_id] = task
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._active.pop(entry_id, None)
+            self._freed.set()
+
+        task.add_done_callback(done)
+
+    async def _reclaim_loop(self) -> None:
+        interval = max(0.2, self.claim_idle_ms / 2000)
+        while True:
+            await asyncio.sleep(interval)
+            for stream in STREAMS.values():
+                free = self.concurrency - len(self._active)
+                if free <= 0 or self.stopping:
+                    break
+                try:
+                    res = await self.redis.xautoclaim(
+                        stream, GROUP, self.name, self.claim_idle_ms, start_id="0-0", count=free
+                    )
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    logger.debug("reclaim on %s failed: %s", stream, exc)
+                    continue
+                for entry in res[1] if res and len(res) > 1 else []:
+                    if not entry or entry[0] is None:
+                        continue
+                    entry_id, fields = entry
+                    if not fields:  # deleted from the stream while pending: nothing to run
+                        await self._ack(stream, _s(entry_id))
+                        continue
+                    logger.info("reclaimed %s from an idle consumer", _s(entry_id))
+                    self._spawn(stream, _s(entry_id), fields)
+
+    async def _heartbeat(self, stream: str, entry_id: str) -> None:
+        while True:
+            await asyncio.sleep(max(0.1, self.claim_idle_ms / 3000))
+            with contextlib.suppress(Exception):
+                await self.redis.xclaim(stream, GROUP, self.name, 0, [entry_id], justid=True)
+
+    async def _ack(self, stream: str, entry_id: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(stream, GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+            await pipe.execute()
+
+    async def _process(self, stream: str, entry_id: str, job_id: str) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(stream, entry_id))
+        try:
+            await self._run_job(job_id)
+        except Retryable:
+            return  # left pending: reclaimed after the idle timeout, then counted as another attempt
+        except Exception:
+            logger.exception("job %s: unexpected failure; it will be retried", job_id)
+            return
+        finally:
+            heartbeat.cancel()
+        await self._ack(stream, entry_id)
+
+    async def _run_job(self, job_id: str) -> None:
+        status, attempt = await self.store.start(job_id, self.max_attempts)
+        if status in TERMINAL or status == "gone":
+            return  # cancelled, expired, or already completed by another worker
+        if status == "exhausted":
+            gone = await self.store.get(job_id) or {}
+            await self._give_up(job_id, attempt, gone.get("last_error", ""))
+            return
+        raw = await self.store.get(job_id)
+        if raw is None:
+            return
+        metrics.record_job("running")
+        try:
+            body = orjson.loads(raw["request"])
+            req = await self.inference.prepare_v1(raw["model"], raw.get("version") or None, body)
+            response = await self.inference.infer(req, raw.get("request_id", ""))
+        except GatewayError as exc:
+            err = error_json(exc.code, exc.message, exc.details)
+            if exc.status_code < 500:  # the request itself is wrong: retrying cannot help
+                if await self.store.finish(job_id, "failed", error=err) is True:
+                    metrics.record_job("failed")
+                return
+            await self._failed_attempt(job_id, attempt, err)
+        except Exception as exc:
+            await self._failed_attempt(job_id, attempt, error_json("internal_error", f"{type(exc).__name__}"))
+        else:
+            done = await self.store.finish(
+                job_id, "succeeded", result=result_json(response), cache=response.cache
+            )
+            if done is True:
+                metrics.record_job("succeeded")
+            else:
+                logger.info("job %s was already finished; result discarded", job_id)
+
+    async def _failed_attempt(self, job_id: str, attempt: int, err: bytes) -> None:
+        await self.store.set_last_error(job_id, err)
+        if attempt >= self.max_attempts:
+            await self._give_up(job_id, attempt, err.decode())
+            return
+        logger.info("job %s attempt %d failed; it will be retried", job_id, attempt)
+        raise Retryable
+
+    async def _give_up(self, job_id: str, attempts: int, last_error: str) -> None:
+        last = orjson.loads(last_error) if last_error else None
+        reason = f"gave up after {attempts} attempts (TGW_JOB_MAX_ATTEMPTS)"
+        if last:
+            reason += f": {last.get('message', '')}"
+        await self.store.dead_letter(job_id, reason, attempts)
+        details = {"attempts": attempts, "last_error": last, "dead_letter": True}
+        if await self.store.finish(job_id, "failed", error=error_json("attempts_exhausted", reason, details)):
+            metrics.record_job("failed")
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop taking new entries and give running jobs ``timeout_s`` to finish."""
+        self.stopping = True
+        self._freed.set()
+        if self._active:
+            await asyncio.wait(list(self._active.values()), timeout=timeout_s)
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,282 @@
+"""Operations end to end: /metrics after real traffic (one process and two workers), the access-log line,
+and SIGTERM under load against a real ``tgw serve`` process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
+from app.observability.logging import JsonFormatter
+
+pytestmark = pytest.mark.integration
+
+IDENTITY = "/v1/models/identity_fp32/infer"
+SLEEP = "/v1/models/sleep_fp32/infer"
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(snap: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return snap.get((name, frozenset(labels.items())), 0.0)
+
+
+def rows(n: int = 2) -> list[list[float]]:
+    return [[round(random.uniform(-100, 100), 3) for _ in range(4)] for _ in range(n)]
+
+
+def test_metrics_after_real_traffic(client: httpx.Client) -> None:
+    before = samples(client.get("/metrics").text)
+    body = {"inputs": {"INPUT0": rows()}}
+    assert client.post(IDENTITY, json=body).headers["x-cache"] == "MISS"
+    assert client.post(IDENTITY, json=body).headers["x-cache"] == "HIT"
+    r = client.post(IDENTITY, json={"inputs": {"INPUT0": rows()}}, headers={"Cache-Control": "no-cache"})
+    assert r.headers["x-cache"] == "BYPASS"
+    assert client.post("/v1/models/no_such_model/infer", json=body).status_code == 404
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    after = samples(r.text)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    handler = {"handler": "/v1/models/{model}/infer", "method": "POST"}
+    assert delta("http_requests_total", **handler, status="200") == 3
+    assert delta("http_requests_total", **handler, status="404") == 1
+    assert delta("http_request_duration_seconds_count", **handler) == 4
+    assert delta("tgw_cache_requests_total", outcome="miss") == 1
+    assert delta("tgw_cache_requests_total", outcome="hit") == 1
+    assert delta("tgw_cache_requests_total", outcome="bypass") == 1
+    assert delta("tgw_cache_operation_duration_seconds_count", operation="get") == 2
+    assert delta("tgw_cache_operation_duration_seconds_count", operation="put") == 2  # no-cache still stores
+    triton = {"model": "identity_fp32", "version": "1", "outcome": "ok"}
+    assert delta("tgw_triton_request_duration_seconds_count", **triton) == 2
+    assert delta("tgw_triton_request_duration_seconds_bucket", **triton, le="+Inf") == 2
+    assert delta("tgw_request_size_bytes_count") >= 5  # the first scrape counts too
+    assert delta("tgw_response_size_bytes_sum") > 0
+    assert value(after, "tgw_inflight_requests") >= 1  # this scrape
+    assert ("tgw_singleflight_waiters", frozenset()) in after
+    assert ("tgw_singleflight_shared_total", frozenset()) in after
+
+
+def test_one_access_log_line_per_request(client: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="app.access")
+    secret_value = 4242.125
+    body = {"inputs": {"INPUT0": [[secret_value, 1.0]]}}
+    r = client.post(IDENTITY, json=body, headers={"X-Request-ID": "ops-log-1", "Cache-Control": "no-store"})
+    assert r.status_code == 200
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        records = [rec for rec in caplog.records if getattr(rec, "request_id", None) == "ops-log-1"]
+        if records:
+            break
+        time.sleep(0.02)
+    assert len(records) == 1
+    line = JsonFormatter().format(records[0])
+    out = orjson.loads(line)
+    assert out["logger"] == "app.access" and out["msg"] == "request" and out["level"] == "INFO"
+    assert out["method"] == "POST" and out["path"] == IDENTITY and out["status"] == 200
+    assert out["model"] == "identity_fp32" and out["version"] == "1" and out["cache"] in ("MISS", "HIT")
+    assert isinstance(out["duration_ms"], float) and out["duration_ms"] > 0
+    assert "4242" not in line  # no payloads in logs
+
+
+# --- real `tgw serve` processes ------------------------------------------------------------------------
+
+
+@contextmanager
+def tgw_serve(
+    triton: EmbeddedTriton, redis: EmbeddedRedis, tmp: Path, **env: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TGW_", "PROMETHEUS_"))}
+    full_env = {
+        **clean, "TGW_TRITON_URL": triton.grpc_url, "TGW_REDIS_URL": redis.url, "TGW_HOST": "127.0.0.1",
+        "TGW_PORT": str(port), "TMPDIR": str(tmp), **env,
+    }  # fmt: skip
+    log = tmp / "gateway.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve"], env=full_env, stdout=sink, stderr=sink
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, f"tgw serve exited {proc.returncode}:\n{log.read_text()}"
+            assert time.time() < deadline, f"tgw serve not ready:\n{log.read_text()}"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        yield proc, url, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _log_time(text: str, message_start: str) -> float:
+    for line in text.splitlines():
+        if line.startswith("{"):
+            entry = orjson.loads(line)
+            if entry["msg"].startswith(message_start):
+                ts = datetime.strptime(entry["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+                return ts.timestamp()
+    raise AssertionError(f"no log line {message_start!r} in:\n{text}")
+
+
+@dataclass
+class LoadResult:
+    ok: list[float] = field(default_factory=list)  # completion times
+    failed: list[str] = field(default_factory=list)  # accepted but not answered 200
+    refused: list[float] = field(default_factory=list)  # connection refused: never accepted
+
+
+async def _client_loop(url: str, n: int, result: LoadResult, stop: asyncio.Event) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            if (n + i) % 2:  # a Triton call of 0.3 s, never from the cache
+                path, body, headers = (
+                    SLEEP,
+                    {"inputs": {"DELAY_S": [[0.3]]}},
+                    {"Cache-Control": "no-cache, no-store"},
+                )
+            else:
+                path, body, headers = IDENTITY, {"inputs": {"INPUT0": rows(1)}}, {}
+            try:
+                r = await c.post(path, json=body, headers=headers)
+            except httpx.ConnectError:
+                result.refused.append(time.time())
+                return
+            except httpx.HTTPError as exc:
+                result.failed.append(f"{path}: {exc!r}")
+                return
+            if r.status_code == 200:
+                result.ok.append(time.time())
+            else:
+                result.failed.append(f"{path}: {r.status_code} {r.text[:200]}")
+
+
+async def _readiness_loop(url: str, seen: list[tuple[float, int]], stop: asyncio.Event) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=5) as c:
+        while not stop.is_set():
+            try:
+                r = await c.get("/readyz")
+            except httpx.HTTPError:
+                return
+            seen.append((time.time(), r.status_code))
+            await asyncio.sleep(0.1)
+
+
+def test_sigterm_drains_under_load_without_failed_requests(
+    triton: EmbeddedTriton, redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    delay_s = 1.5
+    with tgw_serve(triton, redis_server, tmp_path, TGW_SHUTDOWN_DELAY_S=str(delay_s), TGW_DRAIN_S="20") as (
+        proc, url, log,
+    ):  # fmt: skip
+        result, ready = LoadResult(), []
+
+        async def scenario() -> float:
+            stop = asyncio.Event()
+            tasks = [asyncio.create_task(_client_loop(url, n, result, stop)) for n in range(8)]
+            tasks.append(asyncio.create_task(_readiness_loop(url, ready, stop)))
+            await asyncio.sleep(1.2)
+            sent = time.time()
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(delay_s - 0.5)
+            # a long request accepted during the delay, still running when the listener closes
+            async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+                body, headers = {"inputs": {"DELAY_S": [[1.5]]}}, {"Cache-Control": "no-cache, no-store"}
+                long = await c.post(SLEEP, json=body, headers=headers)
+            assert long.status_code == 200, long.text
+            result.ok.append(time.time())
+            try:
+                await asyncio.wait_for(asyncio.gather(*tasks), timeout=delay_s + 15)
+            finally:
+                stop.set()
+            return sent
+
+        signalled = asyncio.run(scenario())
+        code = proc.wait(timeout=30)
+        text = log.read_text()
+    assert code == 0, text
+    assert result.failed == [], result.failed
+    assert len(result.refused) == 8  # every client loop ends with a refused connection
+    closed = _log_time(text, "shutdown delay over")
+    timeline = (f"ok after signal: {[round(t - signalled, 2) for t in result.ok if t > signalled]}, "
+                f"closed: {closed - signalled:.2f}, refused: {[round(t - signalled, 2) for t in result.refused]}")  # fmt: skip
+    assert closed - signalled == pytest.approx(delay_s, abs=0.3), timeline
+    assert min(result.refused) > closed, timeline
+    # Requests kept being accepted and answered during the delay, and in-flight ones finished after close.
+    assert sum(signalled < t < closed for t in result.ok) >= 8, timeline
+    assert sum(t > closed for t in result.ok) >= 1, timeline
+    # Readiness: 200 before the signal, 503 from (almost) at once after it.
+    assert all(status == 200 for t, status in ready if t < signalled)
+    after = [status for t, status in ready if t > signalled + 0.15]
+    assert after and set(after) == {503}
+    assert "SIGTERM received: draining" in text
+    print(f"\nSIGTERM test: {len(result.ok)} ok, {sum(t > signalled for t in result.ok)} answered after the "
+          f"signal, {sum(t > closed for t in result.ok)} after the listener closed "
+          f"({closed - signalled:.2f} s after the signal), 0 failed, {len(result.refused)} refused, "
+          f"readiness {dict(Counter(s for _, s in ready))}")  # fmt: skip
+
+
+def test_two_workers_share_metrics_and_exit_cleanly(
+    triton: EmbeddedTriton, redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    with tgw_serve(triton, redis_server, tmp_path, TGW_WORKERS="2", TGW_SHUTDOWN_DELAY_S="0.2") as (
+        proc,
+        url,
+        log,
+    ):
+        assert len(list(tmp_path.glob("tgw-prometheus-*"))) == 1
+
+        async def traffic() -> list[int]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+                # fresh connections spread the requests over both workers
+                reqs = [c.post(IDENTITY, json={"inputs": {"INPUT0": rows(1)}}, headers={"Connection": "close"})
+                        for _ in range(20)]  # fmt: skip
+                return [r.status_code for r in await asyncio.gather(*reqs)]
+
+        assert asyncio.run(traffic()) == [200] * 20
+        for _ in range(6):  # every scrape, whichever worker answers, sees all the traffic
+            r = httpx.get(f"{url}/metrics", headers={"Connection": "close"})
+            snap = samples(r.text)
+            handler = {"handler": "/v1/models/{model}/infer", "method": "POST", "status": "200"}
+            assert value(snap, "http_requests_total", **handler) == 20
+            triton_ok = {"model": "identity_fp32", "version": "1", "outcome": "ok"}
+            assert value(snap, "tgw_triton_request_duration_seconds_count", **triton_ok) == 20
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        text = log.read_text()
+    assert code == 0, text
+    assert list(tmp_path.glob("tgw-prometheus-*")) == []
