@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
         fn=cmd_serve
     )
     sub.add_parser("worker", help="a job worker (TGW_TRITON_URL, TGW_REDIS_URL)").set_defaults(fn=cmd_worker)
+    from app.convert.cli import add_parser as add_convert_parser
+
+    add_convert_parser(sub)
     bench = sub.add_parser(
         "bench", help="benchmark: Triton direct vs the gateway (embedded stack, reports in bench-results/)"
     )
