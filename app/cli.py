@@ -177,8 +177,10 @@ def cmd_up(_: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         code = 0
     finally:
-        for child in reversed(children):
-            child.stop()
+        if triton is not None:
+            triton.stop()  # also its Python-backend stubs and shared-memory regions
+        if redis is not None:
+            redis.stop()
     return code
 
 

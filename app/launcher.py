@@ -289,10 +289,25 @@ class EmbeddedTriton:
                     raise
                 logger.warning("tritonserver died with signal %d while loading models; starting it again "
                                "(attempt %d of %d)", -code, attempt + 1, attempts)  # fmt: skip
+                self._kill_stray_stubs()
                 self._remove_shm()
                 continue
             logger.info("tritonserver ready: HTTP %s, gRPC %s", self.http_url, self.grpc_url)
             return
+
+    def _kill_stray_stubs(self) -> None:
+        """Python-backend stubs of a server that aborted can outlive it; they run from our backend dir."""
+        stub = str(self.state_dir / "backends" / "python" / "triton_python_backend_stub")
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                argv0 = (proc / "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
+            except OSError:
+                continue
+            if argv0 == stub:
+                with contextlib.suppress(OSError):
+                    os.kill(int(proc.name), signal.SIGKILL)
 
     def _remove_shm(self) -> None:
         for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
@@ -301,4 +316,5 @@ class EmbeddedTriton:
 
     def stop(self) -> None:
         self.process.stop(timeout=30)
+        self._kill_stray_stubs()
         self._remove_shm()

@@ -26,6 +26,24 @@ class Stack:
     proc: subprocess.Popen[bytes]
     url: str
     log: Path
+    state: Path
+
+    def leftovers(self, timeout: float = 30) -> list[str]:
+        """Processes still running from this stack's state dir (e.g. Python-backend stubs)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = []
+            for proc in Path("/proc").iterdir():
+                if proc.name.isdigit() and _alive(int(proc.name)):
+                    try:
+                        cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    except OSError:
+                        continue
+                    if str(self.state) in cmd:
+                        found.append(cmd[:200])
+            if not found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.3)
 
     def children(self) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
@@ -90,7 +108,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             proc.kill()
             pytest.fail(f"tgw up did not become ready:\n{log.read_text()[-3000:]}")
         time.sleep(0.3)
-    yield Stack(proc, url, log)
+    yield Stack(proc, url, log, tmp_path / "state")
     if proc.poll() is None:
         proc.kill()
         proc.wait()
@@ -104,6 +122,7 @@ def test_sigterm_stops_all_three(stack: Stack) -> None:
     stack.proc.send_signal(signal.SIGTERM)
     assert stack.proc.wait(timeout=60) == 0
     assert _wait_gone(children) == []
+    assert stack.leftovers() == []
 
 
 def test_a_dead_child_takes_the_stack_down(stack: Stack) -> None:
@@ -112,6 +131,7 @@ def test_a_dead_child_takes_the_stack_down(stack: Stack) -> None:
     os.kill(triton_pid, signal.SIGKILL)
     assert stack.proc.wait(timeout=60) == 1
     assert _wait_gone(children) == []
+    assert stack.leftovers() == []
     assert "tritonserver exited unexpectedly" in stack.log.read_text()
 
 
@@ -120,3 +140,4 @@ def test_sigkill_leaves_no_orphans(stack: Stack) -> None:
     stack.proc.kill()
     stack.proc.wait()
     assert _wait_gone(children, timeout=30) == []
+    assert stack.leftovers() == []
