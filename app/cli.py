@@ -142,7 +142,7 @@ async def _serve_with_children(settings: Settings, children: list[ManagedProcess
 
 def cmd_up(_: argparse.Namespace) -> int:
     settings = _load_settings()
-    if "TGW_SHUTDOWN_DELAY_S" not in os.environ:  # no load balancer in front of the dev stack: Ctrl-C is prompt
+    if "TGW_SHUTDOWN_DELAY_S" not in os.environ:  # dev stack, no load balancer: Ctrl-C acts at once
         settings = settings.model_copy(update={"shutdown_delay_s": 0.0})
     _setup_logging(settings)
     children: list[ManagedProcess] = []
