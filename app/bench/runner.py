@@ -142,7 +142,7 @@ def run_wrk(url: str, body_request: bytes, concurrency: int, duration_s: float) 
     _, _, body = body_request.partition(b"\r\n\r\n")
     script = (
         'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-        f"wrk.body = [[{body.decode()}]]\n"
+        f"wrk.body = [==[{body.decode()}]==]\n"  # level-2 long string: JSON bodies contain "]]"
     )
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
         fh.write(script)
@@ -291,7 +291,8 @@ def run(o: Options) -> int:
                 meta["wrk"].append(w)
                 say(f"wrk cross-check {t.model.name} {name} c=64: wrk {w['throughput_rps']:,.0f} req/s "
                     f"(p50 {w['p50_ms']:.2f}, p99 {w['p99_ms']:.2f} ms)"
-                    + (f" vs harness {ours.throughput_rps:,.0f} req/s" if ours else ""))  # fmt: skip
+                    + (f" vs harness {ours.throughput_rps:,.0f} req/s" if ours else "")
+                    + (f" — INVALID: {w['non_2xx']} non-2xx answers" if w["non_2xx"] else ""))  # fmt: skip
         soak_doc = None
         if o.soak_requests and models and models[0].name == "identity_fp32":
             say(f"memory soak: {o.soak_requests:,} cache-miss requests at c=64 …")
