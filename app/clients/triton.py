@@ -11,14 +11,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
-from tritonclient.grpc import service_pb2
-from tritonclient.grpc._utils import get_error_grpc
-from tritonclient.utils import (
-    InferenceServerException,
-    deserialize_bytes_tensor,
-    serialize_byte_tensor,
-    triton_to_np_dtype,
-)
+from tritonclient.utils import InferenceServerException
 
 from app.clients.protocols import TritonResult
 from app.errors import GatewayError, from_grpc, grpc_status_from_text
@@ -48,14 +41,6 @@ _CONNECT_FAILURES = ("failed to connect", "connection refused", "connections to 
 def _not_sent(exc: InferenceServerException) -> bool:
     text = f"{exc.message()} {exc.debug_details() or ''}".lower()
     return any(marker in text for marker in _CONNECT_FAILURES)
-
-
-def _raw_bytes(array: np.ndarray, datatype: str) -> bytes:
-    """What ``InferInput.set_data_from_numpy`` would send: C-order bytes; BYTES length-prefixed."""
-    if datatype == "BYTES":
-        serialized = serialize_byte_tensor(array)
-        return bytes(serialized.item()) if serialized.size else b""
-    return np.ascontiguousarray(array).tobytes()
 
 
 class TritonGrpcClient:
@@ -141,62 +126,8 @@ class TritonGrpcClient:
         request_id: str,
         timeout_s: float,
     ) -> TritonResult:
-        """The hot path: the ``ModelInferRequest`` is built directly (no ``InferInput`` objects, one
-        protobuf, raw tensor bytes) and sent on the channel's stub; outputs are read straight from
-        ``raw_output_contents``. Requests with parameters take ``tritonclient``'s full builder (its
-        reserved-parameter checks)."""
-        if parameters:
-            return await self._infer_tritonclient(
-                model, version, inputs, datatypes, outputs, parameters, request_id, timeout_s
-            )
-        request = service_pb2.ModelInferRequest(model_name=model, model_version=version, id=request_id)
-        for name, array in inputs.items():
-            datatype = datatypes[name]
-            tensor = request.inputs.add()
-            tensor.name = name
-            tensor.datatype = datatype
-            tensor.shape.extend(array.shape)
-            request.raw_input_contents.append(_raw_bytes(array, datatype))
-        if outputs:
-            for name in outputs:
-                request.outputs.add().name = name
-        metadata = (("x-request-id", request_id),) if request_id else ()
-
-        async def call(client: grpcclient.InferenceServerClient) -> service_pb2.ModelInferResponse:
-            try:
-                return await client._client_stub.ModelInfer(
-                    request=request, metadata=metadata, timeout=timeout_s
-                )
-            except grpc.RpcError as rpc_error:
-                raise get_error_grpc(rpc_error) from None
-
-        response = await self._call(call)
-        arrays: dict[str, np.ndarray] = {}
-        dtypes: dict[str, str] = {}
-        raw = response.raw_output_contents
-        for i, out in enumerate(response.outputs):
-            if i >= len(raw):
-                continue
-            shape = list(out.shape)
-            if out.datatype == "BYTES":
-                arr = deserialize_bytes_tensor(raw[i]).reshape(shape)
-            else:
-                arr = np.frombuffer(raw[i], dtype=triton_to_np_dtype(out.datatype)).reshape(shape)
-            arrays[out.name] = arr
-            dtypes[out.name] = out.datatype
-        return TritonResult(response.model_version, arrays, dtypes)
-
-    async def _infer_tritonclient(
-        self,
-        model: str,
-        version: str,
-        inputs: Mapping[str, np.ndarray],
-        datatypes: Mapping[str, str],
-        outputs: Sequence[str] | None,
-        parameters: Mapping[str, Any] | None,
-        request_id: str,
-        timeout_s: float,
-    ) -> TritonResult:
+        """One unary ModelInfer through tritonclient (its request builder and reserved-parameter checks).
+        Building the protobuf by hand was measured and did not pay (docs/performance.md)."""
         infer_inputs = []
         for name, array in inputs.items():
             tensor = grpcclient.InferInput(name, list(array.shape), datatypes[name])
