@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -12,25 +14,21 @@ from app.services.inference import InferenceService, cache_directives
 
 router = APIRouter(prefix="/v1/models", tags=["inference"])
 
-_BODY_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["inputs"],
-                    "properties": {
-                        "inputs": {"type": "object", "additionalProperties": {"type": "array"}},
-                        "outputs": {"type": "array", "items": {"type": "string"}},
-                        "parameters": {"type": "object"},
-                    },
-                },
-                "example": {"inputs": {"series": [[[0.0]] * 20]}},
-            }
-        },
-    }
+INFER_BODY_PROPERTIES: dict[str, Any] = {
+    "inputs": {"type": "object", "additionalProperties": {"type": "array"}},
+    "outputs": {"type": "array", "items": {"type": "string"}},
+    "parameters": {"type": "object"},
 }
+
+
+def body_doc(properties: dict[str, Any], example: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` for routes that read their JSON body themselves (no pydantic model)."""
+    schema = {"type": "object", "required": ["inputs"], "properties": properties}
+    content = {"application/json": {"schema": schema, "example": example}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+_BODY_DOC = body_doc(INFER_BODY_PROPERTIES, {"inputs": {"series": [[[0.0]] * 20]}})
 
 
 async def serve_v1(service: InferenceService, request: Request, model: str, version: str | None) -> Response:

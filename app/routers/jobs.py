@@ -10,34 +10,19 @@ from starlette.responses import Response
 from app.deps import JobsDep
 from app.request_context import current_request_id
 from app.routers.common import ORJSONResponse, read_json
+from app.routers.infer import INFER_BODY_PROPERTIES, body_doc
 from app.services.jobs.service import JobService
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
-_BODY_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["inputs"],
-                    "properties": {
-                        "inputs": {"type": "object", "additionalProperties": {"type": "array"}},
-                        "outputs": {"type": "array", "items": {"type": "string"}},
-                        "parameters": {"type": "object"},
-                        "webhook": {"type": "object", "properties": {"url": {"type": "string"}}},
-                        "priority": {"type": "string", "enum": ["high", "normal"]},
-                    },
-                },
-                "example": {
-                    "inputs": {"INPUT0": [[1.0, 2.0]]},
-                    "webhook": {"url": "https://example.com/hook"},
-                },
-            }
-        },
-    }
-}
+_BODY_DOC = body_doc(
+    {
+        **INFER_BODY_PROPERTIES,
+        "webhook": {"type": "object", "properties": {"url": {"type": "string"}}},
+        "priority": {"type": "string", "enum": ["high", "normal"]},
+    },
+    {"inputs": {"INPUT0": [[1.0, 2.0]]}, "webhook": {"url": "https://example.com/hook"}},
+)
 
 
 def _links(request: Request, job_id: str) -> dict[str, str]:
