@@ -105,6 +105,12 @@ async def _heartbeat(outbox: Outbox, every_s: float) -> None:
         outbox.emit({"type": "heartbeat"})
 
 
+def _count_socket(service: JobService, delta: int) -> None:
+    """Open sockets: this replica's count (``/v1/jobs/stats``) and the ``tgw_websockets_open`` gauge."""
+    service.websockets_open += delta
+    (metrics.websocket_opened if delta > 0 else metrics.websocket_closed)()
+
+
 async def _until_disconnect(ws: WebSocket) -> None:
     while (await ws.receive())["type"] != "websocket.disconnect":
         pass
@@ -115,8 +121,7 @@ async def job_socket(
     ws: WebSocket, job_id: str, service: JobsDep, hub: JobEventsDep, settings: ConnSettingsDep
 ) -> None:
     await ws.accept()
-    service.websockets_open += 1
-    metrics.websocket_opened()
+    _count_socket(service, +1)
     outbox = Outbox(ws, settings.ws_send_queue)
     watcher = asyncio.create_task(watch_job(service, hub, job_id, outbox.emit))
     others = [
@@ -133,8 +138,7 @@ async def job_socket(
             with contextlib.suppress(Exception):
                 await ws.close(1008, "client too slow")
     finally:
-        service.websockets_open -= 1
-        metrics.websocket_closed()
+        _count_socket(service, -1)
         for task in (watcher, outbox.task, *others):
             task.cancel()
 
@@ -223,8 +227,7 @@ async def multiplexed_socket(
     ws: WebSocket, service: JobsDep, hub: JobEventsDep, inference: ConnInferenceDep, settings: ConnSettingsDep
 ) -> None:
     await ws.accept()
-    service.websockets_open += 1
-    metrics.websocket_opened()
+    _count_socket(service, +1)
     outbox = Outbox(ws, settings.ws_send_queue)
     mux = Multiplexer(
         ws, service, hub, inference, settings.ws_max_in_flight, settings.ws_max_frame_bytes, outbox
@@ -248,7 +251,6 @@ async def multiplexed_socket(
             with contextlib.suppress(Exception):
                 await ws.close(1008, "client too slow")
     finally:
-        service.websockets_open -= 1
-        metrics.websocket_closed()
+        _count_socket(service, -1)
         for task in (beat, outbox.task, *mux.tasks):
             task.cancel()
