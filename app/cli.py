@@ -229,6 +229,8 @@ def cmd_worker(_: argparse.Namespace) -> int:
         start_http_server(settings.worker_metrics_port, addr=settings.host)
         logger.info("worker metrics on http://%s:%d/metrics", settings.host, settings.worker_metrics_port)
     return asyncio.run(_run_worker(settings))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from app.bench import runner
 

@@ -151,9 +151,19 @@ def error_response(
 
 
 def gateway_error_response(request: Request | None, exc: GatewayError) -> Response:
+    log_gateway_error(exc)
+    return error_response(request, exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+
+
+def log_gateway_error(exc: GatewayError) -> None:
     if exc.status_code >= 500:
         logger.warning("%s: %s", exc.code, exc.message)
-    return error_response(request, exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+
+
+def log_unhandled(exc: BaseException) -> tuple[int, str, str]:
+    """Log an unexpected exception with its traceback; returns what the client gets (no trace)."""
+    logger.error("unhandled error", exc_info=exc)
+    return 500, "internal_error", "internal error; see the gateway log for this request id"
 
 
 async def _gateway_error(request: Request, exc: Exception) -> Response:
@@ -182,9 +192,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unhandled(request: Request, exc: Exception) -> Response:
-    logger.error("unhandled error", exc_info=exc)
-    message = "internal error; see the gateway log for this request id"
-    return error_response(request, 500, "internal_error", message)
+    status, code, message = log_unhandled(exc)
+    return error_response(request, status, code, message)
 
 
 EXCEPTION_HANDLERS = {

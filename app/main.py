@@ -14,11 +14,11 @@ from app.clients.protocols import TritonClient
 from app.clients.redis import RedisCacheStore, make_redis
 from app.clients.triton import TritonGrpcClient
 from app.errors import install_exception_handlers
-from app.fastpath import InferFastPath
+from app.hotpath import GatewayApp, HotPath
 from app.lifecycle import Lifecycle
 from app.middleware import RequestContextMiddleware
 from app.observability import tracing
-from app.observability.metrics import register_jobs_snapshot, setup_metrics
+from app.observability.metrics import http_metrics, register_jobs_snapshot, setup_metrics
 from app.observability.middleware import ObservabilityMiddleware
 from app.routers import health, infer, jobs, models, v2, ws
 from app.services.batcher import BatchingTritonClient
@@ -94,7 +94,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    app = FastAPI(
+    app = GatewayApp(
         title="triton-gateway",
         version=__version__,
         description="Validating, caching gateway in front of NVIDIA Triton Inference Server.",
@@ -104,8 +104,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_exception_handlers(app)
     for module in (health, models, infer, v2, jobs, ws):
         app.include_router(module.router)
-    if settings.fast_path:  # added first = inside RequestContextMiddleware (request id, body limit)
-        app.add_middleware(InferFastPath)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     # --- observability (outermost): metrics, access log, tracing; lifecycle hooks ---
     app.state.lifecycle = Lifecycle()
@@ -113,4 +111,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         setup_metrics(app)
     tracing.setup_tracing(settings.otel_endpoint, settings.otel_service_name)
     app.add_middleware(ObservabilityMiddleware, lifecycle=app.state.lifecycle)
+    if settings.fast_path:  # the infer routes, answered before the middleware stack (app.hotpath)
+        app.hot = HotPath(app, settings.max_body_bytes, http_metrics() if settings.metrics_enabled else ())
     return app

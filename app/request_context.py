@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from contextvars import ContextVar
 
 _request_id: ContextVar[str | None] = ContextVar("tgw_request_id", default=None)
@@ -16,6 +16,6 @@ def current_request_id() -> str | None:
 
 def set_request_id(value: str | None) -> str:
     """Use the caller's id when it is sane, else generate one; returns the id in effect."""
-    rid = value if value and _VALID_ID.match(value) else uuid.uuid4().hex
+    rid = value if value and _VALID_ID.match(value) else os.urandom(16).hex()
     _request_id.set(rid)
     return rid

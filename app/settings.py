@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     cache_max_value_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger answers are not cached")
 
     # --- Hot path ----------------------------------------------------------------------------------
-    fast_path: bool = Field(True, description="serve the infer routes without FastAPI routing (app.fastpath)")
+    fast_path: bool = Field(True, description="infer routes answered ahead of the middleware (app.hotpath)")
     batch_enabled: bool = Field(
         True, description="stack concurrent small requests into one Triton call (dynamic-batching models)"
     )

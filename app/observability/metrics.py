@@ -195,7 +195,7 @@ async def metrics_endpoint(request: Request) -> Response:
 _http_instrumentation: list[Callable[..., None]] | None = None
 
 
-def _http_metrics() -> list[Callable[..., None]]:
+def http_metrics() -> list[Callable[..., None]]:
     """The instrumentator's per-handler request counter and latency histogram, built once per process:
     they live in the global registry, and building them again (a second app in the same process, as in
     tests) would fail. Its ``default()`` set would also observe a second, label-less latency histogram and
@@ -223,5 +223,5 @@ def setup_metrics(app: Starlette) -> None:
         should_group_status_codes=False,
         should_ignore_untemplated=True,
         excluded_handlers=["^/metrics$"],
-    ).add(*_http_metrics()).instrument(app)
+    ).add(*http_metrics()).instrument(app)
     app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)

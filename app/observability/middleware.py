@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.observability import metrics, tracing
-from app.observability.context import begin_request
+from app.observability.context import RequestInfo, begin_request
 
 access_logger = logging.getLogger("app.access")
 
@@ -90,19 +90,26 @@ class ObservabilityMiddleware:
             request_id = state.get("request_id")
             if current is not None:
                 tracing.finish_server_span(current, scope, status, request_id)
-            path = scope["path"]
-            level = logging.DEBUG if path in _QUIET_PATHS else logging.INFO
-            if access_logger.isEnabledFor(level):
-                fields: dict[str, Any] = {
-                    "request_id": request_id,
-                    "method": scope["method"],
-                    "path": path,
-                    "status": status,
-                    "duration_ms": round(duration * 1000, 2),
-                }
-                if info.model is not None:
-                    fields["model"] = info.model
-                    fields["version"] = info.version
-                if info.cache is not None:
-                    fields["cache"] = info.cache
-                access_logger.log(level, "request", extra=fields)
+            log_access(request_id, scope["method"], scope["path"], status, duration, info)
+
+
+def log_access(
+    request_id: str | None, method: str, path: str, status: int, duration_s: float, info: RequestInfo
+) -> None:
+    """The one access-log line of an HTTP request (``app.access``; probes and scrapes at DEBUG)."""
+    level = logging.DEBUG if path in _QUIET_PATHS else logging.INFO
+    if not access_logger.isEnabledFor(level):
+        return
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "method": method,
+        "path": path,
+        "status": status,
+        "duration_ms": round(duration_s * 1000, 2),
+    }
+    if info.model is not None:
+        fields["model"] = info.model
+        fields["version"] = info.version
+    if info.cache is not None:
+        fields["cache"] = info.cache
+    access_logger.log(level, "request", extra=fields)

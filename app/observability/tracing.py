@@ -104,11 +104,12 @@ def server_span(scope: Scope) -> Iterator[Any]:
         yield current
 
 
-def finish_server_span(current: Any, scope: Scope, status: int, request_id: str | None) -> None:
+def finish_server_span(
+    current: Any, scope: Scope, status: int, request_id: str | None, template: str | None = None
+) -> None:
     from opentelemetry.trace import Status, StatusCode
 
-    route = scope.get("route")
-    template = getattr(route, "path", None)
+    template = template or getattr(scope.get("route"), "path", None)
     if template:
         current.update_name(f"{scope.get('method', 'GET')} {template}")
         current.set_attribute("http.route", template)

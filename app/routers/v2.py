@@ -8,7 +8,7 @@ from starlette.responses import Response
 
 from app.deps import HealthDep, InferenceDep, RegistryDep
 from app.request_context import current_request_id
-from app.routers.common import ORJSONResponse
+from app.routers.common import JSON, OCTET_STREAM, ORJSONResponse, Reply
 from app.services.inference import InferenceService, cache_directives
 from app.services.kserve import HEADER_LENGTH, parse_v2, render_v2
 from app.services.registry import ModelRegistry
@@ -89,21 +89,25 @@ async def model_config(model: str, registry: RegistryDep, version: str | None = 
 async def infer(
     model: str, request: Request, service: InferenceDep, registry: RegistryDep, version: str | None = None
 ) -> Response:
-    return await serve_v2(service, registry, request, model, version)
+    headers = request.headers
+    reply = await serve_v2(
+        service, registry, await request.body(), headers.get("cache-control"), headers.get(HEADER_LENGTH),
+        model, version,
+    )  # fmt: skip
+    return reply.response()
 
 
 async def serve_v2(
-    service: InferenceService, registry: ModelRegistry, request: Request, model: str, version: str | None
-) -> Response:
-    """The /v2 infer handler; also called directly by ``app.fastpath``."""
-    raw = await request.body()
+    service: InferenceService, registry: ModelRegistry, raw: bytes, cache_control: str | None,
+    header_length_in: str | None, model: str, version: str | None,
+) -> Reply:  # fmt: skip
+    """The /v2 infer handler, shared by the route above and ``app.hotpath``."""
     info = await registry.resolve(model, version)
-    v2 = parse_v2(info, raw, request.headers.get(HEADER_LENGTH))
-    v2.request.cache_read, v2.request.cache_write = cache_directives(request.headers.get("cache-control"))
+    v2 = parse_v2(info, raw, header_length_in)
+    v2.request.cache_read, v2.request.cache_write = cache_directives(cache_control)
     response = await service.infer(v2.request, current_request_id() or "")
     body, header_length = render_v2(response, v2)
-    headers: dict[str, str] = {"X-Cache": response.cache}
+    x_cache = (b"x-cache", response.cache.encode())
     if header_length is None:
-        return Response(body, media_type="application/json", headers=headers)
-    headers["Inference-Header-Content-Length"] = str(header_length)
-    return Response(body, media_type="application/octet-stream", headers=headers)
+        return Reply(200, body, JSON, (x_cache,))
+    return Reply(200, body, OCTET_STREAM, (x_cache, (HEADER_LENGTH.encode(), str(header_length).encode())))

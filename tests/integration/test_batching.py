@@ -49,21 +49,3 @@ def test_concurrent_batched_answers_equal_sequential_ones(start_gateway: Gateway
         assert r.status_code == 200, r.text
         assert r.json() == want
         assert r.json()["outputs"]["OUTPUT0"] == body["inputs"]["INPUT0"]  # type: ignore[index]
-
-
-def test_fast_path_and_router_answer_alike(start_gateway: GatewayFactory) -> None:
-    body = {"inputs": {"INPUT0": [[1.0, 2.0]]}}
-    bad = {"inputs": {"NOPE": [[1.0]]}}
-    answers = []
-    for fast in (True, False):
-        with start_gateway(fast_path=fast) as url, httpx.Client(base_url=url, timeout=30) as c:
-            ok = c.post("/v1/models/identity_fp32/infer", json=body, headers=NO_CACHE)
-            v2 = c.post("/v2/models/identity_fp32/infer", headers=NO_CACHE, json={
-                "inputs": [{"name": "INPUT0", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}]})  # fmt: skip
-            err = c.post("/v1/models/identity_fp32/infer", json=bad)
-            missing = c.post("/v1/models/nope/infer", json=body)
-            answers.append(
-                [(r.status_code, r.json(), r.headers.get("x-cache")) for r in (ok, v2, err, missing)]
-            )
-            assert all(r.headers.get("x-request-id") for r in (ok, v2, err, missing))
-    assert answers[0] == answers[1]

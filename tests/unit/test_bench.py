@@ -13,7 +13,6 @@ import pytest
 from app.bench import report
 from app.bench.payloads import TIMESERIES, TINY, grpc_request_factory, http_request_factory, make_targets
 from app.bench.stats import LevelResult, Shard, merge, percentile, ratio
-from app.fastpath import match_infer
 
 
 def test_percentile_nearest_rank() -> None:
@@ -122,12 +121,3 @@ def test_grpc_request_is_a_valid_model_infer_request() -> None:
     assert req.model_name == "identity_fp32" and list(req.inputs[0].shape) == [1, 16]
     values = np.frombuffer(req.raw_input_contents[0], dtype=np.float32)
     assert values.shape == (16,) and values[:3].tolist() == [99.0, 5.0, 42.0]
-
-
-def test_match_infer() -> None:
-    assert match_infer("/v1/models/m/infer") == ("v1", "m", None)
-    assert match_infer("/v2/models/m/versions/3/infer") == ("v2", "m", "3")
-    assert match_infer("/v1/models/m/versions/3/infer") == ("v1", "m", "3")
-    for path in ("/v1/models//infer", "/v3/models/m/infer", "/v1/models/m/x/infer", "/v1/models/m/infer/x",
-                 "/v1/models/m/versions//infer", "/v1/jobs/m/infer"):  # fmt: skip
-        assert match_infer(path) is None, path

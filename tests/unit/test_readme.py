@@ -10,7 +10,9 @@ README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def test_every_setting_is_in_the_readme_table() -> None:
-    missing = [f"TGW_{name.upper()}" for name in Settings.model_fields if f"`TGW_{name.upper()}`" not in README]
+    missing = [
+        f"TGW_{name.upper()}" for name in Settings.model_fields if f"`TGW_{name.upper()}`" not in README
+    ]
     assert not missing, f"settings missing from README.md: {missing}"
 
 
