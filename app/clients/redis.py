@@ -93,30 +93,14 @@ class RedisCacheStore:
         self.auto = AutoPipeline(redis, timeout_s) if pipelined else None
 
     async def _run(self, command: str, *args: Any, **kwargs: Any) -> Any:
+        if self.auto is not None:
+            return await self.auto.submit(command, *args, **kwargs)  # bounded by the pipeline's timeout
         async with asyncio.timeout(self.timeout_s):
-            if self.auto is not None:
-                return await self.auto.submit(command, *args, **kwargs)
             return await getattr(self.redis, command)(*args, **kwargs)
 
     async def get(self, key: str) -> bytes | None:
         value = await self._run("get", key)
         return bytes(value) if value is not None else None
-
-    async def get_with_ttl(self, key: str) -> tuple[bytes | None, float]:
-        """The value and its remaining TTL in seconds (0 when none), in the same round trip."""
-        if self.auto is not None:
-            async with asyncio.timeout(self.timeout_s):
-                value, pttl = await asyncio.gather(
-                    self.auto.submit("get", key), self.auto.submit("pttl", key)
-                )
-        else:
-            async with asyncio.timeout(self.timeout_s):
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.get(key)
-                pipe.pttl(key)
-                value, pttl = await pipe.execute()
-        ttl_s = pttl / 1000 if isinstance(pttl, int) and pttl > 0 else 0.0
-        return (bytes(value) if value is not None else None), ttl_s
 
     async def set(self, key: str, value: bytes, ttl_s: int) -> None:
         await self._run("set", key, value, ex=ttl_s)

@@ -53,16 +53,19 @@ def cache_key(
     return f"{namespace}:{model}:{version}:{h.hexdigest()}"
 
 
-# Value: 4-byte header length, JSON header {"v": version, "o": [[name, datatype, shape, nbytes]...]},
-# then the output tensors' bytes back to back.
+# Value: 4-byte header length, JSON header {"v": version, "x": expiry (Unix seconds), "o": [[name,
+# datatype, shape, nbytes]...]}, then the output tensors' bytes back to back. "x" is when the writer's
+# Redis TTL ends (taken just before the SET, so never later than Redis's own expiry, up to clock skew
+# between replicas): a reader fills its L1 from it without asking Redis for the PTTL.
 _LEN = struct.Struct("<I")
 
 
-def encode_result(result: TritonResult) -> bytes:
+def encode_result(result: TritonResult, expires_at: float = 0.0) -> bytes:
     blobs = [tensor_bytes(result.outputs[name]) for name in result.outputs]
     header = orjson.dumps(
         {
             "v": result.model_version,
+            "x": round(expires_at, 3),
             "o": [
                 [name, result.datatypes[name], list(arr.shape), len(blob)]
                 for (name, arr), blob in zip(result.outputs.items(), blobs, strict=True)
@@ -73,6 +76,11 @@ def encode_result(result: TritonResult) -> bytes:
 
 
 def decode_result(value: bytes) -> TritonResult:
+    return decode_entry(value)[0]
+
+
+def decode_entry(value: bytes) -> tuple[TritonResult, float]:
+    """The answer and the Unix time its Redis entry expires (0 when the value does not say)."""
     (hlen,) = _LEN.unpack_from(value, 0)
     header = orjson.loads(value[4 : 4 + hlen])
     offset = 4 + hlen
@@ -87,7 +95,7 @@ def decode_result(value: bytes) -> TritonResult:
             arr = np.frombuffer(blob, dtype=NUMPY_DTYPES[datatype]).reshape(shape)
         outputs[name] = arr
         datatypes[name] = datatype
-    return TritonResult(header["v"], outputs, datatypes)
+    return TritonResult(header["v"], outputs, datatypes), float(header.get("x", 0.0))
 
 
 class CacheState(StrEnum):
@@ -104,8 +112,8 @@ class L1Cache:
     """In-process LRU of decoded answers in front of Redis, bounded in entries and in bytes.
 
     An entry never outlives the Redis entry it mirrors: it is filled after a successful Redis ``SET`` (with
-    the same TTL) or from a Redis hit together with that key's remaining TTL (``PTTL``), and it is capped
-    at ``max_ttl_s`` so that a Redis flushed by hand is followed within that bound.
+    the same TTL) or from a Redis hit with the time left until the expiry written in the value, and it is
+    capped at ``max_ttl_s`` so that a Redis flushed by hand is followed within that bound.
     """
 
     _OVERHEAD = 256  # bytes of Python objects per entry, roughly
@@ -157,7 +165,7 @@ class ResponseCache:
 
     With ``l1_entries`` > 0 an ``L1Cache`` answers hot keys without a Redis round trip. It is consulted only
     while Redis is not in back-off, so a known-down Redis still means BYPASS; an entry may be served for up
-    to ``l1_ttl_s`` after Redis itself lost it (off by default for that reason: ``TGW_L1_CACHE_ENTRIES``).
+    to ``l1_ttl_s`` after Redis itself lost it (a FLUSHDB by hand, an eviction; ``TGW_L1_CACHE_TTL_S``).
     """
 
     def __init__(
@@ -201,29 +209,24 @@ class ResponseCache:
             hit = l1.get(key)
             if hit is not None:
                 return hit
-        get_with_ttl = getattr(store, "get_with_ttl", None) if l1 is not None else None
-        ttl_left = 0.0
         try:
-            if get_with_ttl is not None:
-                value, ttl_left = await get_with_ttl(key)
-            else:
-                value = await store.get(key)
+            value = await store.get(key)
         except Exception as exc:
             raise self._failed(exc) from exc
         if value is None:
             return None
         try:
-            result = decode_result(value)
+            result, expires_at = decode_entry(value)
         except Exception:
             logger.warning("dropping an unreadable cache entry %s", key)
             return None
-        if l1 is not None and ttl_left > 0:
-            l1.put(key, result, ttl_left)
+        if l1 is not None and expires_at > 0:
+            l1.put(key, result, expires_at - time.time())
         return result
 
     async def put(self, key: str, result: TritonResult) -> None:
         store = self._usable()
-        value = encode_result(result)
+        value = encode_result(result, time.time() + self.ttl_s)
         if len(value) > self.max_value_bytes:
             return
         try:

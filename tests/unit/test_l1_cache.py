@@ -57,10 +57,6 @@ class Store:
         self.gets += 1
         return self.data.get(key)
 
-    async def get_with_ttl(self, key: str) -> tuple[bytes | None, float]:
-        self.gets += 1
-        return self.data.get(key), 30.0
-
     async def set(self, key: str, value: bytes, ttl_s: int) -> None:
         self.data[key] = value
 
@@ -90,3 +86,34 @@ async def test_l1_is_off_by_default() -> None:
     await cache.get("k")
     await cache.get("k")
     assert cache.l1 is None and store.gets == 2
+
+
+async def test_l1_filled_from_a_redis_hit_lasts_only_as_long_as_the_writers_ttl(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    wall, mono = [1_000_000.0], [50.0]
+    monkeypatch.setattr(time, "time", lambda: wall[0])
+    monkeypatch.setattr(time, "monotonic", lambda: mono[0])
+    store = Store()
+    writer = ResponseCache(store, ttl_s=20, max_value_bytes=1 << 20)
+    await writer.put("k", _result())  # expires at wall + 20 in Redis
+    wall[0] += 15
+    mono[0] += 15
+    reader = ResponseCache(store, ttl_s=20, max_value_bytes=1 << 20, l1_entries=10)
+    assert await reader.get("k") is not None and store.gets == 1
+    assert reader.l1 is not None and reader.l1.get("k") is not None  # 5 s left
+    mono[0] += 5.1
+    assert reader.l1.get("k") is None  # gone with the Redis entry, not 20 s after the read
+
+
+async def test_values_without_an_expiry_are_served_but_not_kept_in_l1() -> None:
+    from app.services.cache import _LEN
+
+    header = b'{"v":"1","o":[["Y","FP32",[2],8]]}'
+    legacy = _LEN.pack(len(header)) + header + np.arange(2, dtype=np.float32).tobytes()
+    store = Store()
+    store.data["k"] = legacy
+    cache = ResponseCache(store, ttl_s=60, max_value_bytes=1 << 20, l1_entries=10)
+    got = await cache.get("k")
+    assert got is not None and got.outputs["Y"].tolist() == [0.0, 1.0]
+    assert cache.l1 is not None and len(cache.l1) == 0
