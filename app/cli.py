@@ -170,6 +170,7 @@ def cmd_up(_: argparse.Namespace) -> int:
             os.environ["TGW_REDIS_URL"] = redis.url
         if triton is not None:
             os.environ["TGW_TRITON_URL"] = triton.grpc_url
+            os.environ.setdefault("TGW_TRITON_HTTP_URL", triton.http_url)  # set it blank for gRPC inference
         os.environ.setdefault("TGW_WORKER_IN_PROCESS", "true")  # the embedded default runs jobs too
         logger.info("gateway on http://%s:%d", settings.host, settings.port)
         code = asyncio.run(_serve_with_children(settings, children))

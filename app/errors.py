@@ -125,6 +125,29 @@ def from_grpc(status: grpc.StatusCode | None, message: str, retry_after_s: int =
     return cls(f"Triton rejected the request: {message}", details)
 
 
+# HTTP status of a Triton inference answer (KServe v2 over HTTP) -> the domain error it becomes.
+_HTTP_TO_ERROR: dict[int, type[GatewayError]] = {
+    404: ModelNotFound,
+    429: UpstreamUnavailable,
+    503: UpstreamUnavailable,
+    408: UpstreamTimeout,
+    504: UpstreamTimeout,
+}
+
+
+def from_http(status: int, message: str, retry_after_s: int = 2) -> GatewayError:
+    """The same errors as ``from_grpc`` for Triton's HTTP endpoint; anything not listed is a 502."""
+    cls = _HTTP_TO_ERROR.get(status, UpstreamError)
+    details = {"http_status": status}
+    if issubclass(cls, ServiceUnavailable):
+        return cls(f"Triton is unavailable: {message}", details, retry_after_s=retry_after_s)
+    if cls is UpstreamTimeout:
+        return cls("Triton did not answer before the deadline", details)
+    if cls is ModelNotFound:
+        return cls(f"Triton does not serve it: {message}", details)
+    return cls(f"Triton rejected the request: {message}", details)
+
+
 def is_kserve_path(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 

@@ -13,6 +13,7 @@ from app import __version__
 from app.clients.protocols import TritonClient
 from app.clients.redis import RedisCacheStore, make_redis
 from app.clients.triton import TritonGrpcClient
+from app.clients.triton_http import TritonHttpInfer
 from app.errors import install_exception_handlers
 from app.hotpath import GatewayApp, HotPath
 from app.lifecycle import Lifecycle
@@ -53,11 +54,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         l1_ttl_s=settings.l1_cache_ttl_s,
     )  # fmt: skip
     registry = ModelRegistry(triton, settings.metadata_ttl_s, settings.cache_exclude_models)
-    # Micro-batching wraps only the client the inference path uses; health and metadata go direct.
+    # Inference over Triton's HTTP endpoint when TGW_TRITON_HTTP_URL is set (app.clients.triton_http);
+    # micro-batching wraps only the client the inference path uses; health and metadata go direct (gRPC).
+    upstream: TritonClient = triton
+    if settings.triton_http_url:
+        upstream = TritonHttpInfer(
+            settings.triton_http_url, triton, retries=settings.triton_retries,
+            retry_after_s=settings.retry_after_s,
+        )  # fmt: skip
     infer_client: TritonClient = (
-        BatchingTritonClient(triton, registry.peek, settings.batch_window_us, settings.batch_max_inflight)
+        BatchingTritonClient(upstream, registry.peek, settings.batch_window_us, settings.batch_max_inflight)
         if settings.batch_enabled
-        else triton
+        else upstream
     )
     app.state.triton = triton
     app.state.redis = redis
@@ -77,7 +85,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await app.state.jobs.start()
     register_jobs_snapshot(app, app.state.jobs.metrics_snapshot)
     lifecycle.drain_hooks.append(app.state.jobs.begin_drain)
-    logger.info("gateway up: Triton %s, Redis %s", settings.triton_grpc_address,
+    logger.info("gateway up: Triton %s (inference over %s), Redis %s", settings.triton_grpc_address,
+                f"HTTP {settings.triton_http_url}" if settings.triton_http_url else "gRPC",
                 settings.redis_address if redis is not None else "disabled")  # fmt: skip
     try:
         yield
@@ -87,6 +96,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await app.state.jobs.stop(drain_s=min(settings.drain_s, 5.0) if settings.worker_in_process else 0)
         if store is not None:
             await store.close()
+        if upstream is not triton:
+            await upstream.close()
         await triton.close()
         if settings.otel_endpoint:
             tracing.shutdown_tracing()

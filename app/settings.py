@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     triton_url: str | None = Field(
         None, description="gRPC address host:port of an external Triton; unset = start the embedded one"
     )
+    triton_http_url: str | None = Field(
+        None, description="host:port of the same Triton's HTTP endpoint: inference goes there (measured "
+        "cheaper); unset = inference over gRPC too. `tgw up` sets it for the embedded Triton",
+    )  # fmt: skip
     triton_timeout_s: float = Field(30.0, gt=0, description="per-call deadline for inference")
     triton_channels: int = Field(1, ge=1, le=32, description="gRPC channels, requests spread round-robin")
     triton_retries: int = Field(2, ge=0, le=10, description="retries on UNAVAILABLE (request not sent)")
@@ -156,6 +160,17 @@ class Settings(BaseSettings):
                 value = value[len(prefix) :]
         if ":" not in value:
             raise ValueError("expected host:port of Triton's gRPC endpoint, e.g. triton:8001")
+        return value
+
+    @field_validator("triton_http_url")
+    @classmethod
+    def _http_address(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().removeprefix("http://").rstrip("/")
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError("expected host:port of Triton's HTTP endpoint, e.g. triton:8000")
         return value
 
     @field_validator("otel_endpoint")

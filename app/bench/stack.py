@@ -57,6 +57,7 @@ class Stack:
         env.update(
             {
                 "TGW_TRITON_URL": self.triton.grpc_url,
+                "TGW_TRITON_HTTP_URL": self.triton.http_url,  # as `tgw up`; blank it for gRPC
                 "TGW_REDIS_URL": self.redis.url,
                 "TGW_PORT": str(self.gateway_port),
                 "TGW_HOST": "127.0.0.1",
