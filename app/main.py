@@ -94,6 +94,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await lifecycle.run_shutdown_hooks(settings.drain_s)
         lifecycle.deactivate()
         await app.state.jobs.stop(drain_s=min(settings.drain_s, 5.0) if settings.worker_in_process else 0)
+        await app.state.inference.drain_writes(timeout_s=1.0)
         if store is not None:
             await store.close()
         if upstream is not triton:

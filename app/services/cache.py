@@ -225,16 +225,18 @@ class ResponseCache:
         return result
 
     async def put(self, key: str, result: TritonResult) -> None:
+        """Store an answer. The L1 gets it before Redis acknowledges, so that the requests after this one
+        hit even while the ``SET`` is under way (the answer is the same; it expires with the TTL)."""
         store = self._usable()
         value = encode_result(result, time.time() + self.ttl_s)
         if len(value) > self.max_value_bytes:
             return
+        if self.l1 is not None:
+            self.l1.put(key, result, self.ttl_s)
         try:
             await store.set(key, value, self.ttl_s)
         except Exception as exc:
             raise self._failed(exc) from exc
-        if self.l1 is not None:
-            self.l1.put(key, result, self.ttl_s)
 
     async def probe(self) -> bool:
         """Readiness check; also ends the back-off early once Redis answers again."""

@@ -83,6 +83,7 @@ class InferenceService:
         self.namespace = namespace
         self.timeout_s = timeout_s
         self.flights: SingleFlight[TritonResult] = SingleFlight(metrics.SINGLEFLIGHT_WAITERS)
+        self._writes: set[asyncio.Task[None]] = set()
 
     async def prepare_v1(self, model: str, version: str | None, body: Any) -> InferRequest:
         """Validate a /v1 body ``{"inputs": {...}, "outputs"?: [...], "parameters"?: {...}}``."""
@@ -135,8 +136,10 @@ class InferenceService:
 
         async def forward() -> TritonResult:
             result = await self._forward(req, request_id)
-            if write:
-                await self._store(key, req, result)
+            if write:  # write-behind: the answer does not wait for Redis to acknowledge
+                task = asyncio.create_task(self._store(key, req, result))
+                self._writes.add(task)
+                task.add_done_callback(self._writes.discard)
             return result
 
         result, shared = await self.flights.do(key, forward)
@@ -180,6 +183,11 @@ class InferenceService:
                         info.name, result.model_version, info.version)  # fmt: skip
             self.registry.invalidate()
         return result
+
+    async def drain_writes(self, timeout_s: float) -> None:
+        """Let cache writes under way land (shutdown), for at most ``timeout_s``."""
+        if self._writes:
+            await asyncio.wait(set(self._writes), timeout=timeout_s)
 
     async def _store(self, key: str, req: InferRequest, result: TritonResult) -> None:
         if result.model_version and result.model_version != req.info.version:

@@ -43,7 +43,11 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
 
 @pytest.fixture(scope="session")
 def gateway_url(triton: EmbeddedTriton, redis_server: EmbeddedRedis) -> Iterator[str]:
-    with running_gateway(triton_url=triton.grpc_url, redis_url=redis_server.url) as url:
+    """Configured as ``tgw up`` configures it: inference over Triton's HTTP endpoint, the rest over gRPC
+    (tests/integration/test_transport.py runs the inference checks over both)."""
+    with running_gateway(
+        triton_url=triton.grpc_url, triton_http_url=triton.http_url, redis_url=redis_server.url
+    ) as url:
         yield url
 
 
@@ -58,10 +62,13 @@ GatewayFactory = Callable[..., AbstractContextManager[str]]
 
 @pytest.fixture
 def start_gateway(triton: EmbeddedTriton, redis_server: EmbeddedRedis) -> GatewayFactory:
-    """Another gateway with some settings changed, e.g. ``start_gateway(triton_timeout_s=0.5)``."""
+    """Another gateway with some settings changed, e.g. ``start_gateway(triton_timeout_s=0.5)``;
+    ``triton_http_url=None`` sends inference over gRPC."""
 
     def factory(**overrides: object) -> AbstractContextManager[str]:
-        settings: dict[str, object] = {"triton_url": triton.grpc_url, "redis_url": redis_server.url}
+        settings: dict[str, object] = {
+            "triton_url": triton.grpc_url, "triton_http_url": triton.http_url, "redis_url": redis_server.url,
+        }  # fmt: skip
         settings.update(overrides)
         return running_gateway(**settings)
 

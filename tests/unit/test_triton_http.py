@@ -1,0 +1,158 @@
+"""The HTTP inference client's connection handling, against a scripted local HTTP server (the real
+Triton is in tests/integration/test_transport.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+import orjson
+import pytest
+
+from app.clients.triton_http import TritonHttpInfer
+from app.errors import ModelNotFound, UpstreamError, UpstreamUnavailable
+
+X = np.arange(4, dtype=np.float32).reshape(1, 4)
+
+
+def _answer(arr: np.ndarray) -> bytes:
+    head = orjson.dumps({"model_name": "m", "model_version": "3", "outputs": [
+        {"name": "Y", "datatype": "FP32", "shape": list(arr.shape),
+         "parameters": {"binary_data_size": arr.nbytes}}]})  # fmt: skip
+    body = head + arr.tobytes()
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nInference-Header-Content-Length: %d\r\n"
+            b"Content-Length: %d\r\n\r\n" % (len(head), len(body))) + body  # fmt: skip
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(next(v for k, _, v in (ln.partition(b": ") for ln in head.split(b"\r\n"))
+                      if k.lower() == b"content-length"))  # fmt: skip
+    return head, await reader.readexactly(length)
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _server(handler: Handler) -> tuple[asyncio.Server, str]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"127.0.0.1:{port}"
+
+
+async def test_request_format_and_binary_answer() -> None:
+    seen: list[tuple[bytes, bytes]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head, body = await _read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            seen.append((head, body))
+            writer.write(_answer(X * 2))
+
+    server, url = await _server(handler)
+    client = TritonHttpInfer(url, admin=None)
+    for _ in range(3):
+        result = await client.infer("m/x", "3", {"A": X}, {"A": "FP32"}, None, {"p": 1}, "rid-7", 5)
+        assert result.model_version == "3" and result.outputs["Y"].tolist() == (X * 2).tolist()
+    await client.close()
+    server.close()
+    head, body = seen[0]
+    assert head.startswith(b"POST /v2/models/m%2Fx/versions/3/infer HTTP/1.1\r\n")
+    assert b"x-request-id: rid-7\r\n" in head
+    n = int(head.split(b"Inference-Header-Content-Length: ")[1].split(b"\r\n")[0])
+    header = orjson.loads(body[:n])
+    assert header == {"inputs": [{"name": "A", "shape": [1, 4], "datatype": "FP32",
+                                  "parameters": {"binary_data_size": 16}}],
+                      "id": "rid-7", "parameters": {"p": 1, "binary_data_output": True}}  # fmt: skip
+    assert body[n:] == X.tobytes()
+    assert client._open == 1  # one keep-alive connection served all three
+
+
+async def test_idle_connection_closed_by_the_server_is_replaced_without_an_error() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(_answer(X))  # keep-alive by HTTP/1.1 rules, but the server closes anyway
+        await writer.drain()
+        writer.close()
+
+    server, url = await _server(handler)
+    client = TritonHttpInfer(url, admin=None, retries=0)
+    for _ in range(4):
+        result = await client.infer("m", "", {"A": X}, {"A": "FP32"}, None, None, "", 5)
+        assert result.outputs["Y"].tolist() == X.tolist()
+    await client.close()
+    server.close()
+
+
+async def test_connection_broken_mid_call_is_503_not_retried() -> None:
+    calls = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal calls
+        await _read_request(reader)
+        calls += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        await writer.drain()
+        writer.close()
+
+    server, url = await _server(handler)
+    client = TritonHttpInfer(url, admin=None, retries=2)
+    with pytest.raises(UpstreamUnavailable):
+        await client.infer("m", "", {"A": X}, {"A": "FP32"}, None, None, "", 5)
+    assert calls == 1  # it may have reached Triton: not sent again
+    server.close()
+
+
+async def test_error_answers_map_like_grpc() -> None:
+    answers = {b"/v2/models/gone/infer": (404, "unknown model"), b"/v2/models/bad/infer": (400, "bad shape")}
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head, _ = await _read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            status, message = answers[head.split(b" ")[1]]
+            body = orjson.dumps({"error": message})
+            writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body))
+
+    server, url = await _server(handler)
+    client = TritonHttpInfer(url, admin=None)
+    with pytest.raises(ModelNotFound, match="unknown model"):
+        await client.infer("gone", "", {"A": X}, {"A": "FP32"}, None, None, "", 5)
+    with pytest.raises(UpstreamError, match="bad shape"):
+        await client.infer("bad", "", {"A": X}, {"A": "FP32"}, None, None, "", 5)
+    await client.close()
+    server.close()
+
+
+async def test_pool_is_bounded_and_waiters_are_served() -> None:
+    open_now = peak = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_now, peak
+        open_now += 1
+        peak = max(peak, open_now)
+        try:
+            while True:
+                try:
+                    await _read_request(reader)
+                except asyncio.IncompleteReadError:
+                    return
+                await asyncio.sleep(0.01)
+                writer.write(_answer(X))
+        finally:
+            open_now -= 1
+
+    server, url = await _server(handler)
+    client = TritonHttpInfer(url, admin=None, max_connections=3)
+    results = await asyncio.gather(*(
+        client.infer("m", "", {"A": X}, {"A": "FP32"}, None, None, "", 5) for _ in range(20)
+    ))  # fmt: skip
+    assert len(results) == 20 and peak <= 3
+    await client.close()
+    server.close()
