@@ -452,6 +452,11 @@ def test_settings_addresses_point_at_services(overlay: str) -> None:
     assert int(port) == next(
         p["port"] for p in one(objs, "Service", "triton")["spec"]["ports"] if p["name"] == "grpc"
     )
+    host, port = env["TGW_TRITON_HTTP_URL"].rsplit(":", 1)
+    _service_address(objs, host, int(port))
+    assert int(port) == next(
+        p["port"] for p in one(objs, "Service", "triton")["spec"]["ports"] if p["name"] == "http"
+    )
     m = re.fullmatch(r"redis://([^:/]+):(\d+)/(\d+)", env["TGW_REDIS_URL"])
     assert m, env["TGW_REDIS_URL"]
     _service_address(objs, m[1], int(m[2]))
@@ -633,6 +638,7 @@ def test_compose_values_are_accepted_by_settings(service: str, monkeypatch: pyte
     env = {**_dockerfile_env(), **{k: interpolate(v) for k, v in _env_list(svc["environment"]).items()}}
     s = _settings_from(env, monkeypatch)
     assert s.triton_url == "triton:8001" and s.redis_url == "redis://redis:6379/0" and s.host == "0.0.0.0"
+    assert s.triton_http_url == "triton:8000"
 
 
 # ------------------------------------------------------------------------------------------------
