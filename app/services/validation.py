@@ -112,11 +112,12 @@ def _received_kind(kind: str) -> str:
 
 def check_tensor(field: str, arr: np.ndarray, spec: TensorSpec, info: ModelInfo) -> None:
     """Rank, dims, batch bound and finiteness."""
-    expected = {"shape": list(spec.shape), "datatype": spec.datatype}
-    received = {"shape": list(arr.shape), "datatype": spec.datatype}
-    if arr.ndim != len(spec.shape) or any(
-        want != -1 and want != got for want, got in zip(spec.shape, arr.shape, strict=False)
+    shape = arr.shape
+    if len(shape) != len(spec.shape) or any(
+        want != -1 and want != got for want, got in zip(spec.shape, shape, strict=False)
     ):
+        expected = {"shape": list(spec.shape), "datatype": spec.datatype}
+        received = {"shape": list(shape), "datatype": spec.datatype}
         raise _fail(
             field,
             f"expected shape {_shape_text(spec.shape)}, got {_shape_text(arr.shape)}",
@@ -124,8 +125,10 @@ def check_tensor(field: str, arr: np.ndarray, spec: TensorSpec, info: ModelInfo)
             received=received,
         )
     if info.batched:
-        batch = arr.shape[0]
+        batch = shape[0]
         if batch < 1 or batch > info.max_batch_size:
+            expected = {"shape": list(spec.shape), "datatype": spec.datatype}
+            received = {"shape": list(shape), "datatype": spec.datatype}
             raise _fail(
                 field,
                 f"batch size {batch} is outside 1..{info.max_batch_size} (max_batch_size)",
@@ -136,7 +139,7 @@ def check_tensor(field: str, arr: np.ndarray, spec: TensorSpec, info: ModelInfo)
         raise _fail(
             field,
             f"NaN or infinite values (or values out of {spec.datatype} range) are not allowed",
-            expected=expected,
+            expected={"shape": list(spec.shape), "datatype": spec.datatype},
         )
 
 
@@ -148,6 +151,8 @@ def _check_names(info: ModelInfo, given: Sequence[str]) -> None:
             f"model '{info.name}' has no input '{unknown[0]}'; its inputs are {sorted(info.inputs)}",
             expected={"inputs": sorted(info.inputs)},
         )
+    if len(set(given)) == len(info.inputs):  # every name is known: all present, none missing
+        return
     missing = [n for n, s in info.inputs.items() if not s.optional and n not in given]
     if missing:
         spec = info.inputs[missing[0]]
