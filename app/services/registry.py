@@ -123,6 +123,7 @@ class ModelRegistry:
         self._index_lock = asyncio.Lock()
         self._models: dict[tuple[str, str], ModelInfo] = {}
         self._model_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._ready: dict[str, tuple[str, ...]] = {}  # per index snapshot: model -> ready versions
 
     def invalidate(self) -> None:
         self._index_at = float("-inf")
@@ -140,15 +141,21 @@ class ModelRegistry:
                     logger.info("model repository changed; dropping cached metadata")
                 self._models.clear()
                 self._index = fresh
+                self._ready = {}
             self._index_at = time.monotonic()
             return self._index
 
     async def ready_versions(self, model: str) -> tuple[str, ...]:
-        entries = [e for e in await self.index() if e.get("name") == model]
+        index = await self.index()
+        known = self._ready.get(model)
+        if known is not None:
+            return known
+        entries = [e for e in index if e.get("name") == model]
         if not entries:
             raise ModelNotFound(f"model '{model}' is not in the repository", {"model": model})
         ready = [str(e.get("version", "")) for e in entries if e.get("state") == "READY"]
-        return tuple(sorted(ready, key=_version_key))
+        known = self._ready[model] = tuple(sorted(ready, key=_version_key))
+        return known
 
     async def resolve(self, model: str, version: str | None = None) -> ModelInfo:
         """The metadata of the version that will serve the request: the given one, else the latest."""

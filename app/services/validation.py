@@ -7,6 +7,7 @@ input and saying what was expected and what was received.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -247,7 +248,7 @@ def validate_v2_inputs(
                 expected=spec.public(),
                 received={"datatype": datatype},
             )
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)
         if binary is not None and name in binary:
             arr = _from_binary(field, binary[name], spec, shape, count)
         else:
