@@ -115,7 +115,12 @@ def grpc_status_from_text(status: str | None) -> grpc.StatusCode | None:
 
 def from_grpc(status: grpc.StatusCode | None, message: str, retry_after_s: int = 2) -> GatewayError:
     cls = _GRPC_TO_ERROR.get(status, UpstreamError) if status else UpstreamError
-    details = {"grpc_status": status.name if status else "UNKNOWN"}
+    return _upstream(cls, message, {"grpc_status": status.name if status else "UNKNOWN"}, retry_after_s)
+
+
+def _upstream(
+    cls: type[GatewayError], message: str, details: dict[str, Any], retry_after_s: int
+) -> GatewayError:
     if issubclass(cls, ServiceUnavailable):
         return cls(f"Triton is unavailable: {message}", details, retry_after_s=retry_after_s)
     if cls is UpstreamTimeout:
@@ -138,14 +143,7 @@ _HTTP_TO_ERROR: dict[int, type[GatewayError]] = {
 def from_http(status: int, message: str, retry_after_s: int = 2) -> GatewayError:
     """The same errors as ``from_grpc`` for Triton's HTTP endpoint; anything not listed is a 502."""
     cls = _HTTP_TO_ERROR.get(status, UpstreamError)
-    details = {"http_status": status}
-    if issubclass(cls, ServiceUnavailable):
-        return cls(f"Triton is unavailable: {message}", details, retry_after_s=retry_after_s)
-    if cls is UpstreamTimeout:
-        return cls("Triton did not answer before the deadline", details)
-    if cls is ModelNotFound:
-        return cls(f"Triton does not serve it: {message}", details)
-    return cls(f"Triton rejected the request: {message}", details)
+    return _upstream(cls, message, {"http_status": status}, retry_after_s)
 
 
 def is_kserve_path(path: str) -> bool:

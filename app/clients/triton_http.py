@@ -25,9 +25,10 @@ from urllib.parse import quote
 import httptools
 import numpy as np
 import orjson
-from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, triton_to_np_dtype
+from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
 
 from app.clients.protocols import TritonResult
+from app.clients.tensors import tensor_bytes
 from app.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable, from_http
 from app.observability import tracing
 
@@ -233,7 +234,7 @@ class TritonHttpInfer:
         blobs: list[bytes] = []
         tensors = []
         for name, arr in inputs.items():
-            blob = _tensor_bytes(arr)
+            blob = tensor_bytes(arr)
             blobs.append(blob)
             tensors.append({"name": name, "shape": arr.shape, "datatype": datatypes[name],
                             "parameters": {"binary_data_size": len(blob)}})  # fmt: skip
@@ -285,14 +286,6 @@ class TritonHttpInfer:
         for conn in self._idle:
             conn.close()
         self._idle.clear()
-
-
-def _tensor_bytes(arr: np.ndarray) -> bytes:
-    if arr.dtype == np.object_:
-        return bytes(serialize_byte_tensor(arr).item()) if arr.size else b""
-    if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(arr).tobytes()
 
 
 def _error_message(body: bytes) -> str:

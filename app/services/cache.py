@@ -18,20 +18,13 @@ from typing import Any
 
 import numpy as np
 import orjson
-from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+from tritonclient.utils import deserialize_bytes_tensor
 
 from app.clients.protocols import CacheStore, TritonResult
+from app.clients.tensors import tensor_bytes
 from app.services.validation import NUMPY_DTYPES
 
 logger = logging.getLogger(__name__)
-
-
-def tensor_bytes(arr: np.ndarray) -> bytes:
-    if arr.dtype == np.object_:
-        return bytes(serialize_byte_tensor(arr).item()) if arr.size else b""
-    if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(arr).tobytes()
 
 
 def cache_key(

@@ -12,8 +12,8 @@ from typing import Any
 
 import orjson
 
+from app.clients.tensors import tensor_bytes
 from app.errors import BadRequest, InvalidInput
-from app.services.cache import tensor_bytes
 from app.services.inference import InferRequest, InferResponse, jsonable
 from app.services.payload import parse_json
 from app.services.registry import ModelInfo
