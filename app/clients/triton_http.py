@@ -140,7 +140,16 @@ class TritonHttpInfer:
         if self._open >= self.max_connections:
             waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
-            conn_or_slot = await waiter
+            try:
+                conn_or_slot = await waiter
+            except asyncio.CancelledError:  # handed a connection or a slot just before: pass it on
+                if waiter.done() and not waiter.cancelled():
+                    handed = waiter.result()
+                    if handed is not None:
+                        self._release(handed)
+                    else:
+                        self._wake_one(None)
+                raise
             if conn_or_slot is not None:
                 return conn_or_slot
         self._open += 1

@@ -156,3 +156,21 @@ async def test_pool_is_bounded_and_waiters_are_served() -> None:
     assert len(results) == 20 and peak <= 3
     await client.close()
     server.close()
+
+
+async def test_a_waiter_cancelled_by_its_deadline_does_not_leak_the_connection_it_was_handed() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server, url = await _server(handler)
+    client = TritonHttpInfer(url, admin=None, max_connections=1)
+    conn = await client._acquire()
+    waiting = asyncio.create_task(client._acquire())
+    await asyncio.sleep(0)  # the pool is full: it waits
+    client._release(conn)  # handed to the waiter ...
+    waiting.cancel()  # ... which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert client._idle == [conn] and client._open == 1  # back in the pool, not lost
+    await client.close()
+    server.close()
