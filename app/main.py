@@ -75,7 +75,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.inference = InferenceService(
         infer_client, registry, cache, settings.cache_namespace, settings.triton_timeout_s
     )
-    app.state.health = HealthService(triton, cache)
+    app.state.health = HealthService(upstream, cache)  # Triton is live when every endpoint we use answers
     # --- lifecycle: SIGTERM drains (readiness 503), hooks on app.state.lifecycle ---
     lifecycle: Lifecycle = app.state.lifecycle
     lifecycle.watch(app.state.health)

@@ -272,12 +272,21 @@ class TritonHttpInfer:
         )
         return b"".join([start.encode("latin-1"), head, *blobs])
 
-    # --- the rest of TritonClient: gRPC ---
+    async def _http_ok(self, path: str, timeout_s: float = 2.0) -> bool:
+        request = f"GET {path} HTTP/1.1\r\n{self._host_header}\r\n".encode("latin-1")
+        try:
+            async with asyncio.timeout(timeout_s):
+                status, _, _ = await self._send(request)
+        except (GatewayError, OSError, TimeoutError):
+            return False
+        return status == 200
+
+    # --- the rest of TritonClient: gRPC (health needs both endpoints: inference uses this one) ---
     async def server_live(self) -> bool:
-        return bool(await self.admin.server_live())
+        return bool(await self.admin.server_live()) and await self._http_ok("/v2/health/live")
 
     async def server_ready(self) -> bool:
-        return bool(await self.admin.server_ready())
+        return bool(await self.admin.server_ready()) and await self._http_ok("/v2/health/ready")
 
     async def server_metadata(self) -> dict[str, Any]:
         return dict(await self.admin.server_metadata())

@@ -105,5 +105,7 @@ def test_triton_http_unreachable_is_503_with_retry_after(start_gateway: GatewayF
     with start_gateway(triton_http_url=f"127.0.0.1:{free_port()}", retry_after_s=3) as url:
         r = httpx.post(f"{url}/v1/models/identity_fp32/infer", json={"inputs": {"INPUT0": [[1.0]]}},
                        headers=NO_CACHE, timeout=20)  # fmt: skip
+        ready = httpx.get(f"{url}/readyz", timeout=20)
     assert r.status_code == 503, r.text
     assert r.headers["retry-after"] == "3" and r.json()["error"]["code"] == "triton_unavailable"
+    assert ready.status_code == 503 and ready.json()["checks"]["triton"]["status"] == "fail"
