@@ -51,6 +51,18 @@ class PayloadTooLarge(GatewayError):
     code = "payload_too_large"
 
 
+def body_too_large(limit: int, declared: int | None = None) -> PayloadTooLarge:
+    """The 413 of ``TGW_MAX_BODY_BYTES``: for a declared ``Content-Length``, or a body cut off while read."""
+    if declared is not None:
+        return PayloadTooLarge(
+            f"request body is {declared} bytes, the limit is {limit} (TGW_MAX_BODY_BYTES)",
+            {"limit_bytes": limit, "received_bytes": declared},
+        )
+    return PayloadTooLarge(
+        f"request body exceeds the limit of {limit} bytes (TGW_MAX_BODY_BYTES)", {"limit_bytes": limit}
+    )
+
+
 class NotFound(GatewayError):
     status_code = 404
     code = "not_found"

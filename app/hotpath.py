@@ -30,7 +30,14 @@ from typing import Any, NamedTuple
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
-from app.errors import GatewayError, PayloadTooLarge, error_body, log_gateway_error, log_unhandled
+from app.errors import (
+    GatewayError,
+    PayloadTooLarge,
+    body_too_large,
+    error_body,
+    log_gateway_error,
+    log_unhandled,
+)
 from app.observability import metrics, tracing
 from app.observability.context import begin_request
 from app.observability.middleware import log_access
@@ -140,11 +147,7 @@ class HotPath:
         try:
             try:
                 if declared > self.max_body_bytes:
-                    raise PayloadTooLarge(
-                        f"request body is {declared} bytes, the limit is {self.max_body_bytes} "
-                        "(TGW_MAX_BODY_BYTES)",
-                        {"limit_bytes": self.max_body_bytes, "received_bytes": declared},
-                    )
+                    raise body_too_large(self.max_body_bytes, declared)
                 body = await self._read_body(receive)
                 received = len(body)
                 reply = await self._handle(route, body, cache_control, header_length)
@@ -196,10 +199,7 @@ class HotPath:
             if chunk:
                 size += len(chunk)
                 if size > limit:
-                    raise PayloadTooLarge(
-                        f"request body exceeds the limit of {limit} bytes (TGW_MAX_BODY_BYTES)",
-                        {"limit_bytes": limit},
-                    )
+                    raise body_too_large(limit)
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import PayloadTooLarge, error_body, is_kserve_path
+from app.errors import body_too_large, error_body, is_kserve_path
 from app.request_context import set_request_id
 
 
@@ -42,11 +42,9 @@ class RequestContextMiddleware:
 
         limit = self.max_body_bytes
         if length is not None and length > limit:
+            exc = body_too_large(limit, length)
             body = error_body(
-                "payload_too_large",
-                f"request body is {length} bytes, the limit is {limit} (TGW_MAX_BODY_BYTES)",
-                {"limit_bytes": limit, "received_bytes": length},
-                kserve=is_kserve_path(scope.get("path", "")),
+                exc.code, exc.message, exc.details, kserve=is_kserve_path(scope.get("path", ""))
             )
             await send(
                 {
@@ -71,10 +69,7 @@ class RequestContextMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise PayloadTooLarge(
-                        f"request body exceeds the limit of {limit} bytes (TGW_MAX_BODY_BYTES)",
-                        {"limit_bytes": limit},
-                    )
+                    raise body_too_large(limit)
             return message
 
         async def send_with_id(message: Message) -> None:
