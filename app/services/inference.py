@@ -35,6 +35,10 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     cache_read: bool = True
     cache_write: bool = True
+    datatypes: dict[str, str] = field(init=False)  # Triton datatype of each given input
+
+    def __post_init__(self) -> None:
+        self.datatypes = {name: self.info.inputs[name].datatype for name in self.inputs}
 
 
 @dataclass(slots=True)
@@ -105,10 +109,9 @@ class InferenceService:
 
     def key_for(self, req: InferRequest) -> str:
         info = req.info
-        datatypes = {name: info.inputs[name].datatype for name in req.inputs}
         outputs = req.outputs or list(info.outputs)
         return cache_key(
-            self.namespace, info.name, info.version, outputs, req.parameters, req.inputs, datatypes
+            self.namespace, info.name, info.version, outputs, req.parameters, req.inputs, req.datatypes
         )
 
     async def infer(self, req: InferRequest, request_id: str = "") -> InferResponse:
@@ -157,14 +160,13 @@ class InferenceService:
 
     async def _forward(self, req: InferRequest, request_id: str) -> TritonResult:
         info = req.info
-        datatypes = {name: info.inputs[name].datatype for name in req.inputs}
         start = time.perf_counter()
         status = "ok"
         try:
             with tracing.span("triton.infer", {"tgw.model": info.name, "tgw.model_version": info.version}):
                 async with asyncio.timeout(self.timeout_s + 1.0):
                     result = await self.triton.infer(
-                        info.name, info.version, req.inputs, datatypes, req.outputs, req.parameters,
+                        info.name, info.version, req.inputs, req.datatypes, req.outputs, req.parameters,
                         request_id, self.timeout_s,
                     )  # fmt: skip
         except TimeoutError:
