@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
-from tritonclient.utils import serialize_byte_tensor
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, triton_to_np_dtype
 
 
 def tensor_bytes(arr: np.ndarray) -> bytes:
@@ -13,3 +15,10 @@ def tensor_bytes(arr: np.ndarray) -> bytes:
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     return np.ascontiguousarray(arr).tobytes()
+
+
+def tensor_from_bytes(blob: bytes, datatype: str, shape: Sequence[int]) -> np.ndarray:
+    """The inverse of ``tensor_bytes`` for a Triton ``datatype`` (a read-only view where it can be)."""
+    if datatype == "BYTES":
+        return deserialize_bytes_tensor(blob).reshape(shape)
+    return np.frombuffer(blob, dtype=triton_to_np_dtype(datatype)).reshape(shape)

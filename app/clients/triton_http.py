@@ -25,10 +25,10 @@ from urllib.parse import quote
 import httptools
 import numpy as np
 import orjson
-from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
+from tritonclient.utils import triton_to_np_dtype
 
 from app.clients.protocols import TritonResult
-from app.clients.tensors import tensor_bytes
+from app.clients.tensors import tensor_bytes, tensor_from_bytes
 from app.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable, from_http
 from app.observability import tracing
 
@@ -333,10 +333,7 @@ def _decode(headers: Mapping[bytes, bytes], body: bytes) -> TritonResult:
             else:
                 blob = body[offset : offset + size]
                 offset += size
-                if datatype == "BYTES":
-                    arr = deserialize_bytes_tensor(blob).reshape(shape)
-                else:
-                    arr = np.frombuffer(blob, dtype=triton_to_np_dtype(datatype)).reshape(shape)
+                arr = tensor_from_bytes(blob, datatype, shape)
             arrays[name] = arr
             dtypes[name] = datatype
     except GatewayError:

@@ -18,11 +18,9 @@ from typing import Any
 
 import numpy as np
 import orjson
-from tritonclient.utils import deserialize_bytes_tensor
 
 from app.clients.protocols import CacheStore, TritonResult
-from app.clients.tensors import tensor_bytes
-from app.services.validation import NUMPY_DTYPES
+from app.clients.tensors import tensor_bytes, tensor_from_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +80,7 @@ def decode_entry(value: bytes) -> tuple[TritonResult, float]:
     for name, datatype, shape, nbytes in header["o"]:
         blob = value[offset : offset + nbytes]
         offset += nbytes
-        if datatype == "BYTES":
-            arr = deserialize_bytes_tensor(blob).reshape(shape)
-        else:
-            arr = np.frombuffer(blob, dtype=NUMPY_DTYPES[datatype]).reshape(shape)
-        outputs[name] = arr
+        outputs[name] = tensor_from_bytes(blob, datatype, shape)
         datatypes[name] = datatype
     return TritonResult(header["v"], outputs, datatypes), float(header.get("x", 0.0))
 
