@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -15,6 +15,7 @@ from app.clients.redis import RedisCacheStore, make_redis
 from app.clients.triton import TritonGrpcClient
 from app.clients.triton_http import TritonHttpInfer
 from app.errors import install_exception_handlers
+from app.frontends.grpc.server import GrpcFrontDoor
 from app.hotpath import GatewayApp, HotPath
 from app.lifecycle import Lifecycle
 from app.middleware import RequestContextMiddleware
@@ -85,12 +86,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await app.state.jobs.start()
     register_jobs_snapshot(app, app.state.jobs.metrics_snapshot)
     lifecycle.drain_hooks.append(app.state.jobs.begin_drain)
+    # --- gRPC front door (KServe v2 over gRPC, same services; app.frontends.grpc) ---
+    front_door: GrpcFrontDoor | None = None
+    if settings.grpc_enabled:
+        front_door = GrpcFrontDoor(
+            settings, app.state.inference, registry, app.state.health, _triton_version(triton)
+        )
+        app.state.grpc_port = await front_door.start()
     logger.info("gateway up: Triton %s (inference over %s), Redis %s", settings.triton_grpc_address,
                 f"HTTP {settings.triton_http_url}" if settings.triton_http_url else "gRPC",
                 settings.redis_address if redis is not None else "disabled")  # fmt: skip
     try:
         yield
     finally:
+        if front_door is not None:
+            await front_door.stop(settings.drain_s)
         await lifecycle.run_shutdown_hooks(settings.drain_s)
         lifecycle.deactivate()
         await app.state.jobs.stop(drain_s=min(settings.drain_s, 5.0) if settings.worker_in_process else 0)
@@ -102,6 +112,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await triton.close()
         if settings.otel_endpoint:
             tracing.shutdown_tracing()
+
+
+def _triton_version(triton: TritonGrpcClient) -> Callable[[], Awaitable[str]]:
+    """Triton's version (for the gateway's server metadata), asked once and remembered."""
+    known: list[str] = []
+
+    async def version() -> str:
+        if not known:
+            known.append(str((await triton.server_metadata()).get("version", "")))
+        return known[0]
+
+    return version
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -139,6 +139,14 @@ class Settings(BaseSettings):
         60.0, ge=0, description="`tgw serve` waits this long for Triton and Redis; 0 = do not wait"
     )
     startup_retry_interval_s: float = Field(2.0, gt=0, description="pause between start-up checks")
+    # --- gRPC front door ---------------------------------------------------------------------
+    grpc_enabled: bool = Field(True, description="serve KServe v2 gRPC (inference.GRPCInferenceService)")
+    grpc_port: int = Field(
+        8081, ge=0, le=65535, description="gateway gRPC port (on TGW_HOST); 0 = any free port (tests)"
+    )
+    grpc_max_message_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="largest gRPC message received or sent (RESOURCE_EXHAUSTED)"
+    )
     log_format: Literal["json", "text"] = Field("json", description="json (one object per line) or text")
     metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus)")
     otel_endpoint: str | None = Field(None, description="OTLP/gRPC endpoint, e.g. http://otel-collector:4317")
@@ -191,6 +199,8 @@ class Settings(BaseSettings):
     def _distinct_ports(self) -> Settings:
         if self.triton_url is None:
             ports = [self.port, self.triton_http_port, self.triton_grpc_port, self.triton_metrics_port]
+            if self.grpc_enabled and self.grpc_port:
+                ports.append(self.grpc_port)
             if self.redis_url is None:
                 ports.append(self.redis_port)
             if len(set(ports)) != len(ports):

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import uvicorn
 
@@ -14,12 +15,27 @@ from app.main import create_app
 from app.settings import Settings
 
 
+@dataclass(frozen=True)
+class GatewayAddresses:
+    http: str  # http://127.0.0.1:PORT
+    grpc: str  # 127.0.0.1:PORT (the gRPC front door; "" when TGW_GRPC_ENABLED is off)
+
+
 @contextmanager
 def running_gateway(**overrides: object) -> Iterator[str]:
+    with running_gateway_addresses(**overrides) as addresses:
+        yield addresses.http
+
+
+@contextmanager
+def running_gateway_addresses(**overrides: object) -> Iterator[GatewayAddresses]:
+    """The gateway with its gRPC front door on a free port too (``grpc_port=0``, unless overridden)."""
     port = free_port()
+    overrides.setdefault("grpc_port", 0)
     settings = Settings(host="127.0.0.1", port=port, **overrides)  # type: ignore[arg-type]
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
         loop="asyncio", timeout_graceful_shutdown=2,
     )  # fmt: skip
     server = uvicorn.Server(config)
@@ -31,7 +47,8 @@ def running_gateway(**overrides: object) -> Iterator[str]:
             raise RuntimeError("the test gateway did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        grpc_port = getattr(app.state, "grpc_port", 0)
+        yield GatewayAddresses(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}" if grpc_port else "")
     finally:
         server.should_exit = True
         thread.join(timeout=15)

@@ -81,6 +81,13 @@ JOBS = Counter("tgw_jobs", "Async jobs reaching a status", ["status"])
 WEBHOOK_DELIVERIES = Counter("tgw_webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"])
 WEBSOCKETS_OPEN = Gauge("tgw_websockets_open", "Open WebSocket connections", multiprocess_mode="livesum")
 
+# --- gRPC front door (app.frontends.grpc): the HTTP metrics' counterparts, by RPC method and status code ---
+GRPC_REQUESTS = Counter("tgw_grpc_requests", "gRPC requests by method and status code", ["method", "code"])
+GRPC_DURATION = Histogram(
+    "tgw_grpc_request_duration_seconds", "gRPC request latency by method", ["method"],
+    buckets=HTTP_LATENCY_BUCKETS,
+)  # fmt: skip
+
 _CACHE_OUTCOMES = {o: CACHE_REQUESTS.labels(o) for o in ("hit", "miss", "bypass", "error")}
 _CACHE_OPS = {op: CACHE_OPERATION_DURATION.labels(op) for op in ("get", "put")}
 _triton_children: dict[tuple[str, str, str], Histogram] = {}
@@ -102,6 +109,11 @@ def triton_request(model: str, version: str, outcome: str, seconds: float) -> No
     if child is None:
         child = _triton_children[key] = TRITON_DURATION.labels(model, version, outcome)
     child.observe(seconds)
+
+
+def grpc_request(method: str, code: str, seconds: float) -> None:
+    GRPC_REQUESTS.labels(method, code).inc()
+    GRPC_DURATION.labels(method).observe(seconds)
 
 
 # --- jobs hooks ------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Protocol codecs: each turns its wire format into an ``InferRequest`` and a result into its reply."""

@@ -1,0 +1,455 @@
+"""The gRPC front door: ``inference.GRPCInferenceService`` (the service Triton serves, so
+``tritonclient.grpc`` works unchanged) on ``TGW_GRPC_PORT``, with ``grpc.aio`` in the event loop of the HTTP
+server, started and stopped by the application lifespan.
+
+Inference goes through the same ``InferenceService`` as HTTP: validation against the model's metadata
+(``app.codecs.grpc``), the response cache in the same key space (a request answered over HTTP is a hit
+over gRPC and the other way round), single-flight and micro-batching. Per RPC, like the HTTP pipeline:
+the request id (the request's ``id``, else ``x-request-id`` metadata, else generated; passed to Triton and
+returned as ``x-request-id`` trailing metadata beside ``x-cache``), ``tgw_grpc_requests_total`` and
+``tgw_grpc_request_duration_seconds``, a tracing SERVER span, one access-log line, and the
+authentication hook ``authenticate(metadata)``.
+
+``ModelStreamInfer``: requests for ordinary models are answered through the pipeline, in the order they
+came; requests for decoupled models, and sequence requests (which must reach one Triton in order and are
+never cached), are relayed on one upstream stream to Triton and its responses streamed back as they come.
+
+RPCs the gateway does not offer answer ``REFUSED``'s status with a message saying why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from app.codecs import grpc as codec
+from app.errors import GatewayError, ModelNotFound, log_gateway_error, log_unhandled
+from app.frontends.grpc.status import grpc_code
+from app.observability import metrics, tracing
+from app.observability.context import RequestInfo, begin_request
+from app.request_context import set_request_id
+from app.services.health import HealthService
+from app.services.inference import InferenceService, InferResponse
+from app.services.registry import ModelInfo, ModelRegistry
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("app.access")
+
+Request = TypeVar("Request")
+Reply = TypeVar("Reply")
+
+SERVICE = "inference.GRPCInferenceService"
+# KServe v2 extensions the gateway implements (over HTTP and gRPC alike); /v2 lists the same.
+EXTENSIONS = ("binary_tensor_data", "parameters", "statistics", "model_configuration", "schedule_policy",
+              "sequence")  # fmt: skip
+
+_CONTROL = "model control (load/unload) is not exposed through the gateway; use Triton's own endpoint"
+_SHM = ("shared-memory tensors cannot cross the gateway (a network hop between client and Triton); "
+        "send tensor data in the request")  # fmt: skip
+_OPS = "Triton's {} settings are an operator concern the gateway does not proxy; use Triton's own endpoint"
+REFUSED: dict[str, tuple[grpc.StatusCode, str]] = {
+    "RepositoryModelLoad": (grpc.StatusCode.PERMISSION_DENIED, _CONTROL),
+    "RepositoryModelUnload": (grpc.StatusCode.PERMISSION_DENIED, _CONTROL),
+    "SystemSharedMemoryStatus": (grpc.StatusCode.UNIMPLEMENTED, _SHM),
+    "SystemSharedMemoryRegister": (grpc.StatusCode.UNIMPLEMENTED, _SHM),
+    "SystemSharedMemoryUnregister": (grpc.StatusCode.UNIMPLEMENTED, _SHM),
+    "CudaSharedMemoryStatus": (grpc.StatusCode.UNIMPLEMENTED, _SHM),
+    "CudaSharedMemoryRegister": (grpc.StatusCode.UNIMPLEMENTED, _SHM),
+    "CudaSharedMemoryUnregister": (grpc.StatusCode.UNIMPLEMENTED, _SHM),
+    "TraceSetting": (grpc.StatusCode.PERMISSION_DENIED, _OPS.format("trace")),
+    "LogSettings": (grpc.StatusCode.PERMISSION_DENIED, _OPS.format("logging")),
+}
+_QUIET = frozenset({"ServerLive", "ServerReady", "ModelReady"})
+
+
+def authenticate(metadata: Mapping[str, str]) -> None:
+    """THE authentication hook of the gRPC front door: called with every call's metadata (lower-case
+    keys, like HTTP headers) before the RPC runs. Raise a ``GatewayError`` (401 -> UNAUTHENTICATED,
+    403 -> PERMISSION_DENIED, 429 -> RESOURCE_EXHAUSTED) to refuse the call. No check yet."""
+
+
+class _Status(Exception):
+    """End the RPC with this exact status (refused RPCs, the caller's deadline)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True)
+class _Call:
+    """What one RPC did, for its metric, log line and span."""
+
+    method: str
+    request_id: str
+    info: RequestInfo
+    code: grpc.StatusCode = grpc.StatusCode.OK
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str):
+            out[key.lower()] = value
+    return out
+
+
+@contextlib.contextmanager
+def _server_span(method: str, metadata: Mapping[str, str]) -> Iterator[Any]:
+    if not tracing.enabled():
+        yield None
+        return
+    from opentelemetry import trace
+    from opentelemetry.propagate import extract
+
+    tracer = trace.get_tracer("app")
+    attrs = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method}
+    with tracer.start_as_current_span(
+        f"{SERVICE}/{method}", context=extract(dict(metadata)), kind=trace.SpanKind.SERVER, attributes=attrs
+    ) as span:
+        yield span
+
+
+def _finish(call: _Call, start: float, span: Any) -> None:
+    elapsed = time.perf_counter() - start
+    metrics.grpc_request(call.method, call.code.name, elapsed)
+    if span is not None:
+        span.set_attribute("rpc.grpc.status_code", call.code.value[0])
+        span.set_attribute("tgw.request_id", call.request_id)
+    level = logging.DEBUG if call.method in _QUIET else logging.INFO
+    if access_logger.isEnabledFor(level):
+        fields: dict[str, Any] = {
+            "request_id": call.request_id, "method": "gRPC", "path": f"/{SERVICE}/{call.method}",
+            "status": call.code.name, "duration_ms": round(elapsed * 1000, 2),
+        }  # fmt: skip
+        if call.info.model is not None:
+            fields["model"], fields["version"] = call.info.model, call.info.version
+        if call.info.cache is not None:
+            fields["cache"] = call.info.cache
+        access_logger.log(level, "request", extra=fields)
+
+
+def _error_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, _Status):
+        return exc.code, exc.message
+    if isinstance(exc, GatewayError):
+        log_gateway_error(exc)
+        return grpc_code(exc), exc.message
+    if isinstance(exc, grpc.aio.AioRpcError):  # a relayed call to Triton failed: pass Triton's status on
+        return exc.code(), exc.details() or exc.code().name
+    _, _, message = log_unhandled(exc)
+    return grpc.StatusCode.INTERNAL, message
+
+
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext, _Call], Awaitable[Any]]
+
+
+def unary(method: Handler) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    """Wrap a unary RPC in the per-request pipeline (id, auth, span, metric, access log, error status)."""
+    name = method.__name__
+
+    async def rpc(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        start = time.perf_counter()
+        meta = _metadata(context)
+        call = _Call(name, set_request_id(getattr(request, "id", "") or meta.get("x-request-id")),
+                     begin_request())  # fmt: skip
+        failure: tuple[grpc.StatusCode, str] | None = None
+        with _server_span(name, meta) as span:
+            try:
+                authenticate(meta)
+                return await method(self, request, context, call)
+            except asyncio.CancelledError:
+                call.code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                failure = _error_status(exc)
+                call.code = failure[0]
+            finally:
+                _finish(call, start, span)
+        context.set_trailing_metadata((("x-request-id", call.request_id),))
+        await context.abort(*failure)
+
+    rpc.__name__ = name
+    return rpc
+
+
+def refused(name: str) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    code, message = REFUSED[name]
+
+    async def method(self: Servicer, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
+        raise _Status(code, message)
+
+    method.__name__ = name
+    return unary(method)
+
+
+class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Every RPC of ``inference.GRPCInferenceService``: served, relayed to Triton, or refused (REFUSED)."""
+
+    def __init__(
+        self, inference: InferenceService, registry: ModelRegistry, health: HealthService,
+        triton: service_pb2_grpc.GRPCInferenceServiceStub, triton_version: Callable[[], Awaitable[str]],
+        admin_timeout_s: float,
+    ) -> None:  # fmt: skip
+        self.inference = inference
+        self.registry = registry
+        self.health = health
+        self.triton = triton
+        self.triton_version = triton_version
+        self.admin_timeout_s = admin_timeout_s
+
+    # --- health and metadata: answered by the gateway ------------------------------------------
+    @unary
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
+        return service_pb2.ServerLiveResponse(live=True)
+
+    @unary
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
+        ready, _ = await self.health.readiness()
+        return service_pb2.ServerReadyResponse(ready=ready)
+
+    @unary
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
+        try:
+            versions = await self.registry.ready_versions(request.name)
+        except ModelNotFound:
+            return service_pb2.ModelReadyResponse(ready=False)
+        ok = (request.version in versions) if request.version else bool(versions)
+        return service_pb2.ModelReadyResponse(ready=ok)
+
+    @unary
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
+        return service_pb2.ServerMetadataResponse(
+            name="triton-gateway", version=await self.triton_version(), extensions=EXTENSIONS
+        )
+
+    @unary
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
+        info = await self.registry.resolve(request.name, request.version or None)
+        return json_format.ParseDict(model_metadata(info), service_pb2.ModelMetadataResponse())
+
+    @unary
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
+        info = await self.registry.resolve(request.name, request.version or None)
+        return json_format.ParseDict(
+            {"config": info.config}, service_pb2.ModelConfigResponse(), ignore_unknown_fields=True
+        )
+
+    # --- relayed to Triton as they are -------------------------------------------------------------
+    @unary
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
+        return await self.triton.ModelStatistics(request, timeout=self.admin_timeout_s,
+                                                 metadata=(("x-request-id", call.request_id),))  # fmt: skip
+
+    @unary
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
+        return await self.triton.RepositoryIndex(request, timeout=self.admin_timeout_s,
+                                                 metadata=(("x-request-id", call.request_id),))  # fmt: skip
+
+    # --- inference ---------------------------------------------------------------------------------
+    @unary
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
+        response = await self._infer(request, call.request_id, context.time_remaining())
+        context.set_trailing_metadata((("x-request-id", call.request_id), ("x-cache", response.cache)))
+        return codec.encode(response, request.id)
+
+    async def _infer(self, request: Any, request_id: str, remaining_s: float | None) -> InferResponse:
+        info = await self.registry.resolve(request.model_name, request.model_version or None)
+        decoded = codec.decode(info, request)
+        if remaining_s is None:
+            return await self.inference.infer(decoded.request, request_id)
+        try:
+            async with asyncio.timeout(remaining_s):
+                return await self.inference.infer(decoded.request, request_id)
+        except TimeoutError:
+            raise _Status(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting for Triton") from None
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
+        start = time.perf_counter()
+        meta = _metadata(context)
+        call = _Call("ModelStreamInfer", set_request_id(meta.get("x-request-id")), begin_request())
+        with _server_span(call.method, meta) as span:
+            try:
+                authenticate(meta)
+            except Exception as exc:
+                call.code, message = _error_status(exc)
+                _finish(call, start, span)
+                await context.abort(call.code, message)
+            stream = _Stream(self, meta)
+            try:
+                async for item in stream.run(request_iterator):
+                    yield item
+            except asyncio.CancelledError:
+                call.code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                call.code, message = _error_status(exc)
+                await context.abort(call.code, message)
+            finally:
+                await stream.close()
+                _finish(call, start, span)
+
+    # --- refused, on purpose -------------------------------------------------------------------------
+    RepositoryModelLoad = refused("RepositoryModelLoad")
+    RepositoryModelUnload = refused("RepositoryModelUnload")
+    SystemSharedMemoryStatus = refused("SystemSharedMemoryStatus")
+    SystemSharedMemoryRegister = refused("SystemSharedMemoryRegister")
+    SystemSharedMemoryUnregister = refused("SystemSharedMemoryUnregister")
+    CudaSharedMemoryStatus = refused("CudaSharedMemoryStatus")
+    CudaSharedMemoryRegister = refused("CudaSharedMemoryRegister")
+    CudaSharedMemoryUnregister = refused("CudaSharedMemoryUnregister")
+    TraceSetting = refused("TraceSetting")
+    LogSettings = refused("LogSettings")
+
+
+def model_metadata(info: ModelInfo) -> dict[str, Any]:
+    """KServe v2 model metadata of a resolved version; ``versions`` lists every ready version."""
+
+    def tensors(key: str) -> list[dict[str, Any]]:
+        return [{**t, "shape": [int(d) for d in t.get("shape", [])]} for t in info.metadata.get(key, [])]
+
+    return {
+        "name": info.name,
+        "versions": list(info.versions) or [info.version],
+        "platform": info.metadata.get("platform", "") or info.platform,
+        "inputs": tensors("inputs"),
+        "outputs": tensors("outputs"),
+    }
+
+
+_END = object()
+
+
+class _Stream:
+    """One ModelStreamInfer call: ordinary requests through the pipeline (answered in order), decoupled
+    and sequence requests relayed on one upstream stream to Triton."""
+
+    def __init__(self, servicer: Servicer, metadata: Mapping[str, str]) -> None:
+        self.servicer = servicer
+        self.metadata = tuple((k, v) for k, v in metadata.items() if k in ("x-request-id", "traceparent"))
+        self.out: asyncio.Queue[Any] = asyncio.Queue()
+        self.upstream: Any = None  # grpc.aio.StreamStreamCall to Triton, opened on the first relayed request
+        self.relay: asyncio.Task[None] | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    async def run(self, requests: AsyncIterator[Any]) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
+        reader = asyncio.create_task(self._read(requests))
+        self.tasks.add(reader)
+        while True:
+            item = await self.out.get()
+            if item is _END:
+                break
+            yield (await item) if isinstance(item, asyncio.Future) else item
+        await reader  # re-raises a failure of the reader
+
+    async def _read(self, requests: AsyncIterator[Any]) -> None:
+        try:
+            async for request in requests:
+                await self._accept(request)
+            if self.upstream is not None:
+                await self.upstream.done_writing()
+                assert self.relay is not None
+                await self.relay
+        finally:
+            self.out.put_nowait(_END)
+
+    async def _accept(self, request: Any) -> None:
+        rid = set_request_id(request.id or None)
+        try:
+            info = await self.servicer.registry.resolve(request.model_name, request.model_version or None)
+            decoded = codec.decode(info, request)
+        except GatewayError as exc:
+            log_gateway_error(exc)
+            self.out.put_nowait(codec.error_response(exc.message, request.id))
+            return
+        if decoupled(info) or decoded.options.sequence:
+            await self._relay(request)
+            return
+        task = asyncio.ensure_future(self._answer(decoded, request.id, rid))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        self.out.put_nowait(task)
+
+    async def _answer(self, decoded: codec.GrpcRequest, client_id: str, request_id: str) -> Any:
+        try:
+            response = await self.servicer.inference.infer(decoded.request, request_id)
+        except GatewayError as exc:
+            log_gateway_error(exc)
+            return codec.error_response(exc.message, client_id)
+        return service_pb2.ModelStreamInferResponse(infer_response=codec.encode(response, client_id))
+
+    async def _relay(self, request: Any) -> None:
+        if self.upstream is None:
+            self.upstream = self.servicer.triton.ModelStreamInfer(metadata=self.metadata)
+            self.relay = asyncio.create_task(self._pump())
+        await self.upstream.write(request)
+
+    async def _pump(self) -> None:
+        async for response in self.upstream:
+            self.out.put_nowait(response)
+
+    async def close(self) -> None:
+        if self.upstream is not None:
+            self.upstream.cancel()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.relay is not None:
+            self.relay.cancel()
+
+
+def decoupled(info: ModelInfo) -> bool:
+    policy = info.config.get("model_transaction_policy") or {}
+    return bool(policy.get("decoupled"))
+
+
+_CHANNEL_OPTIONS = (("grpc.so_reuseport", 1),)
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class GrpcFrontDoor:
+    """The gRPC server of one gateway process: ``await start()`` in the lifespan start-up (returns the
+    bound port), ``await stop(grace_s)`` at shutdown (no new RPCs; in-flight ones get ``grace_s``)."""
+
+    def __init__(
+        self, settings: Settings, inference: InferenceService, registry: ModelRegistry, health: HealthService,
+        triton_version: Callable[[], Awaitable[str]],
+    ) -> None:  # fmt: skip
+        self.settings = settings
+        limit = settings.grpc_max_message_bytes
+        options = [*_CHANNEL_OPTIONS, ("grpc.max_send_message_length", limit),
+                   ("grpc.max_receive_message_length", limit)]  # fmt: skip
+        self.channel = grpc.aio.insecure_channel(settings.triton_grpc_address, options=options)
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        self.servicer = Servicer(inference, registry, health, stub, triton_version, admin_timeout_s=5.0)
+        self.server = grpc.aio.server(options=options)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
+        self.port = 0
+
+    async def start(self) -> int:
+        address = _bind_address(self.settings.host, self.settings.grpc_port)
+        self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise RuntimeError(f"cannot listen for gRPC on {address} (TGW_GRPC_PORT)")
+        await self.server.start()
+        logger.info("gRPC (KServe v2) listening on %s", _bind_address(self.settings.host, self.port))
+        return self.port
+
+    async def stop(self, grace_s: float) -> None:
+        await self.server.stop(grace_s)
+        await self.channel.close()
