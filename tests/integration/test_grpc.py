@@ -93,7 +93,7 @@ def test_bytes_and_several_datatypes(tc: grpcclient.InferenceServerClient) -> No
         tensor.set_data_from_numpy(arr)
         inputs.append(tensor)
     result = tc.infer("typed", inputs)
-    assert result.as_numpy("TEXT_OUT").tolist() == [b"a", b"bc"]
+    assert result.as_numpy("TEXT_OUT").tolist() == [b"A", b"BC"]  # the model upper-cases
     assert result.as_numpy("SUM").shape == (1,)
 
 
@@ -127,7 +127,7 @@ def test_a_request_answered_over_http_is_a_hit_over_grpc_and_back(
 
 
 def test_errors_use_tritons_status_codes(
-    tc: grpcclient.InferenceServerClient, stub: service_pb2_grpc.GRPCInferenceServiceStub
+    tc: grpcclient.InferenceServerClient, stub: service_pb2_grpc.GRPCInferenceServiceStub, triton: Any
 ) -> None:
     with pytest.raises(InferenceServerException) as err:
         tc.infer("nope", [fp32_input("INPUT0", np.zeros((1, 2), np.float32))])
@@ -138,9 +138,15 @@ def test_errors_use_tritons_status_codes(
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "inputs.INPUT0" in err.value.message() and "[-1, 2]" in err.value.message()
 
-    with pytest.raises(InferenceServerException) as err:  # Triton's own refusal keeps Triton's status
-        tc.infer("reject_fp32", [fp32_input("INPUT0", np.array([[-1.0]], np.float32))])
-    assert err.value.status() == "StatusCode.INVALID_ARGUMENT", err.value
+    negative = [fp32_input("INPUT0", np.array([[-1.0]], np.float32))]
+    direct = grpcclient.InferenceServerClient(triton.grpc_url)
+    with pytest.raises(InferenceServerException) as triton_err:
+        direct.infer("reject_fp32", negative)
+    direct.close()
+    with pytest.raises(InferenceServerException) as err:  # the model's refusal keeps Triton's status
+        tc.infer("reject_fp32", negative)
+    assert err.value.status() == triton_err.value.status()
+    assert "negative values refused" in err.value.message()
 
     request = service_pb2.ModelInferRequest(model_name="identity_fp32")
     request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 2])
