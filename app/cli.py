@@ -173,6 +173,8 @@ def cmd_up(_: argparse.Namespace) -> int:
             os.environ.setdefault("TGW_TRITON_HTTP_URL", triton.http_url)  # set it blank for gRPC inference
         os.environ.setdefault("TGW_WORKER_IN_PROCESS", "true")  # the embedded default runs jobs too
         logger.info("gateway on http://%s:%d", settings.host, settings.port)
+        if settings.grpc_enabled:
+            logger.info("gateway gRPC (KServe v2) on %s:%d", settings.host, settings.grpc_port)
         code = asyncio.run(_serve_with_children(settings, children))
     except LaunchError as exc:
         logger.error("%s", exc)
@@ -206,7 +208,9 @@ async def _run_worker(settings: Settings) -> int:
     dispatcher in it, and no HTTP server. SIGTERM/SIGINT: stop reading, let running jobs finish."""
     from app.main import create_app
 
-    app = create_app(settings.model_copy(update={"worker_in_process": True, "drain_s": 0}))
+    app = create_app(
+        settings.model_copy(update={"worker_in_process": True, "drain_s": 0, "grpc_enabled": False})
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
