@@ -96,6 +96,28 @@ class UpstreamError(GatewayError):
     code = "triton_error"
 
 
+class UpstreamBadRequest(UpstreamError):
+    """Triton refused the request itself as invalid (gRPC INVALID_ARGUMENT, HTTP 400): the client's fault,
+    passed on as a 400 with Triton's message, so clients and load balancers do not retry it."""
+
+    status_code = 400
+    code = "triton_bad_request"
+
+
+class NotOffered(GatewayError):
+    """A Triton endpoint the gateway deliberately does not offer (``app.services.offer``)."""
+
+    status_code = 501
+    code = "not_offered"
+
+
+class NotProxied(NotOffered):
+    """A Triton control endpoint the gateway deliberately keeps from its clients."""
+
+    status_code = 403
+    code = "not_proxied"
+
+
 class UpstreamTimeout(GatewayError):
     status_code = 504
     code = "triton_timeout"
@@ -107,7 +129,7 @@ _GRPC_TO_ERROR: dict[grpc.StatusCode, type[GatewayError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: UpstreamUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: UpstreamTimeout,
     grpc.StatusCode.NOT_FOUND: ModelNotFound,
-    grpc.StatusCode.INVALID_ARGUMENT: UpstreamError,
+    grpc.StatusCode.INVALID_ARGUMENT: UpstreamBadRequest,
     grpc.StatusCode.FAILED_PRECONDITION: UpstreamError,
     grpc.StatusCode.INTERNAL: UpstreamError,
     grpc.StatusCode.UNKNOWN: UpstreamError,
@@ -144,6 +166,7 @@ def _upstream(
 
 # HTTP status of a Triton inference answer (KServe v2 over HTTP) -> the domain error it becomes.
 _HTTP_TO_ERROR: dict[int, type[GatewayError]] = {
+    400: UpstreamBadRequest,
     404: ModelNotFound,
     429: UpstreamUnavailable,
     503: UpstreamUnavailable,
@@ -160,6 +183,12 @@ def from_http(status: int, message: str, retry_after_s: int = 2) -> GatewayError
 
 def is_kserve_path(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
+
+
+def kserve_status(status: int) -> int:
+    """Under ``/v2`` a request the gateway refuses as invalid is 400, as the KServe v2 protocol and
+    Triton answer it (the ``/v1`` API keeps 422); the message still names the field."""
+    return 400 if status == 422 else status
 
 
 def error_body(code: str, message: str, details: dict[str, Any] | None = None, kserve: bool = False) -> bytes:
@@ -179,6 +208,7 @@ def error_response(
     if rid:
         headers.setdefault("X-Request-ID", rid)
     kserve = request is not None and is_kserve_path(request.url.path)
+    status = kserve_status(status) if kserve else status
     body = error_body(code, message, details, kserve)
     return Response(body, status, headers, media_type="application/json")
 

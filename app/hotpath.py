@@ -35,6 +35,7 @@ from app.errors import (
     PayloadTooLarge,
     body_too_large,
     error_body,
+    kserve_status,
     log_gateway_error,
     log_unhandled,
 )
@@ -220,7 +221,9 @@ def _error_reply(
     headers: dict[str, str] | None,
 ) -> Reply:  # fmt: skip
     extra = tuple((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items())
-    return Reply(status, error_body(code, message, details, kserve=route.api == "v2"), JSON, extra)
+    kserve = route.api == "v2"
+    status = kserve_status(status) if kserve else status
+    return Reply(status, error_body(code, message, details, kserve=kserve), JSON, extra)
 
 
 class GatewayApp(FastAPI):

@@ -11,6 +11,9 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from tritonclient.utils import InferenceServerException
 
 from app.clients.protocols import TritonResult
@@ -41,6 +44,40 @@ _CONNECT_FAILURES = ("failed to connect", "connection refused", "connections to 
 def _not_sent(exc: InferenceServerException) -> bool:
     text = f"{exc.message()} {exc.debug_details() or ''}".lower()
     return any(marker in text for marker in _CONNECT_FAILURES)
+
+
+_INTEGERS = frozenset({
+    FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64,
+})  # fmt: skip
+
+
+def proto_json(message: Message) -> dict[str, Any]:
+    """A protobuf message as Triton's HTTP API writes it: field names as in the .proto, 64-bit integers
+    as JSON numbers (protobuf's JSON mapping makes them strings)."""
+    out = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    _numbers(message.DESCRIPTOR, out)
+    return out
+
+
+def _numbers(descriptor: Any, obj: dict[str, Any]) -> None:
+    for field in descriptor.fields:
+        if field.name not in obj:
+            continue
+        value = obj[field.name]
+        if field.type in _INTEGERS:
+            obj[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif field.message_type is not None:
+            if field.message_type.GetOptions().map_entry:
+                inner = field.message_type.fields_by_name["value"]
+                if inner.message_type is not None:
+                    for item in value.values():
+                        _numbers(inner.message_type, item)
+                continue
+            for item in value if isinstance(value, list) else [value]:
+                _numbers(field.message_type, item)
 
 
 class TritonGrpcClient:
@@ -114,6 +151,13 @@ class TritonGrpcClient:
             lambda c: c.get_model_config(model, version, as_json=True, client_timeout=self._admin_timeout_s)
         )
         return dict(out.get("config", {}))
+
+    async def model_statistics(self, model: str = "", version: str = "") -> dict[str, Any]:
+        """Triton's inference statistics (all models when ``model`` is empty), as its HTTP API shows them."""
+        out = await self._call(
+            lambda c: c.get_inference_statistics(model, version, client_timeout=self._admin_timeout_s)
+        )
+        return proto_json(out)
 
     async def infer(
         self,

@@ -3,6 +3,8 @@ inference path. Errors keep the gateway's one shape."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -11,6 +13,7 @@ from app.request_context import current_request_id
 from app.routers.common import JSON, OCTET_STREAM, ORJSONResponse, Reply
 from app.services.inference import InferenceService, cache_directives
 from app.services.kserve import HEADER_LENGTH, parse_v2, render_v2
+from app.services.offer import EXTENSIONS, refusal
 from app.services.registry import ModelRegistry
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
@@ -29,17 +32,11 @@ async def ready(health: HealthDep) -> Response:
 
 @router.get("", response_class=ORJSONResponse)
 async def server_metadata(request: Request) -> ORJSONResponse:
+    """Exactly the extensions the gateway implements (``app.services.offer``), not Triton's."""
     triton_meta = await request.app.state.triton.server_metadata()
     return ORJSONResponse(
-        {
-            "name": "triton-gateway",
-            "version": triton_meta.get("version", ""),
-            "extensions": [e for e in triton_meta.get("extensions", []) if e in _EXTENSIONS],
-        }
+        {"name": "triton-gateway", "version": triton_meta.get("version", ""), "extensions": list(EXTENSIONS)}
     )
-
-
-_EXTENSIONS = {"binary_tensor_data", "model_repository", "model_configuration", "parameters"}
 
 
 @router.post("/repository/index", response_class=ORJSONResponse)
@@ -47,26 +44,48 @@ async def repository_index(registry: RegistryDep) -> ORJSONResponse:
     return ORJSONResponse(await registry.index())
 
 
-def _metadata(info_meta: dict[str, object], version: str) -> dict[str, object]:
-    def tensors(key: str) -> list[dict[str, object]]:
-        items = info_meta.get(key, [])
-        assert isinstance(items, list)
-        return [{**t, "shape": [int(d) for d in t.get("shape", [])]} for t in items]
+# --- statistics: relayed to Triton (declared before /models/{model}, which would take "stats") ---
+@router.get("/models/stats", response_class=ORJSONResponse)
+@router.get("/models/{model}/stats", response_class=ORJSONResponse)
+@router.get("/models/{model}/versions/{version}/stats", response_class=ORJSONResponse)
+async def model_statistics(request: Request, model: str = "", version: str = "") -> ORJSONResponse:
+    return ORJSONResponse(await request.app.state.triton.model_statistics(model, version))
 
-    return {
-        "name": info_meta.get("name"),
-        "versions": info_meta.get("versions", [version]),
-        "platform": info_meta.get("platform", ""),
-        "inputs": tensors("inputs"),
-        "outputs": tensors("outputs"),
-    }
+
+# --- refused on purpose (app.services.offer): a JSON error saying why, never a bare 404 ---------------
+def _refuse(feature: str) -> Callable[[], Awaitable[Response]]:
+    async def refused() -> Response:
+        raise refusal(feature)
+
+    return refused
+
+
+for _path, _methods, _feature in (
+    ("/repository/models/{model}/load", ["POST"], "model_control"),
+    ("/repository/models/{model}/unload", ["POST"], "model_control"),
+    ("/systemsharedmemory/status", ["GET"], "shared_memory"),
+    ("/systemsharedmemory/unregister", ["POST"], "shared_memory"),
+    ("/systemsharedmemory/region/{region}/status", ["GET"], "shared_memory"),
+    ("/systemsharedmemory/region/{region}/register", ["POST"], "shared_memory"),
+    ("/systemsharedmemory/region/{region}/unregister", ["POST"], "shared_memory"),
+    ("/cudasharedmemory/status", ["GET"], "shared_memory"),
+    ("/cudasharedmemory/unregister", ["POST"], "shared_memory"),
+    ("/cudasharedmemory/region/{region}/status", ["GET"], "shared_memory"),
+    ("/cudasharedmemory/region/{region}/register", ["POST"], "shared_memory"),
+    ("/cudasharedmemory/region/{region}/unregister", ["POST"], "shared_memory"),
+    ("/trace/setting", ["GET", "POST"], "trace"),
+    ("/models/{model}/trace/setting", ["GET", "POST"], "trace"),
+    ("/logging", ["GET", "POST"], "logging"),
+):
+    router.add_api_route(_path, _refuse(_feature), methods=_methods, include_in_schema=False)
 
 
 @router.get("/models/{model}", response_class=ORJSONResponse)
 @router.get("/models/{model}/versions/{version}", response_class=ORJSONResponse)
 async def model_metadata(model: str, registry: RegistryDep, version: str | None = None) -> ORJSONResponse:
+    """Every ready version listed, each addressable under ``/versions/{version}``."""
     info = await registry.resolve(model, version)
-    return ORJSONResponse(_metadata(info.metadata, info.version))
+    return ORJSONResponse(info.kserve_metadata(all_versions=version is None))
 
 
 @router.get("/models/{model}/ready")

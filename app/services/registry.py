@@ -50,6 +50,22 @@ class ModelInfo:
     def batched(self) -> bool:
         return self.max_batch_size > 0
 
+    def kserve_metadata(self, all_versions: bool = True) -> dict[str, Any]:
+        """KServe v2 model metadata (HTTP ``/v2/models/{m}`` and gRPC ``ModelMetadata``) as Triton gives it:
+        ``versions`` lists every ready version when no version was asked for, else the one asked for."""
+
+        def tensors(key: str) -> list[dict[str, Any]]:
+            items = self.metadata.get(key, [])
+            return [{**t, "shape": [int(d) for d in t.get("shape", [])]} for t in items]
+
+        return {
+            "name": self.name,
+            "versions": list(self.versions) if all_versions and self.versions else [self.version],
+            "platform": self.metadata.get("platform", ""),
+            "inputs": tensors("inputs"),
+            "outputs": tensors("outputs"),
+        }
+
     def public(self, state: str = "READY") -> dict[str, Any]:
         return {
             "name": self.name,

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from app.clients.protocols import TritonResult
 from app.errors import (
     ModelNotFound,
+    UpstreamBadRequest,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -32,7 +33,7 @@ from app.settings import Settings
         (grpc.StatusCode.RESOURCE_EXHAUSTED, UpstreamUnavailable, 503),
         (grpc.StatusCode.DEADLINE_EXCEEDED, UpstreamTimeout, 504),
         (grpc.StatusCode.NOT_FOUND, ModelNotFound, 404),
-        (grpc.StatusCode.INVALID_ARGUMENT, UpstreamError, 502),
+        (grpc.StatusCode.INVALID_ARGUMENT, UpstreamBadRequest, 400),
         (grpc.StatusCode.INTERNAL, UpstreamError, 502),
         (grpc.StatusCode.PERMISSION_DENIED, UpstreamError, 502),
         (None, UpstreamError, 502),

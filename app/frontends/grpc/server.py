@@ -14,7 +14,8 @@ authentication hook ``authenticate(metadata)``.
 came; requests for decoupled models, and sequence requests (which must reach one Triton in order and are
 never cached), are relayed on one upstream stream to Triton and its responses streamed back as they come.
 
-RPCs the gateway does not offer answer ``REFUSED``'s status with a message saying why.
+RPCs the gateway does not offer (``app.services.offer``) answer PERMISSION_DENIED or UNIMPLEMENTED with a
+message saying why.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from app.observability.context import RequestInfo, begin_request
 from app.request_context import set_request_id
 from app.services.health import HealthService
 from app.services.inference import InferenceService, InferResponse
+from app.services.offer import EXTENSIONS, REFUSED_RPCS, refusal
 from app.services.registry import ModelInfo, ModelRegistry
 from app.settings import Settings
 
@@ -49,26 +51,6 @@ Request = TypeVar("Request")
 Reply = TypeVar("Reply")
 
 SERVICE = "inference.GRPCInferenceService"
-# KServe v2 extensions the gateway implements (over HTTP and gRPC alike); /v2 lists the same.
-EXTENSIONS = ("binary_tensor_data", "parameters", "statistics", "model_configuration", "schedule_policy",
-              "sequence")  # fmt: skip
-
-_CONTROL = "model control (load/unload) is not exposed through the gateway; use Triton's own endpoint"
-_SHM = ("shared-memory tensors cannot cross the gateway (a network hop between client and Triton); "
-        "send tensor data in the request")  # fmt: skip
-_OPS = "Triton's {} settings are an operator concern the gateway does not proxy; use Triton's own endpoint"
-REFUSED: dict[str, tuple[grpc.StatusCode, str]] = {
-    "RepositoryModelLoad": (grpc.StatusCode.PERMISSION_DENIED, _CONTROL),
-    "RepositoryModelUnload": (grpc.StatusCode.PERMISSION_DENIED, _CONTROL),
-    "SystemSharedMemoryStatus": (grpc.StatusCode.UNIMPLEMENTED, _SHM),
-    "SystemSharedMemoryRegister": (grpc.StatusCode.UNIMPLEMENTED, _SHM),
-    "SystemSharedMemoryUnregister": (grpc.StatusCode.UNIMPLEMENTED, _SHM),
-    "CudaSharedMemoryStatus": (grpc.StatusCode.UNIMPLEMENTED, _SHM),
-    "CudaSharedMemoryRegister": (grpc.StatusCode.UNIMPLEMENTED, _SHM),
-    "CudaSharedMemoryUnregister": (grpc.StatusCode.UNIMPLEMENTED, _SHM),
-    "TraceSetting": (grpc.StatusCode.PERMISSION_DENIED, _OPS.format("trace")),
-    "LogSettings": (grpc.StatusCode.PERMISSION_DENIED, _OPS.format("logging")),
-}
 _QUIET = frozenset({"ServerLive", "ServerReady", "ModelReady"})
 
 
@@ -79,7 +61,7 @@ def authenticate(metadata: Mapping[str, str]) -> None:
 
 
 class _Status(Exception):
-    """End the RPC with this exact status (refused RPCs, the caller's deadline)."""
+    """End the RPC with this exact status (the caller's deadline)."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -185,10 +167,12 @@ def unary(method: Handler) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awa
 
 
 def refused(name: str) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]:
-    code, message = REFUSED[name]
+    """An RPC the gateway refuses on purpose (``app.services.offer``): 403 -> PERMISSION_DENIED,
+    501 -> UNIMPLEMENTED, with the reason as the message."""
+    feature = REFUSED_RPCS[name]
 
     async def method(self: Servicer, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
-        raise _Status(code, message)
+        raise refusal(feature)
 
     method.__name__ = name
     return unary(method)
@@ -237,7 +221,8 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     @unary
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
         info = await self.registry.resolve(request.name, request.version or None)
-        return json_format.ParseDict(model_metadata(info), service_pb2.ModelMetadataResponse())
+        metadata = info.kserve_metadata(all_versions=not request.version)
+        return json_format.ParseDict(metadata, service_pb2.ModelMetadataResponse())
 
     @unary
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
@@ -313,21 +298,6 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     CudaSharedMemoryUnregister = refused("CudaSharedMemoryUnregister")
     TraceSetting = refused("TraceSetting")
     LogSettings = refused("LogSettings")
-
-
-def model_metadata(info: ModelInfo) -> dict[str, Any]:
-    """KServe v2 model metadata of a resolved version; ``versions`` lists every ready version."""
-
-    def tensors(key: str) -> list[dict[str, Any]]:
-        return [{**t, "shape": [int(d) for d in t.get("shape", [])]} for t in info.metadata.get(key, [])]
-
-    return {
-        "name": info.name,
-        "versions": list(info.versions) or [info.version],
-        "platform": info.metadata.get("platform", "") or info.platform,
-        "inputs": tensors("inputs"),
-        "outputs": tensors("outputs"),
-    }
 
 
 _END = object()

@@ -10,6 +10,8 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             count = int(pb_utils.get_input_tensor_by_name(request, "COUNT").as_numpy()[0])
             for i in range(count):
-                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", np.array([i], dtype=np.int32))]))
+                sender.send(
+                    pb_utils.InferenceResponse([pb_utils.Tensor("OUT", np.array([i], dtype=np.int32))])
+                )
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
