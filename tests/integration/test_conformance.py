@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (every lambda here is called at once by both(), inside its loop iteration)
 """KServe v2 / Open Inference Protocol conformance, run against Triton itself and against the gateway in
 front of it, over HTTP and gRPC, with NVIDIA's own clients (``tritonclient.http`` and ``tritonclient.grpc``).
 
@@ -203,7 +204,7 @@ def test_infer_http(model: str, http_clients: dict[str, Any]) -> None:
                 model,
                 http_tensors(samples, binary),
                 outputs=[httpclient.InferRequestedOutput(n, binary_data=binary) for n in names],
-            ),  # fmt: skip
+            ),
             lambda r: outputs_of(r, names),
         )
         if not binary and not triton.ok and "FP16 data via JSON is not supported" in triton.message:
