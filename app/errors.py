@@ -96,12 +96,11 @@ class UpstreamError(GatewayError):
     code = "triton_error"
 
 
-class UpstreamBadRequest(UpstreamError):
-    """Triton refused the request itself as invalid (gRPC INVALID_ARGUMENT, HTTP 400): the client's fault,
-    passed on as a 400 with Triton's message, so clients and load balancers do not retry it."""
+class UpstreamRejected(BadRequest):
+    """Triton refused the request's content (gRPC INVALID_ARGUMENT, HTTP 400): the client's error, passed
+    on as 400 with Triton's message, never retried (a 502 would read as a server fault and be retried)."""
 
-    status_code = 400
-    code = "triton_bad_request"
+    code = "triton_rejected_input"
 
 
 class NotOffered(GatewayError):
@@ -129,7 +128,7 @@ _GRPC_TO_ERROR: dict[grpc.StatusCode, type[GatewayError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: UpstreamUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: UpstreamTimeout,
     grpc.StatusCode.NOT_FOUND: ModelNotFound,
-    grpc.StatusCode.INVALID_ARGUMENT: UpstreamBadRequest,
+    grpc.StatusCode.INVALID_ARGUMENT: UpstreamRejected,
     grpc.StatusCode.FAILED_PRECONDITION: UpstreamError,
     grpc.StatusCode.INTERNAL: UpstreamError,
     grpc.StatusCode.UNKNOWN: UpstreamError,
@@ -166,7 +165,7 @@ def _upstream(
 
 # HTTP status of a Triton inference answer (KServe v2 over HTTP) -> the domain error it becomes.
 _HTTP_TO_ERROR: dict[int, type[GatewayError]] = {
-    400: UpstreamBadRequest,
+    400: UpstreamRejected,
     404: ModelNotFound,
     429: UpstreamUnavailable,
     503: UpstreamUnavailable,

@@ -5,7 +5,9 @@ Triton does.
 
 Inputs come either all in ``raw_input_contents`` (one blob per input, in order; what ``tritonclient.grpc``
 sends) or each in its typed ``contents`` field. Request parameters become plain values; the ones Triton
-itself interprets (``sequence_*``, ``priority``, ``timeout``) are kept apart in ``CallOptions``.
+itself interprets (``sequence_*``, ``priority``, ``timeout``) become the ``InferRequest``'s own fields,
+passed to Triton in the ``TritonCall`` and never part of the cache key (a sequence request is never
+cached, shared or micro-batched).
 """
 
 from __future__ import annotations
@@ -150,9 +152,12 @@ def decode(info: ModelInfo, req: service_pb2.ModelInferRequest) -> GrpcRequest:
         inputs=validate_v2_inputs(info, tensors, binary),
         outputs=outputs,
         parameters=validate_parameters(params),
+        priority=options.priority,
+        timeout_us=options.timeout_us,
+        sequence_id=options.sequence_id,
+        sequence_start=options.sequence_start,
+        sequence_end=options.sequence_end,
     )
-    if options.sequence:
-        request.cache_read = request.cache_write = False
     return GrpcRequest(request, req.id, options)
 
 

@@ -26,12 +26,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from app.clients.protocols import TritonAdmin
 from app.codecs import grpc as codec
 from app.errors import GatewayError, ModelNotFound, log_gateway_error, log_unhandled
 from app.frontends.grpc.status import grpc_code
@@ -43,6 +44,9 @@ from app.services.inference import InferenceService, InferResponse
 from app.services.offer import EXTENSIONS, REFUSED_RPCS, refusal
 from app.services.registry import ModelInfo, ModelRegistry
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.gateway import Gateway
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("app.access")
@@ -250,13 +254,14 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return codec.encode(response, request.id)
 
     async def _infer(self, request: Any, request_id: str, remaining_s: float | None) -> InferResponse:
-        info = await self.registry.resolve(request.model_name, request.model_version or None)
+        info = await self.inference.resolve(request.model_name, request.model_version or None)
         decoded = codec.decode(info, request)
+        decoded.request.request_id = request_id
         if remaining_s is None:
-            return await self.inference.infer(decoded.request, request_id)
+            return await self.inference.infer(decoded.request)
         try:
             async with asyncio.timeout(remaining_s):
-                return await self.inference.infer(decoded.request, request_id)
+                return await self.inference.infer(decoded.request)
         except TimeoutError:
             raise _Status(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting for Triton") from None
 
@@ -339,8 +344,9 @@ class _Stream:
     async def _accept(self, request: Any) -> None:
         rid = set_request_id(request.id or None)
         try:
-            info = await self.servicer.registry.resolve(request.model_name, request.model_version or None)
+            info = await self.servicer.inference.resolve(request.model_name, request.model_version or None)
             decoded = codec.decode(info, request)
+            decoded.request.request_id = rid
         except GatewayError as exc:
             log_gateway_error(exc)
             self.out.put_nowait(codec.error_response(exc.message, request.id))
@@ -348,14 +354,14 @@ class _Stream:
         if decoupled(info) or decoded.options.sequence:
             await self._relay(request)
             return
-        task = asyncio.ensure_future(self._answer(decoded, request.id, rid))
+        task = asyncio.ensure_future(self._answer(decoded, request.id))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         self.out.put_nowait(task)
 
-    async def _answer(self, decoded: codec.GrpcRequest, client_id: str, request_id: str) -> Any:
+    async def _answer(self, decoded: codec.GrpcRequest, client_id: str) -> Any:
         try:
-            response = await self.servicer.inference.infer(decoded.request, request_id)
+            response = await self.servicer.inference.infer(decoded.request)
         except GatewayError as exc:
             log_gateway_error(exc)
             return codec.error_response(exc.message, client_id)
@@ -388,6 +394,18 @@ def decoupled(info: ModelInfo) -> bool:
 _CHANNEL_OPTIONS = (("grpc.so_reuseport", 1),)
 
 
+def _triton_version(admin: TritonAdmin) -> Callable[[], Awaitable[str]]:
+    """Triton's version (for the gateway's server metadata), asked once and remembered."""
+    known: list[str] = []
+
+    async def version() -> str:
+        if not known:
+            known.append(str((await admin.server_metadata()).get("version", "")))
+        return known[0]
+
+    return version
+
+
 def _bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -396,17 +414,15 @@ class GrpcFrontDoor:
     """The gRPC server of one gateway process: ``await start()`` in the lifespan start-up (returns the
     bound port), ``await stop(grace_s)`` at shutdown (no new RPCs; in-flight ones get ``grace_s``)."""
 
-    def __init__(
-        self, settings: Settings, inference: InferenceService, registry: ModelRegistry, health: HealthService,
-        triton_version: Callable[[], Awaitable[str]],
-    ) -> None:  # fmt: skip
+    def __init__(self, settings: Settings, gateway: Gateway) -> None:
         self.settings = settings
         limit = settings.grpc_max_message_bytes
         options = [*_CHANNEL_OPTIONS, ("grpc.max_send_message_length", limit),
                    ("grpc.max_receive_message_length", limit)]  # fmt: skip
         self.channel = grpc.aio.insecure_channel(settings.triton_grpc_address, options=options)
         stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
-        self.servicer = Servicer(inference, registry, health, stub, triton_version, admin_timeout_s=5.0)
+        self.servicer = Servicer(gateway.inference, gateway.registry, gateway.health, stub,
+                                 _triton_version(gateway.admin), admin_timeout_s=5.0)  # fmt: skip
         self.server = grpc.aio.server(options=options)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
         self.port = 0
