@@ -58,7 +58,9 @@ def _infer_router(app: FastAPI) -> InferRouter:
         return await infer.serve_v1(gateway().inference, route.model, route.version, body, headers)
 
     async def kserve(route: InferRoute, body: bytes, headers: Headers) -> infer.Reply:
-        return await v2.serve_v2(gateway().inference, route.model, route.version, body, headers)
+        return await v2.serve_v2(
+            gateway().inference, route.model, route.version, body, headers, app.state.settings.max_body_bytes
+        )
 
     return InferRouter({"v1": v1, "v2": kserve})
 

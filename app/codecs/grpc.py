@@ -20,6 +20,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 
 from app.clients.tensors import tensor_bytes
+from app.codecs.common import CallOptions, call_options
 from app.errors import InvalidInput
 from app.services.inference import InferRequest, InferResponse
 from app.services.registry import ModelInfo
@@ -40,23 +41,6 @@ CONTENTS_FIELD = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
-# Parameters Triton reads itself; they are not model parameters and never part of a cache key.
-CALL_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end", "priority", "timeout"})
-
-
-@dataclass(slots=True, frozen=True)
-class CallOptions:
-    """What a request asks of Triton's scheduler rather than of the model."""
-
-    priority: int = 0
-    timeout_us: int = 0
-    sequence_id: int | str = 0
-    sequence_start: bool = False
-    sequence_end: bool = False
-
-    @property
-    def sequence(self) -> bool:
-        return bool(self.sequence_id)
 
 
 @dataclass(slots=True)
@@ -84,27 +68,6 @@ def set_parameter(param: service_pb2.InferParameter, value: Any) -> None:
 
 def plain_parameters(params: Mapping[str, service_pb2.InferParameter]) -> dict[str, Any]:
     return {key: parameter_value(value) for key, value in params.items()}
-
-
-def call_options(params: dict[str, Any]) -> CallOptions:
-    """Pop Triton's own parameters out of ``params`` (in place) and check their types."""
-
-    def take(key: str, kinds: type | tuple[type, ...], default: Any) -> Any:
-        if key not in params:
-            return default
-        value = params.pop(key)
-        if not isinstance(value, kinds) or (kinds is not bool and isinstance(value, bool)):
-            raise InvalidInput(f"parameters.{key}: unexpected type {type(value).__name__}",
-                               {"field": f"parameters.{key}"})  # fmt: skip
-        return value
-
-    return CallOptions(
-        priority=take("priority", int, 0),
-        timeout_us=take("timeout", int, 0),
-        sequence_id=take("sequence_id", (int, str), 0),
-        sequence_start=take("sequence_start", bool, False),
-        sequence_end=take("sequence_end", bool, False),
-    )
 
 
 def _typed_blob(field: str, tensor: service_pb2.ModelInferRequest.InferInputTensor) -> bytes:

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import APIRouter
 from starlette.responses import Response
 
+from app.codecs import encoding
 from app.codecs import v2 as kserve
 from app.codecs.common import Reply
 from app.deps import AdminDep, HealthDep, RegistryDep
@@ -105,12 +106,17 @@ async def model_config(model: str, registry: RegistryDep, version: str | None = 
 
 
 async def serve_v2(
-    service: InferenceService, model: str, version: str | None, raw: bytes, headers: Headers
-) -> Reply:
-    """The /v2 infer handler (``app.pipeline.InferRouter``; documented in ``app.routers.infer``)."""
+    service: InferenceService, model: str, version: str | None, raw: bytes, headers: Headers,
+    max_body_bytes: int = 8 * 1024 * 1024,
+) -> Reply:  # fmt: skip
+    """The /v2 infer handler (``app.pipeline.InferRouter``; documented in ``app.routers.infer``).
+    ``Content-Encoding: gzip|deflate`` bodies are inflated up to ``max_body_bytes``; the answer is
+    compressed when ``Accept-Encoding`` asks for it."""
     info = await service.resolve(model, version)
+    raw = encoding.decode_body(raw, header_value(headers, b"content-encoding"), max_body_bytes)
     v2 = kserve.decode(info, raw, header_value(headers, kserve.HEADER_LENGTH.encode()))
     req = v2.request
     req.cache_read, req.cache_write = cache_directives(header_value(headers, b"cache-control"))
     req.request_id = current_request_id() or ""
-    return kserve.encode(await service.infer(req), v2)
+    reply = kserve.encode(await service.infer(req), v2)
+    return encoding.encode_reply(reply, header_value(headers, b"accept-encoding"))

@@ -363,8 +363,14 @@ def test_raw_binary_request(targets: dict[str, Target]) -> None:
     for name, target in targets.items():
         r = httpx.post(f"{target.http}/v2/models/identity_fp32/infer", content=row.tobytes(), timeout=10,
                        headers={"Inference-Header-Content-Length": "0", "Content-Type": "application/octet-stream"})  # fmt: skip
-        answers[name] = (r.status_code, r.content)
-    assert answers["gateway"][0] == answers["triton"][0], answers
+        result = httpclient.InferResult.from_response_body(
+            r.content, header_length=int(r.headers.get("inference-header-content-length", len(r.content)))
+        )
+        output = result.get_output("OUTPUT0")
+        answers[name] = (r.status_code, output["shape"], "binary_data_size" in output.get("parameters", {}),
+                         result.as_numpy("OUTPUT0").tolist())  # fmt: skip
+    assert answers["gateway"] == answers["triton"], answers
+    assert answers["gateway"][0] == 200 and answers["gateway"][3] == row.tolist()
 
 
 def test_binary_data_precedence(http_clients: dict[str, Any], targets: dict[str, Target]) -> None:
@@ -395,9 +401,10 @@ def test_priority_timeout_and_sequence_parameters(
     # identity_fp32 is not a sequence model: Triton refuses sequence_id there; so must the gateway
     for clients in (http_clients, grpc_clients):
         tensors = http_tensors(samples, True) if clients is http_clients else grpc_tensors(samples)
-        assert_same(
-            both(clients, lambda c: c.infer("identity_fp32", tensors, sequence_id=7, sequence_start=True))
-        )
+        assert_same(both(
+            clients, lambda c: c.infer("identity_fp32", tensors, sequence_id=7, sequence_start=True),
+            lambda r: r.as_numpy("OUTPUT0").tolist(),
+        ))  # fmt: skip
 
 
 def test_gzip_body_limit_is_on_the_decompressed_size(targets: dict[str, Target]) -> None:
