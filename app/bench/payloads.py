@@ -61,19 +61,22 @@ class TargetSpec:
         return self.name
 
 
-TARGET_NAMES = ("triton-http", "triton-grpc", "gateway-miss", "gateway-hit", "gateway-v2")
+TARGET_NAMES = ("triton-http", "triton-grpc", "gateway-miss", "gateway-hit", "gateway-v2",
+                "gateway-grpc-miss", "gateway-grpc-hit")  # fmt: skip
 TARGET_HELP = {
     "triton-http": "Triton direct, HTTP/REST (KServe v2 JSON), unique inputs",
     "triton-grpc": "Triton direct, gRPC (ModelInfer, raw tensor bytes), unique inputs",
     "gateway-miss": "gateway /v1 JSON, unique inputs (every request a cache miss)",
     "gateway-hit": f"gateway /v1 JSON, {HIT_POOL} repeated inputs (cache hits after warm-up)",
     "gateway-v2": "gateway /v2 (KServe v2 JSON, as Triton direct HTTP), unique inputs",
+    "gateway-grpc-miss": "gateway gRPC front door (ModelInfer, as triton-grpc), unique inputs",
+    "gateway-grpc-hit": f"gateway gRPC front door, {HIT_POOL} repeated inputs (cache hits after warm-up)",
 }
 
 
 def make_targets(
     model: ModelSpec, triton_http: tuple[str, int], triton_grpc: tuple[str, int], gateway: tuple[str, int],
-    salt: int, names: tuple[str, ...] = TARGET_NAMES,
+    salt: int, names: tuple[str, ...] = TARGET_NAMES, gateway_grpc: tuple[str, int] = ("127.0.0.1", 0),
 ) -> list[TargetSpec]:  # fmt: skip
     m = model.name
     all_targets = {
@@ -86,6 +89,10 @@ def make_targets(
                                   model, salt),
         "gateway-v2": TargetSpec("gateway-v2", "http", *gateway, f"/v2/models/{m}/infer", "v2", True,
                                  model, salt),
+        "gateway-grpc-miss": TargetSpec("gateway-grpc-miss", "grpc", *gateway_grpc, m, "grpc", True,
+                                        model, salt),
+        "gateway-grpc-hit": TargetSpec("gateway-grpc-hit", "grpc", *gateway_grpc, m, "grpc", False,
+                                       model, salt),
     }  # fmt: skip
     return [all_targets[n] for n in names]
 
@@ -178,4 +185,7 @@ def grpc_request_factory(target: TargetSpec, conn_id: int) -> Callable[[int], by
     def make(seq: int) -> bytes:
         return prefix + tag_len + head.pack(salt, conn_id, seq) + fill
 
-    return make
+    if target.unique:
+        return make
+    pool = [prefix + tag_len + head.pack(salt, 0, i) + fill for i in range(HIT_POOL)]
+    return lambda seq: pool[seq % HIT_POOL]

@@ -269,7 +269,8 @@ def run(o: Options) -> int:
         gw = ("127.0.0.1", stack.gateway_port)
         th = ("127.0.0.1", stack.triton.http_port)
         tg = ("127.0.0.1", stack.triton.grpc_port)
-        plan = [(t, c) for m in models for t in make_targets(m, th, tg, gw, salt, tuple(o.targets))
+        gg = ("127.0.0.1", stack.gateway_grpc_port)
+        plan = [(t, c) for m in models for t in make_targets(m, th, tg, gw, salt, tuple(o.targets), gg)
                 for c in o.levels]  # fmt: skip
         for i, (t, c) in enumerate(plan, 1):
             r = _level(gen, stack, t, c, o)
