@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -91,20 +91,8 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return out
 
 
-@contextlib.contextmanager
-def _server_span(method: str, metadata: Mapping[str, str]) -> Iterator[Any]:
-    if not tracing.enabled():
-        yield None
-        return
-    from opentelemetry import trace
-    from opentelemetry.propagate import extract
-
-    tracer = trace.get_tracer("app")
-    attrs = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method}
-    with tracer.start_as_current_span(
-        f"{SERVICE}/{method}", context=extract(dict(metadata)), kind=trace.SpanKind.SERVER, attributes=attrs
-    ) as span:
-        yield span
+def _server_span(method: str, metadata: Mapping[str, str]) -> contextlib.AbstractContextManager[Any]:
+    return tracing.rpc_server_span(SERVICE, method, metadata)
 
 
 def _finish(call: _Call, start: float, span: Any) -> None:
