@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 
 from app.launcher import free_port
 
@@ -27,6 +29,7 @@ class Stack:
     url: str
     log: Path
     state: Path
+    grpc: str = ""  # host:port of the gateway's gRPC front door
 
     def leftovers(self, timeout: float = 30) -> list[str]:
         """Processes still running from this stack's state dir (e.g. Python-backend stubs)."""
@@ -74,11 +77,12 @@ def _wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     env = dict(os.environ)
     env.update(
         {
             "TGW_PORT": str(port),
+            "TGW_GRPC_PORT": str(grpc_port),
             "TGW_TRITON_HTTP_PORT": str(free_port()),
             "TGW_TRITON_GRPC_PORT": str(free_port()),
             "TGW_TRITON_METRICS_PORT": str(free_port()),
@@ -108,7 +112,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             proc.kill()
             pytest.fail(f"tgw up did not become ready:\n{log.read_text()[-3000:]}")
         time.sleep(0.3)
-    yield Stack(proc, url, log, tmp_path / "state")
+    yield Stack(proc, url, log, tmp_path / "state", f"127.0.0.1:{grpc_port}")
     if proc.poll() is None:
         proc.kill()
         proc.wait()
@@ -117,6 +121,11 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 def test_sigterm_stops_all_three(stack: Stack) -> None:
     r = httpx.post(f"{stack.url}/v1/models/identity_fp32/infer", json={"inputs": {"INPUT0": [[1.0, 2.0]]}})
     assert r.status_code == 200
+    grpc_client = grpcclient.InferenceServerClient(stack.grpc)  # tgw up serves the gRPC front door too
+    tensor = grpcclient.InferInput("INPUT0", [1, 2], "FP32")
+    tensor.set_data_from_numpy(np.array([[1.0, 2.0]], dtype=np.float32))
+    assert grpc_client.infer("identity_fp32", [tensor]).as_numpy("OUTPUT0").tolist() == [[1.0, 2.0]]
+    grpc_client.close()
     children = stack.children()
     assert len(children) == 2  # redis-server and tritonserver
     stack.proc.send_signal(signal.SIGTERM)
