@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -229,3 +230,31 @@ def test_aio_client_and_metrics(gateway_grpc: str, client: httpx.Client) -> None
     outs = asyncio.run(asyncio.wait_for(run(), 20))
     assert [o.tolist() for o in outs] == [[[float(i)] * 3] for i in range(4)]
     assert count() - before == 4
+
+
+def test_sigterm_drains_grpc(triton: Any, redis_server: Any, tmp_path: Any) -> None:
+    """SIGTERM: ServerReady turns false at once, a call in flight still gets its answer, the process
+    exits 0 and the port closes."""
+    from app.launcher import free_port
+    from tests.integration.test_operations import tgw_serve
+
+    port = free_port()
+    env = {"TGW_GRPC_PORT": str(port), "TGW_SHUTDOWN_DELAY_S": "0.5", "TGW_DRAIN_S": "10"}
+    with tgw_serve(triton, redis_server, tmp_path, **env) as (proc, _, log):
+        address = f"127.0.0.1:{port}"
+        client = grpcclient.InferenceServerClient(address)
+        assert client.is_server_ready()
+        delay = 1.5 + float(np.random.default_rng().integers(1, 1000)) / 1e6  # never a cache hit
+        done: queue.Queue[Any] = queue.Queue()
+        client.async_infer("sleep_fp32", [fp32_input("DELAY_S", np.array([[delay]], np.float32))],
+                           callback=lambda result, error: done.put((result, error)))  # fmt: skip
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert not grpcclient.InferenceServerClient(address).is_server_ready()
+        result, error = done.get(timeout=15)
+        assert error is None and result.as_numpy("SLEPT_S")[0, 0] == pytest.approx(delay, rel=1e-5)
+        assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
+        client.close()
+    with pytest.raises(InferenceServerException):
+        grpcclient.InferenceServerClient(address).is_server_live()
