@@ -27,6 +27,8 @@ from app.lifecycle import (
     wait_for_dependencies,
 )
 from app.observability.logging import configure_logging, log_config
+from app.server import raise_nofile_limit, server_config
+from app.server import run as run_on_server_loop
 from app.settings import Settings
 
 logger = logging.getLogger("app.cli")
@@ -35,7 +37,7 @@ _SECRET_WORDS = ("secret", "password", "token")
 
 
 def _setup_logging(settings: Settings) -> None:
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, settings.log_repeat_interval_s)
 
 
 def _shown_value(name: str, value: Any) -> str:
@@ -67,18 +69,17 @@ def _load_settings() -> Settings:
 
 
 def _uvicorn_config(settings: Settings, **extra: object) -> uvicorn.Config:
-    return uvicorn.Config(
+    """uvicorn with the server guards of ``app.server`` (timeouts, connection cap, uvloop)."""
+    raise_nofile_limit()
+    return server_config(
         "app.main:create_app",
+        settings,
         factory=True,
-        host=settings.host,
-        port=settings.port,
         log_level=settings.log_level.lower(),
-        log_config=log_config(settings.log_level, settings.log_format),
+        log_config=log_config(settings.log_level, settings.log_format, settings.log_repeat_interval_s),
         access_log=False,  # app.access logs one structured line per request instead
-        loop="uvloop",
-        http="httptools",
         timeout_graceful_shutdown=int(settings.drain_s) or None,
-        **extra,  # type: ignore[arg-type]
+        **extra,
     )
 
 
@@ -173,7 +174,7 @@ def cmd_up(_: argparse.Namespace) -> int:
             os.environ.setdefault("TGW_TRITON_HTTP_URL", triton.http_url)  # set it blank for gRPC inference
         os.environ.setdefault("TGW_WORKER_IN_PROCESS", "true")  # the embedded default runs jobs too
         logger.info("gateway on http://%s:%d", settings.host, settings.port)
-        code = asyncio.run(_serve_with_children(settings, children))
+        code = run_on_server_loop(_serve_with_children(settings, children))  # uvloop, as `tgw serve`
     except LaunchError as exc:
         logger.error("%s", exc)
         code = 1
@@ -229,7 +230,8 @@ def cmd_worker(_: argparse.Namespace) -> int:
 
         start_http_server(settings.worker_metrics_port, addr=settings.host)
         logger.info("worker metrics on http://%s:%d/metrics", settings.host, settings.worker_metrics_port)
-    return asyncio.run(_run_worker(settings))
+    code: int = run_on_server_loop(_run_worker(settings))
+    return code
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

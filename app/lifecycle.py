@@ -140,6 +140,11 @@ class GracefulServer(uvicorn.Server):
         else:
             self.force_exit = True  # a third: stop waiting for in-flight requests
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        logger.info("serving on %s.%s", type(loop).__module__, type(loop).__name__)
+        await super().startup(sockets)
+
     async def on_tick(self, counter: int) -> bool:
         if self._exit_at is not None and not self._announced:
             self._announced = True

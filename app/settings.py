@@ -139,6 +139,25 @@ class Settings(BaseSettings):
         60.0, ge=0, description="`tgw serve` waits this long for Triton and Redis; 0 = do not wait"
     )
     startup_retry_interval_s: float = Field(2.0, gt=0, description="pause between start-up checks")
+    # --- Server hardening (app.server) ---------------------------------------------------------------
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request head must arrive within this (from connect or its first byte); "
+        "else the connection is closed (408 if a byte came)",
+    )  # fmt: skip
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body must arrive within this in total after the head; else 408 "
+        "and the connection is closed",
+    )  # fmt: skip
+    keepalive_timeout_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
+    max_header_bytes: int = Field(65536, ge=1024, description="a longer request head is answered 431")
+    max_connections: int = Field(
+        0, ge=0, description="open connections per process; at the cap the longest-idle one is closed, or "
+        "the new one refused (503); 0 = the file-descriptor limit less 10 % (at least 256)",
+    )  # fmt: skip
+    log_repeat_interval_s: float = Field(
+        10.0, ge=0, description="a warning or error from one place is logged once per interval, the next "
+        "line carrying repeated=<count>; 0 = off",
+    )  # fmt: skip
     log_format: Literal["json", "text"] = Field("json", description="json (one object per line) or text")
     metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus)")
     otel_endpoint: str | None = Field(None, description="OTLP/gRPC endpoint, e.g. http://otel-collector:4317")

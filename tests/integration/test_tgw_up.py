@@ -119,6 +119,7 @@ def test_sigterm_stops_all_three(stack: Stack) -> None:
     assert r.status_code == 200
     children = stack.children()
     assert len(children) == 2  # redis-server and tritonserver
+    assert "serving on uvloop.Loop" in stack.log.read_text()  # the same loop as `tgw serve` (issue 15)
     stack.proc.send_signal(signal.SIGTERM)
     assert stack.proc.wait(timeout=60) == 0
     assert _wait_gone(children) == []
