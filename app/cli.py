@@ -148,12 +148,25 @@ def cmd_up(_: argparse.Namespace) -> int:
     _setup_logging(settings)
     children: list[ManagedProcess] = []
     redis: EmbeddedRedis | None = None
+    jobs_redis: EmbeddedRedis | None = None
     triton: EmbeddedTriton | None = None
     try:
         if settings.redis_url is None and settings.cache_enabled:
-            redis = EmbeddedRedis(settings.redis_port, settings.state_dir / "redis")
+            # The cache evicts its least-recently-used answers beyond TGW_REDIS_MAXMEMORY ...
+            redis = EmbeddedRedis(
+                settings.redis_port, settings.state_dir / "redis", maxmemory=settings.redis_maxmemory,
+                policy="allkeys-lru",
+            )  # fmt: skip
             redis.start()
             children.append(redis.process)
+        if settings.jobs_redis_url is None and settings.redis_url is None:
+            # ... and jobs live in their own instance, which never evicts.
+            jobs_redis = EmbeddedRedis(
+                settings.jobs_redis_port, settings.state_dir / "redis-jobs", policy="noeviction",
+                name="redis-server (jobs)",
+            )  # fmt: skip
+            jobs_redis.start()
+            children.append(jobs_redis.process)
         if settings.triton_url is None:
             triton = EmbeddedTriton(
                 settings.model_repository,
@@ -169,6 +182,8 @@ def cmd_up(_: argparse.Namespace) -> int:
         # The gateway (and any uvicorn worker) reads its settings from the environment.
         if redis is not None:
             os.environ["TGW_REDIS_URL"] = redis.url
+        if jobs_redis is not None:
+            os.environ["TGW_JOBS_REDIS_URL"] = jobs_redis.url
         if triton is not None:
             os.environ["TGW_TRITON_URL"] = triton.grpc_url
             os.environ.setdefault("TGW_TRITON_HTTP_URL", triton.http_url)  # set it blank for gRPC inference
@@ -185,6 +200,8 @@ def cmd_up(_: argparse.Namespace) -> int:
             triton.stop()  # also its Python-backend stubs and shared-memory regions
         if redis is not None:
             redis.stop()
+        if jobs_redis is not None:
+            jobs_redis.stop()
     return code
 
 

@@ -252,6 +252,11 @@ async def wait_for_dependencies(settings: Settings) -> None:
             "Redis", redact_url(settings.redis_address), "TGW_REDIS_URL",
             lambda: _redis_ping(settings.redis_address, probe_timeout),
         ))  # fmt: skip
+    if settings.jobs_redis_url and settings.jobs_redis_url != settings.redis_url:
+        deps.append((
+            "the jobs Redis", redact_url(settings.jobs_redis_url), "TGW_JOBS_REDIS_URL",
+            lambda: _redis_ping(settings.jobs_redis_address, probe_timeout),
+        ))  # fmt: skip
     for name, where, env, check in deps:
         for attempt in range(1, attempts + 1):
             if await check():
