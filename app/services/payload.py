@@ -87,13 +87,17 @@ def _decode(raw: bytes | str, max_depth: int) -> Any:
             raise BadRequest(f"request body is not valid JSON: {exc}", {"field": "body"}) from None
 
 
-def parse_json(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+def parse_json(
+    raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH, max_values: int | None = None, what: str = "request"
+) -> Any:
     """Strict JSON via orjson. Bodies with NaN/Infinity literals (what Python's json.dumps writes) are
     accepted here so that validation can answer 422 naming the input, rather than a vague 400.
-    Deeper than ``max_depth``: 400 ``bad_request`` with ``details.max_depth``."""
+    Deeper than ``max_depth``: 400 ``bad_request`` with ``details.max_depth``. ``max_values`` (the
+    model's ``value_budget``): more values than that is a 422 before anything is parsed."""
     if not raw:
         raise BadRequest("request body is empty; expected JSON", {"field": "body"})
     data = raw.encode() if isinstance(raw, str) else raw
+    check_value_budget(data, max_values, what=what)
     verdict = _bracket_depth(data, max_depth)
     if verdict == "ok":
         return _decode(raw, max_depth)

@@ -72,6 +72,8 @@ def test_oversize_body_refused_before_parsing(batched: ModelInfo) -> None:
     assert err.value.details["received"] == {"values": 800_000}
     assert err.value.details["field"] == "inputs"
     assert elapsed < 0.1, f"budget check took {elapsed:.3f} s"
+    with pytest.raises(InvalidInput, match="800000 values"):
+        parse_json(body, max_values=value_budget(batched))  # the same, as the codecs call it
 
 
 def test_budget_passes_real_requests(batched: ModelInfo) -> None:
