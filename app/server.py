@@ -115,6 +115,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline: TimerHandle | None = None
         self._in_head = True
         self._head_bytes = 0
+        self._chunk = 0
         self._got_bytes = False  # of the current request head
         state = self.server_state
         idle = getattr(state, "tgw_idle", None)
@@ -185,6 +186,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     # --- parser callbacks and data ----------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        self._chunk = len(data)
+        if self._in_head:  # an upper bound of the head's size (the chunk may carry body bytes too)
+            self._head_bytes += self._chunk
         super().data_received(data)
         too_long = self._in_head and self._head_bytes > self.limits.max_header_bytes
         if too_long and not self.transport.is_closing():  # a head still arriving, already too long
@@ -192,13 +196,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.write(_HEAD_TOO_LARGE)
             self.transport.close()
 
-    def on_url(self, url: bytes) -> None:
-        self._head_bytes += len(url)
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
-        super().on_header(name, value)
+    def _head_size(self) -> int:
+        """The exact size of the request head just parsed (only computed when the bound says maybe)."""
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -206,13 +206,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._got_bytes = True
         if not self._in_head:  # a later request on a kept-alive connection
             self._in_head = True
-            self._head_bytes = 0
+            self._head_bytes = self._chunk  # the chunk it starts in (an upper bound again)
             self._arm(self.limits.header_timeout_s, self._head_expired)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._arm(self.limits.body_timeout_s, self._body_expired)
-        if self._head_bytes > self.limits.max_header_bytes:  # complete but too long: answered 431
+        limit = self.limits.max_header_bytes
+        if self._head_bytes > limit and self._head_size() > limit:  # complete but too long: answered 431
             app, self.app = self.app, _head_too_large
             try:
                 super().on_headers_complete()
