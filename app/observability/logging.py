@@ -16,6 +16,7 @@ Example (``TGW_LOG_FORMAT=json``, the default)::
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -76,9 +77,13 @@ class TextFormatter(logging.Formatter):
         return f"{line} {' '.join(extras)}" if extras else line
 
 
+# Parts of a message that differ between repeats of one event: object addresses, timestamps, long ids.
+_VOLATILE = re.compile(r"0x[0-9a-fA-F]+|\d{4,}(?:\.\d+)?")
+
+
 class RepeatFilter(logging.Filter):
-    """Log-flood protection: a WARNING or worse repeated (same logger, place and text) passes once per
-    ``interval_s``; the repeats in between are counted, and the next one that passes carries
+    """Log-flood protection: a WARNING or worse repeated (same logger, place and text, object addresses
+    and numbers of 4+ digits aside) passes once per ``interval_s``; the repeats in between are counted, and the next one that passes carries
     ``repeated=<count>`` (text: a field; JSON: a key). Below WARNING nothing is filtered (the access log
     is one line per request by design). ``interval_s`` 0 turns it off.
 
@@ -93,7 +98,8 @@ class RepeatFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if self.interval_s <= 0 or record.levelno < logging.WARNING:
             return True
-        key = (record.name, record.levelno, record.pathname, record.lineno, record.getMessage())
+        text = _VOLATILE.sub("#", record.getMessage())
+        key = (record.name, record.levelno, record.pathname, record.lineno, text)
         now = record.created
         last = self._seen.get(key)
         if last is not None and now - last[0] < self.interval_s:

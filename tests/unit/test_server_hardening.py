@@ -33,6 +33,10 @@ def test_a_repeated_error_is_logged_once_per_interval_with_a_count() -> None:
     assert flt.filter(later) and later.repeated == 19_999
     assert flt.filter(_record(lineno=11, created=1011.5))  # another place is not held back
     assert flt.filter(_record(msg="attempt 2: %s", created=1011.6))  # nor another text
+    for when in ("1688.697328082", "1688.697345638"):  # the same event: addresses and timestamps aside
+        held = flt.filter(_record(msg="Exception in callback <TimerHandle when=%s> at 0x7fbec2b4fc40",
+                                  created=1012, args=(when,)))  # fmt: skip
+    assert held is False
     assert all(flt.filter(_record(level=logging.INFO, created=1012)) for _ in range(100))  # access log
     assert all(RepeatFilter(interval_s=0).filter(_record()) for _ in range(3))  # 0 = off
 
@@ -88,3 +92,56 @@ def test_every_server_command_runs_on_the_same_loop() -> None:
 
     assert event_loop_name() == "uvloop"
     assert run(loop_type()) is uvloop.Loop
+
+
+_FLOOD_SERVER = r"""
+import logging.config, resource, socket, subprocess, sys, threading, time
+import uvicorn
+from app.launcher import free_port
+from app.observability.logging import log_config
+from app.server import server_config
+from app.settings import Settings
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+logs = log_config("INFO", "json", float(sys.argv[1]))
+logging.config.dictConfig(logs)
+
+async def app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+
+port = free_port()
+config = server_config(app, Settings(port=port, max_connections=1000), log_config=logs, lifespan="off",
+                       loop="asyncio")
+server = uvicorn.Server(config)
+threading.Thread(target=server.run, daemon=True).start()
+while not server.started:
+    time.sleep(0.01)
+client = "import resource, socket, time\n" \
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n" \
+    "socks = [socket.socket() for _ in range(300)]\n" \
+    "[s.setblocking(False) or s.connect_ex(('127.0.0.1', %d)) for s in socks]\ntime.sleep(2)\n" % port
+subprocess.run([sys.executable, "-c", client], timeout=30)
+server.should_exit = True
+time.sleep(0.5)
+"""
+
+
+def test_descriptor_exhaustion_does_not_flood_the_log() -> None:
+    """The accept-error flood of issue 15, reproduced for real: stock asyncio, a descriptor limit of 64
+    (the connection cap set above it on purpose) and 300 connections. Unfiltered it writes megabytes of
+    identical errors in seconds; with the filter, a few lines."""
+    import subprocess
+    import sys
+
+    def log_bytes(interval: str) -> tuple[int, str]:
+        proc = subprocess.run([sys.executable, "-c", _FLOOD_SERVER, interval], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        return len(proc.stderr), proc.stderr
+
+    unfiltered, text = log_bytes("0")
+    assert "out of system resource" in text  # the scenario really exhausts descriptors
+    filtered, text = log_bytes("10")
+    print(f"\naccept-error flood: {unfiltered} bytes of log unfiltered, {filtered} with the filter")
+    assert text.count("out of system resource") == 1
+    assert filtered < 20_000 < unfiltered
