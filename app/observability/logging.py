@@ -83,12 +83,12 @@ _VOLATILE = re.compile(r"0x[0-9a-fA-F]+|\d{4,}(?:\.\d+)?")
 
 class RepeatFilter(logging.Filter):
     """Log-flood protection: a WARNING or worse repeated (same logger, place and text, object addresses
-    and numbers of 4+ digits aside) passes once per ``interval_s``; the repeats in between are counted, and the next one that passes carries
-    ``repeated=<count>`` (text: a field; JSON: a key). Below WARNING nothing is filtered (the access log
-    is one line per request by design). ``interval_s`` 0 turns it off.
+    and numbers of 4+ digits aside) passes once per ``interval_s``; the repeats in between are counted,
+    and the next one that passes carries ``repeated=<count>`` (text: a field; JSON: a key). Below WARNING
+    nothing is filtered (the access log is one line per request by design). ``interval_s`` 0 turns it off.
 
     Without it, 20,500 idle sockets exhausting the file descriptors wrote 115 MB of identical accept
-    errors in 25 s."""
+    errors in 25 s (stock asyncio; tests/unit/test_server_hardening.py reproduces it: 7.9 MB -> 2.7 KB)."""
 
     def __init__(self, interval_s: float = 10.0) -> None:
         super().__init__()
