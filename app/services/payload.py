@@ -98,6 +98,8 @@ def parse_json(
         raise BadRequest("request body is empty; expected JSON", {"field": "body"})
     data = raw.encode() if isinstance(raw, str) else raw
     check_value_budget(data, max_values, what=what)
+    if data.count(b"[") + data.count(b"{") <= max_depth:  # so few brackets cannot nest deeper
+        return _decode(raw, max_depth)
     verdict = _bracket_depth(data, max_depth)
     if verdict == "ok":
         return _decode(raw, max_depth)
