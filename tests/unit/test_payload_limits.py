@@ -80,3 +80,21 @@ def test_budget_passes_real_requests(batched: ModelInfo) -> None:
     body = orjson.dumps({"inputs": {"series": [[[0.5]] * 20] * 8}, "parameters": {"note": "a," * 10_000}})
     check_value_budget(body, value_budget(batched))  # commas inside strings are not values
     check_value_budget(orjson.dumps(list(range(10**6))), None)  # no bound known: nothing refused
+
+
+def test_both_codecs_apply_the_value_budget_and_parameter_shapes(batched: ModelInfo) -> None:
+    from app.codecs import v1, v2
+
+    budget = value_budget(batched)
+    assert budget is not None
+    too_many = orjson.dumps({"inputs": {"series": [[[0.5]] * 20] * (budget // 20 + 1)}})
+    with pytest.raises(InvalidInput):
+        v1.decode(batched, too_many)
+    series = {"name": "series", "shape": [1, 20, 1], "datatype": "FP32", "data": [0.5] * 20}
+    huge = orjson.dumps({"inputs": [{**series, "shape": [budget, 1, 1], "data": [0.5] * (budget + 20)}]})
+    with pytest.raises(InvalidInput):
+        v2.decode(batched, huge, None)
+    bad_params = orjson.dumps({"inputs": [{**series, "parameters": [1]}]})
+    with pytest.raises(InvalidInput) as err:
+        v2.decode(batched, bad_params, None)
+    assert err.value.details["field"] == "inputs.series.parameters"
