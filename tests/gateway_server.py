@@ -12,6 +12,7 @@ import uvicorn
 
 from app.launcher import free_port
 from app.main import create_app
+from app.server import server_config
 from app.settings import Settings
 
 
@@ -34,9 +35,9 @@ def running_gateway_addresses(**overrides: object) -> Iterator[GatewayAddresses]
     overrides.setdefault("grpc_port", 0)
     settings = Settings(host="127.0.0.1", port=port, **overrides)  # type: ignore[arg-type]
     app = create_app(settings)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
-        loop="asyncio", timeout_graceful_shutdown=2,
+    config = server_config(
+        app, settings, log_level="warning", lifespan="on", loop="asyncio",
+        timeout_graceful_shutdown=2,
     )  # fmt: skip
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"gateway-{port}", daemon=True)
