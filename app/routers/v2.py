@@ -61,9 +61,15 @@ async def repository_index(registry: RegistryDep) -> ORJSONResponse:
 
 
 # --- statistics: relayed to Triton (declared before /models/{model}, which would take "stats") ---
-@router.get("/models/stats", response_class=ORJSONResponse)
-@router.get("/models/{model}/stats", response_class=ORJSONResponse)
-@router.get("/models/{model}/versions/{version}/stats", response_class=ORJSONResponse)
+_STATS: dict[int | str, dict[str, Any]] = {200: {"content": {"application/json": {"schema": {
+    "type": "object", "description": "Triton's inference statistics, as its HTTP API gives them",
+    "properties": {"model_stats": {"type": "array", "items": {"type": "object"}}},
+}}}}}  # fmt: skip
+
+
+@router.get("/models/stats", response_class=ORJSONResponse, responses=_STATS)
+@router.get("/models/{model}/stats", response_class=ORJSONResponse, responses=_STATS)
+@router.get("/models/{model}/versions/{version}/stats", response_class=ORJSONResponse, responses=_STATS)
 async def model_statistics(admin: AdminDep, model: str = "", version: str = "") -> ORJSONResponse:
     return ORJSONResponse(await admin.model_statistics(model, version))
 

@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import json_format
@@ -50,9 +50,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("app.access")
-
-Request = TypeVar("Request")
-Reply = TypeVar("Reply")
 
 SERVICE = "inference.GRPCInferenceService"
 _QUIET = frozenset({"ServerLive", "ServerReady", "ModelReady"})
