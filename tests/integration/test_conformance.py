@@ -242,6 +242,7 @@ def test_infer_grpc_stream_and_aio(targets: dict[str, Target], http_clients: dic
 
     def run(target: Target) -> list[Any]:
         got: queue.Queue[Any] = queue.Queue()
+        answers: list[Any] = []
         client = grpcclient.InferenceServerClient(target.grpc)
         try:
             client.start_stream(callback=lambda result, error: got.put((result, error)))
@@ -250,9 +251,14 @@ def test_infer_grpc_stream_and_aio(targets: dict[str, Target], http_clients: dic
             count = grpcclient.InferInput("COUNT", [1], "INT32")
             count.set_data_from_numpy(np.array([4], dtype=np.int32))
             client.async_stream_infer("repeat_decoupled", [count], request_id="dec")
-            answers = [got.get(timeout=15) for _ in range(len(plan) + 4)]
+            for _ in range(len(plan) + 4):
+                try:
+                    answers.append(got.get(timeout=15))
+                except queue.Empty:
+                    ids = [r.get_response().id if r is not None else str(e) for r, e in answers]
+                    pytest.fail(f"{target.name}: stream answered only {ids}")
         finally:
-            client.stop_stream()
+            client.stop_stream(cancel_requests=len(answers) < len(plan) + 4)
             client.close()
         out = []
         for result, error in answers:
