@@ -183,6 +183,7 @@ def test_refused_rpcs_say_why(tc: grpcclient.InferenceServerClient) -> None:
 
 def test_streaming_answers_in_order_and_streams_decoupled_models(gateway_grpc: str) -> None:
     results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    got: list[Any] = []
     client = grpcclient.InferenceServerClient(gateway_grpc)
     try:
         client.start_stream(callback=lambda result, error: results.put((result, error)))
@@ -194,9 +195,10 @@ def test_streaming_answers_in_order_and_streams_decoupled_models(gateway_grpc: s
         count.set_data_from_numpy(np.array([3], dtype=np.int32))
         client.async_stream_infer("repeat_decoupled", [count], request_id="d")
         client.async_stream_infer("nope", [count], request_id="bad")
-        got = [results.get(timeout=10) for _ in range(3 + 3 + 1)]
+        while len(got) < 3 + 3 + 1:
+            got.append(results.get(timeout=10))
     finally:
-        client.stop_stream()
+        client.stop_stream(cancel_requests=len(got) < 3 + 3 + 1)  # never wait on a stream cut short
         client.close()
     ordinary = [r.get_response().id for r, e in got if r is not None and r.get_response().id.startswith("s")]
     assert ordinary == ["s0", "s1", "s2"]
