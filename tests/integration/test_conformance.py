@@ -436,3 +436,13 @@ def test_deliberate_refusals(http_clients: dict[str, Any], grpc_clients: dict[st
         ):
             gateway = outcome(lambda: call(clients["gateway"]))
             assert not gateway.ok and gateway.status == expected and "gateway" in gateway.message, gateway
+
+
+def test_unary_infer_on_a_decoupled_model(http_clients: dict[str, Any], grpc_clients: dict[str, Any]) -> None:
+    """A decoupled model over a unary call: whatever Triton answers, the gateway answers the same way."""
+    for n in (1, 2):
+        samples = [("COUNT", "INT32", np.array([n], dtype=np.int32))]
+        assert_same(both(grpc_clients, lambda c: c.infer("repeat_decoupled", grpc_tensors(samples)),
+                         lambda r: r.as_numpy("OUT").tolist()))  # fmt: skip
+        assert_same(both(http_clients, lambda c: c.infer("repeat_decoupled", http_tensors(samples, True)),
+                         lambda r: r.as_numpy("OUT").tolist()))  # fmt: skip

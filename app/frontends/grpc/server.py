@@ -62,7 +62,7 @@ def authenticate(metadata: Mapping[str, str]) -> None:
 
 
 class _Status(Exception):
-    """End the RPC with this exact status (the caller's deadline)."""
+    """End the RPC with this exact status (the caller's deadline, a decoupled model over ModelInfer)."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -240,6 +240,9 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: Any, request_id: str, remaining_s: float | None) -> InferResponse:
         info = await self.inference.resolve(request.model_name, request.model_version or None)
+        if decoupled(info):  # as Triton answers it: such a model may send any number of responses
+            raise _Status(grpc.StatusCode.UNIMPLEMENTED, "ModelInfer RPC doesn't support models with "
+                          "decoupled transaction policy; use ModelStreamInfer")  # fmt: skip
         decoded = codec.decode(info, request)
         decoded.request.request_id = request_id
         if remaining_s is None:
