@@ -169,7 +169,14 @@ def test_unknown_model(http_clients: dict[str, Any], grpc_clients: dict[str, Any
     triton, gateway = both(http_clients, lambda c: c.get_model_metadata("no_such_model"))
     assert not triton.ok and triton.status == gateway.status == "4xx" and "no_such_model" in gateway.message
     triton, gateway = both(grpc_clients, lambda c: c.get_model_metadata("no_such_model"))
-    assert not triton.ok and not gateway.ok and "no_such_model" in gateway.message
+    assert not triton.ok and triton.status == gateway.status and "no_such_model" in gateway.message, (
+        triton,
+        gateway,
+    )
+    triton, gateway = both(grpc_clients, lambda c: c.infer("no_such_model", grpc_tensors([
+        ("INPUT0", "FP32", np.zeros((1, 2), np.float32))
+    ])))  # fmt: skip
+    assert not triton.ok and triton.status == gateway.status, (triton, gateway)
 
 
 # --- repository index and statistics (extensions) ------------------------------------------------------
@@ -446,3 +453,23 @@ def test_unary_infer_on_a_decoupled_model(http_clients: dict[str, Any], grpc_cli
                          lambda r: r.as_numpy("OUT").tolist()))  # fmt: skip
         assert_same(both(http_clients, lambda c: c.infer("repeat_decoupled", http_tensors(samples, True)),
                          lambda r: r.as_numpy("OUT").tolist()))  # fmt: skip
+
+
+def test_every_version_is_addressable_for_inference(
+    http_clients: dict[str, Any], grpc_clients: dict[str, Any]
+) -> None:
+    samples = [("INPUT0", "FP32", np.array([[1.0, 2.0]], dtype=np.float32))]
+    for version in ("1", "2", ""):
+        assert_same(both(grpc_clients, lambda c: c.infer("versioned_fp32", grpc_tensors(samples),
+                                                          model_version=version),
+                         lambda r: (r.get_response().model_version, r.as_numpy("OUTPUT0").tolist())))  # fmt: skip
+        assert_same(both(http_clients, lambda c: c.infer("versioned_fp32", http_tensors(samples, True),
+                                                          model_version=version),
+                         lambda r: (r.get_response()["model_version"], r.as_numpy("OUTPUT0").tolist())))  # fmt: skip
+    triton, gateway = both(
+        grpc_clients, lambda c: c.infer("versioned_fp32", grpc_tensors(samples), model_version="9")
+    )
+    assert not triton.ok and triton.status == gateway.status == "StatusCode.NOT_FOUND", (triton, gateway)
+    triton, gateway = both(http_clients, lambda c: c.infer("versioned_fp32", http_tensors(samples, True),
+                                                           model_version="9"))  # fmt: skip
+    assert not triton.ok and triton.status == gateway.status == "4xx"
