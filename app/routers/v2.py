@@ -13,6 +13,7 @@ from app.codecs import encoding
 from app.codecs import v2 as kserve
 from app.codecs.common import Reply
 from app.deps import AdminDep, HealthDep, RegistryDep
+from app.errors import NotOffered
 from app.request_context import current_request_id
 from app.routers.common import Headers, ORJSONResponse
 from app.routers.infer import header_value
@@ -153,6 +154,9 @@ async def serve_v2(
     ``Content-Encoding: gzip|deflate`` bodies are inflated up to ``max_body_bytes``; the answer is
     compressed when ``Accept-Encoding`` asks for it."""
     info = await service.resolve(model, version)
+    if info.decoupled:  # Triton's answer, without the round trip (and the same over either transport)
+        raise NotOffered("HTTP end point doesn't support models with decoupled transaction policy; use "
+                         "gRPC ModelStreamInfer", {"model": info.name})  # fmt: skip
     raw = encoding.decode_body(raw, header_value(headers, b"content-encoding"), max_body_bytes)
     v2 = kserve.decode(info, raw, header_value(headers, kserve.HEADER_LENGTH.encode()))
     req = v2.request

@@ -51,6 +51,12 @@ class ModelInfo:
     def batched(self) -> bool:
         return self.max_batch_size > 0
 
+    @property
+    def decoupled(self) -> bool:
+        """A decoupled model may send any number of responses per request: only a stream can carry them."""
+        policy = self.config.get("model_transaction_policy") or {}
+        return bool(policy.get("decoupled"))
+
     def kserve_metadata(self, all_versions: bool = True) -> dict[str, Any]:
         """KServe v2 model metadata (HTTP ``/v2/models/{m}`` and gRPC ``ModelMetadata``) as Triton gives it:
         ``versions`` lists every ready version when no version was asked for, else the one asked for."""

@@ -42,7 +42,7 @@ from app.request_context import set_request_id
 from app.services.health import HealthService
 from app.services.inference import InferenceService, InferResponse
 from app.services.offer import EXTENSIONS, REFUSED_RPCS, refusal
-from app.services.registry import ModelInfo, ModelRegistry
+from app.services.registry import ModelRegistry
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -240,7 +240,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: Any, request_id: str, remaining_s: float | None) -> InferResponse:
         info = await self.inference.resolve(request.model_name, request.model_version or None)
-        if decoupled(info):  # as Triton answers it: such a model may send any number of responses
+        if info.decoupled:  # as Triton answers it: such a model may send any number of responses
             raise _Status(grpc.StatusCode.UNIMPLEMENTED, "ModelInfer RPC doesn't support models with "
                           "decoupled transaction policy; use ModelStreamInfer")  # fmt: skip
         decoded = codec.decode(info, request)
@@ -339,7 +339,7 @@ class _Stream:
             log_gateway_error(exc)
             self.out.put_nowait(codec.error_response(exc.message, request.id))
             return
-        if decoupled(info) or decoded.options.sequence:
+        if info.decoupled or decoded.options.sequence:
             await self._relay(request)
             return
         task = asyncio.ensure_future(self._answer(decoded, request.id))
@@ -372,11 +372,6 @@ class _Stream:
             task.cancel()
         if self.relay is not None:
             self.relay.cancel()
-
-
-def decoupled(info: ModelInfo) -> bool:
-    policy = info.config.get("model_transaction_policy") or {}
-    return bool(policy.get("decoupled"))
 
 
 _CHANNEL_OPTIONS = (("grpc.so_reuseport", 1),)
