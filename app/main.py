@@ -36,6 +36,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         front_door = GrpcFrontDoor(settings, gw) if settings.grpc_enabled else None
         if front_door is not None:
             app.state.grpc_port = await front_door.start()
+            app.state.grpc_front_door = front_door
         lifecycle.activate()  # SIGTERM drains (readiness 503)
         try:
             yield

@@ -133,9 +133,18 @@ def triton_request(model: str, version: str, outcome: str, seconds: float) -> No
     child.observe(seconds)
 
 
+_grpc_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+
+
 def grpc_request(method: str, code: str, seconds: float) -> None:
-    GRPC_REQUESTS.labels(method, code).inc()
-    GRPC_DURATION.labels(method).observe(seconds)
+    children = _grpc_children.get((method, code))
+    if children is None:
+        children = _grpc_children[(method, code)] = (
+            GRPC_REQUESTS.labels(method, code),
+            GRPC_DURATION.labels(method),
+        )
+    children[0].inc()
+    children[1].observe(seconds)
 
 
 # --- jobs hooks ------------------------------------------------------------------------------------
