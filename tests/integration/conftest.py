@@ -42,7 +42,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
 
 
 @pytest.fixture(scope="session")
-def gateway(triton: EmbeddedTriton, redis_server: EmbeddedRedis) -> Iterator[GatewayAddresses]:
+def gateway_addresses(triton: EmbeddedTriton, redis_server: EmbeddedRedis) -> Iterator[GatewayAddresses]:
     """Configured as ``tgw up`` configures it: inference over Triton's HTTP endpoint, the rest over gRPC
     (tests/integration/test_transport.py runs the inference checks over both); HTTP and gRPC front doors."""
     with running_gateway_addresses(
@@ -52,14 +52,14 @@ def gateway(triton: EmbeddedTriton, redis_server: EmbeddedRedis) -> Iterator[Gat
 
 
 @pytest.fixture(scope="session")
-def gateway_url(gateway: GatewayAddresses) -> str:
-    return gateway.http
+def gateway_url(gateway_addresses: GatewayAddresses) -> str:
+    return gateway_addresses.http
 
 
 @pytest.fixture(scope="session")
-def gateway_grpc(gateway: GatewayAddresses) -> str:
+def gateway_grpc(gateway_addresses: GatewayAddresses) -> str:
     """host:port of the session gateway's gRPC front door (same process, cache and Triton as gateway_url)."""
-    return gateway.grpc
+    return gateway_addresses.grpc
 
 
 @pytest.fixture

@@ -51,10 +51,10 @@ MODELS = [p.parent.name for p in _CONFIGS if p.parent.name not in DECOUPLED]
 
 
 @pytest.fixture(scope="module")
-def targets(triton: Any, gateway: Any) -> dict[str, Target]:
+def targets(triton: Any, gateway_addresses: Any) -> dict[str, Target]:
     return {
         "triton": Target("triton", triton.http_url, triton.grpc_url),
-        "gateway": Target("gateway", gateway.http, gateway.grpc),
+        "gateway": Target("gateway", gateway_addresses.http, gateway_addresses.grpc),
     }
 
 
