@@ -144,8 +144,12 @@ class HotPath:
         metrics.INFLIGHT.inc()
         received = 0
         close = False
+        auth = getattr(self.state, "auth", None)  # TEMPORARY (issue 12): until app/pipeline.py
+        principal = None
         try:
             try:
+                if auth is not None:
+                    principal = await auth.admit(scope)
                 if declared > self.max_body_bytes:
                     raise body_too_large(self.max_body_bytes, declared)
                 body = await self._read_body(receive)
@@ -176,6 +180,8 @@ class HotPath:
                 await send({"type": "http.response.body", "body": reply.body})
         finally:
             metrics.INFLIGHT.dec()
+            if principal is not None:
+                auth.release(principal)
         duration = time.perf_counter() - start
         metrics.REQUEST_SIZE.observe(received)
         metrics.RESPONSE_SIZE.observe(len(reply.body) if reply is not None else 0)

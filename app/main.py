@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
+from app.auth.runtime import check_model_priorities, start_auth, stop_auth
 from app.clients.protocols import TritonClient
 from app.clients.redis import RedisCacheStore, make_redis
 from app.clients.triton import TritonGrpcClient
@@ -67,6 +68,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.batch_enabled
         else upstream
     )
+    app.state.auth = await start_auth(settings)  # keys and limits (app.auth), a stage of the pipeline
     app.state.triton = triton
     app.state.redis = redis
     app.state.cache = cache
@@ -84,6 +86,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.jobs = JobsRuntime(settings, app.state.inference)
     await app.state.jobs.start()
     register_jobs_snapshot(app, app.state.jobs.metrics_snapshot)
+    priority_check = check_model_priorities(app.state.auth, triton)
     lifecycle.drain_hooks.append(app.state.jobs.begin_drain)
     logger.info("gateway up: Triton %s (inference over %s), Redis %s", settings.triton_grpc_address,
                 f"HTTP {settings.triton_http_url}" if settings.triton_http_url else "gRPC",
@@ -92,6 +95,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await lifecycle.run_shutdown_hooks(settings.drain_s)
+        priority_check.cancel()
+        await stop_auth(app.state.auth)
         lifecycle.deactivate()
         await app.state.jobs.stop(drain_s=min(settings.drain_s, 5.0) if settings.worker_in_process else 0)
         await app.state.inference.drain_writes(timeout_s=1.0)

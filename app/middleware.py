@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import body_too_large, error_body, is_kserve_path
+from app.auth.asgi import send_refusal
+from app.auth.principal import Principal
+from app.errors import GatewayError, body_too_large, error_body, is_kserve_path
 from app.request_context import set_request_id
 
 
@@ -36,6 +38,24 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         rid_header = (b"x-request-id", rid.encode())
 
+        # TEMPORARY (issue 12): the auth stage, until app/pipeline.py calls it
+        auth = getattr(scope["app"].state, "auth", None) if "app" in scope else None
+        principal: Principal | None = None
+        if auth is not None:
+            try:
+                principal = await auth.admit(scope)
+            except GatewayError as exc:
+                await send_refusal(scope, receive, send, exc, rid)
+                return
+        try:
+            await self._serve(scope, receive, send, length, rid_header)
+        finally:
+            if principal is not None:
+                auth.release(principal)
+
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, length: int | None, rid_header: tuple[bytes, bytes]
+    ) -> None:
         if scope["type"] == "websocket":
             await self.app(scope, receive, send)
             return

@@ -6,6 +6,7 @@ a bad value stops the process with a message naming the variable.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -13,6 +14,15 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _split_csv(value: object) -> object:
@@ -139,12 +149,57 @@ class Settings(BaseSettings):
         60.0, ge=0, description="`tgw serve` waits this long for Triton and Redis; 0 = do not wait"
     )
     startup_retry_interval_s: float = Field(2.0, gt=0, description="pause between start-up checks")
+    # --- Keys, limits and tenants (app.auth) ---------------------------------------------------
+    auth: Literal["required", "off"] = Field(
+        "off", description="required = every route but /healthz, /readyz needs a key; off = open (refused "
+        "on a non-loopback TGW_HOST unless TGW_AUTH_OFF_ALLOW_PUBLIC); images, compose and k8s set required",
+    )  # fmt: skip
+    auth_off_allow_public: bool = Field(
+        False, description="allow TGW_AUTH=off on a non-loopback address (you have auth in front of it)"
+    )
+    key_pepper: str | None = Field(
+        None, min_length=32, description="server secret keys are HMAC-SHA256'd with (32+ chars); required "
+        "with TGW_AUTH=required and for `tgw keys`; changing it invalidates every key",
+    )  # fmt: skip
+    admin_token: str | None = Field(
+        None, min_length=32, description="admin credential (Bearer/X-API-Key) for /metrics, /v1/admin/*, "
+        "/v2/repository/*, /v1/jobs/stats; keys of tier `admin` work too",
+    )  # fmt: skip
+    auth_tiers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["high:1:60", "standard:2:30"],
+        description="tier:triton_priority:max_timeout_s, comma-separated; priority 1 is Triton's highest",
+    )
+    auth_default_tier: str = Field("standard", description="tier of a key created without --tier")
+    auth_key_cache_s: float = Field(
+        5.0, ge=0, le=60, description="a verified key is trusted in process this long: revocation bound"
+    )
+    auth_stale_key_s: float = Field(
+        600.0, ge=0, description="Redis down: keys verified within this long keep working (local limits)"
+    )
+    auth_default_rps: float = Field(20.0, gt=0, description="request rate of a key created without --rps")
+    auth_default_burst: int = Field(40, ge=1, description="burst of a key created without --burst")
+    auth_default_concurrency: int = Field(
+        16, ge=0, description="in-flight requests per key (0 = unbounded) unless --concurrency"
+    )
+    auth_default_daily_quota: int = Field(0, ge=0, description="requests per UTC day per key; 0 = none")
+    auth_failed_per_minute: int = Field(
+        20, ge=1, description="failed authentications per client address per minute before 429"
+    )
+    auth_ws_per_key: int = Field(8, ge=1, description="open WebSockets per key (across replicas)")
+    auth_ws_ticket_s: int = Field(30, ge=5, le=300, description="lifetime of a single-use WebSocket ticket")
+    cache_scope: Literal["shared", "tenant"] = Field(
+        "shared", description="shared = one cached answer for all tenants; tenant = one per tenant (docs/auth.md)"
+    )
+    auth_redis_timeout_s: float = Field(0.25, gt=0, description="bound on every key/limit Redis call")
+
     log_format: Literal["json", "text"] = Field("json", description="json (one object per line) or text")
     metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus)")
     otel_endpoint: str | None = Field(None, description="OTLP/gRPC endpoint, e.g. http://otel-collector:4317")
     otel_service_name: str = Field("triton-gateway", description="service.name of the OpenTelemetry resource")
 
-    @field_validator("model_repository", "cache_exclude_models", "webhook_schedule_s", mode="before")
+    @field_validator(
+        "model_repository", "cache_exclude_models", "webhook_schedule_s", "auth_tiers", mode="before"
+    )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -195,6 +250,32 @@ class Settings(BaseSettings):
                 ports.append(self.redis_port)
             if len(set(ports)) != len(ports):
                 raise ValueError(f"the gateway and the embedded servers need distinct ports, got {ports}")
+        return self
+
+    @field_validator("auth_tiers")
+    @classmethod
+    def _check_tiers(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parts = item.split(":")
+            ok = len(parts) == 3 and parts[0] and parts[1].isdigit() and int(parts[1]) >= 1
+            try:
+                ok = ok and float(parts[2]) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{item!r}: expected tier:priority:max_timeout_s, e.g. standard:2:30")
+        return value
+
+    @model_validator(mode="after")
+    def _auth_off_only_on_loopback(self) -> Settings:
+        if self.auth == "off" and not self.auth_off_allow_public and not is_loopback(self.host):
+            raise ValueError(
+                f"TGW_AUTH=off on the non-loopback address {self.host!r} would expose every model to "
+                "anyone: set TGW_AUTH=required (and TGW_KEY_PEPPER), or TGW_AUTH_OFF_ALLOW_PUBLIC=true "
+                "if something in front of the gateway authenticates"
+            )
+        if self.auth_default_tier not in {t.split(":")[0] for t in self.auth_tiers}:
+            raise ValueError(f"TGW_AUTH_DEFAULT_TIER={self.auth_default_tier!r} is not in TGW_AUTH_TIERS")
         return self
 
     @property
