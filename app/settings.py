@@ -188,7 +188,7 @@ class Settings(BaseSettings):
     auth_ws_per_key: int = Field(8, ge=1, description="open WebSockets per key (across replicas)")
     auth_ws_ticket_s: int = Field(30, ge=5, le=300, description="lifetime of a single-use WebSocket ticket")
     cache_scope: Literal["shared", "tenant"] = Field(
-        "shared", description="shared = one cached answer for all tenants; tenant = one per tenant (docs/auth.md)"
+        "shared", description="shared (default) or tenant: one cached answer per tenant (docs/auth.md)"
     )
     auth_redis_timeout_s: float = Field(0.25, gt=0, description="bound on every key/limit Redis call")
 
