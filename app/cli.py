@@ -249,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     from app.convert.cli import add_parser as add_convert_parser
 
     add_convert_parser(sub)
+    from app.auth.cli import add_parser as add_keys_parser
+
+    add_keys_parser(sub)
     bench = sub.add_parser(
         "bench", help="benchmark: Triton direct vs the gateway (embedded stack, reports in bench-results/)"
     )

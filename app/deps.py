@@ -10,6 +10,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from starlette.requests import HTTPConnection
 
+from app.auth.principal import ANONYMOUS, Principal
+from app.auth.stage import AuthStage
 from app.services.health import HealthService
 from app.services.inference import InferenceService
 from app.services.jobs.events import EventHub
@@ -67,3 +69,18 @@ JobsDep = Annotated[JobService, Depends(get_jobs)]
 JobEventsDep = Annotated[EventHub, Depends(get_job_events)]
 ConnSettingsDep = Annotated[Settings, Depends(get_conn_settings)]
 ConnInferenceDep = Annotated[InferenceService, Depends(get_conn_inference)]
+
+
+# --- the caller (app.auth): set by the pipeline's auth stage; anonymous when TGW_AUTH=off ---------
+async def get_principal(conn: HTTPConnection) -> Principal:
+    principal = conn.scope.get("state", {}).get("principal")
+    return principal if isinstance(principal, Principal) else ANONYMOUS
+
+
+async def get_auth(conn: HTTPConnection) -> AuthStage:
+    stage: AuthStage = conn.app.state.auth
+    return stage
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+AuthDep = Annotated[AuthStage, Depends(get_auth)]

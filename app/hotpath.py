@@ -180,7 +180,7 @@ class HotPath:
                 await send({"type": "http.response.body", "body": reply.body})
         finally:
             metrics.INFLIGHT.dec()
-            if principal is not None:
+            if principal is not None and auth is not None:
                 auth.release(principal)
         duration = time.perf_counter() - start
         metrics.REQUEST_SIZE.observe(received)

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
+from app.auth import admin as auth_routes
 from app.auth.runtime import check_model_priorities, start_auth, stop_auth
 from app.clients.protocols import TritonClient
 from app.clients.redis import RedisCacheStore, make_redis
@@ -119,7 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_exception_handlers(app)
-    for module in (health, models, infer, v2, jobs, ws):
+    for module in (health, models, infer, v2, jobs, ws, auth_routes):
         app.include_router(module.router)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     # --- observability (outermost): metrics, access log, tracing; lifecycle hooks ---

@@ -50,7 +50,7 @@ class RequestContextMiddleware:
         try:
             await self._serve(scope, receive, send, length, rid_header)
         finally:
-            if principal is not None:
+            if principal is not None and auth is not None:
                 auth.release(principal)
 
     async def _serve(

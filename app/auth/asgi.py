@@ -4,6 +4,7 @@ JSON on HTTP; on a WebSocket handshake an HTTP denial response where the server 
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 from app.errors import GatewayError, error_body, is_kserve_path
@@ -20,7 +21,7 @@ def _headers(exc: GatewayError, body: bytes, request_id: str | None) -> list[tup
     return headers
 
 
-async def send_refusal(scope: dict[str, Any], receive: Any, send: Any, exc: GatewayError,
+async def send_refusal(scope: MutableMapping[str, Any], receive: Any, send: Any, exc: GatewayError,
                        request_id: str | None = None) -> None:  # fmt: skip
     body = error_body(exc.code, exc.message, exc.details, kserve=is_kserve_path(scope.get("path", "")))
     if scope["type"] == "http":

@@ -19,7 +19,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -145,13 +145,13 @@ class AuthStage:
         self.limiter = RedisLimiter(redis, submit or direct, slot_ttl, timeout)
 
     # --- the pipeline's entry points ----------------------------------------------------------
-    async def admit(self, scope: dict[str, Any]) -> Principal:
+    async def admit(self, scope: MutableMapping[str, Any]) -> Principal:
         """Authenticate and take the request's limits; the principal also lands in scope["state"]."""
         principal = await self._admit(scope)
         scope.setdefault("state", {})["principal"] = principal
         return principal
 
-    async def _admit(self, scope: dict[str, Any]) -> Principal:
+    async def _admit(self, scope: MutableMapping[str, Any]) -> Principal:
         if not self.enabled:
             return ANONYMOUS
         path: str = scope["path"]
