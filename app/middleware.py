@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.auth.asgi import send_refusal
+from app.auth.asgi import limit_websocket_frames, send_refusal
 from app.auth.principal import Principal
 from app.errors import GatewayError, body_too_large, error_body, is_kserve_path
 from app.request_context import set_request_id
@@ -47,6 +47,8 @@ class RequestContextMiddleware:
             except GatewayError as exc:
                 await send_refusal(scope, receive, send, exc, rid)
                 return
+            if scope["type"] == "websocket":
+                receive = limit_websocket_frames(auth, principal, receive, send)
         try:
             await self._serve(scope, receive, send, length, rid_header)
         finally:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from typing import Any
 
+import orjson
+
 from app.errors import GatewayError, error_body, is_kserve_path
 
 
@@ -39,3 +41,27 @@ async def send_refusal(scope: MutableMapping[str, Any], receive: Any, send: Any,
         await send({"type": "websocket.http.response.body", "body": body})
     else:
         await send({"type": "websocket.close", "code": 1008, "reason": exc.code})
+
+
+def limit_websocket_frames(stage: Any, principal: Any, receive: Any, send: Any) -> Any:
+    """``receive`` for an admitted WebSocket: each client frame counts against the key's request rate
+    (``AuthStage.admit_message``); a frame over the limit is answered with an error frame and never
+    reaches the route."""
+    if principal.limits is None:
+        return receive
+
+    async def limited() -> Any:
+        while True:
+            message = await receive()
+            if message["type"] != "websocket.receive":
+                return message
+            try:
+                await stage.admit_message(principal)
+            except GatewayError as exc:
+                frame = {"type": "error", "error": {"code": exc.code, "message": exc.message,
+                                                    "details": exc.details}}  # fmt: skip
+                await send({"type": "websocket.send", "text": orjson.dumps(frame).decode()})
+                continue
+            return message
+
+    return limited
