@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 from app.auth.principal import Limits
 
@@ -136,9 +136,7 @@ class RedisLimiter:
         keys = keys_for(key_id, kind)
         try:
             reply = await self.submit("EVALSHA", SCRIPT_SHA, 3, *keys, *args)
-        except (NoScriptError, ResponseError) as exc:
-            if "NOSCRIPT" not in str(exc):
-                raise
+        except NoScriptError:
             async with asyncio.timeout(self.timeout_s):
                 await self.redis.script_load(SCRIPT)
             reply = await self.submit("EVALSHA", SCRIPT_SHA, 3, *keys, *args)
