@@ -3,10 +3,14 @@ the domain errors of authentication and limiting (rendered by the one error tabl
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.errors import GatewayError
+
+if TYPE_CHECKING:
+    from app.services.inference import InferRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +51,34 @@ class Principal:
     admin: bool = False
     limits: Limits | None = None
     slot: str | None = None  # the concurrency slot held for this request, released by AuthStage.release
+    cache_scope: str = ""  # mixed into response-cache keys: "" (shared) or the tenant (TGW_CACHE_SCOPE)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 ANONYMOUS = Principal(key_id="", tenant="", tier="", admin=True)  # TGW_AUTH=off: everything is open
+
+_current: ContextVar[Principal | None] = ContextVar("tgw_principal", default=None)
+
+
+def current_principal() -> Principal | None:
+    """The caller of the request being served (set by ``AuthStage.admit``), like the request id."""
+    return _current.get()
+
+
+def bind_principal(principal: Principal) -> None:
+    _current.set(principal)
+
+
+def apply_principal(req: InferRequest, principal: Principal | None) -> None:
+    """What the caller's key decides about a Triton call, whatever the body asked for: the tier's
+    priority and timeout bound, and the response-cache scope."""
+    if principal is None:
+        return
+    if principal.priority:
+        req.priority = principal.priority
+    if principal.max_timeout_s:
+        req.timeout_us = int(principal.max_timeout_s * 1_000_000)
+    req.cache_scope = principal.cache_scope
 
 
 def cache_scope(principal: Principal | None, scope_setting: str) -> str:

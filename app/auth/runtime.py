@@ -15,7 +15,9 @@ from app.settings import Settings
 logger = logging.getLogger(__name__)
 
 
-async def start_auth(settings: Settings) -> AuthStage:
+def build_auth(settings: Settings) -> AuthStage:
+    """The auth stage for the request pipeline (``Pipeline(admission=...)``); its Redis client connects
+    lazily, on the first request's loop."""
     if settings.auth != "required":
         logger.warning(
             "authentication is OFF (TGW_AUTH=off): anyone who can reach %s:%d may use every model; "

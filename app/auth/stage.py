@@ -25,6 +25,7 @@ from urllib.parse import parse_qs
 
 from redis.exceptions import RedisError
 
+from app.auth.asgi import limit_websocket_frames
 from app.auth.keys import TICKET_PREFIX, KeyRecord, KeyStore, digest, key_id_of, record_key
 from app.auth.limiter import (
     Decision,
@@ -42,6 +43,7 @@ from app.auth.principal import (
     Tier,
     TooManyRequests,
     Unauthorized,
+    bind_principal,
     parse_tiers,
 )
 from app.errors import ServiceUnavailable
@@ -59,6 +61,10 @@ ADMIN_TIER = "admin"
 WS_SLOT_TTL_S = 6 * 3600.0  # a WebSocket slot left by a crashed replica frees itself after this
 TICKET_NS = "tgw:auth:ticket:"
 _REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+
+
+def cache_scope_of(tenant: str, setting: str) -> str:
+    return tenant if setting == "tenant" else ""
 
 
 def path_class(path: str) -> str:
@@ -149,6 +155,7 @@ class AuthStage:
         """Authenticate and take the request's limits; the principal also lands in scope["state"]."""
         principal = await self._admit(scope)
         scope.setdefault("state", {})["principal"] = principal
+        bind_principal(principal)
         return principal
 
     async def _admit(self, scope: MutableMapping[str, Any]) -> Principal:
@@ -178,6 +185,10 @@ class AuthStage:
             await self.limit(principal)
         return principal
 
+    def websocket_receive(self, principal: Principal, receive: Any, send: Any) -> Any:
+        """The pipeline wraps an admitted WebSocket's ``receive`` with this: frames count too."""
+        return limit_websocket_frames(self, principal, receive, send)
+
     def release(self, principal: Principal) -> None:
         slot = principal.slot
         if slot is None:
@@ -204,7 +215,8 @@ class AuthStage:
         if admin_token and hmac.compare_digest(token.encode(), admin_token.encode()):
             return Principal(key_id="admin", tenant="admin", tier=ADMIN_TIER, admin=True,
                              priority=self.tiers[ADMIN_TIER].priority,
-                             max_timeout_s=self.tiers[ADMIN_TIER].max_timeout_s)  # fmt: skip
+                             max_timeout_s=self.tiers[ADMIN_TIER].max_timeout_s,
+                             cache_scope=cache_scope_of("admin", self.settings.cache_scope))  # fmt: skip
         key_id = key_id_of(token)
         record = await self._verify(key_id, token) if key_id is not None else None
         if record is None:
@@ -219,6 +231,7 @@ class AuthStage:
             key_id=rec.id, tenant=rec.tenant, tier=tier.name, priority=tier.priority,
             max_timeout_s=tier.max_timeout_s, admin=tier.name == ADMIN_TIER,
             limits=Limits(rec.rps, rec.burst, rec.concurrency, rec.daily_quota),
+            cache_scope=cache_scope_of(rec.tenant, self.settings.cache_scope),
         )  # fmt: skip
 
     async def _verify(self, key_id: str, token: str) -> KeyRecord | None:
