@@ -76,6 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, models, v2, jobs, ws, auth_routes):
         app.include_router(module.router)
     infer.document_infer_routes(app)
+    if app.state.auth.enabled:
+        auth_routes.document_auth(app)
     if settings.metrics_enabled:
         setup_metrics(app)
     tracing.setup_tracing(settings.otel_endpoint, settings.otel_service_name)

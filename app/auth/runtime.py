@@ -49,8 +49,10 @@ def check_priorities(stage: AuthStage, configs: dict[str, dict[str, Any]]) -> li
     problems: list[str] = []
     for name, cfg in sorted(configs.items()):
         if cfg.get("platform") == "ensemble":
-            problems.append(f"model {name} is an ensemble: Triton does not pass the request priority to "
-                            "its steps; give the steps priority_levels and a default_priority_level")
+            problems.append(
+                f"model {name} is an ensemble: Triton does not pass the request priority to "
+                "its steps; give the steps priority_levels and a default_priority_level"
+            )
             continue  # fmt: skip
         batching = cfg.get("dynamic_batching") or cfg.get("sequence_batching")
         levels = int((batching or {}).get("priority_levels", 0) or 0)

@@ -68,7 +68,7 @@ def cache_scope_of(tenant: str, setting: str) -> str:
 
 
 def path_class(path: str) -> str:
-    """"open", "admin" or "key"."""
+    """ "open", "admin" or "key"."""
     if path in OPEN_PATHS:
         return "open"
     if path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES):

@@ -209,7 +209,9 @@ def test_websocket_frames_count_against_the_rate(auth_url: str) -> None:
             frames.append(json.loads(ws.recv(timeout=10)))
     # the handshake took one, three pings pass, then the rate refuses
     assert [f["type"] for f in frames] == ["pong", "pong", "pong", "error", "error"], frames
-    assert frames[3]["error"]["code"] == "rate_limited" and frames[3]["error"]["details"]["retry_after_s"] >= 1
+    assert (
+        frames[3]["error"]["code"] == "rate_limited" and frames[3]["error"]["details"]["retry_after_s"] >= 1
+    )
 
 
 def test_redis_down_verified_keys_continue_unknown_refused(triton: EmbeddedTriton,
@@ -286,5 +288,3 @@ def test_auth_off_on_public_address_refuses_to_start() -> None:
     out = subprocess.run([sys.executable, "-m", "app.cli", "serve"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 2 and "TGW_AUTH" in out.stderr
-
-

@@ -12,8 +12,12 @@ class TritonPythonModel:
             time.sleep(float(np.max(delay)))
             timeout = request.timeout() if hasattr(request, "timeout") else -1
             rows = delay.shape[0]
-            out.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor("SLEPT_S", delay.astype(np.float32)),
-                pb_utils.Tensor("TIMEOUT_US", np.full((rows, 1), timeout, dtype=np.int64)),
-            ]))
+            out.append(
+                pb_utils.InferenceResponse(
+                    [
+                        pb_utils.Tensor("SLEPT_S", delay.astype(np.float32)),
+                        pb_utils.Tensor("TIMEOUT_US", np.full((rows, 1), timeout, dtype=np.int64)),
+                    ]
+                )
+            )
         return out
