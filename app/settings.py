@@ -88,6 +88,10 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated models never cached"
     )
     cache_max_value_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger answers are not cached")
+    cache_read_min_hit_ratio: float = Field(
+        0.01, ge=0, le=1, description="below this recent hit ratio a model's lookups skip Redis but 1 in 16 "
+        "(its answers are still cached; 0 = always look; see docs/performance.md)",
+    )  # fmt: skip
 
     # --- Hot path ----------------------------------------------------------------------------------
     server_timing: bool = Field(
