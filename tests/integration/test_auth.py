@@ -288,3 +288,14 @@ def test_auth_off_on_public_address_refuses_to_start() -> None:
     out = subprocess.run([sys.executable, "-m", "app.cli", "serve"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 2 and "TGW_AUTH" in out.stderr
+
+
+def test_cache_scope_tenant_keeps_answers_apart(triton: EmbeddedTriton, redis_server: EmbeddedRedis) -> None:
+    with running_gateway(**auth_settings(triton, redis_server.url, cache_scope="tenant")) as url:
+        a1, a2 = make_key(url, tenant="scope-a"), make_key(url, tenant="scope-a")
+        b = make_key(url, tenant="scope-b")
+        payload = {"inputs": {"INPUT0": [[float(time.time_ns() % 100_000), 7.0]]}}
+        seen = [
+            httpx.post(url + INFER, json=payload, headers=bearer(k)).headers["x-cache"] for k in (a1, a2, b, b)
+        ]
+        assert seen == ["MISS", "HIT", "MISS", "HIT"]  # same tenant shares, another tenant does not
