@@ -11,6 +11,7 @@ in all), sent with the admin credential through the auth stage to the real Trito
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -29,8 +30,9 @@ SETTINGS = settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_ch
                     derandomize=True, database=None, phases=[Phase.explicit, Phase.generate])  # fmt: skip
 
 
+@functools.cache
 def fuzz(triton: EmbeddedTriton, redis_server: EmbeddedRedis) -> dict[str, Any]:
-    """Runs the whole fuzz once; returns its findings."""
+    """Runs the whole fuzz once per session; returns its findings (both tests below read them)."""
     from schemathesis.checks import (
         content_type_conformance,
         not_a_server_error,
@@ -48,9 +50,10 @@ def fuzz(triton: EmbeddedTriton, redis_server: EmbeddedRedis) -> dict[str, Any]:
 
             @given(case=op.as_strategy())
             @SETTINGS
-            def run(case: Any, label: str = op.label) -> None:
+            def run(case: Any) -> None:
                 nonlocal sent
                 sent += 1
+                label = case.operation.label
                 response = case.call(base_url=url, headers=HEADERS, timeout=30)
                 try:
                     case.validate_response(response, checks=[not_a_server_error])
@@ -76,3 +79,18 @@ def test_schema_fuzz_finds_no_server_errors(triton: EmbeddedTriton, redis_server
         print(f"  {label}: {problems[0]}")
     assert found["sent"] >= 250, found["sent"]
     assert not found["server_errors"], "\n".join(found["server_errors"])
+
+
+AUTH_STATUSES = ("Received: 401", "Received: 403", "Received: 429")
+
+
+def test_schema_contract(triton: EmbeddedTriton, redis_server: EmbeddedRedis) -> None:
+    """The auth stage's answers (401/403/429) are documented on every operation; other contract findings
+    are the OpenAPI gaps issue 15 lists (JSON answers declared as strings, undocumented 404s), fixed by
+    the hardening work: xfail until then, with the operations named."""
+    contract = fuzz(triton, redis_server)["contract"]
+    undocumented_auth = [label for label, problems in contract.items()
+                         if any(s in p for p in problems for s in AUTH_STATUSES)]  # fmt: skip
+    assert not undocumented_auth, undocumented_auth
+    if contract:
+        pytest.xfail(f"OpenAPI contract gaps (issue 15, hardening): {sorted(contract)}")
