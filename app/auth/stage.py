@@ -5,7 +5,7 @@
     finally: stage.release(principal)         # gives the in-flight slot back
 
 ``admit`` puts the principal in ``scope["state"]["principal"]`` (routes read it with
-``app.deps.PrincipalDep``). gRPC (another front door) calls ``authenticate(headers, address)`` with
+``app.deps.PrincipalDep``) and its tenant in ``scope["state"]["tenant"]`` (the jobs routes' owner). gRPC (another front door) calls ``authenticate(headers, address)`` with
 its call metadata, then ``limit(principal)``. WebSocket frames go through ``admit_message``.
 
 Routes: ``/healthz``, ``/readyz``, ``/v2/health/*`` and the API docs are open; ``/metrics``,
@@ -154,7 +154,9 @@ class AuthStage:
     async def admit(self, scope: MutableMapping[str, Any]) -> Principal:
         """Authenticate and take the request's limits; the principal also lands in scope["state"]."""
         principal = await self._admit(scope)
-        scope.setdefault("state", {})["principal"] = principal
+        state = scope.setdefault("state", {})
+        state["principal"] = principal
+        state["tenant"] = principal.tenant  # the owner of jobs (app.routers.jobs.owner_of)
         bind_principal(principal)
         return principal
 

@@ -133,3 +133,12 @@ def test_cache_scope() -> None:
     p = Principal(key_id="k", tenant="acme", tier="standard")
     assert cache_scope(p, "shared") == "" and cache_scope(p, "tenant") == "acme"
     assert cache_scope(None, "tenant") == ""
+
+
+async def test_admit_puts_principal_and_tenant_in_scope_state() -> None:
+    from app.auth.principal import current_principal
+
+    stage = AuthStage(Settings(auth="required", key_pepper="p" * 32), redis=object())
+    scope = {"type": "http", "path": "/healthz", "headers": []}
+    principal = await stage.admit(scope)
+    assert scope["state"] == {"principal": principal, "tenant": ""} and current_principal() is principal
