@@ -296,6 +296,26 @@ def test_cache_scope_tenant_keeps_answers_apart(triton: EmbeddedTriton, redis_se
         b = make_key(url, tenant="scope-b")
         payload = {"inputs": {"INPUT0": [[float(time.time_ns() % 100_000), 7.0]]}}
         seen = [
-            httpx.post(url + INFER, json=payload, headers=bearer(k)).headers["x-cache"] for k in (a1, a2, b, b)
+            httpx.post(url + INFER, json=payload, headers=bearer(k)).headers["x-cache"]
+            for k in (a1, a2, b, b)
         ]
         assert seen == ["MISS", "HIT", "MISS", "HIT"]  # same tenant shares, another tenant does not
+
+
+def test_tenant_cannot_see_another_tenants_job(auth_url: str) -> None:
+    a, b = make_key(auth_url, tenant="tenant-a"), make_key(auth_url, tenant="tenant-b")
+    with httpx.Client(base_url=auth_url, timeout=10) as c:
+        r = c.post(
+            "/v1/models/identity_fp32/jobs", json=body(float(time.time_ns() % 10_000)), headers=bearer(a)
+        )
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        assert c.get(f"/v1/jobs/{job_id}", headers=bearer(a)).status_code == 200
+        theirs = c.get(f"/v1/jobs/{job_id}", headers=bearer(b))
+        missing = c.get("/v1/jobs/no-such-job-id", headers=bearer(b))
+        assert theirs.status_code == missing.status_code == 404
+        assert c.delete(f"/v1/jobs/{job_id}", headers=bearer(b)).status_code == 404
+    ws_url = auth_url.replace("http", "ws", 1) + f"/v1/jobs/{job_id}/ws"
+    with connect(ws_url, additional_headers=bearer(b), open_timeout=10) as ws:
+        frame = json.loads(ws.recv(timeout=10))
+    assert frame["type"] == "error" and frame["error"]["code"] == "not_found"
