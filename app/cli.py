@@ -31,7 +31,7 @@ from app.settings import Settings
 
 logger = logging.getLogger("app.cli")
 
-_SECRET_WORDS = ("secret", "password", "token")
+_SECRET_WORDS = ("secret", "password", "token", "pepper")
 
 
 def _setup_logging(settings: Settings) -> None:

@@ -5,8 +5,9 @@
     finally: stage.release(principal)         # gives the in-flight slot back
 
 ``admit`` puts the principal in ``scope["state"]["principal"]`` (routes read it with
-``app.deps.PrincipalDep``) and its tenant in ``scope["state"]["tenant"]`` (the jobs routes' owner). gRPC (another front door) calls ``authenticate(headers, address)`` with
-its call metadata, then ``limit(principal)``. WebSocket frames go through ``admit_message``.
+``app.deps.PrincipalDep``) and its tenant in ``scope["state"]["tenant"]`` (the jobs routes' owner).
+Front doors without a scope (gRPC) call ``admit_headers(metadata, address)``, then ``release``.
+WebSocket frames go through ``websocket_receive`` / ``admit_message``.
 
 Routes: ``/healthz``, ``/readyz``, ``/v2/health/*`` and the API docs are open; ``/metrics``,
 ``/v1/admin/*``, ``/v2/repository/*`` and ``/v1/jobs/stats`` need an admin credential
@@ -185,6 +186,20 @@ class AuthStage:
             await self.limit(principal, kind="ws")
         else:
             await self.limit(principal)
+        return principal
+
+    async def admit_headers(self, headers: Mapping[str, str], address: str, admin: bool = False) -> Principal:
+        """For front doors without an ASGI scope (gRPC): authenticate from lower-case headers (call
+        metadata) and take the request's limits; ``release`` the principal when the call is over.
+        ``admin``: the call needs the admin credential (e.g. repository or statistics RPCs)."""
+        if not self.enabled:
+            bind_principal(ANONYMOUS)
+            return ANONYMOUS
+        principal = await self.authenticate(credential_from_headers(headers), address)
+        if admin and not principal.admin:
+            raise Forbidden("this call needs an admin credential (TGW_ADMIN_TOKEN or an admin-tier key)")
+        await self.limit(principal)
+        bind_principal(principal)
         return principal
 
     def websocket_receive(self, principal: Principal, receive: Any, send: Any) -> Any:

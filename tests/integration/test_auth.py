@@ -5,6 +5,7 @@ timeout reaching Triton, and `tgw keys` from the command line."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -20,7 +21,11 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from app.auth import TooManyRequests, Unauthorized
+from app.auth.admin import NewKey, create_key
+from app.auth.runtime import build_auth, stop_auth
 from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
+from app.settings import Settings
 from tests.gateway_server import running_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -319,3 +324,28 @@ def test_tenant_cannot_see_another_tenants_job(auth_url: str) -> None:
     with connect(ws_url, additional_headers=bearer(b), open_timeout=10) as ws:
         frame = json.loads(ws.recv(timeout=10))
     assert frame["type"] == "error" and frame["error"]["code"] == "not_found"
+
+
+def test_header_mapping_entry_point_for_other_front_doors(
+    triton: EmbeddedTriton, redis_server: EmbeddedRedis
+) -> None:
+    """``AuthStage.admit_headers`` (gRPC metadata): the same keys, limits and refusals without a scope."""
+
+    async def run() -> None:
+        stage = build_auth(Settings(**auth_settings(triton, redis_server.url)))  # type: ignore[arg-type]
+        try:
+            assert stage.keys is not None
+            spec = NewKey(name="grpc", rps=0.1, burst=1)
+            made = await create_key(stage.keys, stage.settings, set(stage.tiers), spec)
+            p = await stage.admit_headers({"authorization": f"Bearer {made['key']}"}, "10.0.0.1")
+            assert p.key_id == made["id"] and p.tenant == "grpc"
+            stage.release(p)
+            with pytest.raises(TooManyRequests) as limited:  # burst of 1 used
+                await stage.admit_headers({"x-api-key": made["key"]}, "10.0.0.1")
+            assert limited.value.headers["Retry-After"]
+            with pytest.raises(Unauthorized):
+                await stage.admit_headers({}, "10.0.0.2")
+        finally:
+            await stop_auth(stage)
+
+    asyncio.run(run())
