@@ -142,3 +142,25 @@ async def test_admit_puts_principal_and_tenant_in_scope_state() -> None:
     scope = {"type": "http", "path": "/healthz", "headers": []}
     principal = await stage.admit(scope)
     assert scope["state"] == {"principal": principal, "tenant": ""} and current_principal() is principal
+
+
+def test_images_compose_and_k8s_require_keys() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    assert "TGW_AUTH=required" in (root / "Dockerfile.gateway").read_text()
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())
+    for name in ("gateway", "worker"):
+        assert compose["services"][name]["environment"]["TGW_AUTH"] == "required"
+    triton_ports = compose["services"]["triton"]["ports"]
+    assert triton_ports and all(p.startswith("127.0.0.1:") for p in triton_ports)  # the gateway is the way in
+    configmap = yaml.safe_load((root / "k8s/base/configmap.yaml").read_text())
+    assert configmap["data"]["TGW_AUTH"] == "required"
+    secret = yaml.safe_load((root / "k8s/base/secret.yaml").read_text())["stringData"]
+    assert len(secret["TGW_KEY_PEPPER"]) >= 32 and len(secret["TGW_ADMIN_TOKEN"]) >= 32
+    monitors = list(yaml.safe_load_all((root / "k8s/base/servicemonitors.yaml").read_text()))
+    gateway = next(m for m in monitors if m["metadata"]["name"] == "gateway")
+    auth = gateway["spec"]["endpoints"][0]["authorization"]
+    assert auth["credentials"] == {"name": "tgw-secrets", "key": "TGW_ADMIN_TOKEN"}
