@@ -219,13 +219,13 @@ class AuthStage:
     # --- authentication ------------------------------------------------------------------------
     async def authenticate(self, token: str | None, address: str) -> Principal:
         """The principal of a presented credential (``None``: missing), or Unauthorized / 429 for an
-        address that failed too often. The credential never appears in an error or a log line."""
+        address that failed too often (past that, only keys already verified in this process get
+        through, without a lookup: a guesser sharing a NAT with real clients does not lock them out).
+        The credential never appears in an error or a log line."""
         blocked = self.failed.blocked_for(address)
-        if blocked:
-            raise TooManyRequests(
-                "too many failed authentications from this address; try again later", blocked
-            )
         if token is None:
+            if blocked:
+                raise self._blocked(blocked)
             self.failed.failed(address)
             raise Unauthorized("missing API key: send Authorization: Bearer <key> or X-API-Key")
         admin_token = self.settings.admin_token
@@ -235,12 +235,26 @@ class AuthStage:
                              max_timeout_s=self.tiers[ADMIN_TIER].max_timeout_s,
                              cache_scope=cache_scope_of("admin", self.settings.cache_scope))  # fmt: skip
         key_id = key_id_of(token)
+        if blocked:
+            known = self._fresh(token) if key_id is not None else None
+            if known is None:
+                raise self._blocked(blocked)
+            return self.principal_of(known)
         record = await self._verify(key_id, token) if key_id is not None else None
         if record is None:
             self.failed.failed(address)
             details = {"key_id": key_id} if key_id else {}
             raise Unauthorized("invalid or revoked API key", details)
         return self.principal_of(record)
+
+    @staticmethod
+    def _blocked(seconds: float) -> TooManyRequests:
+        return TooManyRequests("too many failed authentications from this address; try again later", seconds)
+
+    def _fresh(self, token: str) -> KeyRecord | None:
+        assert self.keys is not None
+        hit = self._cache.get(digest(self.keys.pepper, token))
+        return hit[0] if hit is not None and time.monotonic() - hit[1] < self.cache_s else None
 
     def principal_of(self, rec: KeyRecord) -> Principal:
         tier = self.tiers.get(rec.tier) or self.tiers[self.settings.auth_default_tier]

@@ -349,3 +349,19 @@ def test_header_mapping_entry_point_for_other_front_doors(
             await stop_auth(stage)
 
     asyncio.run(run())
+
+
+def test_failed_authentications_per_address(triton: EmbeddedTriton, redis_server: EmbeddedRedis) -> None:
+    settings = auth_settings(triton, redis_server.url, auth_failed_per_minute=3, auth_key_cache_s=30)
+    with running_gateway(**settings) as url:
+        good = make_key(url)
+        with httpx.Client(base_url=url, timeout=10) as c:
+            assert c.post(INFER, json=body(), headers=bearer(good)).status_code == 200  # verified: cached
+            guesses = [c.post(INFER, json=body(), headers={"X-API-Key": f"tgw_{i:012x}_" + "G" * 43})
+                       for i in range(5)]  # fmt: skip
+            assert [r.status_code for r in guesses] == [401, 401, 401, 429, 429]
+            assert 50 <= int(guesses[-1].headers["retry-after"]) <= 60
+            assert c.post(INFER, json=body()).status_code == 429  # no key either
+            assert (
+                c.post(INFER, json=body(), headers=bearer(good)).status_code == 200
+            )  # a known key still works
