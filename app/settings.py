@@ -198,6 +198,10 @@ class Settings(BaseSettings):
         "shared", description="shared (default) or tenant: one cached answer per tenant (docs/auth.md)"
     )
     auth_redis_timeout_s: float = Field(0.25, gt=0, description="bound on every key/limit Redis call")
+    auth_redis_url: str | None = Field(
+        None, description="redis:// URL of the key store and limits; it must never evict keys (not an "
+        "allkeys-lru cache): unset = the jobs Redis (TGW_JOBS_REDIS_URL) if set, else TGW_REDIS_URL",
+    )  # fmt: skip
 
     log_format: Literal["json", "text"] = Field("json", description="json (one object per line) or text")
     metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus)")
@@ -249,7 +253,7 @@ class Settings(BaseSettings):
     def _blank_is_none(cls, value: str | None) -> str | None:
         return value.strip() if value and value.strip() else None
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "auth_redis_url")
     @classmethod
     def _check_redis_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
@@ -301,6 +305,13 @@ class Settings(BaseSettings):
     @property
     def redis_address(self) -> str:
         return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def auth_redis_address(self) -> str:
+        """Keys and limits live where nothing is evicted: TGW_AUTH_REDIS_URL, else the jobs Redis (a
+        ``jobs_redis_url`` setting, where there is one), else the one Redis."""
+        jobs: str | None = getattr(self, "jobs_redis_url", None)
+        return self.auth_redis_url or jobs or self.redis_address
 
 
 def settings_markdown() -> str:

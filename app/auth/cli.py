@@ -51,7 +51,7 @@ def _out(obj: Any) -> None:
 
 async def _with_store(settings: Settings, fn: Callable[[KeyStore], Awaitable[int]]) -> int:
     assert settings.key_pepper is not None
-    redis = make_redis(settings.redis_address, 2.0, settings.redis_cluster)
+    redis = make_redis(settings.auth_redis_address, 2.0, settings.redis_cluster)
     try:
         return await fn(KeyStore(redis, settings.key_pepper, timeout_s=5.0))
     finally:

@@ -24,14 +24,14 @@ def build_auth(settings: Settings) -> AuthStage:
             "set TGW_AUTH=required for anything but local development", settings.host, settings.port,
         )  # fmt: skip
         return AuthStage(settings)
-    redis = make_redis(settings.redis_address, settings.auth_redis_timeout_s, settings.redis_cluster)
+    redis = make_redis(settings.auth_redis_address, settings.auth_redis_timeout_s, settings.redis_cluster)
     submit = None
     if not settings.redis_cluster:
         auto = AutoPipeline(redis, settings.auth_redis_timeout_s)
         submit = auto.submit
     stage = AuthStage(settings, redis, submit)
     logger.info("authentication required: API keys in %s, verified keys trusted %g s in process",
-                redact_url(settings.redis_address), settings.auth_key_cache_s)  # fmt: skip
+                redact_url(settings.auth_redis_address), settings.auth_key_cache_s)  # fmt: skip
     return stage
 
 
