@@ -59,6 +59,7 @@ OPEN_PATHS = frozenset(
 ADMIN_PATHS = frozenset({"/metrics", "/v1/jobs/stats"})
 ADMIN_PREFIXES = ("/v1/admin/", "/v2/repository/")
 ADMIN_TIER = "admin"
+PUBLIC = Principal(key_id="", tenant="", tier="")  # an open route (health, docs) with TGW_AUTH=required
 WS_SLOT_TTL_S = 6 * 3600.0  # a WebSocket slot left by a crashed replica frees itself after this
 TICKET_NS = "tgw:auth:ticket:"
 _REDIS_ERRORS = (RedisError, OSError, TimeoutError)
@@ -170,7 +171,7 @@ class AuthStage:
             path = path[len(root) :]
         kind = path_class(path)
         if kind == "open":
-            return ANONYMOUS
+            return PUBLIC
         client = scope.get("client")
         address = client[0] if client else "unknown"
         websocket = scope["type"] == "websocket"

@@ -142,6 +142,7 @@ async def test_admit_puts_principal_and_tenant_in_scope_state() -> None:
     scope = {"type": "http", "path": "/healthz", "headers": []}
     principal = await stage.admit(scope)
     assert scope["state"] == {"principal": principal, "tenant": ""} and current_principal() is principal
+    assert not principal.admin and principal.limits is None
 
 
 def test_images_compose_and_k8s_require_keys() -> None:
