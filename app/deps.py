@@ -12,8 +12,8 @@ from starlette.requests import HTTPConnection
 
 from app.services.health import HealthService
 from app.services.inference import InferenceService
-from app.services.jobs.events import EventHub
 from app.services.jobs.service import JobService
+from app.services.jobs.sockets import JobSockets
 from app.services.registry import ModelRegistry
 from app.settings import Settings
 
@@ -44,19 +44,9 @@ def get_jobs(conn: HTTPConnection) -> JobService:
     return service
 
 
-def get_job_events(conn: HTTPConnection) -> EventHub:
-    hub: EventHub = conn.app.state.jobs.hub
-    return hub
-
-
-def get_conn_settings(conn: HTTPConnection) -> Settings:
-    settings: Settings = conn.app.state.settings
-    return settings
-
-
-def get_conn_inference(conn: HTTPConnection) -> InferenceService:
-    service: InferenceService = conn.app.state.inference
-    return service
+def get_job_sockets(conn: HTTPConnection) -> JobSockets:
+    sockets: JobSockets = conn.app.state.jobs.sockets
+    return sockets
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -64,6 +54,4 @@ InferenceDep = Annotated[InferenceService, Depends(get_inference)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 HealthDep = Annotated[HealthService, Depends(get_health)]
 JobsDep = Annotated[JobService, Depends(get_jobs)]
-JobEventsDep = Annotated[EventHub, Depends(get_job_events)]
-ConnSettingsDep = Annotated[Settings, Depends(get_conn_settings)]
-ConnInferenceDep = Annotated[InferenceService, Depends(get_conn_inference)]
+JobSocketsDep = Annotated[JobSockets, Depends(get_job_sockets)]

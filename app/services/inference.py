@@ -114,6 +114,17 @@ class InferenceService:
             self.namespace, info.name, info.version, outputs, req.parameters, req.inputs, req.datatypes
         )
 
+    async def cached(self, req: InferRequest) -> InferResponse | None:
+        """The cached answer, if the cache holds one and the request may read it (the job path asks
+        here instead of repeating the cache rules); None on a miss, a bypass or an unavailable cache."""
+        if not (req.info.cache_enabled and self.cache.enabled and req.cache_read):
+            return None
+        try:
+            hit = await self._cache_get(self.key_for(req))
+        except CacheUnavailable:
+            return None
+        return InferResponse(req.info.name, hit, "HIT") if hit is not None else None
+
     async def infer(self, req: InferRequest, request_id: str = "") -> InferResponse:
         info = req.info
         key = self.key_for(req)

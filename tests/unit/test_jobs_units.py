@@ -70,7 +70,13 @@ async def test_vet_url_rules() -> None:
     ]:
         with pytest.raises(UnsafeURL):
             await vet_url(url)
-    target = await vet_url("https://8.8.8.8:8443/hook?x=1")
+    with pytest.raises(UnsafeURL, match="port 8443 is not allowed"):
+        await vet_url("https://8.8.8.8:8443/hook?x=1")
+    for url in ["http://8.8.8.8:6379/", "http://8.8.8.8:22/", "https://[::1/", "http://[::1/"]:
+        with pytest.raises(UnsafeURL):
+            await vet_url(url)
+    assert (await vet_url("http://8.8.8.8/")).port == 80
+    target = await vet_url("https://8.8.8.8:8443/hook?x=1", allowed_ports={8443})
     assert (target.scheme, target.host, target.port, target.path, target.address) == (
         "https",
         "8.8.8.8",
@@ -79,8 +85,11 @@ async def test_vet_url_rules() -> None:
         "8.8.8.8",
     )
     with pytest.raises(UnsafeURL, match="loopback"):
-        await vet_url("http://localhost:9/")
-    assert (await vet_url("http://localhost:9/", allow_private=True)).address in ("127.0.0.1", "::1")
+        await vet_url("http://localhost:9/", allowed_ports={9})
+    with pytest.raises(UnsafeURL, match="port 9 is not allowed"):  # private allowed, the port is not
+        await vet_url("http://localhost:9/", allow_private=True)
+    target = await vet_url("http://localhost:9/", allow_private=True, allowed_ports={9})
+    assert target.address in ("127.0.0.1", "::1")
     assert parse_url("http://EXAMPLE.com")[1:] == ("example.com", 80, "/")
 
 
@@ -96,5 +105,7 @@ async def test_sender_vets_again_at_delivery_time() -> None:
     from app.services.jobs.webhooks import HttpxWebhookSender
 
     async with httpx.AsyncClient() as client:
-        result = await HttpxWebhookSender(client, False, 1024).send("http://localhost:9/x", b"{}", {})
+        result = await HttpxWebhookSender(client, False, 1024, 5.0, frozenset({9})).send(
+            "http://localhost:9/x", b"{}", {}
+        )
     assert result.refused and result.status_code is None and "loopback" in (result.error or "")

@@ -13,11 +13,15 @@ from typing import Any
 
 import httpx
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.observability.metrics import JobsSnapshot
 from app.services.inference import InferenceService
 from app.services.jobs.events import EventHub
 from app.services.jobs.service import JobService
+from app.services.jobs.sockets import JobSockets, SocketLimits
 from app.services.jobs.store import JobStore, ensure_groups
 from app.services.jobs.webhooks import HttpxWebhookSender, WebhookDispatcher, parse_secrets
 from app.services.jobs.worker import JobWorker
@@ -30,19 +34,29 @@ class JobsRuntime:
     def __init__(self, settings: Settings, inference: InferenceService) -> None:
         url = settings.redis_address
         self.settings = settings
+        # A pooled connection that died with a Redis restart is retried once on a fresh one (never a
+        # stall: a timeout is not retried, it becomes a 503 at once), and idle ones are checked first.
         self.redis: Any = Redis.from_url(
             url, socket_timeout=settings.job_redis_timeout_s,
-            socket_connect_timeout=settings.job_redis_timeout_s, health_check_interval=30,
+            socket_connect_timeout=settings.job_redis_timeout_s, health_check_interval=5,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )  # fmt: skip
         # Blocking reads (XREADGROUP BLOCK, pub/sub) idle longer than any short socket timeout.
         self.blocking: Any = Redis.from_url(
             url, socket_timeout=None, socket_connect_timeout=5, health_check_interval=30
         )
         self.store = JobStore(self.redis, settings.job_ttl_s)
-        self.service = JobService(
-            self.store, inference, settings.queue_max, settings.retry_after_s, settings.webhook_allow_private
-        )
         self.hub = EventHub(self.blocking)
+        ports = frozenset(settings.webhook_allowed_ports)
+        self.service = JobService(
+            self.store, inference, settings.queue_max, settings.retry_after_s, settings.webhook_allow_private,
+            ports, self.hub, settings.job_max_body_bytes,
+        )  # fmt: skip
+        self.sockets = JobSockets(
+            self.service, inference,
+            SocketLimits(settings.ws_send_queue, settings.ws_heartbeat_s, settings.ws_max_in_flight,
+                         settings.ws_max_frame_bytes),
+        )  # fmt: skip
         self.worker: JobWorker | None = None
         self.dispatcher: WebhookDispatcher | None = None
         self.http: httpx.AsyncClient | None = None
@@ -56,18 +70,18 @@ class JobsRuntime:
             t = settings.webhook_timeout_s
             self.http = httpx.AsyncClient(
                 timeout=httpx.Timeout(t, connect=min(t, 5.0)), follow_redirects=False, trust_env=False,
-                limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+                limits=httpx.Limits(
+                    max_connections=max(64, settings.webhook_concurrency), max_keepalive_connections=16
+                ),
             )  # fmt: skip
             sender = HttpxWebhookSender(
-                self.http, settings.webhook_allow_private, settings.webhook_max_response_bytes
+                self.http, settings.webhook_allow_private, settings.webhook_max_response_bytes, t, ports
             )
-
-            async def payload(job_id: str) -> dict[str, Any]:
-                return await self.service.get(job_id)
-
             self.dispatcher = WebhookDispatcher(
-                self.store, payload, sender, secrets, settings.webhook_schedule_s, lease_s=4 * t + 30
-            )
+                self.store, self.service.view, sender, secrets, settings.webhook_schedule_s,
+                concurrency=settings.webhook_concurrency, lease_s=4 * t + 30,
+                max_per_host=settings.webhook_max_per_host,
+            )  # fmt: skip
             if not secrets:
                 logger.warning("TGW_WEBHOOK_SECRET is not set: webhook deliveries go out unsigned")
 

@@ -19,11 +19,22 @@ from typing import Any
 
 import orjson
 
-from app.errors import GatewayError
+from app.errors import GatewayError, InvalidInput
 from app.observability import metrics
-from app.services.inference import InferenceService
+from app.services.inference import InferenceService, InferRequest
 from app.services.jobs.service import error_json, result_json
-from app.services.jobs.store import GROUP, STREAM, STREAM_HIGH, STREAMS, TERMINAL, JobStore, ensure_groups
+from app.services.jobs.store import (
+    GROUP,
+    STREAM,
+    STREAM_HIGH,
+    STREAMS,
+    TERMINAL,
+    Job,
+    JobStatus,
+    JobStore,
+    decode_inputs,
+    ensure_groups,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +45,14 @@ def consumer_name() -> str:
 
 class Retryable(Exception):
     pass
+
+
+def client_error(exc: GatewayError) -> bool:
+    """The request itself is wrong, so retrying cannot help: any 4xx, and Triton's invalid-argument
+    rejections however the transport reported them (gRPC INVALID_ARGUMENT, HTTP 400)."""
+    if exc.status_code < 500:
+        return True
+    return exc.details.get("grpc_status") == "INVALID_ARGUMENT" or exc.details.get("http_status") == 400
 
 
 class JobWorker:
@@ -179,21 +198,21 @@ class JobWorker:
         if status in TERMINAL or status == "gone":
             return  # cancelled, expired, or already completed by another worker
         if status == "exhausted":
-            gone = await self.store.get(job_id) or {}
-            await self._give_up(job_id, attempt, gone.get("last_error", ""))
+            gone = await self.store.get(job_id)
+            last = gone.last_error if gone is not None and gone.last_error else b""
+            await self._give_up(job_id, attempt, last.decode())
             return
-        raw = await self.store.get(job_id)
-        if raw is None:
+        job = await self.store.get(job_id)
+        if job is None:
             return
         metrics.record_job("running")
         try:
-            body = orjson.loads(raw["request"])
-            req = await self.inference.prepare_v1(raw["model"], raw.get("version") or None, body)
-            response = await self.inference.infer(req, raw.get("request_id", ""))
+            req = await self._request(job)
+            response = await self.inference.infer(req, job.request_id)
         except GatewayError as exc:
             err = error_json(exc.code, exc.message, exc.details)
-            if exc.status_code < 500:  # the request itself is wrong: retrying cannot help
-                if await self.store.finish(job_id, "failed", error=err) is True:
+            if client_error(exc):  # the request itself is wrong: retrying cannot help
+                if await self.store.finish(job_id, JobStatus.FAILED, error=err):
                     metrics.record_job("failed")
                 return
             await self._failed_attempt(job_id, attempt, err)
@@ -201,12 +220,29 @@ class JobWorker:
             await self._failed_attempt(job_id, attempt, error_json("internal_error", f"{type(exc).__name__}"))
         else:
             done = await self.store.finish(
-                job_id, "succeeded", result=result_json(response), cache=response.cache
+                job_id, JobStatus.SUCCEEDED, result=result_json(response), cache=response.cache
             )
-            if done is True:
+            if done:
                 metrics.record_job("succeeded")
             else:
                 logger.info("job %s was already finished; result discarded", job_id)
+
+    async def _request(self, job: Job) -> InferRequest:
+        """The request as validated at submit: stored tensors (bytes, dtype, shape), outputs, parameters."""
+        blob = await self.store.inputs(job.id)
+        if blob is None:
+            raise InvalidInput("the job's inputs are gone (expired)", {"job_id": job.id})
+        inputs, datatypes = decode_inputs(blob)
+        info = await self.inference.registry.resolve(job.model, job.version)
+        spec = orjson.loads(job.spec)
+        changed = [n for n in inputs if n not in info.inputs or info.inputs[n].datatype != datatypes[n]]
+        if changed:
+            raise InvalidInput(
+                f"{changed[0]}: the model's inputs changed since the job was submitted", {"field": changed[0]}
+            )
+        return InferRequest(
+            info=info, inputs=inputs, outputs=spec.get("outputs"), parameters=spec.get("parameters") or {}
+        )
 
     async def _failed_attempt(self, job_id: str, attempt: int, err: bytes) -> None:
         await self.store.set_last_error(job_id, err)
@@ -223,7 +259,8 @@ class JobWorker:
             reason += f": {last.get('message', '')}"
         await self.store.dead_letter(job_id, reason, attempts)
         details = {"attempts": attempts, "last_error": last, "dead_letter": True}
-        if await self.store.finish(job_id, "failed", error=error_json("attempts_exhausted", reason, details)):
+        err = error_json("attempts_exhausted", reason, details)
+        if await self.store.finish(job_id, JobStatus.FAILED, error=err):
             metrics.record_job("failed")
 
     async def drain(self, timeout_s: float) -> None:
