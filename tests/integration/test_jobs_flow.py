@@ -270,3 +270,27 @@ def test_webhook_410_stops_and_exhaustion_dead_letters(wc: httpx.Client) -> None
         down.close()
     assert len(gone.calls) == 1 and len(down.calls) == 4  # 1 + len(schedule)
     assert wc.get(f"/v1/jobs/{ids[1]}").json()["webhook"]["attempts"][-1]["outcome"] == "dead"
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        {"series": [[float(i) for i in range(30)]], "horizon": [[0]]},
+        {"series": [[float(i) for i in range(30)]], "horizon": [[1000]]},
+        {"series": [[1.0, 2.0, 3.0]]},  # shorter than the 20-point window
+    ],
+    ids=["horizon-0", "horizon-1000", "short-series"],
+)
+def test_triton_invalid_argument_fails_the_job_at_once(
+    wc: httpx.Client, redis_server: EmbeddedRedis, inputs: dict[str, Any]
+) -> None:
+    """The client's error (Triton INVALID_ARGUMENT): failed on the first attempt, no retry, no dead letter."""
+    inputs = {k: [[*v[0][:-1], v[0][-1] + time.time_ns() % 997 / 1e4]] if k == "series" else v
+              for k, v in inputs.items()}  # fmt: skip
+    r = wc.post("/v1/models/forecast/jobs", json={"inputs": {k: v[0] for k, v in inputs.items()}})
+    assert r.status_code == 202, r.text
+    job = wait_job(wc, r.json()["id"], timeout=15)
+    assert job["status"] == "failed" and job["attempts"] == 1, job
+    assert job["error"]["code"] != "attempts_exhausted"
+    dead = redis.Redis.from_url(redis_server.url).xrevrange(DEAD, count=50)
+    assert all(fields[b"job_id"].decode() != job["id"] for _, fields in dead)
