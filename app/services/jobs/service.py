@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import random
 import logging
 import time
 from collections.abc import Callable
@@ -245,7 +246,7 @@ class JobService:
                     emit({"type": "result", "job_id": job_id, "job": await self.view(job)})
                     return True
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(WATCH_POLL_S):
+                    async with asyncio.timeout(WATCH_POLL_S * random.uniform(0.8, 1.2)):
                         await wake.wait()
         finally:
             unsubscribe()
