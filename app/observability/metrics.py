@@ -17,7 +17,7 @@ Hooks for the async-jobs code (another module fills them; nothing here imports i
   right with any number of workers.
 * ``record_job(status)``: ``tgw_jobs_total{status}`` (queued, succeeded, failed, cancelled, retried, ...).
 * ``record_webhook_delivery(outcome)``: ``tgw_webhook_deliveries_total{outcome}`` (success, retry, failed).
-* ``websocket_opened()`` / ``websocket_closed()`` or ``async with track_websocket():``:
+* ``websocket_opened()`` / ``websocket_closed()``:
   ``tgw_websockets_open``.
 """
 
@@ -26,8 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -134,15 +133,6 @@ def websocket_opened() -> None:
 
 def websocket_closed() -> None:
     WEBSOCKETS_OPEN.dec()
-
-
-@asynccontextmanager
-async def track_websocket() -> AsyncIterator[None]:
-    websocket_opened()
-    try:
-        yield
-    finally:
-        websocket_closed()
 
 
 class _SnapshotCollector(Collector):

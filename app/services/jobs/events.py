@@ -15,11 +15,10 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
 
 import orjson
 
-from app.services.jobs.store import EVENTS
+from app.services.jobs.store import EVENTS, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +26,8 @@ Listener = Callable[[str, str], None]  # (job_id, status)
 
 
 class EventHub:
-    def __init__(self, redis: Any) -> None:
-        self.redis = redis  # a client without a socket timeout: the subscription idles
+    def __init__(self, store: JobStore) -> None:
+        self.store = store  # its pub/sub uses a client without a socket timeout: the subscription idles
         self._listeners: dict[str, set[Listener]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
@@ -65,7 +64,7 @@ class EventHub:
     async def _run(self) -> None:
         backoff = 0.2
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.store.events()
             try:
                 await pubsub.subscribe(EVENTS)
                 if self.reconnects:  # events published while we were away are lost: every watcher re-reads

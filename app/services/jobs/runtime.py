@@ -22,7 +22,7 @@ from app.services.inference import InferenceService
 from app.services.jobs.events import EventHub
 from app.services.jobs.service import JobService
 from app.services.jobs.sockets import JobSockets, SocketLimits
-from app.services.jobs.store import JobStore, ensure_groups
+from app.services.jobs.store import JobStore
 from app.services.jobs.webhooks import HttpxWebhookSender, WebhookDispatcher, parse_secrets
 from app.services.jobs.worker import JobWorker
 from app.settings import Settings
@@ -45,8 +45,8 @@ class JobsRuntime:
         self.blocking: Any = Redis.from_url(
             url, socket_timeout=None, socket_connect_timeout=5, health_check_interval=30
         )
-        self.store = JobStore(self.redis, settings.job_ttl_s)
-        self.hub = EventHub(self.blocking)
+        self.store = JobStore(self.redis, settings.job_ttl_s, self.blocking)
+        self.hub = EventHub(self.store)
         ports = frozenset(settings.webhook_allowed_ports)
         self.service = JobService(
             self.store, inference, settings.queue_max, settings.retry_after_s, settings.webhook_allow_private,
@@ -64,7 +64,7 @@ class JobsRuntime:
         secrets = parse_secrets(settings.webhook_secret)
         if settings.worker_in_process:
             self.worker = JobWorker(
-                self.blocking, self.store, inference, settings.worker_concurrency, settings.job_claim_idle_s,
+                self.store, inference, settings.worker_concurrency, settings.job_claim_idle_s,
                 settings.job_max_attempts,
             )  # fmt: skip
             t = settings.webhook_timeout_s
@@ -106,7 +106,7 @@ class JobsRuntime:
     async def _ensure_groups(self) -> None:
         """Create the consumer group at start-up (autoscalers read its lag before any worker runs)."""
         try:
-            await ensure_groups(self.redis)
+            await self.store.ensure_groups()
         except Exception as exc:
             logger.warning("could not create the job consumer group yet (%s); workers will", exc)
 

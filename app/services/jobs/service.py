@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import random
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass

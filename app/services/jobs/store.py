@@ -293,6 +293,23 @@ return ids
 """
 
 
+# KEYS: job, deliveries, webhook counts, schedule.
+# ARGV: attempt JSON, state, attempt n, outcome, next at, ttl, id
+_RECORD = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('ZREM', KEYS[4], ARGV[7])
+  return 0
+end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('HSET', KEYS[1], 'webhook_status', ARGV[2], 'webhook_attempts', ARGV[3])
+redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+if ARGV[5] == '' then redis.call('ZREM', KEYS[4], ARGV[7])
+else redis.call('ZADD', KEYS[4], ARGV[5], ARGV[7]) end
+return 1
+"""
+
+
 async def ensure_groups(redis: Any) -> None:
     """The consumer group on every priority stream, from the stream's start (so nothing queued before
     the group existed is skipped)."""
@@ -314,18 +331,24 @@ def _b(value: Any) -> bytes | None:
     return bytes(value) if isinstance(value, bytes | bytearray) else str(value).encode()
 
 
+def _entry_job(fields: Any) -> str:
+    return _s((fields or {}).get(b"job_id") or (fields or {}).get("job_id") or "")
+
+
 def decode_hash(raw: dict[Any, Any]) -> dict[str, str]:
     return {_s(k): _s(v) for k, v in raw.items()}
 
 
 class JobStore:
-    def __init__(self, redis: Any, ttl_s: int) -> None:
-        self.redis = redis
+    def __init__(self, redis: Any, ttl_s: int, blocking: Any = None) -> None:
+        self.redis = redis  # calls bounded by a short socket timeout
+        self.blocking = blocking if blocking is not None else redis  # XREADGROUP BLOCK and pub/sub idle
         self.ttl_s = ttl_s
         self._submit = redis.register_script(_SUBMIT)
         self._start = redis.register_script(_START)
         self._finish = redis.register_script(_FINISH)
         self._claim_due = redis.register_script(_CLAIM_DUE)
+        self._record = redis.register_script(_RECORD)
 
     # --- submit -------------------------------------------------------------------------------
     async def submit(
@@ -352,11 +375,47 @@ class JobStore:
         st = _s(st)
         return Submitted(_s(outcome), _s(job_id), JobStatus(st) if st else None)
 
-    async def queue_depth(self) -> int:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in STREAMS.values():
-                pipe.xlen(stream)
-            return sum(int(n) for n in await pipe.execute())
+    # --- the request streams (consumer group) ---------------------------------------------------
+    async def ensure_groups(self) -> None:
+        await ensure_groups(self.redis)
+
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[tuple[str, str, str]]:
+        """New entries for ``consumer``, high priority first: ``(stream, entry id, job id)``."""
+        resp = await self.redis.xreadgroup(GROUP, consumer, {STREAM_HIGH: ">"}, count=count)
+        if not resp:
+            resp = await self.blocking.xreadgroup(
+                GROUP, consumer, {STREAM_HIGH: ">", STREAM: ">"}, count=count, block=block_ms
+            )
+        return [(_s(stream), _s(eid), _entry_job(f)) for stream, entries in resp or [] for eid, f in entries]
+
+    async def reclaim(self, stream: str, consumer: str, idle_ms: int, count: int) -> list[tuple[str, str]]:
+        """Entries pending longer than ``idle_ms`` on other consumers, now ``consumer``'s: ``(entry id, job
+        id)``. Entries deleted from the stream while pending are acked and left out."""
+        res = await self.redis.xautoclaim(stream, GROUP, consumer, idle_ms, start_id="0-0", count=count)
+        out = []
+        for entry in res[1] if res and len(res) > 1 else []:
+            if not entry or entry[0] is None:
+                continue
+            entry_id, fields = entry
+            if not fields:
+                await self.ack(stream, _s(entry_id))
+                continue
+            out.append((_s(entry_id), _entry_job(fields)))
+        return out
+
+    async def keep_claimed(self, stream: str, consumer: str, entry_id: str) -> None:
+        """Heartbeat of a running entry: resets its idle time so no one reclaims it."""
+        await self.redis.xclaim(stream, GROUP, consumer, 0, [entry_id], justid=True)
+
+    async def ack(self, stream: str, entry_id: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(stream, GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+            await pipe.execute()
+
+    def events(self) -> Any:
+        """A pub/sub object for the job events channel (subscribe with ``subscribe(EVENTS)``)."""
+        return self.blocking.pubsub(ignore_subscribe_messages=True)
 
     # --- state changes --------------------------------------------------------------------------
     async def start(self, job_id: str, max_attempts: int) -> tuple[str, int]:
@@ -419,18 +478,15 @@ class JobStore:
     async def record_delivery(
         self, job_id: str, attempt: dict[str, Any], state: str, next_at: float | None
     ) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(deliveries_key(job_id), orjson.dumps(attempt))
-            pipe.expire(deliveries_key(job_id), self.ttl_s)
-            pipe.hset(
-                job_key(job_id), mapping={"webhook_status": state, "webhook_attempts": attempt["attempt"]}
-            )
-            pipe.hincrby(WEBHOOK_COUNTS, attempt["outcome"], 1)
-            if next_at is None:
-                pipe.zrem(SCHEDULE, job_id)
-            else:
-                pipe.zadd(SCHEDULE, {job_id: next_at})
-            await pipe.execute()
+        """Log the attempt and reschedule (or unschedule) in one step; nothing is written for a job that
+        has expired meanwhile (no record without a TTL left behind)."""
+        await self._record(
+            keys=[job_key(job_id), deliveries_key(job_id), WEBHOOK_COUNTS, SCHEDULE],
+            args=[
+                orjson.dumps(attempt), state, attempt["attempt"], attempt["outcome"],
+                "" if next_at is None else next_at, self.ttl_s, job_id,
+            ],
+        )  # fmt: skip
 
     async def defer_webhook(self, job_id: str, at: float) -> None:
         """Put a claimed delivery back for later without counting an attempt (its receiver is busy)."""

@@ -24,16 +24,12 @@ from app.observability import metrics
 from app.services.inference import InferenceService, InferRequest
 from app.services.jobs.service import error_json, result_json
 from app.services.jobs.store import (
-    GROUP,
-    STREAM,
-    STREAM_HIGH,
     STREAMS,
     TERMINAL,
     Job,
     JobStatus,
     JobStore,
     decode_inputs,
-    ensure_groups,
 )
 
 logger = logging.getLogger(__name__)
@@ -58,7 +54,6 @@ def client_error(exc: GatewayError) -> bool:
 class JobWorker:
     def __init__(
         self,
-        redis: Any,  # a client without socket timeout (XREADGROUP BLOCK)
         store: JobStore,
         inference: InferenceService,
         concurrency: int,
@@ -66,7 +61,6 @@ class JobWorker:
         max_attempts: int,
         name: str | None = None,
     ) -> None:
-        self.redis = redis
         self.store = store
         self.inference = inference
         self.concurrency = concurrency
@@ -77,15 +71,12 @@ class JobWorker:
         self._freed = asyncio.Event()
         self.stopping = False
 
-    async def ensure_groups(self) -> None:
-        await ensure_groups(self.redis)
-
     async def run(self) -> None:
         logger.info("job worker %s: concurrency %d", self.name, self.concurrency)
         reclaimer = asyncio.create_task(self._reclaim_loop(), name="job-reclaim")
         backoff = 0.2
         try:
-            await self._retrying(self.ensure_groups)
+            await self._retrying(self.store.ensure_groups)
             while not self.stopping:
                 free = self.concurrency - len(self._active)
                 if free <= 0:
@@ -93,25 +84,20 @@ class JobWorker:
                     await self._freed.wait()
                     continue
                 try:
-                    resp = await self.redis.xreadgroup(GROUP, self.name, {STREAM_HIGH: ">"}, count=free)
-                    if not resp:
-                        resp = await self.redis.xreadgroup(
-                            GROUP, self.name, {STREAM_HIGH: ">", STREAM: ">"}, count=free, block=1000
-                        )
+                    entries = await self.store.read(self.name, free, block_ms=1000)
                     backoff = 0.2
                 except (asyncio.CancelledError, KeyboardInterrupt):
                     raise
                 except Exception as exc:
                     if "NOGROUP" in str(exc):
-                        await self._retrying(self.ensure_groups)
+                        await self._retrying(self.store.ensure_groups)
                         continue
                     logger.warning("job worker: reading the stream failed (%s); retrying", exc)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                for stream, entries in resp or []:
-                    for entry_id, fields in entries:
-                        self._spawn(_s(stream), _s(entry_id), fields)
+                for stream, entry_id, job_id in entries:
+                    self._spawn(stream, entry_id, job_id)
         finally:
             reclaimer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -128,10 +114,9 @@ class JobWorker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _spawn(self, stream: str, entry_id: str, fields: Any) -> None:
+    def _spawn(self, stream: str, entry_id: str, job_id: str) -> None:
         if entry_id in self._active:
             return
-        job_id = _s((fields or {}).get(b"job_id") or (fields or {}).get("job_id") or "")
         task = asyncio.create_task(self._process(stream, entry_id, job_id), name=f"job-{job_id}")
         self._active[entry_id] = task
 
@@ -150,35 +135,21 @@ class JobWorker:
                 if free <= 0 or self.stopping:
                     break
                 try:
-                    res = await self.redis.xautoclaim(
-                        stream, GROUP, self.name, self.claim_idle_ms, start_id="0-0", count=free
-                    )
+                    claimed = await self.store.reclaim(stream, self.name, self.claim_idle_ms, free)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     logger.debug("reclaim on %s failed: %s", stream, exc)
                     continue
-                for entry in res[1] if res and len(res) > 1 else []:
-                    if not entry or entry[0] is None:
-                        continue
-                    entry_id, fields = entry
-                    if not fields:  # deleted from the stream while pending: nothing to run
-                        await self._ack(stream, _s(entry_id))
-                        continue
-                    logger.info("reclaimed %s from an idle consumer", _s(entry_id))
-                    self._spawn(stream, _s(entry_id), fields)
+                for entry_id, job_id in claimed:
+                    logger.info("reclaimed %s from an idle consumer", entry_id)
+                    self._spawn(stream, entry_id, job_id)
 
     async def _heartbeat(self, stream: str, entry_id: str) -> None:
         while True:
             await asyncio.sleep(max(0.1, self.claim_idle_ms / 3000))
             with contextlib.suppress(Exception):
-                await self.redis.xclaim(stream, GROUP, self.name, 0, [entry_id], justid=True)
-
-    async def _ack(self, stream: str, entry_id: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(stream, GROUP, entry_id)
-            pipe.xdel(stream, entry_id)
-            await pipe.execute()
+                await self.store.keep_claimed(stream, self.name, entry_id)
 
     async def _process(self, stream: str, entry_id: str, job_id: str) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(stream, entry_id))
@@ -191,7 +162,7 @@ class JobWorker:
             return
         finally:
             heartbeat.cancel()
-        await self._ack(stream, entry_id)
+        await self.store.ack(stream, entry_id)
 
     async def _run_job(self, job_id: str) -> None:
         status, attempt = await self.store.start(job_id, self.max_attempts)
@@ -269,7 +240,3 @@ class JobWorker:
         self._freed.set()
         if self._active:
             await asyncio.wait(list(self._active.values()), timeout=timeout_s)
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
