@@ -13,7 +13,6 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -83,12 +82,6 @@ def decode_entry(value: bytes) -> tuple[TritonResult, float]:
         outputs[name] = tensor_from_bytes(blob, datatype, shape)
         datatypes[name] = datatype
     return TritonResult(header["v"], outputs, datatypes), float(header.get("x", 0.0))
-
-
-class CacheState(StrEnum):
-    OK = "ok"
-    DEGRADED = "degraded"
-    DISABLED = "disabled"
 
 
 class CacheUnavailable(Exception):
@@ -170,11 +163,6 @@ class ResponseCache:
     @property
     def enabled(self) -> bool:
         return self.store is not None
-
-    def state(self) -> CacheState:
-        if self.store is None:
-            return CacheState.DISABLED
-        return CacheState.DEGRADED if time.monotonic() < self._down_until else CacheState.OK
 
     def _failed(self, exc: BaseException) -> CacheUnavailable:
         self._down_until = time.monotonic() + self.backoff_s

@@ -7,7 +7,6 @@ import pytest
 
 from app.clients.protocols import TritonResult
 from app.services.cache import (
-    CacheState,
     CacheUnavailable,
     ResponseCache,
     cache_key,
@@ -109,11 +108,10 @@ def test_response_cache_backs_off_after_a_failure() -> None:
         store.broken = True
         with pytest.raises(CacheUnavailable):
             await cache.get("k")
-        assert cache.state() is CacheState.DEGRADED
         store.broken = False
         with pytest.raises(CacheUnavailable):  # still backing off: no call made
             await cache.get("k")
-        assert await cache.probe() and cache.state() is CacheState.OK
+        assert await cache.probe()
         assert (await cache.get("k")) is not None
 
     asyncio.run(scenario())

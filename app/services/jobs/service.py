@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from app.codecs import v1
 from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
 from app.observability import metrics
 from app.services.inference import InferenceService, InferResponse
@@ -46,7 +47,7 @@ def error_json(code: str, message: str, details: dict[str, Any] | None = None) -
 
 
 def result_json(response: InferResponse) -> bytes:
-    return orjson.dumps(response.to_v1(), option=_JSON_OPTS)
+    return orjson.dumps(v1.result(response), option=_JSON_OPTS)
 
 
 def _iso(ts: float | None) -> str | None:
@@ -97,7 +98,7 @@ class JobService:
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise InvalidInput("Idempotency-Key: expected 1 to 255 characters", {"field": "Idempotency-Key"})
         infer_body = {k: v for k, v in body.items() if k not in ("webhook", "priority")}
-        req = await self.inference.prepare_v1(model, version, infer_body)
+        req = v1.decode_body(await self.inference.resolve(model, version), infer_body)
         priority = body.get("priority", "normal")
         if priority not in PRIORITIES:
             raise InvalidInput(f"priority: expected one of {', '.join(PRIORITIES)}", {"field": "priority"})

@@ -179,7 +179,7 @@ class JobWorker:
         metrics.record_job("running")
         try:
             req = await self._request(job)
-            response = await self.inference.infer(req, job.request_id)
+            response = await self.inference.infer(req)
         except GatewayError as exc:
             err = error_json(exc.code, exc.message, exc.details)
             if client_error(exc):  # the request itself is wrong: retrying cannot help
@@ -204,7 +204,7 @@ class JobWorker:
         if blob is None:
             raise InvalidInput("the job's inputs are gone (expired)", {"job_id": job.id})
         inputs, datatypes = decode_inputs(blob)
-        info = await self.inference.registry.resolve(job.model, job.version)
+        info = await self.inference.resolve(job.model, job.version)
         spec = orjson.loads(job.spec)
         changed = [n for n in inputs if n not in info.inputs or info.inputs[n].datatype != datatypes[n]]
         if changed:
@@ -212,8 +212,9 @@ class JobWorker:
                 f"{changed[0]}: the model's inputs changed since the job was submitted", {"field": changed[0]}
             )
         return InferRequest(
-            info=info, inputs=inputs, outputs=spec.get("outputs"), parameters=spec.get("parameters") or {}
-        )
+            info=info, inputs=inputs, outputs=spec.get("outputs"), parameters=spec.get("parameters") or {},
+            request_id=job.request_id,
+        )  # fmt: skip
 
     async def _failed_attempt(self, job_id: str, attempt: int, err: bytes) -> None:
         await self.store.set_last_error(job_id, err)
