@@ -250,3 +250,17 @@ async def test_a_busy_receiver_host_is_deferred_not_waited_for() -> None:
     sender.release.set()
     await asyncio.gather(*tasks)
     assert sorted(state for _, state in store.recorded) == ["delivered"] * 3
+
+
+def test_every_job_key_shares_one_cluster_slot() -> None:
+    from redis.crc import key_slot
+
+    from app.services.jobs import store
+
+    job_id = new_job_id()
+    keys = [
+        store.STREAM, store.STREAM_HIGH, store.DEAD, store.COUNTS, store.WEBHOOK_COUNTS, store.SCHEDULE,
+        store.job_key(job_id), store.inputs_key(job_id), store.deliveries_key(job_id),
+        store.idem_key("tenant", "key"), store.JOB_PREFIX + new_job_id(),
+    ]  # fmt: skip
+    assert len({key_slot(k.encode()) for k in keys}) == 1
