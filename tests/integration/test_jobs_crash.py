@@ -1,11 +1,13 @@
-"""The gateway process SIGKILLed in the middle of 200 submits at concurrency 8, restarted, and every
-submit retried with its Idempotency-Key: 0 of 200 lost. Every replay names a job that exists, every key
+"""The gateway process SIGKILLed in the middle of 200 submits at concurrency 8 (three times, each time
+with the keys not answered yet), restarted, and every submit retried with its Idempotency-Key: 0 of 200
+lost. Every replay names a job that exists, every key
 ends up with exactly one job, and a key answered before the crash keeps its job. Real ``tgw serve``,
 real Triton, a Redis of its own."""
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -24,7 +26,8 @@ from tests.integration.jobs_helpers import unique_row
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-N, CONCURRENCY = 200, 8
+N, CONCURRENCY, KILLS = 200, 8, 3
+JOBS = "/v1/models/identity_fp32/jobs"
 
 
 @contextmanager
@@ -66,38 +69,34 @@ def test_sigkill_during_submits_loses_no_job(triton: EmbeddedTriton, tmp_path: P
     nonce = time.time_ns()
     keys = [f"crash-{nonce}-{i}" for i in range(N)]
     bodies = {k: {"inputs": {"INPUT0": [unique_row()]}} for k in keys}
-    before: dict[str, str] = {}  # key -> job id answered before the crash
+    before: dict[str, str] = {}  # key -> job id answered before a crash
     try:
-        with tgw_serve(triton, own.url, tmp_path / "gw1.log") as (url, proc):
-            answered = threading.Event()
+        for kill in range(KILLS):  # each round: the keys not answered yet, SIGKILL mid-run
+            pending = [k for k in keys if k not in before]
+            with tgw_serve(triton, own.url, tmp_path / f"gw{kill}.log") as (url, proc):
+                answered = threading.Event()
 
-            def submit(key: str) -> None:
-                try:
-                    with httpx.Client(base_url=url, timeout=5) as c:
-                        r = c.post(
-                            "/v1/models/identity_fp32/jobs",
-                            json=bodies[key],
-                            headers={"Idempotency-Key": key},
-                        )
-                except httpx.HTTPError:
-                    return  # the gateway died under this request
-                if r.status_code == 202:
-                    before[key] = r.json()["id"]
-                    if len(before) >= 25:
+                def submit(key: str, url: str = url, answered: threading.Event = answered) -> None:
+                    try:
+                        with httpx.Client(base_url=url, timeout=5) as c:
+                            r = c.post(JOBS, json=bodies[key], headers={"Idempotency-Key": key})
+                    except httpx.HTTPError:
+                        return  # the gateway died under this request
+                    if r.status_code == 202:
+                        before[key] = r.json()["id"]
                         answered.set()
 
-            pool = ThreadPoolExecutor(CONCURRENCY)
-            futures = [pool.submit(submit, k) for k in keys]
-            assert answered.wait(60), "no submit was answered"
-            time.sleep(0.25)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-            for f in futures:
-                f.result(timeout=30)
-            pool.shutdown()
-        assert 0 < len(before) < N, f"the kill did not land mid-run ({len(before)} of {N} answered)"
+                with ThreadPoolExecutor(CONCURRENCY) as pool:
+                    futures = [pool.submit(submit, k) for k in pending]
+                    assert answered.wait(60), "no submit was answered"
+                    time.sleep(random.uniform(0.1, 0.3))
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait(10)
+                    for f in futures:
+                        f.result(timeout=30)
+        assert 0 < len(before) < N, f"the kills did not land mid-run ({len(before)} of {N} answered)"
 
-        with tgw_serve(triton, own.url, tmp_path / "gw2.log") as (url, _):
+        with tgw_serve(triton, own.url, tmp_path / "gw-final.log") as (url, _):
             with httpx.Client(base_url=url, timeout=10) as c:
 
                 def retry(key: str) -> tuple[str, int, str, bool, int]:
@@ -119,9 +118,8 @@ def test_sigkill_during_submits_loses_no_job(triton: EmbeddedTriton, tmp_path: P
                          .json()["id"] for k in keys[:20]}  # fmt: skip
                 for _, _, job_id, _, _ in after:
                     c.delete(f"/v1/jobs/{job_id}")
-        print(
-            f"crash test: {len(before)} answered before SIGKILL, {replayed} replayed after, lost {len(lost)} of {N}"
-        )
+        print(f"crash test: {KILLS} SIGKILLs, {len(before)} answered before them, {replayed} replayed after, "
+              f"lost {len(lost)} of {N}")  # fmt: skip
         assert lost == [] and changed == []
         assert replayed >= len(before)
         assert again == {k: job_id for k, _, job_id, _, _ in after[:20]}
