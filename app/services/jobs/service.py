@@ -1,6 +1,7 @@
-"""The job service: submit (validated like infer; idempotency, backpressure, cache hit), get, cancel,
-deliveries, watch. Every operation takes the ``owner`` (the tenant; "" without authentication): another
-owner's job is answered exactly as a job that does not exist, and idempotency keys are per owner."""
+"""The job service: submit (validated like infer; idempotency, backpressure, cache hit), get (with the
+webhook delivery log), cancel, watch. Every operation takes the ``owner`` (the tenant; "" without
+authentication): another owner's job is answered exactly as a job that does not exist, and idempotency
+keys are per owner."""
 
 from __future__ import annotations
 
@@ -165,13 +166,6 @@ class JobService:
         if job is None:
             raise _not_found(job_id)
         return await self.view(job)
-
-    async def deliveries(self, owner: str, job_id: str) -> list[dict[str, Any]]:
-        job = await self.find(owner, job_id)
-        if job is None:
-            raise _not_found(job_id)
-        with redis_errors(self.retry_after_s):
-            return await self.store.deliveries(job_id)
 
     async def view(self, job: Job) -> dict[str, Any]:
         """The job as ``GET /v1/jobs/{id}`` shows it (also the webhook payload's ``data``)."""
