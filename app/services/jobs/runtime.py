@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 import httpx
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -36,13 +36,15 @@ class JobsRuntime:
         self.settings = settings
         # A pooled connection that died with a Redis restart is retried once on a fresh one (never a
         # stall: a timeout is not retried, it becomes a 503 at once), and idle ones are checked first.
-        self.redis: Any = Redis.from_url(
+        # Blocking reads (XREADGROUP BLOCK, pub/sub) use a second client without a socket timeout.
+        # On a Cluster every job key shares the hash tag {tgw:jobs}, so each script runs on one shard.
+        client: Any = RedisCluster if settings.redis_cluster else Redis
+        self.redis: Any = client.from_url(
             url, socket_timeout=settings.job_redis_timeout_s,
             socket_connect_timeout=settings.job_redis_timeout_s, health_check_interval=5,
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )  # fmt: skip
-        # Blocking reads (XREADGROUP BLOCK, pub/sub) idle longer than any short socket timeout.
-        self.blocking: Any = Redis.from_url(
+        self.blocking: Any = client.from_url(
             url, socket_timeout=None, socket_connect_timeout=5, health_check_interval=30
         )
         self.store = JobStore(self.redis, settings.job_ttl_s, self.blocking)
