@@ -21,7 +21,7 @@ from app.clients.triton import TritonGrpcClient
 from app.clients.triton_http import TritonHttpInfer
 from app.lifecycle import Lifecycle
 from app.services.batcher import BatchingTransport
-from app.services.cache import ResponseCache
+from app.services.cache import ReadPolicy, ResponseCache
 from app.services.health import HealthService
 from app.services.inference import InferenceService
 from app.services.jobs.runtime import JobsRuntime
@@ -79,8 +79,9 @@ async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) 
     )  # fmt: skip
     registry = ModelRegistry(admin, settings.metadata_ttl_s, settings.cache_exclude_models)
     inference = InferenceService(
-        infer_transport, registry, cache, settings.cache_namespace, settings.triton_timeout_s
-    )
+        infer_transport, registry, cache, settings.cache_namespace, settings.triton_timeout_s,
+        ReadPolicy(settings.cache_read_min_hit_ratio),
+    )  # fmt: skip
     health = HealthService(admin, transport, cache)
     jobs = JobsRuntime(settings, inference)
     gw = Gateway(settings, admin, transport, redis, cache, registry, inference, health, jobs, lifecycle)

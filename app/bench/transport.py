@@ -2,10 +2,12 @@
 
 Starts the embedded Triton on ``tests/models`` (same launcher as ``tgw up``) and times ``identity_fp32``
 calls (``[1,16]`` FP32) made by: the gateway's own two upstream clients (``TritonHttpInfer``, the default,
-and ``TritonGrpcClient``), and for comparison ``tritonclient.grpc.aio``, ``tritonclient.http.aio`` and
-``httpx`` with a pre-built binary request. Sequentially (concurrency 1) and with 64 calls in flight, on
-uvloop; prints calls/s, p50/p99 and the client process's CPU per call (``getrusage``). This is the
-measurement behind ``app/clients/triton_http.py`` (docs/performance.md, "Transport to Triton").
+and ``TritonGrpcClient``), and for comparison ``tritonclient.grpc.aio``, ``tritonclient.http.aio``,
+``httpx`` with a pre-built binary request, and a plain ``aiohttp`` session with the same request encoding
+and answer decoding as ``TritonHttpInfer`` (only the HTTP layer differs). Sequentially (concurrency 1)
+and with 64 calls in flight, on uvloop; prints calls/s, p50/p99 and the client process's CPU per call
+(``getrusage``). This is the measurement behind ``app/clients/triton_http.py`` (docs/performance.md,
+"Transport to Triton").
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ async def _run(triton: EmbeddedTriton, n: int) -> None:
         ("gateway TritonGrpcClient", gateway_grpc),
         ("tritonclient.grpc.aio", tritonclient_grpc),
         ("tritonclient.http.aio (aiohttp)", tritonclient_http),
-        ("aiohttp ClientSession, same encode/decode", aiohttp_raw),
+        ("aiohttp session, same codec", aiohttp_raw),
         ("httpx, pre-built binary body", httpx_raw),
     ]
     try:

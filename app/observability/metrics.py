@@ -55,7 +55,10 @@ _BYTES = tuple(float(4**i * 256) for i in range(10))  # 256 B .. 64 MiB
 HTTP_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 CACHE_REQUESTS = Counter(
-    "tgw_cache_requests", "Response-cache lookups by outcome (hit, miss, bypass, error)", ["outcome"]
+    "tgw_cache_requests",
+    "Response-cache lookups by outcome (hit, miss, bypass, error; skipped: Redis not asked because the "
+    "model's recent hit ratio is below TGW_CACHE_READ_MIN_HIT_RATIO, answered by Triton)",
+    ["outcome"],
 )
 CACHE_OPERATION_DURATION = Histogram(
     "tgw_cache_operation_duration_seconds", "Redis cache operation latency", ["operation"], buckets=_FAST
@@ -87,7 +90,7 @@ STAGE_DURATION = Histogram(
     buckets=(0.00005, 0.0001, 0.00025, *_FAST, 2.5, 5.0, 10.0),
 )
 
-_CACHE_OUTCOMES = {o: CACHE_REQUESTS.labels(o) for o in ("hit", "miss", "bypass", "error")}
+_CACHE_OUTCOMES = {o: CACHE_REQUESTS.labels(o) for o in ("hit", "miss", "bypass", "error", "skipped")}
 _CACHE_OPS = {op: CACHE_OPERATION_DURATION.labels(op) for op in ("get", "put")}
 _triton_children: dict[tuple[str, str, str], Histogram] = {}
 _STAGES = {stage: STAGE_DURATION.labels(stage) for stage in ("cache", "queue", "triton", "gateway", "total")}
@@ -106,7 +109,7 @@ def observe_stages(timings: dict[str, float], total: float) -> None:
 
 
 def cache_outcome(outcome: str) -> None:
-    """``outcome``: hit, miss, bypass or error."""
+    """``outcome``: hit, miss, bypass, error or skipped."""
     _CACHE_OUTCOMES[outcome].inc()
 
 

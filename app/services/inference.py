@@ -19,7 +19,7 @@ from app.clients.protocols import InferenceTransport, TritonCall, TritonResult
 from app.errors import GatewayError, UpstreamTimeout
 from app.observability import metrics, tracing
 from app.observability.context import add_timing, annotate
-from app.services.cache import CacheUnavailable, ResponseCache, cache_key
+from app.services.cache import CacheUnavailable, ReadPolicy, ResponseCache, cache_key
 from app.services.registry import ModelInfo, ModelRegistry
 from app.services.singleflight import SingleFlight
 
@@ -78,8 +78,10 @@ class InferenceService:
         cache: ResponseCache,
         namespace: str,
         timeout_s: float,
+        read_policy: ReadPolicy | None = None,
     ) -> None:
         self.transport = transport
+        self.read_policy = read_policy or ReadPolicy(0.0)
         self.registry = registry
         self.cache = cache
         self.namespace = namespace
@@ -118,18 +120,22 @@ class InferenceService:
         key = self.key_for(req)
         outcome: CacheOutcome = "BYPASS"
         if use_cache and req.cache_read:
+            model = (info.name, info.version)
+            remote = self.read_policy.should_read(model)
             try:
-                hit = await self._cache_get(key)
+                hit = await self._cache_get(key, remote)
             except CacheUnavailable:
                 use_cache = False
                 metrics.cache_outcome("error")
             else:
+                if remote:
+                    self.read_policy.record(model, hit is not None)
                 if hit is not None:
                     metrics.cache_outcome("hit")
                     annotate(info.name, info.version, "HIT")
                     return InferResponse(info.name, hit, "HIT")
                 outcome = "MISS"
-                metrics.cache_outcome("miss")
+                metrics.cache_outcome("miss" if remote else "skipped")
         else:
             metrics.cache_outcome("bypass")
         annotate(info.name, info.version, outcome)
@@ -169,7 +175,9 @@ class InferenceService:
             max_batch_rows=info.max_batch_rows if not req.parameters and req.cacheable else 0,
         )
 
-    async def _cache_get(self, key: str) -> TritonResult | None:
+    async def _cache_get(self, key: str, remote: bool = True) -> TritonResult | None:
+        if not remote:
+            return self.cache.l1.get(key) if self.cache.l1 is not None else None
         start = time.perf_counter()
         try:
             with tracing.span("cache.get"):

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 class JobsRuntime:
     def __init__(self, settings: Settings, inference: InferenceService) -> None:
-        url = settings.redis_address
+        url = settings.jobs_redis_address  # a Redis that never evicts (TGW_JOBS_REDIS_URL; else the cache's)
         self.settings = settings
         # A pooled connection that died with a Redis restart is retried once on a fresh one (never a
         # stall: a timeout is not retried, it becomes a 503 at once), and idle ones are checked first.
