@@ -92,10 +92,14 @@ class HttpxWebhookSender:
         self.allowed_ports = allowed_ports
 
     async def send(self, url: str, body: bytes, headers: dict[str, str]) -> DeliveryResult:
+        deadline = asyncio.get_running_loop().time() + self.total_s  # resolving the host counts too
         try:
-            target = await vet_url(url, self.allow_private, self.allowed_ports)
+            async with asyncio.timeout_at(deadline):
+                target = await vet_url(url, self.allow_private, self.allowed_ports)
         except UnsafeURL as exc:
             return DeliveryResult(error=f"refused: {exc}", refused=True)
+        except TimeoutError:
+            return DeliveryResult(error=f"timeout: the host did not resolve within {self.total_s:g} s")
         addr = f"[{target.address}]" if ":" in target.address else target.address
         default_port = 443 if target.scheme == "https" else 80
         host = target.host if ":" not in target.host else f"[{target.host}]"
@@ -109,7 +113,7 @@ class HttpxWebhookSender:
         status: int | None = None
         retry_after: float | None = None
         try:
-            async with asyncio.timeout(self.total_s):
+            async with asyncio.timeout_at(deadline):
                 response = await self.client.send(request, stream=True, follow_redirects=False)
                 status = response.status_code
                 retry_after = _retry_after(response.headers.get("retry-after"))
