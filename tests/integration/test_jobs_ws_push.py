@@ -75,7 +75,7 @@ def test_idle_subscribed_sockets_cost_little_redis(start_gateway: GatewayFactory
         print(f"ws push: {SOCKETS} idle subscribed sockets -> {rate:.1f} Redis commands/s; "
               f"{subscriptions} pub/sub subscription(s); change pushed in {pushed_s * 1000:.0f} ms")  # fmt: skip
         assert subscriptions == 1
-        assert rate < 20, f"{rate:.0f} Redis commands/s for {SOCKETS} idle sockets"
+        assert rate < 30, f"{rate:.0f} Redis commands/s for {SOCKETS} idle sockets"  # main: ~80 (2 s poll)
         assert pushed_s < 1.0
     finally:
         own.stop()
