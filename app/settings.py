@@ -154,7 +154,7 @@ class Settings(BaseSettings):
         ge=1024,
         description="413 above this job submission size (apart from TGW_MAX_BODY_BYTES)",
     )
-    webhook_allowed_ports: Annotated[list[int], NoDecode] = Field(
+    webhook_allowed_ports: Annotated[list[Annotated[int, Field(ge=1, le=65535)]], NoDecode] = Field(
         default_factory=list, description="comma-separated ports webhooks may target besides 80 and 443"
     )
     webhook_concurrency: int = Field(
