@@ -140,7 +140,9 @@ class Settings(BaseSettings):
         default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
         description="comma-separated delays between webhook attempts (default ~27 h over 8 attempts)",
     )
-    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="per-delivery connect+read bound")
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=120, description="bound on one whole delivery (connect, send, answer)"
+    )
     webhook_max_response_bytes: int = Field(65536, ge=0, description="response bytes read from a receiver")
     ws_max_frame_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger client frames: error")
     ws_max_in_flight: int = Field(32, ge=1, description="concurrent requests per /v1/ws socket")
@@ -203,6 +205,21 @@ class Settings(BaseSettings):
         "allkeys-lru cache): unset = the jobs Redis (TGW_JOBS_REDIS_URL) if set, else TGW_REDIS_URL",
     )  # fmt: skip
 
+    # --- jobs: payload size and webhook delivery ---------------------------------------------
+    job_max_body_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="413 above this job submission size (apart from TGW_MAX_BODY_BYTES)",
+    )
+    webhook_allowed_ports: Annotated[list[Annotated[int, Field(ge=1, le=65535)]], NoDecode] = Field(
+        default_factory=list, description="comma-separated ports webhooks may target besides 80 and 443"
+    )
+    webhook_concurrency: int = Field(
+        32, ge=1, le=1024, description="webhook deliveries in flight per dispatcher"
+    )
+    webhook_max_per_host: int = Field(
+        4, ge=1, description="deliveries in flight to one receiver host; more wait on the schedule"
+    )
     # --- Server hardening (app.server) and Redis memory ----------------------------------------------
     header_timeout_s: float = Field(
         10.0, gt=0, description="a request head must arrive within this (from connect or its first byte); "
@@ -237,7 +254,12 @@ class Settings(BaseSettings):
     otel_service_name: str = Field("triton-gateway", description="service.name of the OpenTelemetry resource")
 
     @field_validator(
-        "model_repository", "cache_exclude_models", "webhook_schedule_s", "auth_tiers", mode="before"
+        "model_repository",
+        "cache_exclude_models",
+        "webhook_schedule_s",
+        "webhook_allowed_ports",
+        "auth_tiers",
+        mode="before",
     )
     @classmethod
     def _csv(cls, value: object) -> object:
