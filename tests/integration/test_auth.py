@@ -365,3 +365,15 @@ def test_failed_authentications_per_address(triton: EmbeddedTriton, redis_server
             assert (
                 c.post(INFER, json=body(), headers=bearer(good)).status_code == 200
             )  # a known key still works
+
+
+def test_websocket_infer_gets_the_keys_tier(auth_url: str) -> None:
+    standard = make_key(auth_url, tier="standard")
+    ws_url = auth_url.replace("http", "ws", 1) + "/v1/ws"
+    frame = {"op": "infer", "ref": "p", "model": "priority_fp32", "inputs": {"DELAY_S": [[0.0]]},
+             "parameters": {"tag": str(time.time_ns())}}  # fmt: skip
+    with connect(ws_url, additional_headers=bearer(standard), open_timeout=10) as ws:
+        ws.send(json.dumps(frame))
+        answer = json.loads(ws.recv(timeout=20))
+    assert answer["type"] == "result", answer
+    assert answer["result"]["outputs"]["TIMEOUT_US"][0][0] == 30_000_000  # the standard tier's bound, 30 s
