@@ -165,3 +165,14 @@ def test_images_compose_and_k8s_require_keys() -> None:
     gateway = next(m for m in monitors if m["metadata"]["name"] == "gateway")
     auth = gateway["spec"]["endpoints"][0]["authorization"]
     assert auth["credentials"] == {"name": "tgw-secrets", "key": "TGW_ADMIN_TOKEN"}
+
+
+def test_bench_key_targets_send_the_key() -> None:
+    from app.bench.payloads import TINY, http_request_factory, key_targets
+
+    miss, hit = key_targets(TINY, ("127.0.0.1", 8080), salt=7, api_key="tgw_0123456789ab_" + "k" * 43)
+    assert (miss.name, miss.unique, hit.name, hit.unique) == ("gateway-miss-key", True, "gateway-hit-key", False)
+    request = http_request_factory(miss, 0)(1)
+    head, _, body = request.partition(b"\r\n\r\n")
+    assert b"\r\nAuthorization: Bearer tgw_0123456789ab_" in head
+    assert int(head.split(b"Content-Length: ")[1]) == len(body)
