@@ -10,9 +10,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
+from app.clients.endpoints import parse_triton_urls
 from app.clients.protocols import TritonClient
 from app.clients.redis import RedisCacheStore, make_redis
-from app.clients.triton import TritonGrpcClient
+from app.clients.routed import RoutedTriton, routing_options
+from app.clients.triton import TritonGrpcClient, settings_channel_args
 from app.clients.triton_http import TritonHttpInfer
 from app.errors import install_exception_handlers
 from app.hotpath import GatewayApp, HotPath
@@ -36,12 +38,20 @@ logger = logging.getLogger(__name__)
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    triton = TritonGrpcClient(
-        settings.triton_grpc_address,
-        channels=settings.triton_channels,
-        retries=settings.triton_retries,
-        retry_after_s=settings.retry_after_s,
-    )
+    triton: TritonClient
+    routed: RoutedTriton | None = None
+    if settings.triton_urls:  # many Tritons: admin and inference both routed (app.clients.routed)
+        routed = RoutedTriton(parse_triton_urls(settings.triton_urls), routing_options(settings))
+        await routed.start()
+        triton = routed
+    else:
+        triton = TritonGrpcClient(
+            settings.triton_grpc_address,
+            channels=settings.triton_channels,
+            retries=settings.triton_retries,
+            retry_after_s=settings.retry_after_s,
+            args=settings_channel_args(settings),
+        )
     redis = (
         make_redis(settings.redis_address, settings.redis_timeout_s, settings.redis_cluster)
         if settings.cache_enabled
@@ -57,7 +67,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Inference over Triton's HTTP endpoint when TGW_TRITON_HTTP_URL is set (app.clients.triton_http);
     # micro-batching wraps only the client the inference path uses; health and metadata go direct (gRPC).
     upstream: TritonClient = triton
-    if settings.triton_http_url:
+    if settings.triton_http_url and routed is None:
         upstream = TritonHttpInfer(
             settings.triton_http_url, triton, retries=settings.triton_retries,
             retry_after_s=settings.retry_after_s,

@@ -20,6 +20,9 @@ class HealthService:
         """(ready, report). Redis down is ``degraded``, not a failure: the sync path serves without it."""
         live, redis_ok = await asyncio.gather(self.triton.server_live(), self.cache.probe())
         checks: dict[str, Any] = {"triton": {"status": "ok" if live else "fail"}}
+        endpoint_states = getattr(self.triton, "endpoint_states", None)  # many Tritons (app.clients.routed)
+        if endpoint_states is not None:
+            checks["triton"]["endpoints"] = endpoint_states()
         ready = live and not self.draining
         if live:
             try:
