@@ -294,7 +294,7 @@ class RetryBudget:
         self.tokens = min(self.tokens + self.ratio, max(self.reserve, 1.0))
 
     def try_spend(self) -> bool:
-        if self.tokens >= 1.0:
+        if self.tokens >= 1.0 - 1e-9:  # float sums of ratio
             self.tokens -= 1.0
             return True
         return False

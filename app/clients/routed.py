@@ -308,7 +308,8 @@ class RoutedTriton:
         except UpstreamUnavailable as exc:
             second = self.balancer.pick(candidates, exclude=(first,))
             remaining = deadline - time.monotonic()
-            if isinstance(exc, UpstreamBroken) or second is None or remaining <= 0.001 or not self.budget.try_spend():
+            accepted = isinstance(exc, UpstreamBroken)  # Triton had it: never twice
+            if accepted or second is None or remaining <= 0.001 or not self.budget.try_spend():
                 raise
         self.retries += 1
         ENDPOINT_CALLS.labels(first, "retried").inc()
