@@ -178,6 +178,11 @@ class EmbeddedRedis:
     def stop(self) -> None:
         self.process.stop()
 
+    def restart(self, timeout: float = 20.0) -> None:
+        """Start again after the process died (same port, same AOF: the data comes back)."""
+        self.process.stop()
+        self.start(timeout)
+
 
 class EmbeddedTriton:
     """``tritonserver`` from the ``nvidia-pytriton`` wheel (Triton 2.51, Python backend, CPU)."""
@@ -318,3 +323,11 @@ class EmbeddedTriton:
         self.process.stop(timeout=30)
         self._kill_stray_stubs()
         self._remove_shm()
+
+    def restart(self, timeout: float = 120.0) -> None:
+        """Start again after the server died: its stubs and shared memory cleared first, same ports."""
+        self.stop()
+        deadline = time.monotonic() + 10
+        while any(port_in_use(p) for p in (self.http_port, self.grpc_port)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.start(timeout)
