@@ -13,7 +13,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +23,12 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from app.launcher import free_port, port_in_use
+from app.services.jobs.store import GROUP, STREAM
 from tests.chaos.load import Load
-from tests.integration.jobs_helpers import unique_row, wait_job
+from tests.integration.jobs_helpers import wait_job
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -187,15 +191,30 @@ def test_sigstop_one_triton_for_5s(stack: Stack) -> None:
     assert after >= before
 
 
+def _sleep_jobs(c: httpx.Client, n: int, delay_s: float) -> tuple[list[str], list[float]]:
+    base = delay_s + (time.time_ns() % 1000) / 1e6  # distinct inputs: no cached answers
+    delays = [round(base + i / 1000, 6) for i in range(n)]
+    ids = [c.post("/v1/models/sleep_fp32/jobs", json={"inputs": {"DELAY_S": [[d]]}}).json()["id"] for d in delays]
+    return ids, delays
+
+
+def _check_jobs(jobs: list[dict[str, Any]], delays: list[float]) -> tuple[int, int]:
+    lost = sum(1 for j in jobs if j["status"] != "succeeded")
+    wrong = sum(1 for j, d in zip(jobs, delays, strict=True) if j["status"] == "succeeded"
+                and abs(j["result"]["outputs"]["SLEPT_S"][0][0] - d) > 1e-4)  # fmt: skip
+    return lost, wrong
+
+
 def test_redis_sigkill_then_restart_under_load(stack: Stack) -> None:
-    """Sync path: 0 failed (cache bypass while Redis is down). Jobs accepted before the kill all complete,
-    none twice (the gateway's completion counter moves by exactly the number of jobs)."""
+    """Sync path: 0 failed (cache bypass while Redis is down). Jobs accepted before the kill, some running
+    and some queued at that moment, all complete, none twice (the gateway's completion counter moves by
+    exactly the number of jobs)."""
     with httpx.Client(base_url=stack.url, timeout=10) as c:
         done_before = stack.metric("tgw_jobs_total", 'status="succeeded"')
-        bodies = [{"inputs": {"INPUT0": [unique_row()]}} for _ in range(int(10 * SCALE))]
-        ids = [c.post("/v1/models/identity_fp32/jobs", json=b).json()["id"] for b in bodies]
+        ids, delays = _sleep_jobs(c, int(12 * SCALE), 0.3)
         with Load([stack.url], concurrency=4) as load:
-            time.sleep(0.5)
+            time.sleep(0.3)
+            unfinished = sum(c.get(f"/v1/jobs/{i}").json()["status"] != "succeeded" for i in ids)
             os.kill(stack.child("redis-server"), signal.SIGKILL)
             killed_at = time.monotonic()
             _wait(lambda: stack.find("redis-server") is not None and
@@ -203,18 +222,81 @@ def test_redis_sigkill_then_restart_under_load(stack: Stack) -> None:
                   30, "Redis back")  # fmt: skip
             back_s = time.monotonic() - killed_at
             time.sleep(1 * SCALE)
-        jobs = [wait_job(c, i, timeout=30) for i in ids]
+        jobs = [wait_job(c, i, timeout=40) for i in ids]
         time.sleep(1.0)
         done = stack.metric("tgw_jobs_total", 'status="succeeded"') - done_before
-    lost = sum(1 for j in jobs if j["status"] != "succeeded")
-    wrong = sum(1 for j, b in zip(jobs, bodies, strict=True)
-                if j.get("result", {}).get("outputs", {}).get("OUTPUT0") != b["inputs"]["INPUT0"])  # fmt: skip
+    lost, wrong = _check_jobs(jobs, delays)
     REPORT["redis_sigkill_restart"] = {**load.summary(), "redis_back_after_s": round(back_s, 1),
-                                       "jobs": len(ids), "jobs_lost": lost, "jobs_wrong": wrong,
+                                       "jobs": len(ids), "jobs_unfinished_at_kill": unfinished,
+                                       "jobs_lost": lost, "jobs_wrong": wrong,
                                        "jobs_duplicated": int(done) - len(ids)}  # fmt: skip
     assert load.failed == [], load.failed[:5]
+    assert unfinished > 0
     assert lost == 0 and wrong == 0
     assert done == len(ids)
+
+
+def test_sigkill_a_job_worker_mid_batch(stack: Stack, tmp_path: Path) -> None:
+    """Two `tgw worker` processes beside the stack's own; one is SIGKILLed while it holds running jobs:
+    every job completes, and each result reaches the client (WebSocket) exactly once."""
+    from tests.integration.test_jobs_durability import collect_results
+
+    env = dict(stack.env)
+    env.update(TGW_TRITON_URLS=_triton_urls(env), TGW_REDIS_URL=_redis_url(env), TGW_WORKER_CONCURRENCY="3",
+               TGW_JOB_CLAIM_IDLE_S="1", TGW_DRAIN_S="2")  # fmt: skip
+    workers = []
+    for i in range(2):
+        with (tmp_path / f"worker{i}.log").open("wb") as out:
+            workers.append(subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env, cwd=ROOT,
+                                            stdout=out, stderr=out))  # fmt: skip
+    frames: list[dict[str, Any]] = []
+    stop = threading.Event()
+    try:
+        r = redis.Redis.from_url(_redis_url(env))
+        time.sleep(3)  # the workers join the consumer group
+        with httpx.Client(base_url=stack.url, timeout=10) as c:
+            ids, delays = _sleep_jobs(c, int(12 * SCALE), 0.8)
+            collector = threading.Thread(
+                target=collect_results, args=(stack.url.replace("http", "ws") + "/v1/ws", ids, frames, stop)
+            )
+            collector.start()
+            victim = None
+            deadline = time.monotonic() + 20
+            while victim is None:
+                assert time.monotonic() < deadline, "no external worker picked up a job"
+                for consumer in r.xinfo_consumers(STREAM, GROUP):
+                    pid = int(consumer["name"].decode().rsplit("-", 2)[1])
+                    if consumer["pending"] > 0 and pid in {w.pid for w in workers}:
+                        victim = next(w for w in workers if w.pid == pid)
+                        break
+                time.sleep(0.05)
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(5)
+            jobs = [wait_job(c, i, timeout=40) for i in ids]
+            time.sleep(1.0)
+    finally:
+        stop.set()
+        for w in workers:
+            if w.poll() is None:
+                w.terminate()
+                w.wait(10)
+    lost, wrong = _check_jobs(jobs, delays)
+    results = Counter(f["job_id"] for f in frames if f.get("type") == "result")
+    duplicated = sum(n - 1 for n in results.values() if n > 1)
+    REPORT["worker_sigkill"] = {"jobs": len(ids), "jobs_lost": lost, "jobs_wrong": wrong,
+                                "results_seen": sum(results.values()), "jobs_duplicated": duplicated,
+                                "reclaimed": sum(j["attempts"] >= 2 for j in jobs)}  # fmt: skip
+    assert lost == 0 and wrong == 0
+    assert results == Counter({i: 1 for i in ids})
+
+
+def _triton_urls(env: dict[str, str]) -> str:
+    grpc, http = int(env["TGW_TRITON_GRPC_PORT"]), int(env["TGW_TRITON_HTTP_PORT"])
+    return ",".join(f"grpc=127.0.0.1:{grpc + 3 * i};http={http + 3 * i}" for i in range(2))
+
+
+def _redis_url(env: dict[str, str]) -> str:
+    return f"redis://127.0.0.1:{env['TGW_REDIS_PORT']}/0"
 
 
 def test_sigkill_one_of_two_gateways(stack: Stack, tmp_path: Path) -> None:
@@ -223,11 +305,8 @@ def test_sigkill_one_of_two_gateways(stack: Stack, tmp_path: Path) -> None:
     port = free_port()
     env = dict(stack.env)
     env.update({"TGW_PORT": str(port), "TGW_WORKER_IN_PROCESS": "false", "TGW_STARTUP_WAIT_S": "20"})
-    env["TGW_TRITON_URLS"] = ",".join(
-        f"grpc=127.0.0.1:{int(env['TGW_TRITON_GRPC_PORT']) + 3 * i};http={int(env['TGW_TRITON_HTTP_PORT']) + 3 * i}"
-        for i in range(2)
-    )
-    env["TGW_REDIS_URL"] = f"redis://127.0.0.1:{env['TGW_REDIS_PORT']}/0"
+    env["TGW_TRITON_URLS"] = _triton_urls(env)
+    env["TGW_REDIS_URL"] = _redis_url(env)
     log = tmp_path / "gateway2.log"
     with log.open("wb") as out:
         second = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env, stdout=out, stderr=out,
