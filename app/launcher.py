@@ -189,14 +189,25 @@ class EmbeddedRedis:
 
 
 def cluster_ports(count: int) -> list[int]:
-    """Free ports for Redis Cluster nodes: each at most 55535, with its bus port (+10000) free too."""
+    """Free ports for Redis Cluster nodes, each with its bus port (+10000) free too. Redis 6 needs the
+    port at most 55535; both are taken below Linux's ephemeral range (32768+), where outgoing connections
+    cannot hold them."""
     rng = random.Random()
     ports: list[int] = []
     while len(ports) < count:
-        port = rng.randrange(20000, 55535)
-        if port not in ports and not port_in_use(port) and not port_in_use(port + 10000):
+        port = rng.randrange(12000, 22000)
+        if port not in ports and _bindable(port) and _bindable(port + 10000):
             ports.append(port)
     return ports
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class EmbeddedRedisCluster:

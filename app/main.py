@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from app import __version__
 from app.clients.endpoints import parse_triton_urls
 from app.clients.protocols import TritonClient
-from app.clients.redis import RedisCacheStore, make_redis
+from app.clients.redis import RedisCacheStore, make_redis, warm_up
 from app.clients.routed import RoutedTriton, routing_options
 from app.clients.triton import TritonGrpcClient, settings_channel_args
 from app.clients.triton_http import TritonHttpInfer
@@ -57,6 +57,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.cache_enabled
         else None
     )
+    if redis is not None:
+        await warm_up(redis)
     store = RedisCacheStore(redis, settings.redis_timeout_s) if redis is not None else None
     cache = ResponseCache(
         store, settings.cache_ttl_s, settings.cache_max_value_bytes,

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from redis.cluster import RedisCluster
 
-from app.clients.redis import RedisCacheStore, make_redis
+from app.clients.redis import RedisCacheStore, make_redis, warm_up
 from app.launcher import EmbeddedRedisCluster, EmbeddedTriton, cluster_ports
 from tests.gateway_server import running_gateway
 from tests.integration.jobs_helpers import unique_row, wait_job
@@ -43,7 +43,9 @@ def test_three_masters_hold_every_slot(cluster: EmbeddedRedisCluster) -> None:
 
 
 async def test_cache_store_spreads_keys_over_the_masters(cluster: EmbeddedRedisCluster) -> None:
-    store = RedisCacheStore(make_redis(cluster.url, 2.0, cluster=True), 2.0)
+    redis = make_redis(cluster.url, 2.0, cluster=True)
+    await warm_up(redis)  # as the gateway's lifespan does (a fresh cluster client races on a first burst)
+    store = RedisCacheStore(redis, 2.0)
     keys = [f"test:cluster:{i}" for i in range(60)]
     await asyncio.gather(*(store.set(k, f"v{i}".encode(), 30) for i, k in enumerate(keys)))
     got = await asyncio.gather(*(store.get(k) for k in keys))
