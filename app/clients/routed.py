@@ -17,15 +17,14 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-import numpy as np
 from prometheus_client import Counter, Gauge
 
 from app.clients.endpoints import Balancer, EndpointAddress, RetryBudget, State, Target, resolve
-from app.clients.protocols import TritonClient, TritonResult
+from app.clients.protocols import InferenceTransport, TritonCall, TritonResult
 from app.clients.triton import TritonGrpcClient
 from app.clients.triton_http import TritonHttpInfer, UpstreamBroken
 from app.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
@@ -62,8 +61,8 @@ class Endpoint:
     the models and versions it serves (from its own repository index)."""
 
     address: EndpointAddress
-    admin: TritonGrpcClient
-    infer: TritonClient
+    admin: TritonGrpcClient  # TritonAdmin
+    transport: InferenceTransport  # its HTTP pool, or the admin's gRPC channels
     index: list[dict[str, Any]] = field(default_factory=list)
     ready: dict[str, set[str]] = field(default_factory=dict)  # model -> READY versions
     index_at: float = float("-inf")
@@ -107,8 +106,9 @@ EndpointFactory = Callable[[EndpointAddress], Endpoint]
 
 
 class RoutedTriton:
-    """``TritonClient`` over every endpoint of ``targets``. ``start()`` resolves them, reads each one's
-    repository index and runs the probe loop; ``close()`` stops it and closes every pool."""
+    """``TritonAdmin`` and ``InferenceTransport`` over every endpoint of ``targets``. ``start()`` resolves
+    them, reads each one's repository index and runs the probe loop; ``close()`` stops it, closes every
+    pool."""
 
     def __init__(
         self, targets: Sequence[Target], options: RoutingOptions | None = None,
@@ -132,10 +132,10 @@ class RoutedTriton:
         opts = self.options
         admin = TritonGrpcClient(address.grpc, channels=opts.channels, retries=0,
                                  retry_after_s=opts.retry_after_s, args=opts.grpc_args)  # fmt: skip
-        infer: TritonClient = admin
+        transport: InferenceTransport = admin
         if address.http:
-            infer = TritonHttpInfer(address.http, admin, retries=0, retry_after_s=opts.retry_after_s)
-        return Endpoint(address, admin, infer)
+            transport = TritonHttpInfer(address.http, retries=0, retry_after_s=opts.retry_after_s)
+        return Endpoint(address, admin, transport)
 
     async def _resolve(self) -> None:
         try:
@@ -161,8 +161,8 @@ class RoutedTriton:
     @staticmethod
     async def _close_endpoint(endpoint: Endpoint) -> None:
         with contextlib.suppress(Exception):
-            if endpoint.infer is not endpoint.admin:
-                await endpoint.infer.close()
+            if endpoint.transport is not endpoint.admin:
+                await endpoint.transport.close()
             await endpoint.admin.close()
 
     async def start(self) -> None:
@@ -207,7 +207,9 @@ class RoutedTriton:
             return
         try:
             async with asyncio.timeout(self.options.probe_timeout_s):
-                ready = bool(await endpoint.infer.server_ready())
+                ready = bool(await endpoint.admin.server_ready())
+                if ready and endpoint.transport is not endpoint.admin:
+                    ready = bool(await endpoint.transport.live())
         except (TimeoutError, GatewayError, OSError):
             ready = False
         was = health.state
@@ -281,60 +283,49 @@ class RoutedTriton:
         ENDPOINT_CALLS.labels(name, "ok").inc()
         return result
 
-    async def routed(
-        self, model: str, version: str, timeout_s: float, sequence_id: Any,
-        call: Callable[[Endpoint, float], Awaitable[T]],
-    ) -> T:  # fmt: skip
-        """Run ``call(endpoint, remaining_s)`` on a chosen endpoint, retried once elsewhere per the rule."""
+    async def infer(self, call: TritonCall) -> TritonResult:
+        """``InferenceTransport.infer`` over the endpoints serving ``call.model``; each attempt carries what
+        is left of the deadline as Triton's own ``timeout`` too (unless the client asked for less)."""
         if not self.endpoints:
             raise UpstreamUnavailable("no Triton endpoint is known", retry_after_s=self.options.retry_after_s)
-        deadline = time.monotonic() + timeout_s
-        sticky = sequence_id not in (None, "", 0)
-        if sticky:
-            name = self._sequences.get(sequence_id)
+        candidates = self._candidates(call.model, call.version)
+        if call.sequenced:  # its state lives in one Triton: always there, never elsewhere
+            name = self._sequences.get(call.sequence_id)
             if name is None or name not in self.endpoints:
-                name = self.balancer.pick(self._candidates(model, version))
+                name = self.balancer.pick(candidates)
                 assert name is not None
-                self._sequences[sequence_id] = name
+                self._sequences[call.sequence_id] = name
                 while len(self._sequences) > self.options.max_sequences:
                     self._sequences.popitem(last=False)
-            return await self._on(name, lambda e: call(e, timeout_s))
+            else:
+                self._sequences.move_to_end(call.sequence_id)
+            if call.sequence_end:
+                self._sequences.pop(call.sequence_id, None)
+            return await self._on(name, lambda e: e.transport.infer(_with_timeout(call)))
         self.budget.request()
-        candidates = self._candidates(model, version)
         first = self.balancer.pick(candidates)
         assert first is not None
         try:
-            return await self._on(first, lambda e: call(e, timeout_s))
+            return await self._on(first, lambda e: e.transport.infer(_with_timeout(call)))
         except UpstreamUnavailable as exc:
             second = self.balancer.pick(candidates, exclude=(first,))
-            remaining = deadline - time.monotonic()
             accepted = isinstance(exc, UpstreamBroken)  # Triton had it: never twice
-            if accepted or second is None or remaining <= 0.001 or not self.budget.try_spend():
+            late = bool(call.deadline) and call.deadline - time.monotonic() <= 0.001
+            if accepted or second is None or late or not self.budget.try_spend():
                 raise
         self.retries += 1
         ENDPOINT_CALLS.labels(first, "retried").inc()
-        return await self._on(second, lambda e: call(e, remaining))
+        return await self._on(second, lambda e: e.transport.infer(_with_timeout(call)))
 
-    # --- TritonClient ---
-    async def infer(
-        self,
-        model: str,
-        version: str,
-        inputs: Mapping[str, np.ndarray],
-        datatypes: Mapping[str, str],
-        outputs: Sequence[str] | None,
-        parameters: Mapping[str, Any] | None,
-        request_id: str,
-        timeout_s: float,
-    ) -> TritonResult:
-        sequence_id = (parameters or {}).get("sequence_id")
-        return await self.routed(
-            model, version, timeout_s, sequence_id,
-            lambda e, remaining: e.infer.infer(
-                model, version, inputs, datatypes, outputs, parameters, request_id, remaining
-            ),
-        )  # fmt: skip
+    async def live(self) -> bool:
+        """Some endpoint in rotation answers on the transport inference uses."""
+        live = await asyncio.gather(
+            *(e.transport.live() for n, e in self.endpoints.items() if self.balancer.in_rotation(n)),
+            return_exceptions=True,
+        )
+        return any(x is True for x in live)
 
+    # --- TritonAdmin ---
     async def _any(self, fn: Callable[[Endpoint], Awaitable[T]], names: Sequence[str] | None = None) -> T:
         """An admin call on the first endpoint in rotation that answers (in rotation first)."""
         order = list(names if names is not None else self.endpoints)
@@ -351,13 +342,13 @@ class RoutedTriton:
 
     async def server_live(self) -> bool:
         live = await asyncio.gather(
-            *(e.infer.server_live() for n, e in self.endpoints.items() if self.balancer.in_rotation(n))
+            *(e.admin.server_live() for n, e in self.endpoints.items() if self.balancer.in_rotation(n))
         )
         return any(live)
 
     async def server_ready(self) -> bool:
         ready = await asyncio.gather(
-            *(e.infer.server_ready() for n, e in self.endpoints.items() if self.balancer.in_rotation(n))
+            *(e.admin.server_ready() for n, e in self.endpoints.items() if self.balancer.in_rotation(n))
         )
         return any(ready)
 
@@ -396,6 +387,30 @@ class RoutedTriton:
 
     async def model_config(self, model: str, version: str = "") -> dict[str, Any]:
         return await self._any(lambda e: e.admin.model_config(model, version), self._serving(model, version))
+
+    async def model_statistics(self, model: str = "", version: str = "") -> dict[str, Any]:
+        """Every endpoint's statistics, ``model_stats`` concatenated (each entry names its endpoint)."""
+        stats: list[dict[str, Any]] = []
+        for name in list(self.endpoints):
+            if not self.balancer.in_rotation(name):
+                continue
+            try:
+                out = await self.endpoints[name].admin.model_statistics(model, version)
+            except UpstreamUnavailable:
+                continue
+            stats += [{**entry, "endpoint": name} for entry in out.get("model_stats", [])]
+        return {"model_stats": stats}
+
+
+def _with_timeout(call: TritonCall) -> TritonCall:
+    """The call with Triton's ``timeout`` set to what is left of its deadline (Triton drops it from its
+    queue past that), unless the client asked for less."""
+    if not call.deadline:
+        return call
+    left_us = int(call.remaining_s() * 1_000_000)
+    if call.timeout_us and call.timeout_us <= left_us:
+        return call
+    return replace(call, timeout_us=left_us)
 
 
 def routing_options(settings: Any) -> RoutingOptions:

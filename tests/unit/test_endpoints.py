@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from app.clients.endpoints import (
     parse_triton_urls,
     resolve,
 )
-from app.clients.protocols import TritonResult
+from app.clients.protocols import TritonCall, TritonResult
 from app.clients.routed import Endpoint, RoutedTriton, RoutingOptions
 from app.clients.triton_http import UpstreamBroken
 from app.errors import ModelNotFound, UpstreamTimeout, UpstreamUnavailable
@@ -179,9 +180,8 @@ class FakeTriton:
         self.fail: list[Exception] = []
         self.ready = True
 
-    async def infer(self, model: str, version: str, inputs: Any, datatypes: Any, outputs: Any,
-                    parameters: Any, request_id: str, timeout_s: float) -> TritonResult:  # fmt: skip
-        self.calls.append(timeout_s)
+    async def infer(self, call: TritonCall) -> TritonResult:
+        self.calls.append(call.timeout_us / 1e6)
         if self.fail:
             raise self.fail.pop(0)
         return TritonResult("1", {"who": np.array([self.name])}, {"who": "BYTES"})
@@ -190,6 +190,9 @@ class FakeTriton:
         return self.ready
 
     async def server_live(self) -> bool:
+        return self.ready
+
+    async def live(self) -> bool:
         return self.ready
 
     async def repository_index(self) -> list[dict[str, Any]]:
@@ -218,8 +221,9 @@ async def _routed(fakes: dict[str, FakeTriton], **options: Any) -> RoutedTriton:
     return routed
 
 
-async def _who(routed: RoutedTriton, model: str = "m", **params: Any) -> str:
-    result = await routed.infer(model, "1", {}, {}, None, params or None, "", 5.0)
+async def _who(routed: RoutedTriton, model: str = "m", sequence_id: int = 0) -> str:
+    call = TritonCall(model, "1", {}, {}, deadline=time.monotonic() + 5.0, sequence_id=sequence_id)
+    result = await routed.infer(call)
     return str(result.outputs["who"][0])
 
 
@@ -244,7 +248,8 @@ async def test_failure_before_triton_accepted_is_retried_once_elsewhere() -> Non
     assert {await _who(routed) for _ in range(10)} == {"b"}
     assert routed.balancer.endpoints["a:1"].state is State.EJECTED  # one refusal: out at once
     assert routed.retries >= 1
-    assert all(t <= 5.0 for t in fakes["b:1"].calls)  # the retry got what was left of the deadline
+    # each attempt carries what is left of the deadline as Triton's own timeout
+    assert all(0 < t <= 5.0 for t in fakes["b:1"].calls)
     await routed.close()
 
 
