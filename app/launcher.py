@@ -201,6 +201,16 @@ def cluster_ports(count: int) -> list[int]:
     return ports
 
 
+def free_port_block(size: int) -> int:
+    """The first of ``size`` consecutive free ports (``TGW_EMBEDDED_TRITONS`` takes 3 per Triton), below
+    the ephemeral range so that no outgoing connection takes one before the server binds it."""
+    rng = random.Random()
+    while True:
+        base = rng.randrange(22000, 32700 - size)
+        if all(_bindable(base + i) for i in range(size)):
+            return base
+
+
 def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:

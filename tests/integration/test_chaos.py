@@ -25,7 +25,7 @@ import httpx
 import pytest
 import redis
 
-from app.launcher import free_port, port_in_use
+from app.launcher import free_port, free_port_block
 from app.services.jobs.store import GROUP, STREAM
 from tests.chaos.load import Load
 from tests.integration.jobs_helpers import wait_job
@@ -74,14 +74,6 @@ class Stack:
         return 0.0
 
 
-def _port_block(size: int) -> int:
-    for _ in range(50):
-        base = free_port()
-        if base + size < 65000 and not any(port_in_use(base + i) for i in range(size)):
-            return base
-    raise RuntimeError("no block of free ports")
-
-
 def _wait(check: Any, timeout: float, what: str) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
@@ -97,7 +89,7 @@ def _wait(check: Any, timeout: float, what: str) -> float:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("chaos")
-    base = _port_block(6)
+    base = free_port_block(6)
     port = free_port()
     env = dict(os.environ)
     for var in ("TGW_TRITON_URL", "TGW_TRITON_URLS", "TGW_TRITON_HTTP_URL", "TGW_REDIS_URL"):
@@ -117,8 +109,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
     url = f"http://127.0.0.1:{port}"
     stack = Stack(proc, url, log, tmp / "state", env)
     try:
-        _wait(lambda: proc.poll() is None and httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-              and all(e["state"] == "healthy" for e in stack.endpoints().values()), 150, "tgw up ready")  # fmt: skip
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError("tgw up exited")
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200 and all(
+                e["state"] == "healthy" for e in stack.endpoints().values()
+            )
+
+        _wait(ready, 150, "tgw up ready")
     except AssertionError:
         proc.kill()
         pytest.fail(f"tgw up with 2 Tritons did not become ready:\n{log.read_text()[-3000:]}")
