@@ -324,7 +324,12 @@ def test_sigkill_one_of_two_gateways(stack: Stack, tmp_path: Path) -> None:
             second.kill()
         second.wait(10)
     failed = load.failed
-    REPORT["gateway_sigkill"] = {**load.summary(), "failed_on_killed": sum(o.gateway == url2 for o in failed)}
+    on_killed = [o for o in load.outcomes if o.gateway == url2]
+    in_flight = [o for o in on_killed if o.started <= killed_at <= o.started + o.seconds]
+    REPORT["gateway_sigkill"] = {**load.summary(), "served_by_killed": len(on_killed),
+                                 "in_flight_at_kill": len(in_flight),
+                                 "failed_on_killed": sum(o.gateway == url2 for o in failed)}  # fmt: skip
+    assert len(on_killed) > 20
     assert all(o.gateway == url2 and o.started <= killed_at for o in failed), failed[:5]
     assert len(failed) <= concurrency
     assert sum(o.gateway == stack.url and o.started > killed_at for o in load.outcomes) > 20
