@@ -317,3 +317,35 @@ async def test_probes_eject_and_bring_back() -> None:
     assert routed.endpoint_states()["a:1"]["state"] in ("slow_start", "healthy")
     assert "a" in {await _who(routed) for _ in range(40)}
     await routed.close()
+
+
+async def test_dns_changes_add_and_remove_endpoints() -> None:
+    answers = {"svc": ["10.0.0.1", "10.0.0.2"]}
+    fakes: dict[str, FakeTriton] = {}
+
+    def factory(address: EndpointAddress) -> Endpoint:
+        fake = fakes.setdefault(address.grpc, FakeTriton(address.grpc.split(":")[0], READY))
+        return Endpoint(address, fake, fake)  # type: ignore[arg-type]
+
+    routed = RoutedTriton(parse_triton_urls("dns:svc:8001;http=8000"),
+                          RoutingOptions(probe_interval_s=3600, resolve_interval_s=0.0),
+                          factory=factory, lookup=lambda host: answers[host])  # fmt: skip
+    await routed.start()
+    assert sorted(routed.endpoints) == ["10.0.0.1:8001", "10.0.0.2:8001"]
+    assert routed.endpoints["10.0.0.1:8001"].address.http == "10.0.0.1:8000"
+    answers["svc"] = ["10.0.0.2", "10.0.0.3"]
+    await routed.probe_once()
+    assert sorted(routed.endpoints) == ["10.0.0.2:8001", "10.0.0.3:8001"]
+    assert sorted(routed.balancer.endpoints) == sorted(routed.endpoints)
+    assert {await _who(routed) for _ in range(30)} <= {"10.0.0.2", "10.0.0.3"}
+    await routed.close()
+
+
+async def test_a_shorter_client_timeout_is_kept() -> None:
+    fakes = {"a:1": FakeTriton("a", READY)}
+    routed = await _routed(fakes)
+    call = TritonCall("m", "1", {}, {}, deadline=time.monotonic() + 5.0, timeout_us=200_000)
+    await routed.infer(call)
+    await routed.infer(TritonCall("m", "1", {}, {}, deadline=time.monotonic() + 5.0, timeout_us=60_000_000))
+    assert fakes["a:1"].calls[0] == 0.2 and 4.0 < fakes["a:1"].calls[1] <= 5.0
+    await routed.close()
