@@ -31,6 +31,8 @@ from app.lifecycle import (
     wait_for_dependencies,
 )
 from app.observability.logging import configure_logging, log_config
+from app.server import raise_nofile_limit, server_config
+from app.server import run as run_on_server_loop
 from app.settings import Settings
 
 logger = logging.getLogger("app.cli")
@@ -39,7 +41,7 @@ _SECRET_WORDS = ("secret", "password", "token")
 
 
 def _setup_logging(settings: Settings) -> None:
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, settings.log_repeat_interval_s)
 
 
 def _shown_value(name: str, value: Any) -> str:
@@ -71,18 +73,17 @@ def _load_settings() -> Settings:
 
 
 def _uvicorn_config(settings: Settings, **extra: object) -> uvicorn.Config:
-    return uvicorn.Config(
+    """uvicorn with the server guards of ``app.server`` (timeouts, connection cap, uvloop)."""
+    raise_nofile_limit()
+    return server_config(
         "app.main:create_app",
+        settings,
         factory=True,
-        host=settings.host,
-        port=settings.port,
         log_level=settings.log_level.lower(),
-        log_config=log_config(settings.log_level, settings.log_format),
+        log_config=log_config(settings.log_level, settings.log_format, settings.log_repeat_interval_s),
         access_log=False,  # app.access logs one structured line per request instead
-        loop="uvloop",
-        http="httptools",
         timeout_graceful_shutdown=int(settings.drain_s) or None,
-        **extra,  # type: ignore[arg-type]
+        **extra,
     )
 
 
@@ -202,15 +203,28 @@ def cmd_up(_: argparse.Namespace) -> int:
     _setup_logging(settings)
     children: list[Supervised] = []
     redis: EmbeddedRedis | None = None
+    jobs_redis: EmbeddedRedis | None = None
     tritons: list[EmbeddedTriton] = []
     # Children are started (and restarted) from these threads, which live as long as the stack: a child
     # gets PR_SET_PDEATHSIG, and Linux sends it when the *thread* that forked it ends.
-    spawner = ThreadPoolExecutor(max_workers=settings.embedded_tritons + 1, thread_name_prefix="tgw-spawn")
+    spawner = ThreadPoolExecutor(max_workers=settings.embedded_tritons + 2, thread_name_prefix="tgw-spawn")
     try:
         if settings.redis_url is None and settings.cache_enabled:
-            redis = EmbeddedRedis(settings.redis_port, settings.state_dir / "redis")
+            # The cache evicts its least-recently-used answers beyond TGW_REDIS_MAXMEMORY ...
+            redis = EmbeddedRedis(
+                settings.redis_port, settings.state_dir / "redis", maxmemory=settings.redis_maxmemory,
+                policy="allkeys-lru",
+            )  # fmt: skip
             redis.start()
             children.append(Supervised("redis-server", redis.process, redis.restart))
+        if settings.jobs_redis_url is None and settings.redis_url is None:
+            # ... and jobs live in their own instance, which never evicts.
+            jobs_redis = EmbeddedRedis(
+                settings.jobs_redis_port, settings.state_dir / "redis-jobs", policy="noeviction",
+                name="redis-server (jobs)",
+            )  # fmt: skip
+            jobs_redis.start()
+            children.append(Supervised("redis-server (jobs)", jobs_redis.process, jobs_redis.restart))
         if settings.triton_url is None and settings.triton_urls is None:
             count = settings.embedded_tritons
             for i in range(count):
@@ -230,6 +244,8 @@ def cmd_up(_: argparse.Namespace) -> int:
         # The gateway (and any uvicorn worker) reads its settings from the environment.
         if redis is not None:
             os.environ["TGW_REDIS_URL"] = redis.url
+        if jobs_redis is not None:
+            os.environ["TGW_JOBS_REDIS_URL"] = jobs_redis.url
         if len(tritons) == 1:
             os.environ["TGW_TRITON_URL"] = tritons[0].grpc_url
             os.environ.setdefault("TGW_TRITON_HTTP_URL", tritons[0].http_url)  # blank: gRPC inference
@@ -239,7 +255,7 @@ def cmd_up(_: argparse.Namespace) -> int:
             )
         os.environ.setdefault("TGW_WORKER_IN_PROCESS", "true")  # the embedded default runs jobs too
         logger.info("gateway on http://%s:%d", settings.host, settings.port)
-        code = asyncio.run(_serve_with_children(settings, children, spawner))
+        code = run_on_server_loop(_serve_with_children(settings, children, spawner))  # uvloop, as `tgw serve`
     except LaunchError as exc:
         logger.error("%s", exc)
         code = 1
@@ -250,6 +266,8 @@ def cmd_up(_: argparse.Namespace) -> int:
             triton.stop()  # also its Python-backend stubs and shared-memory regions
         if redis is not None:
             redis.stop()
+        if jobs_redis is not None:
+            jobs_redis.stop()
         spawner.shutdown(wait=False, cancel_futures=True)
     return code
 
@@ -297,7 +315,8 @@ def cmd_worker(_: argparse.Namespace) -> int:
 
         start_http_server(settings.worker_metrics_port, addr=settings.host)
         logger.info("worker metrics on http://%s:%d/metrics", settings.host, settings.worker_metrics_port)
-    return asyncio.run(_run_worker(settings))
+    code: int = run_on_server_loop(_run_worker(settings))
+    return code
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -146,6 +146,34 @@ class Settings(BaseSettings):
         60.0, ge=0, description="`tgw serve` waits this long for Triton and Redis; 0 = do not wait"
     )
     startup_retry_interval_s: float = Field(2.0, gt=0, description="pause between start-up checks")
+    # --- Server hardening (app.server) and Redis memory ----------------------------------------------
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request head must arrive within this (from connect or its first byte); "
+        "else the connection is closed (408 if a byte came)",
+    )  # fmt: skip
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body must arrive within this in total after the head; else 408 "
+        "and the connection is closed",
+    )  # fmt: skip
+    keepalive_timeout_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
+    max_header_bytes: int = Field(65536, ge=1024, description="a longer request head is answered 431")
+    max_connections: int = Field(
+        0, ge=0, description="open connections per process; at the cap the longest-idle one is closed, or "
+        "the new one refused (503); 0 = the file-descriptor limit less 10 % (at least 256)",
+    )  # fmt: skip
+    jobs_redis_url: str | None = Field(
+        None, description="redis:// URL of the jobs Redis, an instance that never evicts (maxmemory-policy "
+        "noeviction) apart from the cache's (allkeys-lru); unset = TGW_REDIS_URL",
+    )  # fmt: skip
+    jobs_redis_port: int = Field(6380, ge=1, le=65535, description="embedded jobs Redis port (`tgw up`)")
+    redis_maxmemory: str = Field(
+        "256mb", pattern=r"^\d+(?:[kmg]b?)?$", description="maxmemory of the embedded cache Redis (evicts "
+        "least-recently-used answers beyond it)",
+    )  # fmt: skip
+    log_repeat_interval_s: float = Field(
+        10.0, ge=0, description="a warning or error from one place is logged once per interval, the next "
+        "line carrying repeated=<count>; 0 = off",
+    )  # fmt: skip
     # --- many Tritons, keepalive, supervision ----------------------------------------------------
     triton_urls: str | None = Field(
         None, description="comma-separated Tritons: `host:8001`, `grpc=host:8001;http=host:8000` or "
@@ -174,7 +202,6 @@ class Settings(BaseSettings):
     supervise_max_restarts: int = Field(
         5, ge=0, description="`tgw up` restarts a dead child; this many crashes within 60 s stop the stack"
     )
-
     log_format: Literal["json", "text"] = Field("json", description="json (one object per line) or text")
     metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus)")
     otel_endpoint: str | None = Field(None, description="OTLP/gRPC endpoint, e.g. http://otel-collector:4317")
@@ -233,7 +260,7 @@ class Settings(BaseSettings):
     def _blank_is_none(cls, value: str | None) -> str | None:
         return value.strip() if value and value.strip() else None
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "jobs_redis_url")
     @classmethod
     def _check_redis_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
@@ -250,6 +277,8 @@ class Settings(BaseSettings):
                 ports += list(self.embedded_triton_ports(i))
             if self.redis_url is None:
                 ports.append(self.redis_port)
+            if self.jobs_redis_url is None:
+                ports.append(self.jobs_redis_port)
             if len(set(ports)) != len(ports):
                 raise ValueError(f"the gateway and the embedded servers need distinct ports, got {ports}")
         return self
@@ -270,6 +299,11 @@ class Settings(BaseSettings):
     @property
     def redis_address(self) -> str:
         return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def jobs_redis_address(self) -> str:
+        """Where jobs live: TGW_JOBS_REDIS_URL, else the cache's Redis (one instance: see docs/deploy.md)."""
+        return self.jobs_redis_url or self.redis_address
 
 
 def settings_markdown() -> str:

@@ -92,12 +92,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
     base = free_port_block(6)
     port = free_port()
     env = dict(os.environ)
-    for var in ("TGW_TRITON_URL", "TGW_TRITON_URLS", "TGW_TRITON_HTTP_URL", "TGW_REDIS_URL"):
+    for var in ("TGW_TRITON_URL", "TGW_TRITON_URLS", "TGW_TRITON_HTTP_URL", "TGW_REDIS_URL", "TGW_JOBS_REDIS_URL"):
         env.pop(var, None)
     env.update({
         "TGW_PORT": str(port), "TGW_EMBEDDED_TRITONS": "2",
         "TGW_TRITON_HTTP_PORT": str(base), "TGW_TRITON_GRPC_PORT": str(base + 1),
         "TGW_TRITON_METRICS_PORT": str(base + 2), "TGW_REDIS_PORT": str(free_port()),
+        "TGW_JOBS_REDIS_PORT": str(free_port()),
         "TGW_MODEL_REPOSITORY": str(ROOT / "tests" / "models"), "TGW_STATE_DIR": str(tmp / "state"),
         "TGW_SHUTDOWN_DELAY_S": "0", "TGW_DRAIN_S": "2", "TGW_TRITON_TIMEOUT_S": str(DEADLINE_S),
         "TGW_JOB_CLAIM_IDLE_S": "2", "TGW_LOG_LEVEL": "WARNING", "TGW_LOG_FORMAT": "text",
@@ -204,18 +205,21 @@ def _check_jobs(jobs: list[dict[str, Any]], delays: list[float]) -> tuple[int, i
 
 
 def test_redis_sigkill_then_restart_under_load(stack: Stack) -> None:
-    """Sync path: 0 failed (cache bypass while Redis is down). Jobs accepted before the kill, some running
-    and some queued at that moment, all complete, none twice (the gateway's completion counter moves by
+    """Both Redis instances of `tgw up` (the cache's and the jobs') SIGKILLed under load and restarted by
+    `tgw up`. Sync path: 0 failed (cache bypass meanwhile). Jobs accepted before the kill, some running and
+    some queued at that moment, all complete, none twice (the gateway's completion counter moves by
     exactly the number of jobs)."""
+    cache_port, jobs_port = stack.env["TGW_REDIS_PORT"], stack.env["TGW_JOBS_REDIS_PORT"]
     with httpx.Client(base_url=stack.url, timeout=10) as c:
         done_before = stack.metric("tgw_jobs_total", 'status="succeeded"')
         ids, delays = _sleep_jobs(c, int(12 * SCALE), 0.3)
         with Load([stack.url], concurrency=4) as load:
             time.sleep(0.3)
             unfinished = sum(c.get(f"/v1/jobs/{i}").json()["status"] != "succeeded" for i in ids)
-            os.kill(stack.child("redis-server"), signal.SIGKILL)
+            for port in (cache_port, jobs_port):
+                os.kill(stack.child(f"--port {port} "), signal.SIGKILL)
             killed_at = time.monotonic()
-            _wait(lambda: stack.find("redis-server") is not None and
+            _wait(lambda: all(stack.find(f"--port {p} ") is not None for p in (cache_port, jobs_port)) and
                   httpx.get(f"{stack.url}/readyz", timeout=2).json()["checks"]["redis"]["status"] == "ok",
                   30, "Redis back")  # fmt: skip
             back_s = time.monotonic() - killed_at
@@ -240,7 +244,8 @@ def test_sigkill_a_job_worker_mid_batch(stack: Stack, tmp_path: Path) -> None:
     from tests.integration.test_jobs_durability import collect_results
 
     env = dict(stack.env)
-    env.update(TGW_TRITON_URLS=_triton_urls(env), TGW_REDIS_URL=_redis_url(env), TGW_WORKER_CONCURRENCY="3",
+    env.update(TGW_TRITON_URLS=_triton_urls(env), TGW_REDIS_URL=_redis_url(env),
+               TGW_JOBS_REDIS_URL=_jobs_redis_url(env), TGW_WORKER_CONCURRENCY="3",
                TGW_JOB_CLAIM_IDLE_S="1", TGW_DRAIN_S="2")  # fmt: skip
     workers = []
     for i in range(2):
@@ -250,7 +255,7 @@ def test_sigkill_a_job_worker_mid_batch(stack: Stack, tmp_path: Path) -> None:
     frames: list[dict[str, Any]] = []
     stop = threading.Event()
     try:
-        r = redis.Redis.from_url(_redis_url(env))
+        r = redis.Redis.from_url(_jobs_redis_url(env))
         time.sleep(3)  # the workers join the consumer group
         with httpx.Client(base_url=stack.url, timeout=10) as c:
             ids, delays = _sleep_jobs(c, int(12 * SCALE), 0.8)
@@ -297,6 +302,10 @@ def _redis_url(env: dict[str, str]) -> str:
     return f"redis://127.0.0.1:{env['TGW_REDIS_PORT']}/0"
 
 
+def _jobs_redis_url(env: dict[str, str]) -> str:
+    return f"redis://127.0.0.1:{env['TGW_JOBS_REDIS_PORT']}/0"
+
+
 def test_sigkill_one_of_two_gateways(stack: Stack, tmp_path: Path) -> None:
     """A second gateway (`tgw serve`) on the same Tritons and Redis; SIGKILL it under load: only the
     requests in flight on it fail (the client stops sending there at once, as a load balancer would)."""
@@ -305,6 +314,7 @@ def test_sigkill_one_of_two_gateways(stack: Stack, tmp_path: Path) -> None:
     env.update({"TGW_PORT": str(port), "TGW_WORKER_IN_PROCESS": "false", "TGW_STARTUP_WAIT_S": "20"})
     env["TGW_TRITON_URLS"] = _triton_urls(env)
     env["TGW_REDIS_URL"] = _redis_url(env)
+    env["TGW_JOBS_REDIS_URL"] = _jobs_redis_url(env)
     log = tmp_path / "gateway2.log"
     with log.open("wb") as out:
         second = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env, stdout=out, stderr=out,
