@@ -48,7 +48,8 @@ class Load:
         self._thread.join(timeout=self.timeout_s + 10)
 
     async def _run(self) -> None:
-        counter = itertools.count()
+        counter = itertools.count()  # spreads requests over the gateways, round-robin
+        unique = itertools.count()  # makes every body different (cache misses)
         limits = httpx.Limits(max_connections=self.concurrency * 2, max_keepalive_connections=self.concurrency)
         async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits) as client:
 
@@ -56,7 +57,7 @@ class Load:
                 rng = random.Random(i)
                 while not self._stop.is_set():
                     url = self.urls[next(counter) % len(self.urls)]
-                    body = {"inputs": {"INPUT0": [[rng.random(), rng.random(), float(next(counter))]]}}
+                    body = {"inputs": {"INPUT0": [[rng.random(), rng.random(), float(next(unique))]]}}
                     start = time.monotonic()
                     try:
                         r = await client.post(f"{url}/v1/models/{MODEL}/infer", json=body)

@@ -56,7 +56,7 @@ class Stack:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
         for pid in (int(p) for p in out.stdout.split()):
             try:
-                if name in Path(f"/proc/{pid}/cmdline").read_text():
+                if name in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "):
                     return pid
             except OSError:
                 continue
@@ -217,9 +217,9 @@ def test_redis_sigkill_then_restart_under_load(stack: Stack) -> None:
             time.sleep(0.3)
             unfinished = sum(c.get(f"/v1/jobs/{i}").json()["status"] != "succeeded" for i in ids)
             for port in (cache_port, jobs_port):
-                os.kill(stack.child(f"--port {port} "), signal.SIGKILL)
+                os.kill(stack.child(f"127.0.0.1:{port}"), signal.SIGKILL)
             killed_at = time.monotonic()
-            _wait(lambda: all(stack.find(f"--port {p} ") is not None for p in (cache_port, jobs_port)) and
+            _wait(lambda: all(stack.find(f"127.0.0.1:{p}") is not None for p in (cache_port, jobs_port)) and
                   httpx.get(f"{stack.url}/readyz", timeout=2).json()["checks"]["redis"]["status"] == "ok",
                   30, "Redis back")  # fmt: skip
             back_s = time.monotonic() - killed_at
@@ -255,10 +255,13 @@ def test_sigkill_a_job_worker_mid_batch(stack: Stack, tmp_path: Path) -> None:
     frames: list[dict[str, Any]] = []
     stop = threading.Event()
     try:
-        r = redis.Redis.from_url(_jobs_redis_url(env))
+        # The job streams' Redis: TGW_JOBS_REDIS_URL's, or the cache's where the jobs runtime does not
+        # read that setting yet.
+        clients = [redis.Redis.from_url(u) for u in (_jobs_redis_url(env), _redis_url(env))]
         time.sleep(3)  # the workers join the consumer group
         with httpx.Client(base_url=stack.url, timeout=10) as c:
             ids, delays = _sleep_jobs(c, int(12 * SCALE), 0.8)
+            r = next((x for x in clients if x.exists(STREAM)), clients[0])
             collector = threading.Thread(
                 target=collect_results, args=(stack.url.replace("http", "ws") + "/v1/ws", ids, frames, stop)
             )
@@ -267,7 +270,11 @@ def test_sigkill_a_job_worker_mid_batch(stack: Stack, tmp_path: Path) -> None:
             deadline = time.monotonic() + 20
             while victim is None:
                 assert time.monotonic() < deadline, "no external worker picked up a job"
-                for consumer in r.xinfo_consumers(STREAM, GROUP):
+                try:
+                    consumers = r.xinfo_consumers(STREAM, GROUP)
+                except redis.ResponseError:  # the stream or group is not there yet
+                    consumers = []
+                for consumer in consumers:
                     pid = int(consumer["name"].decode().rsplit("-", 2)[1])
                     if consumer["pending"] > 0 and pid in {w.pid for w in workers}:
                         victim = next(w for w in workers if w.pid == pid)
