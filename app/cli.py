@@ -151,10 +151,8 @@ async def _serve_with_children(
             await asyncio.get_running_loop().run_in_executor(spawner, child.restart)
             child.restarts += 1
             logger.warning("%s is back (pid %s)", child.name, child.process.pid)
-        except LaunchError as exc:
-            child.crashes.append(time.monotonic())
-            if len(child.crashes) > settings.supervise_max_restarts:
-                give_up(child, f"could not be restarted: {exc}")
+        except LaunchError as exc:  # counted as another crash by the watcher, which tries again
+            logger.error("restarting %s failed: %s", child.name, exc)
         finally:
             child.restarting = False
 
