@@ -130,7 +130,9 @@ class Settings(BaseSettings):
         default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
         description="comma-separated delays between webhook attempts (default ~27 h over 8 attempts)",
     )
-    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="per-delivery connect+read bound")
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=120, description="bound on one whole delivery (connect, send, answer)"
+    )
     webhook_max_response_bytes: int = Field(65536, ge=0, description="response bytes read from a receiver")
     ws_max_frame_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger client frames: error")
     ws_max_in_flight: int = Field(32, ge=1, description="concurrent requests per /v1/ws socket")
@@ -146,6 +148,21 @@ class Settings(BaseSettings):
         60.0, ge=0, description="`tgw serve` waits this long for Triton and Redis; 0 = do not wait"
     )
     startup_retry_interval_s: float = Field(2.0, gt=0, description="pause between start-up checks")
+    # --- jobs: payload size and webhook delivery ---------------------------------------------
+    job_max_body_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="413 above this job submission size (apart from TGW_MAX_BODY_BYTES)",
+    )
+    webhook_allowed_ports: Annotated[list[Annotated[int, Field(ge=1, le=65535)]], NoDecode] = Field(
+        default_factory=list, description="comma-separated ports webhooks may target besides 80 and 443"
+    )
+    webhook_concurrency: int = Field(
+        32, ge=1, le=1024, description="webhook deliveries in flight per dispatcher"
+    )
+    webhook_max_per_host: int = Field(
+        4, ge=1, description="deliveries in flight to one receiver host; more wait on the schedule"
+    )
     # --- Server hardening (app.server) and Redis memory ----------------------------------------------
     header_timeout_s: float = Field(
         10.0, gt=0, description="a request head must arrive within this (from connect or its first byte); "
@@ -207,7 +224,13 @@ class Settings(BaseSettings):
     otel_endpoint: str | None = Field(None, description="OTLP/gRPC endpoint, e.g. http://otel-collector:4317")
     otel_service_name: str = Field("triton-gateway", description="service.name of the OpenTelemetry resource")
 
-    @field_validator("model_repository", "cache_exclude_models", "webhook_schedule_s", mode="before")
+    @field_validator(
+        "model_repository",
+        "cache_exclude_models",
+        "webhook_schedule_s",
+        "webhook_allowed_ports",
+        mode="before",
+    )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
