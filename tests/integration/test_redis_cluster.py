@@ -14,6 +14,7 @@ from app.clients.redis import RedisCacheStore, make_redis, warm_up
 from app.launcher import EmbeddedRedisCluster, EmbeddedTriton, cluster_ports
 from tests.gateway_server import running_gateway
 from tests.integration.jobs_helpers import unique_row, wait_job
+from tests.integration.test_jobs_cluster import test_jobs_on_a_redis_cluster as _jobs_cluster_flow
 
 pytestmark = pytest.mark.integration
 
@@ -69,12 +70,6 @@ def test_gateway_cache_on_the_cluster(cluster_gateway: str) -> None:
         assert again.headers["X-Cache"] == "HIT" and again.json() == first.json()
 
 
-@pytest.mark.xfail(
-    reason="the job store is not cluster-ready yet: app/services/jobs/runtime.py builds plain Redis clients "
-    "(MOVED on the cluster) and its keys have no hash tags (multi-key scripts and pipelines cross slots); "
-    "owned by the jobs work, which adds hash tags: remove this mark when it lands",
-    strict=False,
-)
 def test_jobs_on_the_cluster(cluster_gateway: str) -> None:
     with httpx.Client(base_url=cluster_gateway, timeout=10) as c:
         bodies = [{"inputs": {"INPUT0": [unique_row()]}} for _ in range(5)]
@@ -85,3 +80,10 @@ def test_jobs_on_the_cluster(cluster_gateway: str) -> None:
         assert [j["result"]["outputs"]["OUTPUT0"] for j in jobs] == [b["inputs"]["INPUT0"] for b in bodies]
         stats = c.get("/v1/jobs/stats")
         assert stats.status_code == 200, stats.text
+
+
+def test_the_jobs_cluster_flow_on_three_masters(triton: EmbeddedTriton, cluster: EmbeddedRedisCluster) -> None:
+    """tests/integration/test_jobs_cluster.py's flow (idempotent submit and replay, a worker runs it, the
+    result pushed over the WebSocket, a queued job cancelled), on the three masters instead of one node:
+    the job keys' hash tag must keep every script's keys in one slot of a real multi-shard cluster."""
+    _jobs_cluster_flow(triton, cluster.url)
