@@ -248,6 +248,34 @@ class Settings(BaseSettings):
         10.0, ge=0, description="a warning or error from one place is logged once per interval, the next "
         "line carrying repeated=<count>; 0 = off",
     )  # fmt: skip
+    # --- many Tritons, keepalive, supervision ----------------------------------------------------
+    triton_urls: str | None = Field(
+        None, description="comma-separated Tritons: `host:8001`, `grpc=host:8001;http=host:8000` or "
+        "`dns:name:8001;http=8000` (every address of a headless Service); set = routed over all of them",
+    )  # fmt: skip
+    triton_resolve_interval_s: float = Field(10.0, gt=0, description="how often `dns:` names are resolved")
+    triton_probe_interval_s: float = Field(1.0, gt=0, description="readiness probe interval per endpoint")
+    triton_eject_after: int = Field(3, ge=1, description="consecutive failures that eject an endpoint")
+    triton_eject_base_s: float = Field(
+        1.0, gt=0, description="first ejection time; doubles per ejection in a row (at most 30 s)"
+    )
+    triton_slow_start_s: float = Field(5.0, ge=0, description="a returning endpoint's share grows over this")
+    triton_retry_budget: float = Field(
+        0.2, ge=0, le=1, description="retries on another endpoint allowed as a share of requests"
+    )
+    triton_grpc_keepalive_s: float = Field(
+        360.0, ge=10, description="gRPC keepalive ping interval (Triton strikes pings < 300 s apart)"
+    )
+    triton_grpc_keepalive_timeout_s: float = Field(20.0, gt=0, description="wait for a keepalive ping's ack")
+    triton_grpc_keepalive_without_calls: bool = Field(
+        False, description="ping idle channels too (Triton rejects this unless started to permit it)"
+    )
+    embedded_tritons: int = Field(
+        1, ge=1, le=16, description="`tgw up`: embedded Tritons on consecutive ports, all routed to"
+    )
+    supervise_max_restarts: int = Field(
+        5, ge=0, description="`tgw up` restarts a dead child; this many crashes within 60 s stop the stack"
+    )
     log_format: Literal["json", "text"] = Field("json", description="json (one object per line) or text")
     metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus)")
     otel_endpoint: str | None = Field(None, description="OTLP/gRPC endpoint, e.g. http://otel-collector:4317")
@@ -298,6 +326,16 @@ class Settings(BaseSettings):
             )
         return f"{parts.scheme}://{parts.netloc}"
 
+    @field_validator("triton_urls")
+    @classmethod
+    def _check_triton_urls(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from app.clients.endpoints import parse_triton_urls
+
+        parse_triton_urls(value)
+        return value.strip()
+
     @field_validator("otel_endpoint")
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:
@@ -314,8 +352,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> Settings:
-        if self.triton_url is None:
-            ports = [self.port, self.triton_http_port, self.triton_grpc_port, self.triton_metrics_port]
+        if self.triton_url is None and self.triton_urls is None:
+            ports = [self.port]
+            for i in range(self.embedded_tritons):
+                ports += list(self.embedded_triton_ports(i))
             if self.redis_url is None:
                 ports.append(self.redis_port)
             if self.jobs_redis_url is None:
@@ -350,8 +390,17 @@ class Settings(BaseSettings):
             raise ValueError(f"TGW_AUTH_DEFAULT_TIER={self.auth_default_tier!r} is not in TGW_AUTH_TIERS")
         return self
 
+    def embedded_triton_ports(self, i: int) -> tuple[int, int, int]:
+        """HTTP, gRPC and metrics ports of the i-th embedded Triton (each next one 3 ports higher)."""
+        return self.triton_http_port + 3 * i, self.triton_grpc_port + 3 * i, self.triton_metrics_port + 3 * i
+
     @property
     def triton_grpc_address(self) -> str:
+        if self.triton_urls:
+            from app.clients.endpoints import parse_triton_urls
+
+            first = parse_triton_urls(self.triton_urls)[0]
+            return f"{first.dns_host}:{first.grpc_port}" if first.dns_host else first.address.grpc
         return self.triton_url or f"127.0.0.1:{self.triton_grpc_port}"
 
     @property
