@@ -55,6 +55,7 @@ class TargetSpec:
     unique: bool
     model: ModelSpec
     salt: int
+    headers: str = ""  # extra request header lines ("Name: value\r\n"), e.g. the API key
 
     @property
     def label(self) -> str:
@@ -71,7 +72,23 @@ TARGET_HELP = {
     "gateway-v2": "gateway /v2 (KServe v2 JSON, as Triton direct HTTP), unique inputs",
     "gateway-grpc-miss": "gateway gRPC front door (ModelInfer, as triton-grpc), unique inputs",
     "gateway-grpc-hit": f"gateway gRPC front door, {HIT_POOL} repeated inputs (cache hits after warm-up)",
+    "gateway-miss-key": "gateway-miss with TGW_AUTH=required and an API key (authentication + limits)",
+    "gateway-hit-key": "gateway-hit with TGW_AUTH=required and an API key (authentication + limits)",
 }
+KEY_TARGETS = ("gateway-miss-key", "gateway-hit-key")  # the auth phase: the gateway restarted with keys on
+
+
+def key_targets(model: ModelSpec, gateway: tuple[str, int], salt: int, api_key: str) -> list[TargetSpec]:
+    """gateway-miss and gateway-hit again, each request carrying ``Authorization: Bearer <api_key>``."""
+    m, header = model.name, f"Authorization: Bearer {api_key}\r\n"
+    return [
+        TargetSpec(
+            "gateway-miss-key", "http", *gateway, f"/v1/models/{m}/infer", "v1", True, model, salt, header
+        ),
+        TargetSpec(
+            "gateway-hit-key", "http", *gateway, f"/v1/models/{m}/infer", "v1", False, model, salt, header
+        ),
+    ]
 
 
 def make_targets(
@@ -133,7 +150,7 @@ def http_request_factory(target: TargetSpec, conn_id: int) -> Callable[[int], by
     """seq -> the full HTTP/1.1 request (keep-alive) for this connection's ``seq``-th request."""
     template = _json_template(target)
     head = (
-        f"POST {target.path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
+        f"POST {target.path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n{target.headers}"
         "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
     ).encode()
     salt = target.salt

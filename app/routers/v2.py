@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter
 from starlette.responses import Response
 
+from app.auth.principal import apply_principal, current_principal
 from app.codecs import encoding
 from app.codecs import v2 as kserve
 from app.codecs.common import Reply
@@ -162,5 +163,6 @@ async def serve_v2(
     req = v2.request
     req.cache_read, req.cache_write = cache_directives(header_value(headers, b"cache-control"))
     req.request_id = current_request_id() or ""
+    apply_principal(req, current_principal())  # the key's tier: Triton priority and timeout bound
     reply = kserve.encode(await service.infer(req), v2)
     return encoding.encode_reply(reply, header_value(headers, b"accept-encoding"))

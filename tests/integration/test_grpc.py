@@ -260,3 +260,41 @@ def test_sigterm_drains_grpc(triton: Any, redis_server: Any, tmp_path: Any) -> N
         client.close()
     with pytest.raises(InferenceServerException):
         grpcclient.InferenceServerClient(address).is_server_live()
+
+
+def test_api_keys_over_grpc(triton: Any, redis_server: Any) -> None:
+    """TGW_AUTH=required: the key comes from the call metadata as from HTTP headers; health is open,
+    inference needs a key, the repository index an admin credential, limits answer RESOURCE_EXHAUSTED."""
+    from tests.gateway_server import running_gateway_addresses
+    from tests.integration.test_auth import ADMIN, auth_settings, make_key
+
+    with running_gateway_addresses(**auth_settings(triton, redis_server.url)) as gw:
+        key = make_key(gw.http, rps=0.01, burst=3)["key"]
+        client = grpcclient.InferenceServerClient(gw.grpc)
+        try:
+            assert client.is_server_live() and client.is_server_ready()  # open, as /v2/health
+            tensor = [fp32_input("INPUT0", np.array([[1.0, 2.0]], np.float32))]
+            with pytest.raises(InferenceServerException) as err:
+                client.infer("versioned_fp32", tensor)
+            assert err.value.status() == "StatusCode.UNAUTHENTICATED"
+            with pytest.raises(InferenceServerException) as err:
+                client.infer("versioned_fp32", tensor, headers={"authorization": "Bearer tgw_nope"})
+            assert err.value.status() == "StatusCode.UNAUTHENTICATED"
+            auth = {"authorization": f"Bearer {key}"}
+            out = client.infer("versioned_fp32", tensor, headers=auth).as_numpy("OUTPUT0")
+            assert out.tolist() == [[2.0, 4.0]]
+            with pytest.raises(InferenceServerException) as err:
+                client.get_model_repository_index(headers=auth)
+            assert err.value.status() == "StatusCode.PERMISSION_DENIED"
+            admin = {"authorization": f"Bearer {ADMIN}"}
+            assert client.get_model_repository_index(headers=admin, as_json=True)["models"]
+            statuses = []
+            for _ in range(4):
+                try:
+                    client.infer("versioned_fp32", tensor, headers=auth)
+                    statuses.append("OK")
+                except InferenceServerException as exc:
+                    statuses.append(str(exc.status()))
+            assert statuses[-1] == "StatusCode.RESOURCE_EXHAUSTED", statuses
+        finally:
+            client.close()

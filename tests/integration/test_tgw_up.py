@@ -77,7 +77,7 @@ def _wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
+def stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
     port, grpc_port = free_port(), free_port()
     env = dict(os.environ)
     env.update(
@@ -95,6 +95,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             "TGW_DRAIN_S": "5",
         }
     )
+    env.update(getattr(request, "param", {}))
     env.pop("TGW_TRITON_URL", None)
     env.pop("TGW_REDIS_URL", None)
     env.pop("TGW_JOBS_REDIS_URL", None)
@@ -148,7 +149,10 @@ def test_sigterm_stops_all_three(stack: Stack) -> None:
     assert stack.leftovers() == []
 
 
+@pytest.mark.parametrize("stack", [{"TGW_SUPERVISE_MAX_RESTARTS": "0"}], indirect=True)
 def test_a_dead_child_takes_the_stack_down(stack: Stack) -> None:
+    """With no restarts allowed (the default restarts; tests/integration/test_chaos.py), a dead child stops
+    everything with its log tail."""
     children = stack.children()
     triton_pid = next(p for p in children if "tritonserver" in Path(f"/proc/{p}/cmdline").read_text())
     os.kill(triton_pid, signal.SIGKILL)

@@ -33,6 +33,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from app.services.jobs.store import STREAM
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -376,7 +377,7 @@ def test_worker_scaled_by_keda_on_the_job_stream(overlay: str) -> None:
     for trig in so["spec"]["triggers"]:
         assert trig["type"] == "redis-streams"
         md = trig["metadata"]
-        assert md["stream"] == "tgw:jobs:stream" and md["consumerGroup"] == "tgw-workers"
+        assert md["stream"] == STREAM and md["consumerGroup"] == "tgw-workers"
         assert md.get("databaseIndex", "0") == redis_db
         host, port = md["address"].rsplit(":", 1)
         assert "." in host, "the KEDA operator runs in its own namespace: use the Service FQDN"

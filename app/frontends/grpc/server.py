@@ -8,7 +8,8 @@ over gRPC and the other way round), single-flight and micro-batching. Per RPC, l
 the request id (the request's ``id``, else ``x-request-id`` metadata, else generated; passed to Triton and
 returned as ``x-request-id`` trailing metadata beside ``x-cache``), ``tgw_grpc_requests_total`` and
 ``tgw_grpc_request_duration_seconds``, a tracing SERVER span, one access-log line, and the
-authentication hook ``authenticate(metadata)``.
+authentication and limits of the caller's API key from the call metadata (``Servicer.admit``, the
+auth stage's ``admit_headers``; the key's tier sets Triton priority, timeout bound and cache scope).
 
 ``ModelStreamInfer``: requests for ordinary models are answered through the pipeline, in the order they
 came; requests for decoupled models, and sequence requests (which must reach one Triton in order and are
@@ -32,6 +33,7 @@ import grpc
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from app.auth.principal import Principal, apply_principal, current_principal
 from app.clients.protocols import TritonAdmin
 from app.codecs import grpc as codec
 from app.errors import GatewayError, ModelNotFound, log_gateway_error, log_unhandled
@@ -46,6 +48,7 @@ from app.services.registry import ModelRegistry
 from app.settings import Settings
 
 if TYPE_CHECKING:
+    from app.auth.stage import AuthStage
     from app.gateway import Gateway
 
 logger = logging.getLogger(__name__)
@@ -55,10 +58,17 @@ SERVICE = "inference.GRPCInferenceService"
 _QUIET = frozenset({"ServerLive", "ServerReady", "ModelReady"})
 
 
-def authenticate(metadata: Mapping[str, str]) -> None:
-    """THE authentication hook of the gRPC front door: called with every call's metadata (lower-case
-    keys, like HTTP headers) before the RPC runs. Raise a ``GatewayError`` (401 -> UNAUTHENTICATED,
-    403 -> PERMISSION_DENIED, 429 -> RESOURCE_EXHAUSTED) to refuse the call. No check yet."""
+# Authentication classes of the RPCs, as the HTTP paths they mirror (app.auth.stage.path_class):
+# health is open, the repository needs an admin credential, everything else a key.
+OPEN_RPCS = frozenset({"ServerLive", "ServerReady"})
+ADMIN_RPCS = frozenset({"RepositoryIndex"})
+
+
+def _peer_address(context: grpc.aio.ServicerContext) -> str:
+    """``ipv4:1.2.3.4:5678`` / ``ipv6:[::1]:5678`` -> the address (for the auth stage's failure counts)."""
+    peer = context.peer() or "unknown"
+    address = peer.split(":", 1)[1] if ":" in peer else peer
+    return address.rsplit(":", 1)[0].strip("[]") or "unknown"
 
 
 class _Status(Exception):
@@ -136,9 +146,10 @@ def unary(method: Handler) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awa
         call = _Call(name, set_request_id(getattr(request, "id", "") or meta.get("x-request-id")),
                      begin_request())  # fmt: skip
         failure: tuple[grpc.StatusCode, str] | None = None
+        principal: Principal | None = None
         with _server_span(name, meta) as span:
             try:
-                authenticate(meta)
+                principal = await self.admit(name, meta, context)
                 return await method(self, request, context, call)
             except asyncio.CancelledError:
                 call.code = grpc.StatusCode.CANCELLED
@@ -147,6 +158,8 @@ def unary(method: Handler) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awa
                 failure = _error_status(exc)
                 call.code = failure[0]
             finally:
+                if principal is not None and self.auth is not None:
+                    self.auth.release(principal)
                 _finish(call, start, span)
         context.set_trailing_metadata((("x-request-id", call.request_id),))
         await context.abort(*failure)
@@ -173,7 +186,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self, inference: InferenceService, registry: ModelRegistry, health: HealthService,
         triton: service_pb2_grpc.GRPCInferenceServiceStub, triton_version: Callable[[], Awaitable[str]],
-        admin_timeout_s: float,
+        admin_timeout_s: float, auth: AuthStage | None = None,
     ) -> None:  # fmt: skip
         self.inference = inference
         self.registry = registry
@@ -181,6 +194,16 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.triton = triton
         self.triton_version = triton_version
         self.admin_timeout_s = admin_timeout_s
+        self.auth = auth
+
+    async def admit(self, method: str, metadata: Mapping[str, str], context: grpc.aio.ServicerContext) -> Any:
+        """THE authentication point of the gRPC front door: the caller's key from the call metadata
+        (``authorization: Bearer …`` / ``x-api-key``, as HTTP headers), its limits taken; raises 401 ->
+        UNAUTHENTICATED, 403 -> PERMISSION_DENIED, 429 -> RESOURCE_EXHAUSTED. Returns the principal to
+        ``release`` when the call is over (None: nothing to release)."""
+        if self.auth is None or method in OPEN_RPCS:
+            return None
+        return await self.auth.admit_headers(metadata, _peer_address(context), admin=method in ADMIN_RPCS)
 
     # --- health and metadata: answered by the gateway ------------------------------------------
     @unary
@@ -245,6 +268,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                           "decoupled transaction policy; use ModelStreamInfer")  # fmt: skip
         decoded = codec.decode(info, request)
         decoded.request.request_id = request_id
+        apply_principal(decoded.request, current_principal())  # the key's tier: priority, timeout, scope
         if remaining_s is None:
             return await self.inference.infer(decoded.request)
         try:
@@ -260,13 +284,13 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         meta = _metadata(context)
         call = _Call("ModelStreamInfer", set_request_id(meta.get("x-request-id")), begin_request())
         with _server_span(call.method, meta) as span:
-            try:
-                authenticate(meta)
+            try:  # one admission per stream: the key's limits count the stream as one request
+                principal = await self.admit(call.method, meta, context)
             except Exception as exc:
                 call.code, message = _error_status(exc)
                 _finish(call, start, span)
                 await context.abort(call.code, message)
-            stream = _Stream(self, meta)
+            stream = _Stream(self, meta, principal)
             try:
                 async for item in stream.run(request_iterator):
                     yield item
@@ -278,6 +302,8 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 await context.abort(call.code, message)
             finally:
                 await stream.close()
+                if principal is not None and self.auth is not None:
+                    self.auth.release(principal)
                 _finish(call, start, span)
 
     # --- refused, on purpose -------------------------------------------------------------------------
@@ -300,8 +326,9 @@ class _Stream:
     """One ModelStreamInfer call: ordinary requests through the pipeline (answered in order), decoupled
     and sequence requests relayed on one upstream stream to Triton."""
 
-    def __init__(self, servicer: Servicer, metadata: Mapping[str, str]) -> None:
+    def __init__(self, servicer: Servicer, metadata: Mapping[str, str], principal: Any = None) -> None:
         self.servicer = servicer
+        self.principal = principal
         self.metadata = tuple((k, v) for k, v in metadata.items() if k in ("x-request-id", "traceparent"))
         self.out: asyncio.Queue[Any] = asyncio.Queue()
         self.upstream: Any = None  # grpc.aio.StreamStreamCall to Triton, opened on the first relayed request
@@ -335,6 +362,7 @@ class _Stream:
             info = await self.servicer.inference.resolve(request.model_name, request.model_version or None)
             decoded = codec.decode(info, request)
             decoded.request.request_id = rid
+            apply_principal(decoded.request, self.principal)
         except GatewayError as exc:
             log_gateway_error(exc)
             self.out.put_nowait(codec.error_response(exc.message, request.id))
@@ -397,7 +425,7 @@ class GrpcFrontDoor:
     """The gRPC server of one gateway process: ``await start()`` in the lifespan start-up (returns the
     bound port), ``await stop(grace_s)`` at shutdown (no new RPCs; in-flight ones get ``grace_s``)."""
 
-    def __init__(self, settings: Settings, gateway: Gateway) -> None:
+    def __init__(self, settings: Settings, gateway: Gateway, auth: AuthStage | None = None) -> None:
         self.settings = settings
         limit = settings.grpc_max_message_bytes
         options = [*_CHANNEL_OPTIONS, ("grpc.max_send_message_length", limit),
@@ -405,7 +433,7 @@ class GrpcFrontDoor:
         self.channel = grpc.aio.insecure_channel(settings.triton_grpc_address, options=options)
         stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self.servicer = Servicer(gateway.inference, gateway.registry, gateway.health, stub,
-                                 _triton_version(gateway.admin), admin_timeout_s=5.0)  # fmt: skip
+                                 _triton_version(gateway.admin), admin_timeout_s=5.0, auth=auth)  # fmt: skip
         self.server = grpc.aio.server(options=options)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
         self.port = 0
