@@ -71,8 +71,25 @@ def _infer_router(app: FastAPI) -> InferRouter:
     return InferRouter({"v1": v1, "v2": kserve})
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> Pipeline:
+    """The ASGI application the server runs: the request pipeline (``app.pipeline``) in front of the
+    FastAPI app (``web_app``). The pipeline is outermost, so the infer routes pass through no framework
+    layer at all (FastAPI's own ``__call__`` costs ~12 µs per request here: its telemetry checks)."""
     settings = settings or Settings()
+    app = web_app(settings)
+    return Pipeline(
+        app,
+        max_body_bytes=settings.max_body_bytes,
+        lifecycle=app.state.lifecycle,
+        router=_infer_router(app),
+        admission=app.state.auth if app.state.auth.enabled else None,
+        http_metrics=http_metrics() if settings.metrics_enabled else (),
+        server_timing=settings.server_timing,
+    )
+
+
+def web_app(settings: Settings) -> FastAPI:
+    """The FastAPI app: every route but the infer routes, the error handlers, the lifespan, OpenAPI."""
     app = FastAPI(
         title="triton-gateway",
         version=__version__,
@@ -91,13 +108,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.metrics_enabled:
         setup_metrics(app)
     tracing.setup_tracing(settings.otel_endpoint, settings.otel_service_name)
-    app.add_middleware(
-        Pipeline,
-        max_body_bytes=settings.max_body_bytes,
-        lifecycle=app.state.lifecycle,
-        router=_infer_router(app),
-        admission=app.state.auth if app.state.auth.enabled else None,
-        http_metrics=http_metrics() if settings.metrics_enabled else (),
-        server_timing=settings.server_timing,
-    )
     return app
