@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 
@@ -48,7 +49,8 @@ def running_gateway_addresses(**overrides: object) -> Iterator[GatewayAddresses]
             raise RuntimeError("the test gateway did not start")
         time.sleep(0.02)
     try:
-        grpc_port = getattr(app.state, "grpc_port", 0)
+        web: Any = app.app  # the FastAPI app behind the pipeline holds the lifespan's state
+        grpc_port = getattr(web.state, "grpc_port", 0)
         yield GatewayAddresses(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}" if grpc_port else "")
     finally:
         server.should_exit = True
