@@ -88,7 +88,42 @@ def _to_array(field: str, value: Any, spec: TensorSpec) -> np.ndarray:
             expected={"shape": list(spec.shape), "datatype": spec.datatype},
             received={"datatype": "boolean"},
         )
+    if raw.dtype.kind in "fO" and raw.size and spec.datatype in _INTEGER_DATATYPES:
+        exact = _exact_integers(value, raw)
+        if exact is not None:
+            return _cast_integers(field, exact, spec)
     return convert(field, raw, spec)
+
+
+_INTEGER_DATATYPES = frozenset(n for n, d in NUMPY_DTYPES.items() if d.kind in "iu")
+
+
+def _exact_integers(value: list[Any], raw: np.ndarray) -> np.ndarray | None:
+    """JSON integers that fit no single numpy integer dtype: numpy makes small ones mixed with ones
+    >= 2**63 (valid UINT64) a float64 array, losing precision, and ones beyond 64 bits an object array.
+    When every element is an integer: the exact Python ints, as an object array; otherwise None (floats,
+    nulls: ``convert`` refuses them). Runs only on this rare path, never for ordinary integer input."""
+    if raw.dtype.kind == "f" and not np.array_equal(raw, np.trunc(raw)):
+        return None  # a fraction, NaN or infinity somewhere: not integers
+    exact = np.asarray(value, dtype=object)
+    if exact.shape != raw.shape or not all(type(x) is int for x in exact.flat):
+        return None
+    return exact
+
+
+def _cast_integers(field: str, raw: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Integers (numpy integers, or exact Python ints in an object array) -> ``spec.datatype``, or a 422
+    naming the field when a value is outside its range."""
+    target = NUMPY_DTYPES[spec.datatype]
+    info = np.iinfo(target)
+    lo, hi = int(raw.min()), int(raw.max())
+    if lo < info.min or hi > info.max:
+        raise _fail(
+            field,
+            f"value out of range for {spec.datatype} ({info.min}..{info.max}), got {lo}..{hi}",
+            expected={"shape": list(spec.shape), "datatype": spec.datatype},
+        )
+    return raw.astype(target, copy=False)
 
 
 def _may_hold_bools(raw: np.ndarray, value: list[Any]) -> bool:
@@ -123,15 +158,7 @@ def convert(field: str, raw: np.ndarray, spec: TensorSpec) -> np.ndarray:
         if kind not in "iu":
             raise _fail(field, f"expected integers for {dtype_name}", expected=expected,
                         received={"datatype": _received_kind(kind)})  # fmt: skip
-        info = np.iinfo(target)
-        lo, hi = int(raw.min()), int(raw.max())
-        if lo < info.min or hi > info.max:
-            raise _fail(
-                field,
-                f"value out of range for {dtype_name} ({info.min}..{info.max}), got {lo}..{hi}",
-                expected=expected,
-            )
-        return raw.astype(target, copy=False)
+        return _cast_integers(field, raw, spec)
     # floating point
     if kind not in "iuf":
         raise _fail(field, f"expected numbers for {dtype_name}", expected=expected,

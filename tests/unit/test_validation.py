@@ -75,7 +75,7 @@ def test_names(batched: ModelInfo) -> None:
         ("I8", [-129, 0], "out of range for INT8 (-128..127)"),
         ("I8", [1.0, 2.0], "expected integers"),
         ("U16", [-1], "out of range for UINT16"),
-        ("U16", [2**70], "expected integers"),
+        ("U16", [2**70], "out of range for UINT16"),
         ("B", [0], "true/false"),
         ("S", [1], "strings"),
         ("H", [65520.0], "FP16"),

@@ -91,12 +91,39 @@ def test_valid_tensors_round_trip(data: st.DataObject, datatype: str) -> None:
     np.testing.assert_array_equal(binary, arr)
 
 
-@pytest.mark.xfail(reason="found by hypothesis: a JSON row mixing small and >= 2**63 integers becomes a "
-                   "float/object array, so valid UINT64 values are refused with a 422 (validation.py)",
-                   strict=True)  # fmt: skip
 def test_uint64_above_int64_max() -> None:
+    """Found by hypothesis: a row mixing small and >= 2**63 integers is a float64 array to numpy."""
     got = validate_v1_inputs(typed_model("UINT64"), {"X": [[0, 2**63, 2**64 - 1]]})["X"]
-    assert got.tolist() == [[0, 2**63, 2**64 - 1]]
+    assert got.dtype == np.uint64 and got.tolist() == [[0, 2**63, 2**64 - 1]]
+
+
+@SETTINGS
+@given(row=st.lists(st.integers(0, 2**64 - 1), min_size=3, max_size=3))
+def test_every_uint64_value_is_accepted_exactly(row: list[int]) -> None:
+    got = validate_v1_inputs(typed_model("UINT64"), {"X": [row]})["X"]
+    assert got.dtype == np.uint64 and got.tolist() == [row]
+    flat = validate_v2_inputs(typed_model("UINT64"), [{"name": "X", "shape": [1, 3], "datatype": "UINT64",
+                                                       "data": row}])["X"]  # fmt: skip
+    assert flat.tolist() == [row]
+
+
+@SETTINGS
+@given(datatype=st.sampled_from(["INT64", "UINT64"]), over=st.integers(1, 2**70), low=st.booleans(),
+       small=st.integers(0, 100))  # fmt: skip
+def test_64_bit_integers_out_of_range_are_422(datatype: str, over: int, low: bool, small: int) -> None:
+    """Beyond 64 bits numpy keeps Python ints (an object array); mixed with small ones, a float array."""
+    info = np.iinfo(NUMPY_DTYPES[datatype])
+    value = int(info.min) - over if low else int(info.max) + over
+    with pytest.raises(InvalidInput, match="out of range") as caught:
+        validate_v1_inputs(typed_model(datatype), {"X": [[small, value, 0]]})
+    assert caught.value.details["field"] == "inputs.X"
+
+
+@pytest.mark.parametrize("row", [[0, 2**63, 0.5], [0, 2**63, None], [0, 2**63, True], [1.0, 2.0, 3.0]])
+def test_non_integers_beside_big_integers_are_422(row: list[Any]) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        validate_v1_inputs(typed_model("UINT64"), {"X": [row]})
+    assert caught.value.details["field"] == "inputs.X"
 
 
 @SETTINGS
