@@ -20,7 +20,7 @@ from app.lifecycle import Lifecycle
 from app.observability import tracing
 from app.observability.metrics import http_metrics, register_jobs_snapshot, setup_metrics
 from app.pipeline import InferRoute, InferRouter, Pipeline
-from app.routers import health, infer, jobs, models, v2, ws
+from app.routers import health, infer, jobs, models, schemas, v2, ws
 from app.routers.common import Headers
 from app.settings import Settings
 
@@ -102,6 +102,7 @@ def web_app(settings: Settings) -> FastAPI:
     install_exception_handlers(app)
     for module in (health, models, v2, jobs, ws, auth_routes):
         app.include_router(module.router)
+    schemas.document_errors(app)
     infer.document_infer_routes(app)
     if app.state.auth.enabled:
         auth_routes.document_auth(app)

@@ -13,8 +13,9 @@ from app.auth.keys import KeyRecord, KeyStore
 from app.auth.principal import Principal
 from app.auth.stage import AuthStage, path_class
 from app.deps import AuthDep, PrincipalDep
-from app.errors import Conflict, InvalidInput, NotFound
+from app.errors import Conflict, InvalidInput, NotFound, is_kserve_path
 from app.routers.common import ORJSONResponse
+from app.routers.schemas import error_ref, errors
 from app.settings import Settings
 
 router = APIRouter(tags=["auth"])
@@ -93,16 +94,13 @@ class WhoAmI(BaseModel):
     limits: LimitsView | None
 
 
-_ERROR = {"application/json": {"schema": {"type": "object", "properties": {"error": {}}}}}
 _AUTH_RESPONSES = {
-    "401": {"description": "no key, or a bad or revoked key (WWW-Authenticate)", "content": _ERROR},
-    "429": {
-        "description": "over the key's limits (Retry-After, RateLimit-Policy, RateLimit)",
-        "content": _ERROR,
-    },
-    "503": {"description": "keys cannot be verified now (Retry-After)", "content": _ERROR},
+    "401": "no key, or a bad or revoked key (WWW-Authenticate)",
+    "429": "over the key's limits (Retry-After, RateLimit-Policy, RateLimit)",
+    "503": "keys cannot be verified now (Retry-After)",
 }
-_ADMIN_RESPONSES = {"403": {"description": "needs the admin credential", "content": _ERROR}}
+_ADMIN_RESPONSES = {"403": "needs the admin credential"}
+_AUTH_OFF = {409: "authentication is off"}
 
 
 def document_auth(app: FastAPI) -> None:
@@ -118,13 +116,14 @@ def document_auth(app: FastAPI) -> None:
                 kind = path_class(path)
                 if kind == "open":
                     continue
+                content = {"application/json": {"schema": error_ref(kserve=is_kserve_path(path))}}
                 for op in operations.values():
                     responses = op.setdefault("responses", {})
-                    for code, doc in {
+                    for code, text in {
                         **_AUTH_RESPONSES,
                         **(_ADMIN_RESPONSES if kind == "admin" else {}),
                     }.items():
-                        responses.setdefault(code, doc)
+                        responses.setdefault(code, {"description": text, "content": content})
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -163,7 +162,7 @@ def _principal_view(p: Principal) -> dict[str, Any]:
     response_class=ORJSONResponse,
     status_code=201,
     response_model=Ticket,
-    responses={403: {"description": "tickets are for API keys (not the admin token, not auth off)"}},
+    responses=errors(403, notes={403: "tickets are for API keys (not the admin token, not auth off)"}),
 )
 async def ws_ticket(principal: PrincipalDep, stage: AuthDep) -> ORJSONResponse:
     """A single-use ticket for one WebSocket (``wss://…/v1/ws?ticket=…``), valid TGW_AUTH_WS_TICKET_S:
@@ -178,7 +177,7 @@ async def ws_ticket(principal: PrincipalDep, stage: AuthDep) -> ORJSONResponse:
     "/v1/admin/keys",
     response_class=ORJSONResponse,
     response_model=KeyList,
-    responses={409: {"description": "authentication is off"}},
+    responses=errors(409, notes=_AUTH_OFF),
 )
 async def list_keys(stage: AuthDep) -> ORJSONResponse:
     return ORJSONResponse({"keys": [_shown(r) for r in await _store(stage).list()]})
@@ -189,7 +188,7 @@ async def list_keys(stage: AuthDep) -> ORJSONResponse:
     response_class=ORJSONResponse,
     status_code=201,
     response_model=KeyCreated,
-    responses={409: {"description": "authentication is off"}},
+    responses=errors(409, 413, 422, notes=_AUTH_OFF),
 )
 async def new_key(spec: NewKey, stage: AuthDep) -> ORJSONResponse:
     """Create a key; the answer holds the key itself, shown this once."""
@@ -201,7 +200,7 @@ async def new_key(spec: NewKey, stage: AuthDep) -> ORJSONResponse:
     "/v1/admin/keys/{key_id}",
     response_class=ORJSONResponse,
     response_model=Revoked,
-    responses={404: {"description": "no such key"}, 409: {"description": "authentication is off"}},
+    responses=errors(404, 409, notes={404: "no such key", **_AUTH_OFF}),
 )
 async def revoke_key(key_id: str, stage: AuthDep) -> ORJSONResponse:
     """Revoke: refused everywhere within TGW_AUTH_KEY_CACHE_S."""
@@ -214,7 +213,7 @@ async def revoke_key(key_id: str, stage: AuthDep) -> ORJSONResponse:
     "/v1/admin/keys/{key_id}/rotate",
     response_class=ORJSONResponse,
     response_model=KeyCreated,
-    responses={404: {"description": "no such key"}, 409: {"description": "authentication is off"}},
+    responses=errors(404, 409, 422, notes={404: "no such key", **_AUTH_OFF}),
 )
 async def rotate_key(key_id: str, stage: AuthDep, grace_s: int = 0) -> ORJSONResponse:
     """A new secret for the same id, tenant, tier and limits; the old one works ``grace_s`` more."""

@@ -15,6 +15,7 @@ from app.codecs import v1
 from app.codecs.common import Reply
 from app.request_context import current_request_id
 from app.routers.common import Headers
+from app.routers.schemas import ERROR_TEXT, InferResult, error_ref
 from app.services.inference import InferenceService, cache_directives
 
 __all__ = ["Reply", "document_infer_routes", "serve_v1"]
@@ -51,16 +52,7 @@ def body_doc(properties: dict[str, Any], example: dict[str, Any]) -> dict[str, A
     return {"requestBody": {"required": True, "content": content}}
 
 
-_ERROR = {"application/json": {"schema": {"type": "object"}}}
-_V1_ANSWER = {
-    "type": "object",
-    "required": ["model", "model_version", "outputs"],
-    "properties": {
-        "model": {"type": "string"},
-        "model_version": {"type": "string"},
-        "outputs": {"type": "object", "additionalProperties": {"type": "array"}},
-    },
-}
+_V1_ANSWER = InferResult.model_json_schema()
 _V2_TENSOR = {
     "type": "object",
     "required": ["name", "shape", "datatype"],
@@ -100,10 +92,10 @@ _PATH_PARAMS = {
 
 def _operation(api: str, versioned: bool) -> dict[str, Any]:
     params = [_PATH_PARAMS["model"], *([_PATH_PARAMS["version"]] if versioned else [])]
-    errors = {"400": "bad request", "404": "model or version not found", "413": "body too large",
-              "502": "Triton failed", "503": "Triton unavailable", "504": "Triton timed out"}  # fmt: skip
+    errors = {**ERROR_TEXT, 404: "model or version not found"}
+    codes = [400, 404, 413, 502, 503, 504]
     if api == "v1":
-        errors["422"] = "invalid input (names the field)"
+        codes.append(422)
         request = body_doc(INFER_BODY_PROPERTIES, {"inputs": {"series": [[[0.0]] * 20]}})
         answer: dict[str, Any] = {"application/json": {"schema": _V1_ANSWER}}
         tag, summary = "inference", "Infer" + (" (version)" if versioned else "")
@@ -115,8 +107,12 @@ def _operation(api: str, versioned: bool) -> dict[str, Any]:
         answer = {"application/json": {"schema": _V2_ANSWER},
                   "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}  # fmt: skip
         tag, summary = "kserve-v2", "KServe v2 infer" + (" (version)" if versioned else "")
+        codes.append(501)
+        errors[400] = "bad request or invalid input (names the field; KServe v2 has no 422)"
+        errors[501] = "a decoupled model: served over gRPC ModelStreamInfer only"
     responses: dict[str, Any] = {"200": {"description": "the model's answer", "content": answer}}
-    responses.update({code: {"description": text, "content": _ERROR} for code, text in errors.items()})
+    error = {"application/json": {"schema": error_ref(kserve=api == "v2")}}
+    responses.update({str(code): {"description": errors[code], "content": error} for code in sorted(codes)})
     op_id = f"infer_{api}" + ("_version" if versioned else "")
     return {"post": {"tags": [tag], "summary": summary, "operationId": op_id, "parameters": params,
                      **request, "responses": responses}}  # fmt: skip

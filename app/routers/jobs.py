@@ -13,6 +13,15 @@ from app.errors import PayloadTooLarge
 from app.request_context import current_request_id
 from app.routers.common import ORJSONResponse
 from app.routers.infer import INFER_BODY_PROPERTIES, body_doc
+from app.routers.schemas import (
+    JOB_CANCEL_ERRORS,
+    JOB_ERRORS,
+    JOB_STATS_ERRORS,
+    JOB_SUBMIT_RESPONSES,
+    Job,
+    JobAccepted,
+    JobStats,
+)
 from app.services.jobs.service import JobService
 from app.services.payload import parse_json
 
@@ -75,32 +84,37 @@ async def _submit(service: JobService, request: Request, model: str, version: st
     return ORJSONResponse(content, status_code=202, headers=headers)
 
 
-@router.post("/models/{model}/jobs", openapi_extra=_BODY_DOC, status_code=202, response_class=ORJSONResponse)
+_SUBMIT: dict[str, Any] = {
+    "openapi_extra": _BODY_DOC, "status_code": 202, "response_class": ORJSONResponse,
+    "response_model": JobAccepted, "responses": JOB_SUBMIT_RESPONSES,
+}  # fmt: skip
+
+
+@router.post("/models/{model}/jobs", **_SUBMIT)
 async def submit(model: str, request: Request, service: JobsDep) -> Response:
     return await _submit(service, request, model, None)
 
 
-@router.post(
-    "/models/{model}/versions/{version}/jobs", openapi_extra=_BODY_DOC, status_code=202,
-    response_class=ORJSONResponse,
-)  # fmt: skip
+@router.post("/models/{model}/versions/{version}/jobs", **_SUBMIT)
 async def submit_version(model: str, version: str, request: Request, service: JobsDep) -> Response:
     return await _submit(service, request, model, version)
 
 
-@router.get("/jobs/stats", response_class=ORJSONResponse)
+@router.get("/jobs/stats", response_class=ORJSONResponse, response_model=JobStats, responses=JOB_STATS_ERRORS)
 async def stats(service: JobsDep) -> Response:
     """Queue depth, oldest pending age, counts by status and webhook outcome, open WebSockets."""
     return ORJSONResponse(await service.stats())
 
 
-@router.get("/jobs/{job_id}", response_class=ORJSONResponse)
+@router.get("/jobs/{job_id}", response_class=ORJSONResponse, response_model=Job, responses=JOB_ERRORS)
 async def get_job(job_id: str, request: Request, service: JobsDep) -> Response:
     job = await service.get(owner_of(request), job_id)
     return ORJSONResponse({**job, **_links(request, job_id)})
 
 
-@router.delete("/jobs/{job_id}", response_class=ORJSONResponse)
+@router.delete(
+    "/jobs/{job_id}", response_class=ORJSONResponse, response_model=Job, responses=JOB_CANCEL_ERRORS
+)
 async def cancel_job(job_id: str, request: Request, service: JobsDep) -> Response:
     job = await service.cancel(owner_of(request), job_id)
     return ORJSONResponse({**job, **_links(request, job_id)})

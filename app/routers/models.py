@@ -6,12 +6,12 @@ from fastapi import APIRouter
 
 from app.deps import RegistryDep
 from app.routers.common import ORJSONResponse
-from app.routers.schemas import Model, ModelList
+from app.routers.schemas import MODEL_ERRORS, TRITON_ERRORS, Model, ModelList
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-@router.get("", response_class=ORJSONResponse, response_model=ModelList)
+@router.get("", response_class=ORJSONResponse, response_model=ModelList, responses=TRITON_ERRORS)
 async def list_models(registry: RegistryDep) -> ORJSONResponse:
     models = []
     for item in await registry.list_models():
@@ -23,13 +23,15 @@ async def list_models(registry: RegistryDep) -> ORJSONResponse:
     return ORJSONResponse({"models": models})
 
 
-@router.get("/{model}", response_class=ORJSONResponse, response_model=Model)
+@router.get("/{model}", response_class=ORJSONResponse, response_model=Model, responses=MODEL_ERRORS)
 async def get_model(model: str, registry: RegistryDep) -> ORJSONResponse:
     info = await registry.resolve(model)
     return ORJSONResponse(info.public())
 
 
-@router.get("/{model}/versions/{version}", response_class=ORJSONResponse, response_model=Model)
+@router.get(
+    "/{model}/versions/{version}", response_class=ORJSONResponse, response_model=Model, responses=MODEL_ERRORS
+)
 async def get_model_version(model: str, version: str, registry: RegistryDep) -> ORJSONResponse:
     info = await registry.resolve(model, version)
     return ORJSONResponse(info.public())

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+from fastapi import FastAPI
 from pydantic import BaseModel, Field
+from pydantic.json_schema import models_json_schema
+
+REF_TEMPLATE = "#/components/schemas/{model}"
 
 
 class Health(BaseModel):
@@ -99,3 +104,192 @@ class V2Ready(BaseModel):
 class V2ModelReady(BaseModel):
     name: str
     ready: bool
+
+
+# --- errors: the gateway's one error shape (app.errors), and the KServe v2 one under /v2 ---------------
+class ErrorInfo(BaseModel):
+    code: str = Field(examples=["model_not_found"], description="machine-readable, e.g. invalid_input")
+    message: str = Field(description="what went wrong; names the field and what was expected")
+    details: dict[str, Any] = Field(description="e.g. field, expected, received, limit_bytes, job_id")
+
+
+class Error(BaseModel):
+    """Every error outside ``/v2``."""
+
+    error: ErrorInfo
+
+
+class KServeError(BaseModel):
+    """Every error under ``/v2``: ``error`` is the message, as the KServe v2 protocol has it (what
+    ``tritonclient.http`` reads); ``code`` and ``details`` as in the gateway's own shape."""
+
+    error: str
+    code: str
+    details: dict[str, Any]
+
+
+def error_ref(kserve: bool = False) -> dict[str, str]:
+    """A ``$ref`` to the error schema, for operations documented by hand (``components`` gets both)."""
+    return {"$ref": REF_TEMPLATE.format(model="KServeError" if kserve else "Error")}
+
+
+# What each status means wherever it appears; an operation may say more (``notes``).
+ERROR_TEXT = {
+    400: "bad request: malformed or too deeply nested JSON (names the field)",
+    403: "refused on purpose",
+    404: "not found",
+    409: "conflict with the resource's state",
+    413: "request body too large (details.limit_bytes)",
+    422: "invalid input: names the field and what was expected",
+    501: "not offered by the gateway",
+    502: "Triton failed",
+    503: "unavailable: Triton or Redis unreachable, or overloaded (Retry-After)",
+    504: "Triton did not answer before the deadline",
+}
+
+
+def errors(
+    *codes: int, kserve: bool = False, notes: dict[int, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """FastAPI ``responses=`` for the error statuses an operation really answers with, each with the
+    error schema (under ``/v2``: ``kserve=True``, where invalid input is a 400, never a 422)."""
+    model = KServeError if kserve else Error
+    notes = notes or {}
+    return {code: {"model": model, "description": notes.get(code, ERROR_TEXT[code])} for code in codes}
+
+
+_TRITON = (502, 503, 504)  # any call to Triton (app.errors.from_grpc / from_http)
+TRITON_ERRORS = errors(*_TRITON)
+MODEL_ERRORS = errors(404, *_TRITON, notes={404: "model or version not found (or no ready version)"})
+V2_ERRORS = errors(*_TRITON, kserve=True)
+V2_MODEL_ERRORS = errors(
+    404, *_TRITON, kserve=True, notes={404: "model or version not found (or no ready version)"}
+)
+V2_STATS_ERRORS = errors(
+    400, 404, *_TRITON, kserve=True,
+    notes={400: "Triton refused the request (e.g. that version is not available)", 404: "model not found"},
+)  # fmt: skip
+
+
+# --- jobs (app.routers.jobs) ---------------------------------------------------------------------------
+class JobLinks(BaseModel):
+    status_url: str = Field(description="GET it for the job; DELETE it to cancel a queued job")
+    ws_url: str = Field(description="a WebSocket pushing the job's status changes, then the job")
+
+
+class JobAccepted(JobLinks):
+    id: str
+    status: str = Field(description="queued, or succeeded when answered from the cache at once")
+
+
+class InferResult(BaseModel):
+    """A ``/v1`` infer answer (also a job's ``result``)."""
+
+    model: str
+    model_version: str
+    outputs: dict[str, list[Any]] = Field(description="output name -> nested list of its values")
+
+
+class JobWebhook(BaseModel):
+    url: str
+    id: str = Field(description="the delivery id the receiver sees (webhook-id)")
+    status: str = Field(description="waiting, delivered or failed")
+    attempts: list[dict[str, Any]] = Field(description="one entry per delivery attempt")
+
+
+class Job(JobLinks):
+    id: str
+    status: str = Field(description="queued, running, succeeded, failed or cancelled")
+    model: str
+    version: str | None
+    priority: str = Field(description="high or normal")
+    created_at: str | None = Field(description="ISO 8601, UTC")
+    started_at: str | None
+    finished_at: str | None
+    attempts: int
+    result: InferResult | None = Field(None, description="when succeeded")
+    cache: str | None = Field(None, description="hit or miss, when succeeded")
+    error: ErrorInfo | None = Field(None, description="when failed")
+    webhook: JobWebhook | None = Field(None, description="when submitted with a webhook")
+
+
+class JobStats(BaseModel):
+    queue_depth: int
+    queue_depth_by_priority: dict[str, int]
+    oldest_pending_age_seconds: float
+    jobs_total: dict[str, int] = Field(description="jobs by status, cluster-wide")
+    webhook_deliveries_total: dict[str, int] = Field(description="webhook deliveries by outcome")
+    webhooks_scheduled: int
+    dead_letters: int
+    websockets_open: int = Field(description="this replica's open job WebSockets")
+
+
+_ACCEPTED_HEADERS = {
+    "Location": {"description": "the job's status_url", "schema": {"type": "string"}},
+    "Idempotent-Replayed": {"description": "true when an Idempotency-Key named an existing job",
+                            "schema": {"type": "string", "enum": ["true"]}},
+}  # fmt: skip
+JOB_SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {202: {"headers": _ACCEPTED_HEADERS}, **errors(
+    400, 404, 413, 422, *_TRITON,
+    notes={404: "model or version not found", 413: "body over TGW_JOB_MAX_BODY_BYTES",
+           422: "invalid input (names the field), or an Idempotency-Key reused with another body",
+           503: "Triton or the job store (Redis) unavailable, or the job queue full (Retry-After)"},
+)}  # fmt: skip
+_JOB_NOT_FOUND = "no such job (unknown, expired, or another tenant's)"
+_STORE_DOWN = "the job store (Redis) unavailable (Retry-After)"
+JOB_ERRORS = errors(404, 503, notes={404: _JOB_NOT_FOUND, 503: _STORE_DOWN})
+JOB_CANCEL_ERRORS = errors(
+    404, 409, 503, notes={404: _JOB_NOT_FOUND, 409: "the job is no longer queued", 503: _STORE_DOWN}
+)
+JOB_STATS_ERRORS = errors(503, notes={503: _STORE_DOWN})
+
+
+# --- the whole document --------------------------------------------------------------------------------
+def document_errors(app: FastAPI) -> None:
+    """Put the error schemas in ``app.openapi()``'s components and correct FastAPI's own 422: it
+    declares ``HTTPValidationError`` (``{"detail": [...]}``), but a request validation error is answered
+    in the gateway's error shape (``app.errors``), and under ``/v2`` it is a 400 (KServe v2)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            _, defs = models_json_schema(
+                [(m, "serialization") for m in (Error, KServeError)], ref_template=REF_TEMPLATE
+            )
+            components.update(defs.get("$defs", {}))
+            for path, operations in schema["paths"].items():
+                kserve = path == "/v2" or path.startswith("/v2/")
+                for op in operations.values():
+                    _own_validation_error(op, kserve)
+            used = orjson.dumps(schema["paths"])
+            for name in ("HTTPValidationError", "ValidationError"):
+                if f'"{REF_TEMPLATE.format(model=name)}"'.encode() not in used:
+                    components.pop(name, None)
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _own_validation_error(op: dict[str, Any], kserve: bool) -> None:
+    responses = op.get("responses", {})
+    declared = responses.get("422", {}).get("content", {}).get("application/json", {}).get("schema", {})
+    if declared.get("$ref") != REF_TEMPLATE.format(model="HTTPValidationError"):
+        return
+    del responses["422"]
+    if "requestBody" not in op and all(_any_string(p.get("schema", {})) for p in op.get("parameters", [])):
+        return  # only plain string parameters: nothing FastAPI could refuse
+    text = "invalid request parameters (names the field)"
+    if kserve:
+        responses.setdefault("400", {"description": text, "content": {"application/json": {
+            "schema": error_ref(kserve=True)}}})  # fmt: skip
+    else:
+        responses["422"] = {"description": text, "content": {"application/json": {"schema": error_ref()}}}
+
+
+def _any_string(schema: dict[str, Any]) -> bool:
+    """A parameter any string (or none) satisfies: ``str`` or ``str | None``, no constraints."""
+    options = schema.get("anyOf", [{"type": schema.get("type")}])
+    plain = all(o in ({"type": "string"}, {"type": "null"}) for o in options)
+    return plain and set(schema) <= {"anyOf", "type", "title", "default"}

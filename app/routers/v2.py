@@ -19,6 +19,9 @@ from app.request_context import current_request_id
 from app.routers.common import Headers, ORJSONResponse
 from app.routers.infer import header_value
 from app.routers.schemas import (
+    V2_ERRORS,
+    V2_MODEL_ERRORS,
+    V2_STATS_ERRORS,
     V2IndexEntry,
     V2Live,
     V2ModelMetadata,
@@ -48,7 +51,7 @@ async def ready(health: HealthDep) -> ORJSONResponse:
     return ORJSONResponse({"ready": ok}, status_code=200 if ok else 400)
 
 
-@router.get("", response_class=ORJSONResponse, response_model=V2ServerMetadata)
+@router.get("", response_class=ORJSONResponse, response_model=V2ServerMetadata, responses=V2_ERRORS)
 async def server_metadata(admin: AdminDep) -> ORJSONResponse:
     """Exactly the extensions the gateway implements (``app.services.offer``), not Triton's."""
     triton_meta = await admin.server_metadata()
@@ -57,7 +60,9 @@ async def server_metadata(admin: AdminDep) -> ORJSONResponse:
     )
 
 
-@router.post("/repository/index", response_class=ORJSONResponse, response_model=list[V2IndexEntry])
+@router.post(
+    "/repository/index", response_class=ORJSONResponse, response_model=list[V2IndexEntry], responses=V2_ERRORS
+)
 async def repository_index(registry: RegistryDep) -> ORJSONResponse:
     return ORJSONResponse(await registry.index())
 
@@ -66,7 +71,7 @@ async def repository_index(registry: RegistryDep) -> ORJSONResponse:
 _STATS: dict[int | str, dict[str, Any]] = {200: {"content": {"application/json": {"schema": {
     "type": "object", "description": "Triton's inference statistics, as its HTTP API gives them",
     "properties": {"model_stats": {"type": "array", "items": {"type": "object"}}},
-}}}}}  # fmt: skip
+}}}}, **V2_STATS_ERRORS}  # fmt: skip
 
 
 @router.get("/models/stats", response_class=ORJSONResponse, responses=_STATS)
@@ -104,17 +109,26 @@ for _path, _methods, _feature in (
     router.add_api_route(_path, _refuse(_feature), methods=_methods, include_in_schema=False)
 
 
-@router.get("/models/{model}", response_class=ORJSONResponse, response_model=V2ModelMetadata)
 @router.get(
-    "/models/{model}/versions/{version}", response_class=ORJSONResponse, response_model=V2ModelMetadata
+    "/models/{model}",
+    response_class=ORJSONResponse,
+    response_model=V2ModelMetadata,
+    responses=V2_MODEL_ERRORS,
 )
+@router.get(
+    "/models/{model}/versions/{version}", response_class=ORJSONResponse, response_model=V2ModelMetadata,
+    responses=V2_MODEL_ERRORS,
+)  # fmt: skip
 async def model_metadata(model: str, registry: RegistryDep, version: str | None = None) -> ORJSONResponse:
     """Every ready version listed (as Triton lists them), each addressable under ``/versions/{version}``."""
     info = await registry.resolve(model, version)
     return ORJSONResponse(info.kserve_metadata(all_versions=version is None))
 
 
-_MODEL_NOT_READY: dict[int | str, dict[str, Any]] = {400: {"model": V2ModelReady, "description": "not ready"}}
+_MODEL_NOT_READY: dict[int | str, dict[str, Any]] = {
+    400: {"model": V2ModelReady, "description": "not ready"},
+    **V2_MODEL_ERRORS,
+}
 
 
 @router.get(
@@ -131,16 +145,18 @@ async def model_ready(model: str, registry: RegistryDep, version: str | None = N
     return ORJSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 400)
 
 
-_CONFIG = {"type": "object", "description": "Triton's model configuration (model_config.proto as JSON)"}
+_CONFIG: dict[int | str, dict[str, Any]] = {200: {"content": {"application/json": {"schema": {
+    "type": "object", "description": "Triton's model configuration (model_config.proto as JSON)",
+}}}}, **V2_MODEL_ERRORS}  # fmt: skip
 
 
 @router.get(
     "/models/{model}/config", response_class=ORJSONResponse,
-    responses={200: {"content": {"application/json": {"schema": _CONFIG}}}},
+    responses=_CONFIG,
 )  # fmt: skip
 @router.get(
     "/models/{model}/versions/{version}/config", response_class=ORJSONResponse,
-    responses={200: {"content": {"application/json": {"schema": _CONFIG}}}},
+    responses=_CONFIG,
 )  # fmt: skip
 async def model_config(model: str, registry: RegistryDep, version: str | None = None) -> ORJSONResponse:
     info = await registry.resolve(model, version)
