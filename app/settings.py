@@ -56,7 +56,10 @@ class Settings(BaseSettings):
         description="comma-separated model repositories for the embedded Triton",
     )
     triton_model_config_name: str = Field(
-        "cpu", description="embedded Triton loads configs/<name>.pbtxt where a model has one"
+        "auto",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="embedded Triton loads configs/<name>.pbtxt where a model has one; auto = `gpu` where "
+        "a GPU is visible (and PyTorch installed), else `cpu`",
     )
     metadata_ttl_s: float = Field(5.0, ge=0, description="how long model metadata is cached")
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503 answers")

@@ -35,6 +35,7 @@ class Stack:
     state_dir: Path
     workers: int = 1
     gateway_env: dict[str, str] = field(default_factory=dict)
+    model_config_name: str | None = "auto"
     triton: EmbeddedTriton | None = None
     redis: EmbeddedRedis | None = None
     gateway: ManagedProcess | None = None
@@ -46,6 +47,7 @@ class Stack:
         self.redis.start()
         self.triton = EmbeddedTriton(
             repos, free_port(), free_port(), free_port(), self.state_dir / "triton",
+            model_config_name=self.model_config_name,
         )  # fmt: skip
         self.triton.start(timeout=180)
         self.start_gateway()
@@ -95,6 +97,16 @@ class Stack:
     def model_ready(self, model: str) -> bool:
         assert self.triton is not None
         return _get(f"{self.triton.http_url}/v2/models/{model}/ready") == 200
+
+    def model_stats(self, model: str) -> dict[str, object]:
+        """Triton's ``/v2/models/{model}/stats`` (every version); empty when it does not answer."""
+        assert self.triton is not None
+        try:
+            with urllib.request.urlopen(f"{self.triton.http_url}/v2/models/{model}/stats", timeout=5) as resp:
+                doc = json.loads(resp.read())
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
 
     def gateway_pids(self) -> list[int]:
         """The gateway process and its uvicorn workers."""
