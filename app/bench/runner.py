@@ -53,6 +53,7 @@ class Options:
     wrk: bool
     quick: bool
     model_config_name: str = "auto"
+    load_models: list[str] = field(default_factory=list)
     gateway_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -75,12 +76,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-config-name", default=os.environ.get("TGW_TRITON_MODEL_CONFIG_NAME", "auto"),
                    help="Triton model configs to load: auto (gpu where a GPU is visible, else cpu), cpu, "
                         "gpu, gpu_eager, gpu_nobatch")  # fmt: skip
+    p.add_argument("--load-models", default="",
+                   help="comma-separated: Triton serves only these (copied to a repository)")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="TGW_X=V",
                    help="gateway setting for this run (repeatable)")  # fmt: skip
 
 
 # The gateway as the benchmark runs it (each can be overridden with --set): the in-process L1 on.
 BENCH_GATEWAY_ENV = {"TGW_L1_CACHE_ENTRIES": "4096"}
+
+
+def _csv(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
 
 
 def options_from(args: argparse.Namespace) -> Options:
@@ -90,7 +97,7 @@ def options_from(args: argparse.Namespace) -> Options:
             out=args.out, models=["identity_fp32"], targets=["triton-http", "gateway-miss", "gateway-hit"],
             levels=list(QUICK_LEVELS), duration_s=1.0, warmup_s=0.3, generators=min(args.generators, 2),
             workers=1, soak_requests=0, soak_max_s=0, wrk=False, quick=True, gateway_env=env,
-            model_config_name=args.model_config_name,
+            model_config_name=args.model_config_name, load_models=_csv(args.load_models),
         )  # fmt: skip
     return Options(
         out=args.out,
@@ -106,6 +113,7 @@ def options_from(args: argparse.Namespace) -> Options:
         wrk=not args.no_wrk,
         quick=False,
         model_config_name=args.model_config_name,
+        load_models=_csv(args.load_models),
         gateway_env=env,
     )
 
@@ -261,7 +269,8 @@ def run(o: Options) -> int:
     say(f"tgw bench: {'quick' if o.quick else 'full'} run; levels {o.levels}, {o.duration_s:g} s each "
         f"(+{o.warmup_s:g} s warm-up); {o.generators} generator processes; gateway workers {o.workers}; "
         f"reports in {o.out}/")  # fmt: skip
-    stack = Stack(state, workers=o.workers, gateway_env=o.gateway_env, model_config_name=o.model_config_name)
+    stack = Stack(state, workers=o.workers, gateway_env=o.gateway_env, model_config_name=o.model_config_name,
+                  load_models=o.load_models)  # fmt: skip
     gen: Generator | None = None
     results: list[LevelResult] = []
     meta: dict[str, Any] = {"machine": machine_info()}

@@ -8,7 +8,10 @@ configuration; nothing is model-specific here. TensorRT stays the production ref
 Parameters read from the configuration (all optional, ``string_value``):
 
 - ``torch_file``: TorchScript file inside the version directory (default ``model.pt``)
-- ``precision``: ``fp16`` (default: weights and activations in half precision) or ``fp32``
+- ``precision``: ``fp16`` (default: FP16 weights under ``torch.autocast``: matrix products and
+  convolutions in FP16, the inputs and what autocast keeps in FP32 (reductions, normalisation) in FP32,
+  so a model that standardises raw values keeps their precision), ``half`` (everything in FP16, inputs
+  cast too) or ``fp32``. On a CPU instance it is always FP32.
 - ``execution``: ``graphs`` (default: one CUDA graph per batch bucket, captured at load) or ``eager``
 
 Tensors travel by DLPack both ways (``to_dlpack`` / ``pb_utils.Tensor.from_dlpack``): no numpy here.
@@ -45,7 +48,7 @@ TRITON_TO_TORCH: dict[str, str] = {
     "TYPE_FP64": "float64",
 }
 EXECUTION_MODES = ("graphs", "eager")
-PRECISIONS = ("fp16", "fp32")
+PRECISIONS = ("fp16", "half", "fp32")
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -121,9 +124,9 @@ class TritonPythonModel:
         )
         if on_gpu:
             torch.cuda.set_device(self.device)
-        self.compute_dtype = torch.float16 if opts["precision"] == "fp16" and on_gpu else torch.float32
+        self.precision = opts["precision"] if on_gpu else "fp32"
         model = torch.jit.load(path, map_location=self.device).eval()
-        self.model = model.half() if self.compute_dtype == torch.float16 else model
+        self.model = model if self.precision == "fp32" else model.half()
         self.inputs = [
             (t["name"], getattr(torch, TRITON_TO_TORCH[t["data_type"]]), [int(d) for d in t["dims"]])
             for t in config["input"]
@@ -161,9 +164,15 @@ class TritonPythonModel:
         )
 
     def _forward(self, xs: list[Any]) -> list[Any]:
-        """The model on device tensors, cast in to the compute dtype and out to the declared dtypes."""
-        cast = [x.to(self.compute_dtype) if x.is_floating_point() else x for x in xs]
-        out = self.model(*cast)
+        """The model on device tensors at the configured precision, outputs cast to the declared dtypes."""
+        torch = self.torch
+        if self.precision == "half":
+            xs = [x.half() if x.is_floating_point() else x for x in xs]
+        if self.precision == "fp16":  # no weight-cast cache: it does not survive CUDA-graph capture
+            with torch.autocast(self.device.type, dtype=torch.float16, cache_enabled=False):
+                out = self.model(*xs)
+        else:
+            out = self.model(*xs)
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
         if len(outs) != len(self.outputs):
             raise ValueError(
