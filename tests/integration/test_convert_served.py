@@ -51,7 +51,11 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.nn.Mo
         src, dst = repo / name, repo / f"{name}_torch"
         shutil.copytree(src, dst)
         gpu = (src / "configs" / "gpu.pbtxt").read_text()
-        assert 'string_value: "graphs"' in gpu and "KIND_GPU" in gpu and 'precision" value: { string_value: "fp16"' in gpu
+        assert (
+            'string_value: "graphs"' in gpu
+            and "KIND_GPU" in gpu
+            and 'precision" value: { string_value: "fp16"' in gpu
+        )
         shutil.rmtree(dst / "configs")
         (dst / "config.pbtxt").write_text(gpu.replace(f'name: "{name}"', f'name: "{name}_torch"')
                                           .replace("KIND_GPU", "KIND_CPU"))  # fmt: skip

@@ -42,7 +42,10 @@ def test_shipped_gpu_configs(name: str, variant: str) -> None:
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params == {"torch_file": "model.pt", "precision": "fp16", "execution": execution}
     assert cfg.HasField("dynamic_batching") == batching
-    assert parse_options({"parameters": {k: {"string_value": v} for k, v in params.items()}})["execution"] == execution
+    assert (
+        parse_options({"parameters": {k: {"string_value": v} for k, v in params.items()}})["execution"]
+        == execution
+    )
     for version in (p for p in (REPO / name).iterdir() if p.name.isdigit()):
         assert (version / "model.pt").stat().st_size < 5 * 1024 * 1024
         assert "app.triton_models.torch_runner" in (version / "model_torch.py").read_text()
