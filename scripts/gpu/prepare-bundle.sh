@@ -2,7 +2,7 @@
 # Fill .gpu/ (git-ignored) with what scripts/gpu/run.sh installs on a GPU machine that has no network:
 # cp312 manylinux wheels of the gateway's dependencies that machine lacks, and the Triton server from the
 # nvidia-pytriton wheel repacked as tar.xz with only the binary, backends, caches, the Python 3.12 stub
-# and its libraries (~32 MB instead of 54 MB). Versions: those of this checkout's .venv where it has them.
+# and its libraries (~24 MB instead of 54 MB). Versions: those of this checkout's .venv where it has them.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 DEST="${1:-$ROOT/.gpu}"
@@ -20,7 +20,8 @@ python3 -m pip download -q "${PLAT[@]}" -d "$DEST/wheels" \
 python3 -m pip download -q "${PLAT[@]}" -d "$DEST/optwheels" grpcio==1.85.3
 TMP="$(mktemp -d)"
 python3 -m pip download -q "${PLAT[@]}" -d "$TMP" nvidia-pytriton==0.7.0
-(cd "$TMP" && python3 -m zipfile -e nvidia_pytriton-*.whl x && cd x \
+# the wheel's libpython 3.13 serves only the 3.13 stub (the 3.12 stub links the machine's libpython3.12)
+(cd "$TMP" && python3 -m zipfile -e nvidia_pytriton-*.whl x && cd x && rm -f nvidia_pytriton.libs/libpython3-*.13.so* \
   && tar -cf - pytriton/tritonserver/bin pytriton/tritonserver/backends pytriton/tritonserver/caches \
        pytriton/tritonserver/python_backend_stubs/3.12 nvidia_pytriton.libs | xz -9 -T0 > "$DEST/pytriton.tar.xz")
 rm -rf "$TMP"
