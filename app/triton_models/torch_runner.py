@@ -168,11 +168,14 @@ class TritonPythonModel:
         torch = self.torch
         if self.precision == "half":
             xs = [x.half() if x.is_floating_point() else x for x in xs]
-        if self.precision == "fp16":  # no weight-cast cache: it does not survive CUDA-graph capture
-            with torch.autocast(self.device.type, dtype=torch.float16, cache_enabled=False):
+        # The TorchScript graph as traced, without the JIT's profiling re-optimisation (which could compile
+        # kernels in the middle of a capture); no autocast weight-cast cache (it does not survive capture).
+        with torch.jit.optimized_execution(False):
+            if self.precision == "fp16":
+                with torch.autocast(self.device.type, dtype=torch.float16, cache_enabled=False):
+                    out = self.model(*xs)
+            else:
                 out = self.model(*xs)
-        else:
-            out = self.model(*xs)
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
         if len(outs) != len(self.outputs):
             raise ValueError(
