@@ -17,7 +17,7 @@ CSV_FIELDS = [
     "model", "target", "concurrency", "duration_s", "requests", "errors", "throughput_rps",
     "p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms", "generator_procs", "generator_cpu_cores",
     "generator_cpu_max_pct", "server_cpu_cores", "cache", "error_samples", "triton_inferences",
-    "triton_executions", "batch_formed",
+    "triton_executions", "triton_requests", "batch_formed",
 ]  # fmt: skip
 
 BASELINE = "triton-http"

@@ -75,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-wrk", action="store_true", help="skip the cross-check against wrk")
     p.add_argument("--model-config-name", default=os.environ.get("TGW_TRITON_MODEL_CONFIG_NAME", "auto"),
                    help="Triton model configs to load: auto (gpu where a GPU is visible, else cpu), cpu, "
-                        "gpu, gpu_eager, gpu_nobatch")  # fmt: skip
+                        "gpu, gpu_eager, gpu_nobatch, gpu_eager_nobatch")  # fmt: skip
     p.add_argument("--load-models", default="",
                    help="comma-separated: Triton serves only these (copied to a repository)")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="TGW_X=V",
@@ -131,7 +131,9 @@ def _level(gen: Generator, stack: Stack, t: TargetSpec, c: int, o: Options) -> L
     wall = time.monotonic() - t0
     stats1 = triton_counts(stack.model_stats(t.model.name))
     result = merge(t.model.name, t.name, c, o.duration_s, shards)
-    result.triton_inferences, result.triton_executions = stats1[0] - stats0[0], stats1[1] - stats0[1]
+    result.triton_inferences, result.triton_executions, result.triton_requests = (
+        b - a for a, b in zip(stats0, stats1, strict=True)
+    )
     result.server_cpu_cores = {k: round((cpu_seconds(v) - before[k]) / wall, 2) for k, v in pids.items()}
     return result
 
@@ -148,7 +150,8 @@ def _line(i: int, n: int, r: LevelResult) -> str:
         f"gen {r.generator_cpu_cores:.2f} cores (max {r.generator_cpu_max_pct:.0f}%)  cpu {srv}"
         + (f"  [{cache}]" if cache else "")
         + (
-            f"  batch {r.batch_formed:.1f} ({r.triton_inferences:,}/{r.triton_executions:,})"
+            f"  batch {r.batch_formed:.1f} ({r.triton_inferences:,} rows, {r.triton_requests:,} requests / "
+            f"{r.triton_executions:,} executions)"
             if r.triton_executions
             else ""
         )

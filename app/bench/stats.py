@@ -53,10 +53,12 @@ class LevelResult:
     # Triton's own statistics over the level (warm-up included): requests it ran and model executions.
     triton_inferences: int = 0
     triton_executions: int = 0
+    triton_requests: int = 0
 
     @property
     def batch_formed(self) -> float:
-        """Inferences per execution: the average batch Triton's dynamic batcher formed (NaN: no stats)."""
+        """Rows per execution: the average batch Triton's dynamic batcher formed (NaN: no stats). A gateway
+        that stacks rows into one request sends fewer, larger requests: see ``triton_requests``."""
         return self.triton_inferences / self.triton_executions if self.triton_executions else math.nan
 
     def row(self) -> dict[str, Any]:
@@ -106,10 +108,12 @@ def ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
 
 
-def triton_counts(stats: dict[str, Any]) -> tuple[int, int]:
-    """``(inference_count, execution_count)`` over the versions in a ``/v2/models/{m}/stats`` answer."""
-    inferences = executions = 0
+def triton_counts(stats: dict[str, Any]) -> tuple[int, int, int]:
+    """``(inference_count, execution_count, requests)`` over the versions in a ``/v2/models/{m}/stats``
+    answer: rows inferred, model executions, and requests answered (``inference_stats.success.count``)."""
+    inferences = executions = requests = 0
     for m in stats.get("model_stats", []):
         inferences += int(m.get("inference_count", 0))
         executions += int(m.get("execution_count", 0))
-    return inferences, executions
+        requests += int(m.get("inference_stats", {}).get("success", {}).get("count", 0))
+    return inferences, executions, requests

@@ -276,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
             )
             say(
                 f"      config.pbtxt (TensorRT, {prec.upper()}), configs/cpu.pbtxt (ONNX Runtime on CPU), "
-                f"configs/gpu.pbtxt + gpu_eager + gpu_nobatch (PyTorch FP16 on GPU), "
+                f"configs/gpu*.pbtxt (PyTorch FP16 on GPU), "
                 f"{args.version}/model.onnx, model.pt, model.py, model_torch.py, build_plan.sh"
             )
             if spec.versions != [args.version]:

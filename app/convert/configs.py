@@ -199,12 +199,13 @@ def cpu_config(spec: ModelSpec) -> str:
 
 # GPU configurations (Python backend + PyTorch, app/triton_models/torch_runner.py), by name: the
 # embedded Triton loads configs/<name>.pbtxt with --model-config-name=<name>. ``gpu`` is what
-# TGW_TRITON_MODEL_CONFIG_NAME=auto picks on a GPU; the other two exist for the comparisons in
-# docs/performance.md ("On a GPU"): eager instead of CUDA graphs, and dynamic batching off.
+# TGW_TRITON_MODEL_CONFIG_NAME=auto picks on a GPU; the others exist for the comparisons in
+# docs/performance.md ("On a GPU"): eager instead of CUDA graphs, dynamic batching off, both.
 GPU_VARIANTS: dict[str, tuple[str, bool]] = {
     "gpu": ("graphs", True),
     "gpu_eager": ("eager", True),
     "gpu_nobatch": ("graphs", False),
+    "gpu_eager_nobatch": ("eager", False),
 }
 TORCH_FILE = "model.pt"
 TORCH_MODEL_PY = "model_torch.py"

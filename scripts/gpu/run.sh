@@ -5,8 +5,10 @@
 #   2. parity of the GPU configs' FP16 answers with the CPU ONNX answers (scripts/gpu/parity.py);
 #   3. `tgw bench` with the `gpu` configs (CUDA graphs + dynamic batching): Triton direct HTTP vs the
 #      gateway (`tgw serve --workers N`), cache misses and hits, c = 1, 64, 256; Triton's batch formed;
-#   4. the same model eager (`gpu_eager`) and with dynamic batching off (`gpu_nobatch`), Triton direct;
-#   5. py-spy profiles of a gateway worker and the Triton Python stub under gateway misses at c=64;
+#   4. the same model eager (`gpu_eager`), with dynamic batching off (`gpu_nobatch`), both
+#      (`gpu_eager_nobatch`), Triton direct; the gateway at c=1 with its Redis cache off;
+#   5. py-spy profiles of the busiest gateway worker and the Triton Python stub under gateway misses at
+#      c=1 and c=64;
 #   6. summary.md + results.json (scripts/gpu/summarize.py: tables and the issue-14 targets).
 #
 #   scripts/gpu/prepare-bundle.sh          # where pip can download: wheels + Triton into .gpu/
@@ -91,15 +93,19 @@ bench main "$CONFIG" --targets triton-http,gateway-miss,gateway-hit --concurrenc
 if [ "$COMPARE" = 1 ]; then
   bench eager gpu_eager --targets triton-http --concurrency 1,64 --workers 1
   bench nobatch gpu_nobatch --targets triton-http --concurrency 1,64 --workers 1
+  bench eager_nobatch gpu_eager_nobatch --targets triton-http --concurrency 1,64 --workers 1
+  # what the gateway adds at c=1 without its Redis round trips (cache off: no GET, no SET)
+  bench nocache "$CONFIG" --targets triton-http,gateway-miss --concurrency 1 --workers "$WORKERS" \
+    --set TGW_CACHE_ENABLED=false
 fi
 
 step "summary"
 "$PY" scripts/gpu/summarize.py "$WORK" "$OUT"
 
 if [ "$PROFILE" = 1 ]; then
-  step "profiles (py-spy) under gateway misses at c=64"
+  step "profiles (py-spy) under gateway misses at c=1 and c=64"
   "$PY" scripts/gpu/profile.py --config-name "$CONFIG" --workers "$WORKERS" --generators "$GENS" \
-    --concurrency 64 --seconds 8 --out "$OUT"
+    --concurrency 1,64 --seconds 8 --out "$OUT"
 fi
 rm -rf "$WORK"
 step "done: $(ls "$OUT" | tr '\n' ' ')"

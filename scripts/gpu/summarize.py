@@ -30,23 +30,28 @@ def fmt(x: float | None, d: int = 2) -> str:
 
 def row(label: str, r: Row | None) -> str:
     if r is None:
-        return f"| {label} | - | - | - | - | - | - |"
+        return f"| {label} | - | - | - | - | - | - | - |"
     return (
         f"| {label} | {r['concurrency']} | {r['throughput_rps']:,.0f} | {fmt(r['p50_ms'])} "
         f"| {fmt(r['p99_ms'])} "
-        f"| {r['errors']} | {fmt(r.get('batch_formed'), 1)} |"
+        f"| {r['errors']} | {fmt(r.get('batch_formed'), 1)} | {req_per_exec(r)} |"
     )
 
 
+def req_per_exec(r: Row) -> str:
+    n, e = r.get("triton_requests") or 0, r.get("triton_executions") or 0
+    return f"{n / e:.1f}" if e else "-"
+
+
 HEAD = [
-    "| target | c | req/s | p50 ms | p99 ms | errors | batch formed |",
-    "|---|---:|---:|---:|---:|---:|---:|",
+    "| target | c | req/s | p50 ms | p99 ms | errors | rows / execution | requests / execution |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|",
 ]
 
 
 def main() -> int:
     work, out = Path(sys.argv[1]), Path(sys.argv[2])
-    docs = {n: load(work, n) for n in ("main", "eager", "nobatch")}
+    docs = {n: load(work, n) for n in ("main", "eager", "nobatch", "eager_nobatch", "nocache")}
     main_doc = docs["main"]
     opts = main_doc.get("options", {})
     lines = ["# GPU run summary", ""]
@@ -72,6 +77,10 @@ def main() -> int:
     ):
         for c in (1, 64):
             lines.append(row(label, get(doc, "triton-http", c)))
+    if docs["nocache"]:
+        lines += ["", "## The gateway at c=1 with its Redis cache off (TGW_CACHE_ENABLED=false)", "", *HEAD]
+        for target in ("triton-http", "gateway-miss"):
+            lines.append(row(target, get(docs["nocache"], target, 1)))
     checks: list[tuple[str, str, str, bool]] = []
 
     g1, e1 = get(main_doc, "triton-http", 1), get(docs["eager"], "triton-http", 1)
@@ -83,7 +92,11 @@ def main() -> int:
     b64, n64 = get(main_doc, "triton-http", 64), get(docs["nobatch"], "triton-http", 64)
     if b64 is not None and n64 is not None:
         v = b64["throughput_rps"] / n64["throughput_rps"]
-        checks.append(("dynamic batching: on / off throughput, c=64", f"{v:.1f}x", ">= 8x", v >= 8))
+        checks.append(("dynamic batching: on / off throughput, c=64 (graphs)", f"{v:.1f}x", ">= 8x", v >= 8))
+    e64, en64 = get(docs["eager"], "triton-http", 64), get(docs["eager_nobatch"], "triton-http", 64)
+    if e64 is not None and en64 is not None:
+        v = e64["throughput_rps"] / en64["throughput_rps"]
+        checks.append(("dynamic batching: on / off throughput, c=64 (eager)", f"{v:.1f}x", ">= 8x", v >= 8))
     for c in (64, 256):
         gm, th = get(main_doc, "gateway-miss", c), get(main_doc, "triton-http", c)
         if gm is not None and th is not None:

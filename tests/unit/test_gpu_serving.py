@@ -120,8 +120,10 @@ def test_gpu_hidden_by_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> 
 def test_triton_statistics_give_the_batch_formed() -> None:
     stats = {"model_stats": [{"name": "m", "version": "1", "inference_count": 300, "execution_count": 10},
                              {"name": "m", "version": "2", "inference_count": 20, "execution_count": 10}]}  # fmt: skip
-    assert triton_counts(stats) == (320, 20)
-    assert triton_counts({}) == (0, 0)
+    assert triton_counts(stats) == (320, 20, 0)
+    stats["model_stats"][0]["inference_stats"] = {"success": {"count": 12, "ns": 5}}
+    assert triton_counts(stats) == (320, 20, 12)
+    assert triton_counts({}) == (0, 0, 0)
     r = LevelResult("m", "triton-http", 64, 1.0, 320, 0, 320.0, 1, 1, 1, 1, 1, 1, 0.1, 10.0,
                     triton_inferences=320, triton_executions=20)  # fmt: skip
     assert r.batch_formed == 16.0 and r.row()["batch_formed"] == 16.0
