@@ -202,20 +202,21 @@ def cmd_serve(_: argparse.Namespace) -> int:
 
 
 async def _run_worker(settings: Settings) -> int:
-    """The gateway's lifespan (same clients, same inference service) with a worker and the webhook
-    dispatcher in it, and no HTTP server. SIGTERM/SIGINT: stop reading, let running jobs finish."""
-    from app.main import create_app
+    """The gateway's core (``build_gateway``: same clients, same inference service) with a worker and the
+    webhook dispatcher in it, and no web app. SIGTERM/SIGINT: stop reading, let running jobs finish."""
+    from app.gateway import build_gateway
 
-    app = create_app(settings.model_copy(update={"worker_in_process": True, "drain_s": 0}))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with app.router.lifespan_context(app):
-        logger.info("job worker %s running", app.state.jobs.worker.name)
+    async with build_gateway(settings.model_copy(update={"worker_in_process": True, "drain_s": 0})) as gw:
+        worker = gw.jobs.worker
+        assert worker is not None
+        logger.info("job worker %s running", worker.name)
         await stop.wait()
         logger.info("draining job worker (up to %.0f s)", settings.drain_s)
-        await app.state.jobs.worker.drain(settings.drain_s)
+        await worker.drain(settings.drain_s)
     return 0
 
 

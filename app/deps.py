@@ -1,4 +1,5 @@
-"""FastAPI dependencies: the long-lived objects built in the lifespan, read from ``app.state``.
+"""FastAPI dependencies: the long-lived objects built by ``build_gateway`` in the lifespan, read from
+``app.state.gateway``. ``HTTPConnection`` makes them usable from HTTP and WebSocket routes alike.
 
 They are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in the thread pool, which costs
 a thread hand-off (and GIL contention) on every request."""
@@ -7,9 +8,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
 from starlette.requests import HTTPConnection
 
+from app.clients.protocols import TritonAdmin
+from app.gateway import Gateway
 from app.services.health import HealthService
 from app.services.inference import InferenceService
 from app.services.jobs.events import EventHub
@@ -18,52 +21,50 @@ from app.services.registry import ModelRegistry
 from app.settings import Settings
 
 
-async def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+async def get_gateway(conn: HTTPConnection) -> Gateway:
+    gateway: Gateway = conn.app.state.gateway
+    return gateway
 
 
-async def get_inference(request: Request) -> InferenceService:
-    service: InferenceService = request.app.state.inference
-    return service
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
-async def get_registry(request: Request) -> ModelRegistry:
-    registry: ModelRegistry = request.app.state.registry
-    return registry
-
-
-async def get_health(request: Request) -> HealthService:
-    health: HealthService = request.app.state.health
-    return health
-
-
-# --- async jobs (HTTPConnection: usable from HTTP and WebSocket routes alike) ---------------------
-def get_jobs(conn: HTTPConnection) -> JobService:
-    service: JobService = conn.app.state.jobs.service
-    return service
-
-
-def get_job_events(conn: HTTPConnection) -> EventHub:
-    hub: EventHub = conn.app.state.jobs.hub
-    return hub
-
-
-def get_conn_settings(conn: HTTPConnection) -> Settings:
+async def get_settings(conn: HTTPConnection) -> Settings:
     settings: Settings = conn.app.state.settings
     return settings
 
 
-def get_conn_inference(conn: HTTPConnection) -> InferenceService:
-    service: InferenceService = conn.app.state.inference
-    return service
+async def get_inference(gw: GatewayDep) -> InferenceService:
+    return gw.inference
+
+
+async def get_registry(gw: GatewayDep) -> ModelRegistry:
+    return gw.registry
+
+
+async def get_admin(gw: GatewayDep) -> TritonAdmin:
+    return gw.admin
+
+
+async def get_health(gw: GatewayDep) -> HealthService:
+    return gw.health
+
+
+async def get_jobs(gw: GatewayDep) -> JobService:
+    return gw.jobs.service
+
+
+async def get_job_events(gw: GatewayDep) -> EventHub:
+    return gw.jobs.hub
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 InferenceDep = Annotated[InferenceService, Depends(get_inference)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+AdminDep = Annotated[TritonAdmin, Depends(get_admin)]
 HealthDep = Annotated[HealthService, Depends(get_health)]
 JobsDep = Annotated[JobService, Depends(get_jobs)]
 JobEventsDep = Annotated[EventHub, Depends(get_job_events)]
-ConnSettingsDep = Annotated[Settings, Depends(get_conn_settings)]
-ConnInferenceDep = Annotated[InferenceService, Depends(get_conn_inference)]
+# Kept as aliases: the WebSocket routes read the same objects.
+ConnSettingsDep = SettingsDep
+ConnInferenceDep = InferenceDep

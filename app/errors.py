@@ -96,6 +96,13 @@ class UpstreamError(GatewayError):
     code = "triton_error"
 
 
+class UpstreamRejected(BadRequest):
+    """Triton refused the request's content (gRPC INVALID_ARGUMENT, HTTP 400): the client's error, passed
+    on as 400 with Triton's message, never retried (a 502 would read as a server fault and be retried)."""
+
+    code = "triton_rejected_input"
+
+
 class UpstreamTimeout(GatewayError):
     status_code = 504
     code = "triton_timeout"
@@ -107,7 +114,7 @@ _GRPC_TO_ERROR: dict[grpc.StatusCode, type[GatewayError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: UpstreamUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: UpstreamTimeout,
     grpc.StatusCode.NOT_FOUND: ModelNotFound,
-    grpc.StatusCode.INVALID_ARGUMENT: UpstreamError,
+    grpc.StatusCode.INVALID_ARGUMENT: UpstreamRejected,
     grpc.StatusCode.FAILED_PRECONDITION: UpstreamError,
     grpc.StatusCode.INTERNAL: UpstreamError,
     grpc.StatusCode.UNKNOWN: UpstreamError,
@@ -144,6 +151,7 @@ def _upstream(
 
 # HTTP status of a Triton inference answer (KServe v2 over HTTP) -> the domain error it becomes.
 _HTTP_TO_ERROR: dict[int, type[GatewayError]] = {
+    400: UpstreamRejected,
     404: ModelNotFound,
     429: UpstreamUnavailable,
     503: UpstreamUnavailable,

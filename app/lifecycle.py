@@ -8,12 +8,11 @@ Shutdown sequence (``GracefulServer``, used by ``tgw up`` and ``tgw serve``, eve
 2. ``TGW_SHUTDOWN_DELAY_S`` later the listening socket closes: new connections are refused. Load
    balancers have seen the 503 by then. A second signal skips the delay; a third stops waiting.
 3. In-flight requests finish, for up to ``TGW_DRAIN_S`` (uvicorn's ``timeout_graceful_shutdown``).
-4. Lifespan shutdown: ``shutdown_hooks`` run concurrently, bounded by ``TGW_DRAIN_S`` (job workers
-   finish or release their jobs), then clients close. The process exits 0.
+4. Lifespan shutdown: ``build_gateway`` closes what it built (job workers finish or release their jobs,
+   bounded), then the clients. The process exits 0.
 
-Hooks for other modules (the async-jobs code): ``app.state.lifecycle.drain_hooks.append(fn)`` where
-``fn`` is a plain or ``async`` callable with no arguments, and
-``app.state.lifecycle.shutdown_hooks.append(async_fn)``.
+Hooks for other modules (the async-jobs code): ``lifecycle.drain_hooks.append(fn)`` where ``fn`` is a
+plain or ``async`` callable with no arguments.
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ logger = logging.getLogger(__name__)
 SETTLE_S = 0.5  # after the listener closes, before idle connections are closed
 
 DrainHook = Callable[[], Awaitable[None] | None]
-ShutdownHook = Callable[[], Awaitable[None]]
 
 
 class _Drainable(Protocol):
@@ -53,7 +51,6 @@ class Lifecycle:
     def __init__(self) -> None:
         self.draining = False
         self.drain_hooks: list[DrainHook] = []
-        self.shutdown_hooks: list[ShutdownHook] = []
         self._targets: list[_Drainable] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -93,20 +90,6 @@ class Lifecycle:
                 task = asyncio.ensure_future(result)
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-
-    async def run_shutdown_hooks(self, timeout_s: float) -> None:
-        if not self.shutdown_hooks:
-            return
-        jobs = [asyncio.ensure_future(hook()) for hook in self.shutdown_hooks]
-        done, pending = await asyncio.wait(jobs, timeout=timeout_s or None)
-        for task in pending:
-            task.cancel()
-        if pending:
-            logger.error("%d shutdown hook(s) still running after %.0f s (TGW_DRAIN_S); cancelled",
-                         len(pending), timeout_s)  # fmt: skip
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                logger.error("shutdown hook failed: %r", task.exception())
 
 
 _ACTIVE: list[Lifecycle] = []

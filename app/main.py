@@ -1,5 +1,6 @@
-"""``create_app()``: the FastAPI application. Settings are built and validated here; long-lived clients
-(gRPC channels, the Redis pool) are created in the lifespan and held on ``app.state``."""
+"""``create_app()``: the FastAPI application behind the request pipeline (``app.pipeline``). Settings are
+built and validated here; the long-lived clients and services are built by ``build_gateway`` in the
+lifespan and held on ``app.state.gateway`` (routes get them through ``app.deps``)."""
 
 from __future__ import annotations
 
@@ -10,24 +11,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.clients.protocols import TritonClient
-from app.clients.redis import RedisCacheStore, make_redis
-from app.clients.triton import TritonGrpcClient
-from app.clients.triton_http import TritonHttpInfer
 from app.errors import install_exception_handlers
-from app.hotpath import GatewayApp, HotPath
+from app.gateway import Gateway, build_gateway
 from app.lifecycle import Lifecycle
-from app.middleware import RequestContextMiddleware
 from app.observability import tracing
 from app.observability.metrics import http_metrics, register_jobs_snapshot, setup_metrics
-from app.observability.middleware import ObservabilityMiddleware
+from app.pipeline import InferRoute, InferRouter, Pipeline
 from app.routers import health, infer, jobs, models, v2, ws
-from app.services.batcher import BatchingTritonClient
-from app.services.cache import ResponseCache
-from app.services.health import HealthService
-from app.services.inference import InferenceService
-from app.services.jobs.runtime import JobsRuntime
-from app.services.registry import ModelRegistry
+from app.routers.common import Headers
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -36,93 +27,58 @@ logger = logging.getLogger(__name__)
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    triton = TritonGrpcClient(
-        settings.triton_grpc_address,
-        channels=settings.triton_channels,
-        retries=settings.triton_retries,
-        retry_after_s=settings.retry_after_s,
-    )
-    redis = (
-        make_redis(settings.redis_address, settings.redis_timeout_s, settings.redis_cluster)
-        if settings.cache_enabled
-        else None
-    )
-    store = RedisCacheStore(redis, settings.redis_timeout_s) if redis is not None else None
-    cache = ResponseCache(
-        store, settings.cache_ttl_s, settings.cache_max_value_bytes,
-        l1_entries=settings.l1_cache_entries, l1_bytes=settings.l1_cache_bytes,
-        l1_ttl_s=settings.l1_cache_ttl_s,
-    )  # fmt: skip
-    registry = ModelRegistry(triton, settings.metadata_ttl_s, settings.cache_exclude_models)
-    # Inference over Triton's HTTP endpoint when TGW_TRITON_HTTP_URL is set (app.clients.triton_http);
-    # micro-batching wraps only the client the inference path uses; health and metadata go direct (gRPC).
-    upstream: TritonClient = triton
-    if settings.triton_http_url:
-        upstream = TritonHttpInfer(
-            settings.triton_http_url, triton, retries=settings.triton_retries,
-            retry_after_s=settings.retry_after_s,
-        )  # fmt: skip
-    infer_client: TritonClient = (
-        BatchingTritonClient(upstream, registry.peek, settings.batch_window_us, settings.batch_max_inflight)
-        if settings.batch_enabled
-        else upstream
-    )
-    app.state.triton = triton
-    app.state.redis = redis
-    app.state.cache = cache
-    app.state.registry = registry
-    app.state.batcher = infer_client if isinstance(infer_client, BatchingTritonClient) else None
-    app.state.inference = InferenceService(
-        infer_client, registry, cache, settings.cache_namespace, settings.triton_timeout_s
-    )
-    app.state.health = HealthService(upstream, cache)  # Triton is live when every endpoint we use answers
-    # --- lifecycle: SIGTERM drains (readiness 503), hooks on app.state.lifecycle ---
     lifecycle: Lifecycle = app.state.lifecycle
-    lifecycle.watch(app.state.health)
-    lifecycle.activate()
-    # --- async jobs: store, service, event fan-out; worker + webhooks if TGW_WORKER_IN_PROCESS ---
-    app.state.jobs = JobsRuntime(settings, app.state.inference)
-    await app.state.jobs.start()
-    register_jobs_snapshot(app, app.state.jobs.metrics_snapshot)
-    lifecycle.drain_hooks.append(app.state.jobs.begin_drain)
-    logger.info("gateway up: Triton %s (inference over %s), Redis %s", settings.triton_grpc_address,
-                f"HTTP {settings.triton_http_url}" if settings.triton_http_url else "gRPC",
-                settings.redis_address if redis is not None else "disabled")  # fmt: skip
-    try:
-        yield
-    finally:
-        await lifecycle.run_shutdown_hooks(settings.drain_s)
-        lifecycle.deactivate()
-        await app.state.jobs.stop(drain_s=min(settings.drain_s, 5.0) if settings.worker_in_process else 0)
-        await app.state.inference.drain_writes(timeout_s=1.0)
-        if store is not None:
-            await store.close()
-        if upstream is not triton:
-            await upstream.close()
-        await triton.close()
-        if settings.otel_endpoint:
-            tracing.shutdown_tracing()
+    async with build_gateway(settings, lifecycle) as gw:
+        app.state.gateway = gw
+        register_jobs_snapshot(app, gw.jobs.metrics_snapshot)
+        lifecycle.activate()  # SIGTERM drains (readiness 503)
+        try:
+            yield
+        finally:
+            lifecycle.deactivate()
+    if settings.otel_endpoint:
+        tracing.shutdown_tracing()
+
+
+def _infer_router(app: FastAPI) -> InferRouter:
+    """The infer routes' handlers, bound to the gateway built in the lifespan."""
+
+    def gateway() -> Gateway:
+        gw: Gateway = app.state.gateway
+        return gw
+
+    async def v1(route: InferRoute, body: bytes, headers: Headers) -> infer.Reply:
+        return await infer.serve_v1(gateway().inference, route.model, route.version, body, headers)
+
+    async def kserve(route: InferRoute, body: bytes, headers: Headers) -> infer.Reply:
+        return await v2.serve_v2(gateway().inference, route.model, route.version, body, headers)
+
+    return InferRouter({"v1": v1, "v2": kserve})
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    app = GatewayApp(
+    app = FastAPI(
         title="triton-gateway",
         version=__version__,
         description="Validating, caching gateway in front of NVIDIA Triton Inference Server.",
         lifespan=lifespan,
     )
     app.state.settings = settings
-    install_exception_handlers(app)
-    for module in (health, models, infer, v2, jobs, ws):
-        app.include_router(module.router)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
-    # --- observability (outermost): metrics, access log, tracing; lifecycle hooks ---
     app.state.lifecycle = Lifecycle()
+    install_exception_handlers(app)
+    for module in (health, models, v2, jobs, ws):
+        app.include_router(module.router)
+    infer.document_infer_routes(app)
     if settings.metrics_enabled:
         setup_metrics(app)
     tracing.setup_tracing(settings.otel_endpoint, settings.otel_service_name)
-    app.add_middleware(ObservabilityMiddleware, lifecycle=app.state.lifecycle)
-    if settings.fast_path:  # the infer routes, answered before the middleware stack (app.hotpath)
-        app.hot = HotPath(app, settings.max_body_bytes, http_metrics() if settings.metrics_enabled else ())
+    app.add_middleware(
+        Pipeline,
+        max_body_bytes=settings.max_body_bytes,
+        lifecycle=app.state.lifecycle,
+        router=_infer_router(app),
+        http_metrics=http_metrics() if settings.metrics_enabled else (),
+        server_timing=settings.server_timing,
+    )
     return app

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -39,8 +40,8 @@ class Settings(BaseSettings):
         None, description="gRPC address host:port of an external Triton; unset = start the embedded one"
     )
     triton_http_url: str | None = Field(
-        None, description="host:port of the same Triton's HTTP endpoint: inference goes there (measured "
-        "cheaper); unset = inference over gRPC too. `tgw up` sets it for the embedded Triton",
+        None, description="[http[s]://]host:port of the same Triton's HTTP endpoint (IPv6 as [addr]:port): "
+        "inference goes there (measured cheaper); unset = inference over gRPC too. `tgw up` sets it",
     )  # fmt: skip
     triton_timeout_s: float = Field(30.0, gt=0, description="per-call deadline for inference")
     triton_channels: int = Field(1, ge=1, le=32, description="gRPC channels, requests spread round-robin")
@@ -80,9 +81,15 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated models never cached"
     )
     cache_max_value_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger answers are not cached")
+    cache_read_min_hit_ratio: float = Field(
+        0.01, ge=0, le=1, description="below this recent hit ratio a model's lookups skip Redis but 1 in 16 "
+        "(its answers are still cached; 0 = always look; see docs/performance.md)",
+    )  # fmt: skip
 
     # --- Hot path ----------------------------------------------------------------------------------
-    fast_path: bool = Field(True, description="infer routes answered ahead of the middleware (app.hotpath)")
+    server_timing: bool = Field(
+        True, description="Server-Timing header (cache, queue, triton, total in ms) on infer answers"
+    )
     batch_enabled: bool = Field(
         True, description="stack concurrent small requests into one Triton call (dynamic-batching models)"
     )
@@ -170,11 +177,20 @@ class Settings(BaseSettings):
     def _http_address(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
-        value = value.strip().removeprefix("http://").rstrip("/")
-        host, _, port = value.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError("expected host:port of Triton's HTTP endpoint, e.g. triton:8000")
-        return value
+        value = value.strip().rstrip("/")
+        if "://" not in value:
+            value = f"http://{value}"
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError:
+            port = None
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+            raise ValueError(
+                "expected [http[s]://]host:port of Triton's HTTP endpoint, e.g. triton:8000 or https://[::1]:8443"
+            )
+        return f"{parts.scheme}://{parts.netloc}"
 
     @field_validator("otel_endpoint")
     @classmethod

@@ -2,10 +2,12 @@
 
 Starts the embedded Triton on ``tests/models`` (same launcher as ``tgw up``) and times ``identity_fp32``
 calls (``[1,16]`` FP32) made by: the gateway's own two upstream clients (``TritonHttpInfer``, the default,
-and ``TritonGrpcClient``), and for comparison ``tritonclient.grpc.aio``, ``tritonclient.http.aio`` and
-``httpx`` with a pre-built binary request. Sequentially (concurrency 1) and with 64 calls in flight, on
-uvloop; prints calls/s, p50/p99 and the client process's CPU per call (``getrusage``). This is the
-measurement behind ``app/clients/triton_http.py`` (docs/performance.md, "Transport to Triton").
+and ``TritonGrpcClient``), and for comparison ``tritonclient.grpc.aio``, ``tritonclient.http.aio``,
+``httpx`` with a pre-built binary request, and a plain ``aiohttp`` session with the same request encoding
+and answer decoding as ``TritonHttpInfer`` (only the HTTP layer differs). Sequentially (concurrency 1)
+and with 64 calls in flight, on uvloop; prints calls/s, p50/p99 and the client process's CPU per call
+(``getrusage``). This is the measurement behind ``app/clients/triton_http.py`` (docs/performance.md,
+"Transport to Triton").
 """
 
 from __future__ import annotations
@@ -58,15 +60,19 @@ async def _measure(name: str, call: Call, n: int, concurrency: int) -> str:
 
 
 async def _run(triton: EmbeddedTriton, n: int) -> None:
+    import aiohttp
     import httpx
     import tritonclient.grpc.aio as grpcclient
     import tritonclient.http.aio as httpclient
 
+    from app.clients.protocols import TritonCall
     from app.clients.triton import TritonGrpcClient
     from app.clients.triton_http import TritonHttpInfer
+    from app.clients.triton_http import _decode as decode_answer
+    from app.codecs import binary
 
     grpc_gw = TritonGrpcClient(triton.grpc_url)
-    http_gw = TritonHttpInfer(triton.http_url, grpc_gw)
+    http_gw = TritonHttpInfer(triton.http_url)
     tc_grpc = grpcclient.InferenceServerClient(triton.grpc_url)
     tc_http = httpclient.InferenceServerClient(triton.http_url.removeprefix("http://"), conn_limit=128)
     hx = httpx.AsyncClient(limits=httpx.Limits(max_connections=128, max_keepalive_connections=128))
@@ -75,11 +81,14 @@ async def _run(triton: EmbeddedTriton, n: int) -> None:
     url = f"{triton.http_url}/v2/models/{MODEL}/infer"
     headers = {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
 
+    def make_call() -> TritonCall:
+        return TritonCall(MODEL, "", {INPUT: X}, {INPUT: "FP32"}, deadline=time.monotonic() + 10)
+
     async def gateway_http() -> object:
-        return await http_gw.infer(MODEL, "", {INPUT: X}, {INPUT: "FP32"}, None, None, "", 10)
+        return await http_gw.infer(make_call())
 
     async def gateway_grpc() -> object:
-        return await grpc_gw.infer(MODEL, "", {INPUT: X}, {INPUT: "FP32"}, None, None, "", 10)
+        return await grpc_gw.infer(make_call())
 
     async def tritonclient_grpc() -> object:
         tensor = grpcclient.InferInput(INPUT, [1, 16], "FP32")
@@ -92,6 +101,24 @@ async def _run(triton: EmbeddedTriton, n: int) -> None:
         out = [httpclient.InferRequestedOutput(OUTPUT, binary_data=True)]
         return (await tc_http.infer(MODEL, [tensor], outputs=out)).as_numpy(OUTPUT)
 
+    connector = aiohttp.TCPConnector(limit=128, ttl_dns_cache=None)
+    session = aiohttp.ClientSession(connector=connector)
+
+    async def aiohttp_raw() -> object:
+        """A plain aiohttp session doing what TritonHttpInfer does: the same request encoding (the
+        shared KServe binary codec) and the same answer decoding, only the HTTP layer differs."""
+        call = make_call()
+        blobs: list[bytes] = []
+        tensors = [binary.binary_item(n, call.datatypes[n], a, blobs) for n, a in call.inputs.items()]
+        header = {"inputs": tensors, "parameters": {"binary_data_output": True}}
+        body, head_length = binary.pack(header, blobs)
+        headers = {"Content-Type": "application/octet-stream",
+                   "Inference-Header-Content-Length": str(head_length)}  # fmt: skip
+        async with session.post(url, data=body, headers=headers) as r:
+            raw = await r.read()
+            answer_headers = {k.lower().encode(): v.encode() for k, v in r.headers.items()}
+        return decode_answer(answer_headers, raw)
+
     async def httpx_raw() -> object:
         return (await hx.post(url, content=head + X.tobytes(), headers=headers)).content
 
@@ -100,6 +127,7 @@ async def _run(triton: EmbeddedTriton, n: int) -> None:
         ("gateway TritonGrpcClient", gateway_grpc),
         ("tritonclient.grpc.aio", tritonclient_grpc),
         ("tritonclient.http.aio (aiohttp)", tritonclient_http),
+        ("aiohttp session, same codec", aiohttp_raw),
         ("httpx, pre-built binary body", httpx_raw),
     ]
     try:
@@ -112,6 +140,7 @@ async def _run(triton: EmbeddedTriton, n: int) -> None:
         await tc_grpc.close()
         await tc_http.close()
         await hx.aclose()
+        await session.close()
 
 
 def main() -> None:

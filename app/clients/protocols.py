@@ -1,9 +1,19 @@
-"""The narrow interfaces services depend on; the gRPC and Redis clients implement them."""
+"""The narrow interfaces services depend on, and the one call object that crosses the Triton boundary.
+
+Two interfaces to Triton, so a reader sees which endpoint carries what:
+
+* ``TritonAdmin`` (gRPC, ``app.clients.triton``): health, server and model metadata, model config,
+  repository index, statistics. Low rate; read by the model registry, the health service and ``/v2``.
+* ``InferenceTransport`` (``app.clients.triton_http`` over HTTP, or ``app.clients.triton`` over gRPC):
+  ``infer(TritonCall) -> TritonResult``. The hot call. Micro-batching (``app.services.batcher``) is an
+  ``InferenceTransport`` wrapping another one.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -16,7 +26,68 @@ class TritonResult:
     datatypes: dict[str, str]
 
 
-class TritonClient(Protocol):
+@dataclass(slots=True)
+class TritonCall:
+    """One inference as Triton receives it.
+
+    ``parameters`` are the request parameters passed on verbatim (never the reserved ones below);
+    ``priority`` and ``timeout_us`` are Triton's own request options (0 = the model's default) and
+    ``sequence_id``/``sequence_start``/``sequence_end`` its sequence-batcher controls. ``deadline`` is
+    the ``time.monotonic()`` by which the gateway gives up; ``max_batch_rows`` > 0 lets the gateway's
+    micro-batcher stack this call with others of the same model (0: never), decided once from the
+    model's config.
+    """
+
+    model: str
+    version: str
+    inputs: Mapping[str, np.ndarray]
+    datatypes: Mapping[str, str]
+    outputs: Sequence[str] | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    request_id: str = ""
+    deadline: float = 0.0
+    priority: int = 0
+    timeout_us: int = 0
+    sequence_id: int | str = 0
+    sequence_start: bool = False
+    sequence_end: bool = False
+    max_batch_rows: int = 0
+    queued_s: float = 0.0  # set by the micro-batcher: how long the call waited to be sent
+
+    def remaining_s(self) -> float:
+        """Seconds left before the deadline (at least 1 ms, so a late call still fails cleanly)."""
+        return max(self.deadline - time.monotonic(), 0.001)
+
+    @property
+    def sequenced(self) -> bool:
+        return bool(self.sequence_id)
+
+    def triton_parameters(self) -> dict[str, Any]:
+        """The request parameters with Triton's own options (priority, timeout, sequence) folded in, as
+        the KServe/Triton HTTP protocol carries them."""
+        params = dict(self.parameters)
+        if self.priority:
+            params["priority"] = self.priority
+        if self.timeout_us:
+            params["timeout"] = self.timeout_us
+        if self.sequence_id:
+            params["sequence_id"] = self.sequence_id
+            params["sequence_start"] = self.sequence_start
+            params["sequence_end"] = self.sequence_end
+        return params
+
+
+class InferenceTransport(Protocol):
+    async def infer(self, call: TritonCall) -> TritonResult: ...
+
+    async def live(self) -> bool:
+        """The endpoint that carries inference answers (part of readiness)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class TritonAdmin(Protocol):
     async def server_live(self) -> bool: ...
 
     async def server_ready(self) -> bool: ...
@@ -29,17 +100,7 @@ class TritonClient(Protocol):
 
     async def model_config(self, model: str, version: str = "") -> dict[str, Any]: ...
 
-    async def infer(
-        self,
-        model: str,
-        version: str,
-        inputs: Mapping[str, np.ndarray],
-        datatypes: Mapping[str, str],
-        outputs: Sequence[str] | None,
-        parameters: Mapping[str, Any] | None,
-        request_id: str,
-        timeout_s: float,
-    ) -> TritonResult: ...
+    async def model_statistics(self, model: str = "", version: str = "") -> dict[str, Any]: ...
 
     async def close(self) -> None: ...
 

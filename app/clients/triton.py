@@ -1,11 +1,13 @@
-"""Triton over gRPC (``tritonclient.grpc.aio``): channels are created once, in the app lifespan."""
+"""Triton over gRPC (``tritonclient.grpc.aio``): the admin interface (health, metadata, config, index,
+statistics) and inference when ``TGW_TRITON_HTTP_URL`` is unset. Channels are created once, in
+``build_gateway``."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -13,7 +15,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from app.clients.protocols import TritonResult
+from app.clients.protocols import TritonCall, TritonResult
 from app.errors import GatewayError, from_grpc, grpc_status_from_text
 from app.observability import tracing
 
@@ -44,7 +46,8 @@ def _not_sent(exc: InferenceServerException) -> bool:
 
 
 class TritonGrpcClient:
-    """Implements ``TritonClient`` with ``channels`` independent gRPC channels used round-robin."""
+    """``TritonAdmin``, and an ``InferenceTransport`` (inference over gRPC), on ``channels`` independent
+    gRPC channels used round-robin."""
 
     def __init__(
         self, url: str, channels: int = 1, retries: int = 2, retry_after_s: int = 2,
@@ -115,36 +118,44 @@ class TritonGrpcClient:
         )
         return dict(out.get("config", {}))
 
-    async def infer(
-        self,
-        model: str,
-        version: str,
-        inputs: Mapping[str, np.ndarray],
-        datatypes: Mapping[str, str],
-        outputs: Sequence[str] | None,
-        parameters: Mapping[str, Any] | None,
-        request_id: str,
-        timeout_s: float,
-    ) -> TritonResult:
+    async def model_statistics(self, model: str = "", version: str = "") -> dict[str, Any]:
+        out = await self._call(
+            lambda c: c.get_inference_statistics(
+                model, version, as_json=True, client_timeout=self._admin_timeout_s
+            )
+        )
+        return dict(out)
+
+    # --- InferenceTransport ---
+    async def live(self) -> bool:
+        return await self.server_live()
+
+    async def infer(self, call: TritonCall) -> TritonResult:
         """One unary ModelInfer through tritonclient (its request builder and reserved-parameter checks).
         Building the protobuf by hand was measured and did not pay (docs/performance.md)."""
         infer_inputs = []
-        for name, array in inputs.items():
-            tensor = grpcclient.InferInput(name, list(array.shape), datatypes[name])
+        for name, array in call.inputs.items():
+            tensor = grpcclient.InferInput(name, list(array.shape), call.datatypes[name])
             tensor.set_data_from_numpy(array)
             infer_inputs.append(tensor)
-        requested = [grpcclient.InferRequestedOutput(name) for name in outputs] if outputs else None
-        headers = {"x-request-id": request_id} if request_id else {}
+        requested = [grpcclient.InferRequestedOutput(name) for name in call.outputs] if call.outputs else None
+        rid = call.request_id
+        headers = {"x-request-id": rid} if rid else {}
         tracing.inject(headers)  # W3C traceparent as gRPC metadata; no-op unless tracing is on
         result = await self._call(
             lambda c: c.infer(
-                model,
+                call.model,
                 infer_inputs,
-                model_version=version,
+                model_version=call.version,
                 outputs=requested,
-                request_id=request_id,
-                parameters=dict(parameters) if parameters else None,
-                client_timeout=timeout_s,
+                request_id=rid,
+                sequence_id=call.sequence_id,
+                sequence_start=call.sequence_start,
+                sequence_end=call.sequence_end,
+                priority=call.priority,
+                timeout=call.timeout_us or None,
+                parameters=dict(call.parameters) if call.parameters else None,
+                client_timeout=call.remaining_s(),
                 headers=headers or None,
             )
         )

@@ -17,24 +17,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httptools
 import numpy as np
 import orjson
 from tritonclient.utils import triton_to_np_dtype
 
-from app.clients.protocols import TritonResult
-from app.clients.tensors import tensor_bytes, tensor_from_bytes
+from app.clients.protocols import TritonCall, TritonResult
+from app.clients.tensors import tensor_from_bytes
+from app.codecs import binary
 from app.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable, from_http
 from app.observability import tracing
 
 logger = logging.getLogger(__name__)
-
-_HEADER_LENGTH = b"inference-header-content-length"
 
 
 class _NotSent(ConnectionError):
@@ -45,7 +45,9 @@ class _NotSent(ConnectionError):
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_response_bytes: int) -> None:
+        self.max_response_bytes = max_response_bytes
+        self._size = 0
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -80,6 +82,11 @@ class _Connection(asyncio.Protocol):
         self._headers[name.lower()] = value
 
     def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size > self.max_response_bytes:
+            self._fail(UpstreamError(f"Triton's answer exceeds {self.max_response_bytes} bytes"))
+            self.close()
+            return
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -98,7 +105,7 @@ class _Connection(asyncio.Protocol):
 
     async def request(self, data: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
         assert self.transport is not None
-        self._headers, self._body, self._started = {}, [], False
+        self._headers, self._body, self._started, self._size = {}, [], False, 0
         self._waiter = asyncio.get_running_loop().create_future()
         self.transport.write(data)
         try:
@@ -113,25 +120,39 @@ class _Connection(asyncio.Protocol):
 
 
 class TritonHttpInfer:
-    """``infer`` of ``TritonClient`` over HTTP; the other calls are delegated to ``admin`` (gRPC)."""
+    """An ``InferenceTransport`` over Triton's HTTP endpoint (admin calls stay on gRPC)."""
 
     def __init__(
-        self, url: str, admin: Any, max_connections: int = 128, retries: int = 2, retry_after_s: int = 2
-    ) -> None:
-        host, _, port = url.removeprefix("http://").rstrip("/").rpartition(":")
-        self.host, self.port = host, int(port)
-        self.url = f"http://{host}:{port}"
-        self.admin = admin
+        self, url: str, max_connections: int = 128, retries: int = 2, retry_after_s: int = 2,
+        max_response_bytes: int = 256 * 1024 * 1024, ssl_context: ssl.SSLContext | None = None,
+    ) -> None:  # fmt: skip
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.host = parts.hostname  # an IPv6 literal without its brackets
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        netloc = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        self.url = f"{parts.scheme}://{netloc}"
+        self.ssl: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self.ssl = ssl_context or ssl.create_default_context()
+        self.max_response_bytes = max_response_bytes
         self.max_connections = max_connections
         self.retries = retries
         self.retry_after_s = retry_after_s
         self._idle: list[_Connection] = []
+        self._busy: set[_Connection] = set()  # handed out; closed too on shutdown
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
         self._open = 0
-        self._host_header = f"Host: {host}:{port}\r\n"
+        self._host_header = f"Host: {netloc}\r\n"
 
     # --- pool ---
     async def _acquire(self) -> _Connection:
+        conn = await self._take()
+        self._busy.add(conn)
+        return conn
+
+    async def _take(self) -> _Connection:
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed:
@@ -155,7 +176,9 @@ class TritonHttpInfer:
         self._open += 1
         try:
             loop = asyncio.get_running_loop()
-            _, protocol = await loop.create_connection(_Connection, self.host, self.port)
+            _, protocol = await loop.create_connection(
+                lambda: _Connection(self.max_response_bytes), self.host, self.port, ssl=self.ssl
+            )
         except BaseException:
             self._open -= 1
             self._wake_one(None)
@@ -163,6 +186,7 @@ class TritonHttpInfer:
         return protocol
 
     def _release(self, conn: _Connection) -> None:
+        self._busy.discard(conn)
         if conn.closed:
             self._open -= 1
             self._wake_one(None)
@@ -182,21 +206,11 @@ class TritonHttpInfer:
                 waiter.set_result(value)
                 return
 
-    # --- inference ---
-    async def infer(
-        self,
-        model: str,
-        version: str,
-        inputs: Mapping[str, np.ndarray],
-        datatypes: Mapping[str, str],
-        outputs: Sequence[str] | None,
-        parameters: Mapping[str, Any] | None,
-        request_id: str,
-        timeout_s: float,
-    ) -> TritonResult:
-        request = self._encode(model, version, inputs, datatypes, outputs, parameters, request_id)
+    # --- InferenceTransport ---
+    async def infer(self, call: TritonCall) -> TritonResult:
+        request = self._encode(call)
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(call.remaining_s()):
                 status, headers, body = await self._send(request)
         except TimeoutError:
             raise UpstreamTimeout("Triton did not answer before the deadline") from None
@@ -236,41 +250,33 @@ class TritonHttpInfer:
             self._release(conn)
             return answer
 
-    def _encode(
-        self, model: str, version: str, inputs: Mapping[str, np.ndarray], datatypes: Mapping[str, str],
-        outputs: Sequence[str] | None, parameters: Mapping[str, Any] | None, request_id: str,
-    ) -> bytes:  # fmt: skip
+    def _encode(self, call: TritonCall) -> bytes:
         blobs: list[bytes] = []
-        tensors = []
-        for name, arr in inputs.items():
-            blob = tensor_bytes(arr)
-            blobs.append(blob)
-            tensors.append({"name": name, "shape": arr.shape, "datatype": datatypes[name],
-                            "parameters": {"binary_data_size": len(blob)}})  # fmt: skip
+        tensors = [binary.binary_item(n, call.datatypes[n], arr, blobs) for n, arr in call.inputs.items()]
         header: dict[str, Any] = {"inputs": tensors}
-        if request_id:
-            header["id"] = request_id
-        params = dict(parameters) if parameters else {}
-        if outputs:
-            header["outputs"] = [{"name": n, "parameters": {"binary_data": True}} for n in outputs]
+        rid = call.request_id
+        if rid:
+            header["id"] = rid
+        params = call.triton_parameters()
+        if call.outputs:
+            header["outputs"] = [{"name": n, "parameters": {"binary_data": True}} for n in call.outputs]
         else:
             params["binary_data_output"] = True
         header["parameters"] = params
-        head = orjson.dumps(header)
-        size = len(head) + sum(len(b) for b in blobs)
-        path = f"/v2/models/{quote(model, safe='')}"
-        if version:
-            path += f"/versions/{quote(version, safe='')}"
-        extra = {"x-request-id": request_id} if request_id else {}
+        body, head_length = binary.pack(header, blobs)
+        path = f"/v2/models/{quote(call.model, safe='')}"
+        if call.version:
+            path += f"/versions/{quote(call.version, safe='')}"
+        extra = {"x-request-id": rid} if rid else {}
         tracing.inject(extra)  # W3C traceparent; no-op unless tracing is on
         lines = "".join(f"{k}: {v}\r\n" for k, v in extra.items() if "\r" not in v and "\n" not in v)
         start = (
             f"POST {path}/infer HTTP/1.1\r\n{self._host_header}"
             "Content-Type: application/octet-stream\r\n"
-            f"Inference-Header-Content-Length: {len(head)}\r\n"
-            f"Content-Length: {size}\r\n{lines}\r\n"
+            f"Inference-Header-Content-Length: {head_length or len(body)}\r\n"
+            f"Content-Length: {len(body)}\r\n{lines}\r\n"
         )
-        return b"".join([start.encode("latin-1"), head, *blobs])
+        return b"".join([start.encode("latin-1"), body])
 
     async def _http_ok(self, path: str, timeout_s: float = 2.0) -> bool:
         request = f"GET {path} HTTP/1.1\r\n{self._host_header}\r\n".encode("latin-1")
@@ -281,27 +287,12 @@ class TritonHttpInfer:
             return False
         return status == 200
 
-    # --- the rest of TritonClient: gRPC (health needs both endpoints: inference uses this one) ---
-    async def server_live(self) -> bool:
-        return bool(await self.admin.server_live()) and await self._http_ok("/v2/health/live")
-
-    async def server_ready(self) -> bool:
-        return bool(await self.admin.server_ready()) and await self._http_ok("/v2/health/ready")
-
-    async def server_metadata(self) -> dict[str, Any]:
-        return dict(await self.admin.server_metadata())
-
-    async def repository_index(self) -> list[dict[str, Any]]:
-        return list(await self.admin.repository_index())
-
-    async def model_metadata(self, model: str, version: str = "") -> dict[str, Any]:
-        return dict(await self.admin.model_metadata(model, version))
-
-    async def model_config(self, model: str, version: str = "") -> dict[str, Any]:
-        return dict(await self.admin.model_config(model, version))
+    async def live(self) -> bool:
+        return await self._http_ok("/v2/health/live")
 
     async def close(self) -> None:
-        for conn in self._idle:
+        """Close every connection, idle or in use (a call still running fails as unavailable)."""
+        for conn in list(self._busy) + self._idle:
             conn.close()
         self._idle.clear()
 
@@ -316,28 +307,25 @@ def _error_message(body: bytes) -> str:
 
 def _decode(headers: Mapping[bytes, bytes], body: bytes) -> TritonResult:
     try:
-        length = headers.get(_HEADER_LENGTH)
-        n = int(length) if length is not None else len(body)
-        header = orjson.loads(body[:n])
-        offset = n
+        length = headers.get(binary.HEADER_LENGTH_BYTES)
+        head, tail = binary.split(body, int(length) if length is not None else None)
+        header = orjson.loads(head)
+        outputs = header.get("outputs", ())
+        blobs = binary.binary_parts(outputs, tail, "outputs")
         arrays: dict[str, np.ndarray] = {}
         dtypes: dict[str, str] = {}
-        for out in header.get("outputs", ()):
+        for out in outputs:
             name, datatype, shape = out["name"], out["datatype"], out["shape"]
-            size = (out.get("parameters") or {}).get("binary_data_size")
-            if size is None:
+            blob = blobs.get(name)
+            if blob is None:
                 data = out.get("data", [])
                 if datatype == "BYTES":
                     data = [d.encode() if isinstance(d, str) else d for d in data]
                 arr = np.array(data, dtype=triton_to_np_dtype(datatype)).reshape(shape)
             else:
-                blob = body[offset : offset + size]
-                offset += size
                 arr = tensor_from_bytes(blob, datatype, shape)
             arrays[name] = arr
             dtypes[name] = datatype
-    except GatewayError:
-        raise
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UpstreamError(f"Triton sent an unreadable inference answer: {exc}") from None
     return TritonResult(str(header.get("model_version", "")), arrays, dtypes)

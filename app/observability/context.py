@@ -8,7 +8,7 @@ context) is still seen by the middleware.
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
@@ -16,6 +16,7 @@ class RequestInfo:
     model: str | None = None
     version: str | None = None
     cache: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds (Server-Timing)
 
 
 _current: ContextVar[RequestInfo | None] = ContextVar("tgw_request_info", default=None)
@@ -38,3 +39,10 @@ def annotate(model: str | None = None, version: str | None = None, cache: str | 
         info.version = version
     if cache is not None:
         info.cache = cache
+
+
+def add_timing(stage: str, seconds: float) -> None:
+    """Time spent in a stage of the current request (``cache``, ``queue``, ``triton``), summed."""
+    info = _current.get()
+    if info is not None and seconds > 0:
+        info.timings[stage] = info.timings.get(stage, 0.0) + seconds

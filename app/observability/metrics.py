@@ -17,8 +17,7 @@ Hooks for the async-jobs code (another module fills them; nothing here imports i
   right with any number of workers.
 * ``record_job(status)``: ``tgw_jobs_total{status}`` (queued, succeeded, failed, cancelled, retried, ...).
 * ``record_webhook_delivery(outcome)``: ``tgw_webhook_deliveries_total{outcome}`` (success, retry, failed).
-* ``websocket_opened()`` / ``websocket_closed()`` or ``async with track_websocket():``:
-  ``tgw_websockets_open``.
+* ``websocket_opened()`` / ``websocket_closed()``: ``tgw_websockets_open``.
 """
 
 from __future__ import annotations
@@ -26,8 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -42,6 +40,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_fastapi_instrumentator.metrics import Info
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -56,7 +55,10 @@ _BYTES = tuple(float(4**i * 256) for i in range(10))  # 256 B .. 64 MiB
 HTTP_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 CACHE_REQUESTS = Counter(
-    "tgw_cache_requests", "Response-cache lookups by outcome (hit, miss, bypass, error)", ["outcome"]
+    "tgw_cache_requests",
+    "Response-cache lookups by outcome (hit, miss, bypass, error; skipped: Redis not asked because the "
+    "model's recent hit ratio is below TGW_CACHE_READ_MIN_HIT_RATIO, answered by Triton)",
+    ["outcome"],
 )
 CACHE_OPERATION_DURATION = Histogram(
     "tgw_cache_operation_duration_seconds", "Redis cache operation latency", ["operation"], buckets=_FAST
@@ -80,14 +82,34 @@ INFLIGHT = Gauge("tgw_inflight_requests", "HTTP requests being served", multipro
 JOBS = Counter("tgw_jobs", "Async jobs reaching a status", ["status"])
 WEBHOOK_DELIVERIES = Counter("tgw_webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"])
 WEBSOCKETS_OPEN = Gauge("tgw_websockets_open", "Open WebSocket connections", multiprocess_mode="livesum")
+STAGE_DURATION = Histogram(
+    "tgw_stage_duration_seconds",
+    "Where an inference request's time goes: cache (Redis lookup), queue (gateway micro-batcher), triton "
+    "(the Triton call), gateway (everything else in the gateway), total (the whole request)",
+    ["stage"],
+    buckets=(0.00005, 0.0001, 0.00025, *_FAST, 2.5, 5.0, 10.0),
+)
 
-_CACHE_OUTCOMES = {o: CACHE_REQUESTS.labels(o) for o in ("hit", "miss", "bypass", "error")}
+_CACHE_OUTCOMES = {o: CACHE_REQUESTS.labels(o) for o in ("hit", "miss", "bypass", "error", "skipped")}
 _CACHE_OPS = {op: CACHE_OPERATION_DURATION.labels(op) for op in ("get", "put")}
 _triton_children: dict[tuple[str, str, str], Histogram] = {}
+_STAGES = {stage: STAGE_DURATION.labels(stage) for stage in ("cache", "queue", "triton", "gateway", "total")}
+
+
+def observe_stages(timings: dict[str, float], total: float) -> None:
+    """One infer request's stage timings (seconds); ``gateway`` is what the stages do not account for."""
+    spent = 0.0
+    for stage, seconds in timings.items():
+        child = _STAGES.get(stage)
+        if child is not None:
+            child.observe(seconds)
+            spent += seconds
+    _STAGES["gateway"].observe(max(total - spent, 0.0))
+    _STAGES["total"].observe(total)
 
 
 def cache_outcome(outcome: str) -> None:
-    """``outcome``: hit, miss, bypass or error."""
+    """``outcome``: hit, miss, bypass, error or skipped."""
     _CACHE_OUTCOMES[outcome].inc()
 
 
@@ -134,15 +156,6 @@ def websocket_opened() -> None:
 
 def websocket_closed() -> None:
     WEBSOCKETS_OPEN.dec()
-
-
-@asynccontextmanager
-async def track_websocket() -> AsyncIterator[None]:
-    websocket_opened()
-    try:
-        yield
-    finally:
-        websocket_closed()
 
 
 class _SnapshotCollector(Collector):
@@ -192,36 +205,31 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(render(snapshot), media_type=CONTENT_TYPE_LATEST)
 
 
-_http_instrumentation: list[Callable[..., None]] | None = None
+_http_instrumentation: tuple[Callable[[Info], None], ...] | None = None
 
 
-def http_metrics() -> list[Callable[..., None]]:
-    """The instrumentator's per-handler request counter and latency histogram, built once per process:
-    they live in the global registry, and building them again (a second app in the same process, as in
-    tests) would fail. Its ``default()`` set would also observe a second, label-less latency histogram and
-    two size summaries on every request; body sizes are ``tgw_request/response_size_bytes`` here, so those
-    are left out (measured: metrics are ~30 % of a cache hit's CPU, docs/performance.md)."""
+def http_metrics() -> tuple[Callable[[Info], None], ...]:
+    """The instrumentator's per-handler request counter (``http_requests_total{handler,method,status}``)
+    and latency histogram (``http_request_duration_seconds{handler,method}``), observed by the request
+    pipeline (``app.pipeline``) with its public ``Info``. Built once per process: they live in the global
+    registry, and building them again (a second app in the same process, as in tests) would fail. Its
+    ``default()`` set would also observe a second, label-less latency histogram and two size summaries on
+    every request; body sizes are ``tgw_request/response_size_bytes`` here, so those are left out
+    (measured: metrics are ~30 % of a cache hit's CPU, docs/performance.md)."""
     global _http_instrumentation
     if _http_instrumentation is None:
-        from prometheus_fastapi_instrumentator import metrics as http_metrics
+        from prometheus_fastapi_instrumentator import metrics as instrumentator
 
         built = [
-            http_metrics.requests(),
-            http_metrics.latency(should_include_status=False, buckets=HTTP_LATENCY_BUCKETS),
+            instrumentator.requests(),
+            instrumentator.latency(should_include_status=False, buckets=HTTP_LATENCY_BUCKETS),
         ]
         assert all(built), "HTTP metrics already registered outside app.observability.metrics"
-        _http_instrumentation = [fn for fn in built if fn is not None]
+        _http_instrumentation = tuple(fn for fn in built if fn is not None)
     return _http_instrumentation
 
 
 def setup_metrics(app: Starlette) -> None:
-    """HTTP metrics (``http_requests_total{handler,method,status}``, ``http_request_duration_seconds``...)
-    and the ``/metrics`` route. Call from ``create_app`` before the app starts."""
-    from prometheus_fastapi_instrumentator import Instrumentator
-
-    Instrumentator(
-        should_group_status_codes=False,
-        should_ignore_untemplated=True,
-        excluded_handlers=["^/metrics$"],
-    ).add(*http_metrics()).instrument(app)
+    """The ``/metrics`` route (Prometheus exposition of the global or multiprocess registry). HTTP metrics
+    are observed by the request pipeline (``http_metrics``), not by a middleware of their own."""
     app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)

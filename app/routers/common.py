@@ -1,45 +1,27 @@
-"""Helpers shared by routers: JSON bodies and responses with orjson, and ``Reply``, the transport-neutral
-answer of the infer handlers (the FastAPI routes and ``app.hotpath`` send the same bytes)."""
+"""Helpers shared by routers: JSON responses with orjson, and ``Reply`` -> Starlette ``Response``."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any
 
-import orjson
 from fastapi import Request
 from starlette.responses import Response
 
+from app.codecs.common import JSON, OCTET_STREAM, Reply, dumps
 from app.services.payload import parse_json
 
-_ORJSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+__all__ = ["JSON", "OCTET_STREAM", "Headers", "ORJSONResponse", "Reply", "dumps", "read_json"]
 
-JSON = b"application/json"
-OCTET_STREAM = b"application/octet-stream"
+Headers = Mapping[bytes, bytes]  # lower-case raw header names -> values (ASGI)
 
 
 class ORJSONResponse(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=_ORJSON_OPTS)
-
-
-def dumps(content: Any) -> bytes:
-    return orjson.dumps(content, option=_ORJSON_OPTS)
+        return dumps(content)
 
 
 async def read_json(request: Request) -> Any:
     return parse_json(await request.body())
-
-
-class Reply(NamedTuple):
-    """Status, body, content type and extra headers (lower-case names) of an answer."""
-
-    status: int
-    body: bytes
-    content_type: bytes = JSON
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-
-    def response(self) -> Response:
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers}
-        return Response(self.body, self.status, headers, media_type=self.content_type.decode("latin-1"))

@@ -1,20 +1,40 @@
-"""``POST /v1/models/{model}[/versions/{version}]/infer``: JSON in, JSON out, ``X-Cache`` header."""
+"""``POST /v1/models/{model}[/versions/{version}]/infer``: JSON in, JSON out, ``X-Cache`` header.
+
+Served by the request pipeline's infer router (``app.pipeline.InferRouter``), not by a FastAPI route:
+``serve_v1`` is the handler, ``document_infer_routes`` puts the four infer operations (v1 and v2) in the
+OpenAPI document."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
-from starlette.responses import Response
+from fastapi import FastAPI
 
-from app.deps import InferenceDep
+from app.codecs import v1
+from app.codecs.common import Reply
 from app.request_context import current_request_id
-from app.routers.common import ORJSONResponse, Reply, dumps
+from app.routers.common import Headers
 from app.services.inference import InferenceService, cache_directives
-from app.services.payload import parse_json
 
-router = APIRouter(prefix="/v1/models", tags=["inference"])
+__all__ = ["Reply", "document_infer_routes", "serve_v1"]
 
+
+async def serve_v1(
+    service: InferenceService, model: str, version: str | None, body: bytes, headers: Headers
+) -> Reply:
+    info = await service.resolve(model, version)
+    req = v1.decode(info, body)
+    req.cache_read, req.cache_write = cache_directives(header_value(headers, b"cache-control"))
+    req.request_id = current_request_id() or ""
+    return v1.encode(await service.infer(req))
+
+
+def header_value(headers: Headers, name: bytes) -> str | None:
+    value = headers.get(name)
+    return value.decode("latin-1") if value is not None else None
+
+
+# --- OpenAPI -------------------------------------------------------------------------------------------
 INFER_BODY_PROPERTIES: dict[str, Any] = {
     "inputs": {"type": "object", "additionalProperties": {"type": "array"}},
     "outputs": {"type": "array", "items": {"type": "string"}},
@@ -29,29 +49,89 @@ def body_doc(properties: dict[str, Any], example: dict[str, Any]) -> dict[str, A
     return {"requestBody": {"required": True, "content": content}}
 
 
-_BODY_DOC = body_doc(INFER_BODY_PROPERTIES, {"inputs": {"series": [[[0.0]] * 20]}})
+_ERROR = {"application/json": {"schema": {"type": "object"}}}
+_V1_ANSWER = {
+    "type": "object",
+    "required": ["model", "model_version", "outputs"],
+    "properties": {
+        "model": {"type": "string"},
+        "model_version": {"type": "string"},
+        "outputs": {"type": "object", "additionalProperties": {"type": "array"}},
+    },
+}
+_V2_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer"}},
+        "datatype": {"type": "string"},
+        "parameters": {"type": "object"},
+        "data": {"type": "array"},
+    },
+}
+_V2_REQUEST = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": {"type": "object"},
+        "inputs": {"type": "array", "items": _V2_TENSOR},
+        "outputs": {"type": "array", "items": {"type": "object"}},
+    },
+}
+_V2_ANSWER = {
+    "type": "object",
+    "required": ["model_name", "outputs"],
+    "properties": {
+        "model_name": {"type": "string"},
+        "model_version": {"type": "string"},
+        "id": {"type": "string"},
+        "outputs": {"type": "array", "items": _V2_TENSOR},
+    },
+}
+_PATH_PARAMS = {
+    "model": {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}},
+    "version": {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}},
+}
 
 
-_X_CACHE = {outcome: ((b"x-cache", outcome.encode()),) for outcome in ("HIT", "MISS", "BYPASS")}
+def _operation(api: str, versioned: bool) -> dict[str, Any]:
+    params = [_PATH_PARAMS["model"], *([_PATH_PARAMS["version"]] if versioned else [])]
+    errors = {"400": "bad request", "404": "model or version not found", "413": "body too large",
+              "502": "Triton failed", "503": "Triton unavailable", "504": "Triton timed out"}  # fmt: skip
+    if api == "v1":
+        errors["422"] = "invalid input (names the field)"
+        request = body_doc(INFER_BODY_PROPERTIES, {"inputs": {"series": [[[0.0]] * 20]}})
+        answer: dict[str, Any] = {"application/json": {"schema": _V1_ANSWER}}
+        tag, summary = "inference", "Infer" + (" (version)" if versioned else "")
+    else:
+        request = {"requestBody": {"required": True, "content": {
+            "application/json": {"schema": _V2_REQUEST},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        }}}  # fmt: skip
+        answer = {"application/json": {"schema": _V2_ANSWER},
+                  "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}  # fmt: skip
+        tag, summary = "kserve-v2", "KServe v2 infer" + (" (version)" if versioned else "")
+    responses: dict[str, Any] = {"200": {"description": "the model's answer", "content": answer}}
+    responses.update({code: {"description": text, "content": _ERROR} for code, text in errors.items()})
+    op_id = f"infer_{api}" + ("_version" if versioned else "")
+    return {"post": {"tags": [tag], "summary": summary, "operationId": op_id, "parameters": params,
+                     **request, "responses": responses}}  # fmt: skip
 
 
-async def serve_v1(
-    service: InferenceService, body: bytes, cache_control: str | None, model: str, version: str | None
-) -> Reply:
-    """The /v1 handler, shared by the routes below and ``app.hotpath``."""
-    req = await service.prepare_v1(model, version, parse_json(body))
-    req.cache_read, req.cache_write = cache_directives(cache_control)
-    response = await service.infer(req, current_request_id() or "")
-    return Reply(200, dumps(response.to_v1()), headers=_X_CACHE[response.cache])
+def document_infer_routes(app: FastAPI) -> None:
+    """Add the infer operations (served by the pipeline, not FastAPI) to ``app.openapi()``."""
+    build = app.openapi
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for api in ("v1", "v2"):
+                for versioned in (False, True):
+                    version = "/versions/{version}" if versioned else ""
+                    path = f"/{api}/models/{{model}}{version}/infer"
+                    schema["paths"][path] = _operation(api, versioned)
+        return app.openapi_schema or {}
 
-@router.post("/{model}/infer", openapi_extra=_BODY_DOC, response_class=ORJSONResponse)
-async def infer(model: str, request: Request, service: InferenceDep) -> Response:
-    reply = await serve_v1(service, await request.body(), request.headers.get("cache-control"), model, None)
-    return reply.response()
-
-
-@router.post("/{model}/versions/{version}/infer", openapi_extra=_BODY_DOC, response_class=ORJSONResponse)
-async def infer_version(model: str, version: str, request: Request, service: InferenceDep) -> Response:
-    body = await request.body()
-    return (await serve_v1(service, body, request.headers.get("cache-control"), model, version)).response()
+    app.openapi = openapi  # type: ignore[method-assign]

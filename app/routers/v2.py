@@ -3,15 +3,16 @@ inference path. Errors keep the gateway's one shape."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from starlette.responses import Response
 
-from app.deps import HealthDep, InferenceDep, RegistryDep
+from app.codecs import v2 as kserve
+from app.codecs.common import Reply
+from app.deps import AdminDep, HealthDep, RegistryDep
 from app.request_context import current_request_id
-from app.routers.common import JSON, OCTET_STREAM, ORJSONResponse, Reply
+from app.routers.common import Headers, ORJSONResponse
+from app.routers.infer import header_value
 from app.services.inference import InferenceService, cache_directives
-from app.services.kserve import HEADER_LENGTH, parse_v2, render_v2
-from app.services.registry import ModelRegistry
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
@@ -28,8 +29,8 @@ async def ready(health: HealthDep) -> Response:
 
 
 @router.get("", response_class=ORJSONResponse)
-async def server_metadata(request: Request) -> ORJSONResponse:
-    triton_meta = await request.app.state.triton.server_metadata()
+async def server_metadata(admin: AdminDep) -> ORJSONResponse:
+    triton_meta = await admin.server_metadata()
     return ORJSONResponse(
         {
             "name": "triton-gateway",
@@ -84,30 +85,13 @@ async def model_config(model: str, registry: RegistryDep, version: str | None = 
     return ORJSONResponse(info.config)
 
 
-@router.post("/models/{model}/infer")
-@router.post("/models/{model}/versions/{version}/infer")
-async def infer(
-    model: str, request: Request, service: InferenceDep, registry: RegistryDep, version: str | None = None
-) -> Response:
-    headers = request.headers
-    reply = await serve_v2(
-        service, registry, await request.body(), headers.get("cache-control"), headers.get(HEADER_LENGTH),
-        model, version,
-    )  # fmt: skip
-    return reply.response()
-
-
 async def serve_v2(
-    service: InferenceService, registry: ModelRegistry, raw: bytes, cache_control: str | None,
-    header_length_in: str | None, model: str, version: str | None,
-) -> Reply:  # fmt: skip
-    """The /v2 infer handler, shared by the route above and ``app.hotpath``."""
-    info = await registry.resolve(model, version)
-    v2 = parse_v2(info, raw, header_length_in)
-    v2.request.cache_read, v2.request.cache_write = cache_directives(cache_control)
-    response = await service.infer(v2.request, current_request_id() or "")
-    body, header_length = render_v2(response, v2)
-    x_cache = (b"x-cache", response.cache.encode())
-    if header_length is None:
-        return Reply(200, body, JSON, (x_cache,))
-    return Reply(200, body, OCTET_STREAM, (x_cache, (HEADER_LENGTH.encode(), str(header_length).encode())))
+    service: InferenceService, model: str, version: str | None, raw: bytes, headers: Headers
+) -> Reply:
+    """The /v2 infer handler (``app.pipeline.InferRouter``; documented in ``app.routers.infer``)."""
+    info = await service.resolve(model, version)
+    v2 = kserve.decode(info, raw, header_value(headers, kserve.HEADER_LENGTH.encode()))
+    req = v2.request
+    req.cache_read, req.cache_write = cache_directives(header_value(headers, b"cache-control"))
+    req.request_id = current_request_id() or ""
+    return kserve.encode(await service.infer(req), v2)

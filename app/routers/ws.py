@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, WebSocket
 
+from app.codecs import v1
 from app.deps import ConnInferenceDep, ConnSettingsDep, JobEventsDep, JobsDep
 from app.errors import GatewayError, InvalidInput
 from app.observability import metrics
@@ -203,9 +204,11 @@ class Multiplexer:
                     "model: expected a model name (and version, if given, a string)", {"field": "model"}
                 )
             body = {k: frame[k] for k in ("inputs", "outputs", "parameters") if k in frame}
-            req = await self.inference.prepare_v1(model, version, body)
-            response = await self.inference.infer(req, str(tags.get("ref", "")))
-            self.outbox.emit({"type": "result", **tags, "result": response.to_v1(), "cache": response.cache})
+            req = v1.decode_body(await self.inference.resolve(model, version), body)
+            req.request_id = str(tags.get("ref", ""))
+            response = await self.inference.infer(req)
+            frame = {"type": "result", **tags, "result": v1.result(response), "cache": response.cache}
+            self.outbox.emit(frame)
         except GatewayError as exc:
             self.outbox.emit(error_frame(exc, **tags))
         except Exception:

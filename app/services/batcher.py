@@ -3,11 +3,12 @@ the batch dimension into one Triton call, and the outputs are split back per req
 
 It never changes an answer:
 
-* Only models that already accept being batched by Triton are batched: ``max_batch_size > 1`` and
-  ``dynamic_batching`` in their config (Triton's own scheduler would stack the same requests the same way),
-  and not sequence models.
-* Only requests that agree on everything but the batch rows are stacked: same requested outputs, no
-  request parameters, same input names, datatypes and non-batch dims. Up to ``max_batch_size`` rows.
+* Only calls with ``max_batch_rows`` > 0 are batched: the inference service sets it from the model info
+  (``ModelInfo.max_batch_rows``: ``max_batch_size > 1`` and ``dynamic_batching`` in the config, not a
+  sequence model; Triton's own scheduler would stack the same requests the same way), and only for
+  requests with no parameters and no sequence controls.
+* Only requests that agree on everything but the batch rows are stacked: same requested outputs, same
+  priority and Triton timeout, same input names, datatypes and non-batch dims. Up to ``max_batch_rows``.
 * If the batched call fails in a way that one request could have caused (Triton rejected it), every request
   is re-sent alone, so each gets its own answer or its own error. Timeouts and "unavailable" are shared.
 * If an output does not come back with one row per input row, the requests are re-sent alone.
@@ -20,46 +21,31 @@ joins the next batch, which leaves as soon as a call returns — or after ``wind
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from app.clients.protocols import TritonClient, TritonResult
+from app.clients.protocols import InferenceTransport, TritonCall, TritonResult
 from app.errors import GatewayError, ServiceUnavailable, UpstreamTimeout
-from app.services.registry import ModelInfo
-
-ModelLookup = Callable[[str, str], "ModelInfo | None"]
-
-
-def batchable(info: ModelInfo | None) -> bool:
-    if info is None or info.max_batch_size <= 1:
-        return False
-    config = info.config
-    return "dynamic_batching" in config and "sequence_batching" not in config
 
 
 @dataclass(slots=True)
 class _Item:
-    inputs: Mapping[str, np.ndarray]
+    call: TritonCall
     rows: int
-    request_id: str
-    timeout_s: float
+    queued_at: float
     future: asyncio.Future[TritonResult]
 
 
 class _Queue:
-    """Pending requests of one (model, version, outputs, input layout)."""
+    """Pending calls of one (model, version, outputs, options, input layout)."""
 
-    def __init__(self, owner: BatchingTritonClient, model: str, version: str, max_rows: int,
-                 datatypes: Mapping[str, str], outputs: Sequence[str] | None) -> None:  # fmt: skip
+    def __init__(self, owner: BatchingTransport, max_rows: int) -> None:
         self.owner = owner
-        self.model = model
-        self.version = version
         self.max_rows = max_rows
-        self.datatypes = dict(datatypes)
-        self.outputs = list(outputs) if outputs else None
         self.pending: list[_Item] = []
         self.rows = 0
         self.inflight = 0
@@ -94,6 +80,9 @@ class _Queue:
                 batch.append(self.pending.pop(0))
             self.rows -= sum(i.rows for i in batch)
             self.inflight += 1
+            now = time.perf_counter()
+            for it in batch:
+                it.call.queued_s = now - it.queued_at
             task = asyncio.ensure_future(self._run(batch))
             self.owner.tasks.add(task)
             task.add_done_callback(self.owner.tasks.discard)
@@ -114,10 +103,7 @@ class _Queue:
 
     async def _single(self, item: _Item) -> None:
         try:
-            result = await self.owner.inner.infer(
-                self.model, self.version, item.inputs, self.datatypes, self.outputs, None,
-                item.request_id, item.timeout_s,
-            )  # fmt: skip
+            result = await self.owner.inner.infer(item.call)
         except BaseException as exc:
             _fail(item.future, exc)
             if not isinstance(exc, Exception):
@@ -126,16 +112,12 @@ class _Queue:
             _resolve(item.future, result)
 
     async def _batched(self, batch: list[_Item]) -> None:
-        names = list(batch[0].inputs)
-        stacked = {n: np.concatenate([it.inputs[n] for it in batch], axis=0) for n in names}
+        first = batch[0].call
+        stacked = {n: np.concatenate([it.call.inputs[n] for it in batch], axis=0) for n in first.inputs}
         total = sum(it.rows for it in batch)
-        self.owner.batches += 1
-        self.owner.batched_requests += len(batch)
+        call = replace(first, inputs=stacked, deadline=max(it.call.deadline for it in batch))
         try:
-            result = await self.owner.inner.infer(
-                self.model, self.version, stacked, self.datatypes, self.outputs, None,
-                batch[0].request_id, max(it.timeout_s for it in batch),
-            )  # fmt: skip
+            result = await self.owner.inner.infer(call)
         except (ServiceUnavailable, UpstreamTimeout) as exc:  # the same for every request
             for it in batch:
                 _fail(it.future, exc)
@@ -170,72 +152,41 @@ def _fail(fut: asyncio.Future[TritonResult], exc: BaseException) -> None:
         fut.set_exception(exc)
 
 
-class BatchingTritonClient:
-    """A ``TritonClient`` that micro-batches ``infer`` where it is safe and delegates everything else."""
+class BatchingTransport:
+    """An ``InferenceTransport`` that micro-batches calls where it is safe and passes the rest through."""
 
-    def __init__(
-        self, inner: TritonClient, lookup: ModelLookup, window_us: int = 0, max_inflight: int = 2
-    ) -> None:
+    def __init__(self, inner: InferenceTransport, window_us: int = 0, max_inflight: int = 2) -> None:
         self.inner = inner
-        self.lookup = lookup
         self.window_s = window_us / 1e6
         self.max_inflight = max_inflight
         self.queues: dict[tuple[Any, ...], _Queue] = {}
         self.tasks: set[asyncio.Future[None]] = set()
-        self.batches = 0  # calls that carried more than one request
-        self.batched_requests = 0
 
-    async def infer(
-        self,
-        model: str,
-        version: str,
-        inputs: Mapping[str, np.ndarray],
-        datatypes: Mapping[str, str],
-        outputs: Sequence[str] | None,
-        parameters: Mapping[str, Any] | None,
-        request_id: str,
-        timeout_s: float,
-    ) -> TritonResult:
-        info = self.lookup(model, version)
-        rows = _rows(inputs) if not parameters and batchable(info) else None
-        if info is None or rows is None or rows >= info.max_batch_size:
-            return await self.inner.infer(
-                model, version, inputs, datatypes, outputs, parameters, request_id, timeout_s
-            )
+    async def infer(self, call: TritonCall) -> TritonResult:
+        max_rows = call.max_batch_rows
+        rows = _rows(call.inputs) if max_rows > 1 and not call.parameters and not call.sequenced else None
+        if rows is None or rows >= max_rows:
+            return await self.inner.infer(call)
         layout = tuple(
-            (n, datatypes[n], a.dtype.str, a.shape[1:])
-            for n, a in sorted(inputs.items(), key=lambda kv: kv[0])
+            (n, call.datatypes[n], a.dtype.str, a.shape[1:])
+            for n, a in sorted(call.inputs.items(), key=lambda kv: kv[0])
         )
-        key = (model, version, tuple(outputs) if outputs else None, layout)
+        outputs = tuple(call.outputs) if call.outputs else None
+        key = (call.model, call.version, outputs, call.priority, call.timeout_us, layout)
         queue = self.queues.get(key)
         if queue is None:
             if len(self.queues) > 1024:  # layouts are client-controlled: keep the map bounded
                 self.queues = {k: q for k, q in self.queues.items() if q.pending or q.inflight}
-            queue = self.queues[key] = _Queue(self, model, version, info.max_batch_size, datatypes, outputs)
+            queue = self.queues[key] = _Queue(self, max_rows)
         future: asyncio.Future[TritonResult] = asyncio.get_running_loop().create_future()
-        queue.submit(_Item(dict(inputs), rows, request_id, timeout_s, future))
+        queue.submit(_Item(call, rows, time.perf_counter(), future))
         return await future
 
-    async def server_live(self) -> bool:
-        return await self.inner.server_live()
-
-    async def server_ready(self) -> bool:
-        return await self.inner.server_ready()
-
-    async def server_metadata(self) -> dict[str, Any]:
-        return await self.inner.server_metadata()
-
-    async def repository_index(self) -> list[dict[str, Any]]:
-        return await self.inner.repository_index()
-
-    async def model_metadata(self, model: str, version: str = "") -> dict[str, Any]:
-        return await self.inner.model_metadata(model, version)
-
-    async def model_config(self, model: str, version: str = "") -> dict[str, Any]:
-        return await self.inner.model_config(model, version)
+    async def live(self) -> bool:
+        return await self.inner.live()
 
     async def close(self) -> None:
-        """The inner client is owned (and closed) by whoever created it."""
+        """The inner transport is owned (and closed) by whoever created it."""
 
 
 def _rows(inputs: Mapping[str, np.ndarray]) -> int | None:

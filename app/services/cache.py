@@ -13,7 +13,6 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -85,12 +84,6 @@ def decode_entry(value: bytes) -> tuple[TritonResult, float]:
     return TritonResult(header["v"], outputs, datatypes), float(header.get("x", 0.0))
 
 
-class CacheState(StrEnum):
-    OK = "ok"
-    DEGRADED = "degraded"
-    DISABLED = "disabled"
-
-
 class CacheUnavailable(Exception):
     """Redis failed or was too slow; the caller serves from Triton and reports BYPASS."""
 
@@ -146,6 +139,51 @@ class L1Cache:
             self.bytes -= item[2]
 
 
+class ReadPolicy:
+    """Whether a lookup should go to Redis, per model version: learned from the lookups themselves.
+
+    A model whose answers are never asked for twice (unique inputs: a feature extractor, a forecaster fed
+    live data) pays a Redis round trip on every request for nothing (on this box that round trip is the
+    largest part of the gateway's added latency on a miss). When the hit ratio of a model's recent remote
+    lookups (a decaying window of ``window`` lookups) is below ``min_hit_ratio``, only one request in
+    ``probe_every`` looks in Redis; the others are answered by Triton straight away (their answers are
+    still written to the cache). A probe that hits raises the ratio again, and lookups resume for every
+    request as soon as it is back over the threshold. The in-process L1 is always consulted.
+    ``min_hit_ratio`` 0 turns this off (every request looks in Redis).
+    """
+
+    def __init__(self, min_hit_ratio: float, window: int = 256, probe_every: int = 16) -> None:
+        self.min_hit_ratio = min_hit_ratio
+        self.window = window
+        self.probe_every = probe_every
+        self._stats: dict[tuple[str, str], list[float]] = {}  # model -> [lookups, hits, skipped]
+
+    def should_read(self, model: tuple[str, str]) -> bool:
+        if self.min_hit_ratio <= 0:
+            return True
+        stats = self._stats.get(model)
+        if stats is None:
+            if len(self._stats) > 4096:  # model names come from requests that resolved: still bound it
+                self._stats.clear()
+            stats = self._stats[model] = [0.0, 0.0, 0.0]
+        lookups, hits, _ = stats
+        if lookups < self.window / 2 or hits >= self.min_hit_ratio * lookups:
+            return True
+        stats[2] += 1
+        return stats[2] % self.probe_every == 0
+
+    def record(self, model: tuple[str, str], hit: bool) -> None:
+        stats = self._stats.get(model)
+        if stats is None:
+            return
+        stats[0] += 1
+        if hit:
+            stats[1] += 1
+        if stats[0] >= self.window:  # decay: the window slides
+            stats[0] /= 2
+            stats[1] /= 2
+
+
 class ResponseCache:
     """Redis-backed; every error or timeout becomes ``CacheUnavailable`` (never a 5xx), and after one the
     cache is skipped for ``backoff_s`` so a dead Redis does not add its timeout to every request.
@@ -171,11 +209,6 @@ class ResponseCache:
     def enabled(self) -> bool:
         return self.store is not None
 
-    def state(self) -> CacheState:
-        if self.store is None:
-            return CacheState.DISABLED
-        return CacheState.DEGRADED if time.monotonic() < self._down_until else CacheState.OK
-
     def _failed(self, exc: BaseException) -> CacheUnavailable:
         self._down_until = time.monotonic() + self.backoff_s
         self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -189,13 +222,16 @@ class ResponseCache:
             raise CacheUnavailable(self.last_error or "cache disabled")
         return self.store
 
-    async def get(self, key: str) -> TritonResult | None:
+    async def get(self, key: str, remote: bool = True) -> TritonResult | None:
+        """The L1, then (``remote``) Redis."""
         store = self._usable()
         l1 = self.l1
         if l1 is not None:
             hit = l1.get(key)
             if hit is not None:
                 return hit
+        if not remote:
+            return None
         try:
             value = await store.get(key)
         except Exception as exc:

@@ -5,20 +5,24 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from app.clients.protocols import TritonClient
+from app.clients.protocols import InferenceTransport, TritonAdmin
 from app.services.cache import ResponseCache
 from app.services.registry import summarize_index
 
 
 class HealthService:
-    def __init__(self, triton: TritonClient, cache: ResponseCache) -> None:
-        self.triton = triton
+    def __init__(self, admin: TritonAdmin, transport: InferenceTransport, cache: ResponseCache) -> None:
+        self.triton = admin
+        self.transport = transport
         self.cache = cache
         self.draining = False
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """(ready, report). Redis down is ``degraded``, not a failure: the sync path serves without it."""
-        live, redis_ok = await asyncio.gather(self.triton.server_live(), self.cache.probe())
+        admin_live, transport_live, redis_ok = await asyncio.gather(
+            self.triton.server_live(), self._transport_live(), self.cache.probe()
+        )
+        live = admin_live and transport_live  # Triton counts as live when every endpoint we use answers
         checks: dict[str, Any] = {"triton": {"status": "ok" if live else "fail"}}
         ready = live and not self.draining
         if live:
@@ -47,3 +51,8 @@ class HealthService:
         if self.draining:
             checks["gateway"] = {"status": "draining"}
         return ready, checks
+
+    async def _transport_live(self) -> bool:
+        if self.transport is self.triton:
+            return True  # inference over the admin channels: already checked
+        return await self.transport.live()

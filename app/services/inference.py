@@ -1,6 +1,8 @@
-"""The inference service: resolve the model, validate, answer from the cache, else forward (single-flight).
+"""The inference service: answer an ``InferRequest`` from the cache, else forward it to Triton as a
+``TritonCall`` (single-flight: identical concurrent misses share one call).
 
-Used by the /v1 and /v2 routers and by the async job workers alike.
+The front doors decode their wire format into an ``InferRequest`` (``app.codecs``) after resolving the
+model once (``resolve``); the async job workers and the WebSocket API use the same service.
 """
 
 from __future__ import annotations
@@ -13,14 +15,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from app.clients.protocols import TritonClient, TritonResult
-from app.errors import GatewayError, InvalidInput, UpstreamTimeout
+from app.clients.protocols import InferenceTransport, TritonCall, TritonResult
+from app.errors import GatewayError, UpstreamTimeout
 from app.observability import metrics, tracing
-from app.observability.context import annotate
-from app.services.cache import CacheUnavailable, ResponseCache, cache_key
+from app.observability.context import add_timing, annotate
+from app.services.cache import CacheUnavailable, ReadPolicy, ResponseCache, cache_key
 from app.services.registry import ModelInfo, ModelRegistry
 from app.services.singleflight import SingleFlight
-from app.services.validation import validate_outputs, validate_parameters, validate_v1_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -29,16 +30,29 @@ CacheOutcome = Literal["HIT", "MISS", "BYPASS"]
 
 @dataclass(slots=True)
 class InferRequest:
+    """A validated inference request (what every codec decodes to)."""
+
     info: ModelInfo
     inputs: dict[str, np.ndarray]
     outputs: list[str] | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     cache_read: bool = True
     cache_write: bool = True
+    request_id: str = ""
+    priority: int = 0
+    timeout_us: int = 0
+    sequence_id: int | str = 0
+    sequence_start: bool = False
+    sequence_end: bool = False
     datatypes: dict[str, str] = field(init=False)  # Triton datatype of each given input
 
     def __post_init__(self) -> None:
         self.datatypes = {name: self.info.inputs[name].datatype for name in self.inputs}
+
+    @property
+    def cacheable(self) -> bool:
+        """Sequence requests carry state in Triton: never answered from (or filed in) the cache."""
+        return not self.sequence_id
 
 
 @dataclass(slots=True)
@@ -46,22 +60,6 @@ class InferResponse:
     model: str
     result: TritonResult
     cache: CacheOutcome
-
-    def to_v1(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "model_version": self.result.model_version,
-            "outputs": {name: jsonable(arr) for name, arr in self.result.outputs.items()},
-        }
-
-
-def jsonable(arr: np.ndarray) -> Any:
-    """orjson serialises numeric numpy arrays natively; BYTES become strings."""
-    if arr.dtype == np.object_:
-        return np.vectorize(
-            lambda b: b.decode("utf-8", "replace") if isinstance(b, bytes) else b, otypes=[object]
-        )(arr).tolist()
-    return arr
 
 
 def cache_directives(header: str | None) -> tuple[bool, bool]:
@@ -75,13 +73,15 @@ def cache_directives(header: str | None) -> tuple[bool, bool]:
 class InferenceService:
     def __init__(
         self,
-        triton: TritonClient,
+        transport: InferenceTransport,
         registry: ModelRegistry,
         cache: ResponseCache,
         namespace: str,
         timeout_s: float,
+        read_policy: ReadPolicy | None = None,
     ) -> None:
-        self.triton = triton
+        self.transport = transport
+        self.read_policy = read_policy or ReadPolicy(0.0)
         self.registry = registry
         self.cache = cache
         self.namespace = namespace
@@ -89,23 +89,9 @@ class InferenceService:
         self.flights: SingleFlight[TritonResult] = SingleFlight(metrics.SINGLEFLIGHT_WAITERS)
         self._writes: set[asyncio.Task[None]] = set()
 
-    async def prepare_v1(self, model: str, version: str | None, body: Any) -> InferRequest:
-        """Validate a /v1 body ``{"inputs": {...}, "outputs"?: [...], "parameters"?: {...}}``."""
-        if not isinstance(body, dict):
-            raise InvalidInput("body: expected a JSON object with an 'inputs' object", {"field": "body"})
-        info = await self.registry.resolve(model, version)
-        unknown = set(body) - {"inputs", "outputs", "parameters"}
-        if unknown:
-            field_name = sorted(unknown)[0]
-            raise InvalidInput(
-                f"{field_name}: unknown field; expected inputs, outputs, parameters", {"field": field_name}
-            )
-        return InferRequest(
-            info=info,
-            inputs=validate_v1_inputs(info, body.get("inputs")),
-            outputs=validate_outputs(info, body.get("outputs")),
-            parameters=validate_parameters(body.get("parameters")),
-        )
+    async def resolve(self, model: str, version: str | None) -> ModelInfo:
+        """The model version that will serve a request (front doors call this once, then decode)."""
+        return await self.registry.resolve(model, version)
 
     def key_for(self, req: InferRequest) -> str:
         info = req.info
@@ -114,61 +100,102 @@ class InferenceService:
             self.namespace, info.name, info.version, outputs, req.parameters, req.inputs, req.datatypes
         )
 
-    async def infer(self, req: InferRequest, request_id: str = "") -> InferResponse:
+    def _use_cache(self, req: InferRequest) -> bool:
+        return req.info.cache_enabled and self.cache.enabled and req.cacheable
+
+    async def cached(self, req: InferRequest) -> InferResponse | None:
+        """The cached answer, if any, without calling Triton (job submission answers hits at once).
+        Follows the same rules as ``infer``; a cache error counts as no answer."""
+        if not (self._use_cache(req) and req.cache_read):
+            return None
+        try:
+            hit = await self._cache_get(self.key_for(req))
+        except CacheUnavailable:
+            return None
+        return InferResponse(req.info.name, hit, "HIT") if hit is not None else None
+
+    async def infer(self, req: InferRequest) -> InferResponse:
         info = req.info
+        use_cache = self._use_cache(req)
         key = self.key_for(req)
-        use_cache = info.cache_enabled and self.cache.enabled
         outcome: CacheOutcome = "BYPASS"
         if use_cache and req.cache_read:
+            model = (info.name, info.version)
+            remote = self.read_policy.should_read(model)
             try:
-                hit = await self._cache_get(key)
+                hit = await self._cache_get(key, remote)
             except CacheUnavailable:
                 use_cache = False
                 metrics.cache_outcome("error")
             else:
+                if remote:
+                    self.read_policy.record(model, hit is not None)
                 if hit is not None:
                     metrics.cache_outcome("hit")
                     annotate(info.name, info.version, "HIT")
                     return InferResponse(info.name, hit, "HIT")
                 outcome = "MISS"
-                metrics.cache_outcome("miss")
+                metrics.cache_outcome("miss" if remote else "skipped")
         else:
             metrics.cache_outcome("bypass")
         annotate(info.name, info.version, outcome)
         write = use_cache and req.cache_write
 
         async def forward() -> TritonResult:
-            result = await self._forward(req, request_id)
+            result = await self._forward(req)
             if write:  # write-behind: the answer does not wait for Redis to acknowledge
                 task = asyncio.create_task(self._store(key, req, result))
                 self._writes.add(task)
                 task.add_done_callback(self._writes.discard)
             return result
 
+        if not req.cacheable:  # a sequence step is never shared with another request
+            return InferResponse(info.name, await forward(), outcome)
         result, shared = await self.flights.do(key, forward)
         if shared:
             metrics.SINGLEFLIGHT_SHARED.inc()
         return InferResponse(info.name, result, outcome)
 
-    async def _cache_get(self, key: str) -> TritonResult | None:
+    def call_for(self, req: InferRequest) -> TritonCall:
+        info = req.info
+        return TritonCall(
+            model=info.name,
+            version=info.version,
+            inputs=req.inputs,
+            datatypes=req.datatypes,
+            outputs=req.outputs,
+            parameters=req.parameters,
+            request_id=req.request_id,
+            deadline=time.monotonic() + self.timeout_s,
+            priority=req.priority,
+            timeout_us=req.timeout_us,
+            sequence_id=req.sequence_id,
+            sequence_start=req.sequence_start,
+            sequence_end=req.sequence_end,
+            max_batch_rows=info.max_batch_rows if not req.parameters and req.cacheable else 0,
+        )
+
+    async def _cache_get(self, key: str, remote: bool = True) -> TritonResult | None:
+        if not remote:
+            return self.cache.l1.get(key) if self.cache.l1 is not None else None
         start = time.perf_counter()
         try:
             with tracing.span("cache.get"):
                 return await self.cache.get(key)
         finally:
-            metrics.cache_operation("get", time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            metrics.cache_operation("get", elapsed)
+            add_timing("cache", elapsed)
 
-    async def _forward(self, req: InferRequest, request_id: str) -> TritonResult:
+    async def _forward(self, req: InferRequest) -> TritonResult:
         info = req.info
+        call = self.call_for(req)
         start = time.perf_counter()
         status = "ok"
         try:
             with tracing.span("triton.infer", {"tgw.model": info.name, "tgw.model_version": info.version}):
                 async with asyncio.timeout(self.timeout_s + 1.0):
-                    result = await self.triton.infer(
-                        info.name, info.version, req.inputs, req.datatypes, req.outputs, req.parameters,
-                        request_id, self.timeout_s,
-                    )  # fmt: skip
+                    result = await self.transport.infer(call)
         except TimeoutError:
             status = UpstreamTimeout.code
             raise UpstreamTimeout("Triton did not answer before the deadline") from None
@@ -179,7 +206,10 @@ class InferenceService:
             status = "error"
             raise
         finally:
-            metrics.triton_request(info.name, info.version, status, time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            metrics.triton_request(info.name, info.version, status, elapsed)
+            add_timing("queue", call.queued_s)
+            add_timing("triton", elapsed - call.queued_s)
         if result.model_version and result.model_version != info.version:
             logger.info("model %s answered from version %s, expected %s; refreshing metadata",
                         info.name, result.model_version, info.version)  # fmt: skip

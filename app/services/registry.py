@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from app.clients.protocols import TritonClient
+from app.clients.protocols import TritonAdmin
 from app.errors import ModelNotFound
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class ModelInfo:
     outputs: dict[str, TensorSpec]
     cache_enabled: bool = True
     allow_nonfinite: bool = False
+    max_batch_rows: int = 0  # > 0: the gateway may micro-batch up to this many rows (see batchable)
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
     config: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -94,19 +95,27 @@ def build_model_info(
         }
 
     version = str(metadata.get("versions", [""])[-1]) if metadata.get("versions") else ""
+    max_batch_size = int(config.get("max_batch_size", 0))
     return ModelInfo(
         name=metadata["name"],
         version=version,
         versions=versions,
         platform=metadata.get("platform", "") or config.get("backend", ""),
-        max_batch_size=int(config.get("max_batch_size", 0)),
+        max_batch_size=max_batch_size,
         inputs=specs(metadata.get("inputs", []), optional),
         outputs=specs(metadata.get("outputs", []), set()),
         cache_enabled=not excluded and _truthy(_param(config, "tgw_cache"), True),
         allow_nonfinite=_truthy(_param(config, "tgw_allow_nonfinite"), False),
+        max_batch_rows=max_batch_size if batchable(max_batch_size, config) else 0,
         metadata=metadata,
         config=config,
     )
+
+
+def batchable(max_batch_size: int, config: dict[str, Any]) -> bool:
+    """Requests to this model may be stacked along the batch dimension by the gateway: Triton itself
+    would batch them (``dynamic_batching``, ``max_batch_size`` > 1) and it is not a sequence model."""
+    return max_batch_size > 1 and "dynamic_batching" in config and "sequence_batching" not in config
 
 
 def _version_key(v: str) -> tuple[int, str]:
@@ -114,7 +123,7 @@ def _version_key(v: str) -> tuple[int, str]:
 
 
 class ModelRegistry:
-    def __init__(self, triton: TritonClient, ttl_s: float, cache_exclude: list[str] | None = None) -> None:
+    def __init__(self, triton: TritonAdmin, ttl_s: float, cache_exclude: list[str] | None = None) -> None:
         self._triton = triton
         self._ttl_s = ttl_s
         self._exclude = set(cache_exclude or [])
@@ -185,10 +194,6 @@ class ModelRegistry:
                 info = _with_version(info, chosen)
                 self._models[key] = info
             return info
-
-    def peek(self, model: str, version: str) -> ModelInfo | None:
-        """The cached metadata of this exact version, without any I/O (None when not cached)."""
-        return self._models.get((model, version))
 
     async def list_models(self) -> list[dict[str, Any]]:
         return summarize_index(await self.index())

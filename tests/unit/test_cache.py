@@ -7,8 +7,8 @@ import pytest
 
 from app.clients.protocols import TritonResult
 from app.services.cache import (
-    CacheState,
     CacheUnavailable,
+    ReadPolicy,
     ResponseCache,
     cache_key,
     decode_result,
@@ -109,11 +109,10 @@ def test_response_cache_backs_off_after_a_failure() -> None:
         store.broken = True
         with pytest.raises(CacheUnavailable):
             await cache.get("k")
-        assert cache.state() is CacheState.DEGRADED
         store.broken = False
         with pytest.raises(CacheUnavailable):  # still backing off: no call made
             await cache.get("k")
-        assert await cache.probe() and cache.state() is CacheState.OK
+        assert await cache.probe()
         assert (await cache.get("k")) is not None
 
     asyncio.run(scenario())
@@ -127,3 +126,25 @@ def test_large_values_are_not_stored() -> None:
         assert store.data == {}
 
     asyncio.run(scenario())
+
+
+def test_read_policy_skips_redis_for_models_that_never_hit_and_recovers() -> None:
+    policy = ReadPolicy(min_hit_ratio=0.01, window=64, probe_every=16)
+    m = ("m", "1")
+    # Learning: every lookup goes to Redis until half a window of lookups is seen.
+    for _ in range(32):
+        assert policy.should_read(m)
+        policy.record(m, hit=False)
+    # Never a hit: 1 in 16 lookups still probes Redis.
+    reads = [policy.should_read(m) for _ in range(160)]
+    assert sum(reads) == 10
+    assert policy.should_read(("other", "1"))  # per model
+    # Probes that hit bring every lookup back.
+    for _ in range(3):
+        policy.record(m, hit=True)
+    assert all(policy.should_read(m) for _ in range(20))
+    # 0 turns it off.
+    off = ReadPolicy(min_hit_ratio=0.0)
+    for _ in range(1000):
+        off.record(m, hit=False)
+        assert off.should_read(m)

@@ -638,7 +638,7 @@ def test_compose_values_are_accepted_by_settings(service: str, monkeypatch: pyte
     env = {**_dockerfile_env(), **{k: interpolate(v) for k, v in _env_list(svc["environment"]).items()}}
     s = _settings_from(env, monkeypatch)
     assert s.triton_url == "triton:8001" and s.redis_url == "redis://redis:6379/0" and s.host == "0.0.0.0"
-    assert s.triton_http_url == "triton:8000"
+    assert s.triton_http_url == "http://triton:8000"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ import pytest
 from pydantic import ValidationError
 
 from app.clients.protocols import TritonResult
+from app.codecs import v2
 from app.errors import (
     ModelNotFound,
     UpstreamError,
+    UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
     error_body,
@@ -19,7 +21,6 @@ from app.errors import (
     grpc_status_from_text,
 )
 from app.services.inference import InferRequest, InferResponse, cache_directives
-from app.services.kserve import parse_v2, render_v2
 from app.services.registry import ModelInfo
 from app.services.singleflight import SingleFlight
 from app.settings import Settings
@@ -32,7 +33,7 @@ from app.settings import Settings
         (grpc.StatusCode.RESOURCE_EXHAUSTED, UpstreamUnavailable, 503),
         (grpc.StatusCode.DEADLINE_EXCEEDED, UpstreamTimeout, 504),
         (grpc.StatusCode.NOT_FOUND, ModelNotFound, 404),
-        (grpc.StatusCode.INVALID_ARGUMENT, UpstreamError, 502),
+        (grpc.StatusCode.INVALID_ARGUMENT, UpstreamRejected, 400),
         (grpc.StatusCode.INTERNAL, UpstreamError, 502),
         (grpc.StatusCode.PERMISSION_DENIED, UpstreamError, 502),
         (None, UpstreamError, 502),
@@ -93,13 +94,15 @@ def test_kserve_binary_round_trip(batched: ModelInfo) -> None:
                     "parameters": {"binary_data_size": 80}}],
         "outputs": [{"name": "forecast", "parameters": {"binary_data": True}}],
     })  # fmt: skip
-    req = parse_v2(batched, header + data.tobytes(), str(len(header)))
+    req = v2.decode(batched, header + data.tobytes(), str(len(header)))
     assert np.array_equal(req.request.inputs["series"], data)
     assert req.binary_outputs == {"forecast"} and req.id == "7"
     out = np.ones((1, 10), np.float32)
     response = InferResponse("ts", TritonResult("1", {"forecast": out}, {"forecast": "FP32"}), "MISS")
-    body, hlen = render_v2(response, req)
-    assert hlen is not None
+    reply = v2.encode(response, req)
+    body = reply.body
+    hlen = int(dict(reply.headers)[b"inference-header-content-length"])
+    assert reply.content_type == b"application/octet-stream"
     head = orjson.loads(body[:hlen])
     assert head["outputs"][0]["parameters"]["binary_data_size"] == 40 and head["id"] == "7"
     assert np.array_equal(np.frombuffer(body[hlen:], np.float32), out.reshape(-1))

@@ -113,9 +113,9 @@ def test_tracing_spans_and_traceparent_injection() -> None:
                 tracing.inject(headers)
             return headers
 
-        from app.observability.middleware import ObservabilityMiddleware
+        from app.pipeline import Pipeline
 
-        app.add_middleware(ObservabilityMiddleware)
+        app.add_middleware(Pipeline, max_body_bytes=1 << 20)
         parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
         injected = _get(app, "/work/a", headers={"traceparent": parent}).json()
     finally:
@@ -140,26 +140,21 @@ async def test_lifecycle_drain_sets_targets_and_runs_hooks() -> None:
     async def stop_consumers() -> None:
         ran.append("drain")
 
-    async def release_jobs() -> None:
-        ran.append("shutdown")
-
-    async def stuck() -> None:
-        await asyncio.sleep(30)
+    def plain() -> None:
+        ran.append("plain")
 
     lifecycle.watch(health)
-    lifecycle.drain_hooks.append(stop_consumers)
-    lifecycle.shutdown_hooks += [release_jobs, stuck]
+    lifecycle.drain_hooks += [stop_consumers, plain]
     lifecycle.activate()
     try:
         lifecycle.begin_drain()
         assert lifecycle.draining and health.draining
         await asyncio.sleep(0.05)
-        t0 = time.monotonic()
-        await lifecycle.run_shutdown_hooks(0.2)
-        assert time.monotonic() - t0 < 1.0
+        lifecycle.begin_drain()  # a second signal runs nothing twice
+        await asyncio.sleep(0.05)
     finally:
         lifecycle.deactivate()
-    assert ran == ["drain", "shutdown"]
+    assert sorted(ran) == ["drain", "plain"]
 
 
 def _tgw(env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:

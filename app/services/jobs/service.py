@@ -10,9 +10,9 @@ from typing import Any
 
 import orjson
 
+from app.codecs import v1
 from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
 from app.observability import metrics
-from app.services.cache import CacheUnavailable
 from app.services.inference import InferenceService, InferResponse
 from app.services.jobs.ssrf import UnsafeURL, vet_url
 from app.services.jobs.store import JobStore, idem_key, new_job_id
@@ -28,7 +28,7 @@ def error_json(code: str, message: str, details: dict[str, Any] | None = None) -
 
 
 def result_json(response: InferResponse) -> bytes:
-    return orjson.dumps(response.to_v1(), option=_JSON_OPTS)
+    return orjson.dumps(v1.result(response), option=_JSON_OPTS)
 
 
 def _iso(ts: str | None) -> str | None:
@@ -59,7 +59,7 @@ class JobService:
         if not isinstance(body, dict):
             raise InvalidInput("body: expected a JSON object with an 'inputs' object", {"field": "body"})
         infer_body = {k: v for k, v in body.items() if k not in ("webhook", "priority")}
-        req = await self.inference.prepare_v1(model, version, infer_body)
+        req = v1.decode_body(await self.inference.resolve(model, version), infer_body)
         priority = body.get("priority", "normal")
         if priority not in PRIORITIES:
             raise InvalidInput(f"priority: expected one of {', '.join(PRIORITIES)}", {"field": "priority"})
@@ -90,7 +90,7 @@ class JobService:
             "created_at": str(time.time()), "attempts": "0", "webhook_url": webhook_url or "",
             "request_id": request_id,
         }  # fmt: skip
-        hit = await self._cache_hit(req)
+        hit = await self.inference.cached(req)
         try:
             if hit is not None:
                 await self.store.create_finished(job_id, fields, result_json(hit), hit.cache)
@@ -121,15 +121,6 @@ class JobService:
         except UnsafeURL as exc:
             raise InvalidInput(f"webhook.url: {exc}", {"field": "webhook.url", "reason": str(exc)}) from None
         return str(url)
-
-    async def _cache_hit(self, req: Any) -> InferResponse | None:
-        if not (req.info.cache_enabled and self.inference.cache.enabled):
-            return None
-        try:
-            hit = await self.inference.cache.get(self.inference.key_for(req))
-        except CacheUnavailable:
-            return None
-        return InferResponse(req.info.name, hit, "HIT") if hit is not None else None
 
     async def get(self, job_id: str) -> dict[str, Any]:
         raw = await self.store.get(job_id)

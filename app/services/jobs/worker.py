@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from app.codecs import v1
 from app.errors import GatewayError
 from app.observability import metrics
 from app.services.inference import InferenceService
@@ -188,8 +189,10 @@ class JobWorker:
         metrics.record_job("running")
         try:
             body = orjson.loads(raw["request"])
-            req = await self.inference.prepare_v1(raw["model"], raw.get("version") or None, body)
-            response = await self.inference.infer(req, raw.get("request_id", ""))
+            info = await self.inference.resolve(raw["model"], raw.get("version") or None)
+            req = v1.decode_body(info, body)
+            req.request_id = raw.get("request_id", "")
+            response = await self.inference.infer(req)
         except GatewayError as exc:
             err = error_json(exc.code, exc.message, exc.details)
             if exc.status_code < 500:  # the request itself is wrong: retrying cannot help

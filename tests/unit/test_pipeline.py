@@ -1,6 +1,6 @@
-"""Route matching of the hot path (app.hotpath)."""
+"""The request pipeline's pure parts: infer-route matching and the Server-Timing header."""
 
-from app.hotpath import match_infer
+from app.pipeline import match_infer, server_timing
 
 
 def test_match_infer() -> None:
@@ -10,3 +10,10 @@ def test_match_infer() -> None:
     for path in ("/v1/models//infer", "/v3/models/m/infer", "/v1/models/m/x/infer", "/v1/models/m/infer/x",
                  "/v1/models/m/versions//infer", "/v1/jobs/m/infer"):  # fmt: skip
         assert match_infer(path) is None, path
+
+
+def test_server_timing() -> None:
+    assert server_timing({"triton": 0.00093, "cache": 0.00021}, 0.0014) == (
+        b"cache;dur=0.21, triton;dur=0.93, total;dur=1.40"
+    )
+    assert server_timing({}, 0.0001) == b"total;dur=0.10"

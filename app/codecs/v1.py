@@ -1,0 +1,56 @@
+"""The gateway's own JSON API (``/v1``, the WebSocket API and job bodies).
+
+Request: ``{"inputs": {name: nested list}, "outputs"?: [names], "parameters"?: {...}}``.
+Answer: ``{"model", "model_version", "outputs": {name: nested list}}`` with ``X-Cache``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.codecs.common import Reply, dumps, jsonable
+from app.errors import InvalidInput
+from app.services.inference import InferRequest, InferResponse
+from app.services.payload import parse_json
+from app.services.registry import ModelInfo
+from app.services.validation import validate_outputs, validate_parameters, validate_v1_inputs
+
+_FIELDS = ("inputs", "outputs", "parameters")
+X_CACHE = {outcome: ((b"x-cache", outcome.encode()),) for outcome in ("HIT", "MISS", "BYPASS")}
+
+
+def decode(info: ModelInfo, raw: bytes) -> InferRequest:
+    """A /v1 request body (bytes) -> a validated ``InferRequest`` for ``info``."""
+    return decode_body(info, parse_json(raw))
+
+
+def decode_body(info: ModelInfo, body: Any) -> InferRequest:
+    """The same for a body already parsed (job records, WebSocket frames)."""
+    if not isinstance(body, dict):
+        raise InvalidInput("body: expected a JSON object with an 'inputs' object", {"field": "body"})
+    unknown = set(body) - set(_FIELDS)
+    if unknown:
+        field_name = sorted(unknown)[0]
+        raise InvalidInput(
+            f"{field_name}: unknown field; expected inputs, outputs, parameters", {"field": field_name}
+        )
+    return InferRequest(
+        info=info,
+        inputs=validate_v1_inputs(info, body.get("inputs")),
+        outputs=validate_outputs(info, body.get("outputs")),
+        parameters=validate_parameters(body.get("parameters")),
+    )
+
+
+def result(response: InferResponse) -> dict[str, Any]:
+    """The answer as a JSON-able object (also embedded in job results and WebSocket frames)."""
+    out = response.result
+    return {
+        "model": response.model,
+        "model_version": out.model_version,
+        "outputs": {name: jsonable(arr) for name, arr in out.outputs.items()},
+    }
+
+
+def encode(response: InferResponse) -> Reply:
+    return Reply(200, dumps(result(response)), headers=X_CACHE[response.cache])

@@ -1,0 +1,106 @@
+"""KServe v2 / Triton HTTP inference: JSON tensors and the binary-tensor extension (``app.codecs.binary``).
+
+``decode(info, raw, header_length)`` -> ``V2Request`` (the ``InferRequest`` plus what the answer must
+echo: the request ``id`` and which outputs go binary); ``encode(response, v2)`` -> ``Reply``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from app.codecs import binary
+from app.codecs.common import JSON, OCTET_STREAM, Reply, jsonable
+from app.errors import BadRequest, InvalidInput
+from app.services.inference import InferRequest, InferResponse
+from app.services.payload import parse_json
+from app.services.registry import ModelInfo
+from app.services.validation import validate_outputs, validate_parameters, validate_v2_inputs
+
+HEADER_LENGTH = binary.HEADER_LENGTH
+
+
+@dataclass(slots=True)
+class V2Request:
+    request: InferRequest
+    id: str | None
+    binary_outputs: set[str]
+
+
+def _header_length(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BadRequest("Inference-Header-Content-Length must be an integer") from None
+
+
+def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
+    try:
+        head, tail = binary.split(raw, _header_length(header_length))
+    except binary.FramingError as exc:
+        raise BadRequest(str(exc), {"field": exc.field}) from None
+    body = parse_json(head)
+    if not isinstance(body, dict):
+        raise InvalidInput("body: expected a JSON object with an 'inputs' list", {"field": "body"})
+    inputs = body.get("inputs")
+    try:
+        parts = binary.binary_parts(inputs if isinstance(inputs, list) else [], tail, "inputs")
+    except binary.FramingError as exc:
+        raise InvalidInput(str(exc), {"field": exc.field}) from None
+
+    params = body.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        raise InvalidInput("parameters: expected an object", {"field": "parameters"})
+    params = dict(params or {})
+    all_binary = bool(params.pop("binary_data_output", False))
+    requested = body.get("outputs")
+    names: list[str] | None = None
+    binary_outputs: set[str] = set()
+    if requested is not None:
+        if not isinstance(requested, list) or not all(isinstance(o, dict) and "name" in o for o in requested):
+            raise InvalidInput(
+                "outputs: expected a list of {name, parameters?} objects", {"field": "outputs"}
+            )
+        names = validate_outputs(info, [o["name"] for o in requested])
+        for o in requested:
+            o_params = o.get("parameters")
+            if o_params is not None and not isinstance(o_params, dict):
+                raise InvalidInput(
+                    f"outputs.{o['name']}.parameters: expected an object", {"field": f"outputs.{o['name']}"}
+                )
+            if (o_params or {}).get("binary_data", all_binary):
+                binary_outputs.add(o["name"])
+    elif all_binary:
+        binary_outputs = set(info.outputs)
+    request = InferRequest(
+        info=info,
+        inputs=validate_v2_inputs(info, inputs, parts),
+        outputs=names,
+        parameters=validate_parameters(params),
+    )
+    request_id = body.get("id")
+    return V2Request(request, str(request_id) if request_id is not None else None, binary_outputs)
+
+
+def encode(response: InferResponse, req: V2Request) -> Reply:
+    outputs = []
+    blobs: list[bytes] = []
+    result = response.result
+    for name, arr in result.outputs.items():
+        datatype = result.datatypes[name]
+        if name in req.binary_outputs:
+            outputs.append(binary.binary_item(name, datatype, arr, blobs))
+        else:
+            outputs.append({"name": name, "datatype": datatype, "shape": arr.shape,
+                            "data": jsonable(arr.reshape(-1))})  # fmt: skip
+    header: dict[str, Any] = {"model_name": response.model, "model_version": result.model_version,
+                              "outputs": outputs}  # fmt: skip
+    if req.id is not None:
+        header["id"] = req.id
+    body, head_length = binary.pack(header, blobs)
+    x_cache = (b"x-cache", response.cache.encode())
+    if head_length is None:
+        return Reply(200, body, JSON, (x_cache,))
+    return Reply(200, body, OCTET_STREAM, (x_cache, (binary.HEADER_LENGTH_BYTES, b"%d" % head_length)))

@@ -1,0 +1,103 @@
+"""``build_gateway(settings)``: the framework-free core. Builds the long-lived clients (Triton admin and
+inference transport, Redis) and the services on them, once per process, and closes them in order.
+
+Both the FastAPI lifespan (``app.main``) and ``tgw worker`` (no web app) enter it::
+
+    async with build_gateway(settings) as gw:
+        response = await gw.inference.infer(request)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from app.clients.protocols import InferenceTransport
+from app.clients.redis import RedisCacheStore, make_redis
+from app.clients.triton import TritonGrpcClient
+from app.clients.triton_http import TritonHttpInfer
+from app.lifecycle import Lifecycle
+from app.services.batcher import BatchingTransport
+from app.services.cache import ReadPolicy, ResponseCache
+from app.services.health import HealthService
+from app.services.inference import InferenceService
+from app.services.jobs.runtime import JobsRuntime
+from app.services.registry import ModelRegistry
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Gateway:
+    settings: Settings
+    admin: TritonGrpcClient  # TritonAdmin: health, metadata, config, index, statistics (gRPC)
+    transport: InferenceTransport  # the inference transport as built (HTTP or gRPC), before batching
+    redis: Any | None  # the cache's Redis client (None: cache disabled)
+    cache: ResponseCache
+    registry: ModelRegistry
+    inference: InferenceService
+    health: HealthService
+    jobs: JobsRuntime
+    lifecycle: Lifecycle
+
+
+@asynccontextmanager
+async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) -> AsyncIterator[Gateway]:
+    lifecycle = lifecycle or Lifecycle()
+    admin = TritonGrpcClient(
+        settings.triton_grpc_address,
+        channels=settings.triton_channels,
+        retries=settings.triton_retries,
+        retry_after_s=settings.retry_after_s,
+    )
+    # Inference over Triton's HTTP endpoint when TGW_TRITON_HTTP_URL is set (app.clients.triton_http),
+    # else over the same gRPC channels as the admin calls.
+    transport: InferenceTransport = admin
+    if settings.triton_http_url:
+        transport = TritonHttpInfer(
+            settings.triton_http_url, retries=settings.triton_retries, retry_after_s=settings.retry_after_s
+        )
+    infer_transport: InferenceTransport = (
+        BatchingTransport(transport, settings.batch_window_us, settings.batch_max_inflight)
+        if settings.batch_enabled
+        else transport
+    )
+    redis = (
+        make_redis(settings.redis_address, settings.redis_timeout_s, settings.redis_cluster)
+        if settings.cache_enabled
+        else None
+    )
+    store = RedisCacheStore(redis, settings.redis_timeout_s) if redis is not None else None
+    cache = ResponseCache(
+        store, settings.cache_ttl_s, settings.cache_max_value_bytes,
+        l1_entries=settings.l1_cache_entries, l1_bytes=settings.l1_cache_bytes,
+        l1_ttl_s=settings.l1_cache_ttl_s,
+    )  # fmt: skip
+    registry = ModelRegistry(admin, settings.metadata_ttl_s, settings.cache_exclude_models)
+    inference = InferenceService(
+        infer_transport, registry, cache, settings.cache_namespace, settings.triton_timeout_s,
+        ReadPolicy(settings.cache_read_min_hit_ratio),
+    )  # fmt: skip
+    health = HealthService(admin, transport, cache)
+    jobs = JobsRuntime(settings, inference)
+    gw = Gateway(settings, admin, transport, redis, cache, registry, inference, health, jobs, lifecycle)
+    lifecycle.watch(health)
+    lifecycle.drain_hooks.append(jobs.begin_drain)
+    try:
+        await jobs.start()
+        logger.info("gateway up: Triton %s (inference over %s), Redis %s", settings.triton_grpc_address,
+                    f"HTTP {settings.triton_http_url}" if settings.triton_http_url else "gRPC",
+                    settings.redis_address if redis is not None else "disabled")  # fmt: skip
+        yield gw
+    finally:
+        await jobs.stop(drain_s=min(settings.drain_s, 5.0) if settings.worker_in_process else 0)
+        await inference.drain_writes(timeout_s=1.0)
+        if store is not None:
+            await store.close()
+        if transport is not admin:
+            await transport.close()
+        await admin.close()

@@ -1,0 +1,370 @@
+"""The one request pipeline: a single pure-ASGI layer in front of FastAPI that owns what every HTTP
+request needs, in this order:
+
+1. the request id (``X-Request-ID`` echoed when sane, else generated): on the response, in
+   ``current_request_id()`` for logs and Triton, in ``scope["state"]["request_id"]``;
+2. the tracing SERVER span (when tracing is on);
+3. admission (``Admission``: authentication and limits, when configured);
+4. the body limit: a declared ``Content-Length`` over ``TGW_MAX_BODY_BYTES`` is answered 413 unread, a
+   streamed body is cut off as it crosses it;
+5. dispatch: the infer routes (``POST /v1|/v2/models/{model}[/versions/{version}]/infer``) are answered by
+   ``InferRouter`` (a small raw-ASGI router over transport-neutral handlers: no framework layers on the
+   path that runs thousands of times a second); everything else falls through to FastAPI;
+6. ``Connection: close`` while draining, ``Server-Timing`` on infer answers;
+7. telemetry once per request: ``tgw_inflight_requests``, ``tgw_request/response_size_bytes``, the
+   instrumentator's ``http_requests_total`` / ``http_request_duration_seconds`` labelled with the route
+   template (untemplated paths are left out, as the instrumentator does), ``tgw_stage_duration_seconds``,
+   and the one access-log line.
+
+WebSocket connections get the request id (and admission) and go on to FastAPI; lifespan passes through.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, NamedTuple, Protocol
+
+from prometheus_fastapi_instrumentator.metrics import Info
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.codecs.common import JSON, Reply
+from app.errors import (
+    GatewayError,
+    PayloadTooLarge,
+    body_too_large,
+    error_body,
+    is_kserve_path,
+    log_gateway_error,
+    log_unhandled,
+)
+from app.observability import metrics, tracing
+from app.observability.context import RequestInfo, begin_request
+from app.request_context import set_request_id
+
+access_logger = logging.getLogger("app.access")
+logger = logging.getLogger(__name__)
+
+_QUIET_PATHS = frozenset({"/metrics", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+_CLOSE = (b"connection", b"close")
+_TEMPLATES = {
+    ("v1", False): "/v1/models/{model}/infer",
+    ("v1", True): "/v1/models/{model}/versions/{version}/infer",
+    ("v2", False): "/v2/models/{model}/infer",
+    ("v2", True): "/v2/models/{model}/versions/{version}/infer",
+}
+_STAGES = ("cache", "queue", "triton")
+
+
+class InferRoute(NamedTuple):
+    api: str  # "v1" or "v2"
+    model: str
+    version: str | None
+
+    @property
+    def template(self) -> str:
+        return _TEMPLATES[(self.api, self.version is not None)]
+
+
+def match_infer(path: str) -> InferRoute | None:
+    """``/v1/models/m/infer`` -> ("v1", "m", None); ``/v2/models/m/versions/3/infer`` -> ("v2", "m", "3")."""
+    if not path.endswith("/infer"):
+        return None
+    parts = path.split("/")
+    n = len(parts)
+    if n not in (5, 7) or parts[0] or parts[2] != "models":
+        return None
+    api = parts[1]
+    if api not in ("v1", "v2") or not parts[3]:
+        return None
+    if n == 5:
+        return InferRoute(api, parts[3], None)
+    if parts[4] != "versions" or not parts[5]:
+        return None
+    return InferRoute(api, parts[3], parts[5])
+
+
+Headers = Mapping[bytes, bytes]
+InferHandler = Callable[[InferRoute, bytes, Headers], Awaitable[Reply]]
+
+
+class InferRouter:
+    """The infer routes: one transport-neutral handler per API (``app.routers.infer.serve_v1``,
+    ``app.routers.v2.serve_v2``), each ``(route, body, headers) -> Reply``."""
+
+    def __init__(self, handlers: Mapping[str, InferHandler]) -> None:
+        self.handlers = dict(handlers)
+
+    def match(self, scope: Scope) -> InferRoute | None:
+        if scope["method"] != "POST":
+            return None
+        path: str = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        route = match_infer(path)
+        return route if route is not None and route.api in self.handlers else None
+
+    async def handle(self, route: InferRoute, body: bytes, headers: Headers) -> Reply:
+        return await self.handlers[route.api](route, body, headers)
+
+
+class Admission(Protocol):
+    """Authentication and limits (issue 12): ``admit`` raises a ``GatewayError`` (401/403/429) or returns
+    a grant that ``release`` gets back when the request is over."""
+
+    async def admit(self, scope: Scope) -> Any: ...
+
+    def release(self, grant: Any) -> None: ...
+
+
+class DrainState(Protocol):
+    draining: bool
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class Pipeline:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        lifecycle: DrainState | None = None,
+        router: InferRouter | None = None,
+        admission: Admission | None = None,
+        http_metrics: tuple[Callable[[Info], None], ...] = (),
+        server_timing: bool = True,
+    ) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.lifecycle = lifecycle
+        self.router = router
+        self.admission = admission
+        self.http_metrics = http_metrics
+        self.server_timing = server_timing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            if tracing.enabled():
+                with tracing.server_span(scope) as span:
+                    await self._http(scope, receive, send, span)
+            else:
+                await self._http(scope, receive, send, None)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    # --- WebSocket: request id and admission, then FastAPI -------------------------------------------
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        incoming = None
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                incoming = value.decode("latin-1")
+        rid = set_request_id(incoming)
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        grant = None
+        if self.admission is not None:
+            try:
+                grant = await self.admission.admit(scope)
+            except GatewayError as exc:
+                await send({"type": "websocket.close", "code": 1008, "reason": exc.message[:120]})
+                return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if self.admission is not None and grant is not None:
+                self.admission.release(grant)
+
+    # --- HTTP ----------------------------------------------------------------------------------------
+    async def _http(self, scope: Scope, receive: Receive, send: Send, span: Any) -> None:
+        start = time.perf_counter()
+        info = begin_request()
+        incoming = None
+        declared = -1
+        headers: dict[bytes, bytes] = {}
+        for key, value in scope["headers"]:
+            headers[key] = value
+            if key == b"x-request-id":
+                incoming = value.decode("latin-1")
+            elif key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+        rid = set_request_id(incoming)
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        rid_header = (b"x-request-id", rid.encode())
+        route = self.router.match(scope) if self.router is not None else None
+        template: str | None = route.template if route is not None else None
+        status = 500
+        sent = 0
+        received = max(declared, 0)
+        grant = None
+        disconnected = False
+        metrics.INFLIGHT.inc()
+        try:
+            reply: Reply | None = None
+            try:
+                if self.admission is not None:
+                    grant = await self.admission.admit(scope)
+                    state["grant"] = grant
+                if declared > self.max_body_bytes:
+                    raise body_too_large(self.max_body_bytes, declared)
+                if route is not None:
+                    body = await self._read_body(receive)
+                    received = len(body)
+                    reply = await self.router.handle(route, body, headers)  # type: ignore[union-attr]
+            except GatewayError as exc:
+                log_gateway_error(exc)
+                reply = _error_reply(scope, exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+                if isinstance(exc, PayloadTooLarge):
+                    reply = reply._replace(headers=(*reply.headers, _CLOSE))
+            except _Disconnected:
+                disconnected = True  # the client went away before its body arrived; nothing to send
+                status = 499
+            except Exception as exc:
+                code, err, message = log_unhandled(exc)
+                reply = _error_reply(scope, code, err, message, None, None)
+            if reply is not None:
+                status, sent = reply.status, len(reply.body)
+                await self._send_reply(send, reply, rid_header, info, start, route is not None)
+            elif not disconnected:  # everything but the infer routes: FastAPI
+                status, sent, received = await self._fastapi(scope, receive, send, rid_header, declared)
+                template = getattr(scope.get("route"), "path", None)
+        finally:
+            metrics.INFLIGHT.dec()
+            if grant is not None:
+                self.admission.release(grant)  # type: ignore[union-attr]
+        duration = time.perf_counter() - start
+        metrics.REQUEST_SIZE.observe(received)
+        metrics.RESPONSE_SIZE.observe(sent)
+        if template is not None and self.http_metrics and template != "/metrics":
+            http = Info(None, None, scope["method"], template, str(status), duration)  # type: ignore[arg-type]
+            for fn in self.http_metrics:
+                fn(http)
+        if span is not None:
+            tracing.finish_server_span(span, scope, status, rid, template)
+        log_access(rid, scope["method"], scope["path"], status, duration, info)
+
+    async def _send_reply(
+        self, send: Send, reply: Reply, rid_header: tuple[bytes, bytes], info: RequestInfo, start: float,
+        infer: bool,
+    ) -> None:  # fmt: skip
+        headers = [
+            (b"content-type", reply.content_type),
+            (b"content-length", b"%d" % len(reply.body)),
+            rid_header,
+            *reply.headers,
+        ]
+        if infer:
+            timings = info.timings
+            total = time.perf_counter() - start
+            metrics.observe_stages(timings, total)
+            if self.server_timing:
+                headers.append((b"server-timing", server_timing(timings, total)))
+        if self.lifecycle is not None and self.lifecycle.draining:
+            headers.append(_CLOSE)
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.body})
+
+    async def _fastapi(
+        self, scope: Scope, receive: Receive, send: Send, rid_header: tuple[bytes, bytes], declared: int
+    ) -> tuple[int, int, int]:
+        """Run the FastAPI app; returns (status, bytes sent, bytes received)."""
+        status = 500
+        sent = 0
+        received = max(declared, 0)
+        lifecycle = self.lifecycle
+        limit = self.max_body_bytes
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", ()))
+                if not any(k == b"x-request-id" for k, _ in headers):
+                    headers.append(rid_header)
+                if lifecycle is not None and lifecycle.draining:
+                    headers.append(_CLOSE)
+                message["headers"] = headers
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        inner_receive = receive
+        if declared < 0:  # no Content-Length: count (and bound) what streams in
+
+            async def inner_receive() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise body_too_large(limit)
+                return message
+
+        await self.app(scope, inner_receive, send_wrapper)
+        return status, sent, received
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        limit = self.max_body_bytes
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise body_too_large(limit)
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def server_timing(timings: Mapping[str, float], total: float) -> bytes:
+    """``cache;dur=0.21, queue;dur=0.01, triton;dur=0.93, total;dur=1.40`` (milliseconds)."""
+    parts = [f"{stage};dur={timings[stage] * 1000:.2f}" for stage in _STAGES if stage in timings]
+    parts.append(f"total;dur={total * 1000:.2f}")
+    return ", ".join(parts).encode()
+
+
+def _error_reply(
+    scope: Scope, status: int, code: str, message: str, details: dict[str, Any] | None,
+    headers: dict[str, str] | None,
+) -> Reply:  # fmt: skip
+    extra = tuple((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items())
+    body = error_body(code, message, details, kserve=is_kserve_path(scope["path"]))
+    return Reply(status, body, JSON, extra)
+
+
+def log_access(
+    request_id: str | None, method: str, path: str, status: int, duration_s: float, info: RequestInfo
+) -> None:
+    """The one access-log line of an HTTP request (``app.access``; probes and scrapes at DEBUG)."""
+    level = logging.DEBUG if path in _QUIET_PATHS else logging.INFO
+    if not access_logger.isEnabledFor(level):
+        return
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "method": method,
+        "path": path,
+        "status": status,
+        "duration_ms": round(duration_s * 1000, 2),
+    }
+    if info.model is not None:
+        fields["model"] = info.model
+        fields["version"] = info.version
+    if info.cache is not None:
+        fields["cache"] = info.cache
+    access_logger.log(level, "request", extra=fields)
