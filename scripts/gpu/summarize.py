@@ -74,6 +74,7 @@ def main() -> int:
         ("gpu (graphs, batching)", main_doc),
         ("gpu_eager (eager, batching)", docs["eager"]),
         ("gpu_nobatch (graphs, no batching)", docs["nobatch"]),
+        ("gpu_eager_nobatch (eager, no batching)", docs["eager_nobatch"]),
     ):
         for c in (1, 64):
             lines.append(row(label, get(doc, "triton-http", c)))
