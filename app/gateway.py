@@ -19,6 +19,7 @@ from app.clients.protocols import InferenceTransport
 from app.clients.redis import RedisCacheStore, make_redis
 from app.clients.triton import TritonGrpcClient
 from app.clients.triton_http import TritonHttpInfer
+from app.clients.triton_shm import SharedMemoryTransport
 from app.lifecycle import Lifecycle
 from app.services.batcher import BatchingTransport
 from app.services.cache import ReadPolicy, ResponseCache
@@ -61,10 +62,19 @@ async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) 
         transport = TritonHttpInfer(
             settings.triton_http_url, retries=settings.triton_retries, retry_after_s=settings.retry_after_s
         )
+    # Large inputs through shared memory (TGW_TRITON_SHM, app.clients.triton_shm), the rest as above.
+    shm: SharedMemoryTransport | None = None
+    base: InferenceTransport = transport
+    if settings.triton_shm == "system":
+        shm = SharedMemoryTransport(
+            transport, settings.triton_grpc_address, settings.shm_min_bytes, settings.shm_regions,
+            settings.shm_region_bytes, retry_after_s=settings.retry_after_s,
+        )  # fmt: skip
+        base = shm
     infer_transport: InferenceTransport = (
-        BatchingTransport(transport, settings.batch_window_us, settings.batch_max_inflight)
+        BatchingTransport(base, settings.batch_window_us, settings.batch_max_inflight)
         if settings.batch_enabled
-        else transport
+        else base
     )
     redis = (
         make_redis(settings.redis_address, settings.redis_timeout_s, settings.redis_cluster)
@@ -88,6 +98,8 @@ async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) 
     lifecycle.watch(health)
     lifecycle.drain_hooks.append(jobs.begin_drain)
     try:
+        if shm is not None:
+            await shm.start()
         await jobs.start()
         logger.info("gateway up: Triton %s (inference over %s), Redis %s", settings.triton_grpc_address,
                     f"HTTP {settings.triton_http_url}" if settings.triton_http_url else "gRPC",
@@ -98,6 +110,8 @@ async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) 
         await inference.drain_writes(timeout_s=1.0)
         if store is not None:
             await store.close()
+        if shm is not None:
+            await shm.close()
         if transport is not admin:
             await transport.close()
         await admin.close()

@@ -149,6 +149,19 @@ class Settings(BaseSettings):
         60.0, ge=0, description="`tgw serve` waits this long for Triton and Redis; 0 = do not wait"
     )
     startup_retry_interval_s: float = Field(2.0, gt=0, description="pause between start-up checks")
+    # --- Shared memory with Triton (issue 14) -------------------------------------------------
+    triton_shm: Literal["off", "system"] = Field(
+        "off",
+        description="system = inputs of at least TGW_SHM_MIN_BYTES go to Triton through POSIX shared memory "
+        "(same host only; outputs still over the socket); cuda is not implemented",
+    )
+    shm_min_bytes: int = Field(
+        256 * 1024, ge=1024, description="a call's inputs this large (together) travel through shared memory"
+    )
+    shm_regions: int = Field(8, ge=1, le=256, description="shared-memory regions per gateway process")
+    shm_region_bytes: int = Field(
+        4 * 1024 * 1024, ge=4096, description="size of each region: a larger call goes through the socket"
+    )
     log_format: Literal["json", "text"] = Field("json", description="json (one object per line) or text")
     metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus)")
     otel_endpoint: str | None = Field(None, description="OTLP/gRPC endpoint, e.g. http://otel-collector:4317")

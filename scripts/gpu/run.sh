@@ -9,14 +9,16 @@
 #      (`gpu_eager_nobatch`), Triton direct; the gateway at c=1 with its Redis cache off;
 #   5. py-spy profiles of the busiest gateway worker and the Triton Python stub under gateway misses at
 #      c=1 and c=64;
-#   6. summary.md + results.json (scripts/gpu/summarize.py: tables and the issue-14 targets).
+#   6. summary.md + results.json (scripts/gpu/summarize.py: tables and the issue-14 targets);
+#   7. shared memory vs the socket for a [3,224,224] FP32 input (scripts/gpu/shm_bench.py -> shm.md).
 #
 #   scripts/gpu/prepare-bundle.sh          # where pip can download: wheels + Triton into .gpu/
 #   OUT=/tmp/gpu-out scripts/gpu/run.sh    # on the GPU machine (Python 3.12 with torch)
 #
 # Knobs (environment): TGW_GPU_BUNDLE (.gpu), TGW_GPU_SITE (/tmp/tgw-gpu-site), PYTHON (python3),
 # TGW_GPU_PREPARE (1), TGW_GPU_CONFIG (auto), TGW_GPU_WORKERS (8), TGW_GPU_GENERATORS (4),
-# TGW_GPU_DURATION (5 s per level), TGW_GPU_LEVELS (1,64,256), TGW_GPU_COMPARE (1), TGW_GPU_PROFILE (1).
+# TGW_GPU_DURATION (5 s per level), TGW_GPU_LEVELS (1,64,256), TGW_GPU_COMPARE (1), TGW_GPU_PROFILE (1),
+# TGW_GPU_STEPS (parity,bench,profile,shm: the parts to run).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 BUNDLE="${TGW_GPU_BUNDLE:-$ROOT/.gpu}"
@@ -30,6 +32,8 @@ DURATION="${TGW_GPU_DURATION:-5}"
 LEVELS="${TGW_GPU_LEVELS:-1,64,256}"
 COMPARE="${TGW_GPU_COMPARE:-1}"
 PROFILE="${TGW_GPU_PROFILE:-1}"
+STEPS="${TGW_GPU_STEPS:-parity,bench,profile,shm}"
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
 MODEL=transformer_timeseries
 mkdir -p "$OUT"
 WORK="$(mktemp -d /tmp/tgw-gpu-run.XXXXXX)"
@@ -79,8 +83,10 @@ from app.launcher import resolve_model_config_name
 print("model configs:", "$CONFIG", "->", resolve_model_config_name("$CONFIG"))
 PY
 
-step "parity: GPU configs vs CPU ONNX"
-"$PY" scripts/gpu/parity.py --config-name "$CONFIG"
+if has parity; then
+  step "parity: GPU configs vs CPU ONNX"
+  "$PY" scripts/gpu/parity.py --config-name "$CONFIG"
+fi
 
 bench() {  # name, config, extra args...
   local name=$1 config=$2; shift 2
@@ -89,6 +95,7 @@ bench() {  # name, config, extra args...
     --duration "$DURATION" --warmup 1 --generators "$GENS" --soak-requests 0 --no-wrk \
     --out "$WORK/$name" "$@"
 }
+if has bench; then
 bench main "$CONFIG" --targets triton-http,gateway-miss,gateway-hit --concurrency "$LEVELS" --workers "$WORKERS"
 if [ "$COMPARE" = 1 ]; then
   bench eager gpu_eager --targets triton-http --concurrency 1,64 --workers 1
@@ -101,11 +108,16 @@ fi
 
 step "summary"
 "$PY" scripts/gpu/summarize.py "$WORK" "$OUT"
+fi
 
-if [ "$PROFILE" = 1 ]; then
+if [ "$PROFILE" = 1 ] && has profile; then
   step "profiles (py-spy) under gateway misses at c=1 and c=64"
   "$PY" scripts/gpu/profile.py --config-name "$CONFIG" --workers "$WORKERS" --generators "$GENS" \
     --concurrency 1,64 --seconds 8 --out "$OUT"
+fi
+if has shm; then
+  step "shared memory vs the socket, image_fp32 [3,224,224] (scripts/gpu/shm_bench.py)"
+  "$PY" scripts/gpu/shm_bench.py 3 | tee "$OUT/shm.md"
 fi
 rm -rf "$WORK"
 step "done: $(ls "$OUT" | tr '\n' ' ')"
