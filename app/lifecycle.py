@@ -123,6 +123,11 @@ class GracefulServer(uvicorn.Server):
         else:
             self.force_exit = True  # a third: stop waiting for in-flight requests
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        logger.info("serving on %s.%s", type(loop).__module__, type(loop).__name__)
+        await super().startup(sockets)
+
     async def on_tick(self, counter: int) -> bool:
         if self._exit_at is not None and not self._announced:
             self._announced = True
@@ -229,6 +234,11 @@ async def wait_for_dependencies(settings: Settings) -> None:
         deps.append((
             "Redis", redact_url(settings.redis_address), "TGW_REDIS_URL",
             lambda: _redis_ping(settings.redis_address, probe_timeout),
+        ))  # fmt: skip
+    if settings.jobs_redis_url and settings.jobs_redis_url != settings.redis_url:
+        deps.append((
+            "the jobs Redis", redact_url(settings.jobs_redis_url), "TGW_JOBS_REDIS_URL",
+            lambda: _redis_ping(settings.jobs_redis_address, probe_timeout),
         ))  # fmt: skip
     for name, where, env, check in deps:
         for attempt in range(1, attempts + 1):

@@ -133,7 +133,9 @@ class Settings(BaseSettings):
         default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
         description="comma-separated delays between webhook attempts (default ~27 h over 8 attempts)",
     )
-    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="per-delivery connect+read bound")
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=120, description="bound on one whole delivery (connect, send, answer)"
+    )
     webhook_max_response_bytes: int = Field(65536, ge=0, description="response bytes read from a receiver")
     ws_max_frame_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger client frames: error")
     ws_max_in_flight: int = Field(32, ge=1, description="concurrent requests per /v1/ws socket")
@@ -149,6 +151,49 @@ class Settings(BaseSettings):
         60.0, ge=0, description="`tgw serve` waits this long for Triton and Redis; 0 = do not wait"
     )
     startup_retry_interval_s: float = Field(2.0, gt=0, description="pause between start-up checks")
+    # --- jobs: payload size and webhook delivery ---------------------------------------------
+    job_max_body_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="413 above this job submission size (apart from TGW_MAX_BODY_BYTES)",
+    )
+    webhook_allowed_ports: Annotated[list[Annotated[int, Field(ge=1, le=65535)]], NoDecode] = Field(
+        default_factory=list, description="comma-separated ports webhooks may target besides 80 and 443"
+    )
+    webhook_concurrency: int = Field(
+        32, ge=1, le=1024, description="webhook deliveries in flight per dispatcher"
+    )
+    webhook_max_per_host: int = Field(
+        4, ge=1, description="deliveries in flight to one receiver host; more wait on the schedule"
+    )
+    # --- Server hardening (app.server) and Redis memory ----------------------------------------------
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request head must arrive within this (from connect or its first byte); "
+        "else the connection is closed (408 if a byte came)",
+    )  # fmt: skip
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body must arrive within this in total after the head; else 408 "
+        "and the connection is closed",
+    )  # fmt: skip
+    keepalive_timeout_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
+    max_header_bytes: int = Field(65536, ge=1024, description="a longer request head is answered 431")
+    max_connections: int = Field(
+        0, ge=0, description="open connections per process; at the cap the longest-idle one is closed, or "
+        "the new one refused (503); 0 = the file-descriptor limit less 10 % (at least 256)",
+    )  # fmt: skip
+    jobs_redis_url: str | None = Field(
+        None, description="redis:// URL of the jobs Redis, an instance that never evicts (maxmemory-policy "
+        "noeviction) apart from the cache's (allkeys-lru); unset = TGW_REDIS_URL",
+    )  # fmt: skip
+    jobs_redis_port: int = Field(6380, ge=1, le=65535, description="embedded jobs Redis port (`tgw up`)")
+    redis_maxmemory: str = Field(
+        "256mb", pattern=r"^\d+(?:[kmg]b?)?$", description="maxmemory of the embedded cache Redis (evicts "
+        "least-recently-used answers beyond it)",
+    )  # fmt: skip
+    log_repeat_interval_s: float = Field(
+        10.0, ge=0, description="a warning or error from one place is logged once per interval, the next "
+        "line carrying repeated=<count>; 0 = off",
+    )  # fmt: skip
     # --- Shared memory with Triton (issue 14) -------------------------------------------------
     triton_shm: Literal["off", "system"] = Field(
         "off",
@@ -167,7 +212,13 @@ class Settings(BaseSettings):
     otel_endpoint: str | None = Field(None, description="OTLP/gRPC endpoint, e.g. http://otel-collector:4317")
     otel_service_name: str = Field("triton-gateway", description="service.name of the OpenTelemetry resource")
 
-    @field_validator("model_repository", "cache_exclude_models", "webhook_schedule_s", mode="before")
+    @field_validator(
+        "model_repository",
+        "cache_exclude_models",
+        "webhook_schedule_s",
+        "webhook_allowed_ports",
+        mode="before",
+    )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -210,7 +261,7 @@ class Settings(BaseSettings):
     def _blank_is_none(cls, value: str | None) -> str | None:
         return value.strip() if value and value.strip() else None
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "jobs_redis_url")
     @classmethod
     def _check_redis_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
@@ -225,6 +276,8 @@ class Settings(BaseSettings):
             ports = [self.port, self.triton_http_port, self.triton_grpc_port, self.triton_metrics_port]
             if self.redis_url is None:
                 ports.append(self.redis_port)
+            if self.jobs_redis_url is None:
+                ports.append(self.jobs_redis_port)
             if len(set(ports)) != len(ports):
                 raise ValueError(f"the gateway and the embedded servers need distinct ports, got {ports}")
         return self
@@ -236,6 +289,11 @@ class Settings(BaseSettings):
     @property
     def redis_address(self) -> str:
         return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def jobs_redis_address(self) -> str:
+        """Where jobs live: TGW_JOBS_REDIS_URL, else the cache's Redis (one instance: see docs/deploy.md)."""
+        return self.jobs_redis_url or self.redis_address
 
 
 def settings_markdown() -> str:

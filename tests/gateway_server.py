@@ -11,6 +11,7 @@ import uvicorn
 
 from app.launcher import free_port
 from app.main import create_app
+from app.server import server_config
 from app.settings import Settings
 
 
@@ -18,9 +19,9 @@ from app.settings import Settings
 def running_gateway(**overrides: object) -> Iterator[str]:
     port = free_port()
     settings = Settings(host="127.0.0.1", port=port, **overrides)  # type: ignore[arg-type]
-    config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on",
-        loop="asyncio", timeout_graceful_shutdown=2,
+    config = server_config(
+        create_app(settings), settings, log_level="warning", lifespan="on", loop="asyncio",
+        timeout_graceful_shutdown=2,
     )  # fmt: skip
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"gateway-{port}", daemon=True)

@@ -15,7 +15,13 @@ from app.errors import BadRequest, InvalidInput
 from app.services.inference import InferRequest, InferResponse
 from app.services.payload import parse_json
 from app.services.registry import ModelInfo
-from app.services.validation import validate_outputs, validate_parameters, validate_v2_inputs
+from app.services.validation import (
+    parameters_object,
+    validate_outputs,
+    validate_parameters,
+    validate_v2_inputs,
+    value_budget,
+)
 
 HEADER_LENGTH = binary.HEADER_LENGTH
 
@@ -41,10 +47,13 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
         head, tail = binary.split(raw, _header_length(header_length))
     except binary.FramingError as exc:
         raise BadRequest(str(exc), {"field": exc.field}) from None
-    body = parse_json(head)
+    body = parse_json(head, max_values=value_budget(info))
     if not isinstance(body, dict):
         raise InvalidInput("body: expected a JSON object with an 'inputs' list", {"field": "body"})
     inputs = body.get("inputs")
+    for tensor in inputs if isinstance(inputs, list) else []:
+        if isinstance(tensor, dict):
+            parameters_object(tensor.get("parameters"), f"inputs.{tensor.get('name')}.parameters")
     try:
         parts = binary.binary_parts(inputs if isinstance(inputs, list) else [], tail, "inputs")
     except binary.FramingError as exc:

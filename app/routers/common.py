@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fastapi import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse
 
 from app.codecs.common import JSON, OCTET_STREAM, Reply, dumps
 from app.services.payload import parse_json
@@ -16,7 +16,10 @@ __all__ = ["JSON", "OCTET_STREAM", "Headers", "ORJSONResponse", "Reply", "dumps"
 Headers = Mapping[bytes, bytes]  # lower-case raw header names -> values (ASGI)
 
 
-class ORJSONResponse(Response):
+class ORJSONResponse(JSONResponse):
+    """JSON written by orjson. A ``JSONResponse`` subclass so that FastAPI documents the route's
+    ``response_model`` in the OpenAPI document (any other response class is declared a bare string)."""
+
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:

@@ -6,16 +6,19 @@ from fastapi import APIRouter
 
 from app.deps import HealthDep, SettingsDep
 from app.routers.common import ORJSONResponse
+from app.routers.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_class=ORJSONResponse)
+@router.get("/healthz", response_class=ORJSONResponse, response_model=Health)
 async def healthz() -> ORJSONResponse:
     return ORJSONResponse({"status": "ok"})
 
 
-@router.get("/readyz", response_class=ORJSONResponse)
+@router.get(
+    "/readyz", response_class=ORJSONResponse, response_model=Readiness, responses={503: {"model": Readiness}}
+)
 async def readyz(health: HealthDep, settings: SettingsDep) -> ORJSONResponse:
     ready, checks = await health.readiness()
     if ready:

@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
 from app.deps import JobsDep
+from app.errors import PayloadTooLarge
 from app.request_context import current_request_id
-from app.routers.common import ORJSONResponse, read_json
+from app.routers.common import ORJSONResponse
 from app.routers.infer import INFER_BODY_PROPERTIES, body_doc
 from app.services.jobs.service import JobService
+from app.services.payload import parse_json
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -25,21 +28,49 @@ _BODY_DOC = body_doc(
 )
 
 
+def owner_of(conn: HTTPConnection) -> str:
+    """The tenant that owns the jobs this connection submits and sees: set on ``conn.state.tenant`` by
+    the authentication stage (keys issue); "" while authentication is off."""
+    return str(getattr(conn.state, "tenant", "") or "")
+
+
 def _links(request: Request, job_id: str) -> dict[str, str]:
     base = str(request.base_url).rstrip("/")
     ws_base = "ws" + base[4:] if base.startswith("http") else base
     return {"status_url": f"{base}/v1/jobs/{job_id}", "ws_url": f"{ws_base}/v1/jobs/{job_id}/ws"}
 
 
-async def _submit(service: JobService, request: Request, model: str, version: str | None) -> Response:
-    body = await read_json(request)
-    job = await service.submit(
-        model, version, body, request.headers.get("idempotency-key"), current_request_id() or ""
+def _too_large(limit: int, declared: int | None = None) -> PayloadTooLarge:
+    got = f" ({declared} bytes)" if declared is not None else ""
+    return PayloadTooLarge(
+        f"job submission{got} exceeds the limit of {limit} bytes (TGW_JOB_MAX_BODY_BYTES)",
+        {"limit_bytes": limit, **({"received_bytes": declared} if declared is not None else {})},
     )
-    replayed = job.pop("replayed")
-    content: dict[str, Any] = {**job, **_links(request, job["id"])}
+
+
+async def _read_job_body(request: Request, limit: int) -> Any:
+    """The body, cut off at ``TGW_JOB_MAX_BODY_BYTES`` (a declared larger length is refused unread)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit, int(declared))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return parse_json(b"".join(chunks))
+
+
+async def _submit(service: JobService, request: Request, model: str, version: str | None) -> Response:
+    body = await _read_job_body(request, service.max_body_bytes)
+    job = await service.submit(
+        owner_of(request), model, version, body, request.headers.get("idempotency-key"),
+        current_request_id() or "",
+    )  # fmt: skip
+    content: dict[str, Any] = {"id": job.id, "status": str(job.status), **_links(request, job.id)}
     headers = {"Location": content["status_url"]}
-    if replayed:
+    if job.replayed:
         headers["Idempotent-Replayed"] = "true"
     return ORJSONResponse(content, status_code=202, headers=headers)
 
@@ -65,11 +96,11 @@ async def stats(service: JobsDep) -> Response:
 
 @router.get("/jobs/{job_id}", response_class=ORJSONResponse)
 async def get_job(job_id: str, request: Request, service: JobsDep) -> Response:
-    job = await service.get(job_id)
+    job = await service.get(owner_of(request), job_id)
     return ORJSONResponse({**job, **_links(request, job_id)})
 
 
 @router.delete("/jobs/{job_id}", response_class=ORJSONResponse)
 async def cancel_job(job_id: str, request: Request, service: JobsDep) -> Response:
-    job = await service.cancel(job_id)
+    job = await service.cancel(owner_of(request), job_id)
     return ORJSONResponse({**job, **_links(request, job_id)})

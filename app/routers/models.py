@@ -6,11 +6,12 @@ from fastapi import APIRouter
 
 from app.deps import RegistryDep
 from app.routers.common import ORJSONResponse
+from app.routers.schemas import Model, ModelList
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-@router.get("", response_class=ORJSONResponse)
+@router.get("", response_class=ORJSONResponse, response_model=ModelList)
 async def list_models(registry: RegistryDep) -> ORJSONResponse:
     models = []
     for item in await registry.list_models():
@@ -22,13 +23,13 @@ async def list_models(registry: RegistryDep) -> ORJSONResponse:
     return ORJSONResponse({"models": models})
 
 
-@router.get("/{model}", response_class=ORJSONResponse)
+@router.get("/{model}", response_class=ORJSONResponse, response_model=Model)
 async def get_model(model: str, registry: RegistryDep) -> ORJSONResponse:
     info = await registry.resolve(model)
     return ORJSONResponse(info.public())
 
 
-@router.get("/{model}/versions/{version}", response_class=ORJSONResponse)
+@router.get("/{model}/versions/{version}", response_class=ORJSONResponse, response_model=Model)
 async def get_model_version(model: str, version: str, registry: RegistryDep) -> ORJSONResponse:
     info = await registry.resolve(model, version)
     return ORJSONResponse(info.public())

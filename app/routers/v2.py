@@ -3,8 +3,9 @@ inference path. Errors keep the gateway's one shape."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
-from starlette.responses import Response
 
 from app.codecs import v2 as kserve
 from app.codecs.common import Reply
@@ -12,23 +13,36 @@ from app.deps import AdminDep, HealthDep, RegistryDep
 from app.request_context import current_request_id
 from app.routers.common import Headers, ORJSONResponse
 from app.routers.infer import header_value
+from app.routers.schemas import (
+    V2IndexEntry,
+    V2Live,
+    V2ModelMetadata,
+    V2ModelReady,
+    V2Ready,
+    V2ServerMetadata,
+)
 from app.services.inference import InferenceService, cache_directives
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
 
-@router.get("/health/live")
-async def live() -> Response:
-    return Response(status_code=200)
+# KServe v2 health and readiness answer with the status code (what tritonclient reads) and the JSON body
+# the KServe spec gives them ({"live": bool}, {"ready": bool}).
+_NOT_READY: dict[int | str, dict[str, Any]] = {400: {"model": V2Ready, "description": "not ready"}}
 
 
-@router.get("/health/ready")
-async def ready(health: HealthDep) -> Response:
+@router.get("/health/live", response_class=ORJSONResponse, response_model=V2Live)
+async def live() -> ORJSONResponse:
+    return ORJSONResponse({"live": True})
+
+
+@router.get("/health/ready", response_class=ORJSONResponse, response_model=V2Ready, responses=_NOT_READY)
+async def ready(health: HealthDep) -> ORJSONResponse:
     ok, _ = await health.readiness()
-    return Response(status_code=200 if ok else 400)
+    return ORJSONResponse({"ready": ok}, status_code=200 if ok else 400)
 
 
-@router.get("", response_class=ORJSONResponse)
+@router.get("", response_class=ORJSONResponse, response_model=V2ServerMetadata)
 async def server_metadata(admin: AdminDep) -> ORJSONResponse:
     triton_meta = await admin.server_metadata()
     return ORJSONResponse(
@@ -43,7 +57,7 @@ async def server_metadata(admin: AdminDep) -> ORJSONResponse:
 _EXTENSIONS = {"binary_tensor_data", "model_repository", "model_configuration", "parameters"}
 
 
-@router.post("/repository/index", response_class=ORJSONResponse)
+@router.post("/repository/index", response_class=ORJSONResponse, response_model=list[V2IndexEntry])
 async def repository_index(registry: RegistryDep) -> ORJSONResponse:
     return ORJSONResponse(await registry.index())
 
@@ -63,23 +77,43 @@ def _metadata(info_meta: dict[str, object], version: str) -> dict[str, object]:
     }
 
 
-@router.get("/models/{model}", response_class=ORJSONResponse)
-@router.get("/models/{model}/versions/{version}", response_class=ORJSONResponse)
+@router.get("/models/{model}", response_class=ORJSONResponse, response_model=V2ModelMetadata)
+@router.get(
+    "/models/{model}/versions/{version}", response_class=ORJSONResponse, response_model=V2ModelMetadata
+)
 async def model_metadata(model: str, registry: RegistryDep, version: str | None = None) -> ORJSONResponse:
     info = await registry.resolve(model, version)
     return ORJSONResponse(_metadata(info.metadata, info.version))
 
 
-@router.get("/models/{model}/ready")
-@router.get("/models/{model}/versions/{version}/ready")
-async def model_ready(model: str, registry: RegistryDep, version: str | None = None) -> Response:
+_MODEL_NOT_READY: dict[int | str, dict[str, Any]] = {400: {"model": V2ModelReady, "description": "not ready"}}
+
+
+@router.get(
+    "/models/{model}/ready", response_class=ORJSONResponse, response_model=V2ModelReady,
+    responses=_MODEL_NOT_READY,
+)  # fmt: skip
+@router.get(
+    "/models/{model}/versions/{version}/ready", response_class=ORJSONResponse, response_model=V2ModelReady,
+    responses=_MODEL_NOT_READY,
+)  # fmt: skip
+async def model_ready(model: str, registry: RegistryDep, version: str | None = None) -> ORJSONResponse:
     versions = await registry.ready_versions(model)
     ok = (version in versions) if version else bool(versions)
-    return Response(status_code=200 if ok else 400)
+    return ORJSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 400)
 
 
-@router.get("/models/{model}/config", response_class=ORJSONResponse)
-@router.get("/models/{model}/versions/{version}/config", response_class=ORJSONResponse)
+_CONFIG = {"type": "object", "description": "Triton's model configuration (model_config.proto as JSON)"}
+
+
+@router.get(
+    "/models/{model}/config", response_class=ORJSONResponse,
+    responses={200: {"content": {"application/json": {"schema": _CONFIG}}}},
+)  # fmt: skip
+@router.get(
+    "/models/{model}/versions/{version}/config", response_class=ORJSONResponse,
+    responses={200: {"content": {"application/json": {"schema": _CONFIG}}}},
+)  # fmt: skip
 async def model_config(model: str, registry: RegistryDep, version: str | None = None) -> ORJSONResponse:
     info = await registry.resolve(model, version)
     return ORJSONResponse(info.config)

@@ -8,7 +8,9 @@ input and saying what was expected and what was received.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,21 @@ _RESERVED_PARAMETERS = frozenset(
 )
 
 
+_IS_BOOL = partial(operator.is_, bool)
+
+
+def _contains_bool(value: list[Any]) -> bool:
+    """A ``true``/``false`` anywhere in a nested list (per element in C: ``map`` over ``type``)."""
+    stack = [value]
+    while stack:
+        row = stack.pop()
+        if row and isinstance(row[0], list):
+            stack.extend(x for x in row if isinstance(x, list))
+        if any(map(_IS_BOOL, map(type, row))):
+            return True
+    return False
+
+
 def _fail(field: str, message: str, **details: Any) -> InvalidInput:
     return InvalidInput(f"{field}: {message}", {"field": field, **details})
 
@@ -63,7 +80,20 @@ def _to_array(field: str, value: Any, spec: TensorSpec) -> np.ndarray:
             f"{_shape_text(spec.shape)})",
             expected={"shape": list(spec.shape), "datatype": spec.datatype},
         ) from None
+    if raw.dtype.kind in "iuf" and spec.datatype != "BOOL" and _may_hold_bools(raw) and _contains_bool(value):
+        # numpy turns true/false into 1/0 when they sit among numbers: booleans are not numbers.
+        raise _fail(
+            field,
+            f"expected numbers for {spec.datatype}, got true/false among them",
+            expected={"shape": list(spec.shape), "datatype": spec.datatype},
+            received={"datatype": "boolean"},
+        )
     return convert(field, raw, spec)
+
+
+def _may_hold_bools(raw: np.ndarray) -> bool:
+    """Only an array holding 0 or 1 can have come from true/false: the exact check runs only then."""
+    return bool(((raw == 0) | (raw == 1)).any())
 
 
 def convert(field: str, raw: np.ndarray, spec: TensorSpec) -> np.ndarray:
@@ -187,17 +217,51 @@ def validate_outputs(info: ModelInfo, outputs: Any) -> list[str] | None:
     return list(dict.fromkeys(outputs)) or None
 
 
-def validate_parameters(parameters: Any) -> dict[str, Any]:
-    if parameters is None:
+def parameters_object(value: Any, field: str = "parameters") -> dict[str, Any]:
+    """A ``parameters`` member (request, input tensor or requested output level): absent or null -> {},
+    an object -> itself, anything else -> 422 naming ``field`` (e.g. ``inputs.series.parameters``)."""
+    if value is None:
         return {}
-    if not isinstance(parameters, dict):
-        raise _fail("parameters", "expected an object of name -> string, number or boolean")
+    if not isinstance(value, dict):
+        raise _fail(
+            field,
+            f"expected an object of name -> string, number or boolean, got {_json_type(value)}",
+            expected={"type": "object"},
+            received={"type": _json_type(value)},
+        )
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    names: dict[type, str] = {str: "string", list: "array", dict: "object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def validate_parameters(parameters: Any, field: str = "parameters") -> dict[str, Any]:
+    """Request-level parameters forwarded to Triton: an object of scalars, no reserved names."""
+    parameters = parameters_object(parameters, field)
     for key, value in parameters.items():
         if key in _RESERVED_PARAMETERS:
-            raise _fail(f"parameters.{key}", "is reserved by Triton and cannot be passed as a parameter")
+            raise _fail(f"{field}.{key}", "is reserved by Triton and cannot be passed as a parameter")
         if not isinstance(value, str | int | float | bool):
-            raise _fail(f"parameters.{key}", "expected a string, number or boolean")
+            raise _fail(f"{field}.{key}", f"expected a string, number or boolean, got {_json_type(value)}")
     return dict(parameters)
+
+
+def value_budget(info: ModelInfo) -> int | None:
+    """The most tensor values one request to this model can carry (max_batch_size x the dims of every
+    input), for ``app.services.payload.check_value_budget``; None when an input has a variable dim."""
+    total = 0
+    for spec in info.inputs.values():
+        dims = spec.shape[1:] if info.batched else spec.shape
+        if any(d < 0 for d in dims):
+            return None
+        total += max(info.max_batch_size, 1) * math.prod(dims)
+    return total
 
 
 def validate_v1_inputs(info: ModelInfo, inputs: Any) -> dict[str, np.ndarray]:

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import uvicorn
+
+from app.launcher import free_port
+from app.main import create_app
+from app.settings import Settings
 
 
 def unique_row(n: int = 4) -> list[float]:
@@ -29,3 +37,36 @@ def wait_job(
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s: {job}")
         time.sleep(0.1)
+
+
+@contextmanager
+def gateway_with_tenant_header(**overrides: object) -> Iterator[str]:
+    """A real gateway whose connections carry the tenant named by the ``X-Test-Tenant`` header, set where
+    the authentication stage (keys issue) sets it: ``conn.state.tenant``."""
+    port = free_port()
+    settings = Settings(host="127.0.0.1", port=port, **overrides)  # type: ignore[arg-type]
+    app = create_app(settings)
+
+    async def tenant_app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            tenant = dict(scope.get("headers") or []).get(b"x-test-tenant", b"").decode()
+            scope = {**scope, "state": {**scope.get("state", {}), "tenant": tenant}}
+        await app(scope, receive, send)
+
+    config = uvicorn.Config(
+        tenant_app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", loop="asyncio",
+        timeout_graceful_shutdown=2,
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test gateway did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)

@@ -19,7 +19,7 @@ from standardwebhooks import Webhook
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from app.launcher import EmbeddedRedis, EmbeddedTriton
+from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
 from app.services.jobs.store import DEAD
 from tests.gateway_server import running_gateway
 from tests.integration.conftest import GatewayFactory
@@ -29,6 +29,8 @@ pytestmark = pytest.mark.integration
 
 SECRET_OLD = "whsec_" + base64.b64encode(b"old-secret-0123456789abcdef").decode()
 SECRET_NEW = "whsec_" + base64.b64encode(b"new-secret-0123456789abcdef").decode()
+# Webhook receivers listen on these (TGW_WEBHOOK_ALLOWED_PORTS: only 80/443 and listed ports may be hit).
+RECEIVER_PORTS = [free_port() for _ in range(4)]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,7 @@ def worker_url(triton: EmbeddedTriton, redis_server: EmbeddedRedis) -> Iterator[
         triton_url=triton.grpc_url, redis_url=redis_server.url, worker_in_process=True, job_claim_idle_s=1.0,
         job_max_attempts=2, ws_max_frame_bytes=4096, ws_max_in_flight=3, ws_heartbeat_s=0.5,
         webhook_allow_private=True, webhook_secret=f"{SECRET_NEW} {SECRET_OLD}", webhook_schedule_s="0.2,0.2,0.2",
+        webhook_allowed_ports=RECEIVER_PORTS,
     ) as url:  # fmt: skip
         yield url
 
@@ -190,7 +193,7 @@ def test_failing_job_is_dead_lettered(wc: httpx.Client, redis_server: EmbeddedRe
 
 
 class Receiver:
-    def __init__(self, fail_first: int, fail_status: int = 503) -> None:
+    def __init__(self, fail_first: int, fail_status: int = 503, port: int = RECEIVER_PORTS[0]) -> None:
         self.fail_first, self.fail_status = fail_first, fail_status
         self.calls: list[tuple[dict[str, str], bytes]] = []
         receiver = self
@@ -208,12 +211,13 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://localhost:{self.server.server_address[1]}/hooks/tgw?x=1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
         self.server.shutdown()
+        self.server.server_close()
 
 
 def test_webhook_retried_until_receiver_is_up_signed_same_id(wc: httpx.Client) -> None:
@@ -247,7 +251,8 @@ def test_webhook_retried_until_receiver_is_up_signed_same_id(wc: httpx.Client) -
 
 
 def test_webhook_410_stops_and_exhaustion_dead_letters(wc: httpx.Client) -> None:
-    gone, down = Receiver(fail_first=99, fail_status=410), Receiver(fail_first=99, fail_status=500)
+    gone = Receiver(fail_first=99, fail_status=410, port=RECEIVER_PORTS[1])
+    down = Receiver(fail_first=99, fail_status=500, port=RECEIVER_PORTS[2])
     try:
         ids = [
             wc.post(
@@ -265,3 +270,27 @@ def test_webhook_410_stops_and_exhaustion_dead_letters(wc: httpx.Client) -> None
         down.close()
     assert len(gone.calls) == 1 and len(down.calls) == 4  # 1 + len(schedule)
     assert wc.get(f"/v1/jobs/{ids[1]}").json()["webhook"]["attempts"][-1]["outcome"] == "dead"
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        {"series": [[float(i) for i in range(30)]], "horizon": [[0]]},
+        {"series": [[float(i) for i in range(30)]], "horizon": [[1000]]},
+        {"series": [[1.0, 2.0, 3.0]]},  # shorter than the 20-point window
+    ],
+    ids=["horizon-0", "horizon-1000", "short-series"],
+)
+def test_triton_invalid_argument_fails_the_job_at_once(
+    wc: httpx.Client, redis_server: EmbeddedRedis, inputs: dict[str, Any]
+) -> None:
+    """The client's error (Triton INVALID_ARGUMENT): failed on the first attempt, no retry, no dead letter."""
+    inputs = {k: [[*v[0][:-1], v[0][-1] + time.time_ns() % 997 / 1e4]] if k == "series" else v
+              for k, v in inputs.items()}  # fmt: skip
+    r = wc.post("/v1/models/forecast/jobs", json={"inputs": {k: v[0] for k, v in inputs.items()}})
+    assert r.status_code == 202, r.text
+    job = wait_job(wc, r.json()["id"], timeout=15)
+    assert job["status"] == "failed" and job["attempts"] == 1, job
+    assert job["error"]["code"] != "attempts_exhausted"
+    dead = redis.Redis.from_url(redis_server.url).xrevrange(DEAD, count=50)
+    assert all(fields[b"job_id"].decode() != job["id"] for _, fields in dead)

@@ -80,7 +80,9 @@ def test_body_limit_is_one_rule_for_every_route(start_gateway: GatewayFactory) -
 
 def test_server_timing_can_be_turned_off(start_gateway: GatewayFactory) -> None:
     with start_gateway(server_timing=False) as url:
-        r = httpx.post(f"{url}/v1/models/identity_fp32/infer", json={"inputs": {"INPUT0": [[1.0]]}}, timeout=30)
+        r = httpx.post(
+            f"{url}/v1/models/identity_fp32/infer", json={"inputs": {"INPUT0": [[1.0]]}}, timeout=30
+        )
         assert r.status_code == 200 and "server-timing" not in r.headers
 
 

@@ -27,6 +27,7 @@ class Stack:
     url: str
     log: Path
     state: Path
+    env: dict[str, str]
 
     def leftovers(self, timeout: float = 30) -> list[str]:
         """Processes still running from this stack's state dir (e.g. Python-backend stubs)."""
@@ -83,6 +84,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             "TGW_TRITON_GRPC_PORT": str(free_port()),
             "TGW_TRITON_METRICS_PORT": str(free_port()),
             "TGW_REDIS_PORT": str(free_port()),
+            "TGW_JOBS_REDIS_PORT": str(free_port()),
             "TGW_MODEL_REPOSITORY": str(ROOT / "tests" / "models"),
             "TGW_STATE_DIR": str(tmp_path / "state"),
             "TGW_SHUTDOWN_DELAY_S": "0",
@@ -91,6 +93,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     )
     env.pop("TGW_TRITON_URL", None)
     env.pop("TGW_REDIS_URL", None)
+    env.pop("TGW_JOBS_REDIS_URL", None)
     log = tmp_path / "tgw-up.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -108,7 +111,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             proc.kill()
             pytest.fail(f"tgw up did not become ready:\n{log.read_text()[-3000:]}")
         time.sleep(0.3)
-    yield Stack(proc, url, log, tmp_path / "state")
+    yield Stack(proc, url, log, tmp_path / "state", env)
     if proc.poll() is None:
         proc.kill()
         proc.wait()
@@ -118,7 +121,18 @@ def test_sigterm_stops_all_three(stack: Stack) -> None:
     r = httpx.post(f"{stack.url}/v1/models/identity_fp32/infer", json={"inputs": {"INPUT0": [[1.0, 2.0]]}})
     assert r.status_code == 200
     children = stack.children()
-    assert len(children) == 2  # redis-server and tritonserver
+    assert len(children) == 3  # redis-server (cache), redis-server (jobs) and tritonserver
+    assert "serving on uvloop.Loop" in stack.log.read_text()  # the same loop as `tgw serve` (issue 15)
+    # Redis memory (issue 15): a bounded cache that evicts, and a jobs instance that never does.
+    import redis
+
+    for port, policy, bounded in (
+        ("TGW_REDIS_PORT", "allkeys-lru", True),
+        ("TGW_JOBS_REDIS_PORT", "noeviction", False),
+    ):
+        config = redis.Redis(port=int(stack.env[port]), decode_responses=True).config_get("maxmemory*")
+        assert config["maxmemory-policy"] == policy
+        assert (int(config["maxmemory"]) > 0) is bounded
     stack.proc.send_signal(signal.SIGTERM)
     assert stack.proc.wait(timeout=60) == 0
     assert _wait_gone(children) == []

@@ -55,7 +55,10 @@ def test_batchable_is_decided_once_from_the_config() -> None:
     assert not batchable(1, {"dynamic_batching": {}})
     assert not batchable(8, {"dynamic_batching": {}, "sequence_batching": {}})
     meta = {"name": "m", "versions": ["1"], "inputs": [], "outputs": []}
-    assert build_model_info(meta, {"max_batch_size": 8, "dynamic_batching": {}}, ("1",), False).max_batch_rows == 8
+    assert (
+        build_model_info(meta, {"max_batch_size": 8, "dynamic_batching": {}}, ("1",), False).max_batch_rows
+        == 8
+    )
     assert build_model_info(meta, {"max_batch_size": 8}, ("1",), False).max_batch_rows == 0
 
 

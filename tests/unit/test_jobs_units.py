@@ -1,15 +1,25 @@
-"""Webhook signing (checked by the reference Standard Webhooks library) and the SSRF address rules."""
+"""Jobs, pure logic: webhook signing (checked by the reference Standard Webhooks library), the SSRF address
+and port rules, the job record and its compact inputs, what is retried, per-host webhook caps, and the
+package's shape (only the store talks to Redis; the WebSocket router is thin)."""
 
 from __future__ import annotations
 
+import ast
+import asyncio
 import base64
 import ipaddress
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from app.errors import InvalidInput, ServiceUnavailable, UpstreamError
 from app.services.jobs.ssrf import UnsafeURL, literal_ip, parse_url, unsafe_reason, vet_url
-from app.services.jobs.webhooks import _retry_after, parse_secrets, sign
+from app.services.jobs.store import Job, JobStatus, decode_inputs, encode_inputs, new_job_id, valid_job_id
+from app.services.jobs.webhooks import DeliveryResult, WebhookDispatcher, _retry_after, parse_secrets, sign
+from app.services.jobs.worker import client_error
 
 SECRET_A = "whsec_" + base64.b64encode(b"a" * 32).decode()
 SECRET_B = "whsec_" + base64.b64encode(b"b" * 24).decode()
@@ -70,7 +80,13 @@ async def test_vet_url_rules() -> None:
     ]:
         with pytest.raises(UnsafeURL):
             await vet_url(url)
-    target = await vet_url("https://8.8.8.8:8443/hook?x=1")
+    with pytest.raises(UnsafeURL, match="port 8443 is not allowed"):
+        await vet_url("https://8.8.8.8:8443/hook?x=1")
+    for url in ["http://8.8.8.8:6379/", "http://8.8.8.8:22/", "https://[::1/", "http://[::1/"]:
+        with pytest.raises(UnsafeURL):
+            await vet_url(url)
+    assert (await vet_url("http://8.8.8.8/")).port == 80
+    target = await vet_url("https://8.8.8.8:8443/hook?x=1", allowed_ports={8443})
     assert (target.scheme, target.host, target.port, target.path, target.address) == (
         "https",
         "8.8.8.8",
@@ -79,8 +95,11 @@ async def test_vet_url_rules() -> None:
         "8.8.8.8",
     )
     with pytest.raises(UnsafeURL, match="loopback"):
-        await vet_url("http://localhost:9/")
-    assert (await vet_url("http://localhost:9/", allow_private=True)).address in ("127.0.0.1", "::1")
+        await vet_url("http://localhost:9/", allowed_ports={9})
+    with pytest.raises(UnsafeURL, match="port 9 is not allowed"):  # private allowed, the port is not
+        await vet_url("http://localhost:9/", allow_private=True)
+    target = await vet_url("http://localhost:9/", allow_private=True, allowed_ports={9})
+    assert target.address in ("127.0.0.1", "::1")
     assert parse_url("http://EXAMPLE.com")[1:] == ("example.com", 80, "/")
 
 
@@ -96,5 +115,152 @@ async def test_sender_vets_again_at_delivery_time() -> None:
     from app.services.jobs.webhooks import HttpxWebhookSender
 
     async with httpx.AsyncClient() as client:
-        result = await HttpxWebhookSender(client, False, 1024).send("http://localhost:9/x", b"{}", {})
+        result = await HttpxWebhookSender(client, False, 1024, 5.0, frozenset({9})).send(
+            "http://localhost:9/x", b"{}", {}
+        )
     assert result.refused and result.status_code is None and "loopback" in (result.error or "")
+
+
+# --- the jobs package's shape (issue 10: jobs encapsulated) -----------------------------------------
+JOBS_CODE = Path(__file__).resolve().parents[2] / "app"
+
+
+def _redis_touches(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            found += [f"imports {n}" for n in names if n.split(".")[0] == "redis"]
+        elif isinstance(node, ast.Attribute) and node.attr in ("redis", "blocking"):
+            found.append(f"uses .{node.attr} (line {node.lineno})")
+    return found
+
+
+def test_only_the_job_store_talks_to_redis() -> None:
+    files = [*sorted((JOBS_CODE / "services" / "jobs").glob("*.py")), JOBS_CODE / "routers" / "jobs.py",
+             JOBS_CODE / "routers" / "ws.py"]  # fmt: skip
+    exempt = {"store.py", "runtime.py"}  # the store; the runtime only builds the clients it hands it
+    touches = {f.name: t for f in files if f.name not in exempt and (t := _redis_touches(f))}
+    assert touches == {}
+
+
+def test_the_websocket_router_is_thin() -> None:
+    tree = ast.parse((JOBS_CODE / "routers" / "ws.py").read_text())
+    classes = [n.name for n in tree.body if isinstance(n, ast.ClassDef)]
+    functions = [n.name for n in tree.body if isinstance(n, ast.AsyncFunctionDef | ast.FunctionDef)]
+    assert classes == [] and functions == ["job_socket", "multiplexed_socket"]
+
+
+def test_job_record_round_trip_and_missing_status() -> None:
+    job = Job(
+        id=new_job_id(), owner="t1", status=JobStatus.SUCCEEDED, model="m", version="2", priority="high",
+        created_at=1.5, finished_at=2.5, request_id="rid", spec=b'{"outputs":null}', result=b'{"a":1}',
+        cache="HIT", webhook_url="https://example.com/h",
+    )  # fmt: skip
+    raw = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in job.fields().items()}
+    back = Job.from_hash(raw)
+    assert back is not None
+    assert (back.id, back.owner, back.status, back.version, back.result, back.cache, back.finished_at) == (
+        job.id, "t1", JobStatus.SUCCEEDED, "2", b'{"a":1}', "HIT", 2.5,
+    )  # fmt: skip
+    assert Job.from_hash({}) is None
+    assert Job.from_hash({b"webhook_status": b"retrying"}) is None  # never read as "queued"
+    assert {s for s in JobStatus if s.terminal} == {"succeeded", "failed", "cancelled"}
+
+
+def test_job_ids_are_only_what_the_gateway_issues() -> None:
+    assert valid_job_id(new_job_id())
+    for bad in ("x", "0" * 31, "0" * 32 + ":deliveries", "A" * 32, "", "0" * 33):
+        assert not valid_job_id(bad)
+
+
+def test_inputs_are_stored_as_tensor_bytes() -> None:
+    inputs = {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "b": np.array([[1, -2]], dtype=np.int64),
+        "c": np.array([[b"x", "é".encode()]], dtype=np.object_),
+    }
+    blob = encode_inputs(inputs, {"a": "FP32", "b": "INT64", "c": "BYTES"})
+    assert len(blob) < 24 + 16 + 14 + 200  # raw bytes plus a small header, no JSON numbers
+    back, datatypes = decode_inputs(blob)
+    assert datatypes == {"a": "FP32", "b": "INT64", "c": "BYTES"}
+    for name, arr in inputs.items():
+        assert back[name].shape == arr.shape and back[name].tolist() == arr.tolist()
+
+
+def test_client_errors_are_not_retried() -> None:
+    assert client_error(InvalidInput("bad"))
+    assert client_error(UpstreamError("x", {"grpc_status": "INVALID_ARGUMENT"}))
+    assert client_error(UpstreamError("x", {"http_status": 400}))
+    assert not client_error(UpstreamError("x", {"grpc_status": "INTERNAL"}))
+    assert not client_error(UpstreamError("x", {"http_status": 500}))
+    assert not client_error(ServiceUnavailable("down"))
+
+
+class _Store:
+    def __init__(self, jobs: dict[str, Job]) -> None:
+        self.jobs, self.deferred, self.recorded = jobs, [], []
+
+    async def get(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
+
+    async def defer_webhook(self, job_id: str, at: float) -> None:
+        self.deferred.append(job_id)
+
+    async def webhook_body(self, job_id: str, build: bytes) -> bytes:
+        return build
+
+    async def record_delivery(self, job_id: str, attempt: Any, state: str, next_at: Any) -> None:
+        self.recorded.append((job_id, state))
+
+    async def unschedule(self, job_id: str) -> None:
+        pass
+
+
+class _SlowSender:
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.sending: list[str] = []
+
+    async def send(self, url: str, body: bytes, headers: dict[str, str]) -> DeliveryResult:
+        self.sending.append(url)
+        await self.release.wait()
+        return DeliveryResult(200)
+
+
+async def test_a_busy_receiver_host_is_deferred_not_waited_for() -> None:
+    def job(host: str) -> Job:
+        return Job(
+            id=new_job_id(), owner="", status=JobStatus.SUCCEEDED, model="m", version=None, priority="normal",
+            created_at=1.0, webhook_url=f"https://{host}/h", webhook_status="pending",
+        )  # fmt: skip
+
+    jobs = [job("slow.example") for _ in range(5)] + [job("other.example")]
+    store, sender = _Store({j.id: j for j in jobs}), _SlowSender()
+
+    async def view(j: Job) -> dict[str, Any]:
+        return {"id": j.id}
+
+    dispatcher = WebhookDispatcher(store, view, sender, [], [1.0], max_per_host=2)  # type: ignore[arg-type]
+    tasks = [asyncio.create_task(dispatcher.deliver(j.id)) for j in jobs]
+    await asyncio.sleep(0.05)
+    assert sender.sending.count("https://slow.example/h") == 2 and "https://other.example/h" in sender.sending
+    assert len(store.deferred) == 3  # back on the schedule, no attempt counted, no slot held
+    sender.release.set()
+    await asyncio.gather(*tasks)
+    assert sorted(state for _, state in store.recorded) == ["delivered"] * 3
+
+
+def test_every_job_key_shares_one_cluster_slot() -> None:
+    from redis.crc import key_slot
+
+    from app.services.jobs import store
+
+    job_id = new_job_id()
+    keys = [
+        store.STREAM, store.STREAM_HIGH, store.DEAD, store.COUNTS, store.WEBHOOK_COUNTS, store.SCHEDULE,
+        store.job_key(job_id), store.inputs_key(job_id), store.deliveries_key(job_id),
+        store.idem_key("tenant", "key"), store.JOB_PREFIX + new_job_id(),
+    ]  # fmt: skip
+    assert len({key_slot(k.encode()) for k in keys}) == 1

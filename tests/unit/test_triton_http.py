@@ -23,6 +23,7 @@ from app.errors import ModelNotFound, UpstreamError, UpstreamRejected, UpstreamU
 def _call(model: str, version: str, **kw: object) -> TritonCall:
     return TritonCall(model, version, {"A": X}, {"A": "FP32"}, deadline=time.monotonic() + 5, **kw)  # type: ignore[arg-type]
 
+
 X = np.arange(4, dtype=np.float32).reshape(1, 4)
 
 

@@ -126,3 +126,49 @@ def test_v2_json_and_binary(batched: ModelInfo) -> None:
         validate_v2_inputs(
             batched, [{"name": "series", "shape": [1, 20, 1], "datatype": "FP64", "data": flat}]
         )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [[[1.0]] * 19 + [[True]]],
+        [[[0.0]] * 19 + [[False]]],
+        [[[True]] + [[2.5]] * 19],
+    ],
+)
+def test_booleans_are_not_numbers_for_float_inputs(batched: ModelInfo, value: object) -> None:
+    with pytest.raises(InvalidInput) as info:
+        validate_v1_inputs(batched, {"series": value})
+    assert info.value.details["field"] == "inputs.series"
+    assert "true/false" in info.value.message
+
+
+def test_booleans_are_not_numbers_for_int_inputs(typed: ModelInfo) -> None:
+    good = {"I8": [1, 0], "U16": [1], "B": [True], "S": ["x"], "H": [1.0]}
+    assert validate_v1_inputs(typed, good)["I8"].tolist() == [1, 0]
+    for name, value in (("I8", [1, True]), ("U16", [False]), ("H", [True])):
+        with pytest.raises(InvalidInput) as info:
+            validate_v1_inputs(typed, {**good, name: value})
+        assert info.value.details["field"] == f"inputs.{name}"
+
+
+def test_booleans_in_v2_data(batched: ModelInfo) -> None:
+    tensor = {"name": "series", "shape": [1, 20, 1], "datatype": "FP32", "data": [0.5] * 19 + [True]}
+    with pytest.raises(InvalidInput, match="true/false"):
+        validate_v2_inputs(batched, [tensor])
+
+
+@pytest.mark.parametrize("value", ["abc", [1, 2], 3, True])
+@pytest.mark.parametrize("field", ["parameters", "inputs.series.parameters", "outputs.forecast.parameters"])
+def test_parameters_not_an_object_is_a_422_naming_the_field(value: object, field: str) -> None:
+    from app.services.validation import parameters_object
+
+    with pytest.raises(InvalidInput) as info:
+        parameters_object(value, field)
+    assert info.value.details["field"] == field
+    assert info.value.status_code == 422
+    with pytest.raises(InvalidInput) as info:
+        validate_parameters(value, field)
+    assert info.value.details["field"] == field
+    assert parameters_object(None, field) == {}
+    assert parameters_object({"binary_data": True}, field) == {"binary_data": True}

@@ -3,8 +3,9 @@
 Every gateway replica holds ONE Redis pub/sub subscription on ``tgw:jobs:events``; whichever replica or
 worker finished a job, the finishing script published there, so every replica hears it and hands it to
 its local subscribers of that job id. Delivery to a subscriber is ``put_nowait`` on its own queue: a slow
-socket can never hold up the hub or other sockets. Pub/sub is at-most-once, so subscribers also re-read
-the job hash now and then (see ``routers.ws``); the event stream is the fast path, the store the truth.
+socket can never hold up the hub or other sockets. Pub/sub is at-most-once, so after a reconnect every
+watcher is woken to re-read, and watchers re-read the job hash every ~15 s anyway (``JobService.watch``);
+the event stream is the fast path, the store the truth.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
 
 import orjson
 
-from app.services.jobs.store import EVENTS
+from app.services.jobs.store import EVENTS, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +26,12 @@ Listener = Callable[[str, str], None]  # (job_id, status)
 
 
 class EventHub:
-    def __init__(self, redis: Any) -> None:
-        self.redis = redis  # a client without a socket timeout: the subscription idles
+    def __init__(self, store: JobStore) -> None:
+        self.store = store  # its pub/sub uses a client without a socket timeout: the subscription idles
         self._listeners: dict[str, set[Listener]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        self.reconnects = 0
 
     def subscribe(self, job_id: str, listener: Listener) -> Callable[[], None]:
         self._listeners[job_id].add(listener)
@@ -63,9 +64,13 @@ class EventHub:
     async def _run(self) -> None:
         backoff = 0.2
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.store.events()
             try:
                 await pubsub.subscribe(EVENTS)
+                if self.reconnects:  # events published while we were away are lost: every watcher re-reads
+                    for job_id in list(self._listeners):
+                        self.dispatch(job_id, "")
+                self.reconnects += 1
                 self.connected.set()
                 backoff = 0.2
                 while True:

@@ -12,13 +12,17 @@ import logging
 from typing import Any
 
 import httpx
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.observability.metrics import JobsSnapshot
 from app.services.inference import InferenceService
 from app.services.jobs.events import EventHub
 from app.services.jobs.service import JobService
-from app.services.jobs.store import JobStore, ensure_groups
+from app.services.jobs.sockets import JobSockets, SocketLimits
+from app.services.jobs.store import JobStore
 from app.services.jobs.webhooks import HttpxWebhookSender, WebhookDispatcher, parse_secrets
 from app.services.jobs.worker import JobWorker
 from app.settings import Settings
@@ -28,21 +32,33 @@ logger = logging.getLogger(__name__)
 
 class JobsRuntime:
     def __init__(self, settings: Settings, inference: InferenceService) -> None:
-        url = settings.redis_address
+        url = settings.jobs_redis_address  # a Redis that never evicts (TGW_JOBS_REDIS_URL; else the cache's)
         self.settings = settings
-        self.redis: Any = Redis.from_url(
+        # A pooled connection that died with a Redis restart is retried once on a fresh one (never a
+        # stall: a timeout is not retried, it becomes a 503 at once), and idle ones are checked first.
+        # Blocking reads (XREADGROUP BLOCK, pub/sub) use a second client without a socket timeout.
+        # On a Cluster every job key shares the hash tag {tgw:jobs}, so each script runs on one shard.
+        client: Any = RedisCluster if settings.redis_cluster else Redis
+        self.redis: Any = client.from_url(
             url, socket_timeout=settings.job_redis_timeout_s,
-            socket_connect_timeout=settings.job_redis_timeout_s, health_check_interval=30,
+            socket_connect_timeout=settings.job_redis_timeout_s, health_check_interval=5,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )  # fmt: skip
-        # Blocking reads (XREADGROUP BLOCK, pub/sub) idle longer than any short socket timeout.
-        self.blocking: Any = Redis.from_url(
+        self.blocking: Any = client.from_url(
             url, socket_timeout=None, socket_connect_timeout=5, health_check_interval=30
         )
-        self.store = JobStore(self.redis, settings.job_ttl_s)
+        self.store = JobStore(self.redis, settings.job_ttl_s, self.blocking)
+        self.hub = EventHub(self.store)
+        ports = frozenset(settings.webhook_allowed_ports)
         self.service = JobService(
-            self.store, inference, settings.queue_max, settings.retry_after_s, settings.webhook_allow_private
-        )
-        self.hub = EventHub(self.blocking)
+            self.store, inference, settings.queue_max, settings.retry_after_s, settings.webhook_allow_private,
+            ports, self.hub, settings.job_max_body_bytes,
+        )  # fmt: skip
+        self.sockets = JobSockets(
+            self.service, inference,
+            SocketLimits(settings.ws_send_queue, settings.ws_heartbeat_s, settings.ws_max_in_flight,
+                         settings.ws_max_frame_bytes),
+        )  # fmt: skip
         self.worker: JobWorker | None = None
         self.dispatcher: WebhookDispatcher | None = None
         self.http: httpx.AsyncClient | None = None
@@ -50,24 +66,24 @@ class JobsRuntime:
         secrets = parse_secrets(settings.webhook_secret)
         if settings.worker_in_process:
             self.worker = JobWorker(
-                self.blocking, self.store, inference, settings.worker_concurrency, settings.job_claim_idle_s,
+                self.store, inference, settings.worker_concurrency, settings.job_claim_idle_s,
                 settings.job_max_attempts,
             )  # fmt: skip
             t = settings.webhook_timeout_s
             self.http = httpx.AsyncClient(
                 timeout=httpx.Timeout(t, connect=min(t, 5.0)), follow_redirects=False, trust_env=False,
-                limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+                limits=httpx.Limits(
+                    max_connections=max(64, settings.webhook_concurrency), max_keepalive_connections=16
+                ),
             )  # fmt: skip
             sender = HttpxWebhookSender(
-                self.http, settings.webhook_allow_private, settings.webhook_max_response_bytes
+                self.http, settings.webhook_allow_private, settings.webhook_max_response_bytes, t, ports
             )
-
-            async def payload(job_id: str) -> dict[str, Any]:
-                return await self.service.get(job_id)
-
             self.dispatcher = WebhookDispatcher(
-                self.store, payload, sender, secrets, settings.webhook_schedule_s, lease_s=4 * t + 30
-            )
+                self.store, self.service.view, sender, secrets, settings.webhook_schedule_s,
+                concurrency=settings.webhook_concurrency, lease_s=4 * t + 30,
+                max_per_host=settings.webhook_max_per_host,
+            )  # fmt: skip
             if not secrets:
                 logger.warning("TGW_WEBHOOK_SECRET is not set: webhook deliveries go out unsigned")
 
@@ -92,7 +108,7 @@ class JobsRuntime:
     async def _ensure_groups(self) -> None:
         """Create the consumer group at start-up (autoscalers read its lag before any worker runs)."""
         try:
-            await ensure_groups(self.redis)
+            await self.store.ensure_groups()
         except Exception as exc:
             logger.warning("could not create the job consumer group yet (%s); workers will", exc)
 

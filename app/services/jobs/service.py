@@ -1,10 +1,18 @@
-"""The job service: submit (validated like infer; idempotency, backpressure, cache hit), get, cancel."""
+"""The job service: submit (validated like infer; idempotency, backpressure, cache hit), get (with the
+webhook delivery log), cancel, watch. Every operation takes the ``owner`` (the tenant; "" without
+authentication): another owner's job is answered exactly as a job that does not exist, and idempotency
+keys are per owner."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
+import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,13 +22,25 @@ from app.codecs import v1
 from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
 from app.observability import metrics
 from app.services.inference import InferenceService, InferResponse
+from app.services.jobs.events import EventHub
 from app.services.jobs.ssrf import UnsafeURL, vet_url
-from app.services.jobs.store import JobStore, idem_key, new_job_id
+from app.services.jobs.store import (
+    Job,
+    JobStatus,
+    JobStore,
+    encode_inputs,
+    new_job_id,
+    redis_errors,
+    valid_job_id,
+)
 
 logger = logging.getLogger(__name__)
 
 PRIORITIES = ("high", "normal")
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+WATCH_POLL_S = 15.0  # events wake watchers at once; this re-read of the store is only the safety net
+
+Emit = Callable[[dict[str, Any]], None]
 
 
 def error_json(code: str, message: str, details: dict[str, Any] | None = None) -> bytes:
@@ -31,10 +51,21 @@ def result_json(response: InferResponse) -> bytes:
     return orjson.dumps(v1.result(response), option=_JSON_OPTS)
 
 
-def _iso(ts: str | None) -> str | None:
+def _iso(ts: float | None) -> str | None:
     if not ts:
         return None
-    return datetime.fromtimestamp(float(ts), UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _not_found(job_id: str) -> NotFound:
+    return NotFound(f"no job {job_id!r} (unknown or expired)", {"job_id": job_id})
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitResult:
+    id: str
+    status: JobStatus
+    replayed: bool
 
 
 class JobService:
@@ -45,70 +76,68 @@ class JobService:
         queue_max: int,
         retry_after_s: int,
         webhook_allow_private: bool,
+        webhook_allowed_ports: frozenset[int] = frozenset(),
+        hub: EventHub | None = None,
+        max_body_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self.store = store
         self.inference = inference
         self.queue_max = queue_max
         self.retry_after_s = retry_after_s
         self.webhook_allow_private = webhook_allow_private
-        self.websockets_open = 0  # maintained by the WebSocket routers of this replica
+        self.webhook_allowed_ports = webhook_allowed_ports
+        self.hub = hub
+        self.max_body_bytes = max_body_bytes  # TGW_JOB_MAX_BODY_BYTES: the router reads at most this
+        self.websockets_open = 0  # this replica's open job/multiplexed sockets
 
     async def submit(
-        self, model: str, version: str | None, body: Any, idempotency_key: str | None, request_id: str
-    ) -> dict[str, Any]:
+        self, owner: str, model: str, version: str | None, body: Any, idempotency_key: str | None,
+        request_id: str,
+    ) -> SubmitResult:  # fmt: skip
         if not isinstance(body, dict):
             raise InvalidInput("body: expected a JSON object with an 'inputs' object", {"field": "body"})
+        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
+            raise InvalidInput("Idempotency-Key: expected 1 to 255 characters", {"field": "Idempotency-Key"})
         infer_body = {k: v for k, v in body.items() if k not in ("webhook", "priority")}
         req = v1.decode_body(await self.inference.resolve(model, version), infer_body)
         priority = body.get("priority", "normal")
         if priority not in PRIORITIES:
             raise InvalidInput(f"priority: expected one of {', '.join(PRIORITIES)}", {"field": "priority"})
         webhook_url = await self._vet_webhook(body.get("webhook"))
-
-        job_id = new_job_id()
-        if idempotency_key is not None:
-            if not 1 <= len(idempotency_key) <= 255:
-                raise InvalidInput(
-                    "Idempotency-Key: expected 1 to 255 characters", {"field": "Idempotency-Key"}
-                )
-            fingerprint = hashlib.sha256(
-                orjson.dumps([model, version, body], option=orjson.OPT_SORT_KEYS)
-            ).hexdigest()
-            held = await self.store.claim_idempotency(idempotency_key, fingerprint, job_id)
-            if held is not None:
-                if held[0] != fingerprint:
-                    raise InvalidInput(
-                        "Idempotency-Key was already used with a different request body",
-                        {"field": "Idempotency-Key", "conflict": "body", "job_id": held[1]},
-                    )
-                status = await self.store.status(held[1]) or "queued"
-                return {"id": held[1], "status": status, "replayed": True}
-
-        fields = {
-            "id": job_id, "status": "queued", "model": model, "version": version or "",
-            "request": orjson.dumps(infer_body).decode(), "priority": priority,
-            "created_at": str(time.time()), "attempts": "0", "webhook_url": webhook_url or "",
-            "request_id": request_id,
-        }  # fmt: skip
+        fingerprint = hashlib.sha256(
+            orjson.dumps([model, version, body], option=orjson.OPT_SORT_KEYS)
+        ).hexdigest()
+        spec = orjson.dumps({"outputs": req.outputs, "parameters": req.parameters})
+        job = Job(
+            id=new_job_id(), owner=owner, status=JobStatus.QUEUED, model=model, version=version,
+            priority=priority, created_at=time.time(), request_id=request_id, spec=spec,
+            webhook_url=webhook_url,
+        )  # fmt: skip
         hit = await self.inference.cached(req)
-        try:
-            if hit is not None:
-                await self.store.create_finished(job_id, fields, result_json(hit), hit.cache)
-                metrics.record_job("succeeded")
-                return {"id": job_id, "status": "succeeded", "replayed": False}
-            if await self.store.queue_depth() >= self.queue_max:
-                raise ServiceUnavailable(
-                    f"the job queue is full ({self.queue_max} pending, TGW_QUEUE_MAX); retry later",
-                    {"queue_max": self.queue_max}, retry_after_s=self.retry_after_s,
-                )  # fmt: skip
-            await self.store.create_queued(job_id, fields, priority)
-            metrics.record_job("queued")
-        except BaseException:
-            if idempotency_key is not None:  # let the client's retry start afresh
-                await self.store.redis.delete(idem_key(idempotency_key))
-            raise
-        logger.info("job %s queued for %s (priority %s)", job_id, model, priority)
-        return {"id": job_id, "status": "queued", "replayed": False}
+        if hit is not None:
+            job.status, job.result, job.cache, job.finished_at = (
+                JobStatus.SUCCEEDED, result_json(hit), hit.cache, time.time(),
+            )  # fmt: skip
+        inputs = b"" if hit is not None else encode_inputs(req.inputs, req.datatypes)
+        idem = (owner, idempotency_key) if idempotency_key is not None else None
+        with redis_errors(self.retry_after_s):
+            done = await self.store.submit(job, inputs, idem, fingerprint, self.queue_max)
+        if done.outcome == "conflict":  # never name the job the key is bound to
+            raise InvalidInput(
+                "Idempotency-Key was already used with a different request body",
+                {"field": "Idempotency-Key", "conflict": "body"},
+            )
+        if done.outcome == "full":
+            raise ServiceUnavailable(
+                f"the job queue is full ({self.queue_max} pending, TGW_QUEUE_MAX); retry later",
+                {"queue_max": self.queue_max}, retry_after_s=self.retry_after_s,
+            )  # fmt: skip
+        assert done.status is not None
+        if done.outcome == "replay":
+            return SubmitResult(done.job_id, done.status, True)
+        metrics.record_job(str(job.status))
+        logger.info("job %s %s for %s (priority %s)", job.id, job.status, model, priority)
+        return SubmitResult(done.job_id, done.status, False)
 
     async def _vet_webhook(self, webhook: Any) -> str | None:
         if webhook is None:
@@ -117,59 +146,110 @@ class JobService:
             raise InvalidInput('webhook: expected {"url": "https://..."}', {"field": "webhook"})
         url = webhook["url"]
         try:
-            await vet_url(url, self.webhook_allow_private)
+            await vet_url(url, self.webhook_allow_private, self.webhook_allowed_ports)
         except UnsafeURL as exc:
             raise InvalidInput(f"webhook.url: {exc}", {"field": "webhook.url", "reason": str(exc)}) from None
         return str(url)
 
-    async def get(self, job_id: str) -> dict[str, Any]:
-        raw = await self.store.get(job_id)
-        if raw is None:
-            raise NotFound(f"no job {job_id!r} (unknown or expired)", {"job_id": job_id})
-        return await self.view(raw)
+    async def find(self, owner: str, job_id: str) -> Job | None:
+        """The job if it exists and belongs to ``owner``; None otherwise (the two are not told apart)."""
+        if not valid_job_id(job_id):
+            return None
+        with redis_errors(self.retry_after_s):
+            job = await self.store.get(job_id)
+        if job is None or job.owner != owner:
+            return None
+        return job
 
-    async def view(self, raw: dict[str, str]) -> dict[str, Any]:
-        job_id = raw["id"]
+    async def get(self, owner: str, job_id: str) -> dict[str, Any]:
+        job = await self.find(owner, job_id)
+        if job is None:
+            raise _not_found(job_id)
+        return await self.view(job)
+
+    async def view(self, job: Job) -> dict[str, Any]:
+        """The job as ``GET /v1/jobs/{id}`` shows it (also the webhook payload's ``data``)."""
         out: dict[str, Any] = {
-            "id": job_id,
-            "status": raw.get("status"),
-            "model": raw.get("model"),
-            "version": raw.get("version") or None,
-            "priority": raw.get("priority", "normal"),
-            "created_at": _iso(raw.get("created_at")),
-            "started_at": _iso(raw.get("started_at")),
-            "finished_at": _iso(raw.get("finished_at")),
-            "attempts": int(raw.get("attempts") or 0),
+            "id": job.id,
+            "status": str(job.status),
+            "model": job.model,
+            "version": job.version,
+            "priority": job.priority,
+            "created_at": _iso(job.created_at),
+            "started_at": _iso(job.started_at),
+            "finished_at": _iso(job.finished_at),
+            "attempts": job.attempts,
         }
-        if "result" in raw:
-            out["result"] = orjson.loads(raw["result"])
-            out["cache"] = raw.get("cache")
-        if "error" in raw:
-            out["error"] = orjson.loads(raw["error"])
-        if raw.get("webhook_url"):
+        if job.result is not None:
+            out["result"] = orjson.loads(job.result)
+            out["cache"] = job.cache
+        if job.error is not None:
+            out["error"] = orjson.loads(job.error)
+        if job.webhook_url:
+            with redis_errors(self.retry_after_s):
+                attempts = await self.store.deliveries(job.id)
             out["webhook"] = {
-                "url": raw["webhook_url"],
-                "id": f"msg_{job_id}",
-                "status": raw.get("webhook_status", "waiting"),
-                "attempts": await self.store.deliveries(job_id),
+                "url": job.webhook_url,
+                "id": f"msg_{job.id}",
+                "status": job.webhook_status or "waiting",
+                "attempts": attempts,
             }
         return out
 
-    async def cancel(self, job_id: str) -> dict[str, Any]:
-        cancelled, outcome = await self.store.cancel(job_id)
-        if outcome == "gone":
-            raise NotFound(f"no job {job_id!r} (unknown or expired)", {"job_id": job_id})
+    async def cancel(self, owner: str, job_id: str) -> dict[str, Any]:
+        job = await self.find(owner, job_id)
+        if job is None:
+            raise _not_found(job_id)
+        with redis_errors(self.retry_after_s):
+            cancelled = await self.store.finish(job_id, JobStatus.CANCELLED)
         if not cancelled:
+            now = await self.find(owner, job_id)
+            if now is None:
+                raise _not_found(job_id)
             raise Conflict(
-                f"job {job_id} is {outcome}; only queued jobs can be cancelled",
-                {"job_id": job_id, "status": outcome},
+                f"job {job_id} is {now.status}; only queued jobs can be cancelled",
+                {"job_id": job_id, "status": str(now.status)},
             )
         metrics.record_job("cancelled")
-        return await self.get(job_id)
+        return await self.get(owner, job_id)
+
+    async def watch(self, owner: str, job_id: str, emit: Emit) -> bool:
+        """Emit status changes then the final job; False when the job does not exist (for this owner).
+        Woken by the process's one event subscription; re-reads the store only every ``WATCH_POLL_S``
+        otherwise (pub/sub is at-most-once)."""
+        wake = asyncio.Event()
+        unsubscribe = self.hub.subscribe(job_id, lambda _j, _s: wake.set()) if self.hub else (lambda: None)
+        try:
+            last = None
+            while True:
+                wake.clear()
+                try:
+                    job = await self.find(owner, job_id)
+                except ServiceUnavailable as exc:
+                    emit({"type": "error", "job_id": job_id, "error": {
+                        "code": exc.code, "message": exc.message, "details": exc.details}})  # fmt: skip
+                    await asyncio.sleep(self.retry_after_s)
+                    continue
+                if job is None:
+                    missing = {"code": "not_found", "message": f"no job {job_id!r}", "details": {}}
+                    emit({"type": "error", "job_id": job_id, "error": missing})
+                    return False
+                if job.status != last:
+                    emit({"type": "status", "job_id": job_id, "status": str(job.status)})
+                    last = job.status
+                if job.status.terminal:
+                    emit({"type": "result", "job_id": job_id, "job": await self.view(job)})
+                    return True
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(WATCH_POLL_S * random.uniform(0.8, 1.2)):
+                        await wake.wait()
+        finally:
+            unsubscribe()
 
     async def stats(self) -> dict[str, Any]:
         """Numbers for autoscaling and the metrics helper: queue depth, oldest pending age, counts by
         status (cluster-wide, from Redis) and this replica's open WebSockets."""
-        stats = await self.store.stats()
+        with redis_errors(self.retry_after_s):
+            stats = await self.store.stats()
         stats["websockets_open"] = self.websockets_open
         return stats

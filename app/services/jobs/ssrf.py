@@ -1,4 +1,5 @@
-"""SSRF guard for webhook URLs: only http(s), and the host must resolve to public addresses only.
+"""SSRF guard for webhook URLs: only http(s), only ports 80/443 (plus ``TGW_WEBHOOK_ALLOWED_PORTS``), and the
+host must resolve to public addresses only.
 
 Checked at submit time and again right before each delivery; the delivery then connects to the address
 vetted here (see ``webhooks.HttpxWebhookSender``), so a DNS answer that changes in between (rebinding)
@@ -89,7 +90,10 @@ def literal_ip(host: str) -> IPAddress | None:
 def parse_url(url: str) -> tuple[str, str, int, str]:
     if not isinstance(url, str) or len(url) > 2048:
         raise UnsafeURL("expected a URL string of at most 2048 characters")
-    parts = urlsplit(url.strip())
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError as exc:  # e.g. "http://[::1/": an unclosed IPv6 literal
+        raise UnsafeURL(f"invalid URL: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise UnsafeURL(f"only http and https URLs are allowed, not {scheme or 'no scheme'!r}")
@@ -108,9 +112,17 @@ def parse_url(url: str) -> tuple[str, str, int, str]:
     return scheme, host, port, path
 
 
-async def vet_url(url: str, allow_private: bool = False) -> VettedTarget:
-    """Parse, resolve and vet; returns where to connect. Raises ``UnsafeURL``."""
+DEFAULT_PORTS = frozenset({80, 443})
+
+
+async def vet_url(
+    url: str, allow_private: bool = False, allowed_ports: frozenset[int] | set[int] = frozenset()
+) -> VettedTarget:
+    """Parse, resolve and vet; returns where to connect. Raises ``UnsafeURL``. Only ports 80 and 443,
+    and those in ``allowed_ports`` (``TGW_WEBHOOK_ALLOWED_PORTS``), may be targeted."""
     scheme, host, port, path = parse_url(url)
+    if port not in DEFAULT_PORTS and port not in allowed_ports:
+        raise UnsafeURL(f"port {port} is not allowed; expected 80, 443 or one of TGW_WEBHOOK_ALLOWED_PORTS")
     literal = literal_ip(host)
     if literal is not None:
         addresses: list[IPAddress] = [literal]

@@ -1,51 +1,253 @@
-"""The job store on Redis: job hashes, the request streams, the dead-letter stream, the webhook schedule.
+"""The job store on Redis: the only code that talks to Redis about jobs (records, request streams, dead
+letters, the webhook schedule and its delivery log).
 
-Every state change that must not happen twice is one Lua script (start, finish, cancel), so a job
-reclaimed by a second worker can never be completed twice, and completing a job schedules its webhook
-and publishes its event in the same atomic step.
+Every state change that must not happen twice, or must not happen by halves, is one Lua script:
+
+* ``submit``: claim the ``Idempotency-Key``, create the job record, store its inputs and enqueue it (or
+  create it already finished, for a cache hit) in ONE atomic step. A gateway that dies at any point of a
+  submit leaves either nothing or the whole job; a key is never bound to a job that does not exist.
+* ``start``, ``finish``, ``cancel``: a job reclaimed by a second worker is never completed twice, and
+  completing a job deletes its inputs, schedules its webhook and publishes its event in the same step.
+
+Every key carries the hash tag ``{tgw:jobs}`` so the scripts' keys share one slot on a Redis Cluster.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
+import numpy as np
 import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-STREAM = "tgw:jobs:stream"  # normal priority; the KEDA ScaledObject watches it
-STREAM_HIGH = "tgw:jobs:stream:high"  # read before STREAM by every worker
+from app.clients.tensors import tensor_bytes, tensor_from_bytes
+from app.errors import ServiceUnavailable
+
+TAG = "{tgw:jobs}"
+STREAM = f"{TAG}:stream"  # normal priority; the KEDA ScaledObject watches it
+STREAM_HIGH = f"{TAG}:stream:high"  # read before STREAM by every worker
 STREAMS = {"high": STREAM_HIGH, "normal": STREAM}
 GROUP = "tgw-workers"
-DEAD = "tgw:jobs:dead"
-COUNTS = "tgw:jobs:counts"  # status -> jobs that reached it (monotonic)
-WEBHOOK_COUNTS = "tgw:webhooks:counts"  # outcome -> deliveries
-SCHEDULE = "tgw:webhooks:schedule"  # zset: job id -> next delivery attempt (epoch s)
+DEAD = f"{TAG}:dead"
+COUNTS = f"{TAG}:counts"  # status -> jobs that reached it (monotonic)
+WEBHOOK_COUNTS = f"{TAG}:webhooks:counts"  # outcome -> deliveries
+SCHEDULE = f"{TAG}:webhooks:schedule"  # zset: job id -> next delivery attempt (epoch s)
 EVENTS = "tgw:jobs:events"  # pub/sub channel: {"job_id", "status"}
-TERMINAL = ("succeeded", "failed", "cancelled")
+JOB_PREFIX = f"{TAG}:job:"
+
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+TERMINAL = frozenset(s for s in JobStatus if s.terminal)
 
 
 def job_key(job_id: str) -> str:
-    return f"tgw:job:{job_id}"
+    return JOB_PREFIX + job_id
+
+
+def inputs_key(job_id: str) -> str:
+    return f"{JOB_PREFIX}{job_id}:inputs"
 
 
 def deliveries_key(job_id: str) -> str:
-    return f"tgw:job:{job_id}:deliveries"
+    return f"{JOB_PREFIX}{job_id}:deliveries"
 
 
-def idem_key(key: str) -> str:
-    return f"tgw:jobs:idem:{key}"
+def idem_key(owner: str, key: str) -> str:
+    """Scoped by owner: the same key from two tenants names two different bindings."""
+    digest = hashlib.sha256(owner.encode() + b"\0" + key.encode()).hexdigest()
+    return f"{TAG}:idem:{digest}"
 
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+def valid_job_id(job_id: str) -> bool:
+    """Only ids this gateway could have issued name a job (``x:deliveries`` is no job id)."""
+    return _JOB_ID.fullmatch(job_id) is not None
+
+
 def event(job_id: str, status: str) -> bytes:
     return orjson.dumps({"job_id": job_id, "status": status})
 
 
+# --- compact inputs: tensor bytes with datatype and shape, not JSON ---------------------------------
+def encode_inputs(inputs: dict[str, np.ndarray], datatypes: dict[str, str]) -> bytes:
+    header, blobs = [], []
+    for name, arr in inputs.items():
+        blob = tensor_bytes(arr)
+        header.append([name, datatypes[name], list(arr.shape), len(blob)])
+        blobs.append(blob)
+    head = orjson.dumps(header)
+    return len(head).to_bytes(4, "little") + head + b"".join(blobs)
+
+
+def decode_inputs(blob: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    n = int.from_bytes(blob[:4], "little")
+    header = orjson.loads(blob[4 : 4 + n])
+    offset = 4 + n
+    inputs, datatypes = {}, {}
+    for name, datatype, shape, size in header:
+        inputs[name] = tensor_from_bytes(blob[offset : offset + size], datatype, shape)
+        datatypes[name] = datatype
+        offset += size
+    return inputs, datatypes
+
+
+@dataclass(slots=True)
+class Job:
+    """A job record as stored (``{tgw:jobs}:job:<id>``)."""
+
+    id: str
+    owner: str
+    status: JobStatus
+    model: str
+    version: str | None
+    priority: str
+    created_at: float | None
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    request_id: str = ""
+    spec: bytes = b"{}"  # {"outputs", "parameters"} as JSON; the inputs are stored apart, compactly
+    result: bytes | None = None  # the v1 answer, JSON
+    cache: str | None = None
+    error: bytes | None = None  # {"code", "message", "details"}, JSON
+    last_error: bytes | None = None
+    webhook_url: str | None = None
+    webhook_status: str | None = None
+    webhook_attempts: int = 0
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes]) -> Job | None:
+        """None for a hash without a status: no job (a missing status never reads as "queued")."""
+        h = {_s(k): v for k, v in raw.items()}
+        if h.get("status") is None:
+            return None
+
+        def text(name: str) -> str | None:
+            value = h.get(name)
+            return _s(value) if value is not None else None
+
+        def num(name: str) -> float | None:
+            value = text(name)
+            return float(value) if value else None
+
+        return cls(
+            id=text("id") or "", owner=text("owner") or "", status=JobStatus(_s(h["status"])),
+            model=text("model") or "", version=text("version") or None,
+            priority=text("priority") or "normal", created_at=num("created_at"),
+            started_at=num("started_at"), finished_at=num("finished_at"),
+            attempts=int(text("attempts") or 0), request_id=text("request_id") or "",
+            spec=bytes(h.get("spec") or b"{}"), result=_b(h.get("result")), cache=text("cache"),
+            error=_b(h.get("error")), last_error=_b(h.get("last_error")),
+            webhook_url=text("webhook_url") or None, webhook_status=text("webhook_status"),
+            webhook_attempts=int(text("webhook_attempts") or 0),
+        )  # fmt: skip
+
+    def fields(self) -> dict[str, str | bytes]:
+        """The hash fields written at submit."""
+        out: dict[str, str | bytes] = {
+            "id": self.id, "owner": self.owner, "status": str(self.status), "model": self.model,
+            "version": self.version or "", "priority": self.priority, "created_at": repr(self.created_at),
+            "attempts": str(self.attempts), "request_id": self.request_id, "spec": self.spec,
+            "webhook_url": self.webhook_url or "",
+        }  # fmt: skip
+        if self.result is not None:
+            out["result"] = self.result
+            out["cache"] = self.cache or ""
+            out["finished_at"] = repr(self.finished_at)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    outcome: str  # "created" | "replay" | "conflict" | "full"
+    job_id: str = ""
+    status: JobStatus | None = None
+
+
+class JobStoreUnavailable(ServiceUnavailable):
+    code = "job_store_unavailable"
+
+
+@contextmanager
+def redis_errors(retry_after_s: int = 2) -> Iterator[None]:
+    """Redis down, stalled or restarting: a 503 with Retry-After, never a 500."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as exc:
+        raise JobStoreUnavailable(
+            f"the job store (Redis) is unavailable: {type(exc).__name__}; retry later",
+            retry_after_s=retry_after_s,
+        ) from None
+
+
+# KEYS: idem, job, inputs, counts, stream (this job's), stream high, stream normal, schedule
+# ARGV: use_idem, fingerprint, job_id, ttl, queue_max, status, event, job prefix, inputs, now, channel,
+#       then the hash fields (name, value, ...)
+_SUBMIT = """
+local st = redis.call('HGET', KEYS[2], 'status')
+if st then return {'created', ARGV[3], st} end
+if ARGV[1] == '1' then
+  local held = redis.call('GET', KEYS[1])
+  if held then
+    local sp = string.find(held, ' ', 1, true)
+    local jid = string.sub(held, sp + 1)
+    local hst = redis.call('HGET', ARGV[8] .. jid, 'status')
+    if hst then
+      if string.sub(held, 1, sp - 1) ~= ARGV[2] then return {'conflict', '', ''} end
+      return {'replay', jid, hst}
+    end
+  end
+end
+if ARGV[6] == 'queued' then
+  local depth = redis.call('XLEN', KEYS[6]) + redis.call('XLEN', KEYS[7])
+  if depth >= tonumber(ARGV[5]) then return {'full', '', ''} end
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 12))
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('HINCRBY', KEYS[4], 'queued', 1)
+if ARGV[6] == 'queued' then
+  redis.call('SET', KEYS[3], ARGV[9], 'EX', ARGV[4])
+  redis.call('XADD', KEYS[5], '*', 'job_id', ARGV[3])
+else
+  redis.call('HINCRBY', KEYS[4], ARGV[6], 1)
+  local url = redis.call('HGET', KEYS[2], 'webhook_url')
+  if url and url ~= '' then
+    redis.call('HSET', KEYS[2], 'webhook_status', 'pending', 'webhook_attempts', 0)
+    redis.call('ZADD', KEYS[8], ARGV[10], ARGV[3])
+  end
+  redis.call('PUBLISH', ARGV[11], ARGV[7])
+end
+if ARGV[1] == '1' then redis.call('SET', KEYS[1], ARGV[2] .. ' ' .. ARGV[3], 'EX', ARGV[4]) end
+return {'created', ARGV[3], ARGV[6]}
+"""
+
+# KEYS: job, counts. ARGV: now, max attempts, event, channel
 _START = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'gone', 0} end
@@ -56,30 +258,31 @@ n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
 if st == 'queued' then
   redis.call('HINCRBY', KEYS[2], 'running', 1)
-  redis.call('PUBLISH', KEYS[3], ARGV[3])
+  redis.call('PUBLISH', ARGV[4], ARGV[3])
 end
 return {'running', n}
 """
 
-# KEYS: job, counts, schedule, events, deliveries. ARGV: status, now, result, error, cache, ttl, id, event
+# KEYS: job, counts, schedule, inputs. ARGV: status, now, result, error, cache, ttl, id, event, channel
 _FINISH = """
 local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return 0 end
-if st == 'succeeded' or st == 'failed' or st == 'cancelled' then return 0 end
+if not st then return 'gone' end
+if st == 'succeeded' or st == 'failed' or st == 'cancelled' then return st end
 if ARGV[1] == 'cancelled' and st ~= 'queued' then return st end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'cache', ARGV[5]) end
 redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+redis.call('DEL', KEYS[4])
 local url = redis.call('HGET', KEYS[1], 'webhook_url')
 if url and url ~= '' then
   redis.call('HSET', KEYS[1], 'webhook_status', 'pending', 'webhook_attempts', 0)
   redis.call('ZADD', KEYS[3], ARGV[2], ARGV[7])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
-redis.call('PUBLISH', KEYS[4], ARGV[8])
-return 1
+redis.call('PUBLISH', ARGV[9], ARGV[8])
+return 'done'
 """
 
 # Claim due webhook deliveries: push their score out by a lease so a crashed dispatcher's item returns.
@@ -87,6 +290,23 @@ _CLAIM_DUE = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
 for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
 return ids
+"""
+
+
+# KEYS: job, deliveries, webhook counts, schedule.
+# ARGV: attempt JSON, state, attempt n, outcome, next at, ttl, id
+_RECORD = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('ZREM', KEYS[4], ARGV[7])
+  return 0
+end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('HSET', KEYS[1], 'webhook_status', ARGV[2], 'webhook_attempts', ARGV[3])
+redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+if ARGV[5] == '' then redis.call('ZREM', KEYS[4], ARGV[7])
+else redis.call('ZADD', KEYS[4], ARGV[5], ARGV[7]) end
+return 1
 """
 
 
@@ -105,105 +325,138 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _b(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    return bytes(value) if isinstance(value, bytes | bytearray) else str(value).encode()
+
+
+def _entry_job(fields: Any) -> str:
+    return _s((fields or {}).get(b"job_id") or (fields or {}).get("job_id") or "")
+
+
 def decode_hash(raw: dict[Any, Any]) -> dict[str, str]:
     return {_s(k): _s(v) for k, v in raw.items()}
 
 
 class JobStore:
-    def __init__(self, redis: Any, ttl_s: int) -> None:
-        self.redis = redis
+    def __init__(self, redis: Any, ttl_s: int, blocking: Any = None) -> None:
+        self.redis = redis  # calls bounded by a short socket timeout
+        self.blocking = blocking if blocking is not None else redis  # XREADGROUP BLOCK and pub/sub idle
         self.ttl_s = ttl_s
+        self._submit = redis.register_script(_SUBMIT)
         self._start = redis.register_script(_START)
         self._finish = redis.register_script(_FINISH)
         self._claim_due = redis.register_script(_CLAIM_DUE)
+        self._record = redis.register_script(_RECORD)
 
     # --- submit -------------------------------------------------------------------------------
-    async def claim_idempotency(self, key: str, fingerprint: str, job_id: str) -> tuple[str, str] | None:
-        """None when the key is new (now bound to ``job_id``); else the (fingerprint, job id) it holds."""
-        ok = await self.redis.set(idem_key(key), f"{fingerprint} {job_id}", nx=True, ex=self.ttl_s)
-        if ok:
-            return None
-        held = await self.redis.get(idem_key(key))
-        if held is None:  # expired in between: take it now
-            return await self.claim_idempotency(key, fingerprint, job_id)
-        fp, _, jid = _s(held).partition(" ")
-        return fp, jid
+    async def submit(
+        self, job: Job, inputs: bytes, idempotency: tuple[str, str] | None, fingerprint: str, queue_max: int
+    ) -> Submitted:
+        """Claim the key (``(owner, key)``, if any) and create the job in one atomic step. A job with a
+        ``result`` is created finished (a cache hit); any other is queued on its priority's stream.
+        Safe to call again with the same job after a lost reply: the second call reports the first."""
+        idem = idem_key(*idempotency) if idempotency is not None else f"{TAG}:idem:-"
+        fields: list[Any] = []
+        for name, value in job.fields().items():
+            fields += [name, value]
+        status = job.status
+        outcome, job_id, st = await self._submit(
+            keys=[
+                idem, job_key(job.id), inputs_key(job.id), COUNTS, STREAMS[job.priority], STREAM_HIGH,
+                STREAM, SCHEDULE,
+            ],
+            args=[
+                "1" if idempotency is not None else "0", fingerprint, job.id, self.ttl_s, queue_max,
+                str(status), event(job.id, status), JOB_PREFIX, inputs, time.time(), EVENTS, *fields,
+            ],
+        )  # fmt: skip
+        st = _s(st)
+        return Submitted(_s(outcome), _s(job_id), JobStatus(st) if st else None)
 
-    async def queue_depth(self) -> int:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in STREAMS.values():
-                pipe.xlen(stream)
-            return sum(int(n) for n in await pipe.execute())
+    # --- the request streams (consumer group) ---------------------------------------------------
+    async def ensure_groups(self) -> None:
+        await ensure_groups(self.redis)
 
-    async def create_queued(self, job_id: str, fields: dict[str, str], priority: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(job_key(job_id), mapping=fields)
-            pipe.expire(job_key(job_id), self.ttl_s)
-            pipe.hincrby(COUNTS, "queued", 1)
-            pipe.xadd(STREAMS[priority], {"job_id": job_id})
-            await pipe.execute()
-
-    async def create_finished(self, job_id: str, fields: dict[str, str], result: bytes, cache: str) -> None:
-        """A job answered from the cache: created and finished in one transaction (same finish script)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(job_key(job_id), mapping=fields)
-            pipe.hincrby(COUNTS, "queued", 1)
-            await self._finish(
-                keys=[job_key(job_id), COUNTS, SCHEDULE, EVENTS],
-                args=[
-                    "succeeded",
-                    time.time(),
-                    result,
-                    b"",
-                    cache,
-                    self.ttl_s,
-                    job_id,
-                    event(job_id, "succeeded"),
-                ],
-                client=pipe,
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[tuple[str, str, str]]:
+        """New entries for ``consumer``, high priority first: ``(stream, entry id, job id)``."""
+        resp = await self.redis.xreadgroup(GROUP, consumer, {STREAM_HIGH: ">"}, count=count)
+        if not resp:
+            resp = await self.blocking.xreadgroup(
+                GROUP, consumer, {STREAM_HIGH: ">", STREAM: ">"}, count=count, block=block_ms
             )
+        return [(_s(stream), _s(eid), _entry_job(f)) for stream, entries in resp or [] for eid, f in entries]
+
+    async def reclaim(self, stream: str, consumer: str, idle_ms: int, count: int) -> list[tuple[str, str]]:
+        """Entries pending longer than ``idle_ms`` on other consumers, now ``consumer``'s: ``(entry id, job
+        id)``. Entries deleted from the stream while pending are acked and left out."""
+        res = await self.redis.xautoclaim(stream, GROUP, consumer, idle_ms, start_id="0-0", count=count)
+        out = []
+        for entry in res[1] if res and len(res) > 1 else []:
+            if not entry or entry[0] is None:
+                continue
+            entry_id, fields = entry
+            if not fields:
+                await self.ack(stream, _s(entry_id))
+                continue
+            out.append((_s(entry_id), _entry_job(fields)))
+        return out
+
+    async def keep_claimed(self, stream: str, consumer: str, entry_id: str) -> None:
+        """Heartbeat of a running entry: resets its idle time so no one reclaims it."""
+        await self.redis.xclaim(stream, GROUP, consumer, 0, [entry_id], justid=True)
+
+    async def ack(self, stream: str, entry_id: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(stream, GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
             await pipe.execute()
+
+    def events(self) -> Any:
+        """A pub/sub object for the job events channel (subscribe with ``subscribe(EVENTS)``)."""
+        return self.blocking.pubsub(ignore_subscribe_messages=True)
 
     # --- state changes --------------------------------------------------------------------------
     async def start(self, job_id: str, max_attempts: int) -> tuple[str, int]:
         status, n = await self._start(
-            keys=[job_key(job_id), COUNTS, EVENTS], args=[time.time(), max_attempts, event(job_id, "running")]
+            keys=[job_key(job_id), COUNTS],
+            args=[time.time(), max_attempts, event(job_id, JobStatus.RUNNING), EVENTS],
         )
         return _s(status), int(n)
 
     async def finish(
-        self, job_id: str, status: str, result: bytes = b"", error: bytes = b"", cache: str = ""
-    ) -> bool | str:
-        """True when this call completed the job; False when it was already finished (or gone)."""
+        self, job_id: str, status: JobStatus, result: bytes = b"", error: bytes = b"", cache: str = ""
+    ) -> bool:
+        """True when this call completed the job; False when it was already finished, gone, or (for a
+        cancel) no longer queued."""
         done = await self._finish(
-            keys=[job_key(job_id), COUNTS, SCHEDULE, EVENTS],
-            args=[status, time.time(), result, error, cache, self.ttl_s, job_id, event(job_id, status)],
-        )
-        if isinstance(done, bytes | str):
-            return _s(done)
-        return bool(done)
+            keys=[job_key(job_id), COUNTS, SCHEDULE, inputs_key(job_id)],
+            args=[
+                str(status), time.time(), result, error, cache, self.ttl_s, job_id, event(job_id, status),
+                EVENTS,
+            ],
+        )  # fmt: skip
+        return _s(done) == "done"
 
-    async def cancel(self, job_id: str) -> tuple[bool, str]:
-        """(True, 'cancelled'), or (False, the status that prevents it or 'gone')."""
-        done = await self.finish(job_id, "cancelled")
-        if done is True:
-            return True, "cancelled"
-        if done is False:
-            status = await self.redis.hget(job_key(job_id), "status")
-            return False, _s(status) if status is not None else "gone"
-        return False, done
+    async def get(self, job_id: str) -> Job | None:
+        if not valid_job_id(job_id):
+            return None
+        return Job.from_hash(await self.redis.hgetall(job_key(job_id)))
 
-    async def get(self, job_id: str) -> dict[str, str] | None:
-        raw = await self.redis.hgetall(job_key(job_id))
-        return decode_hash(raw) if raw else None
-
-    async def status(self, job_id: str) -> str | None:
-        status = await self.redis.hget(job_key(job_id), "status")
-        return _s(status) if status is not None else None
+    async def inputs(self, job_id: str) -> bytes | None:
+        blob = await self.redis.get(inputs_key(job_id))
+        return bytes(blob) if blob is not None else None
 
     async def dead_letter(self, job_id: str, reason: str, attempts: int) -> None:
         await self.redis.xadd(
             DEAD, {"job_id": job_id, "reason": reason, "attempts": str(attempts), "at": str(time.time())},
+            maxlen=100_000, approximate=True,
+        )  # fmt: skip
+
+    async def dead_letter_webhook(self, job_id: str, reason: str) -> None:
+        await self.redis.xadd(
+            DEAD, {"job_id": job_id, "kind": "webhook", "reason": reason, "at": str(time.time())},
             maxlen=100_000, approximate=True,
         )  # fmt: skip
 
@@ -225,18 +478,19 @@ class JobStore:
     async def record_delivery(
         self, job_id: str, attempt: dict[str, Any], state: str, next_at: float | None
     ) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(deliveries_key(job_id), orjson.dumps(attempt))
-            pipe.expire(deliveries_key(job_id), self.ttl_s)
-            pipe.hset(
-                job_key(job_id), mapping={"webhook_status": state, "webhook_attempts": attempt["attempt"]}
-            )
-            pipe.hincrby(WEBHOOK_COUNTS, attempt["outcome"], 1)
-            if next_at is None:
-                pipe.zrem(SCHEDULE, job_id)
-            else:
-                pipe.zadd(SCHEDULE, {job_id: next_at})
-            await pipe.execute()
+        """Log the attempt and reschedule (or unschedule) in one step; nothing is written for a job that
+        has expired meanwhile (no record without a TTL left behind)."""
+        await self._record(
+            keys=[job_key(job_id), deliveries_key(job_id), WEBHOOK_COUNTS, SCHEDULE],
+            args=[
+                orjson.dumps(attempt), state, attempt["attempt"], attempt["outcome"],
+                "" if next_at is None else next_at, self.ttl_s, job_id,
+            ],
+        )  # fmt: skip
+
+    async def defer_webhook(self, job_id: str, at: float) -> None:
+        """Put a claimed delivery back for later without counting an attempt (its receiver is busy)."""
+        await self.redis.zadd(SCHEDULE, {job_id: at}, xx=True)
 
     async def unschedule(self, job_id: str) -> None:
         await self.redis.zrem(SCHEDULE, job_id)

@@ -20,13 +20,14 @@ import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
 
 from app.observability import metrics
 from app.services.jobs.ssrf import UnsafeURL, vet_url
-from app.services.jobs.store import DEAD, JobStore
+from app.services.jobs.store import Job, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -76,18 +77,29 @@ def _retry_after(value: str | None) -> float | None:
 
 class HttpxWebhookSender:
     """Connects to the address the SSRF guard vetted (Host header and TLS SNI keep the real name), never
-    follows redirects, and reads at most ``max_response_bytes`` of the answer."""
+    follows redirects, reads at most ``max_response_bytes`` of the answer, and bounds the WHOLE delivery
+    (connect, send, headers, body) by ``total_s``: a receiver dripping one byte at a time cannot hold it
+    longer (httpx's read timeout alone restarts on every byte)."""
 
-    def __init__(self, client: httpx.AsyncClient, allow_private: bool, max_response_bytes: int) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, allow_private: bool, max_response_bytes: int, total_s: float,
+        allowed_ports: frozenset[int] = frozenset(),
+    ) -> None:  # fmt: skip
         self.client = client
         self.allow_private = allow_private
         self.max_response_bytes = max_response_bytes
+        self.total_s = total_s
+        self.allowed_ports = allowed_ports
 
     async def send(self, url: str, body: bytes, headers: dict[str, str]) -> DeliveryResult:
+        deadline = asyncio.get_running_loop().time() + self.total_s  # resolving the host counts too
         try:
-            target = await vet_url(url, self.allow_private)
+            async with asyncio.timeout_at(deadline):
+                target = await vet_url(url, self.allow_private, self.allowed_ports)
         except UnsafeURL as exc:
             return DeliveryResult(error=f"refused: {exc}", refused=True)
+        except TimeoutError:
+            return DeliveryResult(error=f"timeout: the host did not resolve within {self.total_s:g} s")
         addr = f"[{target.address}]" if ":" in target.address else target.address
         default_port = 443 if target.scheme == "https" else 80
         host = target.host if ":" not in target.host else f"[{target.host}]"
@@ -98,36 +110,58 @@ class HttpxWebhookSender:
             headers={**headers, "Host": host_header, "Content-Type": "application/json"},
             extensions=extensions,
         )  # fmt: skip
+        status: int | None = None
+        retry_after: float | None = None
         try:
-            response = await self.client.send(request, stream=True, follow_redirects=False)
-            try:
-                read = 0
-                async for chunk in response.aiter_raw():
-                    read += len(chunk)
-                    if read >= self.max_response_bytes:
-                        break
-            finally:
-                await response.aclose()
+            async with asyncio.timeout_at(deadline):
+                response = await self.client.send(request, stream=True, follow_redirects=False)
+                status = response.status_code
+                retry_after = _retry_after(response.headers.get("retry-after"))
+                try:
+                    read = 0
+                    async for chunk in response.aiter_raw():
+                        read += len(chunk)
+                        if read >= self.max_response_bytes:
+                            break
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            if status is None:
+                return DeliveryResult(error=f"timeout: no answer within {self.total_s:g} s")
+            # the status arrived in time; only the body was cut off at the bound
         except httpx.TimeoutException as exc:
             return DeliveryResult(error=f"timeout: {type(exc).__name__}")
         except httpx.HTTPError as exc:
             return DeliveryResult(error=f"{type(exc).__name__}: {exc}"[:300])
-        return DeliveryResult(
-            response.status_code, retry_after_s=_retry_after(response.headers.get("retry-after"))
-        )
+        return DeliveryResult(status, retry_after_s=retry_after)
+
+
+def receiver_host(url: str) -> str:
+    """What the per-receiver cap counts by: the URL's host name (lower case)."""
+    try:
+        return (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return ""
 
 
 class WebhookDispatcher:
+    """Claims due deliveries from the schedule and sends them, ``concurrency`` at once in all and at
+    most ``max_per_host`` to one receiver host: a delivery whose host is at its cap goes back on the
+    schedule for ``defer_s`` (no attempt counted) instead of holding a slot, so slow receivers cannot
+    starve the others."""
+
     def __init__(
         self,
         store: JobStore,
-        payload: Any,  # async (job_id) -> dict | None: the job as GET /v1/jobs/{id} shows it
+        payload: Any,  # async (Job) -> dict: the job as GET /v1/jobs/{id} shows it
         sender: WebhookSender,
         secrets: list[bytes],
         schedule_s: list[float],
-        concurrency: int = 16,
+        concurrency: int = 32,
         poll_s: float = 0.25,
         lease_s: float = 120.0,
+        max_per_host: int = 4,
+        defer_s: float = 1.0,
     ) -> None:
         self.store = store
         self.payload = payload
@@ -136,7 +170,10 @@ class WebhookDispatcher:
         self.schedule_s = schedule_s
         self.poll_s = poll_s
         self.lease_s = lease_s
+        self.max_per_host = max_per_host
+        self.defer_s = defer_s
         self._slots = asyncio.Semaphore(concurrency)
+        self._per_host: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -166,18 +203,29 @@ class WebhookDispatcher:
             self._slots.release()
 
     async def deliver(self, job_id: str) -> None:
-        raw = await self.store.get(job_id)
-        if (
-            raw is None
-            or raw.get("webhook_status") not in ("pending", "retrying")
-            or not raw.get("webhook_url")
-        ):
+        job = await self.store.get(job_id)
+        if job is None or job.webhook_status not in ("pending", "retrying") or not job.webhook_url:
             await self.store.unschedule(job_id)
             return
-        attempt = int(raw.get("webhook_attempts") or 0) + 1
-        view = await self.payload(job_id)
+        host = receiver_host(job.webhook_url)
+        if self._per_host.get(host, 0) >= self.max_per_host:
+            await self.store.defer_webhook(job_id, time.time() + self.defer_s)
+            return
+        self._per_host[host] = self._per_host.get(host, 0) + 1
+        try:
+            await self._attempt(job)
+        finally:
+            self._per_host[host] -= 1
+            if not self._per_host[host]:
+                del self._per_host[host]
+
+    async def _attempt(self, job: Job) -> None:
+        job_id = job.id
+        assert job.webhook_url is not None
+        attempt = job.webhook_attempts + 1
+        view = await self.payload(job)
         built = orjson.dumps(
-            {"type": f"job.{raw['status']}", "timestamp": view.get("finished_at"), "data": view}
+            {"type": f"job.{job.status}", "timestamp": view.get("finished_at"), "data": view}
         )
         body = await self.store.webhook_body(job_id, built)
         msg_id = f"msg_{job_id}"
@@ -186,7 +234,7 @@ class WebhookDispatcher:
         if self.secrets:
             headers["webhook-signature"] = sign(self.secrets, msg_id, ts, body)
         started = time.monotonic()
-        res = await self.sender.send(raw["webhook_url"], body, headers)
+        res = await self.sender.send(job.webhook_url, body, headers)
         code = res.status_code
         if code is not None and 200 <= code < 300:
             outcome, state = "delivered", "delivered"
@@ -212,7 +260,7 @@ class WebhookDispatcher:
         await self.store.record_delivery(job_id, record, state, next_at)
         if state == "dead":
             reason = f"webhook: {res.error or f'HTTP {code}'} after {attempt} attempts"
-            await self.store.redis.xadd(DEAD, {"job_id": job_id, "kind": "webhook", "reason": reason})
+            await self.store.dead_letter_webhook(job_id, reason)
         metrics.record_webhook_delivery(outcome)
         logger.info("webhook for job %s attempt %d: %s", job_id, attempt, outcome)
 

@@ -19,12 +19,18 @@ from typing import Any
 
 import orjson
 
-from app.codecs import v1
-from app.errors import GatewayError
+from app.errors import GatewayError, InvalidInput
 from app.observability import metrics
-from app.services.inference import InferenceService
+from app.services.inference import InferenceService, InferRequest
 from app.services.jobs.service import error_json, result_json
-from app.services.jobs.store import GROUP, STREAM, STREAM_HIGH, STREAMS, TERMINAL, JobStore, ensure_groups
+from app.services.jobs.store import (
+    STREAMS,
+    TERMINAL,
+    Job,
+    JobStatus,
+    JobStore,
+    decode_inputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +43,17 @@ class Retryable(Exception):
     pass
 
 
+def client_error(exc: GatewayError) -> bool:
+    """The request itself is wrong, so retrying cannot help: any 4xx, and Triton's invalid-argument
+    rejections however the transport reported them (gRPC INVALID_ARGUMENT, HTTP 400)."""
+    if exc.status_code < 500:
+        return True
+    return exc.details.get("grpc_status") == "INVALID_ARGUMENT" or exc.details.get("http_status") == 400
+
+
 class JobWorker:
     def __init__(
         self,
-        redis: Any,  # a client without socket timeout (XREADGROUP BLOCK)
         store: JobStore,
         inference: InferenceService,
         concurrency: int,
@@ -48,7 +61,6 @@ class JobWorker:
         max_attempts: int,
         name: str | None = None,
     ) -> None:
-        self.redis = redis
         self.store = store
         self.inference = inference
         self.concurrency = concurrency
@@ -59,15 +71,12 @@ class JobWorker:
         self._freed = asyncio.Event()
         self.stopping = False
 
-    async def ensure_groups(self) -> None:
-        await ensure_groups(self.redis)
-
     async def run(self) -> None:
         logger.info("job worker %s: concurrency %d", self.name, self.concurrency)
         reclaimer = asyncio.create_task(self._reclaim_loop(), name="job-reclaim")
         backoff = 0.2
         try:
-            await self._retrying(self.ensure_groups)
+            await self._retrying(self.store.ensure_groups)
             while not self.stopping:
                 free = self.concurrency - len(self._active)
                 if free <= 0:
@@ -75,25 +84,20 @@ class JobWorker:
                     await self._freed.wait()
                     continue
                 try:
-                    resp = await self.redis.xreadgroup(GROUP, self.name, {STREAM_HIGH: ">"}, count=free)
-                    if not resp:
-                        resp = await self.redis.xreadgroup(
-                            GROUP, self.name, {STREAM_HIGH: ">", STREAM: ">"}, count=free, block=1000
-                        )
+                    entries = await self.store.read(self.name, free, block_ms=1000)
                     backoff = 0.2
                 except (asyncio.CancelledError, KeyboardInterrupt):
                     raise
                 except Exception as exc:
                     if "NOGROUP" in str(exc):
-                        await self._retrying(self.ensure_groups)
+                        await self._retrying(self.store.ensure_groups)
                         continue
                     logger.warning("job worker: reading the stream failed (%s); retrying", exc)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                for stream, entries in resp or []:
-                    for entry_id, fields in entries:
-                        self._spawn(_s(stream), _s(entry_id), fields)
+                for stream, entry_id, job_id in entries:
+                    self._spawn(stream, entry_id, job_id)
         finally:
             reclaimer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -110,10 +114,9 @@ class JobWorker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _spawn(self, stream: str, entry_id: str, fields: Any) -> None:
+    def _spawn(self, stream: str, entry_id: str, job_id: str) -> None:
         if entry_id in self._active:
             return
-        job_id = _s((fields or {}).get(b"job_id") or (fields or {}).get("job_id") or "")
         task = asyncio.create_task(self._process(stream, entry_id, job_id), name=f"job-{job_id}")
         self._active[entry_id] = task
 
@@ -132,35 +135,21 @@ class JobWorker:
                 if free <= 0 or self.stopping:
                     break
                 try:
-                    res = await self.redis.xautoclaim(
-                        stream, GROUP, self.name, self.claim_idle_ms, start_id="0-0", count=free
-                    )
+                    claimed = await self.store.reclaim(stream, self.name, self.claim_idle_ms, free)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     logger.debug("reclaim on %s failed: %s", stream, exc)
                     continue
-                for entry in res[1] if res and len(res) > 1 else []:
-                    if not entry or entry[0] is None:
-                        continue
-                    entry_id, fields = entry
-                    if not fields:  # deleted from the stream while pending: nothing to run
-                        await self._ack(stream, _s(entry_id))
-                        continue
-                    logger.info("reclaimed %s from an idle consumer", _s(entry_id))
-                    self._spawn(stream, _s(entry_id), fields)
+                for entry_id, job_id in claimed:
+                    logger.info("reclaimed %s from an idle consumer", entry_id)
+                    self._spawn(stream, entry_id, job_id)
 
     async def _heartbeat(self, stream: str, entry_id: str) -> None:
         while True:
             await asyncio.sleep(max(0.1, self.claim_idle_ms / 3000))
             with contextlib.suppress(Exception):
-                await self.redis.xclaim(stream, GROUP, self.name, 0, [entry_id], justid=True)
-
-    async def _ack(self, stream: str, entry_id: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(stream, GROUP, entry_id)
-            pipe.xdel(stream, entry_id)
-            await pipe.execute()
+                await self.store.keep_claimed(stream, self.name, entry_id)
 
     async def _process(self, stream: str, entry_id: str, job_id: str) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(stream, entry_id))
@@ -173,30 +162,28 @@ class JobWorker:
             return
         finally:
             heartbeat.cancel()
-        await self._ack(stream, entry_id)
+        await self.store.ack(stream, entry_id)
 
     async def _run_job(self, job_id: str) -> None:
         status, attempt = await self.store.start(job_id, self.max_attempts)
         if status in TERMINAL or status == "gone":
             return  # cancelled, expired, or already completed by another worker
         if status == "exhausted":
-            gone = await self.store.get(job_id) or {}
-            await self._give_up(job_id, attempt, gone.get("last_error", ""))
+            gone = await self.store.get(job_id)
+            last = gone.last_error if gone is not None and gone.last_error else b""
+            await self._give_up(job_id, attempt, last.decode())
             return
-        raw = await self.store.get(job_id)
-        if raw is None:
+        job = await self.store.get(job_id)
+        if job is None:
             return
         metrics.record_job("running")
         try:
-            body = orjson.loads(raw["request"])
-            info = await self.inference.resolve(raw["model"], raw.get("version") or None)
-            req = v1.decode_body(info, body)
-            req.request_id = raw.get("request_id", "")
+            req = await self._request(job)
             response = await self.inference.infer(req)
         except GatewayError as exc:
             err = error_json(exc.code, exc.message, exc.details)
-            if exc.status_code < 500:  # the request itself is wrong: retrying cannot help
-                if await self.store.finish(job_id, "failed", error=err) is True:
+            if client_error(exc):  # the request itself is wrong: retrying cannot help
+                if await self.store.finish(job_id, JobStatus.FAILED, error=err):
                     metrics.record_job("failed")
                 return
             await self._failed_attempt(job_id, attempt, err)
@@ -204,12 +191,30 @@ class JobWorker:
             await self._failed_attempt(job_id, attempt, error_json("internal_error", f"{type(exc).__name__}"))
         else:
             done = await self.store.finish(
-                job_id, "succeeded", result=result_json(response), cache=response.cache
+                job_id, JobStatus.SUCCEEDED, result=result_json(response), cache=response.cache
             )
-            if done is True:
+            if done:
                 metrics.record_job("succeeded")
             else:
                 logger.info("job %s was already finished; result discarded", job_id)
+
+    async def _request(self, job: Job) -> InferRequest:
+        """The request as validated at submit: stored tensors (bytes, dtype, shape), outputs, parameters."""
+        blob = await self.store.inputs(job.id)
+        if blob is None:
+            raise InvalidInput("the job's inputs are gone (expired)", {"job_id": job.id})
+        inputs, datatypes = decode_inputs(blob)
+        info = await self.inference.resolve(job.model, job.version)
+        spec = orjson.loads(job.spec)
+        changed = [n for n in inputs if n not in info.inputs or info.inputs[n].datatype != datatypes[n]]
+        if changed:
+            raise InvalidInput(
+                f"{changed[0]}: the model's inputs changed since the job was submitted", {"field": changed[0]}
+            )
+        return InferRequest(
+            info=info, inputs=inputs, outputs=spec.get("outputs"), parameters=spec.get("parameters") or {},
+            request_id=job.request_id,
+        )  # fmt: skip
 
     async def _failed_attempt(self, job_id: str, attempt: int, err: bytes) -> None:
         await self.store.set_last_error(job_id, err)
@@ -226,7 +231,8 @@ class JobWorker:
             reason += f": {last.get('message', '')}"
         await self.store.dead_letter(job_id, reason, attempts)
         details = {"attempts": attempts, "last_error": last, "dead_letter": True}
-        if await self.store.finish(job_id, "failed", error=error_json("attempts_exhausted", reason, details)):
+        err = error_json("attempts_exhausted", reason, details)
+        if await self.store.finish(job_id, JobStatus.FAILED, error=err):
             metrics.record_job("failed")
 
     async def drain(self, timeout_s: float) -> None:
@@ -235,7 +241,3 @@ class JobWorker:
         self._freed.set()
         if self._active:
             await asyncio.wait(list(self._active.values()), timeout=timeout_s)
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

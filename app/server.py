@@ -1,0 +1,283 @@
+"""The HTTP server layer: one client must not make the gateway unreachable.
+
+uvicorn (0.54) bounds the keep-alive idle time (``timeout_keep_alive``) but nothing else a client controls:
+a connection that never sends a byte, a request head sent one byte a minute, or a chunked body that never
+ends each hold a socket forever, and ``limit_concurrency`` answers 503 only once a request head has been
+read (idle sockets still pile up until ``accept()`` fails with EMFILE). ``GuardedHttpToolsProtocol`` is
+uvicorn's httptools protocol with what is missing, at the cost of one timer per request:
+
+- **head timeout** (``TGW_HEADER_TIMEOUT_S``): from the connection's start, and from the first byte of each
+  later request, until the end of the request head. Expired: closed (with a 408 if a byte had arrived).
+- **head size** (``TGW_MAX_HEADER_BYTES``): a longer request head is answered 431 and closed (httptools
+  itself has no limit).
+- **body timeout** (``TGW_BODY_TIMEOUT_S``): from the end of the head until the end of the body, in total,
+  so a body dripped a byte at a time is cut as surely as one that never ends: 408, connection closed, and
+  the application's ``receive()`` sees ``http.disconnect``.
+- **connection cap** (``TGW_MAX_CONNECTIONS``; default: the file-descriptor limit less a reserve): at the
+  cap a new connection first evicts the connection idle longest (no request in progress), so idle sockets
+  cannot lock out a real client; with no idle one to evict it is refused cheaply (a canned 503, closed,
+  nothing parsed, nothing logged per connection).
+- the idle keep-alive timeout is uvicorn's own (``TGW_KEEPALIVE_TIMEOUT_S``).
+
+``server_config(app, settings, **extra)`` builds the ``uvicorn.Config`` with all of it (and uvloop when
+installed); ``tgw up``, ``tgw serve`` and the tests' in-process gateway use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import resource
+from asyncio import TimerHandle
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+FD_RESERVE_MIN = 256  # descriptors kept for Triton/Redis pools, files and the listener
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    header_timeout_s: float
+    body_timeout_s: float
+    max_header_bytes: int
+    max_connections: int
+
+
+def _canned(status: bytes, message: str) -> bytes:
+    code = status.split(b" ", 1)[1].decode().lower().replace(" ", "_")
+    body = orjson.dumps({"error": {"code": code, "message": message, "details": {}}})
+    return b"".join([
+        b"HTTP/1.1 ", status, b"\r\ncontent-type: application/json\r\nconnection: close\r\n",
+        b"content-length: ", str(len(body)).encode(), b"\r\n\r\n", body,
+    ])  # fmt: skip
+
+
+_HEAD_TOO_LARGE = _canned(b"431 Request Header Fields Too Large", "request head exceeds TGW_MAX_HEADER_BYTES")
+
+
+async def _head_too_large(scope: Any, receive: Any, send: Any) -> None:
+    """The ASGI app a connection runs instead of the gateway when its complete request head was too long."""
+    body = _HEAD_TOO_LARGE.split(b"\r\n\r\n", 1)[1]
+    await send({"type": "http.response.start", "status": 431, "headers": [
+        (b"content-type", b"application/json"), (b"connection", b"close"),
+        (b"content-length", str(len(body)).encode())]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
+_REFUSED = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nretry-after: 1\r\nconnection: close\r\n\r\n"
+)
+
+
+def nofile_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def raise_nofile_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (what a server is allowed; Python starts at the soft one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # pragma: no cover - some sandboxes refuse
+            return soft
+        return hard
+    return soft
+
+
+def connection_cap(configured: int, fd_limit: int | None = None) -> int:
+    """``configured`` when set (> 0), else the descriptor limit less a reserve (10 %, at least 256)."""
+    if configured > 0:
+        return configured
+    fd_limit = nofile_limit() if fd_limit is None else fd_limit
+    return max(16, fd_limit - max(FD_RESERVE_MIN, fd_limit // 10))
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol plus head/body deadlines, a head-size cap and a connection cap
+    (module docstring). The limits come from ``config.tgw_limits`` (set by ``server_config``)."""
+
+    def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        limits: ServerLimits | None = getattr(config, "tgw_limits", None)
+        self.limits = limits or ServerLimits(10.0, 30.0, 65536, connection_cap(0))
+        self._deadline: TimerHandle | None = None
+        self._in_head = True
+        self._head_bytes = 0
+        self._chunk = 0
+        self._got_bytes = False  # of the current request head
+        state = self.server_state
+        idle = getattr(state, "tgw_idle", None)
+        if idle is None:
+            idle = {}
+            state.tgw_idle = idle  # type: ignore[attr-defined]
+        self._idle: dict[GuardedHttpToolsProtocol, None] = idle  # oldest first
+
+    # --- connection -----------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.limits.max_connections and not self._evict_idle():
+            transport.write(_REFUSED)
+            transport.close()
+            self.transport = transport
+            return
+        super().connection_made(transport)
+        self._idle[self] = None
+        self._arm(self.limits.header_timeout_s, self._head_expired)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self._idle.pop(self, None)
+        if self.parser is None or self.flow is None:  # refused at the cap: uvicorn never saw it
+            return
+        super().connection_lost(exc)
+
+    def _evict_idle(self) -> bool:
+        while self._idle:
+            victim = next(iter(self._idle))
+            del self._idle[victim]
+            if not victim.transport.is_closing():
+                victim.transport.close()
+                return True
+        return False
+
+    # --- deadlines ----------------------------------------------------------------------------------
+    def _arm(self, delay: float, callback: Any) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(delay, callback)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _head_expired(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        if self._got_bytes:
+            self.transport.write(_canned(b"408 Request Timeout",
+                f"request head not received within {self.limits.header_timeout_s:g} s"))  # fmt: skip
+        self.transport.close()
+
+    def _body_expired(self) -> None:
+        self._deadline = None
+        cycle = self.cycle
+        if self.transport.is_closing() or cycle is None:
+            return
+        if not cycle.response_started:
+            cycle.response_started = True  # the application's own answer, if any, is dropped
+            self.transport.write(_canned(b"408 Request Timeout",
+                f"request body not received within {self.limits.body_timeout_s:g} s"))  # fmt: skip
+        cycle.disconnected = True
+        cycle.message_event.set()
+        self.transport.close()
+
+    # --- parser callbacks and data ----------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self._chunk = len(data)
+        if self._in_head:  # an upper bound of the head's size (the chunk may carry body bytes too)
+            self._head_bytes += self._chunk
+        super().data_received(data)
+        too_long = self._in_head and self._head_bytes > self.limits.max_header_bytes
+        if too_long and not self.transport.is_closing():  # a head still arriving, already too long
+            self._disarm()
+            self.transport.write(_HEAD_TOO_LARGE)
+            self.transport.close()
+
+    def _head_size(self) -> int:
+        """The exact size of the request head just parsed (only computed when the bound says maybe)."""
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._idle.pop(self, None)
+        self._got_bytes = True
+        if not self._in_head:  # a later request on a kept-alive connection
+            self._in_head = True
+            self._head_bytes = self._chunk  # the chunk it starts in (an upper bound again)
+            self._arm(self.limits.header_timeout_s, self._head_expired)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._arm(self.limits.body_timeout_s, self._body_expired)
+        limit = self.limits.max_header_bytes
+        if self._head_bytes > limit and self._head_size() > limit:  # complete but too long: answered 431
+            app, self.app = self.app, _head_too_large
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+        else:
+            super().on_headers_complete()
+        self._head_bytes = 0
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.pipeline and not self.transport.is_closing() and self._in_head is False:
+            self._got_bytes = False
+            self._idle[self] = None
+
+    def handle_websocket_upgrade(self) -> None:
+        self._disarm()
+        self._idle.pop(self, None)
+        super().handle_websocket_upgrade()
+
+
+def event_loop_name() -> str:
+    return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """The loop every server command runs on: uvloop where installed (as uvicorn's ``loop="uvloop"``)."""
+    if event_loop_name() == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def run(coro: Any) -> Any:
+    """``asyncio.run`` on ``new_event_loop()``."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def limits_from(settings: Settings) -> ServerLimits:
+    return ServerLimits(
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        max_header_bytes=settings.max_header_bytes,
+        max_connections=connection_cap(settings.max_connections),
+    )
+
+
+def server_config(app: Any, settings: Settings, **extra: Any) -> uvicorn.Config:
+    """``uvicorn.Config`` for the gateway with the guards above; ``extra`` overrides uvicorn options."""
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": event_loop_name(),
+        "http": GuardedHttpToolsProtocol,
+        "timeout_keep_alive": settings.keepalive_timeout_s,
+        "backlog": 2048,
+    }
+    options.update(extra)
+    config = uvicorn.Config(app, **options)
+    config.tgw_limits = limits_from(settings)  # type: ignore[attr-defined]
+    return config

@@ -1,0 +1,238 @@
+"""WebSockets of the jobs service: ``/v1/jobs/{id}/ws`` (one job's events, then its result, then close
+1000) and ``/v1/ws`` (one socket, many requests: ``infer`` and ``subscribe`` frames, answers tagged with
+``ref``/``job_id``). The routers only accept the socket and hand it here.
+
+Each socket has its own bounded outbox drained by its own sender task; producers only ``put_nowait``, so
+a slow client cannot hold up anyone else. A client that falls ``TGW_WS_SEND_QUEUE`` frames behind is
+closed with 1008. Heartbeat frames ``{"type": "heartbeat"}`` go out every ``TGW_WS_HEARTBEAT_S``.
+Job subscriptions are pushed on change by the process's one Redis subscription (``events.EventHub``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import orjson
+from starlette.websockets import WebSocket
+
+from app.codecs import v1
+from app.errors import GatewayError, InvalidInput
+from app.observability import metrics
+from app.services.inference import InferenceService
+from app.services.jobs.service import JobService
+from app.services.payload import parse_json
+
+logger = logging.getLogger(__name__)
+
+_INFER_FIELDS = {"op", "ref", "model", "version", "inputs", "outputs", "parameters"}
+
+
+class TooManyInFlight(GatewayError):
+    status_code = 429
+    code = "too_many_in_flight"
+
+
+class Outbox:
+    def __init__(self, ws: WebSocket, maxsize: int) -> None:
+        self.ws = ws
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize)
+        self.overflowed = False
+        self.task = asyncio.create_task(self._run())
+
+    def emit(self, frame: dict[str, Any]) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(orjson.dumps(frame, option=orjson.OPT_SERIALIZE_NUMPY).decode())
+        except asyncio.QueueFull:
+            self.overflowed = True
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        while (item := await self.queue.get()) is not None:
+            await self.ws.send_text(item)
+
+    async def flush_and_stop(self, timeout_s: float = 10.0) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(timeout_s):
+                await self.queue.put(None)
+                await self.task
+
+
+def error_frame(exc: GatewayError, **tags: Any) -> dict[str, Any]:
+    return {
+        "type": "error",
+        **tags,
+        "error": {"code": exc.code, "message": exc.message, "details": exc.details},
+    }
+
+
+async def _heartbeat(outbox: Outbox, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        outbox.emit({"type": "heartbeat"})
+
+
+async def _until_disconnect(ws: WebSocket) -> None:
+    while (await ws.receive())["type"] != "websocket.disconnect":
+        pass
+
+
+class SocketLimits:
+    def __init__(self, send_queue: int, heartbeat_s: float, max_in_flight: int, max_frame: int) -> None:
+        self.send_queue, self.heartbeat_s = send_queue, heartbeat_s
+        self.max_in_flight, self.max_frame = max_in_flight, max_frame
+
+
+class JobSockets:
+    """Serves the job WebSockets of one process; counts them (``/v1/jobs/stats``, ``tgw_websockets_open``)."""
+
+    def __init__(self, service: JobService, inference: InferenceService, limits: SocketLimits) -> None:
+        self.service = service
+        self.inference = inference
+        self.limits = limits
+
+    def _count(self, delta: int) -> None:
+        self.service.websockets_open += delta
+        (metrics.websocket_opened if delta > 0 else metrics.websocket_closed)()
+
+    async def serve_job(self, ws: WebSocket, owner: str, job_id: str) -> None:
+        """``/v1/jobs/{id}/ws`` on an accepted socket."""
+        self._count(+1)
+        outbox = Outbox(ws, self.limits.send_queue)
+        watcher = asyncio.create_task(self.service.watch(owner, job_id, outbox.emit))
+        others = [
+            asyncio.create_task(_until_disconnect(ws)),
+            asyncio.create_task(_heartbeat(outbox, self.limits.heartbeat_s)),
+        ]
+        try:
+            await asyncio.wait([watcher, outbox.task, others[0]], return_when=asyncio.FIRST_COMPLETED)
+            if watcher.done() and not watcher.cancelled() and watcher.exception() is None:
+                await outbox.flush_and_stop()
+                with contextlib.suppress(Exception):
+                    await ws.close(1000 if watcher.result() else 4404)
+            elif outbox.overflowed:
+                with contextlib.suppress(Exception):
+                    await ws.close(1008, "client too slow")
+        finally:
+            self._count(-1)
+            for task in (watcher, outbox.task, *others):
+                task.cancel()
+
+    async def serve_multiplexed(self, ws: WebSocket, owner: str) -> None:
+        """``/v1/ws`` on an accepted socket."""
+        self._count(+1)
+        outbox = Outbox(ws, self.limits.send_queue)
+        mux = Multiplexer(self.service, self.inference, owner, self.limits, outbox)
+        beat = asyncio.create_task(_heartbeat(outbox, self.limits.heartbeat_s))
+        try:
+            while not outbox.overflowed:
+                receive = asyncio.create_task(ws.receive())
+                await asyncio.wait([receive, outbox.task], return_when=asyncio.FIRST_COMPLETED)
+                if not receive.done():
+                    receive.cancel()
+                    break
+                msg = receive.result()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                text = msg.get("text")
+                if text is None:
+                    text = (msg.get("bytes") or b"").decode("utf-8", "replace")
+                mux.handle(text)
+            if outbox.overflowed:
+                with contextlib.suppress(Exception):
+                    await ws.close(1008, "client too slow")
+        finally:
+            self._count(-1)
+            for task in (beat, outbox.task, *mux.tasks):
+                task.cancel()
+
+
+class Multiplexer:
+    """State of one ``/v1/ws`` socket."""
+
+    def __init__(
+        self, service: JobService, inference: InferenceService, owner: str, limits: SocketLimits,
+        outbox: Outbox,
+    ) -> None:  # fmt: skip
+        self.service, self.inference, self.owner = service, inference, owner
+        self.max_in_flight, self.max_frame, self.outbox = limits.max_in_flight, limits.max_frame, outbox
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def handle(self, text: str) -> None:
+        emit = self.outbox.emit
+        if len(text) > self.max_frame:
+            message = f"frame is larger than {self.max_frame} bytes (TGW_WS_MAX_FRAME_BYTES)"
+            emit(error_frame(InvalidInput(message, {"limit_bytes": self.max_frame})))
+            return
+        try:
+            frame = parse_json(text)
+        except GatewayError as exc:
+            emit(error_frame(exc))
+            return
+        if not isinstance(frame, dict):
+            emit(error_frame(InvalidInput("frame: expected a JSON object with an 'op'")))
+            return
+        op, tags = frame.get("op"), {k: frame[k] for k in ("ref", "job_id") if k in frame}
+        if op == "ping":
+            emit({"type": "pong", **tags})
+            return
+        if op not in ("infer", "subscribe"):
+            emit(error_frame(InvalidInput("op: expected infer, subscribe or ping", {"field": "op"}), **tags))
+            return
+        if len(self.tasks) >= self.max_in_flight:
+            emit(
+                error_frame(
+                    TooManyInFlight(
+                        f"more than {self.max_in_flight} requests in flight on this socket "
+                        "(TGW_WS_MAX_IN_FLIGHT)",
+                        {"limit": self.max_in_flight},
+                    ),
+                    **tags,
+                )
+            )
+            return
+        coro = self._infer(frame, tags) if op == "infer" else self._subscribe(frame, tags)
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _infer(self, frame: dict[str, Any], tags: dict[str, Any]) -> None:
+        try:
+            unknown = set(frame) - _INFER_FIELDS
+            if unknown:
+                raise InvalidInput(
+                    f"{sorted(unknown)[0]}: unknown field in an infer frame", {"field": sorted(unknown)[0]}
+                )
+            model, version = frame.get("model"), frame.get("version")
+            if not isinstance(model, str) or not model or not (version is None or isinstance(version, str)):
+                raise InvalidInput(
+                    "model: expected a model name (and version, if given, a string)", {"field": "model"}
+                )
+            body = {k: frame[k] for k in ("inputs", "outputs", "parameters") if k in frame}
+            req = v1.decode_body(await self.inference.resolve(model, version), body)
+            req.request_id = str(tags.get("ref", ""))
+            response = await self.inference.infer(req)
+            frame = {"type": "result", **tags, "result": v1.result(response), "cache": response.cache}
+            self.outbox.emit(frame)
+        except GatewayError as exc:
+            self.outbox.emit(error_frame(exc, **tags))
+        except Exception:
+            logger.exception("websocket infer failed")
+            self.outbox.emit(error_frame(GatewayError("internal error"), **tags))
+
+    async def _subscribe(self, frame: dict[str, Any], tags: dict[str, Any]) -> None:
+        job_id = frame.get("job_id")
+        if not isinstance(job_id, str) or not job_id:
+            self.outbox.emit(
+                error_frame(InvalidInput("job_id: expected a job id", {"field": "job_id"}), **tags)
+            )
+            return
+        try:
+            await self.service.watch(self.owner, job_id, self.outbox.emit)
+        except Exception:  # never leave a subscription unanswered
+            logger.exception("job subscription failed")
+            self.outbox.emit(error_frame(GatewayError("internal error"), **tags))

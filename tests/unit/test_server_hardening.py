@@ -1,0 +1,147 @@
+"""Server-level hardening without Triton (issue 15): log-flood protection, one line per record in text
+logs, the connection cap's arithmetic, and one event loop for every server command."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import logging.config
+
+import orjson
+
+from app.observability.logging import RepeatFilter, TextFormatter, escape_control, log_config
+from app.server import GuardedHttpToolsProtocol, connection_cap, event_loop_name, run, server_config
+from app.settings import Settings
+
+
+def _record(msg: str = "accept failed: %s", created: float = 1000.0, level: int = logging.ERROR,
+            lineno: int = 10, **extra: object) -> logging.LogRecord:  # fmt: skip
+    record = logging.makeLogRecord({
+        "name": "asyncio", "levelno": level, "levelname": logging.getLevelName(level), "msg": msg,
+        "args": ("EMFILE",), "pathname": "base_events.py", "lineno": lineno, **extra,
+    })  # fmt: skip
+    record.created = created
+    return record
+
+
+def test_a_repeated_error_is_logged_once_per_interval_with_a_count() -> None:
+    flt = RepeatFilter(interval_s=10)
+    passed = [flt.filter(_record(created=1000 + i * 0.0004)) for i in range(20_000)]
+    assert passed.count(True) == 1  # 20,000 identical errors within 8 s -> one line
+    later = _record(created=1011)
+    assert flt.filter(later) and later.repeated == 19_999
+    assert flt.filter(_record(lineno=11, created=1011.5))  # another place is not held back
+    assert flt.filter(_record(msg="attempt 2: %s", created=1011.6))  # nor another text
+    for when in ("1688.697328082", "1688.697345638"):  # the same event: addresses and timestamps aside
+        held = flt.filter(_record(msg="Exception in callback <TimerHandle when=%s> at 0x7fbec2b4fc40",
+                                  created=1012, args=(when,)))  # fmt: skip
+    assert held is False
+    assert all(flt.filter(_record(level=logging.INFO, created=1012)) for _ in range(100))  # access log
+    assert all(RepeatFilter(interval_s=0).filter(_record()) for _ in range(3))  # 0 = off
+
+
+def test_log_config_installs_the_filter_on_the_handler() -> None:
+    config = log_config("INFO", "json", repeat_interval_s=60)
+    config["handlers"]["default"]["stream"] = io.StringIO()
+    logging.config.dictConfig(config)
+    try:
+        stream = logging.getLogger().handlers[0].stream  # type: ignore[attr-defined]
+        for _ in range(500):
+            logging.getLogger("uvicorn.error").error("Exceeded concurrency limit.")
+        lines = stream.getvalue().splitlines()
+    finally:
+        logging.config.dictConfig({"version": 1, "disable_existing_loggers": False})
+    assert len(lines) == 1 and orjson.loads(lines[0])["msg"] == "Exceeded concurrency limit."
+
+
+def test_text_logs_escape_cr_lf_from_client_values() -> None:
+    forged = "/v1/models/x\r\n2026-01-01 00:00:00,000 INFO app.access: request status=200"
+    record = logging.makeLogRecord({
+        "name": "app.access", "levelno": logging.INFO, "levelname": "INFO", "msg": "request %s",
+        "args": (forged,), "path": forged, "method": "GET\n",
+    })  # fmt: skip
+    line = TextFormatter().format(record)
+    assert "\n" not in line and "\r" not in line
+    assert "path=/v1/models/x\\r\\n2026-01-01" in line and "method=GET\\n" in line
+    assert escape_control("a\tb\x1b[31m\x7f") == "a\tb\\x1b[31m\\x7f"
+
+
+def test_connection_cap_leaves_room_for_other_descriptors() -> None:
+    assert connection_cap(500) == 500
+    assert connection_cap(0, fd_limit=20_000) == 18_000
+    assert connection_cap(0, fd_limit=1024) == 768
+    assert connection_cap(0, fd_limit=100) == 16
+
+
+def test_server_config_carries_the_guards() -> None:
+    settings = Settings(header_timeout_s=3, body_timeout_s=7, keepalive_timeout_s=2, max_connections=99)
+    config = server_config("app.main:create_app", settings, factory=True)
+    assert config.http is GuardedHttpToolsProtocol
+    assert config.timeout_keep_alive == 2 and config.loop == event_loop_name()
+    limits = config.tgw_limits  # type: ignore[attr-defined]
+    assert (limits.header_timeout_s, limits.body_timeout_s, limits.max_connections) == (3, 7, 99)
+
+
+def test_every_server_command_runs_on_the_same_loop() -> None:
+    """`tgw up` (app.server.run) and `tgw serve` (uvicorn's loop option) both get uvloop when installed."""
+    import uvloop
+
+    async def loop_type() -> type:
+        return type(asyncio.get_running_loop())
+
+    assert event_loop_name() == "uvloop"
+    assert run(loop_type()) is uvloop.Loop
+
+
+_FLOOD_SERVER = r"""
+import logging.config, resource, socket, subprocess, sys, threading, time
+import uvicorn
+from app.launcher import free_port
+from app.observability.logging import log_config
+from app.server import server_config
+from app.settings import Settings
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+logs = log_config("INFO", "json", float(sys.argv[1]))
+logging.config.dictConfig(logs)
+
+async def app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+
+port = free_port()
+config = server_config(app, Settings(port=port, max_connections=1000), log_config=logs, lifespan="off",
+                       loop="asyncio")
+server = uvicorn.Server(config)
+threading.Thread(target=server.run, daemon=True).start()
+while not server.started:
+    time.sleep(0.01)
+client = "import resource, socket, time\n" \
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n" \
+    "socks = [socket.socket() for _ in range(300)]\n" \
+    "[s.setblocking(False) or s.connect_ex(('127.0.0.1', %d)) for s in socks]\ntime.sleep(2)\n" % port
+subprocess.run([sys.executable, "-c", client], timeout=30)
+server.should_exit = True
+time.sleep(0.5)
+"""
+
+
+def test_descriptor_exhaustion_does_not_flood_the_log() -> None:
+    """The accept-error flood of issue 15, reproduced for real: stock asyncio, a descriptor limit of 64
+    (the connection cap set above it on purpose) and 300 connections. Unfiltered it writes megabytes of
+    identical errors in seconds; with the filter, a few lines."""
+    import subprocess
+    import sys
+
+    def log_bytes(interval: str) -> tuple[int, str]:
+        proc = subprocess.run([sys.executable, "-c", _FLOOD_SERVER, interval], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        return len(proc.stderr), proc.stderr
+
+    unfiltered, text = log_bytes("0")
+    assert "out of system resource" in text  # the scenario really exhausts descriptors
+    filtered, text = log_bytes("10")
+    print(f"\naccept-error flood: {unfiltered} bytes of log unfiltered, {filtered} with the filter")
+    assert text.count("out of system resource") == 1
+    assert filtered < 20_000 < unfiltered
