@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test unit integration lint typecheck bench install clean
+.PHONY: run test unit integration lint typecheck bench chaos install clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -38,6 +38,11 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
+
+# `make chaos`: the chaos suite with longer phases (two embedded Tritons, Redis, job workers and a second
+# gateway killed and stopped under load; figures in chaos-results/report.json). `make test` runs it short.
+chaos: $(STAMP)
+	TGW_CHAOS_SCALE=$${TGW_CHAOS_SCALE:-4} $(BIN)/python -m pytest -q -p no:cacheprovider tests/integration/test_chaos.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check app tests

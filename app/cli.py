@@ -11,8 +11,12 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
@@ -33,7 +37,7 @@ from app.settings import Settings
 
 logger = logging.getLogger("app.cli")
 
-_SECRET_WORDS = ("secret", "password", "token")
+_SECRET_WORDS = ("secret", "password", "token", "pepper")
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -113,21 +117,68 @@ def _multiprocess_metrics_dir() -> Iterator[None]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-async def _serve_with_children(settings: Settings, children: list[ManagedProcess]) -> int:
-    """Serve the gateway; if a child server dies, stop everything and say which one and why."""
+@dataclass
+class Supervised:
+    """A child of ``tgw up`` and how to start it again (same ports, same files)."""
+
+    name: str
+    process: ManagedProcess
+    restart: Callable[[], None]  # blocking: starts the server and waits until it is ready
+    crashes: deque[float] = field(default_factory=deque)
+    restarting: bool = False
+    restarts: int = 0
+
+
+async def _serve_with_children(
+    settings: Settings, children: list[Supervised], spawner: ThreadPoolExecutor | None = None
+) -> int:
+    """Serve the gateway; a child that dies is started again with a growing pause (meanwhile the gateway
+    serves: Redis down = cache bypass, one Triton down = the others). More than
+    ``TGW_SUPERVISE_MAX_RESTARTS`` crashes of one child within 60 s stop everything, saying which and why."""
     server = GracefulServer(_uvicorn_config(settings), settings.shutdown_delay_s)
     failed: list[str] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    def give_up(child: Supervised, why: str) -> None:
+        failed.append(f"{child.name} {why}; last log lines ({child.process.log_path}):\n"
+                      f"{child.process.log_tail()}")  # fmt: skip
+        server.should_exit = True
+
+    async def restart(child: Supervised, pause: float) -> None:
+        try:
+            await asyncio.sleep(pause)
+            logger.warning("restarting %s (restart %d)", child.name, child.restarts + 1)
+            await asyncio.get_running_loop().run_in_executor(spawner, child.restart)
+            child.restarts += 1
+            logger.warning("%s is back (pid %s)", child.name, child.process.pid)
+        except LaunchError as exc:  # counted as another crash by the watcher, which tries again
+            logger.error("restarting %s failed: %s", child.name, exc)
+        finally:
+            child.restarting = False
 
     async def watch() -> None:
         while not server.should_exit:
             for child in children:
-                if not child.alive():
-                    failed.append(
-                        f"{child.name} exited unexpectedly with code {child.returncode()}; "
-                        f"last log lines ({child.log_path}):\n{child.log_tail()}"
-                    )
-                    server.should_exit = True
+                if child.restarting or child.process.alive():
+                    continue
+                now = time.monotonic()
+                child.crashes.append(now)
+                while child.crashes and now - child.crashes[0] > 60.0:
+                    child.crashes.popleft()
+                code = child.process.returncode()
+                if len(child.crashes) > settings.supervise_max_restarts:
+                    times = len(child.crashes)
+                    give_up(child, f"exited unexpectedly with code {code} ({times} times in 60 s)")
                     return
+                pause = min(0.5 * 2 ** (len(child.crashes) - 1), 10.0)
+                logger.error(
+                    "%s exited unexpectedly with code %s; restarting it in %.1f s; last log lines:\n%s",
+                    child.name, code, pause, child.process.log_tail(5),
+                )  # fmt: skip
+                child.restarting = True
+                task = asyncio.create_task(restart(child, pause))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
             await asyncio.sleep(0.5)
 
     watcher = asyncio.create_task(watch())
@@ -135,6 +186,8 @@ async def _serve_with_children(settings: Settings, children: list[ManagedProcess
         await server.serve()
     finally:
         watcher.cancel()
+        for task in list(tasks):
+            task.cancel()
     if failed:
         logger.error("stopping the stack: %s", failed[0])
         return 1
@@ -146,10 +199,13 @@ def cmd_up(_: argparse.Namespace) -> int:
     if "TGW_SHUTDOWN_DELAY_S" not in os.environ:  # dev stack, no load balancer: Ctrl-C acts at once
         settings = settings.model_copy(update={"shutdown_delay_s": 0.0})
     _setup_logging(settings)
-    children: list[ManagedProcess] = []
+    children: list[Supervised] = []
     redis: EmbeddedRedis | None = None
     jobs_redis: EmbeddedRedis | None = None
-    triton: EmbeddedTriton | None = None
+    tritons: list[EmbeddedTriton] = []
+    # Children are started (and restarted) from these threads, which live as long as the stack: a child
+    # gets PR_SET_PDEATHSIG, and Linux sends it when the *thread* that forked it ends.
+    spawner = ThreadPoolExecutor(max_workers=settings.embedded_tritons + 2, thread_name_prefix="tgw-spawn")
     try:
         if settings.redis_url is None and settings.cache_enabled:
             # The cache evicts its least-recently-used answers beyond TGW_REDIS_MAXMEMORY ...
@@ -158,7 +214,7 @@ def cmd_up(_: argparse.Namespace) -> int:
                 policy="allkeys-lru",
             )  # fmt: skip
             redis.start()
-            children.append(redis.process)
+            children.append(Supervised("redis-server", redis.process, redis.restart))
         if settings.jobs_redis_url is None and settings.redis_url is None:
             # ... and jobs live in their own instance, which never evicts.
             jobs_redis = EmbeddedRedis(
@@ -166,42 +222,53 @@ def cmd_up(_: argparse.Namespace) -> int:
                 name="redis-server (jobs)",
             )  # fmt: skip
             jobs_redis.start()
-            children.append(jobs_redis.process)
-        if settings.triton_url is None:
-            triton = EmbeddedTriton(
-                settings.model_repository,
-                settings.triton_http_port,
-                settings.triton_grpc_port,
-                settings.triton_metrics_port,
-                settings.state_dir / "triton",
-                model_config_name=settings.triton_model_config_name,
-            )
-            logger.info("starting Triton on %s (this takes a few seconds)", settings.model_repository)
-            triton.start(timeout=settings.triton_startup_timeout_s)
-            children.append(triton.process)
+            children.append(Supervised("redis-server (jobs)", jobs_redis.process, jobs_redis.restart))
+        if settings.triton_url is None and settings.triton_urls is None:
+            count = settings.embedded_tritons
+            for i in range(count):
+                http_port, grpc_port, metrics_port = settings.embedded_triton_ports(i)
+                tritons.append(EmbeddedTriton(
+                    settings.model_repository, http_port, grpc_port, metrics_port,
+                    settings.state_dir / ("triton" if count == 1 else f"triton-{i}"),
+                    model_config_name=settings.triton_model_config_name,
+                ))  # fmt: skip
+            logger.info("starting %d Triton(s) on %s (this takes a few seconds)",
+                        count, settings.model_repository)  # fmt: skip
+            for future in [spawner.submit(t.start, settings.triton_startup_timeout_s) for t in tritons]:
+                future.result()
+            for i, triton in enumerate(tritons):
+                name = "tritonserver" if count == 1 else f"tritonserver-{i}"
+                children.append(Supervised(name, triton.process, triton.restart))
         # The gateway (and any uvicorn worker) reads its settings from the environment.
         if redis is not None:
             os.environ["TGW_REDIS_URL"] = redis.url
         if jobs_redis is not None:
             os.environ["TGW_JOBS_REDIS_URL"] = jobs_redis.url
-        if triton is not None:
-            os.environ["TGW_TRITON_URL"] = triton.grpc_url
-            os.environ.setdefault("TGW_TRITON_HTTP_URL", triton.http_url)  # set it blank for gRPC inference
+        if len(tritons) == 1:
+            os.environ["TGW_TRITON_URL"] = tritons[0].grpc_url
+            os.environ.setdefault("TGW_TRITON_HTTP_URL", tritons[0].http_url)  # blank: gRPC inference
+        elif tritons:  # several: routed over all of them (app.clients.routed), inference over HTTP
+            os.environ["TGW_TRITON_URLS"] = ",".join(
+                f"grpc={t.grpc_url};http={t.http_url.removeprefix('http://')}" for t in tritons
+            )
         os.environ.setdefault("TGW_WORKER_IN_PROCESS", "true")  # the embedded default runs jobs too
         logger.info("gateway on http://%s:%d", settings.host, settings.port)
-        code = run_on_server_loop(_serve_with_children(settings, children))  # uvloop, as `tgw serve`
+        if settings.grpc_enabled:
+            logger.info("gateway gRPC (KServe v2) on %s:%d", settings.host, settings.grpc_port)
+        code = run_on_server_loop(_serve_with_children(settings, children, spawner))  # uvloop, as `tgw serve`
     except LaunchError as exc:
         logger.error("%s", exc)
         code = 1
     except KeyboardInterrupt:
         code = 0
     finally:
-        if triton is not None:
+        for triton in tritons:
             triton.stop()  # also its Python-backend stubs and shared-memory regions
         if redis is not None:
             redis.stop()
         if jobs_redis is not None:
             jobs_redis.stop()
+        spawner.shutdown(wait=False, cancel_futures=True)
     return code
 
 
@@ -269,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     from app.convert.cli import add_parser as add_convert_parser
 
     add_convert_parser(sub)
+    from app.auth.cli import add_parser as add_keys_parser
+
+    add_keys_parser(sub)
     bench = sub.add_parser(
         "bench", help="benchmark: Triton direct vs the gateway (embedded stack, reports in bench-results/)"
     )

@@ -103,6 +103,20 @@ class UpstreamRejected(BadRequest):
     code = "triton_rejected_input"
 
 
+class NotOffered(GatewayError):
+    """A Triton endpoint the gateway deliberately does not offer (``app.services.offer``)."""
+
+    status_code = 501
+    code = "not_offered"
+
+
+class NotProxied(NotOffered):
+    """A Triton control endpoint the gateway deliberately keeps from its clients."""
+
+    status_code = 403
+    code = "not_proxied"
+
+
 class UpstreamTimeout(GatewayError):
     status_code = 504
     code = "triton_timeout"
@@ -170,6 +184,12 @@ def is_kserve_path(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
+def kserve_status(status: int) -> int:
+    """Under ``/v2`` a request the gateway refuses as invalid is 400, as the KServe v2 protocol and
+    Triton answer it (the ``/v1`` API keeps 422); the message still names the field."""
+    return 400 if status == 422 else status
+
+
 def error_body(code: str, message: str, details: dict[str, Any] | None = None, kserve: bool = False) -> bytes:
     """The one error shape. Under ``/v2`` the KServe v2 protocol mandates ``"error"`` to be the message
     string (``tritonclient.http`` reads it so), so there ``code`` and ``details`` sit beside it."""
@@ -187,6 +207,7 @@ def error_response(
     if rid:
         headers.setdefault("X-Request-ID", rid)
     kserve = request is not None and is_kserve_path(request.url.path)
+    status = kserve_status(status) if kserve else status
     body = error_body(code, message, details, kserve)
     return Response(body, status, headers, media_type="application/json")
 

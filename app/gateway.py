@@ -15,9 +15,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from app.clients.protocols import InferenceTransport
-from app.clients.redis import RedisCacheStore, make_redis
-from app.clients.triton import TritonGrpcClient
+from app.clients.endpoints import parse_triton_urls
+from app.clients.protocols import InferenceTransport, TritonAdmin
+from app.clients.redis import RedisCacheStore, make_redis, warm_up
+from app.clients.routed import RoutedTriton, routing_options
+from app.clients.triton import TritonGrpcClient, settings_channel_args
 from app.clients.triton_http import TritonHttpInfer
 from app.clients.triton_shm import SharedMemoryTransport
 from app.lifecycle import Lifecycle
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 @dataclass(slots=True)
 class Gateway:
     settings: Settings
-    admin: TritonGrpcClient  # TritonAdmin: health, metadata, config, index, statistics (gRPC)
+    admin: TritonAdmin  # health, metadata, config, index, statistics (gRPC; RoutedTriton: over many)
     transport: InferenceTransport  # the inference transport as built (HTTP or gRPC), before batching
     redis: Any | None  # the cache's Redis client (None: cache disabled)
     cache: ResponseCache
@@ -49,16 +51,24 @@ class Gateway:
 @asynccontextmanager
 async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) -> AsyncIterator[Gateway]:
     lifecycle = lifecycle or Lifecycle()
-    admin = TritonGrpcClient(
-        settings.triton_grpc_address,
-        channels=settings.triton_channels,
-        retries=settings.triton_retries,
-        retry_after_s=settings.retry_after_s,
-    )
+    admin: TritonAdmin
+    transport: InferenceTransport
+    if settings.triton_urls:  # many Tritons (TGW_TRITON_URLS): admin and inference routed over all
+        routed = RoutedTriton(parse_triton_urls(settings.triton_urls), routing_options(settings))
+        await routed.start()
+        admin = transport = routed
+    else:
+        grpc_client = TritonGrpcClient(
+            settings.triton_grpc_address,
+            channels=settings.triton_channels,
+            retries=settings.triton_retries,
+            retry_after_s=settings.retry_after_s,
+            args=settings_channel_args(settings),
+        )
+        admin = transport = grpc_client
     # Inference over Triton's HTTP endpoint when TGW_TRITON_HTTP_URL is set (app.clients.triton_http),
     # else over the same gRPC channels as the admin calls.
-    transport: InferenceTransport = admin
-    if settings.triton_http_url:
+    if settings.triton_http_url and not settings.triton_urls:
         transport = TritonHttpInfer(
             settings.triton_http_url, retries=settings.triton_retries, retry_after_s=settings.retry_after_s
         )
@@ -81,6 +91,8 @@ async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) 
         if settings.cache_enabled
         else None
     )
+    if redis is not None:
+        await warm_up(redis)
     store = RedisCacheStore(redis, settings.redis_timeout_s) if redis is not None else None
     cache = ResponseCache(
         store, settings.cache_ttl_s, settings.cache_max_value_bytes,
@@ -101,7 +113,9 @@ async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) 
         if shm is not None:
             await shm.start()
         await jobs.start()
-        logger.info("gateway up: Triton %s (inference over %s), Redis %s", settings.triton_grpc_address,
+        logger.info("gateway up: Triton %s (inference over %s), Redis %s",
+                    settings.triton_urls or settings.triton_grpc_address,
+                    "routed" if settings.triton_urls else
                     f"HTTP {settings.triton_http_url}" if settings.triton_http_url else "gRPC",
                     settings.redis_address if redis is not None else "disabled")  # fmt: skip
         yield gw

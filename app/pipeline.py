@@ -36,6 +36,7 @@ from app.errors import (
     body_too_large,
     error_body,
     is_kserve_path,
+    kserve_status,
     log_gateway_error,
     log_unhandled,
 )
@@ -119,6 +120,26 @@ class Admission(Protocol):
     def release(self, grant: Any) -> None: ...
 
 
+async def _refuse_websocket(scope: Scope, receive: Receive, send: Send, exc: GatewayError, rid: str) -> None:
+    """A refused handshake: an HTTP answer (401/403/429 with the error JSON and headers) where the server
+    supports the ASGI ``websocket.http.response`` extension (uvicorn does), else close 1008."""
+    message = await receive()  # websocket.connect
+    if message["type"] != "websocket.connect":
+        return
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008, "reason": exc.message[:120]})
+        return
+    body = error_body(exc.code, exc.message, exc.details, kserve=is_kserve_path(scope.get("path", "")))
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+        (b"x-request-id", rid.encode()),
+        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()),
+    ]
+    await send({"type": "websocket.http.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
 class DrainState(Protocol):
     draining: bool
 
@@ -174,8 +195,11 @@ class Pipeline:
             try:
                 grant = await self.admission.admit(scope)
             except GatewayError as exc:
-                await send({"type": "websocket.close", "code": 1008, "reason": exc.message[:120]})
+                await _refuse_websocket(scope, receive, send, exc, rid)
                 return
+            frames = getattr(self.admission, "websocket_receive", None)
+            if frames is not None:  # client frames count against the caller's limits
+                receive = frames(grant, receive, send)
         try:
             await self.app(scope, receive, send)
         finally:
@@ -344,8 +368,9 @@ def _error_reply(
     headers: dict[str, str] | None,
 ) -> Reply:  # fmt: skip
     extra = tuple((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items())
-    body = error_body(code, message, details, kserve=is_kserve_path(scope["path"]))
-    return Reply(status, body, JSON, extra)
+    kserve = is_kserve_path(scope["path"])
+    body = error_body(code, message, details, kserve=kserve)
+    return Reply(kserve_status(status) if kserve else status, body, JSON, extra)
 
 
 def log_access(

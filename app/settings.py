@@ -6,6 +6,7 @@ a bad value stops the process with a message naming the variable.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -14,6 +15,15 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _split_csv(value: object) -> object:
@@ -151,6 +161,53 @@ class Settings(BaseSettings):
         60.0, ge=0, description="`tgw serve` waits this long for Triton and Redis; 0 = do not wait"
     )
     startup_retry_interval_s: float = Field(2.0, gt=0, description="pause between start-up checks")
+    # --- Keys, limits and tenants (app.auth) ---------------------------------------------------
+    auth: Literal["required", "off"] = Field(
+        "off", description="required = every route but /healthz, /readyz needs a key; off = open (refused "
+        "on a non-loopback TGW_HOST unless TGW_AUTH_OFF_ALLOW_PUBLIC); images, compose and k8s set required",
+    )  # fmt: skip
+    auth_off_allow_public: bool = Field(
+        False, description="allow TGW_AUTH=off on a non-loopback address (you have auth in front of it)"
+    )
+    key_pepper: str | None = Field(
+        None, min_length=32, description="server secret keys are HMAC-SHA256'd with (32+ chars); required "
+        "with TGW_AUTH=required and for `tgw keys`; changing it invalidates every key",
+    )  # fmt: skip
+    admin_token: str | None = Field(
+        None, min_length=32, description="admin credential (Bearer/X-API-Key) for /metrics, /v1/admin/*, "
+        "/v2/repository/*, /v1/jobs/stats; keys of tier `admin` work too",
+    )  # fmt: skip
+    auth_tiers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["high:1:60", "standard:2:30"],
+        description="tier:triton_priority:max_timeout_s, comma-separated; priority 1 is Triton's highest",
+    )
+    auth_default_tier: str = Field("standard", description="tier of a key created without --tier")
+    auth_key_cache_s: float = Field(
+        5.0, ge=0, le=60, description="a verified key is trusted in process this long: revocation bound"
+    )
+    auth_stale_key_s: float = Field(
+        600.0, ge=0, description="Redis down: keys verified within this long keep working (local limits)"
+    )
+    auth_default_rps: float = Field(20.0, gt=0, description="request rate of a key created without --rps")
+    auth_default_burst: int = Field(40, ge=1, description="burst of a key created without --burst")
+    auth_default_concurrency: int = Field(
+        16, ge=0, description="in-flight requests per key (0 = unbounded) unless --concurrency"
+    )
+    auth_default_daily_quota: int = Field(0, ge=0, description="requests per UTC day per key; 0 = none")
+    auth_failed_per_minute: int = Field(
+        20, ge=1, description="failed authentications per client address per minute before 429"
+    )
+    auth_ws_per_key: int = Field(8, ge=1, description="open WebSockets per key (across replicas)")
+    auth_ws_ticket_s: int = Field(30, ge=5, le=300, description="lifetime of a single-use WebSocket ticket")
+    cache_scope: Literal["shared", "tenant"] = Field(
+        "shared", description="shared (default) or tenant: one cached answer per tenant (docs/auth.md)"
+    )
+    auth_redis_timeout_s: float = Field(0.25, gt=0, description="bound on every key/limit Redis call")
+    auth_redis_url: str | None = Field(
+        None, description="redis:// URL of the key store and limits; it must never evict keys (not an "
+        "allkeys-lru cache): unset = the jobs Redis (TGW_JOBS_REDIS_URL) if set, else TGW_REDIS_URL",
+    )  # fmt: skip
+
     # --- jobs: payload size and webhook delivery ---------------------------------------------
     job_max_body_bytes: int = Field(
         4 * 1024 * 1024,
@@ -194,6 +251,42 @@ class Settings(BaseSettings):
         10.0, ge=0, description="a warning or error from one place is logged once per interval, the next "
         "line carrying repeated=<count>; 0 = off",
     )  # fmt: skip
+    # --- many Tritons, keepalive, supervision ----------------------------------------------------
+    triton_urls: str | None = Field(
+        None, description="comma-separated Tritons: `host:8001`, `grpc=host:8001;http=host:8000` or "
+        "`dns:name:8001;http=8000` (every address of a headless Service); set = routed over all of them",
+    )  # fmt: skip
+    triton_resolve_interval_s: float = Field(10.0, gt=0, description="how often `dns:` names are resolved")
+    triton_probe_interval_s: float = Field(1.0, gt=0, description="readiness probe interval per endpoint")
+    triton_eject_after: int = Field(3, ge=1, description="consecutive failures that eject an endpoint")
+    triton_eject_base_s: float = Field(
+        1.0, gt=0, description="first ejection time; doubles per ejection in a row (at most 30 s)"
+    )
+    triton_slow_start_s: float = Field(5.0, ge=0, description="a returning endpoint's share grows over this")
+    triton_retry_budget: float = Field(
+        0.2, ge=0, le=1, description="retries on another endpoint allowed as a share of requests"
+    )
+    triton_grpc_keepalive_s: float = Field(
+        360.0, ge=10, description="gRPC keepalive ping interval (Triton strikes pings < 300 s apart)"
+    )
+    triton_grpc_keepalive_timeout_s: float = Field(20.0, gt=0, description="wait for a keepalive ping's ack")
+    triton_grpc_keepalive_without_calls: bool = Field(
+        False, description="ping idle channels too (Triton rejects this unless started to permit it)"
+    )
+    embedded_tritons: int = Field(
+        1, ge=1, le=16, description="`tgw up`: embedded Tritons on consecutive ports, all routed to"
+    )
+    supervise_max_restarts: int = Field(
+        5, ge=0, description="`tgw up` restarts a dead child; this many crashes within 60 s stop the stack"
+    )
+    # --- gRPC front door ---------------------------------------------------------------------
+    grpc_enabled: bool = Field(True, description="serve KServe v2 gRPC (inference.GRPCInferenceService)")
+    grpc_port: int = Field(
+        8081, ge=0, le=65535, description="gateway gRPC port (on TGW_HOST); 0 = any free port (tests)"
+    )
+    grpc_max_message_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="largest gRPC message received or sent (RESOURCE_EXHAUSTED)"
+    )
     # --- Shared memory with Triton (issue 14) -------------------------------------------------
     triton_shm: Literal["off", "system"] = Field(
         "off",
@@ -217,6 +310,7 @@ class Settings(BaseSettings):
         "cache_exclude_models",
         "webhook_schedule_s",
         "webhook_allowed_ports",
+        "auth_tiers",
         mode="before",
     )
     @classmethod
@@ -256,12 +350,22 @@ class Settings(BaseSettings):
             )
         return f"{parts.scheme}://{parts.netloc}"
 
+    @field_validator("triton_urls")
+    @classmethod
+    def _check_triton_urls(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from app.clients.endpoints import parse_triton_urls
+
+        parse_triton_urls(value)
+        return value.strip()
+
     @field_validator("otel_endpoint")
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:
         return value.strip() if value and value.strip() else None
 
-    @field_validator("redis_url", "jobs_redis_url")
+    @field_validator("redis_url", "jobs_redis_url", "auth_redis_url")
     @classmethod
     def _check_redis_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
@@ -272,8 +376,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> Settings:
-        if self.triton_url is None:
-            ports = [self.port, self.triton_http_port, self.triton_grpc_port, self.triton_metrics_port]
+        if self.triton_url is None and self.triton_urls is None:
+            ports = [self.port]
+            for i in range(self.embedded_tritons):
+                ports += list(self.embedded_triton_ports(i))
+            if self.grpc_enabled and self.grpc_port:
+                ports.append(self.grpc_port)
             if self.redis_url is None:
                 ports.append(self.redis_port)
             if self.jobs_redis_url is None:
@@ -282,8 +390,43 @@ class Settings(BaseSettings):
                 raise ValueError(f"the gateway and the embedded servers need distinct ports, got {ports}")
         return self
 
+    @field_validator("auth_tiers")
+    @classmethod
+    def _check_tiers(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parts = item.split(":")
+            ok = len(parts) == 3 and parts[0] and parts[1].isdigit() and int(parts[1]) >= 1
+            try:
+                ok = ok and float(parts[2]) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{item!r}: expected tier:priority:max_timeout_s, e.g. standard:2:30")
+        return value
+
+    @model_validator(mode="after")
+    def _auth_off_only_on_loopback(self) -> Settings:
+        if self.auth == "off" and not self.auth_off_allow_public and not is_loopback(self.host):
+            raise ValueError(
+                f"TGW_AUTH=off on the non-loopback address {self.host!r} would expose every model to "
+                "anyone: set TGW_AUTH=required (and TGW_KEY_PEPPER), or TGW_AUTH_OFF_ALLOW_PUBLIC=true "
+                "if something in front of the gateway authenticates"
+            )
+        if self.auth_default_tier not in {t.split(":")[0] for t in self.auth_tiers}:
+            raise ValueError(f"TGW_AUTH_DEFAULT_TIER={self.auth_default_tier!r} is not in TGW_AUTH_TIERS")
+        return self
+
+    def embedded_triton_ports(self, i: int) -> tuple[int, int, int]:
+        """HTTP, gRPC and metrics ports of the i-th embedded Triton (each next one 3 ports higher)."""
+        return self.triton_http_port + 3 * i, self.triton_grpc_port + 3 * i, self.triton_metrics_port + 3 * i
+
     @property
     def triton_grpc_address(self) -> str:
+        if self.triton_urls:
+            from app.clients.endpoints import parse_triton_urls
+
+            first = parse_triton_urls(self.triton_urls)[0]
+            return f"{first.dns_host}:{first.grpc_port}" if first.dns_host else first.address.grpc
         return self.triton_url or f"127.0.0.1:{self.triton_grpc_port}"
 
     @property
@@ -294,6 +437,11 @@ class Settings(BaseSettings):
     def jobs_redis_address(self) -> str:
         """Where jobs live: TGW_JOBS_REDIS_URL, else the cache's Redis (one instance: see docs/deploy.md)."""
         return self.jobs_redis_url or self.redis_address
+
+    @property
+    def auth_redis_address(self) -> str:
+        """Keys and limits live where nothing is evicted: TGW_AUTH_REDIS_URL, else the jobs Redis."""
+        return self.auth_redis_url or self.jobs_redis_address
 
 
 def settings_markdown() -> str:

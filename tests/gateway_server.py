@@ -6,6 +6,8 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 
@@ -15,12 +17,27 @@ from app.server import server_config
 from app.settings import Settings
 
 
+@dataclass(frozen=True)
+class GatewayAddresses:
+    http: str  # http://127.0.0.1:PORT
+    grpc: str  # 127.0.0.1:PORT (the gRPC front door; "" when TGW_GRPC_ENABLED is off)
+
+
 @contextmanager
 def running_gateway(**overrides: object) -> Iterator[str]:
+    with running_gateway_addresses(**overrides) as addresses:
+        yield addresses.http
+
+
+@contextmanager
+def running_gateway_addresses(**overrides: object) -> Iterator[GatewayAddresses]:
+    """The gateway with its gRPC front door on a free port too (``grpc_port=0``, unless overridden)."""
     port = free_port()
+    overrides.setdefault("grpc_port", 0)
     settings = Settings(host="127.0.0.1", port=port, **overrides)  # type: ignore[arg-type]
+    app = create_app(settings)
     config = server_config(
-        create_app(settings), settings, log_level="warning", lifespan="on", loop="asyncio",
+        app, settings, log_level="warning", lifespan="on", loop="asyncio",
         timeout_graceful_shutdown=2,
     )  # fmt: skip
     server = uvicorn.Server(config)
@@ -32,7 +49,9 @@ def running_gateway(**overrides: object) -> Iterator[str]:
             raise RuntimeError("the test gateway did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        web: Any = app.app  # the FastAPI app behind the pipeline holds the lifespan's state
+        grpc_port = getattr(web.state, "grpc_port", 0)
+        yield GatewayAddresses(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}" if grpc_port else "")
     finally:
         server.should_exit = True
         thread.join(timeout=15)

@@ -55,25 +55,45 @@ class TargetSpec:
     unique: bool
     model: ModelSpec
     salt: int
+    headers: str = ""  # extra request header lines ("Name: value\r\n"), e.g. the API key
 
     @property
     def label(self) -> str:
         return self.name
 
 
-TARGET_NAMES = ("triton-http", "triton-grpc", "gateway-miss", "gateway-hit", "gateway-v2")
+TARGET_NAMES = ("triton-http", "triton-grpc", "gateway-miss", "gateway-hit", "gateway-v2",
+                "gateway-grpc-miss", "gateway-grpc-hit")  # fmt: skip
 TARGET_HELP = {
     "triton-http": "Triton direct, HTTP/REST (KServe v2 JSON), unique inputs",
     "triton-grpc": "Triton direct, gRPC (ModelInfer, raw tensor bytes), unique inputs",
     "gateway-miss": "gateway /v1 JSON, unique inputs (every request a cache miss)",
     "gateway-hit": f"gateway /v1 JSON, {HIT_POOL} repeated inputs (cache hits after warm-up)",
     "gateway-v2": "gateway /v2 (KServe v2 JSON, as Triton direct HTTP), unique inputs",
+    "gateway-grpc-miss": "gateway gRPC front door (ModelInfer, as triton-grpc), unique inputs",
+    "gateway-grpc-hit": f"gateway gRPC front door, {HIT_POOL} repeated inputs (cache hits after warm-up)",
+    "gateway-miss-key": "gateway-miss with TGW_AUTH=required and an API key (authentication + limits)",
+    "gateway-hit-key": "gateway-hit with TGW_AUTH=required and an API key (authentication + limits)",
 }
+KEY_TARGETS = ("gateway-miss-key", "gateway-hit-key")  # the auth phase: the gateway restarted with keys on
+
+
+def key_targets(model: ModelSpec, gateway: tuple[str, int], salt: int, api_key: str) -> list[TargetSpec]:
+    """gateway-miss and gateway-hit again, each request carrying ``Authorization: Bearer <api_key>``."""
+    m, header = model.name, f"Authorization: Bearer {api_key}\r\n"
+    return [
+        TargetSpec(
+            "gateway-miss-key", "http", *gateway, f"/v1/models/{m}/infer", "v1", True, model, salt, header
+        ),
+        TargetSpec(
+            "gateway-hit-key", "http", *gateway, f"/v1/models/{m}/infer", "v1", False, model, salt, header
+        ),
+    ]
 
 
 def make_targets(
     model: ModelSpec, triton_http: tuple[str, int], triton_grpc: tuple[str, int], gateway: tuple[str, int],
-    salt: int, names: tuple[str, ...] = TARGET_NAMES,
+    salt: int, names: tuple[str, ...] = TARGET_NAMES, gateway_grpc: tuple[str, int] = ("127.0.0.1", 0),
 ) -> list[TargetSpec]:  # fmt: skip
     m = model.name
     all_targets = {
@@ -86,6 +106,10 @@ def make_targets(
                                   model, salt),
         "gateway-v2": TargetSpec("gateway-v2", "http", *gateway, f"/v2/models/{m}/infer", "v2", True,
                                  model, salt),
+        "gateway-grpc-miss": TargetSpec("gateway-grpc-miss", "grpc", *gateway_grpc, m, "grpc", True,
+                                        model, salt),
+        "gateway-grpc-hit": TargetSpec("gateway-grpc-hit", "grpc", *gateway_grpc, m, "grpc", False,
+                                       model, salt),
     }  # fmt: skip
     return [all_targets[n] for n in names]
 
@@ -126,7 +150,7 @@ def http_request_factory(target: TargetSpec, conn_id: int) -> Callable[[int], by
     """seq -> the full HTTP/1.1 request (keep-alive) for this connection's ``seq``-th request."""
     template = _json_template(target)
     head = (
-        f"POST {target.path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
+        f"POST {target.path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n{target.headers}"
         "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
     ).encode()
     salt = target.salt
@@ -178,4 +202,7 @@ def grpc_request_factory(target: TargetSpec, conn_id: int) -> Callable[[int], by
     def make(seq: int) -> bytes:
         return prefix + tag_len + head.pack(salt, conn_id, seq) + fill
 
-    return make
+    if target.unique:
+        return make
+    pool = [prefix + tag_len + head.pack(salt, 0, i) + fill for i in range(HIT_POOL)]
+    return lambda seq: pool[seq % HIT_POOL]

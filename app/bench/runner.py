@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -21,11 +22,14 @@ from typing import Any
 from app.bench import report
 from app.bench.loadgen import Generator
 from app.bench.payloads import (
+    KEY_TARGETS,
     MODELS,
     TARGET_HELP,
     TARGET_NAMES,
+    ModelSpec,
     TargetSpec,
     http_request_factory,
+    key_targets,
     make_targets,
 )
 from app.bench.stack import Stack, cpu_seconds, machine_info, rss_bytes, triton_version
@@ -36,6 +40,7 @@ logger = logging.getLogger("app.bench")
 
 DEFAULT_LEVELS = (1, 8, 32, 64, 128)
 QUICK_LEVELS = (1, 16)
+AUTH_LEVELS = (1, 64)
 
 
 @dataclass
@@ -55,6 +60,7 @@ class Options:
     model_config_name: str = "auto"
     load_models: list[str] = field(default_factory=list)
     gateway_env: dict[str, str] = field(default_factory=dict)
+    auth_levels: list[int] = field(default_factory=list)  # the auth phase's levels; empty: no auth phase
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--soak-max-s", type=float, default=180.0,
                    help="soak time limit, even if short of --soak-requests")  # fmt: skip
     p.add_argument("--no-wrk", action="store_true", help="skip the cross-check against wrk")
+    p.add_argument("--auth-concurrency", default=",".join(map(str, AUTH_LEVELS)),
+                   help="levels of the auth phase (gateway restarted with TGW_AUTH=required: "
+                   "gateway-miss-key, gateway-hit-key on the tiny model); empty: skip it")  # fmt: skip
     p.add_argument("--model-config-name", default=os.environ.get("TGW_TRITON_MODEL_CONFIG_NAME", "auto"),
                    help="Triton model configs to load: auto (gpu where a GPU is visible, else cpu), cpu, "
                         "gpu, gpu_eager, gpu_nobatch, gpu_eager_nobatch")  # fmt: skip
@@ -115,6 +124,7 @@ def options_from(args: argparse.Namespace) -> Options:
         model_config_name=args.model_config_name,
         load_models=_csv(args.load_models),
         gateway_env=env,
+        auth_levels=[int(c) for c in args.auth_concurrency.split(",") if c],
     )
 
 
@@ -138,6 +148,35 @@ def _level(gen: Generator, stack: Stack, t: TargetSpec, c: int, o: Options) -> L
     return result
 
 
+def auth_phase(gen: Generator, stack: Stack, model: ModelSpec, salt: int, o: Options) -> list[LevelResult]:
+    """The gateway restarted with ``TGW_AUTH=required`` and one key (limits far above the load), then
+    gateway-miss and gateway-hit again with the key: what authentication and limiting cost per request,
+    next to the same targets without keys in the same run."""
+    import secrets
+    import urllib.request
+
+    admin = secrets.token_hex(32)
+    env = {**o.gateway_env, "TGW_AUTH": "required", "TGW_KEY_PEPPER": secrets.token_hex(32),
+           "TGW_ADMIN_TOKEN": admin}  # fmt: skip
+    say("auth phase: the gateway restarted with TGW_AUTH=required and one API key …")
+    stack.restart_gateway(env=env)
+    spec = {"name": "bench", "rps": 1_000_000, "burst": 1_000_000, "concurrency": 0}
+    request = urllib.request.Request(
+        f"{stack.gateway_url}/v1/admin/keys", data=json.dumps(spec).encode(), method="POST",
+        headers={"Authorization": f"Bearer {admin}", "Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        api_key = json.loads(resp.read())["key"]
+    out = []
+    plan = [(t, c) for t in key_targets(model, ("127.0.0.1", stack.gateway_port), salt, api_key)
+            for c in o.auth_levels]  # fmt: skip
+    for i, (t, c) in enumerate(plan, 1):
+        r = _level(gen, stack, t, c, o)
+        out.append(r)
+        say(_line(i, len(plan), r))
+    return out
+
+
 def _line(i: int, n: int, r: LevelResult) -> str:
     cache = ",".join(f"{k}:{v}" for k, v in sorted(r.cache.items()))
     srv = " ".join(f"{k}={v:.2f}" for k, v in r.server_cpu_cores.items())
@@ -145,7 +184,7 @@ def _line(i: int, n: int, r: LevelResult) -> str:
     if gw_us:
         srv += f" (gateway {gw_us:,.0f} µs CPU/req)"
     return (
-        f"[{i:>3}/{n}] {r.model:<22} {r.target:<13} c={r.concurrency:<4} {r.throughput_rps:>9,.0f} req/s  "
+        f"[{i:>3}/{n}] {r.model:<22} {r.target:<16} c={r.concurrency:<4} {r.throughput_rps:>9,.0f} req/s  "
         f"p50 {r.p50_ms:6.2f}  p99 {r.p99_ms:7.2f}  max {r.max_ms:7.1f} ms  err {r.errors}  "
         f"gen {r.generator_cpu_cores:.2f} cores (max {r.generator_cpu_max_pct:.0f}%)  cpu {srv}"
         + (f"  [{cache}]" if cache else "")
@@ -297,7 +336,8 @@ def run(o: Options) -> int:
         gw = ("127.0.0.1", stack.gateway_port)
         th = ("127.0.0.1", stack.triton.http_port)
         tg = ("127.0.0.1", stack.triton.grpc_port)
-        plan = [(t, c) for m in models for t in make_targets(m, th, tg, gw, salt, tuple(o.targets))
+        gg = ("127.0.0.1", stack.gateway_grpc_port)
+        plan = [(t, c) for m in models for t in make_targets(m, th, tg, gw, salt, tuple(o.targets), gg)
                 for c in o.levels]  # fmt: skip
         for i, (t, c) in enumerate(plan, 1):
             r = _level(gen, stack, t, c, o)
@@ -327,6 +367,8 @@ def run(o: Options) -> int:
             t = make_targets(models[0], th, tg, gw, salt + 1, ("gateway-miss",))[0]
             soak_doc = soak(gen, stack, t, o.soak_requests, o)
             meta["soak"] = soak_doc
+        if o.auth_levels and models and models[0].name == "identity_fp32":
+            results.extend(auth_phase(gen, stack, models[0], salt + 2, o))
         meta["targets_check"] = check_targets(results, soak_doc)
     except LaunchError as exc:
         say(f"could not start the stack: {exc}")
@@ -338,7 +380,8 @@ def run(o: Options) -> int:
         shutil.rmtree(state, ignore_errors=True)
     meta.update({
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(o).items()},
-        "targets": {k: v for k, v in TARGET_HELP.items() if k in o.targets},
+        "targets": {k: v for k, v in TARGET_HELP.items()
+                    if k in o.targets or (k in KEY_TARGETS and any(r.target == k for r in results))},
         "seconds": round(time.monotonic() - t_begin, 1),
     })  # fmt: skip
     report.write_json(o.out / "results.json", results, meta)
@@ -349,7 +392,7 @@ def run(o: Options) -> int:
     say(report.markdown(results, meta))
     say("ratios gateway / Triton direct HTTP (throughput; added p50/p99 ms):")
     for q in report.ratios(results):
-        say(f"  {q['model']:<22} {q['target']:<13} c={q['concurrency']:<4} {q['throughput_ratio']:.2f}x  "
+        say(f"  {q['model']:<22} {q['target']:<16} c={q['concurrency']:<4} {q['throughput_ratio']:.2f}x  "
             f"+{q['added_p50_ms']:.3f} / +{q['added_p99_ms']:.3f} ms")  # fmt: skip
     say(f"wrote {o.out}/results.json, results.csv, results.md" + (", results.png" if plotted else
         " (no plot: pip install matplotlib)") + f" in {meta['seconds']:.0f} s")  # fmt: skip

@@ -42,6 +42,7 @@ class Stack:
     redis: EmbeddedRedis | None = None
     gateway: ManagedProcess | None = None
     gateway_port: int = 0
+    gateway_grpc_port: int = 0
 
     def start(self) -> None:
         repos = [r for r in REPOSITORIES if r.is_dir()]
@@ -73,6 +74,7 @@ class Stack:
     def start_gateway(self) -> None:
         assert self.triton is not None and self.redis is not None
         self.gateway_port = free_port()
+        self.gateway_grpc_port = free_port()
         env = dict(os.environ)
         env.update(
             {
@@ -80,6 +82,7 @@ class Stack:
                 "TGW_TRITON_HTTP_URL": self.triton.http_url,  # as `tgw up`; blank it for gRPC
                 "TGW_REDIS_URL": self.redis.url,
                 "TGW_PORT": str(self.gateway_port),
+                "TGW_GRPC_PORT": str(self.gateway_grpc_port),
                 "TGW_HOST": "127.0.0.1",
                 "TGW_WORKERS": str(self.workers),
                 "TGW_LOG_LEVEL": "WARNING",

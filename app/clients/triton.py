@@ -13,6 +13,9 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from tritonclient.utils import InferenceServerException
 
 from app.clients.protocols import TritonCall, TritonResult
@@ -23,17 +26,41 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _MAX_MESSAGE = 256 * 1024 * 1024
-_CHANNEL_ARGS = [
-    ("grpc.max_send_message_length", _MAX_MESSAGE),
-    ("grpc.max_receive_message_length", _MAX_MESSAGE),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
-    # Fail fast while Triton is down, so the 503 answer is quick and the retry loop decides.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-]
+
+
+def channel_args(
+    keepalive_s: float = 360.0, keepalive_timeout_s: float = 20.0, without_calls: bool = False
+) -> list[tuple[str, int]]:
+    """gRPC channel options that Triton's server-side keepalive policy accepts.
+
+    Triton's defaults (``tritonserver --help``): ``--grpc-keepalive-permit-without-calls=0``,
+    ``--grpc-http2-min-recv-ping-interval-without-data=300000`` (5 min) and
+    ``--grpc-http2-max-ping-strikes=2``: a client that pings while idle, or more often than every 5 min
+    without data, gets ``GOAWAY ENHANCE_YOUR_CALM "too_many_pings"`` after two strikes. So by default: no
+    pings without calls, a ping interval (6 min) above the server's minimum, and at most 2 pings without
+    data (gRPC's own default). Pings only matter to find a dead peer during a long call; the inference
+    deadline bounds those anyway.
+    """
+    return [
+        ("grpc.max_send_message_length", _MAX_MESSAGE),
+        ("grpc.max_receive_message_length", _MAX_MESSAGE),
+        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1 if without_calls else 0),
+        ("grpc.http2.max_pings_without_data", 2),
+        # Fail fast while Triton is down, so the 503 answer is quick and the retry loop decides.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
+
+
+def settings_channel_args(settings: Any) -> list[tuple[str, int]]:
+    """``channel_args`` from the ``TGW_TRITON_GRPC_KEEPALIVE_*`` settings."""
+    return channel_args(
+        settings.triton_grpc_keepalive_s,
+        settings.triton_grpc_keepalive_timeout_s,
+        settings.triton_grpc_keepalive_without_calls,
+    )
 
 
 _CONNECT_FAILURES = ("failed to connect", "connection refused", "connections to all backends failing",
@@ -45,17 +72,52 @@ def _not_sent(exc: InferenceServerException) -> bool:
     return any(marker in text for marker in _CONNECT_FAILURES)
 
 
+_INTEGERS = frozenset({
+    FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64,
+})  # fmt: skip
+
+
+def proto_json(message: Message) -> dict[str, Any]:
+    """A protobuf message as Triton's HTTP API writes it: field names as in the .proto, 64-bit integers
+    as JSON numbers (protobuf's JSON mapping makes them strings)."""
+    out = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    _numbers(message.DESCRIPTOR, out)
+    return out
+
+
+def _numbers(descriptor: Any, obj: dict[str, Any]) -> None:
+    for field in descriptor.fields:
+        if field.name not in obj:
+            continue
+        value = obj[field.name]
+        if field.type in _INTEGERS:
+            obj[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif field.message_type is not None:
+            if field.message_type.GetOptions().map_entry:
+                inner = field.message_type.fields_by_name["value"]
+                if inner.message_type is not None:
+                    for item in value.values():
+                        _numbers(inner.message_type, item)
+                continue
+            for item in value if isinstance(value, list) else [value]:
+                _numbers(field.message_type, item)
+
+
 class TritonGrpcClient:
     """``TritonAdmin``, and an ``InferenceTransport`` (inference over gRPC), on ``channels`` independent
     gRPC channels used round-robin."""
 
     def __init__(
         self, url: str, channels: int = 1, retries: int = 2, retry_after_s: int = 2,
-        admin_timeout_s: float = 5.0,
+        admin_timeout_s: float = 5.0, args: list[tuple[str, int]] | None = None,
     ) -> None:  # fmt: skip
         self.url = url
+        options = args if args is not None else channel_args()
         self._clients = [
-            grpcclient.InferenceServerClient(url, channel_args=list(_CHANNEL_ARGS)) for _ in range(channels)
+            grpcclient.InferenceServerClient(url, channel_args=list(options)) for _ in range(channels)
         ]
         self._next = itertools.cycle(self._clients)
         self._retries = retries
@@ -119,12 +181,11 @@ class TritonGrpcClient:
         return dict(out.get("config", {}))
 
     async def model_statistics(self, model: str = "", version: str = "") -> dict[str, Any]:
+        """Triton's inference statistics (all models when ``model`` is empty), as its HTTP API shows them."""
         out = await self._call(
-            lambda c: c.get_inference_statistics(
-                model, version, as_json=True, client_timeout=self._admin_timeout_s
-            )
+            lambda c: c.get_inference_statistics(model, version, client_timeout=self._admin_timeout_s)
         )
-        return dict(out)
+        return proto_json(out)
 
     # --- InferenceTransport ---
     async def live(self) -> bool:

@@ -42,6 +42,14 @@ class _NotSent(ConnectionError):
     before: the server closed it while idle, so the request was not processed."""
 
 
+class _BrokenAnswer(ConnectionError):
+    """The connection failed after part of the answer arrived: Triton had the request."""
+
+
+class UpstreamBroken(UpstreamUnavailable):
+    """503 like any lost connection, but Triton had accepted the request: never retried elsewhere."""
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time."""
 
@@ -74,6 +82,8 @@ class _Connection(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             if not self._started and self.served:
                 self._fail(_NotSent("idle connection closed by Triton"))
+            elif self._started:
+                self._fail(_BrokenAnswer(str(exc) if exc else "connection closed while Triton answered"))
             else:
                 self._fail(ConnectionResetError(str(exc) if exc else "connection closed by Triton"))
 
@@ -237,6 +247,12 @@ class TritonHttpInfer:
             except _NotSent:
                 self._release(conn)
                 continue  # a stale idle connection; does not count as a retry
+            except _BrokenAnswer as exc:
+                self._release(conn)
+                raise UpstreamBroken(
+                    f"Triton is unavailable: the connection broke during the answer ({exc})",
+                    {"url": self.url}, retry_after_s=self.retry_after_s,
+                ) from None  # fmt: skip
             except ConnectionError as exc:
                 self._release(conn)
                 raise UpstreamUnavailable(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
+
+from app.errors import InvalidInput
 
 JSON = b"application/json"
 OCTET_STREAM = b"application/octet-stream"
@@ -32,3 +35,44 @@ def jsonable(arr: np.ndarray) -> Any:
             lambda b: b.decode("utf-8", "replace") if isinstance(b, bytes) else b, otypes=[object]
         )(arr).tolist()
     return arr
+
+
+# Parameters Triton reads itself; they are not model parameters and never part of a cache key.
+CALL_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end", "priority", "timeout"})
+
+
+@dataclass(slots=True, frozen=True)
+class CallOptions:
+    """What a request asks of Triton's scheduler rather than of the model."""
+
+    priority: int = 0
+    timeout_us: int = 0
+    sequence_id: int | str = 0
+    sequence_start: bool = False
+    sequence_end: bool = False
+
+    @property
+    def sequence(self) -> bool:
+        return bool(self.sequence_id)
+
+
+def call_options(params: dict[str, Any]) -> CallOptions:
+    """Pop Triton's own parameters (``CALL_PARAMETERS``) out of ``params`` (in place) and check their
+    types; the rest are the model's parameters (part of the cache key)."""
+
+    def take(key: str, kinds: type | tuple[type, ...], default: Any) -> Any:
+        if key not in params:
+            return default
+        value = params.pop(key)
+        if not isinstance(value, kinds) or (kinds is not bool and isinstance(value, bool)):
+            raise InvalidInput(f"parameters.{key}: unexpected type {type(value).__name__}",
+                               {"field": f"parameters.{key}"})  # fmt: skip
+        return value
+
+    return CallOptions(
+        priority=take("priority", int, 0),
+        timeout_us=take("timeout", int, 0),
+        sequence_id=take("sequence_id", (int, str), 0),
+        sequence_start=take("sequence_start", bool, False),
+        sequence_end=take("sequence_end", bool, False),
+    )

@@ -6,16 +6,18 @@ echo: the request ``id`` and which outputs go binary); ``encode(response, v2)`` 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from app.codecs import binary
-from app.codecs.common import JSON, OCTET_STREAM, Reply, jsonable
+from app.codecs.common import JSON, OCTET_STREAM, Reply, call_options, jsonable
 from app.errors import BadRequest, InvalidInput
 from app.services.inference import InferRequest, InferResponse
 from app.services.payload import parse_json
 from app.services.registry import ModelInfo
 from app.services.validation import (
+    NUMPY_DTYPES,
     parameters_object,
     validate_outputs,
     validate_parameters,
@@ -43,8 +45,11 @@ def _header_length(value: str | None) -> int | None:
 
 
 def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
+    length = _header_length(header_length)
+    if length == 0:
+        return _decode_raw(info, raw)
     try:
-        head, tail = binary.split(raw, _header_length(header_length))
+        head, tail = binary.split(raw, length)
     except binary.FramingError as exc:
         raise BadRequest(str(exc), {"field": exc.field}) from None
     body = parse_json(head, max_values=value_budget(info))
@@ -64,6 +69,7 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
         raise InvalidInput("parameters: expected an object", {"field": "parameters"})
     params = dict(params or {})
     all_binary = bool(params.pop("binary_data_output", False))
+    options = call_options(params)
     requested = body.get("outputs")
     names: list[str] | None = None
     binary_outputs: set[str] = set()
@@ -88,9 +94,50 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
         inputs=validate_v2_inputs(info, inputs, parts),
         outputs=names,
         parameters=validate_parameters(params),
+        priority=options.priority,
+        timeout_us=options.timeout_us,
+        sequence_id=options.sequence_id,
+        sequence_start=options.sequence_start,
+        sequence_end=options.sequence_end,
     )
     request_id = body.get("id")
     return V2Request(request, str(request_id) if request_id is not None else None, binary_outputs)
+
+
+_RAW = "Inference-Header-Content-Length"
+
+
+def _decode_raw(info: ModelInfo, raw: bytes) -> V2Request:
+    """A raw binary request (``Inference-Header-Content-Length: 0``): the body is the bytes of the model's
+    only input; its shape is deduced from the byte size (batch 1, at most one variable dimension).
+    Every output comes back binary, as Triton answers it."""
+    if len(info.inputs) != 1:
+        raise InvalidInput(
+            f"{_RAW}: 0 (a raw binary request) needs a model with exactly one input; "
+            f"'{info.name}' has {len(info.inputs)}: send a JSON header instead", {"field": _RAW}
+        )  # fmt: skip
+    spec = next(iter(info.inputs.values()))
+    dtype = NUMPY_DTYPES.get(spec.datatype)
+    if spec.datatype == "BYTES" or dtype is None:
+        raise InvalidInput(f"{_RAW}: 0: input '{spec.name}' is {spec.datatype}; raw requests need a "
+                           "fixed-size datatype", {"field": _RAW})  # fmt: skip
+    if not raw or len(raw) % dtype.itemsize:
+        raise InvalidInput(f"body: {len(raw)} bytes is not a whole number of {spec.datatype} values",
+                           {"field": "body"})  # fmt: skip
+    dims = list(spec.shape)
+    if info.batched:
+        dims[0] = 1
+    variable = [i for i, d in enumerate(dims) if d < 0]
+    fixed = math.prod(d for d in dims if d >= 0)
+    count = len(raw) // dtype.itemsize
+    if len(variable) > 1:
+        raise InvalidInput(f"{_RAW}: 0: the shape {spec.shape} of input '{spec.name}' cannot be deduced from "
+                           "the byte size; send a JSON header instead", {"field": _RAW})  # fmt: skip
+    if variable:
+        dims[variable[0]] = count // fixed if fixed and count % fixed == 0 else -1
+    tensor = {"name": spec.name, "datatype": spec.datatype, "shape": dims}
+    request = InferRequest(info=info, inputs=validate_v2_inputs(info, [tensor], {spec.name: raw}))
+    return V2Request(request, None, set(info.outputs))
 
 
 def encode(response: InferResponse, req: V2Request) -> Reply:

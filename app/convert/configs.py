@@ -82,6 +82,7 @@ class ModelSpec:
     cpu_instance_count: int = 2
     intra_op_threads: int = 1
     priority_levels: int = 0
+    low_priority_queue: int = 64  # with priority levels: the lowest level's queue bound (REJECT beyond)
     versions: list[int] = field(default_factory=lambda: [1])
     precision: str = "fp16"  # fp32 | fp16 | int8, only recorded in the production config's comment
 
@@ -131,8 +132,16 @@ def _version_policy(spec: ModelSpec) -> str:
 def _priority(spec: ModelSpec) -> str:
     if spec.priority_levels <= 0:
         return ""
-    # 1 is the highest priority; requests without one get the lowest level.
-    return f"  priority_levels: {spec.priority_levels}\n  default_priority_level: {spec.priority_levels}\n"
+    # 1 is the highest priority; requests without one get the lowest level, whose queue is bounded and
+    # rejects beyond it (the gateway's lower tier is shed first; app.auth maps key tiers to levels).
+    level = spec.priority_levels
+    policy = (
+        f"  priority_queue_policy {{\n    key: {level}\n"
+        f"    value: {{ max_queue_size: {spec.low_priority_queue} timeout_action: REJECT }}\n  }}\n"
+        if level > 1
+        else ""
+    )
+    return f"  priority_levels: {level}\n  default_priority_level: {level}\n" + policy
 
 
 def tensorrt_config(spec: ModelSpec) -> str:

@@ -90,6 +90,13 @@ STAGE_DURATION = Histogram(
     buckets=(0.00005, 0.0001, 0.00025, *_FAST, 2.5, 5.0, 10.0),
 )
 
+# --- gRPC front door (app.frontends.grpc): the HTTP metrics' counterparts, by RPC method and status code ---
+GRPC_REQUESTS = Counter("tgw_grpc_requests", "gRPC requests by method and status code", ["method", "code"])
+GRPC_DURATION = Histogram(
+    "tgw_grpc_request_duration_seconds", "gRPC request latency by method", ["method"],
+    buckets=HTTP_LATENCY_BUCKETS,
+)  # fmt: skip
+
 _CACHE_OUTCOMES = {o: CACHE_REQUESTS.labels(o) for o in ("hit", "miss", "bypass", "error", "skipped")}
 _CACHE_OPS = {op: CACHE_OPERATION_DURATION.labels(op) for op in ("get", "put")}
 _triton_children: dict[tuple[str, str, str], Histogram] = {}
@@ -124,6 +131,20 @@ def triton_request(model: str, version: str, outcome: str, seconds: float) -> No
     if child is None:
         child = _triton_children[key] = TRITON_DURATION.labels(model, version, outcome)
     child.observe(seconds)
+
+
+_grpc_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+
+
+def grpc_request(method: str, code: str, seconds: float) -> None:
+    children = _grpc_children.get((method, code))
+    if children is None:
+        children = _grpc_children[(method, code)] = (
+            GRPC_REQUESTS.labels(method, code),
+            GRPC_DURATION.labels(method),
+        )
+    children[0].inc()
+    children[1].observe(seconds)
 
 
 # --- jobs hooks ------------------------------------------------------------------------------------

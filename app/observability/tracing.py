@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -100,6 +100,23 @@ def server_span(scope: Scope) -> Iterator[Any]:
     attrs = {"http.request.method": method, "url.path": scope.get("path", "")}
     with _tracer.start_as_current_span(
         f"{method} {scope.get('path', '')}", context=extract(headers), kind=SpanKind.SERVER, attributes=attrs
+    ) as current:
+        yield current
+
+
+@contextlib.contextmanager
+def rpc_server_span(service: str, method: str, metadata: Mapping[str, str]) -> Iterator[Any]:
+    """The SERVER span of one gRPC call (``traceparent`` from the call metadata is honoured); ``None``
+    when tracing is off."""
+    if _tracer is None:
+        yield None
+        return
+    from opentelemetry.propagate import extract
+    from opentelemetry.trace import SpanKind
+
+    attrs = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+    with _tracer.start_as_current_span(
+        f"{service}/{method}", context=extract(dict(metadata)), kind=SpanKind.SERVER, attributes=attrs
     ) as current:
         yield current
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from app.auth.principal import apply_principal, current_principal
 from app.codecs import v1
 from app.codecs.common import Reply
 from app.request_context import current_request_id
@@ -26,6 +27,7 @@ async def serve_v1(
     req = v1.decode(info, body)
     req.cache_read, req.cache_write = cache_directives(header_value(headers, b"cache-control"))
     req.request_id = current_request_id() or ""
+    apply_principal(req, current_principal())  # the key's tier: Triton priority and timeout bound
     return v1.encode(await service.infer(req))
 
 

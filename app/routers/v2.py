@@ -3,13 +3,18 @@ inference path. Errors keep the gateway's one shape."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter
+from starlette.responses import Response
 
+from app.auth.principal import apply_principal, current_principal
+from app.codecs import encoding
 from app.codecs import v2 as kserve
 from app.codecs.common import Reply
 from app.deps import AdminDep, HealthDep, RegistryDep
+from app.errors import NotOffered
 from app.request_context import current_request_id
 from app.routers.common import Headers, ORJSONResponse
 from app.routers.infer import header_value
@@ -22,6 +27,7 @@ from app.routers.schemas import (
     V2ServerMetadata,
 )
 from app.services.inference import InferenceService, cache_directives
+from app.services.offer import EXTENSIONS, refusal
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
@@ -44,17 +50,11 @@ async def ready(health: HealthDep) -> ORJSONResponse:
 
 @router.get("", response_class=ORJSONResponse, response_model=V2ServerMetadata)
 async def server_metadata(admin: AdminDep) -> ORJSONResponse:
+    """Exactly the extensions the gateway implements (``app.services.offer``), not Triton's."""
     triton_meta = await admin.server_metadata()
     return ORJSONResponse(
-        {
-            "name": "triton-gateway",
-            "version": triton_meta.get("version", ""),
-            "extensions": [e for e in triton_meta.get("extensions", []) if e in _EXTENSIONS],
-        }
+        {"name": "triton-gateway", "version": triton_meta.get("version", ""), "extensions": list(EXTENSIONS)}
     )
-
-
-_EXTENSIONS = {"binary_tensor_data", "model_repository", "model_configuration", "parameters"}
 
 
 @router.post("/repository/index", response_class=ORJSONResponse, response_model=list[V2IndexEntry])
@@ -62,19 +62,46 @@ async def repository_index(registry: RegistryDep) -> ORJSONResponse:
     return ORJSONResponse(await registry.index())
 
 
-def _metadata(info_meta: dict[str, object], version: str) -> dict[str, object]:
-    def tensors(key: str) -> list[dict[str, object]]:
-        items = info_meta.get(key, [])
-        assert isinstance(items, list)
-        return [{**t, "shape": [int(d) for d in t.get("shape", [])]} for t in items]
+# --- statistics: relayed to Triton (declared before /models/{model}, which would take "stats") ---
+_STATS: dict[int | str, dict[str, Any]] = {200: {"content": {"application/json": {"schema": {
+    "type": "object", "description": "Triton's inference statistics, as its HTTP API gives them",
+    "properties": {"model_stats": {"type": "array", "items": {"type": "object"}}},
+}}}}}  # fmt: skip
 
-    return {
-        "name": info_meta.get("name"),
-        "versions": info_meta.get("versions", [version]),
-        "platform": info_meta.get("platform", ""),
-        "inputs": tensors("inputs"),
-        "outputs": tensors("outputs"),
-    }
+
+@router.get("/models/stats", response_class=ORJSONResponse, responses=_STATS)
+@router.get("/models/{model}/stats", response_class=ORJSONResponse, responses=_STATS)
+@router.get("/models/{model}/versions/{version}/stats", response_class=ORJSONResponse, responses=_STATS)
+async def model_statistics(admin: AdminDep, model: str = "", version: str = "") -> ORJSONResponse:
+    return ORJSONResponse(await admin.model_statistics(model, version))
+
+
+# --- refused on purpose (app.services.offer): a JSON error saying why, never a bare 404 ---------------
+def _refuse(feature: str) -> Callable[[], Awaitable[Response]]:
+    async def refused() -> Response:
+        raise refusal(feature)
+
+    return refused
+
+
+for _path, _methods, _feature in (
+    ("/repository/models/{model}/load", ["POST"], "model_control"),
+    ("/repository/models/{model}/unload", ["POST"], "model_control"),
+    ("/systemsharedmemory/status", ["GET"], "shared_memory"),
+    ("/systemsharedmemory/unregister", ["POST"], "shared_memory"),
+    ("/systemsharedmemory/region/{region}/status", ["GET"], "shared_memory"),
+    ("/systemsharedmemory/region/{region}/register", ["POST"], "shared_memory"),
+    ("/systemsharedmemory/region/{region}/unregister", ["POST"], "shared_memory"),
+    ("/cudasharedmemory/status", ["GET"], "shared_memory"),
+    ("/cudasharedmemory/unregister", ["POST"], "shared_memory"),
+    ("/cudasharedmemory/region/{region}/status", ["GET"], "shared_memory"),
+    ("/cudasharedmemory/region/{region}/register", ["POST"], "shared_memory"),
+    ("/cudasharedmemory/region/{region}/unregister", ["POST"], "shared_memory"),
+    ("/trace/setting", ["GET", "POST"], "trace"),
+    ("/models/{model}/trace/setting", ["GET", "POST"], "trace"),
+    ("/logging", ["GET", "POST"], "logging"),
+):
+    router.add_api_route(_path, _refuse(_feature), methods=_methods, include_in_schema=False)
 
 
 @router.get("/models/{model}", response_class=ORJSONResponse, response_model=V2ModelMetadata)
@@ -82,8 +109,9 @@ def _metadata(info_meta: dict[str, object], version: str) -> dict[str, object]:
     "/models/{model}/versions/{version}", response_class=ORJSONResponse, response_model=V2ModelMetadata
 )
 async def model_metadata(model: str, registry: RegistryDep, version: str | None = None) -> ORJSONResponse:
+    """Every ready version listed (as Triton lists them), each addressable under ``/versions/{version}``."""
     info = await registry.resolve(model, version)
-    return ORJSONResponse(_metadata(info.metadata, info.version))
+    return ORJSONResponse(info.kserve_metadata(all_versions=version is None))
 
 
 _MODEL_NOT_READY: dict[int | str, dict[str, Any]] = {400: {"model": V2ModelReady, "description": "not ready"}}
@@ -120,12 +148,21 @@ async def model_config(model: str, registry: RegistryDep, version: str | None = 
 
 
 async def serve_v2(
-    service: InferenceService, model: str, version: str | None, raw: bytes, headers: Headers
-) -> Reply:
-    """The /v2 infer handler (``app.pipeline.InferRouter``; documented in ``app.routers.infer``)."""
+    service: InferenceService, model: str, version: str | None, raw: bytes, headers: Headers,
+    max_body_bytes: int = 8 * 1024 * 1024,
+) -> Reply:  # fmt: skip
+    """The /v2 infer handler (``app.pipeline.InferRouter``; documented in ``app.routers.infer``).
+    ``Content-Encoding: gzip|deflate`` bodies are inflated up to ``max_body_bytes``; the answer is
+    compressed when ``Accept-Encoding`` asks for it."""
     info = await service.resolve(model, version)
+    if info.decoupled:  # Triton's answer, without the round trip (and the same over either transport)
+        raise NotOffered("HTTP end point doesn't support models with decoupled transaction policy; use "
+                         "gRPC ModelStreamInfer", {"model": info.name})  # fmt: skip
+    raw = encoding.decode_body(raw, header_value(headers, b"content-encoding"), max_body_bytes)
     v2 = kserve.decode(info, raw, header_value(headers, kserve.HEADER_LENGTH.encode()))
     req = v2.request
     req.cache_read, req.cache_write = cache_directives(header_value(headers, b"cache-control"))
     req.request_id = current_request_id() or ""
-    return kserve.encode(await service.infer(req), v2)
+    apply_principal(req, current_principal())  # the key's tier: Triton priority and timeout bound
+    reply = kserve.encode(await service.infer(req), v2)
+    return encoding.encode_reply(reply, header_value(headers, b"accept-encoding"))

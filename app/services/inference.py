@@ -44,6 +44,7 @@ class InferRequest:
     sequence_id: int | str = 0
     sequence_start: bool = False
     sequence_end: bool = False
+    cache_scope: str = ""  # "" = answers shared by every tenant; else the tenant (app.auth, TGW_CACHE_SCOPE)
     datatypes: dict[str, str] = field(init=False)  # Triton datatype of each given input
 
     def __post_init__(self) -> None:
@@ -96,8 +97,9 @@ class InferenceService:
     def key_for(self, req: InferRequest) -> str:
         info = req.info
         outputs = req.outputs or list(info.outputs)
+        namespace = f"{self.namespace}:t:{req.cache_scope}" if req.cache_scope else self.namespace
         return cache_key(
-            self.namespace, info.name, info.version, outputs, req.parameters, req.inputs, req.datatypes
+            namespace, info.name, info.version, outputs, req.parameters, req.inputs, req.datatypes
         )
 
     def _use_cache(self, req: InferRequest) -> bool:

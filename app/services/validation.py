@@ -80,7 +80,7 @@ def _to_array(field: str, value: Any, spec: TensorSpec) -> np.ndarray:
             f"{_shape_text(spec.shape)})",
             expected={"shape": list(spec.shape), "datatype": spec.datatype},
         ) from None
-    if raw.dtype.kind in "iuf" and spec.datatype != "BOOL" and _may_hold_bools(raw) and _contains_bool(value):
+    if raw.dtype.kind in "iuf" and spec.datatype != "BOOL" and _may_hold_bools(raw, value):
         # numpy turns true/false into 1/0 when they sit among numbers: booleans are not numbers.
         raise _fail(
             field,
@@ -91,9 +91,13 @@ def _to_array(field: str, value: Any, spec: TensorSpec) -> np.ndarray:
     return convert(field, raw, spec)
 
 
-def _may_hold_bools(raw: np.ndarray) -> bool:
-    """Only an array holding 0 or 1 can have come from true/false: the exact check runs only then."""
-    return bool(((raw == 0) | (raw == 1)).any())
+def _may_hold_bools(raw: np.ndarray, value: list[Any]) -> bool:
+    """Whether true/false sit among the numbers. Small arrays: the exact scan at once (cheaper than
+    numpy's temporaries). Large ones: only an array holding 0 or 1 can have come from true/false, so the
+    exact scan runs only then."""
+    if raw.size > 64 and not ((raw == 0) | (raw == 1)).any():
+        return False
+    return _contains_bool(value)
 
 
 def convert(field: str, raw: np.ndarray, spec: TensorSpec) -> np.ndarray:
@@ -254,14 +258,9 @@ def validate_parameters(parameters: Any, field: str = "parameters") -> dict[str,
 
 def value_budget(info: ModelInfo) -> int | None:
     """The most tensor values one request to this model can carry (max_batch_size x the dims of every
-    input), for ``app.services.payload.check_value_budget``; None when an input has a variable dim."""
-    total = 0
-    for spec in info.inputs.values():
-        dims = spec.shape[1:] if info.batched else spec.shape
-        if any(d < 0 for d in dims):
-            return None
-        total += max(info.max_batch_size, 1) * math.prod(dims)
-    return total
+    input), for ``app.services.payload.check_value_budget``; None when an input has a variable dim.
+    Computed once per model version (``ModelInfo.max_values``)."""
+    return info.max_values
 
 
 def validate_v1_inputs(info: ModelInfo, inputs: Any) -> dict[str, np.ndarray]:

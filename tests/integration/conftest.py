@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
-from tests.gateway_server import running_gateway
+from tests.gateway_server import GatewayAddresses, running_gateway, running_gateway_addresses
 
 ROOT = Path(__file__).resolve().parents[2]
 REPOSITORIES = [p for p in (ROOT / "model_repository", ROOT / "tests" / "models") if p.is_dir()]
@@ -42,13 +42,24 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
 
 
 @pytest.fixture(scope="session")
-def gateway_url(triton: EmbeddedTriton, redis_server: EmbeddedRedis) -> Iterator[str]:
+def gateway_addresses(triton: EmbeddedTriton, redis_server: EmbeddedRedis) -> Iterator[GatewayAddresses]:
     """Configured as ``tgw up`` configures it: inference over Triton's HTTP endpoint, the rest over gRPC
-    (tests/integration/test_transport.py runs the inference checks over both)."""
-    with running_gateway(
+    (tests/integration/test_transport.py runs the inference checks over both); HTTP and gRPC front doors."""
+    with running_gateway_addresses(
         triton_url=triton.grpc_url, triton_http_url=triton.http_url, redis_url=redis_server.url
-    ) as url:
-        yield url
+    ) as addresses:
+        yield addresses
+
+
+@pytest.fixture(scope="session")
+def gateway_url(gateway_addresses: GatewayAddresses) -> str:
+    return gateway_addresses.http
+
+
+@pytest.fixture(scope="session")
+def gateway_grpc(gateway_addresses: GatewayAddresses) -> str:
+    """host:port of the session gateway's gRPC front door (same process, cache and Triton as gateway_url)."""
+    return gateway_addresses.grpc
 
 
 @pytest.fixture

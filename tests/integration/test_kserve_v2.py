@@ -89,7 +89,7 @@ def test_errors_reach_the_client_as_messages(tc: httpclient.InferenceServerClien
 def test_v2_json_wrong_datatype_and_size(client: httpx.Client) -> None:
     bad_type = {"inputs": [{"name": "INPUT0", "shape": [1, 2], "datatype": "INT32", "data": [1, 2]}]}
     r = client.post("/v2/models/identity_fp32/infer", json=bad_type)
-    assert r.status_code == 422 and "expected FP32, got INT32" in r.json()["error"]
+    assert r.status_code == 400 and "expected FP32, got INT32" in r.json()["error"]
     bad_size = {"inputs": [{"name": "INPUT0", "shape": [1, 3], "datatype": "FP32", "data": [1, 2]}]}
     r = client.post("/v2/models/identity_fp32/infer", json=bad_size)
-    assert r.status_code == 422 and r.json()["details"]["field"] == "inputs.INPUT0.data"
+    assert r.status_code == 400 and r.json()["details"]["field"] == "inputs.INPUT0.data"

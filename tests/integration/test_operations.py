@@ -115,7 +115,7 @@ def tgw_serve(
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("TGW_", "PROMETHEUS_"))}
     full_env = {
         **clean, "TGW_TRITON_URL": triton.grpc_url, "TGW_REDIS_URL": redis.url, "TGW_HOST": "127.0.0.1",
-        "TGW_PORT": str(port), "TMPDIR": str(tmp), **env,
+        "TGW_PORT": str(port), "TGW_GRPC_PORT": str(free_port()), "TMPDIR": str(tmp), **env,
     }  # fmt: skip
     log = tmp / "gateway.log"
     with log.open("wb") as sink:

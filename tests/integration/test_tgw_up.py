@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 
 from app.launcher import free_port
 
@@ -28,6 +30,7 @@ class Stack:
     log: Path
     state: Path
     env: dict[str, str]
+    grpc: str = ""  # host:port of the gateway's gRPC front door
 
     def leftovers(self, timeout: float = 30) -> list[str]:
         """Processes still running from this stack's state dir (e.g. Python-backend stubs)."""
@@ -74,12 +77,13 @@ def _wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    port = free_port()
+def stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    port, grpc_port = free_port(), free_port()
     env = dict(os.environ)
     env.update(
         {
             "TGW_PORT": str(port),
+            "TGW_GRPC_PORT": str(grpc_port),
             "TGW_TRITON_HTTP_PORT": str(free_port()),
             "TGW_TRITON_GRPC_PORT": str(free_port()),
             "TGW_TRITON_METRICS_PORT": str(free_port()),
@@ -91,6 +95,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             "TGW_DRAIN_S": "5",
         }
     )
+    env.update(getattr(request, "param", {}))
     env.pop("TGW_TRITON_URL", None)
     env.pop("TGW_REDIS_URL", None)
     env.pop("TGW_JOBS_REDIS_URL", None)
@@ -111,7 +116,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             proc.kill()
             pytest.fail(f"tgw up did not become ready:\n{log.read_text()[-3000:]}")
         time.sleep(0.3)
-    yield Stack(proc, url, log, tmp_path / "state", env)
+    yield Stack(proc, url, log, tmp_path / "state", env, f"127.0.0.1:{grpc_port}")
     if proc.poll() is None:
         proc.kill()
         proc.wait()
@@ -120,6 +125,11 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 def test_sigterm_stops_all_three(stack: Stack) -> None:
     r = httpx.post(f"{stack.url}/v1/models/identity_fp32/infer", json={"inputs": {"INPUT0": [[1.0, 2.0]]}})
     assert r.status_code == 200
+    grpc_client = grpcclient.InferenceServerClient(stack.grpc)  # tgw up serves the gRPC front door too
+    tensor = grpcclient.InferInput("INPUT0", [1, 2], "FP32")
+    tensor.set_data_from_numpy(np.array([[1.0, 2.0]], dtype=np.float32))
+    assert grpc_client.infer("identity_fp32", [tensor]).as_numpy("OUTPUT0").tolist() == [[1.0, 2.0]]
+    grpc_client.close()
     children = stack.children()
     assert len(children) == 3  # redis-server (cache), redis-server (jobs) and tritonserver
     assert "serving on uvloop.Loop" in stack.log.read_text()  # the same loop as `tgw serve` (issue 15)
@@ -139,7 +149,10 @@ def test_sigterm_stops_all_three(stack: Stack) -> None:
     assert stack.leftovers() == []
 
 
+@pytest.mark.parametrize("stack", [{"TGW_SUPERVISE_MAX_RESTARTS": "0"}], indirect=True)
 def test_a_dead_child_takes_the_stack_down(stack: Stack) -> None:
+    """With no restarts allowed (the default restarts; tests/integration/test_chaos.py), a dead child stops
+    everything with its log tail."""
     children = stack.children()
     triton_pid = next(p for p in children if "tritonserver" in Path(f"/proc/{p}/cmdline").read_text())
     os.kill(triton_pid, signal.SIGKILL)

@@ -121,3 +121,14 @@ def test_grpc_request_is_a_valid_model_infer_request() -> None:
     assert req.model_name == "identity_fp32" and list(req.inputs[0].shape) == [1, 16]
     values = np.frombuffer(req.raw_input_contents[0], dtype=np.float32)
     assert values.shape == (16,) and values[:3].tolist() == [99.0, 5.0, 42.0]
+
+
+def test_gateway_grpc_targets_send_what_triton_grpc_sends() -> None:
+    """gateway-grpc-miss: the same ModelInfer bytes as triton-grpc, to the gateway's gRPC port;
+    gateway-grpc-hit: a small pool of repeated requests, shared across connections."""
+    names = ("triton-grpc", "gateway-grpc-miss", "gateway-grpc-hit")
+    direct, miss, hit = make_targets(TINY, ("h", 1), ("h", 2), ("h", 3), 99, names, ("g", 4))
+    assert (miss.host, miss.port, miss.kind) == ("g", 4, "grpc") and miss.unique and not hit.unique
+    assert grpc_request_factory(miss, 5)(42) == grpc_request_factory(direct, 5)(42)
+    repeated = grpc_request_factory(hit, 5)
+    assert repeated(1) == repeated(33) == grpc_request_factory(hit, 9)(1) and repeated(1) != repeated(2)

@@ -256,6 +256,7 @@ def test_gateway_deployment(overlay: str) -> None:
     assert _probe_path(c["readinessProbe"]) == "/readyz"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports["http"] == int(env["TGW_PORT"])
+    assert ports["grpc"] == int(env["TGW_GRPC_PORT"])
     assert env["TGW_HOST"] == "0.0.0.0"
     # The endpoint leaves the Service during preStop; SIGTERM then drains for TGW_DRAIN_S.
     assert pod["terminationGracePeriodSeconds"] > _prestop_sleep(c) + float(env["TGW_DRAIN_S"])
@@ -848,7 +849,8 @@ def test_dockerfile_gateway_structure() -> None:
     assert "/healthz" in health and "CMD" in health
     assert json.loads(dict(final)["ENTRYPOINT"]) == ["tgw"], "exec form, so tgw gets SIGTERM"
     assert json.loads(dict(final)["CMD"]) == ["serve"]
-    assert dict(final)["EXPOSE"] == _dockerfile_env()["TGW_PORT"] == "8080"
+    env = _dockerfile_env()
+    assert dict(final)["EXPOSE"].split() == [env["TGW_PORT"], env["TGW_GRPC_PORT"]] == ["8080", "8081"]
     assert _dockerfile_env()["TGW_HOST"] == "0.0.0.0"
     assert not any(k == "RUN" and "apt-get install" in a for k, a in final), "no packages in the runtime"
 

@@ -178,3 +178,15 @@ def test_spec_validation_and_dtypes() -> None:
         spec(preferred_batch_sizes=[512]).validate()
     with pytest.raises(ValueError, match="distinct"):
         spec(outputs=[TensorSpec("x", (10,))]).validate()
+
+
+@pytest.mark.parametrize("name", sorted(ONNX_MODELS))
+def test_models_take_the_tiers_priorities(name: str) -> None:
+    """app.auth sends priority 1 (high tier) or 2 (standard); the lower level's queue is bounded and
+    rejects beyond it, so the standard tier is shed first (docs/auth.md)."""
+    for cfg in (load(REPO / name / "configs" / "cpu.pbtxt"), load(REPO / name / "config.pbtxt")):
+        batching = cfg.dynamic_batching
+        assert batching.priority_levels == 2 and batching.default_priority_level == 2
+        low = batching.priority_queue_policy[2]
+        assert low.max_queue_size > 0 and low.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+        assert 1 not in batching.priority_queue_policy

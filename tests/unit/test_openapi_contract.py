@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.main import create_app
+from app.main import web_app
 from app.settings import Settings
 
 
 def _operations() -> list[tuple[str, str, str, dict[str, Any]]]:
-    spec = create_app(Settings()).openapi()
+    spec = web_app(Settings()).openapi()
     out = []
     for path, ops in spec["paths"].items():
         for method, op in ops.items():

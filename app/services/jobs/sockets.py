@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from starlette.websockets import WebSocket
 
+from app.auth.principal import apply_principal, current_principal
 from app.codecs import v1
 from app.errors import GatewayError, InvalidInput
 from app.observability import metrics
@@ -215,6 +216,7 @@ class Multiplexer:
             body = {k: frame[k] for k in ("inputs", "outputs", "parameters") if k in frame}
             req = v1.decode_body(await self.inference.resolve(model, version), body)
             req.request_id = str(tags.get("ref", ""))
+            apply_principal(req, current_principal())  # the socket's key: Triton priority and timeout bound
             response = await self.inference.infer(req)
             frame = {"type": "result", **tags, "result": v1.result(response), "cache": response.cache}
             self.outbox.emit(frame)

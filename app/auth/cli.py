@@ -1,0 +1,104 @@
+"""``tgw keys create|list|revoke|rotate``: manage API keys in Redis (TGW_REDIS_URL, TGW_KEY_PEPPER).
+
+``create`` and ``rotate`` print, once, a JSON object with the key (``"key"``) and its id; only its HMAC
+is stored, so it cannot be shown again."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from redis.exceptions import RedisError
+
+from app.auth.admin import NewKey, create_key
+from app.auth.keys import KeyStore
+from app.auth.principal import parse_tiers
+from app.auth.stage import ADMIN_TIER
+from app.clients.redis import make_redis
+from app.errors import GatewayError
+from app.settings import Settings
+
+
+def add_parser(sub: Any) -> None:
+    keys = sub.add_parser("keys", help="API keys: create, list, revoke, rotate (TGW_KEY_PEPPER, Redis)")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    create = ksub.add_parser("create", help="a new key, printed once as JSON")
+    create.add_argument("--name", required=True, help="what the key is for")
+    create.add_argument("--tenant", help="owner of its jobs (default: the name)")
+    create.add_argument("--tier", help="a TGW_AUTH_TIERS tier or admin (default TGW_AUTH_DEFAULT_TIER)")
+    create.add_argument("--rps", type=float, help="requests per second (default TGW_AUTH_DEFAULT_RPS)")
+    create.add_argument("--burst", type=int, help="burst above the rate (default TGW_AUTH_DEFAULT_BURST)")
+    create.add_argument("--concurrency", type=int, help="in-flight requests, 0 = unbounded")
+    create.add_argument("--daily-quota", type=int, help="requests per UTC day, 0 = none")
+    create.set_defaults(fn=cmd_keys)
+    ksub.add_parser("list", help="every key (never the key itself)").set_defaults(fn=cmd_keys)
+    revoke = ksub.add_parser("revoke", help="revoke a key by id (effective within TGW_AUTH_KEY_CACHE_S)")
+    revoke.add_argument("id")
+    revoke.set_defaults(fn=cmd_keys)
+    rotate = ksub.add_parser("rotate", help="a new secret for a key id, printed once")
+    rotate.add_argument("id")
+    rotate.add_argument("--grace-s", type=int, default=0, help="the old secret works this much longer")
+    rotate.set_defaults(fn=cmd_keys)
+
+
+def _out(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+async def _with_store(settings: Settings, fn: Callable[[KeyStore], Awaitable[int]]) -> int:
+    assert settings.key_pepper is not None
+    redis = make_redis(settings.auth_redis_address, 2.0, settings.redis_cluster)
+    try:
+        return await fn(KeyStore(redis, settings.key_pepper, timeout_s=5.0))
+    finally:
+        await redis.aclose()
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from app.cli import _load_settings
+
+    settings = _load_settings()
+    if not settings.key_pepper:
+        sys.stderr.write("tgw keys needs TGW_KEY_PEPPER (the same secret the gateway uses)\n")
+        return 2
+    tiers = set(parse_tiers(settings.auth_tiers)) | {ADMIN_TIER}
+
+    async def run(store: KeyStore) -> int:
+        cmd = args.keys_command
+        if cmd == "create":
+            try:
+                spec = NewKey(
+                    name=args.name, tenant=args.tenant, tier=args.tier, rps=args.rps, burst=args.burst,
+                    concurrency=args.concurrency, daily_quota=args.daily_quota,
+                )  # fmt: skip
+                _out(await create_key(store, settings, tiers, spec))
+            except (GatewayError, ValueError) as exc:
+                sys.stderr.write(f"tgw keys create: {getattr(exc, 'message', exc)}\n")
+                return 2
+            return 0
+        if cmd == "list":
+            _out([rec.public() for rec in await store.list()])
+            return 0
+        if cmd == "revoke":
+            if not await store.revoke(args.id):
+                sys.stderr.write(f"no key {args.id!r}\n")
+                return 1
+            _out({"id": args.id, "revoked": True})
+            return 0
+        rotated = await store.rotate(args.id, args.grace_s)
+        if rotated is None:
+            sys.stderr.write(f"no key {args.id!r}\n")
+            return 1
+        token, rec = rotated
+        _out({"key": token, **rec.public()})
+        return 0
+
+    try:
+        return asyncio.run(_with_store(settings, run))
+    except (RedisError, OSError, TimeoutError) as exc:
+        sys.stderr.write(f"tgw keys: Redis unreachable ({type(exc).__name__}); check TGW_REDIS_URL\n")
+        return 1

@@ -1,0 +1,87 @@
+"""Building the auth stage for a process (the FastAPI lifespan / ``build_gateway``), and the start-up
+check that the models accept the priorities the tiers send."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from app.auth.stage import AuthStage
+from app.clients.redis import AutoPipeline, make_redis
+from app.lifecycle import redact_url
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def build_auth(settings: Settings) -> AuthStage:
+    """The auth stage for the request pipeline (``Pipeline(admission=...)``); its Redis client connects
+    lazily, on the first request's loop."""
+    if settings.auth != "required":
+        logger.warning(
+            "authentication is OFF (TGW_AUTH=off): anyone who can reach %s:%d may use every model; "
+            "set TGW_AUTH=required for anything but local development", settings.host, settings.port,
+        )  # fmt: skip
+        return AuthStage(settings)
+    redis = make_redis(settings.auth_redis_address, settings.auth_redis_timeout_s, settings.redis_cluster)
+    submit = None
+    if not settings.redis_cluster:
+        auto = AutoPipeline(redis, settings.auth_redis_timeout_s)
+        submit = auto.submit
+    stage = AuthStage(settings, redis, submit)
+    logger.info("authentication required: API keys in %s, verified keys trusted %g s in process",
+                redact_url(settings.auth_redis_address), settings.auth_key_cache_s)  # fmt: skip
+    return stage
+
+
+async def stop_auth(stage: AuthStage) -> None:
+    await stage.close()
+    if stage.redis is not None:
+        await stage.redis.aclose()
+
+
+def check_priorities(stage: AuthStage, configs: dict[str, dict[str, Any]]) -> list[str]:
+    """Problems with the priorities the tiers send, per model (Triton's JSON model config): a model
+    without ``priority_levels`` ignores them; a priority above its levels is refused by Triton; an
+    ensemble does not pass the priority to its steps. Returns the warnings (also logged)."""
+    wanted = max(t.priority for t in stage.tiers.values())
+    problems: list[str] = []
+    for name, cfg in sorted(configs.items()):
+        if cfg.get("platform") == "ensemble":
+            problems.append(
+                f"model {name} is an ensemble: Triton does not pass the request priority to "
+                "its steps; give the steps priority_levels and a default_priority_level"
+            )
+            continue  # fmt: skip
+        batching = cfg.get("dynamic_batching") or cfg.get("sequence_batching")
+        levels = int((batching or {}).get("priority_levels", 0) or 0)
+        if levels == 0:
+            problems.append(f"model {name} has no priority_levels: the tiers' priorities are ignored")
+        elif levels < wanted:
+            problems.append(f"model {name} has priority_levels {levels} but a tier sends priority "
+                            f"{wanted}: Triton refuses such requests")  # fmt: skip
+    for line in problems:
+        logger.warning("%s", line)
+    return problems
+
+
+def check_model_priorities(stage: AuthStage, triton: Any) -> asyncio.Task[list[str]]:
+    """At start, in the background (never delays readiness): read every ready model's config from
+    Triton and log what ``check_priorities`` finds. Only with TGW_AUTH=required (tiers in use)."""
+
+    async def run() -> list[str]:
+        if not stage.enabled:
+            return []
+        try:
+            index = await triton.repository_index()
+            configs = {}
+            for entry in index:
+                if entry.get("state") == "READY" and entry.get("name") not in configs:
+                    configs[entry["name"]] = await triton.model_config(entry["name"])
+        except Exception as exc:
+            logger.warning("could not check the models' priority levels: %s", exc)
+            return []
+        return check_priorities(stage, configs)
+
+    return asyncio.ensure_future(run())

@@ -1,0 +1,431 @@
+"""Inference over many Tritons (``TGW_TRITON_URLS``): one connection pool per endpoint, a per-endpoint
+repository index, power-of-two-choices on outstanding calls, passive ejection and active probes
+(``app.clients.endpoints``), and retries that never duplicate work.
+
+Retry rule: a call is retried once, on another endpoint that serves the model, only when it failed before
+Triton accepted it: nothing listening (connection refused), a connection reset before any byte of the
+answer, or UNAVAILABLE. A timeout or an answer (even an error) is never retried. A retry budget (about
+20 % of calls) keeps a failing pool from doubling its load, and the retry gets what is left of the
+deadline. Sequence requests (``sequence_id``) stick to the endpoint that saw their first request and are
+never retried elsewhere (the sequence's state lives in that Triton).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from prometheus_client import Counter, Gauge
+
+from app.clients.endpoints import Balancer, EndpointAddress, RetryBudget, State, Target, resolve
+from app.clients.protocols import InferenceTransport, TritonCall, TritonResult
+from app.clients.triton import TritonGrpcClient
+from app.clients.triton_http import TritonHttpInfer, UpstreamBroken
+from app.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ENDPOINT_STATE = Gauge(
+    "tgw_triton_endpoint_state", "1 for the state each Triton endpoint is in (healthy, slow_start, ejected)",
+    ["endpoint", "state"], multiprocess_mode="livemax",
+)  # fmt: skip
+ENDPOINT_OUTSTANDING = Gauge(
+    "tgw_triton_endpoint_outstanding", "Inference calls in flight per Triton endpoint", ["endpoint"],
+    multiprocess_mode="livesum",
+)  # fmt: skip
+ENDPOINT_CALLS = Counter(
+    "tgw_triton_endpoint_calls", "Inference calls per Triton endpoint (ok, error, failure, retried)",
+    ["endpoint", "outcome"],
+)  # fmt: skip
+ENDPOINT_EJECTIONS = Counter("tgw_triton_endpoint_ejections", "Ejections per Triton endpoint", ["endpoint"])
+
+_CONNECT_MARKERS = (
+    "cannot connect", "failed to connect", "connection refused", "connections to all backends",
+)  # fmt: skip
+
+
+def _connect_failure(exc: GatewayError) -> bool:
+    return any(marker in exc.message.lower() for marker in _CONNECT_MARKERS)
+
+
+@dataclass
+class Endpoint:
+    """One Triton: its admin client (gRPC), the client inference uses (HTTP pool or the same gRPC) and
+    the models and versions it serves (from its own repository index)."""
+
+    address: EndpointAddress
+    admin: TritonGrpcClient  # TritonAdmin
+    transport: InferenceTransport  # its HTTP pool, or the admin's gRPC channels
+    index: list[dict[str, Any]] = field(default_factory=list)
+    ready: dict[str, set[str]] = field(default_factory=dict)  # model -> READY versions
+    index_at: float = float("-inf")
+
+    @property
+    def name(self) -> str:
+        return self.address.name
+
+    def set_index(self, index: list[dict[str, Any]]) -> None:
+        self.index = index
+        ready: dict[str, set[str]] = {}
+        for entry in index:
+            if entry.get("state") == "READY":
+                ready.setdefault(str(entry.get("name", "")), set()).add(str(entry.get("version", "")))
+        self.ready = ready
+        self.index_at = time.monotonic()
+
+    def serves(self, model: str, version: str) -> bool:
+        versions = self.ready.get(model)
+        return versions is not None and (not version or version in versions)
+
+
+@dataclass
+class RoutingOptions:
+    probe_interval_s: float = 1.0
+    probe_timeout_s: float = 1.0
+    resolve_interval_s: float = 10.0
+    index_ttl_s: float = 5.0
+    eject_after: int = 3
+    eject_base_s: float = 1.0
+    eject_max_s: float = 30.0
+    slow_start_s: float = 5.0
+    retry_ratio: float = 0.2
+    retry_after_s: int = 2
+    channels: int = 1
+    grpc_args: list[tuple[str, int]] | None = None
+    max_sequences: int = 100_000
+
+
+EndpointFactory = Callable[[EndpointAddress], Endpoint]
+
+
+class RoutedTriton:
+    """``TritonAdmin`` and ``InferenceTransport`` over every endpoint of ``targets``. ``start()`` resolves
+    them, reads each one's repository index and runs the probe loop; ``close()`` stops it, closes every
+    pool."""
+
+    def __init__(
+        self, targets: Sequence[Target], options: RoutingOptions | None = None,
+        factory: EndpointFactory | None = None, lookup: Callable[[str], list[str]] | None = None,
+    ) -> None:  # fmt: skip
+        self.targets = list(targets)
+        self.options = options or RoutingOptions()
+        self._factory = factory or self._make_endpoint
+        self._lookup = lookup
+        self.endpoints: dict[str, Endpoint] = {}
+        opts = self.options
+        self.balancer = Balancer(opts.eject_after, opts.eject_base_s, opts.eject_max_s, opts.slow_start_s)
+        self.budget = RetryBudget(opts.retry_ratio)
+        self._sequences: OrderedDict[Any, str] = OrderedDict()
+        self._task: asyncio.Task[None] | None = None
+        self._resolved_at = float("-inf")
+        self.retries = 0
+
+    # --- life ---
+    def _make_endpoint(self, address: EndpointAddress) -> Endpoint:
+        opts = self.options
+        admin = TritonGrpcClient(address.grpc, channels=opts.channels, retries=0,
+                                 retry_after_s=opts.retry_after_s, args=opts.grpc_args)  # fmt: skip
+        transport: InferenceTransport = admin
+        if address.http:
+            transport = TritonHttpInfer(address.http, retries=0, retry_after_s=opts.retry_after_s)
+        return Endpoint(address, admin, transport)
+
+    async def _resolve(self) -> None:
+        try:
+            addresses = await asyncio.to_thread(resolve, self.targets, self._lookup)
+        except OSError as exc:
+            logger.warning(
+                "resolving Triton endpoints failed (%s); keeping %d known", exc, len(self.endpoints)
+            )
+            return
+        finally:
+            self._resolved_at = time.monotonic()
+        wanted = {a.name: a for a in addresses}
+        for name in set(self.endpoints) - set(wanted):
+            logger.info("Triton endpoint %s left the set", name)
+            gone = self.endpoints.pop(name)
+            await self._close_endpoint(gone)
+        for name, address in wanted.items():
+            if name not in self.endpoints:
+                logger.info("Triton endpoint %s joined the set", name)
+                self.endpoints[name] = self._factory(address)
+        self.balancer.set_names(self.endpoints)
+
+    @staticmethod
+    async def _close_endpoint(endpoint: Endpoint) -> None:
+        with contextlib.suppress(Exception):
+            if endpoint.transport is not endpoint.admin:
+                await endpoint.transport.close()
+            await endpoint.admin.close()
+
+    async def start(self) -> None:
+        await self._resolve()
+        await asyncio.gather(*(self._refresh_index(e) for e in list(self.endpoints.values())))
+        self._task = asyncio.create_task(self._loop(), name="triton-endpoint-probes")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for endpoint in list(self.endpoints.values()):
+            await self._close_endpoint(endpoint)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.probe_interval_s)
+            try:
+                await self.probe_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("Triton endpoint probe round failed")
+
+    async def probe_once(self) -> None:
+        """One round: DNS when due, a readiness probe per endpoint, stale indexes re-read, metrics set."""
+        if any(t.dns_host for t in self.targets) and (
+            time.monotonic() - self._resolved_at >= self.options.resolve_interval_s
+        ):
+            await self._resolve()
+        await asyncio.gather(*(self._probe(e) for e in list(self.endpoints.values())))
+        self._export()
+
+    async def _probe(self, endpoint: Endpoint) -> None:
+        name = endpoint.name
+        if name not in self.balancer.endpoints:
+            return
+        health = self.balancer.endpoints[name]
+        if health.state is State.EJECTED and not self.balancer.due_for_probe(name):
+            return
+        try:
+            async with asyncio.timeout(self.options.probe_timeout_s):
+                ready = bool(await endpoint.admin.server_ready())
+                if ready and endpoint.transport is not endpoint.admin:
+                    ready = bool(await endpoint.transport.live())
+        except (TimeoutError, GatewayError, OSError):
+            ready = False
+        was = health.state
+        if ready and (
+            was is State.EJECTED or time.monotonic() - endpoint.index_at >= self.options.index_ttl_s
+        ):
+            await self._refresh_index(endpoint)
+        self.balancer.probe(name, ready)
+        if health.state is not was:
+            logger.warning("Triton endpoint %s: %s -> %s", name, was.value, health.state.value)
+            if health.state is State.EJECTED:
+                ENDPOINT_EJECTIONS.labels(name).inc()
+
+    async def _refresh_index(self, endpoint: Endpoint) -> bool:
+        try:
+            async with asyncio.timeout(max(self.options.probe_timeout_s, 2.0)):
+                endpoint.set_index(list(await endpoint.admin.repository_index()))
+        except (TimeoutError, GatewayError, OSError) as exc:
+            logger.info("Triton endpoint %s: repository index not read (%s)", endpoint.name, exc)
+            return False
+        return True
+
+    def _export(self) -> None:
+        for name, snap in self.balancer.snapshot().items():
+            for state in State:
+                ENDPOINT_STATE.labels(name, state.value).set(1 if snap["state"] == state.value else 0)
+            ENDPOINT_OUTSTANDING.labels(name).set(float(snap["outstanding"]))  # type: ignore[arg-type]
+
+    def endpoint_states(self) -> dict[str, dict[str, object]]:
+        """Per endpoint: state, outstanding calls, failures, models served (for /readyz)."""
+        out = self.balancer.snapshot()
+        for name, snap in out.items():
+            endpoint = self.endpoints.get(name)
+            if endpoint is not None:
+                snap["http"] = endpoint.address.http
+                snap["models"] = sorted(endpoint.ready)
+        return out
+
+    # --- routing ---
+    def _candidates(self, model: str, version: str) -> list[str]:
+        serving = [n for n, e in self.endpoints.items() if e.serves(model, version)]
+        if serving:
+            return serving
+        unknown = [n for n, e in self.endpoints.items() if e.index_at == float("-inf")]
+        return unknown or list(self.endpoints)  # no index says: let Triton answer (404 from Triton)
+
+    async def _on(self, name: str, fn: Callable[[Endpoint], Awaitable[T]]) -> T:
+        endpoint = self.endpoints[name]
+        self.balancer.start(name)
+        try:
+            result = await fn(endpoint)
+        except UpstreamUnavailable as exc:
+            if self.balancer.failure(name, connect=_connect_failure(exc)):
+                ENDPOINT_EJECTIONS.labels(name).inc()
+                logger.warning("Triton endpoint %s ejected: %s", name, exc.message)
+            ENDPOINT_CALLS.labels(name, "failure").inc()
+            raise
+        except UpstreamTimeout:
+            if self.balancer.failure(name):
+                ENDPOINT_EJECTIONS.labels(name).inc()
+                logger.warning("Triton endpoint %s ejected after consecutive timeouts", name)
+            ENDPOINT_CALLS.labels(name, "failure").inc()
+            raise
+        except GatewayError:
+            self.balancer.success(name)  # Triton answered (a model error is not an endpoint failure)
+            ENDPOINT_CALLS.labels(name, "error").inc()
+            raise
+        finally:
+            self.balancer.finish(name)
+        self.balancer.success(name)
+        ENDPOINT_CALLS.labels(name, "ok").inc()
+        return result
+
+    async def infer(self, call: TritonCall) -> TritonResult:
+        """``InferenceTransport.infer`` over the endpoints serving ``call.model``; each attempt carries what
+        is left of the deadline as Triton's own ``timeout`` too (unless the client asked for less)."""
+        if not self.endpoints:
+            raise UpstreamUnavailable("no Triton endpoint is known", retry_after_s=self.options.retry_after_s)
+        candidates = self._candidates(call.model, call.version)
+        if call.sequenced:  # its state lives in one Triton: always there, never elsewhere
+            name = self._sequences.get(call.sequence_id)
+            if name is None or name not in self.endpoints:
+                name = self.balancer.pick(candidates)
+                assert name is not None
+                self._sequences[call.sequence_id] = name
+                while len(self._sequences) > self.options.max_sequences:
+                    self._sequences.popitem(last=False)
+            else:
+                self._sequences.move_to_end(call.sequence_id)
+            if call.sequence_end:
+                self._sequences.pop(call.sequence_id, None)
+            return await self._on(name, lambda e: e.transport.infer(_with_timeout(call)))
+        self.budget.request()
+        first = self.balancer.pick(candidates)
+        assert first is not None
+        try:
+            return await self._on(first, lambda e: e.transport.infer(_with_timeout(call)))
+        except UpstreamUnavailable as exc:
+            second = self.balancer.pick(candidates, exclude=(first,))
+            accepted = isinstance(exc, UpstreamBroken)  # Triton had it: never twice
+            late = bool(call.deadline) and call.deadline - time.monotonic() <= 0.001
+            if accepted or second is None or late or not self.budget.try_spend():
+                raise
+        self.retries += 1
+        ENDPOINT_CALLS.labels(first, "retried").inc()
+        return await self._on(second, lambda e: e.transport.infer(_with_timeout(call)))
+
+    async def live(self) -> bool:
+        """Some endpoint in rotation answers on the transport inference uses."""
+        live = await asyncio.gather(
+            *(e.transport.live() for n, e in self.endpoints.items() if self.balancer.in_rotation(n)),
+            return_exceptions=True,
+        )
+        return any(x is True for x in live)
+
+    # --- TritonAdmin ---
+    async def _any(self, fn: Callable[[Endpoint], Awaitable[T]], names: Sequence[str] | None = None) -> T:
+        """An admin call on the first endpoint in rotation that answers (in rotation first)."""
+        order = list(names if names is not None else self.endpoints)
+        order.sort(key=lambda n: not self.balancer.in_rotation(n))
+        error: GatewayError = UpstreamUnavailable(
+            "no Triton endpoint answered", retry_after_s=self.options.retry_after_s
+        )
+        for name in order:
+            try:
+                return await fn(self.endpoints[name])
+            except UpstreamUnavailable as exc:
+                error = exc
+        raise error
+
+    async def server_live(self) -> bool:
+        live = await asyncio.gather(
+            *(e.admin.server_live() for n, e in self.endpoints.items() if self.balancer.in_rotation(n))
+        )
+        return any(live)
+
+    async def server_ready(self) -> bool:
+        ready = await asyncio.gather(
+            *(e.admin.server_ready() for n, e in self.endpoints.items() if self.balancer.in_rotation(n))
+        )
+        return any(ready)
+
+    async def server_metadata(self) -> dict[str, Any]:
+        return await self._any(lambda e: e.admin.server_metadata())
+
+    async def repository_index(self) -> list[dict[str, Any]]:
+        """Every endpoint's index merged: a version is READY when it is READY on any endpoint in rotation."""
+        stale = [
+            e for n, e in self.endpoints.items()
+            if self.balancer.in_rotation(n) and time.monotonic() - e.index_at >= self.options.index_ttl_s
+        ]  # fmt: skip
+        if stale:
+            await asyncio.gather(*(self._refresh_index(e) for e in stale))
+        merged: dict[tuple[str, str], dict[str, Any]] = {}
+        for name, endpoint in self.endpoints.items():
+            in_rotation = self.balancer.in_rotation(name)
+            for entry in endpoint.index:
+                key = (str(entry.get("name", "")), str(entry.get("version", "")))
+                ready = entry.get("state") == "READY" and in_rotation
+                known = merged.get(key)
+                if known is None or (ready and known.get("state") != "READY"):
+                    merged[key] = dict(entry) if ready or entry.get("state") != "READY" else {
+                        **entry, "state": "UNAVAILABLE", "reason": "its Triton endpoints are out of rotation"
+                    }  # fmt: skip
+        return [merged[k] for k in sorted(merged)]
+
+    def _serving(self, model: str, version: str) -> list[str]:
+        serving = [n for n, e in self.endpoints.items() if e.serves(model, version)]
+        return serving or list(self.endpoints)
+
+    async def model_metadata(self, model: str, version: str = "") -> dict[str, Any]:
+        return await self._any(
+            lambda e: e.admin.model_metadata(model, version), self._serving(model, version)
+        )
+
+    async def model_config(self, model: str, version: str = "") -> dict[str, Any]:
+        return await self._any(lambda e: e.admin.model_config(model, version), self._serving(model, version))
+
+    async def model_statistics(self, model: str = "", version: str = "") -> dict[str, Any]:
+        """Every endpoint's statistics, ``model_stats`` concatenated (each entry names its endpoint)."""
+        stats: list[dict[str, Any]] = []
+        for name in list(self.endpoints):
+            if not self.balancer.in_rotation(name):
+                continue
+            try:
+                out = await self.endpoints[name].admin.model_statistics(model, version)
+            except UpstreamUnavailable:
+                continue
+            stats += [{**entry, "endpoint": name} for entry in out.get("model_stats", [])]
+        return {"model_stats": stats}
+
+
+def _with_timeout(call: TritonCall) -> TritonCall:
+    """The call with Triton's ``timeout`` set to what is left of its deadline (Triton drops it from its
+    queue past that), unless the client asked for less."""
+    if not call.deadline:
+        return call
+    left_us = int(call.remaining_s() * 1_000_000)
+    if call.timeout_us and call.timeout_us <= left_us:
+        return call
+    return replace(call, timeout_us=left_us)
+
+
+def routing_options(settings: Any) -> RoutingOptions:
+    """``RoutingOptions`` from ``Settings`` (the ``triton_*`` routing fields)."""
+    from app.clients.triton import settings_channel_args
+
+    return RoutingOptions(
+        probe_interval_s=settings.triton_probe_interval_s,
+        resolve_interval_s=settings.triton_resolve_interval_s,
+        index_ttl_s=max(settings.metadata_ttl_s, 1.0),
+        eject_after=settings.triton_eject_after,
+        eject_base_s=settings.triton_eject_base_s,
+        slow_start_s=settings.triton_slow_start_s,
+        retry_ratio=settings.triton_retry_budget,
+        retry_after_s=settings.retry_after_s,
+        channels=settings.triton_channels,
+        grpc_args=settings_channel_args(settings),
+    )

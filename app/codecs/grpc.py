@@ -1,0 +1,145 @@
+"""KServe v2 over gRPC (``inference.ModelInferRequest`` / ``ModelInferResponse``): the twin of the HTTP
+codecs. ``decode`` gives the same ``InferRequest`` the /v2 JSON and binary bodies give (same validation
+against the model's metadata, same cache key), ``encode`` answers with ``raw_output_contents`` as
+Triton does.
+
+Inputs come either all in ``raw_input_contents`` (one blob per input, in order; what ``tritonclient.grpc``
+sends) or each in its typed ``contents`` field. Request parameters become plain values; the ones Triton
+itself interprets (``sequence_*``, ``priority``, ``timeout``) become the ``InferRequest``'s own fields,
+passed to Triton in the ``TritonCall`` and never part of the cache key (a sequence request is never
+cached, shared or micro-batched).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tritonclient.grpc import service_pb2
+
+from app.clients.tensors import tensor_bytes
+from app.codecs.common import CallOptions, call_options
+from app.errors import InvalidInput
+from app.services.inference import InferRequest, InferResponse
+from app.services.registry import ModelInfo
+from app.services.validation import NUMPY_DTYPES, validate_outputs, validate_parameters, validate_v2_inputs
+
+# Triton datatype -> the typed field of InferTensorContents that carries it (FP16/BF16: raw only).
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+@dataclass(slots=True)
+class GrpcRequest:
+    request: InferRequest
+    id: str
+    options: CallOptions
+
+
+def parameter_value(param: service_pb2.InferParameter) -> Any:
+    which = param.WhichOneof("parameter_choice")
+    return getattr(param, which) if which else None
+
+
+def set_parameter(param: service_pb2.InferParameter, value: Any) -> None:
+    if isinstance(value, bool):
+        param.bool_param = value
+    elif isinstance(value, int):
+        param.int64_param = value
+    elif isinstance(value, float):
+        param.double_param = value
+    else:
+        param.string_param = str(value)
+
+
+def plain_parameters(params: Mapping[str, service_pb2.InferParameter]) -> dict[str, Any]:
+    return {key: parameter_value(value) for key, value in params.items()}
+
+
+def _typed_blob(field: str, tensor: service_pb2.ModelInferRequest.InferInputTensor) -> bytes:
+    """Typed ``contents`` -> the tensor's raw bytes (then validated exactly as a binary input is)."""
+    datatype = tensor.datatype
+    which = CONTENTS_FIELD.get(datatype)
+    if which is None:
+        raise InvalidInput(f"{field}.contents: {datatype} data must be sent in raw_input_contents",
+                           {"field": f"{field}.contents"})  # fmt: skip
+    values = list(getattr(tensor.contents, which))
+    if datatype == "BYTES":
+        return tensor_bytes(np.array(values, dtype=np.object_))
+    dtype = NUMPY_DTYPES[datatype]
+    if dtype.kind in "iu" and values:
+        limits = np.iinfo(dtype)
+        if min(values) < limits.min or max(values) > limits.max:
+            raise InvalidInput(
+                f"{field}.contents: value out of range for {datatype} ({limits.min}..{limits.max})",
+                {"field": f"{field}.contents"},
+            )
+    return np.asarray(values, dtype=dtype).tobytes()
+
+
+def decode(info: ModelInfo, req: service_pb2.ModelInferRequest) -> GrpcRequest:
+    """A ``ModelInferRequest`` for the model version ``info`` -> the validated ``InferRequest``."""
+    raw = req.raw_input_contents
+    if raw and len(raw) != len(req.inputs):
+        raise InvalidInput(
+            f"raw_input_contents: {len(raw)} entries for {len(req.inputs)} inputs; expected one per input",
+            {"field": "raw_input_contents"},
+        )
+    tensors: list[dict[str, Any]] = []
+    binary: dict[str, bytes] = {}
+    for i, tensor in enumerate(req.inputs):
+        field = f"inputs.{tensor.name}"
+        tensors.append({"name": tensor.name, "shape": list(tensor.shape), "datatype": tensor.datatype})
+        if tensor.name in info.inputs and tensor.datatype == info.inputs[tensor.name].datatype:
+            binary[tensor.name] = raw[i] if raw else _typed_blob(field, tensor)
+    params = plain_parameters(req.parameters)
+    params.pop("binary_data_output", None)  # an HTTP notion; gRPC outputs are always raw
+    options = call_options(params)
+    outputs = validate_outputs(info, [o.name for o in req.outputs]) if req.outputs else None
+    request = InferRequest(
+        info=info,
+        inputs=validate_v2_inputs(info, tensors, binary),
+        outputs=outputs,
+        parameters=validate_parameters(params),
+        priority=options.priority,
+        timeout_us=options.timeout_us,
+        sequence_id=options.sequence_id,
+        sequence_start=options.sequence_start,
+        sequence_end=options.sequence_end,
+    )
+    return GrpcRequest(request, req.id, options)
+
+
+def encode(response: InferResponse, request_id: str = "") -> service_pb2.ModelInferResponse:
+    """The answer as Triton gives it over gRPC: tensor metadata in ``outputs``, data in
+    ``raw_output_contents`` (same order)."""
+    result = response.result
+    reply = service_pb2.ModelInferResponse(
+        model_name=response.model, model_version=result.model_version, id=request_id
+    )
+    blobs: list[bytes] = []
+    for name, arr in result.outputs.items():
+        reply.outputs.add(name=name, datatype=result.datatypes[name], shape=arr.shape)
+        blobs.append(tensor_bytes(arr))
+    reply.raw_output_contents.extend(blobs)
+    return reply
+
+
+def error_response(message: str, request_id: str = "") -> service_pb2.ModelStreamInferResponse:
+    return service_pb2.ModelStreamInferResponse(
+        error_message=message, infer_response=service_pb2.ModelInferResponse(id=request_id)
+    )

@@ -1,0 +1,1 @@
+"""Front doors other than the FastAPI app (which serves HTTP): the gRPC server."""
