@@ -72,13 +72,15 @@ async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) 
         transport = TritonHttpInfer(
             settings.triton_http_url, retries=settings.triton_retries, retry_after_s=settings.retry_after_s
         )
-    # Large inputs through shared memory (TGW_TRITON_SHM, app.clients.triton_shm), the rest as above.
+    # Large inputs and outputs through shared memory (TGW_TRITON_SHM, app.clients.triton_shm), the rest
+    # as above.
     shm: SharedMemoryTransport | None = None
     base: InferenceTransport = transport
-    if settings.triton_shm == "system":
+    if settings.triton_shm != "off":
         shm = SharedMemoryTransport(
             transport, settings.triton_grpc_address, settings.shm_min_bytes, settings.shm_regions,
-            settings.shm_region_bytes, retry_after_s=settings.retry_after_s,
+            settings.shm_region_bytes, retry_after_s=settings.retry_after_s, kind=settings.triton_shm,
+            cuda_device=settings.shm_cuda_device,
         )  # fmt: skip
         base = shm
     infer_transport: InferenceTransport = (

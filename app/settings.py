@@ -288,17 +288,21 @@ class Settings(BaseSettings):
         64 * 1024 * 1024, ge=1024, description="largest gRPC message received or sent (RESOURCE_EXHAUSTED)"
     )
     # --- Shared memory with Triton (issue 14) -------------------------------------------------
-    triton_shm: Literal["off", "system"] = Field(
+    triton_shm: Literal["off", "system", "cuda"] = Field(
         "off",
-        description="system = inputs of at least TGW_SHM_MIN_BYTES go to Triton through POSIX shared memory "
-        "(same host only; outputs still over the socket); cuda is not implemented",
+        description="system = inputs and outputs of at least TGW_SHM_MIN_BYTES (together) travel between "
+        "gateway and Triton through POSIX shared memory, cuda = through CUDA IPC device memory "
+        "(cuda-bindings and a visible GPU, else system); same host only",
     )
     shm_min_bytes: int = Field(
-        256 * 1024, ge=1024, description="a call's inputs this large (together) travel through shared memory"
+        256 * 1024, ge=1024, description="a call's tensors this large (together) travel through shared memory"
     )
     shm_regions: int = Field(8, ge=1, le=256, description="shared-memory regions per gateway process")
     shm_region_bytes: int = Field(
         4 * 1024 * 1024, ge=4096, description="size of each region: a larger call goes through the socket"
+    )
+    shm_cuda_device: int = Field(
+        0, ge=0, description="GPU of the CUDA shared-memory regions (TGW_TRITON_SHM=cuda)"
     )
     log_format: Literal["json", "text"] = Field("json", description="json (one object per line) or text")
     metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus)")

@@ -1,9 +1,11 @@
-"""Shared memory vs the socket for a large input (scripts/gpu/run.sh runs it; also runs on CPU).
+"""Shared memory vs the socket, large input and output (scripts/gpu/run.sh runs it; also runs on CPU).
 
-Starts Triton with ``tests/models/image_fp32`` (FP32 ``[3, 224, 224]`` in, 602,112 bytes a row; 3 values
-out) and times one Triton call per transport — the gateway's HTTP client, gRPC, and
-``TGW_TRITON_SHM=system`` (``app.clients.triton_shm``) — for batches of 1 and 8 rows, one call at a time
-(c=1) and 8 at once (c=8): calls/s and p50. Prints a markdown table.
+Starts Triton with ``tests/models/image_fp32`` (FP32 ``[3, 224, 224]`` in, 602,112 bytes a row; out its
+3-value mean and its negation, 602,112 bytes a row) and times one Triton call per transport — the
+gateway's HTTP client, gRPC, ``TGW_TRITON_SHM=system`` and, where cuda-bindings and a GPU are there,
+``TGW_TRITON_SHM=cuda`` (``app.clients.triton_shm``) — for batches of 1 and 8 rows, one call at a time
+(c=1) and 8 at once (c=8): calls/s and p50. Every transport's answer is checked first; the shared-memory
+pools are checked registered with Triton while they run and gone from it after. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ async def level(t: InferenceTransport, image: np.ndarray, conc: int, seconds: fl
             result = await t.infer(call)
             lat.append(time.perf_counter() - t0)
             assert result.outputs["MEAN"].shape == (len(image), 3)
+            assert result.outputs["NEG"].shape == image.shape
 
     t0 = time.monotonic()
     await asyncio.gather(*(loop() for _ in range(conc)))
@@ -49,26 +52,48 @@ async def level(t: InferenceTransport, image: np.ndarray, conc: int, seconds: fl
 async def run(server: EmbeddedTriton, seconds: float) -> None:
     grpc = TritonGrpcClient(server.grpc_url)
     http = TritonHttpInfer(server.http_url)
-    shm = SharedMemoryTransport(http, server.grpc_url, 64 * 1024, 8, 8 * 602112 + 4096)
-    await shm.start()
-    transports: dict[str, InferenceTransport] = {"HTTP (gateway client)": http, "gRPC": grpc,
-                                                 "system shared memory": shm}  # fmt: skip
-    print("| transport | rows | c | calls/s | p50 ms | MB/s in |")
+    region = 2 * 8 * 602112 + 4096  # 8 rows in and out
+    shms = {kind: SharedMemoryTransport(http, server.grpc_url, 64 * 1024, 8, region, kind=kind)
+            for kind in ("system", "cuda")}  # fmt: skip
+    transports: dict[str, InferenceTransport] = {"HTTP (gateway client)": http, "gRPC": grpc}
+    for kind, t in shms.items():
+        await t.start()
+        if t.kind == kind:  # cuda falls back to system where it cannot work: not measured twice
+            transports[f"{kind} shared memory"] = t
+            print(f"{kind}: registered with Triton: {sorted(await t.regions.status(t._client))}")
+        else:
+            print(f"{kind}: not available here (see the warning above)")
+    print("| transport | rows | c | calls/s | p50 ms | MB/s in+out |")
     print("|---|---:|---:|---:|---:|---:|")
     try:
         for rows in (1, 8):
             image = np.random.default_rng(rows).normal(size=(rows, 3, 224, 224)).astype(np.float32)
+            for name, t in transports.items():  # right answers first
+                call = TritonCall(
+                    MODEL, "", {"IMAGE": image}, {"IMAGE": "FP32"}, deadline=time.monotonic() + 30
+                )
+                got = (await t.infer(call)).outputs
+                np.testing.assert_array_equal(got["NEG"], -image, err_msg=name)
+                mean = image.reshape(rows, 3, -1).mean(axis=2)
+                np.testing.assert_allclose(got["MEAN"], mean, rtol=1e-4, atol=1e-5, err_msg=name)
             for conc in (1, 8):
                 for name, t in transports.items():
                     await level(t, image, conc, 0.5)  # warm-up
                     rps, p50 = await level(t, image, conc, seconds)
                     print(
                         f"| {name} | {rows} | {conc} | {rps:,.0f} | {p50:.2f} "
-                        f"| {rps * image.nbytes / 1e6:,.0f} |"
+                        f"| {rps * 2 * image.nbytes / 1e6:,.0f} |"
                     )
-        print(f"shared-memory calls: {shm.calls}")
+        for t in shms.values():
+            print(f"{t.kind} shared memory: {t.calls} calls, {t.output_calls} with outputs through it")
     finally:
-        await shm.close()
+        for t in shms.values():
+            client = t._client
+            await t.close()
+            t._client = type(client)(server.grpc_url)
+            left = await t.regions.status(t._client) & set(t.names)
+            print(f"{t.kind}: regions still registered after close: {sorted(left) or 'none'}")
+            await t._client.close()
         await http.close()
         await grpc.close()
 

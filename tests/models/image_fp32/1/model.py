@@ -1,7 +1,7 @@
-"""MEAN = per-channel mean of IMAGE, per request (the dynamic batcher may hand several at once).
+"""MEAN = per-channel mean of IMAGE, NEG = -IMAGE, per request (the dynamic batcher may hand several at once).
 
 The input is read by DLPack. Where numpy 2 is installed (the GPU machine) the stub's numpy path rejects
-outputs, so MEAN is handed over by DLPack through torch there; with numpy 1 as a plain numpy tensor."""
+outputs, so outputs are handed over by DLPack through torch there; with numpy 1 as a plain numpy tensor."""
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -37,5 +37,6 @@ class TritonPythonModel:
         for request in requests:
             image = np.from_dlpack(_DLPack(pb_utils.get_input_tensor_by_name(request, "IMAGE")))
             mean = np.ascontiguousarray(image.reshape(image.shape[0], 3, -1).mean(axis=2), dtype=np.float32)
-            out.append(pb_utils.InferenceResponse([_output("MEAN", mean)]))
+            neg = np.negative(image, dtype=np.float32)
+            out.append(pb_utils.InferenceResponse([_output("MEAN", mean), _output("NEG", neg)]))
         return out
