@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +50,37 @@ async def level(t: InferenceTransport, image: np.ndarray, conc: int, seconds: fl
     return len(lat) / (time.monotonic() - t0), 1000 * statistics.median(lat)
 
 
+CRASH = """
+import asyncio, os, sys
+from app.clients.triton_shm import SharedMemoryTransport
+async def main():
+    t = SharedMemoryTransport(None, sys.argv[1], 1024, 2, 1 << 20, kind=sys.argv[2])
+    await t.start()
+    print(t.kind, *t.names, flush=True)
+    os._exit(0)  # as a crash: no close
+asyncio.run(main())
+"""
+
+
+async def crash_check(server: EmbeddedTriton, kind: str) -> None:
+    """A gateway killed without closing leaves registered regions; the next one to start removes them."""
+    argv = [sys.executable, "-c", CRASH, server.grpc_url, kind]
+    done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=99, cwd=ROOT)
+    out = done.stdout.split()
+    if done.returncode or not out:
+        print(f"crash check {kind}: the child failed: {done.stderr[-2000:]}")
+        return
+    got, dead = out[0], set(out[1:])
+    t = SharedMemoryTransport(None, server.grpc_url, 1024, 1, 1 << 20, kind=kind)  # type: ignore[arg-type]
+    before = await t.regions.status(t._client) & dead
+    await t.start()
+    after = await t.regions.status(t._client) & dead
+    files = [n for n in dead if (Path("/dev/shm") / n).exists()]
+    print(f"crash check {kind} -> {got}: dead gateway's regions registered before the next start: "
+          f"{len(before)}, after: {len(after)}; files left in /dev/shm: {len(files)}")  # fmt: skip
+    await t.close()
+
+
 async def run(server: EmbeddedTriton, seconds: float) -> None:
     grpc = TritonGrpcClient(server.grpc_url)
     http = TritonHttpInfer(server.http_url)
@@ -84,8 +116,8 @@ async def run(server: EmbeddedTriton, seconds: float) -> None:
                         f"| {name} | {rows} | {conc} | {rps:,.0f} | {p50:.2f} "
                         f"| {rps * 2 * image.nbytes / 1e6:,.0f} |"
                     )
-        for t in shms.values():
-            print(f"{t.kind} shared memory: {t.calls} calls, {t.output_calls} with outputs through it")
+        for kind, t in shms.items():
+            print(f"{kind} -> {t.kind}: {t.calls} calls through shared memory, {t.output_calls} with outputs")
     finally:
         for t in shms.values():
             client = t._client
@@ -96,6 +128,8 @@ async def run(server: EmbeddedTriton, seconds: float) -> None:
             await t._client.close()
         await http.close()
         await grpc.close()
+    for kind in ("system", "cuda"):
+        await crash_check(server, kind)
 
 
 def main() -> int:
