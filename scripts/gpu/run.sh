@@ -10,7 +10,8 @@
 #   5. py-spy profiles of the busiest gateway worker and the Triton Python stub under gateway misses at
 #      c=1 and c=64;
 #   6. summary.md + results.json (scripts/gpu/summarize.py: tables and the issue-14 targets);
-#   7. shared memory vs the socket for a [3,224,224] FP32 input (scripts/gpu/shm_bench.py -> shm.md).
+#   7. shared memory (system, CUDA) vs the socket for a [3,224,224] FP32 input and output
+#      (scripts/gpu/shm_bench.py -> shm.md).
 #
 #   scripts/gpu/prepare-bundle.sh          # where pip can download: wheels + Triton into .gpu/
 #   OUT=/tmp/gpu-out scripts/gpu/run.sh    # on the GPU machine (Python 3.12 with torch)
@@ -116,7 +117,7 @@ if [ "$PROFILE" = 1 ] && has profile; then
     --concurrency 1,64 --seconds 8 --out "$OUT"
 fi
 if has shm; then
-  step "shared memory vs the socket, image_fp32 [3,224,224] (scripts/gpu/shm_bench.py)"
+  step "shared memory (system, cuda) vs the socket, image_fp32 [3,224,224] in and out (scripts/gpu/shm_bench.py)"
   "$PY" scripts/gpu/shm_bench.py 3 | tee "$OUT/shm.md"
 fi
 rm -rf "$WORK"
