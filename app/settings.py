@@ -67,7 +67,10 @@ class Settings(BaseSettings):
         description="comma-separated model repositories for the embedded Triton",
     )
     triton_model_config_name: str = Field(
-        "cpu", description="embedded Triton loads configs/<name>.pbtxt where a model has one"
+        "auto",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="embedded Triton loads configs/<name>.pbtxt where a model has one; auto = `gpu` where "
+        "a GPU is visible (and PyTorch installed), else `cpu`",
     )
     metadata_ttl_s: float = Field(5.0, ge=0, description="how long model metadata is cached")
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503 answers")
@@ -283,6 +286,23 @@ class Settings(BaseSettings):
     )
     grpc_max_message_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="largest gRPC message received or sent (RESOURCE_EXHAUSTED)"
+    )
+    # --- Shared memory with Triton (issue 14) -------------------------------------------------
+    triton_shm: Literal["off", "system", "cuda"] = Field(
+        "off",
+        description="system = inputs and outputs of at least TGW_SHM_MIN_BYTES (together) travel between "
+        "gateway and Triton through POSIX shared memory, cuda = through CUDA IPC device memory "
+        "(cuda-bindings and a visible GPU, else system); same host only",
+    )
+    shm_min_bytes: int = Field(
+        256 * 1024, ge=1024, description="a call's tensors this large (together) travel through shared memory"
+    )
+    shm_regions: int = Field(8, ge=1, le=256, description="shared-memory regions per gateway process")
+    shm_region_bytes: int = Field(
+        4 * 1024 * 1024, ge=4096, description="size of each region: a larger call goes through the socket"
+    )
+    shm_cuda_device: int = Field(
+        0, ge=0, description="GPU of the CUDA shared-memory regions (TGW_TRITON_SHM=cuda)"
     )
     log_format: Literal["json", "text"] = Field("json", description="json (one object per line) or text")
     metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus)")

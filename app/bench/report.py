@@ -16,7 +16,8 @@ from app.bench.stats import LevelResult, ratio
 CSV_FIELDS = [
     "model", "target", "concurrency", "duration_s", "requests", "errors", "throughput_rps",
     "p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms", "generator_procs", "generator_cpu_cores",
-    "generator_cpu_max_pct", "server_cpu_cores", "cache", "error_samples",
+    "generator_cpu_max_pct", "server_cpu_cores", "cache", "error_samples", "triton_inferences",
+    "triton_executions", "triton_requests", "batch_formed",
 ]  # fmt: skip
 
 BASELINE = "triton-http"
@@ -81,8 +82,8 @@ def markdown(results: Sequence[LevelResult], meta: dict[str, Any] | None = None)
             f"### {model}",
             "",
             "| target | conc. | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | x triton-http "
-            "| gen CPU (cores) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| gen CPU (cores) | batch formed |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             base = _find(results, model, BASELINE, r.concurrency)
@@ -90,7 +91,7 @@ def markdown(results: Sequence[LevelResult], meta: dict[str, Any] | None = None)
             lines.append(
                 f"| {r.target} | {r.concurrency} | {r.throughput_rps:,.0f} | {_fmt(r.p50_ms)} | "
                 f"{_fmt(r.p90_ms)} | {_fmt(r.p99_ms)} | {_fmt(r.max_ms)} | {r.errors} | {rel} | "
-                f"{r.generator_cpu_cores:.2f} |"
+                f"{r.generator_cpu_cores:.2f} | {_fmt(r.batch_formed, 1)} |"
             )
         lines.append("")
     if meta and meta.get("targets_check"):

@@ -33,7 +33,7 @@ from app.bench.payloads import (
     make_targets,
 )
 from app.bench.stack import Stack, cpu_seconds, machine_info, rss_bytes, triton_version
-from app.bench.stats import LevelResult, merge, ratio
+from app.bench.stats import LevelResult, merge, ratio, triton_counts
 from app.launcher import LaunchError
 
 logger = logging.getLogger("app.bench")
@@ -57,6 +57,8 @@ class Options:
     soak_max_s: float
     wrk: bool
     quick: bool
+    model_config_name: str = "auto"
+    load_models: list[str] = field(default_factory=list)
     gateway_env: dict[str, str] = field(default_factory=dict)
     auth_levels: list[int] = field(default_factory=list)  # the auth phase's levels; empty: no auth phase
 
@@ -80,12 +82,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auth-concurrency", default=",".join(map(str, AUTH_LEVELS)),
                    help="levels of the auth phase (gateway restarted with TGW_AUTH=required: "
                    "gateway-miss-key, gateway-hit-key on the tiny model); empty: skip it")  # fmt: skip
+    p.add_argument("--model-config-name", default=os.environ.get("TGW_TRITON_MODEL_CONFIG_NAME", "auto"),
+                   help="Triton model configs to load: auto (gpu where a GPU is visible, else cpu), cpu, "
+                        "gpu, gpu_eager, gpu_nobatch, gpu_eager_nobatch")  # fmt: skip
+    p.add_argument("--load-models", default="",
+                   help="comma-separated: Triton serves only these (copied to a repository)")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="TGW_X=V",
                    help="gateway setting for this run (repeatable)")  # fmt: skip
 
 
 # The gateway as the benchmark runs it (each can be overridden with --set): the in-process L1 on.
 BENCH_GATEWAY_ENV = {"TGW_L1_CACHE_ENTRIES": "4096"}
+
+
+def _csv(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
 
 
 def options_from(args: argparse.Namespace) -> Options:
@@ -95,6 +106,7 @@ def options_from(args: argparse.Namespace) -> Options:
             out=args.out, models=["identity_fp32"], targets=["triton-http", "gateway-miss", "gateway-hit"],
             levels=list(QUICK_LEVELS), duration_s=1.0, warmup_s=0.3, generators=min(args.generators, 2),
             workers=1, soak_requests=0, soak_max_s=0, wrk=False, quick=True, gateway_env=env,
+            model_config_name=args.model_config_name, load_models=_csv(args.load_models),
         )  # fmt: skip
     return Options(
         out=args.out,
@@ -109,6 +121,8 @@ def options_from(args: argparse.Namespace) -> Options:
         soak_max_s=args.soak_max_s,
         wrk=not args.no_wrk,
         quick=False,
+        model_config_name=args.model_config_name,
+        load_models=_csv(args.load_models),
         gateway_env=env,
         auth_levels=[int(c) for c in args.auth_concurrency.split(",") if c],
     )
@@ -121,10 +135,15 @@ def say(msg: str) -> None:
 def _level(gen: Generator, stack: Stack, t: TargetSpec, c: int, o: Options) -> LevelResult:
     pids = stack.server_pids()
     before = {k: cpu_seconds(v) for k, v in pids.items()}
+    stats0 = triton_counts(stack.model_stats(t.model.name))
     t0 = time.monotonic()
     shards = gen.run(t, c, o.warmup_s, o.duration_s)
     wall = time.monotonic() - t0
+    stats1 = triton_counts(stack.model_stats(t.model.name))
     result = merge(t.model.name, t.name, c, o.duration_s, shards)
+    result.triton_inferences, result.triton_executions, result.triton_requests = (
+        b - a for a, b in zip(stats0, stats1, strict=True)
+    )
     result.server_cpu_cores = {k: round((cpu_seconds(v) - before[k]) / wall, 2) for k, v in pids.items()}
     return result
 
@@ -169,6 +188,12 @@ def _line(i: int, n: int, r: LevelResult) -> str:
         f"p50 {r.p50_ms:6.2f}  p99 {r.p99_ms:7.2f}  max {r.max_ms:7.1f} ms  err {r.errors}  "
         f"gen {r.generator_cpu_cores:.2f} cores (max {r.generator_cpu_max_pct:.0f}%)  cpu {srv}"
         + (f"  [{cache}]" if cache else "")
+        + (
+            f"  batch {r.batch_formed:.1f} ({r.triton_inferences:,} rows, {r.triton_requests:,} requests / "
+            f"{r.triton_executions:,} executions)"
+            if r.triton_executions
+            else ""
+        )
         + (f"\n      errors: {r.error_samples[0]}" if r.error_samples else "")
     )
 
@@ -286,7 +311,8 @@ def run(o: Options) -> int:
     say(f"tgw bench: {'quick' if o.quick else 'full'} run; levels {o.levels}, {o.duration_s:g} s each "
         f"(+{o.warmup_s:g} s warm-up); {o.generators} generator processes; gateway workers {o.workers}; "
         f"reports in {o.out}/")  # fmt: skip
-    stack = Stack(state, workers=o.workers, gateway_env=o.gateway_env)
+    stack = Stack(state, workers=o.workers, gateway_env=o.gateway_env, model_config_name=o.model_config_name,
+                  load_models=o.load_models)  # fmt: skip
     gen: Generator | None = None
     results: list[LevelResult] = []
     meta: dict[str, Any] = {"machine": machine_info()}
@@ -296,6 +322,8 @@ def run(o: Options) -> int:
         gen = Generator(o.generators)
         assert stack.triton is not None
         meta["triton_version"] = triton_version(stack)
+        meta["model_config_name"] = stack.triton.model_config_name
+        say(f"Triton model configs: {stack.triton.model_config_name}")
         models = []
         for name in o.models:
             if name not in MODELS:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import urllib.request
@@ -35,6 +36,8 @@ class Stack:
     state_dir: Path
     workers: int = 1
     gateway_env: dict[str, str] = field(default_factory=dict)
+    model_config_name: str | None = "auto"
+    load_models: list[str] = field(default_factory=list)  # empty: every model in the repositories
     triton: EmbeddedTriton | None = None
     redis: EmbeddedRedis | None = None
     gateway: ManagedProcess | None = None
@@ -43,13 +46,30 @@ class Stack:
 
     def start(self) -> None:
         repos = [r for r in REPOSITORIES if r.is_dir()]
+        if self.load_models:
+            repos = [self._subset(repos)]
         self.redis = EmbeddedRedis(free_port(), self.state_dir / "redis", appendonly=False)
         self.redis.start()
         self.triton = EmbeddedTriton(
             repos, free_port(), free_port(), free_port(), self.state_dir / "triton",
+            model_config_name=self.model_config_name,
         )  # fmt: skip
         self.triton.start(timeout=180)
         self.start_gateway()
+
+    def _subset(self, repos: list[Path]) -> Path:
+        """A repository holding copies of only ``load_models`` (the gateway's /readyz wants every model in
+        the index ready, so a subset is a repository of its own rather than explicit model control)."""
+        target = self.state_dir / "repository"
+        target.mkdir(parents=True, exist_ok=True)
+        for name in self.load_models:
+            src = next((r / name for r in repos if (r / name).is_dir()), None)
+            if src is None:
+                raise LaunchError(f"model {name!r} is in none of {[str(r) for r in repos]}")
+            shutil.copytree(
+                src, target / name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+            )
+        return target
 
     def start_gateway(self) -> None:
         assert self.triton is not None and self.redis is not None
@@ -98,6 +118,16 @@ class Stack:
     def model_ready(self, model: str) -> bool:
         assert self.triton is not None
         return _get(f"{self.triton.http_url}/v2/models/{model}/ready") == 200
+
+    def model_stats(self, model: str) -> dict[str, object]:
+        """Triton's ``/v2/models/{model}/stats`` (every version); empty when it does not answer."""
+        assert self.triton is not None
+        try:
+            with urllib.request.urlopen(f"{self.triton.http_url}/v2/models/{model}/stats", timeout=5) as resp:
+                doc = json.loads(resp.read())
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
 
     def gateway_pids(self) -> list[int]:
         """The gateway process and its uvicorn workers."""

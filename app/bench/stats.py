@@ -50,12 +50,23 @@ class LevelResult:
     cache: dict[str, int] = field(default_factory=dict)
     error_samples: list[str] = field(default_factory=list)
     server_cpu_cores: dict[str, float] = field(default_factory=dict)  # gateway/triton/redis, this level
+    # Triton's own statistics over the level (warm-up included): requests it ran and model executions.
+    triton_inferences: int = 0
+    triton_executions: int = 0
+    triton_requests: int = 0
+
+    @property
+    def batch_formed(self) -> float:
+        """Rows per execution: the average batch Triton's dynamic batcher formed (NaN: no stats). A gateway
+        that stacks rows into one request sends fewer, larger requests: see ``triton_requests``."""
+        return self.triton_inferences / self.triton_executions if self.triton_executions else math.nan
 
     def row(self) -> dict[str, Any]:
         out = asdict(self)
         out["cache"] = ";".join(f"{k}={v}" for k, v in sorted(self.cache.items()))
         out["server_cpu_cores"] = ";".join(f"{k}={v:.2f}" for k, v in sorted(self.server_cpu_cores.items()))
         out["error_samples"] = " | ".join(self.error_samples[:3])
+        out["batch_formed"] = round(self.batch_formed, 2) if self.triton_executions else None
         return out
 
 
@@ -95,3 +106,14 @@ def merge(
 
 def ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+def triton_counts(stats: dict[str, Any]) -> tuple[int, int, int]:
+    """``(inference_count, execution_count, requests)`` over the versions in a ``/v2/models/{m}/stats``
+    answer: rows inferred, model executions, and requests answered (``inference_stats.success.count``)."""
+    inferences = executions = requests = 0
+    for m in stats.get("model_stats", []):
+        inferences += int(m.get("inference_count", 0))
+        executions += int(m.get("execution_count", 0))
+        requests += int(m.get("inference_stats", {}).get("success", {}).get("count", 0))
+    return inferences, executions, requests

@@ -266,12 +266,18 @@ def run(args: argparse.Namespace) -> int:
                     "ONNX Runtime and PyTorch disagree beyond the tolerance; nothing written", EXIT_FAILED
                 )
 
+            torch_path = Path(tmp) / "model.pt"
+            say("      tracing TorchScript for the GPU configs (PyTorch + CUDA graphs)")
+            export.export_torchscript(model, spec, torch_path)
             say(f"[4/5] writing {model_dir}")
             script = tensorrt.build_script(spec, args.fp16, args.int8, args.workspace_mb)
-            export.write_model_dir(spec, onnx_path, args.output_dir, args.version, args.force, script)
+            export.write_model_dir(
+                spec, onnx_path, args.output_dir, args.version, args.force, script, torch_file=torch_path
+            )
             say(
                 f"      config.pbtxt (TensorRT, {prec.upper()}), configs/cpu.pbtxt (ONNX Runtime on CPU), "
-                f"{args.version}/model.onnx, {args.version}/model.py, build_plan.sh"
+                f"configs/gpu*.pbtxt (PyTorch FP16 on GPU), "
+                f"{args.version}/model.onnx, model.pt, model.py, model_torch.py, build_plan.sh"
             )
             if spec.versions != [args.version]:
                 say(f"      version_policy: specific versions {spec.versions}")

@@ -7,6 +7,8 @@ Two files per model (see docs/models.md):
 - ``<model>/configs/cpu.pbtxt``: what the embedded Triton loads (it runs with
   ``--model-config-name=cpu``): Python backend + ONNX Runtime on ``<version>/model.onnx``
   through ``app.triton_models.onnx_runner``.
+- ``<model>/configs/gpu.pbtxt`` (and ``gpu_eager``, ``gpu_nobatch`` for comparisons): Python backend +
+  PyTorch FP16 with CUDA graphs on ``<version>/model.pt`` through ``app.triton_models.torch_runner``.
 
 The text is produced from templates so it can carry comments, then parsed back into Triton's
 ``ModelConfig`` protobuf (``parse_config``) before anything is written.
@@ -200,6 +202,60 @@ def cpu_config(spec: ModelSpec) -> str:
         f"parameters [\n"
         f'  {{ key: "onnx_file" value: {{ string_value: "model.onnx" }} }},\n'
         f'  {{ key: "intra_op_threads" value: {{ string_value: "{spec.intra_op_threads}" }} }}\n'
+        f"]\n" + _version_policy(spec)
+    )
+
+
+# GPU configurations (Python backend + PyTorch, app/triton_models/torch_runner.py), by name: the
+# embedded Triton loads configs/<name>.pbtxt with --model-config-name=<name>. ``gpu`` is what
+# TGW_TRITON_MODEL_CONFIG_NAME=auto picks on a GPU; the others exist for the comparisons in
+# docs/performance.md ("On a GPU"): eager instead of CUDA graphs, dynamic batching off, both.
+GPU_VARIANTS: dict[str, tuple[str, bool]] = {
+    "gpu": ("graphs", True),
+    "gpu_eager": ("eager", True),
+    "gpu_nobatch": ("graphs", False),
+    "gpu_eager_nobatch": ("eager", False),
+}
+TORCH_FILE = "model.pt"
+TORCH_MODEL_PY = "model_torch.py"
+
+
+def gpu_config(spec: ModelSpec, variant: str = "gpu") -> str:
+    """GPU configuration: Python backend running the TorchScript file in FP16 on one GPU instance."""
+    spec.validate()
+    if variant not in GPU_VARIANTS:
+        raise ValueError(f"unknown GPU config variant {variant!r} (known: {', '.join(GPU_VARIANTS)})")
+    execution, batching = GPU_VARIANTS[variant]
+    what = "one CUDA graph per batch bucket (1, 2, 4 ... max_batch_size), captured at load" if (
+        execution == "graphs") else "eager PyTorch (no CUDA graphs), for comparison"  # fmt: skip
+    text = (
+        f"# GPU configuration `{variant}` written by `tgw convert`: loaded by the embedded Triton with\n"
+        f"# --model-config-name={variant} (TGW_TRITON_MODEL_CONFIG_NAME=auto picks `gpu` where a GPU is\n"
+        f"# visible). Python backend running <version>/{TORCH_FILE} (TorchScript) in FP16 with PyTorch,\n"
+        f"# {what}\n"
+        f"# (app/triton_models/torch_runner.py). No TensorRT plan was built: production's ../config.pbtxt\n"
+        f"# (TensorRT) stays the reference and needs a TensorRT build on the target GPU.\n"
+        f'name: "{spec.name}"\n'
+        f'backend: "python"\n'
+        f'default_model_filename: "{TORCH_MODEL_PY}"\n'
+        f"max_batch_size: {spec.max_batch}\n"
+        + _tensors("input", spec.inputs)
+        + _tensors("output", spec.outputs)
+    )
+    if batching:
+        text += (
+            f"# Wait up to {spec.gpu_queue_delay_us} us for more requests: a batch costs about one launch.\n"
+            f"dynamic_batching {{\n"
+            f"  max_queue_delay_microseconds: {spec.gpu_queue_delay_us}\n" + _priority(spec) + "}\n"
+        )
+    else:
+        text += "# Dynamic batching OFF (comparison only): every request is its own execution.\n"
+    return text + (
+        f"instance_group [ {{ count: {spec.gpu_instance_count} kind: KIND_GPU }} ]\n"
+        f"parameters [\n"
+        f'  {{ key: "torch_file" value: {{ string_value: "{TORCH_FILE}" }} }},\n'
+        f'  {{ key: "precision" value: {{ string_value: "fp16" }} }},\n'
+        f'  {{ key: "execution" value: {{ string_value: "{execution}" }} }}\n'
         f"]\n" + _version_policy(spec)
     )
 

@@ -18,7 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from app.convert.configs import ModelSpec, TensorSpec, cpu_config, parse_config, tensorrt_config
+from app.convert.configs import (
+    GPU_VARIANTS,
+    TORCH_FILE,
+    TORCH_MODEL_PY,
+    ModelSpec,
+    TensorSpec,
+    cpu_config,
+    gpu_config,
+    parse_config,
+    tensorrt_config,
+)
 from app.triton_models.onnx_runner import TRITON_TO_NUMPY
 
 OPSET = 18  # >= 17 as required; 18 is what torch's dynamo exporter emits natively
@@ -28,6 +38,11 @@ PARITY_RTOL = 1e-4
 MODEL_PY = (
     '"""Serves model.onnx with ONNX Runtime (CPU config); see app/triton_models/onnx_runner.py."""\n\n'
     "from app.triton_models.onnx_runner import TritonPythonModel  # noqa: F401\n"
+)
+TORCH_MODEL_PY_TEXT = (
+    '"""Serves model.pt with PyTorch on a GPU (configs/gpu*.pbtxt); '
+    'see app/triton_models/torch_runner.py."""\n\n'
+    "from app.triton_models.torch_runner import TritonPythonModel  # noqa: F401\n"
 )
 
 NUMPY_DTYPES: dict[str, Any] = TRITON_TO_NUMPY
@@ -213,6 +228,30 @@ def export_onnx(model: Any, spec: ModelSpec, path: Path, opset: int = OPSET) -> 
     onnx.checker.check_model(str(path))
 
 
+def export_torchscript(model: Any, spec: ModelSpec, path: Path) -> None:
+    """Trace the model into TorchScript (what the GPU runner loads) and check it on another batch size."""
+    import torch
+
+    example = tuple(torch.from_numpy(a) for a in random_inputs(spec.inputs, 2, seed=1))
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(model, example, check_trace=False)
+    except Exception as exc:
+        raise ConvertError(f"TorchScript trace failed: {type(exc).__name__}: {exc}") from exc
+    arrays = random_inputs(spec.inputs, 3, seed=2)
+    ref = torch_forward(model, arrays)
+    got = torch_forward(traced, arrays)
+    for g, r in zip(got, ref, strict=True):
+        tolerance = PARITY_ATOL + PARITY_RTOL * float(np.max(np.abs(r)))
+        if g.shape != r.shape or float(np.max(np.abs(g - r))) > tolerance:
+            raise ConvertError(
+                "the traced TorchScript model disagrees with PyTorch on batch 3 "
+                "(data-dependent control flow?); nothing written"
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    traced.save(str(path))
+
+
 def ort_session(path: Path) -> Any:
     import onnxruntime as ort
 
@@ -237,14 +276,22 @@ def check_parity(model: Any, spec: ModelSpec, onnx_path: Path, batches: Sequence
 
 
 def write_model_dir(
-    spec: ModelSpec, onnx_file: Path, output_dir: Path, version: int, force: bool, trtexec: str | None = None
+    spec: ModelSpec,
+    onnx_file: Path,
+    output_dir: Path,
+    version: int,
+    force: bool,
+    trtexec: str | None = None,
+    torch_file: Path | None = None,
 ) -> Path:
-    """Write ``<output>/<name>/{config.pbtxt, configs/cpu.pbtxt, <version>/{model.onnx, model.py}}``."""
+    """Write ``<output>/<name>/{config.pbtxt, configs/cpu.pbtxt, <version>/{model.onnx, model.py}}``, and
+    with ``torch_file`` also ``configs/gpu*.pbtxt`` and ``<version>/{model.pt, model_torch.py}``."""
     model_dir = output_dir / spec.name
     version_dir = model_dir / str(version)
     trt_text, cpu_text = tensorrt_config(spec), cpu_config(spec)
-    parse_config(trt_text)  # never write a config Triton would reject
-    parse_config(cpu_text)
+    gpu_texts = {v: gpu_config(spec, v) for v in GPU_VARIANTS} if torch_file else {}
+    for text in (trt_text, cpu_text, *gpu_texts.values()):
+        parse_config(text)  # never write a config Triton would reject
     if version_dir.exists():
         if not force:
             raise ConvertError(f"{version_dir} already exists (use --force to overwrite it)")
@@ -255,6 +302,11 @@ def write_model_dir(
     (model_dir / "configs").mkdir(exist_ok=True)
     (model_dir / "config.pbtxt").write_text(trt_text)
     (model_dir / "configs" / "cpu.pbtxt").write_text(cpu_text)
+    if torch_file is not None:
+        shutil.copyfile(torch_file, version_dir / TORCH_FILE)
+        (version_dir / TORCH_MODEL_PY).write_text(TORCH_MODEL_PY_TEXT)
+        for variant, text in gpu_texts.items():
+            (model_dir / "configs" / f"{variant}.pbtxt").write_text(text)
     if trtexec:
         script = model_dir / "build_plan.sh"
         script.write_text(trtexec)

@@ -27,6 +27,7 @@ from app.auth.runtime import build_auth, stop_auth
 from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
 from app.settings import Settings
 from tests.gateway_server import running_gateway
+from tests.integration.jobs_helpers import wait_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -377,3 +378,18 @@ def test_websocket_infer_gets_the_keys_tier(auth_url: str) -> None:
         answer = json.loads(ws.recv(timeout=20))
     assert answer["type"] == "result", answer
     assert answer["result"]["outputs"]["TIMEOUT_US"][0][0] == 30_000_000  # the standard tier's bound, 30 s
+
+
+def test_jobs_run_with_the_submitting_keys_tier(triton: EmbeddedTriton, redis_server: EmbeddedRedis) -> None:
+    """The tier travels with the job: the worker's Triton call carries the submitter's timeout bound."""
+    settings = auth_settings(triton, redis_server.url, worker_in_process=True)
+    with running_gateway(**settings) as url:
+        for tier, bound in (("high", 60_000_000), ("standard", 30_000_000)):
+            c = httpx.Client(base_url=url, timeout=20, headers=bearer(make_key(url, tier=tier)))
+            body = {"inputs": {"DELAY_S": [[0.0]]}, "parameters": {"tag": f"{tier}-{time.time_ns()}"}}
+            r = c.post("/v1/models/priority_fp32/jobs", json=body)
+            assert r.status_code == 202, r.text
+            job = wait_job(c, r.json()["id"])
+            c.close()
+            assert job["status"] == "succeeded", job
+            assert job["result"]["outputs"]["TIMEOUT_US"][0][0] == bound, (tier, job)

@@ -185,38 +185,49 @@ async def _client_loop(url: str, n: int, result: LoadResult, stop: asyncio.Event
                 result.failed.append(f"{path}: {r.status_code} {r.text[:200]}")
 
 
-async def _readiness_loop(url: str, seen: list[tuple[float, int]], stop: asyncio.Event) -> None:
+async def _readiness_loop(url: str, seen: list[tuple[float, float, int]], stop: asyncio.Event) -> None:
+    """(sent, answered, status) of each probe."""
     async with httpx.AsyncClient(base_url=url, timeout=5) as c:
         while not stop.is_set():
+            sent = time.time()
             try:
                 r = await c.get("/readyz")
             except httpx.HTTPError:
                 return
-            seen.append((time.time(), r.status_code))
+            seen.append((sent, time.time(), r.status_code))
             await asyncio.sleep(0.1)
 
 
 def test_sigterm_drains_under_load_without_failed_requests(
     triton: EmbeddedTriton, redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
-    delay_s = 1.5
+    delay_s = 2.0
     with tgw_serve(triton, redis_server, tmp_path, TGW_SHUTDOWN_DELAY_S=str(delay_s), TGW_DRAIN_S="20") as (
         proc, url, log,
     ):  # fmt: skip
         result, ready = LoadResult(), []
+        long_sent = 0.0
 
         async def scenario() -> float:
+            nonlocal long_sent
             stop = asyncio.Event()
             tasks = [asyncio.create_task(_client_loop(url, n, result, stop)) for n in range(8)]
             tasks.append(asyncio.create_task(_readiness_loop(url, ready, stop)))
-            await asyncio.sleep(1.2)
-            sent = time.time()
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(delay_s - 0.5)
-            # a long request accepted during the delay, still running when the listener closes
+            # built before the signal (an AsyncClient loads the CA bundle): nothing slow between the
+            # timed sleep and the request
             async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-                body, headers = {"inputs": {"DELAY_S": [[1.5]]}}, {"Cache-Control": "no-cache, no-store"}
-                long = await c.post(SLEEP, json=body, headers=headers)
+                await asyncio.sleep(1.2)
+                sent = time.time()
+                proc.send_signal(signal.SIGTERM)
+                # a long request accepted during the delay, still running when the listener closes; sent
+                # well before the close (1.5 s): a client process stalled for a moment must not send it late
+                await asyncio.sleep(delay_s - 1.5)
+                body, headers = {"inputs": {"DELAY_S": [[2.0]]}}, {"Cache-Control": "no-cache, no-store"}
+                long_sent = time.time()
+                try:
+                    long = await c.post(SLEEP, json=body, headers=headers)
+                except httpx.HTTPError as exc:
+                    pytest.fail(f"long request sent {long_sent - sent:.2f} s after the signal: {exc!r}")
             assert long.status_code == 200, long.text
             result.ok.append(time.time())
             try:
@@ -233,21 +244,25 @@ def test_sigterm_drains_under_load_without_failed_requests(
     assert len(result.refused) == 8  # every client loop ends with a refused connection
     closed = _log_time(text, "shutdown delay over")
     timeline = (f"ok after signal: {[round(t - signalled, 2) for t in result.ok if t > signalled]}, "
-                f"closed: {closed - signalled:.2f}, refused: {[round(t - signalled, 2) for t in result.refused]}")  # fmt: skip
+                f"closed: {closed - signalled:.2f}, refused: {[round(t - signalled, 2) for t in result.refused]}, "
+                f"long request sent: {long_sent - signalled:.2f}")  # fmt: skip
     assert closed - signalled == pytest.approx(delay_s, abs=0.3), timeline
     assert min(result.refused) > closed, timeline
     # Requests kept being accepted and answered during the delay, and in-flight ones finished after close.
     assert sum(signalled < t < closed for t in result.ok) >= 8, timeline
     assert sum(t > closed for t in result.ok) >= 1, timeline
-    # Readiness: 200 before the signal, 503 from (almost) at once after it.
-    assert all(status == 200 for t, status in ready if t < signalled)
-    after = [status for t, status in ready if t > signalled + 0.15]
+    # Readiness: 200 before the signal, 503 from (almost) at once after it. A probe answered before the
+    # signal was sent, and one sent 0.15 s after it (times of the client's own, so a client late in reading
+    # an answer cannot blur them).
+    assert all(status == 200 for _, received, status in ready if received < signalled)
+    after = [status for probe_sent, _, status in ready if probe_sent > signalled + 0.15]
     assert after and set(after) == {503}
     assert "SIGTERM received: draining" in text
     print(f"\nSIGTERM test: {len(result.ok)} ok, {sum(t > signalled for t in result.ok)} answered after the "
           f"signal, {sum(t > closed for t in result.ok)} after the listener closed "
           f"({closed - signalled:.2f} s after the signal), 0 failed, {len(result.refused)} refused, "
-          f"readiness {dict(Counter(s for _, s in ready))}")  # fmt: skip
+          f"readiness {dict(Counter(s for _, _, s in ready))}; {text.count('queued connection')} accept queue "
+          "drained at the close")  # fmt: skip
 
 
 def test_two_workers_share_metrics_and_exit_cleanly(

@@ -56,7 +56,15 @@ def test_convert_writes_a_model_dir_matching_pytorch(
         assert step in log
     assert "max abs error" in log and "trtexec --onnx=" in log and "NOT built" in log
     mdir = out / "m"
-    assert {p.name for p in (mdir / "1").iterdir()} == {"model.onnx", "model.py"}
+    assert {p.name for p in (mdir / "1").iterdir()} == {
+        "model.onnx",
+        "model.py",
+        "model.pt",
+        "model_torch.py",
+    }
+    assert {p.name for p in (mdir / "configs").iterdir()} == {
+        "cpu.pbtxt", "gpu.pbtxt", "gpu_eager.pbtxt", "gpu_nobatch.pbtxt", "gpu_eager_nobatch.pbtxt"}  # fmt: skip
+    assert parse_config((mdir / "configs/gpu.pbtxt").read_text()).max_batch_size == 64
     trt, cpu = (
         parse_config((mdir / "config.pbtxt").read_text()),
         parse_config((mdir / "configs/cpu.pbtxt").read_text()),
@@ -76,7 +84,9 @@ def test_convert_writes_a_model_dir_matching_pytorch(
         got = session.run(["forecast"], {"series": x})[0]
         with torch.no_grad():
             ref = model(torch.from_numpy(x)).numpy()
+            traced = torch.jit.load(str(mdir / "1" / "model.pt"))(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(traced, ref, atol=1e-5, rtol=1e-5)  # the GPU configs' TorchScript
 
 
 def test_second_version_and_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

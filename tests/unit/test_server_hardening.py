@@ -7,11 +7,28 @@ import asyncio
 import io
 import logging
 import logging.config
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import orjson
+import pytest
 
+from app.launcher import free_port
+from app.lifecycle import SETTLE_S, GracefulServer
 from app.observability.logging import RepeatFilter, TextFormatter, escape_control, log_config
-from app.server import GuardedHttpToolsProtocol, connection_cap, event_loop_name, run, server_config
+from app.server import (
+    GuardedHttpToolsProtocol,
+    connection_cap,
+    event_loop_name,
+    new_event_loop,
+    run,
+    server_config,
+)
 from app.settings import Settings
 
 
@@ -145,3 +162,103 @@ def test_descriptor_exhaustion_does_not_flood_the_log() -> None:
     print(f"\naccept-error flood: {unfiltered} bytes of log unfiltered, {filtered} with the filter")
     assert text.count("out of system resource") == 1
     assert filtered < 20_000 < unfiltered
+
+
+# --- graceful shutdown: no request that reached the server is dropped ------------------------------------
+
+
+def _request(path: str = "/x") -> bytes:
+    return b"GET %s HTTP/1.1\r\nhost: t\r\n\r\n" % path.encode()
+
+
+def _response(sock: socket.socket) -> bytes:
+    """One whole response of the test app (body ``ok``), or what happened instead."""
+    data = b""
+    while not data.endswith(b"\r\n\r\nok"):
+        try:
+            chunk = sock.recv(4096)
+        except OSError as exc:  # ECONNRESET: the request was dropped
+            return repr(exc).encode()
+        if not chunk:
+            return data + b"EOF"
+        data += chunk
+    return data
+
+
+def _status_line(sock: socket.socket) -> bytes:
+    return _response(sock).split(b"\r\n", 1)[0]
+
+
+@contextmanager
+def _graceful_server(delay_s: float) -> Iterator[tuple[GracefulServer, asyncio.AbstractEventLoop, int]]:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(0.05)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    port = free_port()
+    config = server_config(app, Settings(port=port, host="127.0.0.1"), lifespan="off", log_level="warning",
+                           timeout_graceful_shutdown=10)  # fmt: skip
+    server = GracefulServer(config, shutdown_delay_s=delay_s)
+    loop = new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        yield server, loop, port
+    finally:
+        thread.join(15)
+        assert not thread.is_alive()
+        loop.close()
+
+
+def test_connections_queued_when_the_listener_closes_are_served_not_reset() -> None:
+    """Closing a listening socket resets the connections the kernel completed but the loop had not
+    accepted yet (the process was busy or not scheduled): clients that had sent their request got
+    ECONNRESET. GracefulServer accepts the queue before closing; every one of them is answered."""
+    with _graceful_server(delay_s=30) as (server, loop, port):
+        stalled = threading.Event()
+
+        def stall_then_exit() -> None:  # the loop is stuck; the exit comes due meanwhile
+            stalled.set()
+            time.sleep(0.6)
+            server.should_exit = True
+
+        loop.call_soon_threadsafe(stall_then_exit)
+        assert stalled.wait(5)
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]  # queued in the kernel
+        for c in clients:
+            c.sendall(_request())
+        answers = [_status_line(c) for c in clients]
+        for c in clients:
+            c.close()
+    assert answers == [b"HTTP/1.1 200 OK"] * 5
+
+
+def test_shutdown_closes_idle_connections_and_lets_a_request_on_its_way_arrive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After the listener closes, a kept-alive connection idle between requests is closed, while one that
+    was accepted but whose request (or the rest of its head) has not arrived yet still gets its answer,
+    with ``connection: close``; the server then exits."""
+    monkeypatch.setattr("app.lifecycle.begin_drain_all", lambda: None)
+    with _graceful_server(delay_s=0.2) as (server, loop, port):
+        idle = socket.create_connection(("127.0.0.1", port))
+        idle.sendall(_request())
+        assert _status_line(idle) == b"HTTP/1.1 200 OK"
+        fresh = socket.create_connection(("127.0.0.1", port))
+        partial = socket.create_connection(("127.0.0.1", port))
+        partial.sendall(b"GET /x HTTP/1.1\r\n")
+        loop.call_soon_threadsafe(server.handle_exit, signal.SIGTERM, None)
+        time.sleep(0.2 + SETTLE_S + 0.5)  # the listener closed, uvicorn's shutdown of connections ran
+        assert idle.recv(10) == b""  # idle between requests: closed
+        fresh.sendall(_request())
+        partial.sendall(b"host: t\r\n\r\n")
+        for sock in (fresh, partial):
+            head = _response(sock).lower()
+            assert head.startswith(b"http/1.1 200 ok") and b"connection: close" in head, head
+            sock.close()
+        idle.close()

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from app.auth.principal import apply_principal, current_principal
 from app.codecs import v1
 from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
 from app.observability import metrics
@@ -100,6 +101,7 @@ class JobService:
             raise InvalidInput("Idempotency-Key: expected 1 to 255 characters", {"field": "Idempotency-Key"})
         infer_body = {k: v for k, v in body.items() if k not in ("webhook", "priority")}
         req = v1.decode_body(await self.inference.resolve(model, version), infer_body)
+        apply_principal(req, current_principal())  # the key's tier rides with the job to the worker
         priority = body.get("priority", "normal")
         if priority not in PRIORITIES:
             raise InvalidInput(f"priority: expected one of {', '.join(PRIORITIES)}", {"field": "priority"})
@@ -107,7 +109,10 @@ class JobService:
         fingerprint = hashlib.sha256(
             orjson.dumps([model, version, body], option=orjson.OPT_SORT_KEYS)
         ).hexdigest()
-        spec = orjson.dumps({"outputs": req.outputs, "parameters": req.parameters})
+        spec = orjson.dumps({
+            "outputs": req.outputs, "parameters": req.parameters, "priority": req.priority,
+            "timeout_us": req.timeout_us, "cache_scope": req.cache_scope,
+        })  # fmt: skip
         job = Job(
             id=new_job_id(), owner=owner, status=JobStatus.QUEUED, model=model, version=version,
             priority=priority, created_at=time.time(), request_id=request_id, spec=spec,

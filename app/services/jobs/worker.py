@@ -213,7 +213,8 @@ class JobWorker:
             )
         return InferRequest(
             info=info, inputs=inputs, outputs=spec.get("outputs"), parameters=spec.get("parameters") or {},
-            request_id=job.request_id,
+            request_id=job.request_id, priority=int(spec.get("priority") or 0),
+            timeout_us=int(spec.get("timeout_us") or 0), cache_scope=str(spec.get("cache_scope") or ""),
         )  # fmt: skip
 
     async def _failed_attempt(self, job_id: str, attempt: int, err: bytes) -> None:
