@@ -29,7 +29,7 @@ class NewKey(BaseModel):
     rps: float | None = Field(None, gt=0, le=1_000_000, description="requests per second")
     burst: int | None = Field(None, ge=1, le=1_000_000, description="requests allowed at once above the rate")
     concurrency: int | None = Field(None, ge=0, le=100_000, description="in-flight requests; 0 = unbounded")
-    daily_quota: int | None = Field(None, ge=0, description="requests per UTC day; 0 = none")
+    daily_quota: int | None = Field(None, ge=0, le=10**12, description="requests per UTC day; 0 = none")
 
 
 async def create_key(store: KeyStore, settings: Settings, tiers: set[str], spec: NewKey) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import hmac
 import pytest
 from pydantic import ValidationError
 
+from app.auth.admin import NewKey
 from app.auth.keys import KeyRecord, digest, key_id_of, new_token
 from app.auth.limiter import ADMITTED, QUOTA, RATE, Decision, LocalLimiter, policy_header, state_header
 from app.auth.principal import ANONYMOUS, Limits, Principal, TooManyRequests, cache_scope, parse_tiers
@@ -176,3 +177,11 @@ def test_bench_key_targets_send_the_key() -> None:
     head, _, body = request.partition(b"\r\n\r\n")
     assert b"\r\nAuthorization: Bearer tgw_0123456789ab_" in head
     assert int(head.split(b"Content-Length: ")[1]) == len(body)
+
+
+def test_new_key_limits_are_bounded() -> None:
+    """Found by the schema fuzz (make fuzz): a daily_quota beyond 64 bits was accepted, then failed to
+    serialize into the key record (a 500 from POST /v1/admin/keys)."""
+    assert NewKey(name="k", daily_quota=10**12).daily_quota == 10**12
+    with pytest.raises(ValidationError, match="daily_quota"):
+        NewKey(name="k", daily_quota=2**64)
