@@ -13,9 +13,10 @@ It never changes an answer:
   is re-sent alone, so each gets its own answer or its own error. Timeouts and "unavailable" are shared.
 * If an output does not come back with one row per input row, the requests are re-sent alone.
 
-Waiting is bounded: a request is sent at once when fewer than ``max_inflight`` batched calls are in flight
-for its model (after one event-loop turn, so requests that arrive together leave together); otherwise it
-joins the next batch, which leaves as soon as a call returns — or after ``window_us`` when that is set.
+Waiting is bounded: a request to an idle model (nothing queued, nothing in flight) is sent at once from
+its own task; otherwise it is sent when fewer than ``max_inflight`` batched calls are in flight for its
+model (after one event-loop turn, so requests that arrive together leave together), or joins the next
+batch, which leaves as soon as a call returns — or after ``window_us`` when that is set.
 """
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ class _Queue:
         self.rows = 0
         self.inflight = 0
         self.scheduled = False
+
+    async def direct(self, call: TritonCall) -> TritonResult:
+        """An idle model's call leaves at once, from the caller's task (no queue hop: at low load a hop
+        is pure latency). It counts as in flight, so calls arriving meanwhile queue and batch."""
+        self.inflight += 1
+        try:
+            return await self.owner.inner.infer(call)
+        finally:
+            self.inflight -= 1
+            if self.pending and not self.scheduled:
+                self._schedule()
 
     def submit(self, item: _Item) -> None:
         self.pending.append(item)
@@ -178,6 +190,8 @@ class BatchingTransport:
             if len(self.queues) > 1024:  # layouts are client-controlled: keep the map bounded
                 self.queues = {k: q for k, q in self.queues.items() if q.pending or q.inflight}
             queue = self.queues[key] = _Queue(self, max_rows)
+        if not queue.inflight and not queue.pending:
+            return await queue.direct(call)
         future: asyncio.Future[TritonResult] = asyncio.get_running_loop().create_future()
         queue.submit(_Item(call, rows, time.perf_counter(), future))
         return await future

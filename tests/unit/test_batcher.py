@@ -89,6 +89,7 @@ async def test_shared_failures_are_not_retried() -> None:
     class Down(FakeTriton):
         async def infer(self, *args: Any, **kwargs: Any) -> TritonResult:
             self.calls.append(0)
+            await asyncio.sleep(0.001)  # a real transport always waits for the network first
             raise UpstreamUnavailable("Triton is unavailable")
 
     down = Down()
@@ -127,4 +128,16 @@ async def test_queue_time_is_reported_on_the_call() -> None:
     client = BatchingTransport(fake, window_us=2000, max_inflight=1)
     calls = [_call(np.ones((1, 2), np.float32)) for _ in range(3)]
     await asyncio.gather(*(client.infer(c) for c in calls))
-    assert all(c.queued_s >= 0.0015 for c in calls)
+    # the first found the model idle and left at once; the others waited for the window
+    assert calls[0].queued_s == 0.0 and all(c.queued_s >= 0.0015 for c in calls[1:])
+
+
+async def test_an_idle_model_is_called_at_once_and_later_arrivals_batch_behind_it() -> None:
+    fake = FakeTriton()
+    client = BatchingTransport(fake, max_inflight=1)
+    first = asyncio.ensure_future(client.infer(_call(np.ones((1, 2), np.float32))))
+    await asyncio.sleep(0)  # the first call is on the wire, from its own task
+    assert fake.calls == [1]
+    rest = [client.infer(_call(np.full((1, 2), i, np.float32))) for i in range(5)]
+    await asyncio.gather(first, *rest)
+    assert fake.calls == [1, 5]  # the five that came while it was in flight left together
