@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import orjson
 
 from app.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from app.services.inference import InferRequest
 
 JSON = b"application/json"
 OCTET_STREAM = b"application/octet-stream"
@@ -54,6 +57,14 @@ class CallOptions:
     @property
     def sequence(self) -> bool:
         return bool(self.sequence_id)
+
+    def apply(self, req: InferRequest) -> InferRequest:
+        """Set these options on a decoded request (both KServe codecs, HTTP and gRPC)."""
+        req.priority, req.timeout_us = self.priority, self.timeout_us
+        req.sequence_id, req.sequence_start, req.sequence_end = (
+            self.sequence_id, self.sequence_start, self.sequence_end,
+        )  # fmt: skip
+        return req
 
 
 def call_options(params: dict[str, Any]) -> CallOptions:

@@ -115,12 +115,8 @@ def decode(info: ModelInfo, req: service_pb2.ModelInferRequest) -> GrpcRequest:
         inputs=validate_v2_inputs(info, tensors, binary),
         outputs=outputs,
         parameters=validate_parameters(params),
-        priority=options.priority,
-        timeout_us=options.timeout_us,
-        sequence_id=options.sequence_id,
-        sequence_start=options.sequence_start,
-        sequence_end=options.sequence_end,
     )
+    options.apply(request)
     return GrpcRequest(request, req.id, options)
 
 

@@ -94,12 +94,8 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
         inputs=validate_v2_inputs(info, inputs, parts),
         outputs=names,
         parameters=validate_parameters(params),
-        priority=options.priority,
-        timeout_us=options.timeout_us,
-        sequence_id=options.sequence_id,
-        sequence_start=options.sequence_start,
-        sequence_end=options.sequence_end,
     )
+    options.apply(request)
     request_id = body.get("id")
     return V2Request(request, str(request_id) if request_id is not None else None, binary_outputs)
 
