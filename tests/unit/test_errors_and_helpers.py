@@ -139,3 +139,46 @@ def test_retry_only_when_the_request_was_not_sent() -> None:
     dropped = InferenceServerException("Socket closed", status="StatusCode.UNAVAILABLE")
     assert _not_sent(refused)
     assert not _not_sent(dropped)
+
+
+async def test_single_flight_first_caller_cancelled_others_still_answered() -> None:
+    flights: SingleFlight[int] = SingleFlight()
+    calls = 0
+
+    async def work() -> int:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)
+        return 42
+
+    leader = asyncio.ensure_future(flights.do("k", work))
+    await asyncio.sleep(0.01)  # the leader's call is under way, in the leader's own task
+    followers = [asyncio.ensure_future(flights.do("k", work)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    leader.cancel()
+    assert [await f for f in followers] == [(42, True)] * 3  # run again for them
+    assert calls == 2 and flights.inflight == 0
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+
+
+async def test_single_flight_cancelled_alone_and_failures_shared() -> None:
+    flights: SingleFlight[int] = SingleFlight()
+
+    async def slow() -> int:
+        await asyncio.sleep(1)
+        return 1
+
+    alone = asyncio.ensure_future(flights.do("a", slow))
+    await asyncio.sleep(0.01)
+    alone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await alone
+    assert flights.inflight == 0  # nobody waited: no call is run again
+
+    async def boom() -> int:
+        await asyncio.sleep(0.01)
+        raise ValueError("refused")
+
+    results = await asyncio.gather(*(flights.do("b", boom) for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(r, ValueError) for r in results) and flights.inflight == 0
