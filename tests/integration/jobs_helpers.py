@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -10,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import redis
 import uvicorn
 
 from app.launcher import free_port
@@ -70,3 +73,25 @@ def gateway_with_tenant_header(**overrides: object) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+def sigkill_worker_holding_jobs(r: Any, workers: list[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
+    """SIGKILL one of ``workers`` (``tgw worker`` processes) while it holds pending jobs in the consumer
+    group, as soon as one does; ``r`` is a Redis client of the jobs Redis."""
+    from app.services.jobs.store import GROUP, STREAM
+
+    deadline = time.monotonic() + timeout
+    by_pid = {w.pid: w for w in workers}
+    while True:
+        assert time.monotonic() < deadline, "no worker picked up a job"
+        try:
+            consumers = r.xinfo_consumers(STREAM, GROUP)
+        except redis.ResponseError:  # the stream or group is not there yet
+            consumers = []
+        for consumer in consumers:
+            pid = int(consumer["name"].decode().rsplit("-", 2)[1])
+            if consumer["pending"] > 0 and pid in by_pid:
+                by_pid[pid].send_signal(signal.SIGKILL)
+                by_pid[pid].wait(5)
+                return
+        time.sleep(0.05)

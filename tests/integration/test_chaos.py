@@ -26,9 +26,9 @@ import pytest
 import redis
 
 from app.launcher import free_port, free_port_block
-from app.services.jobs.store import GROUP, STREAM
+from app.services.jobs.store import STREAM
 from tests.chaos.load import Load
-from tests.integration.jobs_helpers import wait_job
+from tests.integration.jobs_helpers import sigkill_worker_holding_jobs, wait_job
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -265,22 +265,7 @@ def test_sigkill_a_job_worker_mid_batch(stack: Stack, tmp_path: Path) -> None:
             ws_url = stack.url.replace("http", "ws") + "/v1/ws"
             for chunk in (ids[i : i + 30] for i in range(0, len(ids), 30)):  # TGW_WS_MAX_IN_FLIGHT per socket
                 threading.Thread(target=collect_results, args=(ws_url, chunk, frames, stop), daemon=True).start()
-            victim = None
-            deadline = time.monotonic() + 20
-            while victim is None:
-                assert time.monotonic() < deadline, "no external worker picked up a job"
-                try:
-                    consumers = r.xinfo_consumers(STREAM, GROUP)
-                except redis.ResponseError:  # the stream or group is not there yet
-                    consumers = []
-                for consumer in consumers:
-                    pid = int(consumer["name"].decode().rsplit("-", 2)[1])
-                    if consumer["pending"] > 0 and pid in {w.pid for w in workers}:
-                        victim = next(w for w in workers if w.pid == pid)
-                        break
-                time.sleep(0.05)
-            victim.send_signal(signal.SIGKILL)
-            victim.wait(5)
+            sigkill_worker_holding_jobs(r, workers)
             jobs = [wait_job(c, i, timeout=40) for i in ids]
             # results of jobs finished before the subscription come from the socket's periodic re-read
             deadline = time.monotonic() + 20

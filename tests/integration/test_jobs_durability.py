@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -20,9 +19,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
-from app.services.jobs.store import GROUP, STREAM
 from tests.integration.conftest import GatewayFactory
-from tests.integration.jobs_helpers import unique_row, wait_job
+from tests.integration.jobs_helpers import sigkill_worker_holding_jobs, unique_row, wait_job
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,22 +73,7 @@ def test_sigkill_worker_mid_batch_every_job_succeeds_exactly_once(
             )
             collector.start()
             # SIGKILL a worker that holds running jobs.
-            victim = None
-            deadline = time.monotonic() + 20
-            while victim is None:
-                assert time.monotonic() < deadline, "no worker picked up the jobs"
-                try:
-                    consumers = r.xinfo_consumers(STREAM, GROUP)
-                except redis.ResponseError:  # the workers have not created the group yet
-                    consumers = []
-                for consumer in consumers:
-                    pid = int(consumer["name"].decode().rsplit("-", 2)[1])
-                    if consumer["pending"] > 0 and pid in {w.pid for w in workers}:
-                        victim = next(w for w in workers if w.pid == pid)
-                        break
-                time.sleep(0.05)
-            victim.send_signal(signal.SIGKILL)
-            victim.wait(5)
+            sigkill_worker_holding_jobs(r, workers)
             jobs = [wait_job(c, job_id, timeout=30) for job_id in ids]
             time.sleep(1.0)  # let any duplicate event arrive, were there one
             stop.set()
