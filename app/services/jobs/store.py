@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -413,8 +414,12 @@ class JobStore:
             pipe.xdel(stream, entry_id)
             await pipe.execute()
 
-    def events(self) -> Any:
-        """A pub/sub object for the job events channel (subscribe with ``subscribe(EVENTS)``)."""
+    async def events(self) -> Any:
+        """A pub/sub object for the job events channel (subscribe with ``subscribe(EVENTS)``). On a
+        Cluster the client learns the slot map first: its pub/sub picks the node by the channel's slot
+        and fails on an empty map (a classic PUBLISH reaches every node, so any node serves)."""
+        if isinstance(self.blocking, RedisCluster):
+            await self.blocking.initialize()
         return self.blocking.pubsub(ignore_subscribe_messages=True)
 
     # --- state changes --------------------------------------------------------------------------
