@@ -25,6 +25,14 @@ pytestmark = pytest.mark.integration
 JOBS = "/v1/models/identity_fp32/jobs"
 
 
+def event_subscribers(cluster_url: str) -> int:
+    """Subscribers of the job events channel on every node (a subscription lives on one node)."""
+    with redis.RedisCluster.from_url(cluster_url) as rc:
+        replies = rc.execute_command("PUBSUB", "NUMSUB", EVENTS, target_nodes=rc.get_nodes())
+    per_node = replies.values() if isinstance(replies, dict) else [replies]  # one node: its reply alone
+    return sum(int(reply[1]) for reply in per_node)
+
+
 @pytest.fixture
 def cluster_url(tmp_path: Path) -> Iterator[str]:
     [port] = cluster_ports(1)  # below the ephemeral range, bus port (+10000) free too
@@ -92,9 +100,8 @@ def test_job_changes_are_pushed_on_a_redis_cluster(triton: EmbeddedTriton, clust
         httpx.Client(base_url=url, timeout=10) as c,
     ):  # fmt: skip
         job_id = c.post(JOBS, json=body).json()["id"]
-        r = redis.Redis.from_url(cluster_url)
         deadline = time.monotonic() + 10
-        while int(r.pubsub_numsub(EVENTS)[0][1]) < 1:
+        while event_subscribers(cluster_url) < 1:
             assert time.monotonic() < deadline, "the replica never subscribed to the job events"
             time.sleep(0.05)
         with connect(url.replace("http", "ws") + "/v1/ws") as ws:

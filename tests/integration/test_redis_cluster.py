@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +15,7 @@ from app.clients.redis import RedisCacheStore, make_redis, warm_up
 from app.launcher import EmbeddedRedisCluster, EmbeddedTriton, cluster_ports
 from tests.gateway_server import running_gateway
 from tests.integration.jobs_helpers import unique_row, wait_job
+from tests.integration.test_jobs_cluster import test_job_changes_are_pushed_on_a_redis_cluster as _jobs_push
 from tests.integration.test_jobs_cluster import test_jobs_on_a_redis_cluster as _jobs_cluster_flow
 
 pytestmark = pytest.mark.integration
@@ -82,8 +84,21 @@ def test_jobs_on_the_cluster(cluster_gateway: str) -> None:
         assert stats.status_code == 200, stats.text
 
 
-def test_the_jobs_cluster_flow_on_three_masters(triton: EmbeddedTriton, cluster: EmbeddedRedisCluster) -> None:
+def test_the_jobs_cluster_flow_on_three_masters(
+    triton: EmbeddedTriton, cluster: EmbeddedRedisCluster
+) -> None:
     """tests/integration/test_jobs_cluster.py's flow (idempotent submit and replay, a worker runs it, the
     result pushed over the WebSocket, a queued job cancelled), on the three masters instead of one node:
     the job keys' hash tag must keep every script's keys in one slot of a real multi-shard cluster."""
     _jobs_cluster_flow(triton, cluster.url)
+
+
+def test_job_changes_are_pushed_on_three_masters(triton: EmbeddedTriton, tmp_path: Path) -> None:
+    """The event subscription sits on one master; a change made through another is still pushed at once.
+    A cluster of its own: the module's gateway runs a worker that would take the queued job."""
+    own = EmbeddedRedisCluster(cluster_ports(3), tmp_path)
+    own.start()
+    try:
+        _jobs_push(triton, own.url)
+    finally:
+        own.stop()
