@@ -18,6 +18,7 @@ import uuid
 from typing import Any
 
 import orjson
+from redis.exceptions import RedisError
 
 from app.errors import GatewayError, InvalidInput
 from app.observability import metrics
@@ -155,14 +156,15 @@ class JobWorker:
         heartbeat = asyncio.create_task(self._heartbeat(stream, entry_id))
         try:
             await self._run_job(job_id)
+            await self.store.ack(stream, entry_id)
         except Retryable:
             return  # left pending: reclaimed after the idle timeout, then counted as another attempt
+        except (RedisError, OSError) as exc:  # the store went away mid-job: the entry stays pending
+            logger.warning("job %s: the job store failed (%s); it will be retried", job_id, exc)
         except Exception:
             logger.exception("job %s: unexpected failure; it will be retried", job_id)
-            return
         finally:
             heartbeat.cancel()
-        await self.store.ack(stream, entry_id)
 
     async def _run_job(self, job_id: str) -> None:
         status, attempt = await self.store.start(job_id, self.max_attempts)
