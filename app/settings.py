@@ -139,6 +139,9 @@ class Settings(BaseSettings):
     )
     worker_in_process: bool = Field(False, description="run a job worker inside the gateway (tgw up: on)")
     job_redis_timeout_s: float = Field(5.0, gt=0, description="bound on job-store Redis calls")
+    job_store_retry_s: float = Field(
+        30.0, ge=0, description="a worker retries a job-store step this long while Redis is away (restart)"
+    )
     webhook_schedule_s: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
         description="comma-separated delays between webhook attempts (default ~27 h over 8 attempts)",

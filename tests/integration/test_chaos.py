@@ -215,7 +215,7 @@ def test_redis_sigkill_then_restart_under_load(stack: Stack) -> None:
         done_before = c.get("/v1/jobs/stats").json()["jobs_total"].get("succeeded", 0)
         ids, delays = _sleep_jobs(c, int(12 * SCALE), 0.3)
         with Load([stack.url], concurrency=4) as load:
-            time.sleep(0.3)
+            time.sleep(float(os.environ.get("TGW_CHAOS_REDIS_KILL_AT_S", "0.3")))
             unfinished = sum(c.get(f"/v1/jobs/{i}").json()["status"] != "succeeded" for i in ids)
             for port in (cache_port, jobs_port):
                 os.kill(stack.child(f"127.0.0.1:{port}"), signal.SIGKILL)
@@ -225,7 +225,13 @@ def test_redis_sigkill_then_restart_under_load(stack: Stack) -> None:
                   30, "Redis back")  # fmt: skip
             back_s = time.monotonic() - killed_at
             time.sleep(1 * SCALE)
-        jobs = [wait_job(c, i, timeout=40) for i in ids]
+        try:
+            jobs = [wait_job(c, i, timeout=40) for i in ids]
+        except AssertionError as exc:  # what the job streams hold, for the report
+            r = redis.Redis.from_url(_jobs_redis_url(stack.env))
+            streams = {k: r.xpending_range(k, "tgw-workers", "-", "+", 100)
+                       for k in ("{tgw:jobs}:stream", "{tgw:jobs}:stream:high") if r.exists(k)}  # fmt: skip
+            raise AssertionError(f"{exc}; pending entries: {streams}") from None
         time.sleep(1.0)
         done = c.get("/v1/jobs/stats").json()["jobs_total"].get("succeeded", 0) - done_before
     lost, wrong = _check_jobs(jobs, delays)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -108,5 +109,38 @@ def test_queued_jobs_survive_a_redis_restart(
             jobs = [wait_job(c, i, timeout=20) for i in ids]
         assert [j["status"] for j in jobs] == ["succeeded"] * 3
         assert [j["result"]["outputs"]["OUTPUT0"] for j in jobs] == [b["inputs"]["INPUT0"] for b in bodies]
+    finally:
+        own.stop()
+
+
+def test_a_running_job_completes_across_a_redis_restart(
+    triton: EmbeddedTriton, start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """Redis SIGKILLed while a job runs and restarted (same AOF) a moment later: the worker stores the
+    answer it already has once Redis is back (each store step is retried, TGW_JOB_STORE_RETRY_S), so the
+    job succeeds on its first attempt. The reclaim idle time is longer than the test: no reclaim helps."""
+    port = free_port()
+    own = EmbeddedRedis(port, tmp_path / "redis", appendonly=True)
+    own.start()
+    try:
+        with (
+            start_gateway(redis_url=own.url, worker_in_process=True, job_claim_idle_s=120) as url,
+            httpx.Client(base_url=url, timeout=10) as c,
+        ):
+            delay = round(1.0 + (time.time_ns() % 1000) / 1e6, 6)
+            job_id = c.post("/v1/models/sleep_fp32/jobs", json={"inputs": {"DELAY_S": [[delay]]}}).json()[
+                "id"
+            ]
+            wait_job(c, job_id, timeout=10, statuses=("running",))
+            pid = own.process.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            own.process.proc.wait(10)  # type: ignore[union-attr]
+            time.sleep(1.5)  # the answer is ready while Redis is still down
+            own.start()
+            job = wait_job(c, job_id, timeout=20)
+        assert job["status"] == "succeeded", job
+        assert job["attempts"] == 1, job
+        assert job["result"]["outputs"]["SLEPT_S"][0][0] == pytest.approx(delay)
     finally:
         own.stop()

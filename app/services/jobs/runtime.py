@@ -66,9 +66,13 @@ class JobsRuntime:
         self._tasks: list[asyncio.Task[None]] = []
         secrets = parse_secrets(settings.webhook_secret)
         if settings.worker_in_process:
+            # An attempt's last-resort bound: the Triton deadline plus a full store outage on each of
+            # its store steps, with room to spare; only a stuck attempt ever reaches it.
+            attempt_s = settings.triton_timeout_s + 4 * settings.job_store_retry_s + 60
             self.worker = JobWorker(
                 self.store, inference, settings.worker_concurrency, settings.job_claim_idle_s,
-                settings.job_max_attempts,
+                settings.job_max_attempts, store_retry_s=settings.job_store_retry_s,
+                attempt_timeout_s=attempt_s,
             )  # fmt: skip
             t = settings.webhook_timeout_s
             self.http = httpx.AsyncClient(

@@ -5,6 +5,12 @@ At-least-once: an entry is acked only after its job is finished in the store. A 
 its entries pending; any worker's reclaimer takes them over with XAUTOCLAIM once idle for
 ``TGW_JOB_CLAIM_IDLE_S`` (a live worker keeps its running entries fresh with a JUSTID XCLAIM heartbeat).
 Client-visible exactly-once comes from the store's finish script, which completes a job only once.
+
+A job store that goes away mid-job (a Redis restart) does not cost the job in hand: each store step is
+retried with backoff for up to ``TGW_JOB_STORE_RETRY_S``, so the answer already computed is stored when
+Redis is back instead of the job waiting for a reclaim and running again. Every attempt is bounded as a
+whole (``attempt_timeout_s``): a stuck attempt is abandoned, its heartbeat stops, and the entry is
+reclaimed like a dead worker's.
 """
 
 from __future__ import annotations
@@ -15,10 +21,13 @@ import logging
 import os
 import socket
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.errors import GatewayError, InvalidInput
 from app.observability import metrics
@@ -34,6 +43,7 @@ from app.services.jobs.store import (
 )
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def consumer_name() -> str:
@@ -61,8 +71,12 @@ class JobWorker:
         claim_idle_s: float,
         max_attempts: int,
         name: str | None = None,
+        store_retry_s: float = 30.0,
+        attempt_timeout_s: float = 300.0,
     ) -> None:
         self.store = store
+        self.store_retry_s = store_retry_s
+        self.attempt_timeout_s = attempt_timeout_s
         self.inference = inference
         self.concurrency = concurrency
         self.claim_idle_ms = int(claim_idle_s * 1000)
@@ -154,28 +168,52 @@ class JobWorker:
 
     async def _process(self, stream: str, entry_id: str, job_id: str) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(stream, entry_id))
+        bound = asyncio.timeout(self.attempt_timeout_s)
         try:
-            await self._run_job(job_id)
-            await self.store.ack(stream, entry_id)
+            async with bound:
+                await self._run_job(job_id)
+                await self._stored(lambda: self.store.ack(stream, entry_id))
         except Retryable:
             return  # left pending: reclaimed after the idle timeout, then counted as another attempt
-        except (RedisError, OSError) as exc:  # the store went away mid-job: the entry stays pending
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            logger.warning("job %s: attempt still unfinished after %.0f s; abandoned, it will be reclaimed",
+                           job_id, self.attempt_timeout_s)  # fmt: skip
+        except (RedisError, OSError) as exc:  # the store stayed away: the entry stays pending
             logger.warning("job %s: the job store failed (%s); it will be retried", job_id, exc)
         except Exception:
             logger.exception("job %s: unexpected failure; it will be retried", job_id)
         finally:
             heartbeat.cancel()
 
+    async def _stored(self, step: Callable[[], Awaitable[T]]) -> T:
+        """One job-store step, retried while Redis is unreachable or restarting (connection refused or
+        reset, loading, timeout) for up to ``store_retry_s``. Every step is safe to repeat: the scripts
+        complete a job once, an ack of an acked entry is a no-op."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.store_retry_s
+        delay = 0.1
+        while True:
+            try:
+                return await step()
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if loop.time() + delay > deadline:
+                    raise
+                logger.info("job store unavailable (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     async def _run_job(self, job_id: str) -> None:
-        status, attempt = await self.store.start(job_id, self.max_attempts)
+        status, attempt = await self._stored(lambda: self.store.start(job_id, self.max_attempts))
         if status in TERMINAL or status == "gone":
             return  # cancelled, expired, or already completed by another worker
         if status == "exhausted":
-            gone = await self.store.get(job_id)
+            gone = await self._stored(lambda: self.store.get(job_id))
             last = gone.last_error if gone is not None and gone.last_error else b""
             await self._give_up(job_id, attempt, last.decode())
             return
-        job = await self.store.get(job_id)
+        job = await self._stored(lambda: self.store.get(job_id))
         if job is None:
             return
         metrics.record_job("running")
@@ -185,15 +223,16 @@ class JobWorker:
         except GatewayError as exc:
             err = error_json(exc.code, exc.message, exc.details)
             if client_error(exc):  # the request itself is wrong: retrying cannot help
-                if await self.store.finish(job_id, JobStatus.FAILED, error=err):
+                if await self._stored(lambda: self.store.finish(job_id, JobStatus.FAILED, error=err)):
                     metrics.record_job("failed")
                 return
             await self._failed_attempt(job_id, attempt, err)
         except Exception as exc:
             await self._failed_attempt(job_id, attempt, error_json("internal_error", f"{type(exc).__name__}"))
         else:
-            done = await self.store.finish(
-                job_id, JobStatus.SUCCEEDED, result=result_json(response), cache=response.cache
+            result = result_json(response)
+            done = await self._stored(
+                lambda: self.store.finish(job_id, JobStatus.SUCCEEDED, result=result, cache=response.cache)
             )
             if done:
                 metrics.record_job("succeeded")
@@ -202,7 +241,7 @@ class JobWorker:
 
     async def _request(self, job: Job) -> InferRequest:
         """The request as validated at submit: stored tensors (bytes, dtype, shape), outputs, parameters."""
-        blob = await self.store.inputs(job.id)
+        blob = await self._stored(lambda: self.store.inputs(job.id))
         if blob is None:
             raise InvalidInput("the job's inputs are gone (expired)", {"job_id": job.id})
         inputs, datatypes = decode_inputs(blob)
@@ -220,7 +259,7 @@ class JobWorker:
         )  # fmt: skip
 
     async def _failed_attempt(self, job_id: str, attempt: int, err: bytes) -> None:
-        await self.store.set_last_error(job_id, err)
+        await self._stored(lambda: self.store.set_last_error(job_id, err))
         if attempt >= self.max_attempts:
             await self._give_up(job_id, attempt, err.decode())
             return
@@ -232,10 +271,10 @@ class JobWorker:
         reason = f"gave up after {attempts} attempts (TGW_JOB_MAX_ATTEMPTS)"
         if last:
             reason += f": {last.get('message', '')}"
-        await self.store.dead_letter(job_id, reason, attempts)
+        await self._stored(lambda: self.store.dead_letter(job_id, reason, attempts))
         details = {"attempts": attempts, "last_error": last, "dead_letter": True}
         err = error_json("attempts_exhausted", reason, details)
-        if await self.store.finish(job_id, JobStatus.FAILED, error=err):
+        if await self._stored(lambda: self.store.finish(job_id, JobStatus.FAILED, error=err)):
             metrics.record_job("failed")
 
     async def drain(self, timeout_s: float) -> None:
