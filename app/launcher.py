@@ -34,8 +34,31 @@ class LaunchError(RuntimeError):
     """An embedded server could not be started or did not become ready."""
 
 
+# Ports handed out by this process (servers, cluster bus ports, blocks): never handed out twice.
+_HANDED_OUT: set[int] = set()
+_LOW = 10000  # below: well-known and registered services
+
+
+def _ephemeral_low() -> int:
+    """Where Linux starts picking source ports for outgoing connections (32768 unless tuned)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A free loopback port for a server about to start, below the ephemeral range: a port from
+    ``bind(0)`` lies inside it, where any outgoing connection may take it before the server binds (seen in
+    CI). Never the same port twice in one process."""
+    rng = random.Random()
+    high = max(_LOW + 1000, min(_ephemeral_low(), 65536))
+    for _ in range(2000):
+        port = rng.randrange(_LOW, high)
+        if port not in _HANDED_OUT and _bindable(port):
+            _HANDED_OUT.add(port)
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # crowded: let the kernel choose
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
@@ -237,8 +260,9 @@ def cluster_ports(count: int) -> list[int]:
     ports: list[int] = []
     while len(ports) < count:
         port = rng.randrange(12000, 22000)
-        if port not in ports and _bindable(port) and _bindable(port + 10000):
+        if {port, port + 10000}.isdisjoint(_HANDED_OUT) and _bindable(port) and _bindable(port + 10000):
             ports.append(port)
+            _HANDED_OUT.update((port, port + 10000))
     return ports
 
 
@@ -248,7 +272,9 @@ def free_port_block(size: int) -> int:
     rng = random.Random()
     while True:
         base = rng.randrange(22000, 32700 - size)
-        if all(_bindable(base + i) for i in range(size)):
+        block = set(range(base, base + size))
+        if block.isdisjoint(_HANDED_OUT) and all(_bindable(p) for p in block):
+            _HANDED_OUT.update(block)
             return base
 
 
