@@ -28,7 +28,7 @@ import numpy as np
 import orjson
 from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.clients.tensors import tensor_bytes, tensor_from_bytes
@@ -189,6 +189,12 @@ class Submitted:
     outcome: str  # "created" | "replay" | "conflict" | "full"
     job_id: str = ""
     status: JobStatus | None = None
+
+
+# For the store's callers, which never import redis: Redis unreachable, restarting (loading) or slow,
+# worth retrying; and any failure of the store.
+STORE_UNAVAILABLE: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+STORE_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
 
 
 class JobStoreUnavailable(ServiceUnavailable):

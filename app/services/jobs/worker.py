@@ -25,15 +25,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.errors import GatewayError, InvalidInput
 from app.observability import metrics
 from app.services.inference import InferenceService, InferRequest
 from app.services.jobs.service import error_json, result_json
 from app.services.jobs.store import (
+    STORE_ERRORS,
+    STORE_UNAVAILABLE,
     STREAMS,
     TERMINAL,
     Job,
@@ -180,7 +179,7 @@ class JobWorker:
                 raise
             logger.warning("job %s: attempt still unfinished after %.0f s; abandoned, it will be reclaimed",
                            job_id, self.attempt_timeout_s)  # fmt: skip
-        except (RedisError, OSError) as exc:  # the store stayed away: the entry stays pending
+        except STORE_ERRORS as exc:  # the store stayed away: the entry stays pending
             logger.warning("job %s: the job store failed (%s); it will be retried", job_id, exc)
         except Exception:
             logger.exception("job %s: unexpected failure; it will be retried", job_id)
@@ -197,7 +196,7 @@ class JobWorker:
         while True:
             try:
                 return await step()
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except STORE_UNAVAILABLE as exc:
                 if loop.time() + delay > deadline:
                     raise
                 logger.info("job store unavailable (%s); retrying in %.1f s", exc, delay)
