@@ -175,10 +175,11 @@ class JobWorker:
         except Retryable:
             return  # left pending: reclaimed after the idle timeout, then counted as another attempt
         except TimeoutError:
-            if not bound.expired():
-                raise
-            logger.warning("job %s: attempt still unfinished after %.0f s; abandoned, it will be reclaimed",
-                           job_id, self.attempt_timeout_s)  # fmt: skip
+            if bound.expired():
+                logger.warning("job %s: attempt unfinished after %.0f s; abandoned, it will be reclaimed",
+                               job_id, self.attempt_timeout_s)  # fmt: skip
+            else:
+                logger.exception("job %s: unexpected failure; it will be retried", job_id)
         except STORE_ERRORS as exc:  # the store stayed away: the entry stays pending
             logger.warning("job %s: the job store failed (%s); it will be retried", job_id, exc)
         except Exception:
