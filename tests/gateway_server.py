@@ -40,8 +40,16 @@ def running_gateway_addresses(**overrides: object) -> Iterator[GatewayAddresses]
         app, settings, log_level="warning", lifespan="on", loop="asyncio",
         timeout_graceful_shutdown=2,
     )  # fmt: skip
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name=f"gateway-{port}", daemon=True)
+    with serving_in_thread(uvicorn.Server(config)):
+        web: Any = app.app  # the FastAPI app behind the pipeline holds the lifespan's state
+        grpc_port = getattr(web.state, "grpc_port", 0)
+        yield GatewayAddresses(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}" if grpc_port else "")
+
+
+@contextmanager
+def serving_in_thread(server: uvicorn.Server) -> Iterator[None]:
+    """Run ``server`` in a daemon thread until the block ends; returns once it has started."""
+    thread = threading.Thread(target=server.run, name=f"gateway-{server.config.port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
@@ -49,9 +57,7 @@ def running_gateway_addresses(**overrides: object) -> Iterator[GatewayAddresses]
             raise RuntimeError("the test gateway did not start")
         time.sleep(0.02)
     try:
-        web: Any = app.app  # the FastAPI app behind the pipeline holds the lifespan's state
-        grpc_port = getattr(web.state, "grpc_port", 0)
-        yield GatewayAddresses(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}" if grpc_port else "")
+        yield
     finally:
         server.should_exit = True
         thread.join(timeout=15)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ import uvicorn
 from app.launcher import free_port
 from app.main import create_app
 from app.settings import Settings
+from tests.gateway_server import serving_in_thread
 
 
 def unique_row(n: int = 4) -> list[float]:
@@ -60,22 +60,13 @@ def gateway_with_tenant_header(**overrides: object) -> Iterator[str]:
         tenant_app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", loop="asyncio",
         timeout_graceful_shutdown=2,
     )  # fmt: skip
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test gateway did not start")
-        time.sleep(0.02)
-    try:
+    with serving_in_thread(uvicorn.Server(config)):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
-def sigkill_worker_holding_jobs(r: Any, workers: list[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
+def sigkill_worker_holding_jobs(
+    r: Any, workers: list[subprocess.Popen[bytes]], timeout: float = 20.0
+) -> None:
     """SIGKILL one of ``workers`` (``tgw worker`` processes) while it holds pending jobs in the consumer
     group, as soon as one does; ``r`` is a Redis client of the jobs Redis."""
     from app.services.jobs.store import GROUP, STREAM
