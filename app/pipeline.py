@@ -42,7 +42,7 @@ from app.errors import (
 )
 from app.observability import metrics, tracing
 from app.observability.context import RequestInfo, begin_request
-from app.request_context import set_request_id
+from app.request_context import route_path, set_request_id
 
 access_logger = logging.getLogger("app.access")
 logger = logging.getLogger(__name__)
@@ -100,11 +100,7 @@ class InferRouter:
     def match(self, scope: Scope) -> InferRoute | None:
         if scope["method"] != "POST":
             return None
-        path: str = scope["path"]
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :]
-        route = match_infer(path)
+        route = match_infer(route_path(scope))
         return route if route is not None and route.api in self.handlers else None
 
     async def handle(self, route: InferRoute, body: bytes, headers: Headers) -> Reply:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from collections.abc import Mapping
 from contextvars import ContextVar
+from typing import Any
 
 _request_id: ContextVar[str | None] = ContextVar("tgw_request_id", default=None)
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -39,3 +41,10 @@ def set_request_id(value: str | None) -> str:
     rid = value if value and _VALID_ID.match(value) else _ids.next()
     _request_id.set(rid)
     return rid
+
+
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The request path as the application routes it: without the ``root_path`` a proxy mounted it under."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path

@@ -48,6 +48,7 @@ from app.auth.principal import (
     parse_tiers,
 )
 from app.errors import ServiceUnavailable
+from app.request_context import route_path
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -165,10 +166,7 @@ class AuthStage:
     async def _admit(self, scope: MutableMapping[str, Any]) -> Principal:
         if not self.enabled:
             return ANONYMOUS
-        path: str = scope["path"]
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :]
+        path = route_path(scope)
         kind = path_class(path)
         if kind == "open":
             return PUBLIC

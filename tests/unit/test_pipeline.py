@@ -1,6 +1,7 @@
 """The request pipeline's pure parts: infer-route matching and the Server-Timing header."""
 
 from app.pipeline import match_infer, server_timing
+from app.request_context import route_path
 
 
 def test_match_infer() -> None:
@@ -17,3 +18,9 @@ def test_server_timing() -> None:
         b"cache;dur=0.21, triton;dur=0.93, total;dur=1.40"
     )
     assert server_timing({}, 0.0001) == b"total;dur=0.10"
+
+
+def test_route_path_drops_the_root_path_a_proxy_mounted_the_app_under() -> None:
+    assert route_path({"path": "/gw/v1/models/m/infer", "root_path": "/gw"}) == "/v1/models/m/infer"
+    assert route_path({"path": "/v1/models/m/infer", "root_path": ""}) == "/v1/models/m/infer"
+    assert route_path({"path": "/other/v1", "root_path": "/gw"}) == "/other/v1"
