@@ -245,8 +245,15 @@ async def test_failure_before_triton_accepted_is_retried_once_elsewhere() -> Non
     refused = UpstreamUnavailable("Triton is unavailable: cannot connect to a (refused)")
     fakes["a:1"].fail = [refused] * 50
     fakes["b:1"].fail = []
-    assert {await _who(routed) for _ in range(10)} == {"b"}
+    # P2C picks a at random (equal load): ask until a has been tried once (P(never in 64) = 2**-64), and
+    # every answer comes from b: a's refusal was retried there, not returned
+    answers = []
+    while not fakes["a:1"].calls and len(answers) < 64:
+        answers.append(await _who(routed))
+    answers += [await _who(routed) for _ in range(10)]
+    assert fakes["a:1"].calls and set(answers) == {"b"}
     assert routed.balancer.endpoints["a:1"].state is State.EJECTED  # one refusal: out at once
+    assert len(fakes["a:1"].calls) == 1  # ejected: not picked again
     assert routed.retries >= 1
     # each attempt carries what is left of the deadline as Triton's own timeout
     assert all(0 < t <= 5.0 for t in fakes["b:1"].calls)
