@@ -229,7 +229,7 @@ def test_webhook_retried_until_receiver_is_up_signed_same_id(wc: httpx.Client) -
         job_id = r.json()["id"]
         deadline = time.monotonic() + 15
         while (job := wc.get(f"/v1/jobs/{job_id}").json()).get("webhook", {}).get("status") != "delivered":
-            assert time.monotonic() < deadline, job
+            assert time.monotonic() < deadline, (job["status"], job.get("webhook"))
             time.sleep(0.1)
     finally:
         rx.close()
@@ -262,8 +262,10 @@ def test_webhook_410_stops_and_exhaustion_dead_letters(wc: httpx.Client) -> None
             for rx in (gone, down)
         ]
         deadline = time.monotonic() + 15
-        while [wc.get(f"/v1/jobs/{i}").json()["webhook"]["status"] for i in ids] != ["stopped", "dead"]:
-            assert time.monotonic() < deadline
+        while [(jobs := [wc.get(f"/v1/jobs/{i}").json() for i in ids])[k]["webhook"]["status"] for k in (0, 1)] != [
+            "stopped", "dead"
+        ]:  # fmt: skip
+            assert time.monotonic() < deadline, [(j["status"], j["webhook"]) for j in jobs]
             time.sleep(0.1)
     finally:
         gone.close()
