@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +18,8 @@ from app.launcher import free_port
 from app.main import create_app
 from app.server import server_config
 from app.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,9 +52,22 @@ def running_gateway_addresses(**overrides: object) -> Iterator[GatewayAddresses]
 
 
 @contextmanager
-def serving_in_thread(server: uvicorn.Server) -> Iterator[None]:
-    """Run ``server`` in a daemon thread until the block ends; returns once it has started."""
-    thread = threading.Thread(target=server.run, name=f"gateway-{server.config.port}", daemon=True)
+def serving_in_thread(server: uvicorn.Server, stop_s: float = 15.0) -> Iterator[None]:
+    """Run ``server`` in a daemon thread until the block ends; returns once it has started. When the block
+    ends the server is gone: a graceful stop gets ``stop_s``, then every task left on its loop is
+    cancelled. A test gateway that outlived its block would keep serving, and its job worker and webhook
+    dispatcher would keep taking work from the session's shared Redis, into later tests."""
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def serve() -> None:
+        loops.append(asyncio.get_running_loop())
+        await server.serve()
+
+    def run() -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # cancelled below, if it would not stop
+            asyncio.run(serve())
+
+    thread = threading.Thread(target=run, name=f"gateway-{server.config.port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
@@ -60,4 +78,12 @@ def serving_in_thread(server: uvicorn.Server) -> Iterator[None]:
         yield
     finally:
         server.should_exit = True
-        thread.join(timeout=15)
+        thread.join(timeout=stop_s)
+        if thread.is_alive():
+            logger.warning("test gateway on port %d still stopping after %.0f s: cancelling its tasks",
+                           server.config.port, stop_s)  # fmt: skip
+            loop = loops[0]
+            loop.call_soon_threadsafe(lambda: [task.cancel() for task in asyncio.all_tasks(loop)])
+            thread.join(timeout=10)
+            if thread.is_alive():
+                raise RuntimeError(f"the test gateway on port {server.config.port} did not stop")
