@@ -50,7 +50,9 @@ class Load:
     async def _run(self) -> None:
         counter = itertools.count()  # spreads requests over the gateways, round-robin
         unique = itertools.count()  # makes every body different (cache misses)
-        limits = httpx.Limits(max_connections=self.concurrency * 2, max_keepalive_connections=self.concurrency)
+        limits = httpx.Limits(
+            max_connections=self.concurrency * 2, max_keepalive_connections=self.concurrency
+        )
         async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits) as client:
 
             async def worker(i: int) -> None:

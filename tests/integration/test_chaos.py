@@ -92,7 +92,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
     base = free_port_block(6)
     port = free_port()
     env = dict(os.environ)
-    for var in ("TGW_TRITON_URL", "TGW_TRITON_URLS", "TGW_TRITON_HTTP_URL", "TGW_REDIS_URL", "TGW_JOBS_REDIS_URL"):
+    for var in (
+        "TGW_TRITON_URL",
+        "TGW_TRITON_URLS",
+        "TGW_TRITON_HTTP_URL",
+        "TGW_REDIS_URL",
+        "TGW_JOBS_REDIS_URL",
+    ):
         env.pop(var, None)
     env.update({
         "TGW_PORT": str(port), "TGW_EMBEDDED_TRITONS": "2",
@@ -110,6 +116,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
     url = f"http://127.0.0.1:{port}"
     stack = Stack(proc, url, log, tmp / "state", env)
     try:
+
         def ready() -> bool:
             if proc.poll() is not None:
                 raise AssertionError("tgw up exited")
@@ -193,7 +200,9 @@ def test_sigstop_one_triton_for_5s(stack: Stack) -> None:
 def _sleep_jobs(c: httpx.Client, n: int, delay_s: float) -> tuple[list[str], list[float]]:
     base = delay_s + (time.time_ns() % 1000) / 1e6  # distinct inputs: no cached answers
     delays = [round(base + i / 1000, 6) for i in range(n)]
-    ids = [c.post("/v1/models/sleep_fp32/jobs", json={"inputs": {"DELAY_S": [[d]]}}).json()["id"] for d in delays]
+    ids = [
+        c.post("/v1/models/sleep_fp32/jobs", json={"inputs": {"DELAY_S": [[d]]}}).json()["id"] for d in delays
+    ]
     return ids, delays
 
 
@@ -271,7 +280,9 @@ def test_sigkill_a_job_worker_mid_batch(stack: Stack, tmp_path: Path) -> None:
             r = next((x for x in clients if x.exists(STREAM)), clients[0])
             ws_url = stack.url.replace("http", "ws") + "/v1/ws"
             for chunk in (ids[i : i + 30] for i in range(0, len(ids), 30)):  # TGW_WS_MAX_IN_FLIGHT per socket
-                threading.Thread(target=collect_results, args=(ws_url, chunk, frames, stop), daemon=True).start()
+                threading.Thread(
+                    target=collect_results, args=(ws_url, chunk, frames, stop), daemon=True
+                ).start()
             sigkill_worker_holding_jobs(r, workers)
             jobs = [wait_job(c, i, timeout=40) for i in ids]
             # results of jobs finished before the subscription come from the socket's periodic re-read

@@ -43,7 +43,15 @@ def test_no_goaway_with_the_gateways_options_held_idle_and_busy(strict_triton: E
     ping_s = SERVER_MIN_PING_MS / 1000 * 1.2
     runs = {}
     for mode, ping in (("gateway", ping_s), ("aggressive", 0.4)):
-        argv = [sys.executable, "-m", "tests.integration.keepalive_client", strict_triton.grpc_url, mode, "5", "5"]
+        argv = [
+            sys.executable,
+            "-m",
+            "tests.integration.keepalive_client",
+            strict_triton.grpc_url,
+            mode,
+            "5",
+            "5",
+        ]
         runs[mode] = subprocess.Popen([*argv, str(ping)], cwd=ROOT, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True)  # fmt: skip
     out = {mode: proc.communicate(timeout=90) for mode, proc in runs.items()}

@@ -172,7 +172,12 @@ def test_bench_key_targets_send_the_key() -> None:
     from app.bench.payloads import TINY, http_request_factory, key_targets
 
     miss, hit = key_targets(TINY, ("127.0.0.1", 8080), salt=7, api_key="tgw_0123456789ab_" + "k" * 43)
-    assert (miss.name, miss.unique, hit.name, hit.unique) == ("gateway-miss-key", True, "gateway-hit-key", False)
+    assert (miss.name, miss.unique, hit.name, hit.unique) == (
+        "gateway-miss-key",
+        True,
+        "gateway-hit-key",
+        False,
+    )
     request = http_request_factory(miss, 0)(1)
     head, _, body = request.partition(b"\r\n\r\n")
     assert b"\r\nAuthorization: Bearer tgw_0123456789ab_" in head
