@@ -301,6 +301,7 @@ async def _run_worker(settings: Settings) -> int:
         logger.info("job worker %s running", worker.name)
         await stop.wait()
         logger.info("draining job worker (up to %.0f s)", settings.drain_s)
+        gw.jobs.begin_drain()  # no new job, no new webhook claim
         await worker.drain(settings.drain_s)
     return 0
 

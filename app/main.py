@@ -45,6 +45,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             yield
         finally:
             lifecycle.deactivate()
+            gw.jobs.begin_drain()  # no new job or webhook while the front door drains (no signal needed)
             if front_door is not None:  # no new RPCs; those in flight get TGW_DRAIN_S
                 await front_door.stop(settings.drain_s)
             priority_check.cancel()

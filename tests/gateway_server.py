@@ -80,7 +80,7 @@ def serving_in_thread(server: uvicorn.Server, stop_s: float = 15.0) -> Iterator[
         server.should_exit = True
         thread.join(timeout=stop_s)
         if thread.is_alive():
-            logger.warning("test gateway on port %d still stopping after %.0f s: cancelling its tasks",
+            logger.warning("test gateway on port %d still stopping after %g s: cancelling its tasks",
                            server.config.port, stop_s)  # fmt: skip
             loop = loops[0]
             loop.call_soon_threadsafe(lambda: [task.cancel() for task in asyncio.all_tasks(loop)])

@@ -16,10 +16,12 @@ import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from app.errors import InvalidInput, ServiceUnavailable, UpstreamError
+from app.services.jobs.runtime import JobsRuntime
 from app.services.jobs.ssrf import UnsafeURL, literal_ip, parse_url, unsafe_reason, vet_url
 from app.services.jobs.store import Job, JobStatus, decode_inputs, encode_inputs, new_job_id, valid_job_id
 from app.services.jobs.webhooks import DeliveryResult, WebhookDispatcher, _retry_after, parse_secrets, sign
 from app.services.jobs.worker import client_error
+from app.settings import Settings
 
 SECRET_A = "whsec_" + base64.b64encode(b"a" * 32).decode()
 SECRET_B = "whsec_" + base64.b64encode(b"b" * 24).decode()
@@ -264,3 +266,34 @@ def test_every_job_key_shares_one_cluster_slot() -> None:
         store.idem_key("tenant", "key"), store.JOB_PREFIX + new_job_id(),
     ]  # fmt: skip
     assert len({key_slot(k.encode()) for k in keys}) == 1
+
+
+async def test_a_draining_dispatcher_claims_no_more_deliveries() -> None:
+    """Shutdown (SIGTERM or the application's lifespan ending) stops the claims at once: a delivery
+    claimed by a replica on its way out would wait for its lease (120 s) before another replica sends it."""
+
+    class Schedule(_Store):
+        claims = 0
+
+        async def claim_due_webhooks(self, lease_s: float, limit: int) -> list[str]:
+            self.claims += 1
+            return []
+
+    store = Schedule({})
+
+    async def view(j: Job) -> dict[str, Any]:
+        return {"id": j.id}
+
+    dispatcher = WebhookDispatcher(store, view, _SlowSender(), [], [1.0], poll_s=0.01)  # type: ignore[arg-type]
+    running = asyncio.create_task(dispatcher.run())
+    await asyncio.sleep(0.05)
+    assert store.claims >= 2
+    runtime = JobsRuntime(Settings(worker_in_process=True), inference=None)  # type: ignore[arg-type]
+    runtime.dispatcher = dispatcher
+    runtime.begin_drain()
+    await asyncio.wait_for(running, 1.0)
+    claims = store.claims
+    await asyncio.sleep(0.05)
+    assert store.claims == claims
+    assert runtime.worker is not None and runtime.worker.stopping
+    await runtime.stop()

@@ -106,9 +106,12 @@ class JobsRuntime:
         return JobsSnapshot(float(stats["queue_depth"]), float(stats["oldest_pending_age_seconds"]))
 
     def begin_drain(self) -> None:
-        """SIGTERM: the in-process worker stops taking new entries (running ones finish in ``stop``)."""
+        """SIGTERM, or the application shutting down: the in-process worker stops taking new entries and
+        the dispatcher stops claiming deliveries (those under way finish in ``stop``)."""
         if self.worker is not None:
             self.worker.stopping = True
+        if self.dispatcher is not None:
+            self.dispatcher.stopping = True
 
     async def _ensure_groups(self) -> None:
         """Create the consumer group at start-up (autoscalers read its lag before any worker runs). On a

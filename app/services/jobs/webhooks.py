@@ -175,9 +175,10 @@ class WebhookDispatcher:
         self._slots = asyncio.Semaphore(concurrency)
         self._per_host: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.stopping = False  # draining: no new claims; deliveries under way finish (or ``stop``)
 
     async def run(self) -> None:
-        while True:
+        while not self.stopping:
             try:
                 free = max(1, self._slots._value)  # claim only what we can start now
                 ids = await self.store.claim_due_webhooks(self.lease_s, free)
@@ -186,7 +187,7 @@ class WebhookDispatcher:
             except Exception as exc:
                 logger.warning("webhook schedule unavailable: %s", exc)
                 ids = []
-            for job_id in ids:
+            for job_id in ids:  # claimed: each is sent, even if draining began meanwhile
                 await self._slots.acquire()
                 task = asyncio.create_task(self._guarded(job_id))
                 self._tasks.add(task)
