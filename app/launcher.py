@@ -8,7 +8,6 @@ with ``PR_SET_PDEATHSIG`` so they die with their parent even when it is killed w
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import random
@@ -69,10 +68,29 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+# A child gets SIGTERM when the process that started it dies (even by SIGKILL): a tiny Python process
+# sets the parent-death signal, checks that its parent is still the one that started it, and becomes the
+# real program (same pid, so signals and ``pid`` keep meaning the server). Not a ``preexec_fn``: code run
+# between fork and exec in a process with gRPC's threads let gRPC's fork handlers restart its poller in
+# the child, whose epoll descriptor the child then closed; gRPC aborted it (SIGABRT) before exec (seen
+# in a test run). Without a ``preexec_fn`` subprocess uses vfork/posix_spawn, which runs no fork handlers.
+_EXEC_DYING_WITH_PARENT = f"""
+import ctypes, os, sys
+try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl({_PR_SET_PDEATHSIG}, {int(signal.SIGTERM)})
+except Exception:
+    pass
+if os.getppid() != int(sys.argv[1]):
+    os._exit(1)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def dying_with_parent(argv: Sequence[str]) -> list[str]:
+    """``argv`` run so that it gets SIGTERM when this process dies."""
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    return [sys.executable, "-I", "-S", "-c", _EXEC_DYING_WITH_PARENT, str(os.getpid()), *argv]
 
 
 def _package_dir(name: str) -> Path:
@@ -102,13 +120,12 @@ class ManagedProcess:
         logger.info("starting %s: %s (log: %s)", self.name, " ".join(self.argv), self.log_path)
         try:
             self.proc = subprocess.Popen(
-                self.argv,
+                dying_with_parent(self.argv),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self.env,
                 cwd=self.cwd,
-                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             raise LaunchError(f"could not start {self.name}: {exc}") from exc
