@@ -262,9 +262,10 @@ def test_webhook_410_stops_and_exhaustion_dead_letters(wc: httpx.Client) -> None
             for rx in (gone, down)
         ]
         deadline = time.monotonic() + 15
-        while [(jobs := [wc.get(f"/v1/jobs/{i}").json() for i in ids])[k]["webhook"]["status"] for k in (0, 1)] != [
-            "stopped", "dead"
-        ]:  # fmt: skip
+        while True:
+            jobs = [wc.get(f"/v1/jobs/{i}").json() for i in ids]
+            if [j["webhook"]["status"] for j in jobs] == ["stopped", "dead"]:
+                break
             assert time.monotonic() < deadline, [(j["status"], j["webhook"]) for j in jobs]
             time.sleep(0.1)
     finally:

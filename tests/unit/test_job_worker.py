@@ -58,31 +58,30 @@ async def test_a_store_step_is_retried_through_a_short_outage() -> None:
     assert calls == 3
 
 
+def failing_step(exc: Exception) -> tuple[Any, list[int]]:
+    """A store step that always raises ``exc``, and the list its calls are counted in."""
+    calls: list[int] = []
+
+    async def step() -> None:
+        calls.append(1)
+        raise exc
+
+    return step, calls
+
+
 async def test_a_store_step_gives_up_after_the_retry_window() -> None:
-    calls = 0
-
-    async def down() -> None:
-        nonlocal calls
-        calls += 1
-        raise RedisConnectionError("Connection refused")
-
+    down, calls = failing_step(RedisConnectionError("Connection refused"))
     started = time.monotonic()
     with pytest.raises(RedisConnectionError):
         await worker(StuckStore(), store_retry_s=0.5)._stored(down)
-    assert time.monotonic() - started < 2.0 and calls >= 3
+    assert time.monotonic() - started < 2.0 and len(calls) >= 3
 
 
 async def test_a_command_error_is_not_retried() -> None:
-    calls = 0
-
-    async def wrong() -> None:
-        nonlocal calls
-        calls += 1
-        raise ResponseError("ERR wrong number of arguments")
-
+    wrong, calls = failing_step(ResponseError("ERR wrong number of arguments"))
     with pytest.raises(ResponseError):
         await worker(StuckStore(), store_retry_s=5)._stored(wrong)
-    assert calls == 1
+    assert len(calls) == 1
 
 
 async def test_a_stuck_attempt_is_abandoned_and_its_heartbeat_stops() -> None:
