@@ -861,6 +861,6 @@ def test_dockerignore_keeps_what_the_images_need() -> None:
         for p in (ROOT / ".dockerignore").read_text().splitlines()
         if p.strip() and not p.startswith("#")
     ]
-    for needed in ("app", "pyproject.toml", "model_repository", "Dockerfile.gateway"):
+    for needed in ("app", "pyproject.toml", "model_repository", "Dockerfile.gateway", "requirements"):
         assert needed not in patterns and f"{needed}/" not in patterns, needed
     assert {".git", ".venv"} <= set(patterns)
