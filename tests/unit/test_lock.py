@@ -89,7 +89,9 @@ def test_a_package_has_one_version_in_every_profile_and_every_pin_a_hash(python:
     for profile in lock.PROFILES:
         for name, (version, hashes) in pins(lock.REQ / f"py{python}" / f"{profile}.txt").items():
             assert hashes > 0, f"{name} in py{python}/{profile}.txt has no hash"
-            assert everything[name][0] == version, f"{name}: {version} in {profile}, {everything[name][0]} in all"
+            assert everything[name][0] == version, (
+                f"{name}: {version} in {profile}, {everything[name][0]} in all"
+            )
 
 
 def test_the_gateways_runtime_lock_holds_no_test_tools_and_the_test_lock_the_cpu_torch() -> None:
