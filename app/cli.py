@@ -22,7 +22,7 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
-from app.launcher import EmbeddedRedis, EmbeddedTriton, LaunchError, ManagedProcess
+from app.launcher import EmbeddedRedis, EmbeddedTriton, LaunchError, ManagedProcess, StackState
 from app.lifecycle import (
     DependencyUnavailable,
     GracefulServer,
@@ -70,6 +70,32 @@ def _load_settings() -> Settings:
         header = "invalid settings (fix these environment variables):\n"
         sys.stderr.write(header + "\n".join(lines) + "\n")
         raise SystemExit(2) from None
+
+
+# Where a command that talks to the stack finds its stores: these variables, else a running `tgw up`'s.
+_STACK_ADDRESSES = ("TGW_REDIS_URL", "TGW_JOBS_REDIS_URL", "TGW_AUTH_REDIS_URL", "TGW_REDIS_CLUSTER")
+
+
+def stack_settings(command: str) -> Settings:
+    """Settings for a command that talks to a running stack (``tgw keys``): the environment's, and where it
+    names no Redis, the addresses of the ``tgw up`` running on this state dir (its ``stack.json``). With
+    neither, exit 2 with a message naming the address it would have used: a key written to the wrong Redis
+    is refused by the gateway as unknown, which is the worst way to find out."""
+    settings = _load_settings()
+    if any(os.environ.get(name) for name in _STACK_ADDRESSES):
+        return settings
+    state = StackState.read(settings.state_dir)
+    if state is None:
+        state_file = settings.state_dir / "stack.json"
+        would_use = redact_url(settings.auth_redis_address)
+        sys.stderr.write(
+            f"{command}: no Redis given and no running `tgw up` found ({state_file}).\n"
+            "  Start the stack (`make run`) first, or set TGW_AUTH_REDIS_URL (or TGW_JOBS_REDIS_URL) to the"
+            f" Redis that holds keys and jobs; without either it would use {would_use} (the cache).\n"
+        )
+        raise SystemExit(2)
+    os.environ.update({k: v for k, v in state.env.items() if k in _STACK_ADDRESSES})  # this command only
+    return _load_settings()
 
 
 def _uvicorn_config(settings: Settings, **extra: object) -> uvicorn.Config:
@@ -252,6 +278,13 @@ def cmd_up(_: argparse.Namespace) -> int:
                 f"grpc={t.grpc_url};http={t.http_url.removeprefix('http://')}" for t in tritons
             )
         os.environ.setdefault("TGW_WORKER_IN_PROCESS", "true")  # the embedded default runs jobs too
+        # `tgw keys` & co. in another shell read the addresses from here (StackState).
+        addresses = ("TGW_REDIS_URL", "TGW_JOBS_REDIS_URL", "TGW_AUTH_REDIS_URL", "TGW_TRITON_URL",
+                     "TGW_TRITON_URLS", "TGW_TRITON_HTTP_URL", "TGW_REDIS_CLUSTER")  # fmt: skip
+        env = {k: os.environ[k] for k in addresses if os.environ.get(k)}
+        env["TGW_PORT"], env["TGW_GRPC_PORT"] = str(settings.port), str(settings.grpc_port)
+        state_file = StackState(os.getpid(), env).write(settings.state_dir)
+        logger.info("stack addresses in %s (tgw keys and other commands read them)", state_file)
         logger.info("gateway on http://%s:%d", settings.host, settings.port)
         if settings.grpc_enabled:
             logger.info("gateway gRPC (KServe v2) on %s:%d", settings.host, settings.grpc_port)
@@ -262,6 +295,7 @@ def cmd_up(_: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         code = 0
     finally:
+        StackState.remove(settings.state_dir, os.getpid())
         for triton in tritons:
             triton.stop()  # also its Python-backend stubs and shared-memory regions
         if redis is not None:

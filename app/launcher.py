@@ -505,3 +505,54 @@ class EmbeddedTriton:
         while any(port_in_use(p) for p in (self.http_port, self.grpc_port)) and time.monotonic() < deadline:
             time.sleep(0.2)
         self.start(timeout)
+
+
+# --- the running stack's addresses, for the other `tgw` commands --------------------------------------
+
+STACK_FILE = "stack.json"
+
+
+@dataclass
+class StackState:
+    """What ``tgw up`` started, written to ``<TGW_STATE_DIR>/stack.json`` while it runs, so ``tgw keys`` (and
+    any command that talks to the stack) from another shell uses the same Redis and Triton addresses."""
+
+    pid: int
+    env: dict[str, str]  # the TGW_* addresses `tgw up` gave its gateway (TGW_REDIS_URL, ...)
+
+    def write(self, state_dir: Path) -> Path:
+        import json
+
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path = state_dir / STACK_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": self.pid, "env": self.env}, indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+    @staticmethod
+    def remove(state_dir: Path, pid: int) -> None:
+        """Remove the file if it is still ``pid``'s (a newer stack's file stays)."""
+        current = StackState.read(state_dir, alive_only=False)
+        if current is not None and current.pid == pid:
+            with contextlib.suppress(OSError):
+                (state_dir / STACK_FILE).unlink()
+
+    @staticmethod
+    def read(state_dir: Path, alive_only: bool = True) -> StackState | None:
+        """The running stack's state, or None (no file, unreadable, or its ``tgw up`` is gone)."""
+        import json
+
+        try:
+            data = json.loads((state_dir / STACK_FILE).read_text())
+            state = StackState(pid=int(data["pid"]), env={str(k): str(v) for k, v in data["env"].items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        if alive_only:
+            try:
+                os.kill(state.pid, 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                pass  # alive, another user's
+        return state

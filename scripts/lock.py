@@ -181,10 +181,12 @@ def install(profile: str) -> None:
     if not lock.exists():
         sys.exit(f"no lock for Python {python} ({lock.relative_to(ROOT)}): use Python {' or '.join(PYTHONS)}")
     env = dict(os.environ, VIRTUAL_ENV=sys.prefix)
-    base = [*uv(), "pip", "install", "--quiet", "--python", sys.executable]
+    base = [*uv(), "pip", "install", "--python", sys.executable]
+    print(f"installing {lock.relative_to(ROOT)} (uv; a cold cache downloads ~0.5 GB)", flush=True)
     locked = ["--require-hashes", "-r", str(lock), *torch_sources(python, lock)]
+    # uv's own progress and summary ("Installed N packages in ...") are the newcomer's progress report.
     subprocess.run([*base, *locked], env=env, check=True)
-    subprocess.run([*base, "--no-deps", "-e", str(ROOT)], env=env, check=True)
+    subprocess.run([*base, "--quiet", "--no-deps", "-e", str(ROOT)], env=env, check=True)
 
 
 def main() -> int:

@@ -168,3 +168,43 @@ def test_sigkill_leaves_no_orphans(stack: Stack) -> None:
     stack.proc.wait()
     assert _wait_gone(children, timeout=30) == []
     assert stack.leftovers() == []
+
+
+PEPPER = "pepper-" + __import__("secrets").token_urlsafe(32)
+
+
+@pytest.mark.parametrize("stack", [{"TGW_AUTH": "required", "TGW_KEY_PEPPER": PEPPER}], indirect=True)
+def test_tgw_keys_from_another_shell_finds_the_running_stack(stack: Stack, tmp_path: Path) -> None:
+    """`tgw keys create` beside `make run`, in a shell that knows only the pepper (and the state dir, as a
+    checkout's default .tgw/): the key lands in the stack's keys Redis and the gateway accepts it. Pointed at
+    the cache Redis (allkeys-lru), it refuses; with no stack and no address, it says which it would use."""
+    shell = {k: v for k, v in os.environ.items() if not k.startswith("TGW_")}
+    shell.update({"TGW_KEY_PEPPER": PEPPER, "TGW_STATE_DIR": stack.env["TGW_STATE_DIR"]})
+
+    def tgw(*args: str, env: dict[str, str] = shell) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "app.cli", "keys", *args], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    made = tgw("create", "--name", "newcomer")
+    assert made.returncode == 0, made.stderr
+    key = __import__("json").loads(made.stdout)["key"]
+    r = httpx.get(f"{stack.url}/v1/models", headers={"X-API-Key": key}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert (
+        httpx.get(f"{stack.url}/v1/models", headers={"X-API-Key": key + "x"}, timeout=10).status_code == 401
+    )
+
+    cache = {**shell, "TGW_REDIS_URL": f"redis://127.0.0.1:{stack.env['TGW_REDIS_PORT']}/0"}
+    refused = tgw("create", "--name", "evictable", env=cache)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "allkeys-lru" in refused.stderr and "TGW_REDIS_URL" in refused.stderr, refused.stderr
+
+    nowhere = {**shell, "TGW_STATE_DIR": str(tmp_path / "no-stack")}
+    lost = tgw("list", env=nowhere)
+    assert lost.returncode == 2 and "no running `tgw up`" in lost.stderr, lost.stderr
+    assert "redis://127.0.0.1:6379/0" in lost.stderr, lost.stderr
+
+    down = {**shell, "TGW_AUTH_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    unreachable = tgw("list", env=down)
+    assert unreachable.returncode == 1 and "TGW_AUTH_REDIS_URL" in unreachable.stderr, unreachable.stderr
+    assert down["TGW_AUTH_REDIS_URL"] in unreachable.stderr
