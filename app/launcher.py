@@ -446,6 +446,41 @@ class EmbeddedTriton:
         except OSError:
             return False
 
+    def failed_models(self) -> list[tuple[str, str]]:
+        """(model, reason) of every model version Triton gave up loading (state UNAVAILABLE, a reason other
+        than an unload), from its repository index; [] while it is still loading or unreachable."""
+        import json
+
+        request = urllib.request.Request(f"{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=1) as resp:
+                index = json.loads(resp.read())
+        except (OSError, ValueError):
+            return []
+        return [
+            (str(entry.get("name")), str(entry.get("reason")))
+            for entry in index if isinstance(entry, dict)
+            and entry.get("state") == "UNAVAILABLE" and entry.get("reason") not in (None, "", "unloaded")
+        ]  # fmt: skip
+
+    def _ready_or_failed(self) -> bool:
+        """Ready; or raise at once when a model failed to load (Triton, started with --exit-on-error=false and
+        strict readiness, would otherwise stay not-ready until the start-up timeout)."""
+        if self.ready():
+            return True
+        failed = self.failed_models()
+        if failed:
+            names = sorted({name for name, _ in failed})
+            log = self.process.log_tail(200).splitlines()
+            lines = [line for line in log if any(n in line for n in names)]
+            detail = "\n".join(lines[-10:]) or "\n".join(f"{n}: {why}" for n, why in failed)
+            raise LaunchError(
+                f"tritonserver could not load model(s) {', '.join(repr(n) for n in names)}; fix or remove "
+                f"{'it' if len(names) == 1 else 'them'} from the model repository. From its log "
+                f"({self.process.log_path}):\n{detail}"
+            )
+        return False
+
     def start(self, timeout: float = 120.0, attempts: int = 3) -> None:
         """Start and wait until every model is loaded. The Python backend can abort while many stubs
         start at once on a loaded machine (Triton issue #8882, ``boost::interprocess::lock_exception``);
@@ -460,7 +495,7 @@ class EmbeddedTriton:
         for attempt in range(1, attempts + 1):
             self.process.start()
             try:
-                self.process.wait_until(self.ready, max(deadline - time.monotonic(), 1.0), "ready")
+                self.process.wait_until(self._ready_or_failed, max(deadline - time.monotonic(), 1.0), "ready")
             except LaunchError:
                 code = self.process.returncode()
                 if code is None or code >= 0 or attempt == attempts:

@@ -208,3 +208,32 @@ def test_tgw_keys_from_another_shell_finds_the_running_stack(stack: Stack, tmp_p
     unreachable = tgw("list", env=down)
     assert unreachable.returncode == 1 and "TGW_AUTH_REDIS_URL" in unreachable.stderr, unreachable.stderr
     assert down["TGW_AUTH_REDIS_URL"] in unreachable.stderr
+
+
+def test_a_model_that_fails_to_load_stops_the_start_at_once_naming_it(tmp_path: Path) -> None:
+    """Triton logs the failure 0.1 s after start but stays not-ready: the start fails as soon as Triton's
+    repository index reports the model UNAVAILABLE, naming it and quoting its log line, not after 120 s."""
+    import shutil
+
+    from app.launcher import EmbeddedTriton, LaunchError
+
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "tests" / "models" / "identity_fp32", repo / "identity_fp32",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    broken = repo / "broken"
+    (broken / "1").mkdir(parents=True)
+    (broken / "config.pbtxt").write_text(
+        (repo / "identity_fp32" / "config.pbtxt").read_text().replace('"identity_fp32"', '"broken"')
+    )
+    (broken / "1" / "model.py").write_text(
+        "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('boom')\n"
+    )
+    server = EmbeddedTriton([repo], free_port(), free_port(), free_port(), tmp_path / "state")
+    start = time.monotonic()
+    with pytest.raises(LaunchError) as failed:
+        server.start(timeout=120)
+    took = time.monotonic() - start
+    message = str(failed.value)
+    assert "'broken'" in message and "boom" in message, message
+    assert took < 60, f"the failure was reported after {took:.0f} s"
+    assert not server.process.alive()
