@@ -98,6 +98,80 @@ def stack_settings(command: str) -> Settings:
     return _load_settings()
 
 
+# Variables the test and chaos harnesses read (not settings): not reported as unknown.
+_HARNESS_VARIABLES = frozenset({"TGW_CHAOS_SCALE", "TGW_CHAOS_LOG_LEVEL", "TGW_CHAOS_REDIS_KILL_AT_S",
+                                "TGW_FUZZ_SECONDS", "TGW_FUZZ_EXAMPLES", "TGW_TEST_WS_WINDOW_S",
+                                "TGW_PERF_ANALYZER"})  # fmt: skip
+
+
+def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """A warning per ``TGW_*`` variable no setting reads (a misspelling is otherwise silently ignored),
+    with the closest real name."""
+    import difflib
+
+    known = {f"TGW_{name.upper()}" for name in Settings.model_fields}
+    warnings = []
+    for name in sorted(environ if environ is not None else os.environ):
+        if name.startswith("TGW_") and name not in known and name not in _HARNESS_VARIABLES:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            warnings.append(f"unknown variable {name}: no setting reads it{hint}")
+    return warnings
+
+
+def _port_taken(host: str, port: int) -> bool:
+    """Whether another socket listens on (host, port). Bound without SO_REUSEPORT, so a listener that has it
+    (a gRPC front door: its own workers share the port) is found too; SO_REUSEADDR ignores TIME_WAIT."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def preflight(settings: Settings, serving: bool = True) -> list[str]:
+    """Problems that would stop the stack later, found before any child starts: one line each, naming the
+    variable to set."""
+    import importlib.util
+
+    problems = []
+    if serving and settings.auth == "required" and not settings.key_pepper:
+        problems.append(
+            "TGW_KEY_PEPPER is required with TGW_AUTH=required: a server secret of 32+ characters, e.g. "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'` (or TGW_AUTH=off on loopback)"
+        )
+    if settings.otel_endpoint and importlib.util.find_spec("opentelemetry.sdk") is None:
+        problems.append(
+            f"TGW_OTEL_ENDPOINT={settings.otel_endpoint}: tracing needs the `otel` extra "
+            "(opentelemetry-sdk and its OTLP exporter), which is not installed; install it or unset it"
+        )
+    if serving:
+        ports = [("TGW_PORT", settings.port)]
+        if settings.grpc_enabled and settings.grpc_port:
+            ports.append(("TGW_GRPC_PORT", settings.grpc_port))
+        for var, port in ports:
+            if _port_taken(settings.host, port):
+                problems.append(
+                    f"{var}={port}: the port is already in use on {settings.host} (another gateway or"
+                    f" `make run` stack?); stop it or set {var} to a free port"
+                )
+    return problems
+
+
+def _check_before_start(settings: Settings, command: str, serving: bool = True) -> None:
+    for warning in unknown_variables():
+        logger.warning("%s", warning)
+    problems = preflight(settings, serving)
+    if problems:
+        sys.stderr.write(f"tgw {command}: cannot start:\n" + "".join(f"  {p}\n" for p in problems))
+        raise SystemExit(2)
+
+
 def _uvicorn_config(settings: Settings, **extra: object) -> uvicorn.Config:
     """uvicorn with the server guards of ``app.server`` (timeouts, connection cap, uvloop)."""
     raise_nofile_limit()
@@ -225,6 +299,7 @@ def cmd_up(_: argparse.Namespace) -> int:
     if "TGW_SHUTDOWN_DELAY_S" not in os.environ:  # dev stack, no load balancer: Ctrl-C acts at once
         settings = settings.model_copy(update={"shutdown_delay_s": 0.0})
     _setup_logging(settings)
+    _check_before_start(settings, "up")
     children: list[Supervised] = []
     redis: EmbeddedRedis | None = None
     jobs_redis: EmbeddedRedis | None = None
@@ -309,6 +384,7 @@ def cmd_up(_: argparse.Namespace) -> int:
 def cmd_serve(_: argparse.Namespace) -> int:
     settings = _load_settings()
     _setup_logging(settings)
+    _check_before_start(settings, "serve")
     if not _wait_for_dependencies(settings):
         return 1
     config = _uvicorn_config(settings, workers=settings.workers)
@@ -343,6 +419,7 @@ async def _run_worker(settings: Settings) -> int:
 def cmd_worker(_: argparse.Namespace) -> int:
     settings = _load_settings()
     _setup_logging(settings)
+    _check_before_start(settings, "worker", serving=False)
     if not _wait_for_dependencies(settings):
         return 1
     if settings.worker_metrics_port:
