@@ -437,14 +437,46 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return runner.run(runner.options_from(args))
 
 
+UP_HELP = """The whole stack for development, in the foreground (what `make run` starts):
+  redis-server (response cache)   127.0.0.1:6379   TGW_REDIS_PORT; allkeys-lru within TGW_REDIS_MAXMEMORY
+  redis-server (jobs and keys)    127.0.0.1:6380   TGW_JOBS_REDIS_PORT; noeviction, AOF
+  tritonserver on TGW_MODEL_REPOSITORY   HTTP :8000, gRPC :8001, metrics :8002 (TGW_TRITON_*_PORT)
+  the gateway                     TGW_HOST:TGW_PORT (127.0.0.1:8080), gRPC :8081 (TGW_GRPC_PORT)
+Setting TGW_REDIS_URL or TGW_TRITON_URL uses that server instead of starting one. State and logs live
+in TGW_STATE_DIR (.tgw/: redis/redis.log, redis-jobs/redis.log, triton/triton.log, stack.json with the
+addresses for `tgw keys`). A child that dies is restarted (TGW_SUPERVISE_MAX_RESTARTS). Ctrl-C or
+SIGTERM stops them all. Auth is off unless TGW_AUTH=required (then TGW_KEY_PEPPER is needed).
+Every setting: README.md, "Settings"."""
+SERVE_HELP = """The gateway alone, against external Triton(s) and Redis: TGW_TRITON_URL (or TGW_TRITON_URLS,
+several), TGW_TRITON_HTTP_URL (inference over HTTP), TGW_REDIS_URL (cache), TGW_JOBS_REDIS_URL (jobs
+and keys; never evicting). Serves HTTP on TGW_HOST:TGW_PORT and gRPC on TGW_GRPC_PORT with TGW_WORKERS
+processes; waits up to TGW_STARTUP_WAIT_S for its dependencies. Images, Compose and k8s run this with
+TGW_AUTH=required (TGW_KEY_PEPPER, TGW_ADMIN_TOKEN). Every setting: README.md, "Settings"."""
+WORKER_HELP = """A job worker without a web server: reads the job streams in TGW_JOBS_REDIS_URL (else
+TGW_REDIS_URL), runs each job against TGW_TRITON_URL(S) with TGW_WORKER_CONCURRENCY in flight,
+delivers webhooks; metrics on TGW_WORKER_METRICS_PORT when set. SIGTERM: stop reading, let running jobs finish (TGW_DRAIN_S)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tgw", description=__doc__)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("triton-gateway")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        release = "unknown"
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="tgw", description=__doc__, formatter_class=raw)
+    parser.add_argument("--version", action="version", version=f"tgw (triton-gateway) {release}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="embedded Redis + Triton + gateway, in the foreground").set_defaults(fn=cmd_up)
-    sub.add_parser("serve", help="the gateway only (TGW_TRITON_URL, TGW_REDIS_URL)").set_defaults(
-        fn=cmd_serve
-    )
-    sub.add_parser("worker", help="a job worker (TGW_TRITON_URL, TGW_REDIS_URL)").set_defaults(fn=cmd_worker)
+    up = sub.add_parser("up", help="embedded Redis + Triton + gateway, in the foreground",
+                        description=UP_HELP, formatter_class=raw)  # fmt: skip
+    up.set_defaults(fn=cmd_up)
+    serve = sub.add_parser("serve", help="the gateway only (TGW_TRITON_URL, TGW_REDIS_URL)",
+                           description=SERVE_HELP, formatter_class=raw)  # fmt: skip
+    serve.set_defaults(fn=cmd_serve)
+    worker = sub.add_parser("worker", help="a job worker (TGW_TRITON_URL, TGW_REDIS_URL)",
+                            description=WORKER_HELP, formatter_class=raw)  # fmt: skip
+    worker.set_defaults(fn=cmd_worker)
     from app.convert.cli import add_parser as add_convert_parser
 
     add_convert_parser(sub)

@@ -72,3 +72,34 @@ def test_up_without_a_pepper_stops_before_starting_anything(tmp_path: Path) -> N
     assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) <= 4, out.stderr
     assert "TGW_AUTHH" in out.stderr and "did you mean TGW_AUTH?" in out.stderr
     assert not (tmp_path / "state" / "redis").exists() and not (tmp_path / "state" / "triton").exists()
+
+
+def test_version_and_help_say_what_starts_where() -> None:
+    def tgw(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "app.cli", *args], env=clean_env(), cwd=ROOT,
+                             capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+        return out.stdout
+
+    assert tgw("--version").startswith("tgw (triton-gateway) 0.")
+    up = tgw("up", "--help")
+    for fact in (
+        ":6379",
+        ":6380",
+        ":8000",
+        ":8001",
+        ":8080",
+        ":8081",
+        "TGW_STATE_DIR",
+        "triton.log",
+        "stack.json",
+    ):
+        assert fact in up, fact
+    assert "TGW_TRITON_URL" in tgw("serve", "--help") and "TGW_DRAIN_S" in tgw("worker", "--help")
+    for name in (
+        "TGW_PORT",
+        "TGW_GRPC_PORT",
+        "TGW_REDIS_PORT",
+        "TGW_JOBS_REDIS_PORT",
+        "TGW_WORKER_CONCURRENCY",
+    ):
+        assert name.removeprefix("TGW_").lower() in Settings.model_fields, name
