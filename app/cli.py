@@ -454,7 +454,8 @@ processes; waits up to TGW_STARTUP_WAIT_S for its dependencies. Images, Compose 
 TGW_AUTH=required (TGW_KEY_PEPPER, TGW_ADMIN_TOKEN). Every setting: README.md, "Settings"."""
 WORKER_HELP = """A job worker without a web server: reads the job streams in TGW_JOBS_REDIS_URL (else
 TGW_REDIS_URL), runs each job against TGW_TRITON_URL(S) with TGW_WORKER_CONCURRENCY in flight,
-delivers webhooks; metrics on TGW_WORKER_METRICS_PORT when set. SIGTERM: stop reading, let running jobs finish (TGW_DRAIN_S)."""
+delivers webhooks; metrics on TGW_WORKER_METRICS_PORT when set. SIGTERM: stop reading, let running
+jobs finish (TGW_DRAIN_S)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
