@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -104,6 +105,43 @@ _HARNESS_VARIABLES = frozenset({"TGW_CHAOS_SCALE", "TGW_CHAOS_LOG_LEVEL", "TGW_C
                                 "TGW_PERF_ANALYZER"})  # fmt: skip
 
 
+def dotenv_values() -> dict[str, str]:
+    """The TGW_* entries of the `.env` file Settings reads (none when there is no such file)."""
+    from dotenv import dotenv_values as read
+
+    path = Path(".env")
+    if not path.is_file():
+        return {}
+    return {k: v for k, v in read(path).items() if k.startswith("TGW_") and v is not None}
+
+
+def config_rows(settings: Settings) -> list[tuple[str, str, str]]:
+    """(variable, effective value, where it came from) for every setting; secrets redacted."""
+    from_file = dotenv_values()
+    rows = []
+    for name in Settings.model_fields:
+        var = f"TGW_{name.upper()}"
+        source = "environment" if var in os.environ else ".env" if var in from_file else "default"
+        value = getattr(settings, name)
+        if any(word in name for word in _SECRET_WORDS):
+            shown = "<unset>" if value in (None, "") else "<redacted>"
+        else:
+            shown = redact_url(value) if isinstance(value, str) and "://" in value else str(value)
+        rows.append((var, shown, source))
+    return rows
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    settings = _load_settings()
+    rows = config_rows(settings)
+    width = max(len(var) for var, _, _ in rows)
+    for var, shown, source in rows:
+        sys.stdout.write(f"{var:<{width}}  {shown}  ({source})\n")
+    for warning in unknown_variables():
+        sys.stderr.write(warning + "\n")
+    return 0
+
+
 def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
     """A warning per ``TGW_*`` variable no setting reads (a misspelling is otherwise silently ignored),
     with the closest real name."""
@@ -111,7 +149,8 @@ def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
 
     known = {f"TGW_{name.upper()}" for name in Settings.model_fields}
     warnings = []
-    for name in sorted(environ if environ is not None else os.environ):
+    names = environ if environ is not None else {**dotenv_values(), **os.environ}
+    for name in sorted(names):
         if name.startswith("TGW_") and name not in known and name not in _HARNESS_VARIABLES:
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
             hint = f" (did you mean {close[0]}?)" if close else ""
@@ -478,6 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="a job worker (TGW_TRITON_URL, TGW_REDIS_URL)",
                             description=WORKER_HELP, formatter_class=raw)  # fmt: skip
     worker.set_defaults(fn=cmd_worker)
+    config = sub.add_parser("config", help="the effective settings (`tgw config show`)")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    config_sub.add_parser(
+        "show", help="every setting's effective value and where it came from (environment, .env, default)"
+    ).set_defaults(fn=cmd_config)
     from app.convert.cli import add_parser as add_convert_parser
 
     add_convert_parser(sub)

@@ -33,7 +33,10 @@ def _split_csv(value: object) -> object:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TGW_", extra="ignore", validate_default=True)
+    # The environment first, then a `.env` file in the working directory (docs: README "Settings").
+    model_config = SettingsConfigDict(
+        env_prefix="TGW_", env_file=".env", env_file_encoding="utf-8", extra="ignore", validate_default=True
+    )
 
     # --- HTTP server -------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="address the gateway listens on (0.0.0.0 in containers)")

@@ -103,3 +103,18 @@ def test_version_and_help_say_what_starts_where() -> None:
         "TGW_WORKER_CONCURRENCY",
     ):
         assert name.removeprefix("TGW_").lower() in Settings.model_fields, name
+
+
+def test_settings_from_a_dotenv_file_and_config_show_says_where_each_came_from(tmp_path: Path) -> None:
+    secret = "s3cret-" + "k9" * 20
+    (tmp_path / ".env").write_text(f"TGW_PORT=9123\nTGW_KEY_PEPPER={secret}\nTGW_PROT=1\nOTHER=x\n")
+    env = clean_env(TGW_LOG_LEVEL="DEBUG", TGW_PORT="9124")  # the environment wins over .env
+    out = subprocess.run([sys.executable, "-m", "app.cli", "config", "show"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in out.stdout.splitlines()}
+    assert rows["TGW_PORT"] == "9124  (environment)"
+    assert rows["TGW_KEY_PEPPER"] == "<redacted>  (.env)" and secret not in out.stdout
+    assert rows["TGW_LOG_LEVEL"] == "DEBUG  (environment)" and rows["TGW_HOST"] == "127.0.0.1  (default)"
+    assert len(rows) == len(Settings.model_fields)
+    assert "unknown variable TGW_PROT" in out.stderr and "TGW_PORT?" in out.stderr
+    assert Settings(_env_file=tmp_path / ".env").port == 9123  # type: ignore[call-arg]
