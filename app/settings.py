@@ -32,6 +32,33 @@ def _split_csv(value: object) -> object:
     return value
 
 
+_PLACEHOLDERS = ("change-me", "changeme", "change_me", "replace-me", "replaceme", "placeholder", "example",
+                 "your-secret", "secret-here", "<")  # fmt: skip
+MIN_SECRET_BITS = 96.0
+
+
+def secret_bits(value: str) -> float:
+    """Entropy estimate of a secret from its own character frequencies (Shannon, bits per character times
+    length): 64 random hex characters give ~230, ``"x" * 40`` gives 0."""
+    import math
+    from collections import Counter
+
+    counts = Counter(value)
+    n = len(value)
+    return -sum(c * math.log2(c / n) for c in counts.values())
+
+
+def secret_problem(value: str) -> str | None:
+    lowered = value.lower()
+    for marker in _PLACEHOLDERS:
+        if marker in lowered:
+            return f"a placeholder (contains {marker!r}), not a secret"
+    bits = secret_bits(value)
+    if bits < MIN_SECRET_BITS:
+        return f"too guessable (~{bits:.0f} bits by its character frequencies; {MIN_SECRET_BITS:.0f}+ needed)"
+    return None
+
+
 class Settings(BaseSettings):
     # The environment first, then a `.env` file in the working directory (docs: README "Settings").
     model_config = SettingsConfigDict(
@@ -176,7 +203,8 @@ class Settings(BaseSettings):
         False, description="allow TGW_AUTH=off on a non-loopback address (you have auth in front of it)"
     )
     key_pepper: str | None = Field(
-        None, min_length=32, description="server secret keys are HMAC-SHA256'd with (32+ chars); required "
+        None, min_length=32, description="server secret keys are HMAC-SHA256'd with (32+ random chars: "
+        "placeholders and guessable values are refused, e.g. `openssl rand -hex 32`); required "
         "with TGW_AUTH=required and for `tgw keys`; changing it invalidates every key",
     )  # fmt: skip
     admin_token: str | None = Field(
@@ -369,6 +397,17 @@ class Settings(BaseSettings):
 
         parse_triton_urls(value)
         return value.strip()
+
+    @field_validator("key_pepper", "admin_token")
+    @classmethod
+    def _real_secret(cls, value: str | None) -> str | None:
+        """Refuse the deploy files' placeholders and values a guesser could reach (see secret_problem)."""
+        if value is None:
+            return None
+        problem = secret_problem(value)
+        if problem:
+            raise ValueError(f"{problem}; generate one with `openssl rand -hex 32`")
+        return value
 
     @field_validator("otel_endpoint")
     @classmethod
