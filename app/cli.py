@@ -131,6 +131,12 @@ def config_rows(settings: Settings) -> list[tuple[str, str, str]]:
     return rows
 
 
+def cmd_doctor(_: argparse.Namespace) -> int:
+    from app import doctor
+
+    return doctor.run(_load_settings)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     settings = _load_settings()
     rows = config_rows(settings)
@@ -517,6 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="a job worker (TGW_TRITON_URL, TGW_REDIS_URL)",
                             description=WORKER_HELP, formatter_class=raw)  # fmt: skip
     worker.set_defaults(fn=cmd_worker)
+    doctor = sub.add_parser(
+        "doctor", help="is the stack up, where, which Redis holds keys and jobs (and its eviction policy), "
+        "Triton and models ready, settings that look wrong",
+    )  # fmt: skip
+    doctor.set_defaults(fn=cmd_doctor)
     config = sub.add_parser("config", help="the effective settings (`tgw config show`)")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     config_sub.add_parser(

@@ -237,3 +237,27 @@ def test_a_model_that_fails_to_load_stops_the_start_at_once_naming_it(tmp_path: 
     assert "'broken'" in message and "boom" in message, message
     assert took < 60, f"the failure was reported after {took:.0f} s"
     assert not server.process.alive()
+
+
+def test_tgw_doctor_reports_the_running_stack(stack: Stack, tmp_path: Path) -> None:
+    """From another shell that knows only the state dir: the gateway, both Redis with their eviction
+    policies, Triton and its models; with no stack it fails naming what is missing."""
+    shell = {k: v for k, v in os.environ.items() if not k.startswith("TGW_")}
+    shell["TGW_STATE_DIR"] = stack.env["TGW_STATE_DIR"]
+
+    def doctor(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "app.cli", "doctor"], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    out = doctor(shell)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = {line.split(None, 1)[1].split("  ")[0].strip(): line for line in out.stdout.splitlines()}
+    assert lines["tgw up"].startswith("ok") and str(stack.proc.pid) in lines["tgw up"]
+    assert lines["gateway"].startswith("ok") and lines["gateway ready"].startswith("ok")
+    assert "allkeys-lru" in lines["cache Redis"] and lines["cache Redis"].startswith("ok")
+    keys = lines["keys and jobs Redis"]
+    assert keys.startswith("ok") and "noeviction" in keys and stack.env["TGW_JOBS_REDIS_PORT"] in keys
+    assert lines["Triton"].startswith("ok") and lines["models"].startswith("ok")
+
+    gone = doctor({**shell, "TGW_STATE_DIR": str(tmp_path / "none"), "TGW_PORT": str(free_port())})
+    assert gone.returncode == 1 and "FAIL  gateway" in gone.stdout, gone.stdout
