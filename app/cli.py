@@ -416,12 +416,12 @@ def cmd_up(_: argparse.Namespace) -> int:
         code = 0
     finally:
         StackState.remove(settings.state_dir, os.getpid())
-        for triton in tritons:
-            triton.stop()  # also its Python-backend stubs and shared-memory regions
-        if redis is not None:
-            redis.stop()
-        if jobs_redis is not None:
-            jobs_redis.stop()
+        # The gateway has drained; its servers stop together (each waits for its own exit).
+        stops = [triton.stop for triton in tritons]  # also its Python-backend stubs and shm regions
+        stops += [server.stop for server in (redis, jobs_redis) if server is not None]
+        with ThreadPoolExecutor(max_workers=len(stops) or 1, thread_name_prefix="tgw-stop") as stopper:
+            for future in [stopper.submit(stop) for stop in stops]:
+                future.result()
         spawner.shutdown(wait=False, cancel_futures=True)
     return code
 

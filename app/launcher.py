@@ -126,6 +126,10 @@ class ManagedProcess:
                 stdin=subprocess.DEVNULL,
                 env=self.env,
                 cwd=self.cwd,
+                # Its own session: a terminal's Ctrl-C (SIGINT to the foreground process group) reaches only
+                # `tgw up`, which drains the gateway first and then stops its children in order; before,
+                # Redis died under a gateway still draining (connection warnings on every clean stop).
+                start_new_session=True,
             )
         except OSError as exc:
             raise LaunchError(f"could not start {self.name}: {exc}") from exc

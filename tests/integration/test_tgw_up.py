@@ -261,3 +261,44 @@ def test_tgw_doctor_reports_the_running_stack(stack: Stack, tmp_path: Path) -> N
 
     gone = doctor({**shell, "TGW_STATE_DIR": str(tmp_path / "none"), "TGW_PORT": str(free_port())})
     assert gone.returncode == 1 and "FAIL  gateway" in gone.stdout, gone.stdout
+
+
+def test_ctrl_c_drains_the_gateway_then_stops_the_children_quietly(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C is SIGINT to the whole foreground process group. The children run in their own
+    sessions, so only `tgw up` gets it: the gateway drains while Redis and Triton still serve, then they
+    stop. Before, Redis died first and every clean stop logged connection warnings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TGW_")}
+    env.update({"TGW_PORT": str(free_port()), "TGW_GRPC_PORT": str(free_port()),
+                "TGW_TRITON_HTTP_PORT": str(free_port()), "TGW_TRITON_GRPC_PORT": str(free_port()),
+                "TGW_TRITON_METRICS_PORT": str(free_port()), "TGW_REDIS_PORT": str(free_port()),
+                "TGW_JOBS_REDIS_PORT": str(free_port()), "TGW_MODEL_REPOSITORY": str(ROOT / "tests" / "models"),
+                "TGW_STATE_DIR": str(tmp_path / "state"), "TGW_LOG_FORMAT": "text"})  # fmt: skip
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up"], env=env, stdout=out, stderr=out,
+                                cwd=ROOT, start_new_session=True)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{env['TGW_PORT']}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                   text=True).stdout.split()]  # fmt: skip
+        assert len(children) >= 3, children  # two Redis, Triton
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _wait_gone(children) == []
+    after = log.read_text().split("SIGINT received", 1)[1]
+    noisy = [line for line in after.splitlines() if " WARNING " in line or " ERROR " in line]
+    assert noisy == [], noisy
+    assert "stopping tritonserver" in after and "stopping redis-server" in after
