@@ -274,20 +274,17 @@ class Supervised:
     restarts: int = 0
 
 
-async def _serve_with_children(
-    settings: Settings, children: list[Supervised], spawner: ThreadPoolExecutor | None = None
-) -> int:
-    """Serve the gateway; a child that dies is started again with a growing pause (meanwhile the gateway
-    serves: Redis down = cache bypass, one Triton down = the others). More than
-    ``TGW_SUPERVISE_MAX_RESTARTS`` crashes of one child within 60 s stop everything, saying which and why."""
-    server = GracefulServer(_uvicorn_config(settings), settings.shutdown_delay_s)
-    failed: list[str] = []
+async def _supervise(
+    settings: Settings,
+    children: list[Supervised],
+    spawner: ThreadPoolExecutor | None,
+    stopping: Callable[[], bool],
+    give_up: Callable[[Supervised, str], None],
+) -> None:
+    """Start a child that died again with a growing pause (meanwhile the gateway serves: Redis down = cache
+    bypass, one Triton down = the others); more than ``TGW_SUPERVISE_MAX_RESTARTS`` crashes of one child
+    within 60 s: ``give_up``. Runs until ``stopping()``."""
     tasks: set[asyncio.Task[None]] = set()
-
-    def give_up(child: Supervised, why: str) -> None:
-        failed.append(f"{child.name} {why}; last log lines ({child.process.log_path}):\n"
-                      f"{child.process.log_tail()}")  # fmt: skip
-        server.should_exit = True
 
     async def restart(child: Supervised, pause: float) -> None:
         try:
@@ -301,8 +298,8 @@ async def _serve_with_children(
         finally:
             child.restarting = False
 
-    async def watch() -> None:
-        while not server.should_exit:
+    try:
+        while not stopping():
             for child in children:
                 if child.restarting or child.process.alive():
                     continue
@@ -325,18 +322,84 @@ async def _serve_with_children(
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             await asyncio.sleep(0.5)
+    finally:
+        for task in list(tasks):
+            task.cancel()
 
-    watcher = asyncio.create_task(watch())
+
+def _gave_up(child: Supervised, why: str) -> str:
+    return f"{child.name} {why}; last log lines ({child.process.log_path}):\n{child.process.log_tail()}"
+
+
+async def _serve_with_children(
+    settings: Settings, children: list[Supervised], spawner: ThreadPoolExecutor | None = None
+) -> int:
+    """Serve the gateway in this process, supervising the children (``_supervise``)."""
+    server = GracefulServer(_uvicorn_config(settings), settings.shutdown_delay_s)
+    failed: list[str] = []
+
+    def give_up(child: Supervised, why: str) -> None:
+        failed.append(_gave_up(child, why))
+        server.should_exit = True
+
+    watcher = asyncio.create_task(
+        _supervise(settings, children, spawner, lambda: server.should_exit, give_up)
+    )
     try:
         await server.serve()
     finally:
         watcher.cancel()
-        for task in list(tasks):
-            task.cancel()
     if failed:
         logger.error("stopping the stack: %s", failed[0])
         return 1
     return 0 if server.started else 1
+
+
+def _serve_workers_with_children(
+    settings: Settings, workers: int, children: list[Supervised], spawner: ThreadPoolExecutor
+) -> int:
+    """``workers`` gateway processes (uvicorn's supervisor, as ``tgw serve``), the children supervised from a
+    thread; a child that gives up stops the supervisor."""
+    import threading
+
+    failed: list[str] = []
+    started = threading.Event()
+    holder: list[Any] = []
+
+    def on_supervisor(supervisor: Any) -> None:
+        holder.append(supervisor)
+        started.set()
+
+    def stopping() -> bool:
+        return bool(holder) and holder[0].should_exit.is_set()
+
+    def give_up(child: Supervised, why: str) -> None:
+        failed.append(_gave_up(child, why))
+        holder[0].should_exit.set()
+
+    def watch() -> None:
+        started.wait()
+        asyncio.run(_supervise(settings, children, spawner, stopping, give_up))
+
+    watcher = threading.Thread(target=watch, name="tgw-supervise", daemon=True)
+    watcher.start()
+    with _multiprocess_metrics_dir():
+        code = run_workers(_uvicorn_config(settings, workers=workers), on_supervisor=on_supervisor)
+    started.set()
+    watcher.join(timeout=5)
+    if failed:
+        logger.error("stopping the stack: %s", failed[0])
+        return 1
+    return code
+
+
+def up_workers(settings: Settings) -> int:
+    """TGW_WORKERS when set; else half the cores this process may use, 1 to 8 (one on a 2-core machine:
+    Triton needs the other)."""
+    if "workers" in settings.model_fields_set:
+        return settings.workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // 2))
 
 
 def cmd_up(_: argparse.Namespace) -> int:
@@ -405,10 +468,15 @@ def cmd_up(_: argparse.Namespace) -> int:
         env["TGW_PORT"], env["TGW_GRPC_PORT"] = str(settings.port), str(settings.grpc_port)
         state_file = StackState(os.getpid(), env).write(settings.state_dir)
         logger.info("stack addresses in %s (tgw keys and other commands read them)", state_file)
-        logger.info("gateway on http://%s:%d", settings.host, settings.port)
+        workers = up_workers(settings)
+        logger.info("gateway on http://%s:%d (%d worker process%s; TGW_WORKERS)",
+                    settings.host, settings.port, workers, "" if workers == 1 else "es")  # fmt: skip
         if settings.grpc_enabled:
             logger.info("gateway gRPC (KServe v2) on %s:%d", settings.host, settings.grpc_port)
-        code = run_on_server_loop(_serve_with_children(settings, children, spawner))  # uvloop, as `tgw serve`
+        if workers > 1:
+            code = _serve_workers_with_children(settings, workers, children, spawner)
+        else:  # uvloop, as `tgw serve`
+            code = run_on_server_loop(_serve_with_children(settings, children, spawner))
     except LaunchError as exc:
         logger.error("%s", exc)
         code = 1

@@ -234,14 +234,19 @@ class GracefulProcess(uvicorn_multiprocess.Process):
         return self._server
 
 
-def run_workers(config: uvicorn.Config) -> int:
+def run_workers(
+    config: uvicorn.Config, on_supervisor: Callable[[uvicorn_multiprocess.Multiprocess], None] | None = None
+) -> int:
     """uvicorn's multiprocess supervisor with ``GracefulServer`` in every worker. On SIGTERM the
-    supervisor forwards SIGTERM to each worker, which drains as above; returns 0 if all exit 0."""
+    supervisor forwards SIGTERM to each worker, which drains as above; returns 0 if all exit 0.
+    ``on_supervisor`` gets the supervisor before it starts (``should_exit.set()`` stops it)."""
     sock = config.bind_socket()
     original = uvicorn_multiprocess.Process
     uvicorn_multiprocess.Process = GracefulProcess  # type: ignore[misc]
     try:
         supervisor = uvicorn_multiprocess.Multiprocess(config, sockets=[sock])
+        if on_supervisor is not None:
+            on_supervisor(supervisor)
         supervisor.run()
     finally:
         uvicorn_multiprocess.Process = original  # type: ignore[misc]

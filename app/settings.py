@@ -68,7 +68,10 @@ class Settings(BaseSettings):
     # --- HTTP server -------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="address the gateway listens on (0.0.0.0 in containers)")
     port: int = Field(8080, ge=1, le=65535, description="gateway HTTP port")
-    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes for `tgw serve`")
+    workers: int = Field(
+        1, ge=1, le=64, description="gateway worker processes: `tgw serve` (default 1) and `tgw up` (unset: "
+        "half the cores, 1 to 8)",
+    )  # fmt: skip
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL"
     )

@@ -302,3 +302,29 @@ def test_ctrl_c_drains_the_gateway_then_stops_the_children_quietly(tmp_path: Pat
     noisy = [line for line in after.splitlines() if " WARNING " in line or " ERROR " in line]
     assert noisy == [], noisy
     assert "stopping tritonserver" in after and "stopping redis-server" in after
+
+
+@pytest.mark.parametrize("stack", [{"TGW_WORKERS": "2"}], indirect=True)
+def test_tgw_up_serves_with_the_worker_count_it_is_given(stack: Stack) -> None:
+    """TGW_WORKERS gateway processes under tgw up (it served one before, whatever the setting said), the
+    children still supervised; SIGTERM stops them all."""
+    import psutil
+
+    me = psutil.Process(stack.proc.pid)
+    deadline = time.monotonic() + 30
+    while True:
+        gateways = [p for p in me.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+        if len(gateways) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert len(gateways) == 2, [p.cmdline() for p in me.children(recursive=True)]
+    with httpx.Client(base_url=stack.url, timeout=10) as c:
+        for _ in range(20):
+            r = c.post("/v2/models/identity_fp32/infer", json={"inputs": [
+                {"name": "INPUT0", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}]})  # fmt: skip
+            assert r.status_code == 200, r.text
+    assert "2 worker processes" in stack.log.read_text()
+    children = stack.children()
+    stack.proc.send_signal(signal.SIGTERM)
+    assert stack.proc.wait(timeout=60) == 0, stack.log.read_text()[-3000:]
+    assert _wait_gone(children + [p.pid for p in gateways]) == []
