@@ -571,6 +571,18 @@ delivers webhooks; metrics on TGW_WORKER_METRICS_PORT when set. SIGTERM: stop re
 jobs finish (TGW_DRAIN_S)."""
 
 
+BENCH_HELP = """Starts its own stack (embedded Triton and Redis, the gateway as `tgw serve`) on free loopback
+ports and measures Triton direct against the gateway with the same model and payloads, side by side,
+in one run. Defaults: both models, every target, 5 concurrency levels, 1 s warm-up + 4 s per level, wrk
+cross-check, a memory soak of up to 180 s: a full run takes about 8 minutes on 2 cores (docs/
+performance.md); `--quick` a few seconds. Reports: bench-results/results.{json,csv,md,png} (the plot
+only where matplotlib is installed: `make bench` installs it)."""
+
+
+class BenchHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, each option with its default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -608,8 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_keys_parser(sub)
     bench = sub.add_parser(
-        "bench", help="benchmark: Triton direct vs the gateway (embedded stack, reports in bench-results/)"
-    )
+        "bench", help="benchmark: Triton direct vs the gateway (embedded stack, reports in bench-results/)",
+        description=BENCH_HELP, formatter_class=BenchHelpFormatter,
+    )  # fmt: skip
     from app.bench.runner import add_arguments
 
     add_arguments(bench)

@@ -118,3 +118,9 @@ def test_settings_from_a_dotenv_file_and_config_show_says_where_each_came_from(t
     assert len(rows) == len(Settings.model_fields)
     assert "unknown variable TGW_PROT" in out.stderr and "TGW_PORT?" in out.stderr
     assert Settings(_env_file=tmp_path / ".env").port == 9123  # type: ignore[call-arg]
+
+
+def test_bench_help_gives_defaults_and_duration() -> None:
+    out = subprocess.run([sys.executable, "-m", "app.cli", "bench", "--help"], env=clean_env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
+    assert "about 8 minutes" in out and "(default: bench-results)" in out and "--quick" in out
