@@ -8,7 +8,9 @@ and an undecodable message is INVALID_ARGUMENT."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import os
 import threading
 import time
@@ -352,3 +354,45 @@ def test_undecodable_message_is_invalid_argument(gateway_grpc: str) -> None:
         with pytest.raises(grpc.RpcError) as err:
             list(stream(iter([garbage]), timeout=10))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+
+
+def test_unhandled_error_log_line_carries_the_request_id_of_the_answer(
+    gateway_grpc: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault injected in the gRPC decode step (the real gateway, Triton and Redis): the INTERNAL status
+    points to the log by request id, and the log line (the gateway's own handler: JSON, repeat filter)
+    carries that id and the traceback; a second, different fault within 10 s is logged in full too."""
+    import app.codecs.grpc as codec
+    from app.observability.logging import JsonFormatter, RepeatFilter
+
+    real = codec.decode
+    faults = {"boom-1": RuntimeError("injected fault"), "boom-2": LookupError("another injected fault")}
+
+    def failing(info: Any, req: Any) -> Any:
+        if req.id in faults:
+            raise faults[req.id]
+        return real(info, req)
+
+    monkeypatch.setattr(codec, "decode", failing)
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RepeatFilter(10.0))
+    logging.getLogger("app.errors").addHandler(handler)
+    ids = []
+    try:
+        with stub_for(gateway_grpc) as stub:
+            for rid in faults:
+                call = stub.ModelInfer.with_call
+                with pytest.raises(grpc.RpcError) as err:
+                    call(fp32_request(np.ones((1, 2), np.float32), rid), timeout=10)
+                assert err.value.code() == grpc.StatusCode.INTERNAL
+                assert "see the gateway log for this request id" in (err.value.details() or "")
+                ids.append(dict(err.value.trailing_metadata() or ())["x-request-id"])
+    finally:
+        logging.getLogger("app.errors").removeHandler(handler)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    unhandled = [line for line in lines if line["msg"] == "unhandled error"]
+    assert [line["request_id"] for line in unhandled] == ids == ["boom-1", "boom-2"]
+    assert "RuntimeError: injected fault" in unhandled[0]["exc"]
+    assert "LookupError: another injected fault" in unhandled[1]["exc"]
