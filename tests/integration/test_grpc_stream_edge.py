@@ -171,7 +171,7 @@ def test_stream_messages_take_the_daily_quota_and_in_flight_slots(auth_gateway: 
     assert [bool(r.error_message) for r in responses] == [False] * 4 + [True] * 6  # the stream took one
     assert "daily" in responses[-1].error_message
     one = make_key(auth_gateway.http, rps=100, burst=100, concurrency=1)
-    slow = [fp32_request(np.full((1, 1), 0.5 + i / 1e6, np.float32), f"c{i}", model="sleep_fp32",
+    slow = [fp32_request(np.full((1, 1), 1.5 + i / 1e6, np.float32), f"c{i}", model="sleep_fp32",
                          name="DELAY_S") for i in range(5)]  # fmt: skip
     with stub_for(auth_gateway.grpc) as stub:
         responses = list(stub.ModelStreamInfer(iter(slow), metadata=key_metadata(one), timeout=60))
@@ -297,13 +297,13 @@ def test_revoked_key_stream_and_websocket_stop_within_the_cache_bound(auth_gatew
     revoked.set()
     for t in threads:
         t.join(timeout=30)
-    bound = 5.0 + 2.0  # TGW_AUTH_KEY_CACHE_S=5 and a loaded machine's margin
+    bound = 5.0 + 2.5  # TGW_AUTH_KEY_CACHE_S=5 and a loaded machine's margin (before: 15+ s, never)
     code, ended, last = outcomes["busy"]
-    assert code == grpc.StatusCode.UNAUTHENTICATED and ended - at < bound and last - at < 5.5, ended - at
+    assert code == grpc.StatusCode.UNAUTHENTICATED and ended - at < bound and last - at < bound, ended - at
     code, ended = outcomes["idle"]
     assert code == grpc.StatusCode.UNAUTHENTICATED and ended - at < bound, ended - at
     code, ended, last = outcomes["ws"]
-    assert code == 1008 and ended - at < bound and last - at < 5.5, ended - at
+    assert code == 1008 and ended - at < bound and last - at < bound, ended - at
     code, ended = outcomes["ws_idle"]
     assert code == 1008 and ended - at < bound, ended - at
 
