@@ -11,9 +11,12 @@ returned as ``x-request-id`` trailing metadata beside ``x-cache``), ``tgw_grpc_r
 authentication and limits of the caller's API key from the call metadata (``Servicer.admit``, the
 auth stage's ``admit_headers``; the key's tier sets Triton priority, timeout bound and cache scope).
 
-``ModelStreamInfer``: requests for ordinary models are answered through the pipeline, in the order they
-came; requests for decoupled models, and sequence requests (which must reach one Triton in order and are
-never cached), are relayed on one upstream stream to Triton and its responses streamed back as they come.
+``ModelStreamInfer`` (``_Stream``): requests for ordinary models are answered through the pipeline, in
+the order they came; requests for decoupled models (each on its own upstream stream) and sequence requests
+(which must reach one Triton in order and are never cached; on one upstream stream) are relayed to Triton,
+re-encoded from the validated request (never the client's bytes), and its responses streamed back as they
+come. Each message is checked and limited like a unary call; at most TGW_GRPC_STREAM_MAX_IN_FLIGHT are
+unanswered, past that the stream is not read. An undecodable message is INVALID_ARGUMENT (``add_servicer``).
 
 RPCs the gateway does not offer (``app.services.offer``) answer PERMISSION_DENIED or UNIMPLEMENTED with a
 message saying why.
