@@ -223,7 +223,9 @@ def test_decoupled_and_sequence_requests_interleaved_keep_triton_up(
 
 
 # --- 5: revoking a key ends what it holds open --------------------------------------------------------
-def test_revoked_key_stream_and_websocket_stop_within_the_cache_bound(auth_gateway: GatewayAddresses) -> None:
+def test_revoked_key_streams_and_websockets_stop_within_the_cache_bound(
+    auth_gateway: GatewayAddresses,
+) -> None:
     key = make_key(auth_gateway.http, rps=200, burst=200)
     outcomes: dict[str, Any] = {}
     revoked = threading.Event()
@@ -285,8 +287,21 @@ def test_revoked_key_stream_and_websocket_stop_within_the_cache_bound(auth_gatew
             except ConnectionClosed as exc:
                 outcomes["ws_idle"] = (exc.rcvd.code if exc.rcvd else None, time.monotonic())
 
+    job = httpx.post(f"{auth_gateway.http}/v1/models/sleep_fp32/jobs", headers=headers,
+                     json={"inputs": {"DELAY_S": [[0.01 + time.time_ns() % 1000 / 1e6]]}})  # fmt: skip
+    assert job.status_code == 202, job.text
+    job_ws_url = f"{ws_url.removesuffix('/v1/ws')}/v1/jobs/{job.json()['id']}/ws"
+
+    def job_socket() -> None:  # waits on a queued job (no worker runs in this gateway)
+        with connect(job_ws_url, additional_headers=headers, open_timeout=10) as ws:
+            try:
+                while True:
+                    ws.recv(timeout=30)
+            except ConnectionClosed as exc:
+                outcomes["ws_job"] = (exc.rcvd.code if exc.rcvd else None, time.monotonic())
+
     threads = [threading.Thread(target=f, daemon=True) for f in (busy_stream, idle_stream, busy_socket,
-                                                                    idle_socket)]  # fmt: skip
+                                                                    idle_socket, job_socket)]  # fmt: skip
     for t in threads:
         t.start()
     time.sleep(2.0)  # all four open and answered
@@ -305,6 +320,8 @@ def test_revoked_key_stream_and_websocket_stop_within_the_cache_bound(auth_gatew
     code, ended, last = outcomes["ws"]
     assert code == 1008 and ended - at < bound and last - at < bound, ended - at
     code, ended = outcomes["ws_idle"]
+    assert code == 1008 and ended - at < bound, ended - at
+    code, ended = outcomes["ws_job"]
     assert code == 1008 and ended - at < bound, ended - at
 
 
