@@ -3,7 +3,11 @@ what the gateway validated (no shared-memory region of Triton's reaches a client
 is limited like a unary call (rate, in-flight slots, daily quota, the key's tier), decoupled responses
 never share an upstream stream with others (Triton 2.51 aborts), a revoked key's stream and WebSocket
 stop within the cache bound, a stream whose answers are not read is not read either (bounded memory),
-and an undecodable message is INVALID_ARGUMENT."""
+and an undecodable message is INVALID_ARGUMENT.
+
+The module runs its own Triton (same launcher as ``tgw up``) with a few of ``tests/models`` and a sequence
+model (``stream_models/sequence_fp32``): sequence requests are relayed to Triton only for models with a
+sequence batcher, and that model is kept out of the shared repository the conformance suite walks."""
 
 from __future__ import annotations
 
@@ -12,9 +16,11 @@ import io
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,13 +34,38 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from app.launcher import EmbeddedRedis, EmbeddedTriton
+from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
 from tests.gateway_server import GatewayAddresses, running_gateway_addresses
 from tests.integration.test_auth import ADMIN, auth_settings, make_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 REGION_VALUES = np.array([3.14159, 2.71828, 1.41421, 42.0], np.float32)
+HERE = Path(__file__).resolve().parent
+SEQUENCE = "sequence_fp32"
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTriton]:
+    """This module's Triton: identity, decoupled, priority and sleep test models plus a sequence model."""
+    repo = tmp_path_factory.mktemp("stream_models")
+    ignore = shutil.ignore_patterns("__pycache__")
+    for name in ("identity_fp32", "repeat_decoupled", "priority_fp32", "sleep_fp32"):
+        shutil.copytree(HERE.parent / "models" / name, repo / name, ignore=ignore)
+    shutil.copytree(HERE / "stream_models" / SEQUENCE, repo / SEQUENCE, ignore=ignore)
+    server = EmbeddedTriton([repo], http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                            state_dir=tmp_path_factory.mktemp("stream_triton"))  # fmt: skip
+    server.start(timeout=180)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(triton: EmbeddedTriton, redis_server: EmbeddedRedis) -> Iterator[GatewayAddresses]:
+    with running_gateway_addresses(
+        triton_url=triton.grpc_url, triton_http_url=triton.http_url, redis_url=redis_server.url
+    ) as addresses:
+        yield addresses
 
 
 def fp32_request(values: np.ndarray, rid: str, model: str = "identity_fp32", name: str = "INPUT0",
@@ -111,15 +142,16 @@ def with_region(req: service_pb2.ModelInferRequest, region: str, nbytes: int, ou
 
 # --- 1: the relay sends what the gateway validated, never the client's bytes -------------------------
 def test_stream_relay_never_reads_or_writes_a_tritons_shared_memory_region(
-    triton: EmbeddedTriton, gateway_grpc: str
+    triton: EmbeddedTriton, gateway: GatewayAddresses
 ) -> None:
-    with system_region(triton, REGION_VALUES) as (region, handle), stub_for(gateway_grpc) as stub:
+    with system_region(triton, REGION_VALUES) as (region, handle), stub_for(gateway.grpc) as stub:
         zeros = np.zeros((1, 4), np.float32)
         seq = unique_seq()
-        reading = fp32_request(zeros, "read", sequence_id=seq, sequence_start=True, sequence_end=True)
+        reading = fp32_request(zeros, "read", model=SEQUENCE, sequence_id=seq, sequence_start=True,
+                               sequence_end=True)  # fmt: skip
         with_region(reading, region, REGION_VALUES.nbytes)
-        writing = fp32_request(np.full((1, 4), 7.0, np.float32), "write", sequence_id=seq + 1,
-                               sequence_start=True, sequence_end=True)  # fmt: skip
+        writing = fp32_request(np.full((1, 4), 7.0, np.float32), "write", model=SEQUENCE,
+                               sequence_id=seq + 1, sequence_start=True, sequence_end=True)  # fmt: skip
         with_region(writing, region, REGION_VALUES.nbytes, output=True)
         decoupled = count_request(1, "dec")  # the region's bytes as COUNT would be 1078530000 responses
         decoupled.inputs[0].parameters["shared_memory_region"].string_param = region
@@ -183,9 +215,8 @@ def test_relayed_stream_requests_get_the_keys_tier(auth_gateway: GatewayAddresse
     """A standard-tier key asking for a 999 s timeout and priority 1 on a relayed (sequence) request:
     Triton sees the tier's 30 s bound (the model reports request.timeout())."""
     key = make_key(auth_gateway.http, tier="standard", rps=100, burst=100)
-    req = fp32_request(np.zeros((1, 1), np.float32), "tier", model="priority_fp32", name="DELAY_S",
-                       sequence_id=unique_seq(), sequence_start=True, sequence_end=True,
-                       timeout=999_000_000, priority=1)  # fmt: skip
+    req = fp32_request(np.zeros((1, 1), np.float32), "tier", model=SEQUENCE, sequence_id=unique_seq(),
+                       sequence_start=True, sequence_end=True, timeout=999_000_000)  # fmt: skip
     req.parameters["priority"].uint64_param = 1
     with stub_for(auth_gateway.grpc) as stub:
         [response] = list(stub.ModelStreamInfer(iter([req]), metadata=key_metadata(key), timeout=30))
@@ -195,17 +226,17 @@ def test_relayed_stream_requests_get_the_keys_tier(auth_gateway: GatewayAddresse
 
 # --- 4: decoupled responses never interleave with others on one upstream stream ---------------------
 def test_decoupled_and_sequence_requests_interleaved_keep_triton_up(
-    triton: EmbeddedTriton, gateway_grpc: str
+    triton: EmbeddedTriton, gateway: GatewayAddresses
 ) -> None:
     pid = triton.process.pid
     seq = unique_seq()
     requests: list[Any] = []
     for i in range(30):
         requests.append(count_request(4, f"d{i}"))
-        requests.append(fp32_request(np.full((1, 3), float(i), np.float32), f"s{i}", sequence_id=seq + i,
-                                     sequence_start=True, sequence_end=True))  # fmt: skip
+        requests.append(fp32_request(np.full((1, 3), float(i), np.float32), f"s{i}", model=SEQUENCE,
+                                     sequence_id=seq + i, sequence_start=True, sequence_end=True))  # fmt: skip
         requests.append(count_request(3, f"e{i}"))
-    with stub_for(gateway_grpc) as stub:
+    with stub_for(gateway.grpc) as stub:
         responses = list(stub.ModelStreamInfer(iter(requests), timeout=120))
     errors = [r.error_message for r in responses if r.error_message]
     assert not errors, errors[:3]
@@ -326,7 +357,7 @@ def test_revoked_key_streams_and_websockets_stop_within_the_cache_bound(
 
 
 # --- 7: a stream whose answers are not read is not read either --------------------------------------
-def test_stream_not_reading_answers_keeps_memory_bounded(gateway_grpc: str, client: httpx.Client) -> None:
+def test_stream_not_reading_answers_keeps_memory_bounded(gateway: GatewayAddresses) -> None:
     process = psutil.Process()  # the test gateway serves in this process
     payload = np.random.default_rng(7).random((1, 65536), dtype=np.float32)  # 256 KB per request
     sent = [0]
@@ -341,7 +372,7 @@ def test_stream_not_reading_answers_keeps_memory_bounded(gateway_grpc: str, clie
             yield fp32_request(payload, f"m{i}")
 
     before = process.memory_info().rss
-    with stub_for(gateway_grpc) as stub:
+    with stub_for(gateway.grpc) as stub:
         call = stub.ModelStreamInfer(requests(), timeout=120)
         peak = before
         deadline = time.monotonic() + 15
@@ -349,7 +380,9 @@ def test_stream_not_reading_answers_keeps_memory_bounded(gateway_grpc: str, clie
             time.sleep(0.5)
             peak = max(peak, process.memory_info().rss)
         taken = sent[0]
-        assert client.get("/healthz").status_code == 200  # the gateway stays healthy
+        assert (
+            httpx.get(gateway.http + "/healthz", timeout=10).status_code == 200
+        )  # the gateway stays healthy
         stop.set()
         call.cancel()
     growth = peak - before
@@ -359,9 +392,9 @@ def test_stream_not_reading_answers_keeps_memory_bounded(gateway_grpc: str, clie
 
 
 # --- 19: an undecodable message -----------------------------------------------------------------------
-def test_undecodable_message_is_invalid_argument(gateway_grpc: str) -> None:
+def test_undecodable_message_is_invalid_argument(gateway: GatewayAddresses) -> None:
     garbage = b"\xff\xff\xff\xff\x0f"  # not a protobuf message
-    with grpc.insecure_channel(gateway_grpc) as channel:
+    with grpc.insecure_channel(gateway.grpc) as channel:
         infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         with pytest.raises(grpc.RpcError) as err:
             infer(garbage, timeout=10)
@@ -374,7 +407,7 @@ def test_undecodable_message_is_invalid_argument(gateway_grpc: str) -> None:
 
 
 def test_unhandled_error_log_line_carries_the_request_id_of_the_answer(
-    gateway_grpc: str, monkeypatch: pytest.MonkeyPatch
+    gateway: GatewayAddresses, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A fault injected in the gRPC decode step (the real gateway, Triton and Redis): the INTERNAL status
     points to the log by request id, and the log line (the gateway's own handler: JSON, repeat filter)
@@ -398,7 +431,7 @@ def test_unhandled_error_log_line_carries_the_request_id_of_the_answer(
     logging.getLogger("app.errors").addHandler(handler)
     ids = []
     try:
-        with stub_for(gateway_grpc) as stub:
+        with stub_for(gateway.grpc) as stub:
             for rid in faults:
                 call = stub.ModelInfer.with_call
                 with pytest.raises(grpc.RpcError) as err:
