@@ -324,6 +324,10 @@ class Settings(BaseSettings):
     grpc_max_message_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="largest gRPC message received or sent (RESOURCE_EXHAUSTED)"
     )
+    grpc_stream_max_in_flight: int = Field(
+        32, ge=1, description="unanswered requests per ModelStreamInfer stream; at the bound the gateway "
+        "stops reading the stream until answers are taken",
+    )  # fmt: skip
     # --- Shared memory with Triton (issue 14) -------------------------------------------------
     triton_shm: Literal["off", "system", "cuda"] = Field(
         "off",
