@@ -9,7 +9,7 @@ model version a window measured by the queue count that grew during it, so a win
 that Triton never saw ended it with "failed to find the requested model version". The counts are
 shared by every worker and replica through the cache's Redis (one hash per cache namespace): each
 process adds its hits in memory (no Redis call on the request path) and flushes them every
-``flush_s``, so every worker gives the same answer, at most ``flush_s`` behind.
+``flush_s`` (0.5 s), so every worker gives the same answer, at most that far behind.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def merge_model_stats(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class ServedStatistics:
-    def __init__(self, admin: TritonAdmin, redis: Any | None, namespace: str, flush_s: float = 1.0) -> None:
+    def __init__(self, admin: TritonAdmin, redis: Any | None, namespace: str, flush_s: float = 0.5) -> None:
         self.admin = admin
         self.redis = redis
         self.key = f"{namespace}:stats:served"
