@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import select
 import socket
 import threading
 import time
@@ -61,12 +62,12 @@ class SlowReceiver:
                 data += chunk
             if self.mode == "drip":
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100000\r\n\r\n")
-            while not self.stop.is_set():
+            while not self.stop.is_set():  # until the gateway gives up and closes
                 if self.mode == "drip":
                     conn.sendall(b".")
-                elif conn.recv(65536) == b"":  # silent: until the gateway gives up and closes
+                readable, _, _ = select.select([conn], [], [], 2.0)
+                if readable and conn.recv(65536) == b"":
                     break
-                self.stop.wait(2.0)
         with self.lock:
             self.open -= 1
 
