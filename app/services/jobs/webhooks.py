@@ -239,7 +239,9 @@ class WebhookDispatcher:
                 if room > 0 and len(ids) == room:
                     continue  # more may be due: claim on
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):  # a slot freed (room to claim) or the next poll
+                # until a delivery ends (room, and what was put back for its host may be due: a fast
+                # host's deliveries then follow each other at its pace) or the next poll
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_s)
         finally:
             if self.stopping:
