@@ -291,8 +291,10 @@ class WebhookDispatcher:
         """When a delivery of this host (or owner) that cannot wait here can start: after what is
         waiting and what was already sent back, at the pace its deliveries have been taking."""
         step = latency.get(key, _UNKNOWN_LATENCY_S) / cap
-        at = max(self._next_free.get(key, 0.0), now + ahead * step) + step
-        self._next_free[key] = at
+        slot = ("host:" if latency is self._latency else "owner:") + key
+        queued = min(self._next_free.get(slot, 0.0), now + self.max_defer_s)
+        at = max(queued, now + ahead * step) + step
+        self._next_free[slot] = at
         if len(self._next_free) > 4096:
             self._next_free = {k: v for k, v in self._next_free.items() if v > now}
         return min(at, now + self.max_defer_s)
