@@ -258,8 +258,12 @@ class Settings(BaseSettings):
         32, ge=1, le=1024, description="webhook deliveries in flight per dispatcher"
     )
     webhook_max_per_host: int = Field(
-        4, ge=1, description="deliveries in flight to one receiver host; more wait on the schedule"
+        4, ge=1, description="deliveries in flight to one receiver host; more wait for a slot of their own"
     )
+    webhook_first_byte_s: float = Field(
+        5.0, gt=0, le=120, description="a receiver's status and headers must arrive within this (from the "
+        "start of the delivery); the body is then read for at most 1 s",
+    )  # fmt: skip
     # --- Server hardening (app.server) and Redis memory ----------------------------------------------
     header_timeout_s: float = Field(
         10.0, gt=0, description="a request head must arrive within this (from connect or its first byte); "

@@ -301,8 +301,13 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     # --- relayed to Triton as they are -------------------------------------------------------------
     @unary
     async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
-        return await self.triton.ModelStatistics(request, timeout=self.admin_timeout_s,
-                                                 metadata=(("x-request-id", call.request_id),))  # fmt: skip
+        served = self.inference.served
+        if served is None:  # relayed as it is
+            metadata = (("x-request-id", call.request_id),)
+            return await self.triton.ModelStatistics(request, timeout=self.admin_timeout_s, metadata=metadata)
+        stats = await served.answer(request.name, request.version)  # as /v2/.../stats answers them
+        response = service_pb2.ModelStatisticsResponse()
+        return json_format.ParseDict(stats, response, ignore_unknown_fields=True)
 
     @unary
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
