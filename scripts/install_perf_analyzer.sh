@@ -11,7 +11,8 @@ dest=$(realpath -m "${1:-.tgw/perf_analyzer}")
 pip=${PIP:-.venv/bin/pip}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-"$pip" download -q --no-deps -d "$tmp" "tritonclient==2.51.0" "nvidia-cuda-runtime-cu12==12.9.79"
+root=$(cd "$(dirname "$0")/.." && pwd)
+"$pip" download -q --no-deps --require-hashes -r "$root/requirements/perf-analyzer.txt" -d "$tmp"
 mkdir -p "$dest/bin" "$dest/lib"
 python3 -m zipfile -e "$tmp"/tritonclient-2.51.0-*.whl "$tmp/tc"
 python3 -m zipfile -e "$tmp"/nvidia_cuda_runtime_cu12-*.whl "$tmp/cuda"

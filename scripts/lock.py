@@ -12,6 +12,7 @@ Every install of this project comes from a file under ``requirements/``:
 - ``requirements/triton-py3.10.txt``: the Python packages Dockerfile.triton adds to NGC's Triton image
   (Python 3.10), from ``requirements/triton.in``.
 - ``requirements/uv.txt``: the installer itself, bootstrapped with pip.
+- ``requirements/perf-analyzer.txt``: what scripts/install_perf_analyzer.sh downloads (opt-in tooling).
 
 Usage (the Makefile calls these):
   lock.py compile [--upgrade]     write the locks (``make lock``; ``make upgrade`` = newest allowed + tests)
@@ -111,6 +112,7 @@ def compile_one(
     constraint: str | None = None,
     upgrade: bool = False,
     platform: str = PLATFORM,
+    no_deps: bool = False,
 ) -> None:
     """One ``uv pip compile`` run in ``work`` (ROOT, or a copy of its inputs): every path relative to it, so
     the annotations in a lock read the same wherever it was compiled."""
@@ -123,6 +125,8 @@ def compile_one(
         cmd += ["--constraint", constraint]
     if upgrade:
         cmd.append("--upgrade")
+    if no_deps:
+        cmd.append("--no-deps")
     subprocess.run([*cmd, *torch_sources(python)], cwd=work, check=True)
 
 
@@ -141,6 +145,8 @@ def compile_all(work: Path, upgrade: bool) -> None:
     # Dockerfile.triton: NGC 24.10's Python is 3.10. The installer: any Python.
     triton = ("requirements/triton-py3.10.txt", "requirements/triton.in")
     jobs.append(lambda: compile_one(work, "3.10", *triton, upgrade=upgrade))
+    tools = ("requirements/perf-analyzer.txt", "requirements/perf-analyzer.in")
+    jobs.append(lambda: compile_one(work, "3.11", *tools, upgrade=upgrade, no_deps=True))
     installer = ("requirements/uv.txt", "requirements/uv.in")
     any_linux = "x86_64-manylinux_2_28"
     jobs.append(lambda: compile_one(work, "3.11", *installer, upgrade=upgrade, platform=any_linux))
