@@ -299,6 +299,10 @@ def server_config(app: Any, settings: Settings, **extra: Any) -> uvicorn.Config:
         "http": GuardedHttpToolsProtocol,
         "timeout_keep_alive": settings.keepalive_timeout_s,
         "backlog": 2048,
+        # X-Forwarded-For names the client only when a trusted proxy (TGW_TRUSTED_PROXIES) sent it; uvicorn
+        # would trust 127.0.0.1 by default, so any local client could pick its own address
+        "proxy_headers": bool(settings.trusted_proxies),
+        "forwarded_allow_ips": list(settings.trusted_proxies) or None,
     }
     options.update(extra)
     config = uvicorn.Config(app, **options)

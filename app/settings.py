@@ -200,6 +200,10 @@ class Settings(BaseSettings):
     auth_failed_per_minute: int = Field(
         20, ge=1, description="failed authentications per client address per minute before 429"
     )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated IPs/CIDRs of proxies whose X-Forwarded-For names "
+        "the client (its address for the failed-authentication lockout and logs); unset = the peer address",
+    )  # fmt: skip
     auth_ws_per_key: int = Field(8, ge=1, description="open WebSockets per key (across replicas)")
     auth_ws_ticket_s: int = Field(30, ge=5, le=300, description="lifetime of a single-use WebSocket ticket")
     cache_scope: Literal["shared", "tenant"] = Field(
@@ -396,6 +400,21 @@ class Settings(BaseSettings):
             if len(set(ports)) != len(ports):
                 raise ValueError(f"the gateway and the embedded servers need distinct ports, got {ports}")
         return self
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _check_proxies(cls, value: object) -> object:
+        import ipaddress
+
+        items = _split_csv(value)
+        for item in items if isinstance(items, list) else []:
+            if item == "*":  # every peer (only where nothing but the proxy can reach the gateway)
+                continue
+            try:
+                ipaddress.ip_network(str(item), strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r}: expected an IP address or CIDR, e.g. 10.0.0.0/8") from None
+        return items
 
     @field_validator("auth_tiers")
     @classmethod
