@@ -245,6 +245,22 @@ class Settings(BaseSettings):
         0, ge=0, description="open connections per process; at the cap the longest-idle one is closed, or "
         "the new one refused (503); 0 = the file-descriptor limit less 10 % (at least 256)",
     )  # fmt: skip
+    send_timeout_s: float = Field(
+        30.0, gt=0, description="an answer must be drained within this once its client falls behind in "
+        "reading; else the connection is dropped with what it buffered",
+    )  # fmt: skip
+    send_buffer_bytes: int = Field(
+        1024 * 1024, ge=16384, description="output written ahead of a client that does not read, per "
+        "connection; the rest of the answer waits (and holds the key's in-flight slot) until it drains",
+    )  # fmt: skip
+    send_buffer_total_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024 * 1024, description="answer bytes held for clients that fall behind, per "
+        "process; past it the connection stalled longest is dropped",
+    )  # fmt: skip
+    body_discard_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="after an early answer (413) the rest of the request body is "
+        "read and discarded up to this, so the client reads the answer instead of a reset",
+    )  # fmt: skip
     jobs_redis_url: str | None = Field(
         None, description="redis:// URL of the jobs Redis, an instance that never evicts (maxmemory-policy "
         "noeviction) apart from the cache's (allkeys-lru); unset = TGW_REDIS_URL",
