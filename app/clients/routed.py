@@ -11,7 +11,7 @@ never retried elsewhere (the sequence's state lives in that Triton).
 
 Fail fast: an endpoint whose readiness probe gets no answer within the probe timeout (a frozen Triton:
 SIGSTOP, a hung host) is not answering until a probe or a call gets one. A call for a model none of whose
-endpoints is both in rotation and answering is a 503 with ``Retry-After`` at once, instead of waiting out
+endpoints is answering is a 503 with ``Retry-After`` at once, instead of waiting out
 the freeze; calls already on an endpoint that missed ``ABORT_AFTER_MISSED_PROBES`` probes in a row end
 with the same 503 (Triton may have the request: not retried elsewhere). The wait is so bounded by about
 that many probe intervals plus probe timeouts (2 x (1 + 1) s by default).
@@ -214,7 +214,8 @@ class RoutedTriton:
         if name not in self.balancer.endpoints:
             return
         health = self.balancer.endpoints[name]
-        if health.state is State.EJECTED and not self.balancer.due_for_probe(name):
+        frozen = health.missed_probes > 0  # probed every round, ejected or not: calls end, a return shows
+        if health.state is State.EJECTED and not frozen and not self.balancer.due_for_probe(name):
             return
         answered = True
         try:
@@ -279,8 +280,8 @@ class RoutedTriton:
         return unknown or list(self.endpoints)  # no index says: let Triton answer (404 from Triton)
 
     def _healthy(self, names: Sequence[str]) -> bool:
-        balancer = self.balancer
-        return any(balancer.answering(n) and balancer.in_rotation(n) for n in names)
+        """Some endpoint of ``names`` answers probes (one ejected for failures is still tried, as before)."""
+        return any(map(self.balancer.answering, names))
 
     def _not_answering(self, model: str) -> UpstreamUnavailable:
         return UpstreamUnavailable(
