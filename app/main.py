@@ -101,7 +101,7 @@ def web_app(settings: Settings) -> FastAPI:
     app.state.lifecycle = Lifecycle()
     app.state.auth = build_auth(settings)  # keys and limits: the pipeline's admission stage (app.auth)
     install_exception_handlers(app)
-    for module in (health, models, v2, jobs, ws, auth_routes):
+    for module in (health, models, v2, jobs, ws, auth_routes, infer):
         app.include_router(module.router)
     schemas.document_errors(app)
     infer.document_infer_routes(app)

@@ -18,6 +18,14 @@ uvicorn's httptools protocol with what is missing, at the cost of one timer per 
   cannot lock out a real client; with no idle one to evict it is refused cheaply (a canned 503, closed,
   nothing parsed, nothing logged per connection).
 - the idle keep-alive timeout is uvicorn's own (``TGW_KEEPALIVE_TIMEOUT_S``).
+- **slow readers**: a client that does not read its answer gets it at most ``TGW_SEND_BUFFER_BYTES``
+  ahead (per connection; the rest waits in the application, and the request with its key's in-flight
+  slot lasts until the answer has drained); an answer not drained within ``TGW_SEND_TIMEOUT_S`` of the
+  client falling behind drops the connection with its buffer; and past ``TGW_SEND_BUFFER_TOTAL_BYTES``
+  held for such clients per process, the connection stalled longest is dropped.
+- **early answers**: a ``413`` sent before the request body has arrived is followed by reading and
+  discarding the rest of the body (up to ``TGW_BODY_DISCARD_BYTES``, within the body deadline), then the
+  close; closing with unread bytes would reset the connection under a client still sending.
 - **graceful shutdown**: once the listener is closed, a connection idle between requests is closed, but
   one accepted whose request has not (fully) arrived yet may still send it, within the head deadline;
   uvicorn would close it and reset a client that has already sent its request.
@@ -53,6 +61,10 @@ class ServerLimits:
     body_timeout_s: float
     max_header_bytes: int
     max_connections: int
+    send_timeout_s: float = 30.0
+    send_buffer_bytes: int = 1024 * 1024
+    send_buffer_total_bytes: int = 256 * 1024 * 1024
+    body_discard_bytes: int = 64 * 1024 * 1024
 
 
 def _canned(status: bytes, message: str) -> bytes:
@@ -121,12 +133,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._chunk = 0
         self._got_bytes = False  # of the current request head
         self._shutting_down = False  # the server is draining: the request on its way is the last one
+        self._send_deadline: TimerHandle | None = None  # the answer must drain by then (a slow reader)
+        self._held = 0  # bytes of the answer being sent (held until it has drained)
+        self._linger = False  # answered early (413): reading and discarding the rest of the body
+        self._linger_wanted = False  # ... once that early answer has been written
+        self._discarded = 0
         state = self.server_state
         idle = getattr(state, "tgw_idle", None)
         if idle is None:
             idle = {}
             state.tgw_idle = idle  # type: ignore[attr-defined]
         self._idle: dict[GuardedHttpToolsProtocol, None] = idle  # oldest first
+        stalled = getattr(state, "tgw_stalled", None)
+        if stalled is None:
+            stalled = {}
+            state.tgw_stalled = stalled  # type: ignore[attr-defined]
+        self._stalled: dict[GuardedHttpToolsProtocol, None] = stalled  # behind in reading, oldest first
 
     # --- connection -----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -142,6 +164,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         self._idle.pop(self, None)
+        self._stalled.pop(self, None)
+        self._held = 0
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
         if self.parser is None or self.flow is None:  # refused at the cap: uvicorn never saw it
             return
         super().connection_lost(exc)
@@ -171,6 +198,89 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 victim.transport.close()
                 return True
         return False
+
+    # --- slow readers -----------------------------------------------------------------------------
+    def pause_writing(self) -> None:
+        """The write buffer passed its high-water mark: the client is behind in reading. Its answer must
+        drain within TGW_SEND_TIMEOUT_S, and what it holds counts toward the per-process bound."""
+        super().pause_writing()
+        if self._send_deadline is None:
+            self._send_deadline = self.loop.call_later(self.limits.send_timeout_s, self._send_expired)
+        self._stalled[self] = None
+        self._enforce_total()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stalled.pop(self, None)
+        if self._held == 0 and self._send_deadline is not None:  # no answer left half-sent
+            self._send_deadline.cancel()
+            self._send_deadline = None
+
+    def _holding(self) -> int:
+        return max(self._held, self.transport.get_write_buffer_size())
+
+    def _enforce_total(self) -> None:
+        """Past TGW_SEND_BUFFER_TOTAL_BYTES held for stalled clients, drop the one stalled longest."""
+        bound = self.limits.send_buffer_total_bytes
+        total = sum(conn._holding() for conn in self._stalled)
+        while total > bound and self._stalled:
+            victim = next(iter(self._stalled))
+            del self._stalled[victim]
+            total -= victim._holding()
+            logger.info("dropping a connection behind in reading: answers held for slow readers passed "
+                        "TGW_SEND_BUFFER_TOTAL_BYTES (%d)", bound)  # fmt: skip
+            victim.transport.abort()
+
+    def _send_expired(self) -> None:
+        self._send_deadline = None
+        logger.info("dropping a connection whose answer was not read within TGW_SEND_TIMEOUT_S (%g s)",
+                    self.limits.send_timeout_s)  # fmt: skip
+        self.transport.abort()  # close() would wait for the buffer to drain, forever for a non-reader
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        cycle.send = self._guarded_send(cycle, cycle.send)
+        super()._start_asgi_task(cycle, app)
+
+    def _guarded_send(self, cycle: Any, send: Any) -> Any:
+        """The cycle's ``send`` with (1) a large body written at most TGW_SEND_BUFFER_BYTES ahead of the
+        reader (uvicorn waits for the buffer to drain before each write), (2) the final write waiting
+        until the answer has drained, so the request (and the key's in-flight slot) lasts until the
+        client has read it, bounded by the send deadline, and (3) an early answer with ``Connection:
+        close`` (413) before the request body has arrived followed by reading and discarding the rest
+        of the body (TGW_BODY_DISCARD_BYTES), so the client reads the answer instead of a reset."""
+        flow = self.flow
+        step = self.limits.send_buffer_bytes
+
+        async def guarded(message: Any) -> None:
+            if message["type"] != "http.response.body" or cycle.response_complete:
+                await send(message)
+                return
+            body = message.get("body", b"")
+            more = message.get("more_body", False)
+            if not more and not cycle.keep_alive and cycle.more_body and not cycle.disconnected:
+                if self.limits.body_discard_bytes and not cycle.waiting_for_100_continue:
+                    cycle.keep_alive = True  # uvicorn would close now: unread body bytes -> reset
+                    self._linger_wanted = True
+            self._held = len(body)
+            try:
+                if len(body) > step:
+                    view = memoryview(body)
+                    for offset in range(0, len(body) - step, step):
+                        await send({"type": "http.response.body", "body": view[offset : offset + step],
+                                    "more_body": True})  # fmt: skip
+                        if cycle.disconnected:
+                            return
+                    body = view[offset + step :]
+                await send({"type": "http.response.body", "body": body, "more_body": more})
+                if flow.write_paused and not cycle.disconnected:
+                    await flow.drain()  # woken when drained, or by connection_lost (deadline, bound)
+            finally:
+                self._held = 0
+                if not flow.write_paused and self._send_deadline is not None:
+                    self._send_deadline.cancel()
+                    self._send_deadline = None
+
+        return guarded
 
     # --- deadlines ----------------------------------------------------------------------------------
     def _arm(self, delay: float, callback: Any) -> None:
@@ -208,6 +318,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # --- parser callbacks and data ----------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         self._chunk = len(data)
+        if self._linger:
+            self._discarded += len(data)
+            if self._discarded > self.limits.body_discard_bytes:
+                self.transport.close()  # enough: the rest is refused with a reset
+                return
         if self._in_head:  # an upper bound of the head's size (the chunk may carry body bytes too)
             self._head_bytes += self._chunk
         super().data_received(data)
@@ -248,10 +363,24 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm()
+        if self._linger:  # the body of a request answered early has all been read: now close
+            self._linger = False
+            self.transport.close()
+            return
+        if self._linger_wanted and self.cycle is not None:  # it all came before the answer went out
+            self._linger_wanted = False
+            self.cycle.keep_alive = False  # closed after the answer, as uvicorn would
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self._linger_wanted:  # answered early: read (and discard) the rest of the body, then close
+            self._linger_wanted = False
+            self._linger = True
+            if self.timeout_keep_alive_task is not None:
+                self.timeout_keep_alive_task.cancel()  # the body deadline (still armed) bounds it
+                self.timeout_keep_alive_task = None
+            return
         if not self.pipeline and not self.transport.is_closing() and self._in_head is False:
             self._got_bytes = False
             self._idle[self] = None
@@ -287,6 +416,10 @@ def limits_from(settings: Settings) -> ServerLimits:
         body_timeout_s=settings.body_timeout_s,
         max_header_bytes=settings.max_header_bytes,
         max_connections=connection_cap(settings.max_connections),
+        send_timeout_s=settings.send_timeout_s,
+        send_buffer_bytes=settings.send_buffer_bytes,
+        send_buffer_total_bytes=settings.send_buffer_total_bytes,
+        body_discard_bytes=settings.body_discard_bytes,
     )
 
 
@@ -299,6 +432,10 @@ def server_config(app: Any, settings: Settings, **extra: Any) -> uvicorn.Config:
         "http": GuardedHttpToolsProtocol,
         "timeout_keep_alive": settings.keepalive_timeout_s,
         "backlog": 2048,
+        # X-Forwarded-For names the client only when a trusted proxy (TGW_TRUSTED_PROXIES) sent it; uvicorn
+        # would trust 127.0.0.1 by default, so any local client could pick its own address
+        "proxy_headers": bool(settings.trusted_proxies),
+        "forwarded_allow_ips": list(settings.trusted_proxies) or None,
     }
     options.update(extra)
     config = uvicorn.Config(app, **options)

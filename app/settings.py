@@ -234,6 +234,10 @@ class Settings(BaseSettings):
     auth_failed_per_minute: int = Field(
         20, ge=1, description="failed authentications per client address per minute before 429"
     )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated IPs/CIDRs of proxies whose X-Forwarded-For names "
+        "the client (its address for the failed-authentication lockout and logs); unset = the peer address",
+    )  # fmt: skip
     auth_ws_per_key: int = Field(8, ge=1, description="open WebSockets per key (across replicas)")
     auth_ws_ticket_s: int = Field(30, ge=5, le=300, description="lifetime of a single-use WebSocket ticket")
     cache_scope: Literal["shared", "tenant"] = Field(
@@ -278,6 +282,22 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         0, ge=0, description="open connections per process; at the cap the longest-idle one is closed, or "
         "the new one refused (503); 0 = the file-descriptor limit less 10 % (at least 256)",
+    )  # fmt: skip
+    send_timeout_s: float = Field(
+        30.0, gt=0, description="an answer must be drained within this once its client falls behind in "
+        "reading; else the connection is dropped with what it buffered",
+    )  # fmt: skip
+    send_buffer_bytes: int = Field(
+        1024 * 1024, ge=16384, description="output written ahead of a client that does not read, per "
+        "connection; the rest of the answer waits (and holds the key's in-flight slot) until it drains",
+    )  # fmt: skip
+    send_buffer_total_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024 * 1024, description="answer bytes held for clients that fall behind, per "
+        "process; past it the connection stalled longest is dropped",
+    )  # fmt: skip
+    body_discard_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="after an early answer (413) the rest of the request body is "
+        "read and discarded up to this, so the client reads the answer instead of a reset",
     )  # fmt: skip
     jobs_redis_url: str | None = Field(
         None, description="redis:// URL of the jobs Redis, an instance that never evicts (maxmemory-policy "
@@ -449,6 +469,21 @@ class Settings(BaseSettings):
             if len(set(ports)) != len(ports):
                 raise ValueError(f"the gateway and the embedded servers need distinct ports, got {ports}")
         return self
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _check_proxies(cls, value: object) -> object:
+        import ipaddress
+
+        items = _split_csv(value)
+        for item in items if isinstance(items, list) else []:
+            if item == "*":  # every peer (only where nothing but the proxy can reach the gateway)
+                continue
+            try:
+                ipaddress.ip_network(str(item), strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r}: expected an IP address or CIDR, e.g. 10.0.0.0/8") from None
+        return items
 
     @field_validator("auth_tiers")
     @classmethod

@@ -98,7 +98,8 @@ def _scope_headers(scope: Mapping[str, Any]) -> dict[str, str]:
 
 class FailedAuthLimiter:
     """Failed authentications per client address per minute, in process: past the limit an address
-    gets 429 before any key lookup (no Redis work for a guesser). Fixed one-minute windows."""
+    gets 429 for a missing or malformed credential before any lookup, and for a wrong well-formed key
+    after its lookup (a correct key is admitted: ``AuthStage.authenticate``). Fixed one-minute windows."""
 
     def __init__(self, per_minute: int, max_addresses: int = 50_000) -> None:
         self.per_minute = per_minute
@@ -221,9 +222,11 @@ class AuthStage:
     # --- authentication ------------------------------------------------------------------------
     async def authenticate(self, token: str | None, address: str) -> Principal:
         """The principal of a presented credential (``None``: missing), or Unauthorized / 429 for an
-        address that failed too often (past that, only keys already verified in this process get
-        through, without a lookup: a guesser sharing a NAT with real clients does not lock them out).
-        The credential never appears in an error or a log line."""
+        address that failed too often. Past that limit a missing or malformed credential is refused
+        without a lookup, but a well-formed key is still verified (one lookup, as for any request) and,
+        when correct, admitted: clients sharing an address with a guesser (a NAT, a load balancer) are
+        never locked out by its failures; the guesser's wrong keys get 429. The credential never appears
+        in an error or a log line."""
         blocked = self.failed.blocked_for(address)
         if token is None:
             if blocked:
@@ -237,14 +240,13 @@ class AuthStage:
                              max_timeout_s=self.tiers[ADMIN_TIER].max_timeout_s,
                              cache_scope=cache_scope_of("admin", self.settings.cache_scope))  # fmt: skip
         key_id = key_id_of(token)
-        if blocked:
-            known = self._fresh(token) if key_id is not None else None
-            if known is None:
-                raise self._blocked(blocked)
-            return self.principal_of(known)
+        if blocked and key_id is None:
+            raise self._blocked(blocked)  # malformed: no lookup for a guesser
         record = await self._verify(key_id, token) if key_id is not None else None
         if record is None:
             self.failed.failed(address)
+            if blocked:
+                raise self._blocked(blocked)
             details = {"key_id": key_id} if key_id else {}
             raise Unauthorized("invalid or revoked API key", details)
         return self.principal_of(record)
@@ -277,11 +279,6 @@ class AuthStage:
     @staticmethod
     def _blocked(seconds: float) -> TooManyRequests:
         return TooManyRequests("too many failed authentications from this address; try again later", seconds)
-
-    def _fresh(self, token: str) -> KeyRecord | None:
-        assert self.keys is not None
-        hit = self._cache.get(digest(self.keys.pepper, token))
-        return hit[0] if hit is not None and time.monotonic() - hit[1] < self.cache_s else None
 
     def principal_of(self, rec: KeyRecord) -> Principal:
         tier = self.tiers.get(rec.tier) or self.tiers[self.settings.auth_default_tier]

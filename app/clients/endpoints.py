@@ -144,13 +144,14 @@ class EndpointHealth:
     requests: int = 0
     failures: int = 0
     retries: int = 0
+    missed_probes: int = 0  # consecutive readiness probes not answered in time (a frozen Triton)
 
     def snapshot(self, now: float) -> dict[str, object]:
         return {
             "state": self.state.value, "outstanding": self.outstanding,
             "consecutive_failures": self.consecutive_failures, "ejections": self.ejections,
             "ejected_for_s": round(max(self.ejected_until - now, 0.0), 3) if self.state == "ejected" else 0,
-            "requests": self.requests, "failures": self.failures,
+            "requests": self.requests, "failures": self.failures, "answering": self.missed_probes == 0,
         }  # fmt: skip
 
 
@@ -163,6 +164,8 @@ class Balancer:
     - ``failure``: ``eject_after`` consecutive failures (or one ``connect`` failure: nothing listens)
       eject the endpoint for ``base_s * 2**k`` (capped at ``max_s``), never more than half the pool.
     - ``probe``: after the ejection time, a successful readiness probe brings it back in slow start.
+    - ``answering``: the last readiness probe got an answer in time (or a call did since); an endpoint
+      that is not is picked last, and when none serving a model is, the gateway fails fast (503).
     """
 
     eject_after: int = 3
@@ -183,6 +186,10 @@ class Balancer:
     def in_rotation(self, name: str) -> bool:
         return self.endpoints[name].state is not State.EJECTED
 
+    def answering(self, name: str) -> bool:
+        health = self.endpoints.get(name)
+        return health is not None and health.missed_probes == 0
+
     def _weight(self, health: EndpointHealth, now: float) -> float:
         if health.state is State.SLOW_START:
             elapsed = now - health.returned_at
@@ -195,7 +202,8 @@ class Balancer:
     def pick(self, candidates: Sequence[str], exclude: Iterable[str] = ()) -> str | None:
         excluded = set(exclude)
         names = [n for n in candidates if n in self.endpoints and n not in excluded]
-        live = [n for n in names if self.in_rotation(n)]
+        rotation = [n for n in names if self.in_rotation(n)]
+        live = [n for n in rotation if self.endpoints[n].missed_probes == 0] or rotation
         pool = live or names  # everyone out: try anyway rather than fail without trying
         if not pool:
             return None
@@ -223,6 +231,7 @@ class Balancer:
         health = self.endpoints.get(name)
         if health is not None:
             health.consecutive_failures = 0
+            health.missed_probes = 0  # it answered
             if health.state is not State.EJECTED:
                 health.ejections = 0
 
@@ -254,11 +263,12 @@ class Balancer:
         health = self.endpoints[name]
         return health.state is State.EJECTED and self.clock() >= health.ejected_until
 
-    def probe(self, name: str, ready: bool) -> None:
-        """The result of an active readiness probe."""
+    def probe(self, name: str, ready: bool, answered: bool = True) -> None:
+        """The result of an active readiness probe (``answered``: within the probe timeout at all)."""
         health = self.endpoints.get(name)
         if health is None:
             return
+        health.missed_probes = 0 if answered else health.missed_probes + 1
         if health.state is State.EJECTED:
             if ready and self.clock() >= health.ejected_until:
                 health.state = State.SLOW_START

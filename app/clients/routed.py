@@ -8,6 +8,13 @@ answer, or UNAVAILABLE. A timeout or an answer (even an error) is never retried.
 20 % of calls) keeps a failing pool from doubling its load, and the retry gets what is left of the
 deadline. Sequence requests (``sequence_id``) stick to the endpoint that saw their first request and are
 never retried elsewhere (the sequence's state lives in that Triton).
+
+Fail fast: an endpoint whose readiness probe gets no answer within the probe timeout (a frozen Triton:
+SIGSTOP, a hung host) is not answering until a probe or a call gets one. A call for a model none of whose
+endpoints is answering is a 503 with ``Retry-After`` at once, instead of waiting out
+the freeze; calls already on an endpoint that missed ``ABORT_AFTER_MISSED_PROBES`` probes in a row end
+with the same 503 (Triton may have the request: not retried elsewhere). The wait is so bounded by about
+that many probe intervals plus probe timeouts (2 x (1 + 1) s by default).
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ ENDPOINT_CALLS = Counter(
     ["endpoint", "outcome"],
 )  # fmt: skip
 ENDPOINT_EJECTIONS = Counter("tgw_triton_endpoint_ejections", "Ejections per Triton endpoint", ["endpoint"])
+
+ABORT_AFTER_MISSED_PROBES = 2  # calls in flight on a frozen endpoint end after this many missed probes
 
 _CONNECT_MARKERS = (
     "cannot connect", "failed to connect", "connection refused", "connections to all backends",
@@ -126,6 +135,8 @@ class RoutedTriton:
         self._task: asyncio.Task[None] | None = None
         self._resolved_at = float("-inf")
         self.retries = 0
+        self._calls: dict[str, set[asyncio.Task[Any]]] = {}  # per endpoint: tasks with a call on it
+        self._aborted: set[asyncio.Task[Any]] = set()  # cancelled by _abort_calls (not by their owner)
 
     # --- life ---
     def _make_endpoint(self, address: EndpointAddress) -> Endpoint:
@@ -203,21 +214,33 @@ class RoutedTriton:
         if name not in self.balancer.endpoints:
             return
         health = self.balancer.endpoints[name]
-        if health.state is State.EJECTED and not self.balancer.due_for_probe(name):
+        frozen = health.missed_probes > 0  # probed every round, ejected or not: calls end, a return shows
+        if health.state is State.EJECTED and not frozen and not self.balancer.due_for_probe(name):
             return
+        answered = True
         try:
             async with asyncio.timeout(self.options.probe_timeout_s):
                 ready = bool(await endpoint.admin.server_ready())
                 if ready and endpoint.transport is not endpoint.admin:
                     ready = bool(await endpoint.transport.live())
-        except (TimeoutError, GatewayError, OSError):
+        except TimeoutError:
+            ready = answered = False
+        except (GatewayError, OSError):
             ready = False
         was = health.state
         if ready and (
             was is State.EJECTED or time.monotonic() - endpoint.index_at >= self.options.index_ttl_s
         ):
             await self._refresh_index(endpoint)
-        self.balancer.probe(name, ready)
+        was_answering = health.missed_probes == 0
+        self.balancer.probe(name, ready, answered)
+        if was_answering and not answered:
+            logger.warning("Triton endpoint %s: readiness probe not answered within %g s",
+                           name, self.options.probe_timeout_s)  # fmt: skip
+        elif answered and not was_answering:
+            logger.warning("Triton endpoint %s answers again", name)
+        if health.missed_probes >= ABORT_AFTER_MISSED_PROBES:
+            self._abort_calls(name)
         if health.state is not was:
             logger.warning("Triton endpoint %s: %s -> %s", name, was.value, health.state.value)
             if health.state is State.EJECTED:
@@ -256,11 +279,42 @@ class RoutedTriton:
         unknown = [n for n, e in self.endpoints.items() if e.index_at == float("-inf")]
         return unknown or list(self.endpoints)  # no index says: let Triton answer (404 from Triton)
 
+    def _healthy(self, names: Sequence[str]) -> bool:
+        """Some endpoint of ``names`` answers probes (one ejected for failures is still tried, as before)."""
+        return any(map(self.balancer.answering, names))
+
+    def _not_answering(self, model: str) -> UpstreamUnavailable:
+        return UpstreamUnavailable(
+            f"no Triton endpoint serving {model} is answering (readiness probes timed out); retry shortly",
+            retry_after_s=self.options.retry_after_s,
+        )
+
+    def _abort_calls(self, name: str) -> None:
+        """End the calls waiting on a frozen endpoint (each gets a 503 from ``_on``)."""
+        for task in list(self._calls.get(name, ())):
+            if task not in self._aborted and not task.done():
+                self._aborted.add(task)
+                task.cancel()
+
     async def _on(self, name: str, fn: Callable[[Endpoint], Awaitable[T]]) -> T:
         endpoint = self.endpoints[name]
         self.balancer.start(name)
+        task = asyncio.current_task()
+        calls = self._calls.setdefault(name, set())
+        if task is not None:
+            calls.add(task)
         try:
             result = await fn(endpoint)
+        except asyncio.CancelledError:
+            if task is None or task not in self._aborted:
+                raise
+            self._aborted.discard(task)
+            task.uncancel()  # ours (_abort_calls), not the caller's: it becomes the 503
+            ENDPOINT_CALLS.labels(name, "failure").inc()
+            raise UpstreamBroken(  # Triton may have the request: not retried elsewhere
+                f"Triton endpoint {name} stopped answering (readiness probes timed out); retry shortly",
+                retry_after_s=self.options.retry_after_s,
+            ) from None
         except UpstreamUnavailable as exc:
             if self.balancer.failure(name, connect=_connect_failure(exc)):
                 ENDPOINT_EJECTIONS.labels(name).inc()
@@ -279,6 +333,11 @@ class RoutedTriton:
             raise
         finally:
             self.balancer.finish(name)
+            if task is not None:
+                calls.discard(task)
+                if task in self._aborted:  # our cancel came too late and was absorbed: take it back
+                    self._aborted.discard(task)
+                    task.uncancel()
         self.balancer.success(name)
         ENDPOINT_CALLS.labels(name, "ok").inc()
         return result
@@ -299,9 +358,13 @@ class RoutedTriton:
                     self._sequences.popitem(last=False)
             else:
                 self._sequences.move_to_end(call.sequence_id)
+            if not self._healthy((name,)):
+                raise self._not_answering(call.model)
             if call.sequence_end:
                 self._sequences.pop(call.sequence_id, None)
             return await self._on(name, lambda e: e.transport.infer(_with_timeout(call)))
+        if not self._healthy(candidates):
+            raise self._not_answering(call.model)
         self.budget.request()
         first = self.balancer.pick(candidates)
         assert first is not None

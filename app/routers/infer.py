@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from starlette.exceptions import HTTPException
 
 from app.auth.principal import apply_principal, current_principal
 from app.codecs import v1
@@ -18,7 +19,7 @@ from app.routers.common import Headers
 from app.routers.schemas import ERROR_TEXT, InferResult, error_ref
 from app.services.inference import InferenceService, cache_directives
 
-__all__ = ["Reply", "document_infer_routes", "serve_v1"]
+__all__ = ["Reply", "document_infer_routes", "router", "serve_v1"]
 
 
 async def serve_v1(
@@ -30,6 +31,22 @@ async def serve_v1(
     req.request_id = current_request_id() or ""
     apply_principal(req, current_principal())  # the key's tier: Triton priority and timeout bound
     return v1.encode(await service.infer(req))
+
+
+# Only POST reaches the pipeline's infer router; any other method on an infer path is 405 (as Triton
+# answers), not the 404 of a path FastAPI does not know.
+router = APIRouter()
+
+
+async def _post_only() -> None:
+    raise HTTPException(405, "infer takes POST", headers={"Allow": "POST"})
+
+
+for _path in ("/v1/models/{model}/infer", "/v1/models/{model}/versions/{version}/infer",
+              "/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer"):  # fmt: skip
+    router.add_api_route(
+        _path, _post_only, methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False
+    )
 
 
 def header_value(headers: Headers, name: bytes) -> str | None:

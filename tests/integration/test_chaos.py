@@ -192,7 +192,8 @@ def test_sigstop_one_triton_for_5s(stack: Stack) -> None:
                                    len(slow), "deadline_s": DEADLINE_S}  # fmt: skip
     assert max(o.seconds for o in load.outcomes) <= DEADLINE_S + 1.0
     assert len(during) > 20 and len(slow) <= 4  # once ejected (probe timeout 1 s), traffic went elsewhere
-    assert all(o.status in (200, 504) for o in load.failed), load.failed[:5]
+    # 504: at the deadline; 503: a call on the frozen Triton once it missed 2 probes (issue 19 item 11)
+    assert all(o.status in (200, 503, 504) for o in load.failed), load.failed[:5]
     after = stack.metric("tgw_triton_endpoint_calls_total", f'endpoint="{frozen}",outcome="ok"')
     assert after >= before
 

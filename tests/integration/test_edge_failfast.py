@@ -1,0 +1,122 @@
+"""Issue 19 item 11 against two real Tritons: when every endpoint is frozen (SIGSTOP) the gateway answers
+503 with Retry-After within a bounded wait instead of holding every request for the length of the freeze,
+and serves again once they resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
+from tests.gateway_server import running_gateway
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+FREEZE_S = 8.0
+
+
+@pytest.fixture(scope="module")
+def two_tritons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[EmbeddedTriton]]:
+    repo = tmp_path_factory.mktemp("repo")
+    shutil.copytree(
+        MODELS / "identity_fp32", repo / "identity_fp32", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    servers = [
+        EmbeddedTriton(
+            [repo],
+            http_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+            state_dir=tmp_path_factory.mktemp(f"triton{i}"),
+        )
+        for i in range(2)
+    ]
+    try:
+        for server in servers:
+            server.start(timeout=180)
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@dataclass
+class Outcome:
+    started: float
+    seconds: float
+    status: int
+    retry_after: str | None
+
+
+def _infer(url: str, x: float) -> Outcome:
+    body = {"inputs": [{"name": "INPUT0", "shape": [1, 2], "datatype": "FP32", "data": [x, 2.0]}]}
+    start = time.monotonic()
+    try:
+        r = httpx.post(f"{url}/v2/models/identity_fp32/infer", json=body, timeout=60)
+        status, retry = r.status_code, r.headers.get("retry-after")
+    except httpx.HTTPError:
+        status, retry = 0, None
+    return Outcome(start, time.monotonic() - start, status, retry)
+
+
+def test_every_triton_frozen_is_a_quick_503_then_serving_again(
+    two_tritons: list[EmbeddedTriton], redis_server: EmbeddedRedis
+) -> None:
+    urls = ",".join(f"grpc={t.grpc_url};http={t.http_url.removeprefix('http://')}" for t in two_tritons)
+    with running_gateway(triton_urls=urls, redis_url=redis_server.url, triton_timeout_s=30.0) as url:
+        seed = time.time_ns() % 1_000_000  # distinct inputs: no cached answers
+        assert all(_infer(url, seed + i).status == 200 for i in range(4))
+        outcomes: list[Outcome] = []
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def client(k: int) -> None:  # ~8 requests a second in all, each waiting for its answer
+            i = 0
+            while not stop.is_set():
+                outcome = _infer(url, seed + 1000 * (k + 1) + i)
+                with lock:
+                    outcomes.append(outcome)
+                i += 1
+                time.sleep(0.5)
+
+        pids = [t.process.pid for t in two_tritons]
+        assert all(pids)
+        threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)  # type: ignore[arg-type]
+        stopped = time.monotonic()
+        try:
+            time.sleep(FREEZE_S)
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)  # type: ignore[arg-type]
+        resumed = time.monotonic()
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        during = [o for o in outcomes if stopped <= o.started < resumed - 0.5]
+        # nothing waits out the freeze: the probes (1 s apart, 1 s timeout) bound every wait
+        worst = max(o.seconds for o in during)
+        assert worst < 6.0, sorted(round(o.seconds, 2) for o in during)
+        late = [o for o in during if o.started >= stopped + 5.0]  # long since detected
+        assert late and all(o.status == 503 and o.retry_after for o in late), late
+        assert all(o.seconds < 2.0 for o in late), [round(o.seconds, 2) for o in late]
+        assert {o.status for o in during} <= {200, 503}, {o.status for o in during}
+        # back: the probes see them answer again and requests succeed
+        deadline = time.monotonic() + 30
+        while _infer(url, seed + 99_999).status != 200:
+            assert time.monotonic() < deadline, "the gateway did not serve again after the Tritons resumed"
+            time.sleep(0.25)
