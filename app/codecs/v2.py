@@ -18,6 +18,7 @@ from app.services.payload import parse_json
 from app.services.registry import ModelInfo
 from app.services.validation import (
     NUMPY_DTYPES,
+    container_budget,
     parameters_object,
     validate_outputs,
     validate_parameters,
@@ -52,7 +53,7 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
         head, tail = binary.split(raw, length)
     except binary.FramingError as exc:
         raise BadRequest(str(exc), {"field": exc.field}) from None
-    body = parse_json(head, max_values=value_budget(info))
+    body = parse_json(head, max_values=value_budget(info), containers=container_budget(info))
     if not isinstance(body, dict):
         raise InvalidInput("body: expected a JSON object with an 'inputs' list", {"field": "body"})
     inputs = body.get("inputs")

@@ -17,6 +17,7 @@ import numpy as np
 from tritonclient.utils import deserialize_bytes_tensor
 
 from app.errors import InvalidInput
+from app.services.payload import ContainerBudget
 from app.services.registry import ModelInfo, TensorSpec
 
 NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
@@ -288,6 +289,36 @@ def value_budget(info: ModelInfo) -> int | None:
     input), for ``app.services.payload.check_value_budget``; None when an input has a variable dim.
     Computed once per model version (``ModelInfo.max_values``)."""
     return info.max_values
+
+
+_CONTAINER_BUDGETS: dict[int, tuple[ModelInfo, ContainerBudget]] = {}
+
+
+def container_budget(info: ModelInfo) -> ContainerBudget:
+    """The most arrays and objects a request body to this model can hold (``payload.check_containers``):
+    per input, one array per row above the innermost dimension (the batch dim counts as max_batch_size);
+    below a variable dimension each level adds at most one array per value. Plus each tensor's entry,
+    shape and parameters (/v2). Computed once per model version."""
+    known = _CONTAINER_BUDGETS.get(id(info))
+    if known is not None and known[0] is info:
+        return known[1]
+    fixed, per_value = 4 * (len(info.inputs) + len(info.outputs)), 0
+    for spec in info.inputs.values():
+        rows, bounded = 1, True
+        for i, dim in enumerate(spec.shape[:-1]):
+            dim = info.max_batch_size if info.batched and i == 0 else dim
+            bounded = bounded and dim >= 0
+            if bounded:
+                rows *= dim
+                fixed += rows
+            else:
+                per_value += 1
+        fixed += 1
+    budget = ContainerBudget(fixed, per_value)
+    if len(_CONTAINER_BUDGETS) > 1024:
+        _CONTAINER_BUDGETS.clear()
+    _CONTAINER_BUDGETS[id(info)] = (info, budget)
+    return budget
 
 
 def validate_v1_inputs(info: ModelInfo, inputs: Any) -> dict[str, np.ndarray]:
