@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from app.auth.principal import apply_principal, current_principal
 from app.codecs import v1
-from app.codecs.common import Reply
+from app.codecs.common import Reply, decode_off_loop
 from app.request_context import current_request_id
 from app.routers.common import Headers
 from app.routers.schemas import ERROR_TEXT, InferResult, error_ref
@@ -25,7 +25,7 @@ async def serve_v1(
     service: InferenceService, model: str, version: str | None, body: bytes, headers: Headers
 ) -> Reply:
     info = await service.resolve(model, version)
-    req = v1.decode(info, body)
+    req = await decode_off_loop(len(body), v1.decode, info, body)
     req.cache_read, req.cache_write = cache_directives(header_value(headers, b"cache-control"))
     req.request_id = current_request_id() or ""
     apply_principal(req, current_principal())  # the key's tier: Triton priority and timeout bound

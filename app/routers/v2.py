@@ -12,7 +12,7 @@ from starlette.responses import Response
 from app.auth.principal import apply_principal, current_principal
 from app.codecs import encoding
 from app.codecs import v2 as kserve
-from app.codecs.common import Reply
+from app.codecs.common import Reply, decode_off_loop
 from app.deps import AdminDep, HealthDep, RegistryDep
 from app.errors import NotOffered
 from app.request_context import current_request_id
@@ -163,6 +163,9 @@ async def model_config(model: str, registry: RegistryDep, version: str | None = 
     return ORJSONResponse(info.config)
 
 
+_HEADER_LENGTH = kserve.HEADER_LENGTH.encode()
+
+
 async def serve_v2(
     service: InferenceService, model: str, version: str | None, raw: bytes, headers: Headers,
     max_body_bytes: int = 8 * 1024 * 1024,
@@ -174,8 +177,14 @@ async def serve_v2(
     if info.decoupled:  # Triton's answer, without the round trip (and the same over either transport)
         raise NotOffered("HTTP end point doesn't support models with decoupled transaction policy; use "
                          "gRPC ModelStreamInfer", {"model": info.name})  # fmt: skip
-    raw = encoding.decode_body(raw, header_value(headers, b"content-encoding"), max_body_bytes)
-    v2 = kserve.decode(info, raw, header_value(headers, kserve.HEADER_LENGTH.encode()))
+    coding, length = header_value(headers, b"content-encoding"), header_value(headers, _HEADER_LENGTH)
+
+    def decode() -> kserve.V2Request:
+        return kserve.decode(info, encoding.decode_body(raw, coding, max_body_bytes), length)
+
+    # The JSON part is what costs (binary tensors are views of the body); a compressed body may inflate.
+    json_bytes = int(length) if length is not None and length.isdigit() else len(raw)
+    v2 = await decode_off_loop(len(raw) * 64 if coding else json_bytes, decode)
     req = v2.request
     req.cache_read, req.cache_write = cache_directives(header_value(headers, b"cache-control"))
     req.request_id = current_request_id() or ""
