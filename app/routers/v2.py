@@ -14,7 +14,6 @@ from app.codecs import encoding
 from app.codecs import v2 as kserve
 from app.codecs.common import Reply, decode_off_loop
 from app.deps import AdminDep, HealthDep, RegistryDep
-from app.errors import NotOffered
 from app.request_context import current_request_id
 from app.routers.common import Headers, ORJSONResponse
 from app.routers.infer import header_value
@@ -29,7 +28,7 @@ from app.routers.schemas import (
     V2Ready,
     V2ServerMetadata,
 )
-from app.services.inference import InferenceService, cache_directives
+from app.services.inference import InferenceService, cache_directives, refuse_decoupled
 from app.services.offer import EXTENSIONS, refusal
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
@@ -174,9 +173,7 @@ async def serve_v2(
     ``Content-Encoding: gzip|deflate`` bodies are inflated up to ``max_body_bytes``; the answer is
     compressed when ``Accept-Encoding`` asks for it."""
     info = await service.resolve(model, version)
-    if info.decoupled:  # Triton's answer, without the round trip (and the same over either transport)
-        raise NotOffered("HTTP end point doesn't support models with decoupled transaction policy; use "
-                         "gRPC ModelStreamInfer", {"model": info.name})  # fmt: skip
+    refuse_decoupled(info)  # Triton's answer, without the round trip (and the same over either transport)
     coding, length = header_value(headers, b"content-encoding"), header_value(headers, _HEADER_LENGTH)
 
     def decode() -> kserve.V2Request:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from app.clients.protocols import InferenceTransport, TritonCall, TritonResult
-from app.errors import GatewayError, UpstreamTimeout
+from app.errors import GatewayError, NotOffered, UpstreamTimeout
 from app.observability import metrics, tracing
 from app.observability.context import add_timing, annotate
 from app.services.cache import CacheUnavailable, ReadPolicy, ResponseCache, cache_key
@@ -61,6 +61,19 @@ class InferResponse:
     model: str
     result: TritonResult
     cache: CacheOutcome
+
+
+# What Triton answers a decoupled model's request over HTTP; /v1, /v2, job submissions and /v1/ws frames
+# answer it too (501), before anything reaches Triton. Such models are served by gRPC ModelStreamInfer.
+DECOUPLED_REFUSAL = (
+    "HTTP end point doesn't support models with decoupled transaction policy; use gRPC ModelStreamInfer"
+)
+
+
+def refuse_decoupled(info: ModelInfo) -> None:
+    """501 for a decoupled model (any number of answers per request): only a stream can carry them."""
+    if info.decoupled:
+        raise NotOffered(DECOUPLED_REFUSAL, {"model": info.name})
 
 
 def cache_directives(header: str | None) -> tuple[bool, bool]:
