@@ -197,7 +197,7 @@ class Multiplexer:
         except GatewayError as exc:
             self.outbox.emit(error_frame(exc))
             return
-        self.tasks.discard(asyncio.current_task())  # type: ignore[arg-type]  # parsed: not a request yet
+        self.tasks.discard(asyncio.current_task())  # parsed: not a request yet
         self._dispatch(frame, len(data))
 
     def _dispatch(self, frame: Any, size: int) -> None:
