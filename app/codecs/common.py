@@ -96,9 +96,16 @@ def call_options(params: dict[str, Any]) -> CallOptions:
                                {"field": f"parameters.{key}"})  # fmt: skip
         return value
 
+    def unsigned(key: str) -> int:  # Triton's uint64 fields: a negative one is a client error, not a 5xx
+        value: int = take(key, int, 0)
+        if not 0 <= value < 2**64:
+            raise InvalidInput(f"parameters.{key}: expected an integer 0..{2**64 - 1}, got {value}",
+                               {"field": f"parameters.{key}"})  # fmt: skip
+        return value
+
     return CallOptions(
-        priority=take("priority", int, 0),
-        timeout_us=take("timeout", int, 0),
+        priority=unsigned("priority"),
+        timeout_us=unsigned("timeout"),
         sequence_id=take("sequence_id", (int, str), 0),
         sequence_start=take("sequence_start", bool, False),
         sequence_end=take("sequence_end", bool, False),

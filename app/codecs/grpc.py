@@ -24,7 +24,16 @@ from app.codecs.common import CallOptions, call_options
 from app.errors import InvalidInput
 from app.services.inference import InferRequest, InferResponse
 from app.services.registry import ModelInfo
-from app.services.validation import NUMPY_DTYPES, validate_outputs, validate_parameters, validate_v2_inputs
+from app.services.validation import (
+    GRPC_INPUT_PARAMETERS,
+    GRPC_OUTPUT_PARAMETERS,
+    NUMPY_DTYPES,
+    check_sequence,
+    check_tensor_parameters,
+    validate_outputs,
+    validate_parameters,
+    validate_v2_inputs,
+)
 
 # Triton datatype -> the typed field of InferTensorContents that carries it (FP16/BF16: raw only).
 CONTENTS_FIELD = {
@@ -48,6 +57,7 @@ class GrpcRequest:
     request: InferRequest
     id: str
     options: CallOptions
+    empty_final_response: bool = False  # triton_enable_empty_final_response (a decoupled model's stream)
 
 
 def parameter_value(param: service_pb2.InferParameter) -> Any:
@@ -103,12 +113,25 @@ def decode(info: ModelInfo, req: service_pb2.ModelInferRequest) -> GrpcRequest:
     binary: dict[str, bytes] = {}
     for i, tensor in enumerate(req.inputs):
         field = f"inputs.{tensor.name}"
+        check_tensor_parameters(tensor.parameters, f"{field}.parameters", GRPC_INPUT_PARAMETERS)
+        if raw and tensor.HasField("contents"):  # Triton refuses data given twice
+            raise InvalidInput(f"{field}.contents: the data is also in raw_input_contents; send one of them",
+                               {"field": f"{field}.contents"})  # fmt: skip
         tensors.append({"name": tensor.name, "shape": list(tensor.shape), "datatype": tensor.datatype})
         if tensor.name in info.inputs and tensor.datatype == info.inputs[tensor.name].datatype:
             binary[tensor.name] = raw[i] if raw else _typed_blob(field, tensor)
     params = plain_parameters(req.parameters)
     params.pop("binary_data_output", None)  # an HTTP notion; gRPC outputs are always raw
+    empty_final = params.pop("triton_enable_empty_final_response", False)
+    if not isinstance(empty_final, bool):
+        raise InvalidInput("parameters.triton_enable_empty_final_response: expected a bool_param",
+                           {"field": "parameters.triton_enable_empty_final_response"})  # fmt: skip
     options = call_options(params)
+    check_sequence(info, options.sequence_id, options.sequence_start, options.sequence_end)
+    for output in req.outputs:
+        check_tensor_parameters(
+            output.parameters, f"outputs.{output.name}.parameters", GRPC_OUTPUT_PARAMETERS
+        )
     outputs = validate_outputs(info, [o.name for o in req.outputs]) if req.outputs else None
     request = InferRequest(
         info=info,
@@ -117,7 +140,7 @@ def decode(info: ModelInfo, req: service_pb2.ModelInferRequest) -> GrpcRequest:
         parameters=validate_parameters(params),
     )
     options.apply(request)
-    return GrpcRequest(request, req.id, options)
+    return GrpcRequest(request, req.id, options, empty_final)
 
 
 def encode(response: InferResponse, request_id: str = "") -> service_pb2.ModelInferResponse:

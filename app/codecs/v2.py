@@ -17,7 +17,11 @@ from app.services.inference import InferRequest, InferResponse
 from app.services.payload import parse_json
 from app.services.registry import ModelInfo
 from app.services.validation import (
+    HTTP_INPUT_PARAMETERS,
+    HTTP_OUTPUT_PARAMETERS,
     NUMPY_DTYPES,
+    check_sequence,
+    check_tensor_parameters,
     container_budget,
     parameters_object,
     validate_outputs,
@@ -34,6 +38,11 @@ class V2Request:
     request: InferRequest
     id: str | None
     binary_outputs: set[str]
+
+
+def _safe_name(name: Any) -> str:
+    """A client's tensor name as it may appear in an error (lone surrogates escaped)."""
+    return str(name).encode("utf-8", "backslashreplace").decode()
 
 
 def _header_length(value: str | None) -> int | None:
@@ -59,7 +68,9 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
     inputs = body.get("inputs")
     for tensor in inputs if isinstance(inputs, list) else []:
         if isinstance(tensor, dict):
-            parameters_object(tensor.get("parameters"), f"inputs.{tensor.get('name')}.parameters")
+            field = f"inputs.{_safe_name(tensor.get('name'))}.parameters"
+            check_tensor_parameters(parameters_object(tensor.get("parameters"), field), field,
+                                    HTTP_INPUT_PARAMETERS)  # fmt: skip
     try:
         parts = binary.binary_parts(inputs if isinstance(inputs, list) else [], tail, "inputs")
     except binary.FramingError as exc:
@@ -69,8 +80,12 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
     if params is not None and not isinstance(params, dict):
         raise InvalidInput("parameters: expected an object", {"field": "parameters"})
     params = dict(params or {})
-    all_binary = bool(params.pop("binary_data_output", False))
+    all_binary = params.pop("binary_data_output", False)
+    if not isinstance(all_binary, bool):
+        raise InvalidInput("parameters.binary_data_output: expected true or false",
+                           {"field": "parameters.binary_data_output"})  # fmt: skip
     options = call_options(params)
+    check_sequence(info, options.sequence_id, options.sequence_start, options.sequence_end)
     requested = body.get("outputs")
     names: list[str] | None = None
     binary_outputs: set[str] = set()
@@ -81,12 +96,14 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
             )
         names = validate_outputs(info, [o["name"] for o in requested])
         for o in requested:
-            o_params = o.get("parameters")
-            if o_params is not None and not isinstance(o_params, dict):
-                raise InvalidInput(
-                    f"outputs.{o['name']}.parameters: expected an object", {"field": f"outputs.{o['name']}"}
-                )
-            if (o_params or {}).get("binary_data", all_binary):
+            field = f"outputs.{_safe_name(o['name'])}.parameters"
+            o_params = parameters_object(o.get("parameters"), field)
+            check_tensor_parameters(o_params, field, HTTP_OUTPUT_PARAMETERS)
+            as_binary = o_params.get("binary_data", all_binary)
+            if not isinstance(as_binary, bool):
+                raise InvalidInput(f"{field}.binary_data: expected true or false",
+                                   {"field": f"{field}.binary_data"})  # fmt: skip
+            if as_binary:
                 binary_outputs.add(o["name"])
     elif all_binary:
         binary_outputs = set(info.outputs)

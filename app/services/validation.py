@@ -277,11 +277,60 @@ def validate_parameters(parameters: Any, field: str = "parameters") -> dict[str,
     """Request-level parameters forwarded to Triton: an object of scalars, no reserved names."""
     parameters = parameters_object(parameters, field)
     for key, value in parameters.items():
-        if key in _RESERVED_PARAMETERS:
+        if key in _RESERVED_PARAMETERS or key.startswith("triton_"):
             raise _fail(f"{field}.{key}", "is reserved by Triton and cannot be passed as a parameter")
         if not isinstance(value, str | int | float | bool):
             raise _fail(f"{field}.{key}", f"expected a string, number or boolean, got {_json_type(value)}")
     return dict(parameters)
+
+
+# Tensor parameters the gateway supports (item by item: everything else is refused, never passed on or
+# ignored; ``shared_memory_*`` would make Triton read or write a shared-memory region of its own).
+HTTP_INPUT_PARAMETERS = frozenset({"binary_data_size"})
+HTTP_OUTPUT_PARAMETERS = frozenset({"binary_data"})
+GRPC_INPUT_PARAMETERS: frozenset[str] = frozenset()
+GRPC_OUTPUT_PARAMETERS: frozenset[str] = frozenset()
+_UNSUPPORTED_WHY = {
+    "shared_memory_region": "the gateway does not offer shared memory: send the tensor's data",
+    "shared_memory_byte_size": "the gateway does not offer shared memory: send the tensor's data",
+    "shared_memory_offset": "the gateway does not offer shared memory: send the tensor's data",
+    "classification": "the classification extension is not offered by the gateway: request the output "
+    "tensor and take its top-k",
+}
+
+
+def check_tensor_parameters(params: Mapping[str, Any], field: str, supported: frozenset[str]) -> None:
+    """Refuse (422 / 400 under /v2 / INVALID_ARGUMENT) a tensor parameter the gateway does not support,
+    naming it (``field`` is e.g. ``inputs.INPUT0.parameters``)."""
+    for key in params:
+        if key not in supported:
+            why = _UNSUPPORTED_WHY.get(key, "not supported by the gateway")
+            allowed = ", ".join(sorted(supported)) or "none"
+            raise _fail(f"{field}.{key}", f"{why} (supported here: {allowed})",
+                        expected={"parameters": sorted(supported)})  # fmt: skip
+
+
+def check_sequence(info: ModelInfo, sequence_id: int | str, start: bool, end: bool) -> None:
+    """``sequence_id`` (and ``sequence_start``/``sequence_end``) only for a model with a sequence batcher,
+    and a ``sequence_id`` Triton accepts: an integer 0..2^64-1 or a string of 1..128 characters."""
+    if isinstance(sequence_id, int) and not 0 <= sequence_id < 2**64:
+        raise _fail("parameters.sequence_id", f"expected an integer 0..{2**64 - 1} or a string, got "
+                    f"{sequence_id}")  # fmt: skip
+    if isinstance(sequence_id, str) and len(sequence_id) > 128:
+        raise _fail("parameters.sequence_id", f"expected at most 128 characters, got {len(sequence_id)}")
+    if (sequence_id or start or end) and "sequence_batching" not in info.config:
+        given = "sequence_id" if sequence_id else "sequence_start" if start else "sequence_end"
+        raise _fail(f"parameters.{given}", f"model '{info.name}' has no sequence batcher: sequence "
+                    "parameters are only for sequence models")  # fmt: skip
+
+
+def _text_safe(value: Any) -> Any:
+    """A client's value made safe to render in an error (lone surrogates escaped)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode()
+    if isinstance(value, list):
+        return [_text_safe(v) for v in value[:16]]
+    return value
 
 
 def value_budget(info: ModelInfo) -> int | None:
@@ -347,20 +396,24 @@ def validate_v2_inputs(
     """KServe v2 ``inputs: [{name, shape, datatype, data}]``; ``binary`` holds binary-extension data."""
     if not isinstance(inputs, list) or not inputs:
         raise _fail("inputs", "expected a non-empty list of {name, shape, datatype, data} tensors")
-    names = []
+    names: list[str] = []
     arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(inputs):
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
             raise _fail(f"inputs[{i}]", "expected an object with name, shape, datatype and data")
         names.append(tensor["name"])
     _check_names(info, names)
+    if len(set(names)) != len(names):  # Triton refuses a request naming an input twice
+        twice = next(n for i, n in enumerate(names) if n in names[:i])
+        raise _fail(f"inputs.{twice}", "appears more than once; give each input once")
     for tensor in inputs:
         name = tensor["name"]
         spec = info.inputs[name]
         field = f"inputs.{name}"
         shape = tensor.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise _fail(f"{field}.shape", "expected a list of non-negative integers")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _fail(f"{field}.shape", "expected a list of non-negative integers",
+                        received={"shape": _text_safe(shape)})  # fmt: skip
         datatype = tensor.get("datatype")
         if datatype != spec.datatype:
             raise _fail(
