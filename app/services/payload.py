@@ -114,11 +114,58 @@ def _decode(raw: bytes | str, max_depth: int, containers: int = 0) -> Any:
         if "depth limit" in str(exc):
             raise _too_deep(max_depth) from None
         try:
-            return json.loads(raw)
+            value = json.loads(raw)
         except RecursionError:
             raise _too_deep(max_depth) from None
         except (ValueError, UnicodeDecodeError):
             raise BadRequest(f"request body is not valid JSON: {exc}", {"field": "body"}) from None
+        if ("\\u" if isinstance(raw, str) else b"\\u") in raw:  # Python's json lets a lone "\ud800" in
+            _refuse_lone_surrogates(value)
+        return value
+
+
+def _refuse_lone_surrogates(value: Any) -> None:
+    """400 naming the first string (or object key) holding a lone UTF-16 surrogate, which is not text:
+    it cannot be encoded as UTF-8 (for Triton, the cache key, an error body or a log line)."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                where = f"{path}.{_printable(key)}" if path else _printable(key)
+                if not _is_text(key):
+                    raise _not_text(where, "a name")
+                stack.append((where, child))
+        elif isinstance(item, list):
+            stack.extend(
+                (f"{path}[{i}]", child)
+                for i, child in enumerate(item)
+                if isinstance(child, str | list | dict)
+            )
+        elif isinstance(item, str) and not _is_text(item):
+            raise _not_text(path or "body", "a value")
+
+
+def _is_text(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode()
+
+
+def _not_text(field: str, what: str) -> BadRequest:
+    return BadRequest(
+        f"{field}: {what} holds a lone UTF-16 surrogate escape (e.g. \\ud800), which is not text; "
+        "send valid Unicode",
+        {"field": field},
+    )
 
 
 def parse_json(
