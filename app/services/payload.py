@@ -119,7 +119,8 @@ def _decode(raw: bytes | str, max_depth: int, containers: int = 0) -> Any:
             raise _too_deep(max_depth) from None
         except (ValueError, UnicodeDecodeError):
             raise BadRequest(f"request body is not valid JSON: {exc}", {"field": "body"}) from None
-        if ("\\u" if isinstance(raw, str) else b"\\u") in raw:  # Python's json lets a lone "\ud800" in
+        escaped = "\\u" in raw if isinstance(raw, str) else b"\\u" in raw
+        if escaped:  # Python's json lets a lone "\ud800" escape in: refuse it
             _refuse_lone_surrogates(value)
         return value
 
