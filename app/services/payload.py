@@ -229,18 +229,47 @@ def check_value_budget(raw: bytes, budget: int | None, *, what: str = "request")
         )
 
 
+def _strings(data: bytes) -> list[bytes] | None:
+    """The strings of a text with few of them (found by a quote search, each matched from its opening
+    quote: no scan of the rest of the text); None when there are many."""
+    if data.count(b'"') > _FEW_STRINGS:
+        return None
+    found, pos = [], 0
+    while (start := data.find(b'"', pos)) >= 0:
+        match = _JSON_STRING.match(data, start)
+        if match is None:
+            break  # unterminated: not JSON (orjson says so)
+        found.append(match.group())
+        pos = match.end()
+    return found
+
+
 def _outside_strings(data: bytes) -> bytes:
-    """The text with its strings emptied (their brackets and commas are not structure). Few strings: a
-    regular expression; many strings and no escapes: quote parity in numpy (linear); many strings with
-    escapes: the text as it is (brackets in strings then count, which can only refuse, never admit)."""
-    if data.count(b'"') <= _FEW_STRINGS:
-        return _JSON_STRING.sub(b'""', data)
+    """The text without its strings, for a text with many: quote parity in numpy (linear) when nothing
+    is escaped; with escapes, the text as it is (brackets in strings then count, which can only refuse)."""
     if b"\\" in data:
         return data
     chars = np.frombuffer(data, dtype=np.uint8)
     quote = chars == ord('"')
     inside = (np.cumsum(quote, dtype=np.int32) & 1).astype(bool)  # from an opening quote to its closing one
     return chars[~inside | quote].tobytes()
+
+
+def _structure(text: bytes, strings: list[bytes], count: Any) -> int:
+    """``count(part)`` over the text less the same over its strings (what is not inside a string)."""
+    return int(count(text)) - sum(int(count(s)) for s in strings)
+
+
+def _arrays(part: bytes) -> int:
+    return part.count(b"[") + part.count(b"{")
+
+
+def _commas(part: bytes) -> int:
+    return part.count(b",")
+
+
+def _empty_arrays(part: bytes) -> int:
+    return part.translate(_BRACKETS, _WHITESPACE).count(b"[]")
 
 
 def check_containers(
@@ -253,24 +282,28 @@ def check_containers(
 ) -> None:
     """Refuse (422, before parsing) a body holding more arrays and objects than its tensors can:
     ``[[[]],[[]],…]`` or ``[[[[…]]]]`` of 7.3 MB carry no values but millions of arrays, each a Python list
-    to build (~1-3 s of event-loop CPU). Values are counted as in ``count_values``, less empty arrays."""
+    to build (~1-3 s of event-loop CPU). Values are counted as in ``count_values``, less empty arrays.
+    Brackets and commas inside strings are not structure: they are counted apart and left out."""
     if brackets is None:
-        brackets = data.count(b"[") + data.count(b"{")
+        brackets = _arrays(data)
     allowed = budget.fixed + CONTAINER_SLACK
     if brackets <= allowed:
         return
-    text = _outside_strings(data) if b'"' in data else data
-    containers = brackets if text is data else text.count(b"[") + text.count(b"{")
+    strings = _strings(data) if b'"' in data else []
+    if strings is None:  # many strings: count on the text without them
+        data, strings = _outside_strings(data), []
+        brackets = _arrays(data)
+    containers = brackets - sum(_arrays(s) for s in strings)
     if containers <= allowed:
         return
     values = 0
     if budget.per_value:
-        values = text.count(b",") + 1  # at most; an empty array is not a value, counted next if need be
+        values = _structure(data, strings, _commas) + 1  # at most: empty arrays are not values
         if containers <= allowed + budget.per_value * values:
-            values -= text.translate(_BRACKETS, _WHITESPACE).count(b"[]")
+            values -= _structure(data, strings, _empty_arrays)
         allowed += budget.per_value * max(values, 0)
     if containers > allowed:
-        if b"[" * (max_depth + 1) in text:  # a depth bomb: say so (strings are emptied in ``text``)
+        if b"[" * (max_depth + 1) in data:  # a depth bomb: say so
             raise _too_deep(max_depth)
         raise InvalidInput(
             f"inputs: the body holds {containers} arrays and objects; a {what} holds at most {allowed} "
