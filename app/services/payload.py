@@ -54,6 +54,7 @@ _FEW_STRINGS = 4096
 _BRACKETS = bytes.maketrans(b"{}", b"[]")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # unrolled: runs at C speed
+_SMALL_SKELETON = 2048  # brackets: at most 64 passes over 2 KB, cheaper than numpy's set-up
 _OPEN = np.int8(92)  # between "[" (91) and "]" (93)
 
 
@@ -68,10 +69,18 @@ def _bracket_depth(raw: bytes, max_depth: int) -> str:
     """``"ok"`` if the brackets of the text nest at most ``max_depth`` levels, ``"deep"`` if more,
     ``"unbalanced"`` if they do not pair up (invalid JSON, or brackets inside strings). Brackets inside
     strings can only add levels: with strings present, "deep" and "unbalanced" are measured again on the
-    parsed value. One linear pass in numpy over the brackets (a running sum of +1 / -1)."""
+    parsed value. Large bodies: one linear pass in numpy over the brackets (a running sum of +1 / -1); the
+    pass per level it replaces cost 1.6 s for a 7.3 MB ``[[[[…]]]]``."""
     skeleton = raw.translate(_BRACKETS, _NOT_BRACKETS)
-    if not skeleton:
-        return "ok"
+    if len(skeleton) <= _SMALL_SKELETON:  # a few µs: one ``replace`` pass per level, innermost pairs first
+        for _ in range(max_depth):
+            if not skeleton:
+                return "ok"
+            shorter = skeleton.replace(b"[]", b"")
+            if len(shorter) == len(skeleton):
+                return "unbalanced"
+            skeleton = shorter
+        return "deep" if skeleton else "ok"
     steps = np.frombuffer(skeleton, dtype=np.uint8).view(np.int8)
     levels = np.cumsum(_OPEN - steps, dtype=np.int32)  # "[" (91) -> +1, "]" (93) -> -1
     if int(levels.min()) < 0 or int(levels[-1]) != 0:
