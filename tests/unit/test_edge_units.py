@@ -87,8 +87,8 @@ def test_depth_is_checked_in_one_linear_pass() -> None:
     assert _bracket_depth(b"[" * 65 + b"]" * 65, 64) == "deep"
     assert _bracket_depth(b"[[]", 64) == "unbalanced" and _bracket_depth(b"]][[", 64) == "unbalanced"
     pad = b"[]" * 2000  # large skeletons: the numpy pass
-    assert _bracket_depth(b"[" * 64 + pad + b"]" * 64, 64) == "ok"
-    assert _bracket_depth(b"[" * 65 + pad + b"]" * 65, 64) == "deep"
+    assert _bracket_depth(b"[" * 63 + pad + b"]" * 63, 64) == "ok"  # pad adds a level
+    assert _bracket_depth(b"[" * 64 + pad + b"]" * 64, 64) == "deep"
     assert _bracket_depth(pad + b"][", 64) == "unbalanced" and _bracket_depth(b"[" + pad, 64) == "unbalanced"
     alternating = b"[0," * 65 + b"0" + b"]" * 65  # deep without 65 consecutive openers
     assert _bracket_depth(alternating, 64) == "deep"
