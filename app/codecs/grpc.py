@@ -30,6 +30,7 @@ from app.services.validation import (
     NUMPY_DTYPES,
     check_sequence,
     check_tensor_parameters,
+    classification,
     validate_outputs,
     validate_parameters,
     validate_v2_inputs,
@@ -128,16 +129,22 @@ def decode(info: ModelInfo, req: service_pb2.ModelInferRequest) -> GrpcRequest:
                            {"field": "parameters.triton_enable_empty_final_response"})  # fmt: skip
     options = call_options(params)
     check_sequence(info, options.sequence_id, options.sequence_start, options.sequence_end)
+    top: dict[str, int] = {}
     for output in req.outputs:
-        check_tensor_parameters(
-            output.parameters, f"outputs.{output.name}.parameters", GRPC_OUTPUT_PARAMETERS
-        )
+        field = f"outputs.{output.name}.parameters"
+        check_tensor_parameters(output.parameters, field, GRPC_OUTPUT_PARAMETERS)
+        if "classification" in output.parameters:
+            value = parameter_value(output.parameters["classification"])
+            count = classification(info, output.name, value, f"{field}.classification")
+            if count:
+                top[output.name] = count
     outputs = validate_outputs(info, [o.name for o in req.outputs]) if req.outputs else None
     request = InferRequest(
         info=info,
         inputs=validate_v2_inputs(info, tensors, binary),
         outputs=outputs,
         parameters=validate_parameters(params),
+        classification=top,
     )
     options.apply(request)
     return GrpcRequest(request, req.id, options, empty_final)

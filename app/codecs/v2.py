@@ -22,6 +22,7 @@ from app.services.validation import (
     NUMPY_DTYPES,
     check_sequence,
     check_tensor_parameters,
+    classification,
     container_budget,
     parameters_object,
     validate_outputs,
@@ -89,6 +90,7 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
     requested = body.get("outputs")
     names: list[str] | None = None
     binary_outputs: set[str] = set()
+    top: dict[str, int] = {}
     if requested is not None:
         if not isinstance(requested, list) or not all(isinstance(o, dict) and "name" in o for o in requested):
             raise InvalidInput(
@@ -99,6 +101,10 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
             field = f"outputs.{_safe_name(o['name'])}.parameters"
             o_params = parameters_object(o.get("parameters"), field)
             check_tensor_parameters(o_params, field, HTTP_OUTPUT_PARAMETERS)
+            if "classification" in o_params:
+                count = classification(info, o["name"], o_params["classification"], f"{field}.classification")
+                if count:
+                    top[o["name"]] = count
             as_binary = o_params.get("binary_data", all_binary)
             if not isinstance(as_binary, bool):
                 raise InvalidInput(f"{field}.binary_data: expected true or false",
@@ -112,6 +118,7 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
         inputs=validate_v2_inputs(info, inputs, parts),
         outputs=names,
         parameters=validate_parameters(params),
+        classification=top,
     )
     options.apply(request)
     request_id = body.get("id")

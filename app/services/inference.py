@@ -45,6 +45,7 @@ class InferRequest:
     sequence_start: bool = False
     sequence_end: bool = False
     cache_scope: str = ""  # "" = answers shared by every tenant; else the tenant (app.auth, TGW_CACHE_SCOPE)
+    classification: dict[str, int] = field(default_factory=dict)  # output -> top-k (Triton's extension)
     datatypes: dict[str, str] = field(init=False)  # Triton datatype of each given input
 
     def __post_init__(self) -> None:
@@ -111,9 +112,10 @@ class InferenceService:
         info = req.info
         outputs = req.outputs or list(info.outputs)
         namespace = f"{self.namespace}:t:{req.cache_scope}" if req.cache_scope else self.namespace
-        return cache_key(
-            namespace, info.name, info.version, outputs, req.parameters, req.inputs, req.datatypes
-        )
+        parameters = req.parameters
+        if req.classification:  # another answer (top-k classes): another key (no parameter has this name)
+            parameters = {**parameters, "\x00classification": req.classification}
+        return cache_key(namespace, info.name, info.version, outputs, parameters, req.inputs, req.datatypes)
 
     def _use_cache(self, req: InferRequest) -> bool:
         return req.info.cache_enabled and self.cache.enabled and req.cacheable
@@ -187,7 +189,10 @@ class InferenceService:
             sequence_id=req.sequence_id,
             sequence_start=req.sequence_start,
             sequence_end=req.sequence_end,
-            max_batch_rows=info.max_batch_rows if not req.parameters and req.cacheable else 0,
+            max_batch_rows=(
+                info.max_batch_rows if not req.parameters and req.cacheable and not req.classification else 0
+            ),
+            classification=req.classification,
         )
 
     async def _cache_get(self, key: str, remote: bool = True) -> TritonResult | None:

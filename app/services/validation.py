@@ -287,15 +287,13 @@ def validate_parameters(parameters: Any, field: str = "parameters") -> dict[str,
 # Tensor parameters the gateway supports (item by item: everything else is refused, never passed on or
 # ignored; ``shared_memory_*`` would make Triton read or write a shared-memory region of its own).
 HTTP_INPUT_PARAMETERS = frozenset({"binary_data_size"})
-HTTP_OUTPUT_PARAMETERS = frozenset({"binary_data"})
+HTTP_OUTPUT_PARAMETERS = frozenset({"binary_data", "classification"})
 GRPC_INPUT_PARAMETERS: frozenset[str] = frozenset()
-GRPC_OUTPUT_PARAMETERS: frozenset[str] = frozenset()
+GRPC_OUTPUT_PARAMETERS = frozenset({"classification"})
 _UNSUPPORTED_WHY = {
     "shared_memory_region": "the gateway does not offer shared memory: send the tensor's data",
     "shared_memory_byte_size": "the gateway does not offer shared memory: send the tensor's data",
     "shared_memory_offset": "the gateway does not offer shared memory: send the tensor's data",
-    "classification": "the classification extension is not offered by the gateway: request the output "
-    "tensor and take its top-k",
 }
 
 
@@ -308,6 +306,19 @@ def check_tensor_parameters(params: Mapping[str, Any], field: str, supported: fr
             allowed = ", ".join(sorted(supported)) or "none"
             raise _fail(f"{field}.{key}", f"{why} (supported here: {allowed})",
                         expected={"parameters": sorted(supported)})  # fmt: skip
+
+
+def classification(info: ModelInfo, output: str, value: Any, field: str) -> int:
+    """Triton's classification extension: ``parameters.classification`` = the number of top classes of
+    ``output`` to answer (as BYTES ``"value:index[:label]"``); 0 = none. A numeric output only."""
+    if type(value) is not int or value < 0:
+        raise _fail(
+            field, f"expected a non-negative integer (the number of classes), got {_text_safe(value)!r}"
+        )
+    spec = info.outputs.get(output)
+    if value and spec is not None and spec.datatype in ("BYTES", "BOOL"):
+        raise _fail(field, f"output '{output}' is {spec.datatype}: classification needs a numeric output")
+    return int(value)
 
 
 def check_sequence(info: ModelInfo, sequence_id: int | str, start: bool, end: bool) -> None:

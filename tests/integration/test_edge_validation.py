@@ -19,13 +19,14 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
-from tritonclient.utils import InferenceServerException
 from websockets.sync.client import connect
 
 from app.codecs import v1, v2
 from app.services.inference import DECOUPLED_REFUSAL
 from app.services.registry import ModelInfo, TensorSpec
+from tests.integration.conftest import GatewayFactory
 
 pytestmark = pytest.mark.integration
 
@@ -181,22 +182,58 @@ def test_decoupled_models_are_refused_alike_on_v1_v2_jobs_and_ws(
     assert frame["type"] == "error" and frame["error"]["message"] == DECOUPLED_REFUSAL, frame
 
 
-# --- item 16: classification is refused, never ignored --------------------------------------------------------
-def test_classification_is_refused_not_ignored(client: httpx.Client, gateway_grpc: str) -> None:
-    _refused(client, {"inputs": [ROW], "outputs": [{"name": "OUTPUT0", "parameters": {"classification": 1}}]},
+# --- item 16: classification (Triton's extension) is forwarded, answered and cached as Triton answers it ----
+def _top_k(client: Any, module: Any, k: int, row: np.ndarray) -> list[Any]:
+    tensor = module.InferInput("INPUT0", list(row.shape), "FP32")
+    tensor.set_data_from_numpy(row)
+    result = client.infer(
+        "identity_fp32", [tensor], outputs=[module.InferRequestedOutput("OUTPUT0", class_count=k)]
+    )
+    output = result.get_output("OUTPUT0")
+    datatype = output["datatype"] if isinstance(output, dict) else output.datatype
+    return [datatype, result.as_numpy("OUTPUT0").tolist()]
+
+
+def test_classification_is_answered_as_triton_answers_it(
+    triton: Any, gateway_addresses: Any, client: httpx.Client, start_gateway: GatewayFactory
+) -> None:
+    row = np.array([[0.25, 3.5, -1.0, 2.0]], np.float32) + np.float32(time.time() % 1000)  # not cached yet
+    answers = {}
+    for name, http, grpc_address in (("triton", triton.http_url, triton.grpc_url),
+                                     ("gateway", gateway_addresses.http, gateway_addresses.grpc)):  # fmt: skip
+        h = httpclient.InferenceServerClient(http.split("://", 1)[1])
+        g = grpcclient.InferenceServerClient(grpc_address)
+        try:
+            answers[name] = [_top_k(h, httpclient, 2, row), _top_k(g, grpcclient, 3, row)]
+        finally:
+            h.close()
+            g.close()
+    assert answers["gateway"] == answers["triton"], answers
+    assert answers["gateway"][0][0] == "BYTES" and len(answers["gateway"][0][1][0]) == 2  # top 2, as strings
+    # the cache keys on it: the plain tensor, the top-2 and the top-1 are three answers, each then a hit
+    tensor = {"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": row.ravel().tolist()}
+    bodies = [{"inputs": [tensor]}] + [
+        {"inputs": [tensor], "outputs": [{"name": "OUTPUT0", "parameters": {"classification": k}}]}
+        for k in (2, 1)
+    ]
+    for body in bodies * 2:
+        r = client.post(V2, json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()["outputs"][0]
+        k = body.get("outputs", [{"parameters": {}}])[0]["parameters"].get("classification")
+        assert out["datatype"] == ("BYTES" if k else "FP32") and len(out["data"]) == (k or 4), out
+    _refused(client, {"inputs": [tensor], "outputs": [{"name": "OUTPUT0", "parameters": {"classification": -1}}]},
              "outputs.OUTPUT0.parameters.classification")  # fmt: skip
-    tc = grpcclient.InferenceServerClient(gateway_grpc)
-    try:
-        tensor = grpcclient.InferInput("INPUT0", [1, 2], "FP32")
-        tensor.set_data_from_numpy(np.array([[1.0, 2.0]], np.float32))
-        with pytest.raises(InferenceServerException) as err:
-            tc.infer(
-                "identity_fp32", [tensor], outputs=[grpcclient.InferRequestedOutput("OUTPUT0", class_count=1)]
-            )
-    finally:
-        tc.close()
-    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
-    assert "outputs.OUTPUT0.parameters.classification" in (err.value.message() or "")
+    with start_gateway(triton_http_url=None) as over_grpc:  # the gRPC transport to Triton forwards it too
+        h = httpclient.InferenceServerClient(over_grpc.split("://", 1)[1])
+        try:
+            direct = httpclient.InferenceServerClient(triton.http_url.split("://", 1)[1])
+            try:
+                assert _top_k(h, httpclient, 3, row + 1) == _top_k(direct, httpclient, 3, row + 1)
+            finally:
+                direct.close()
+        finally:
+            h.close()
 
 
 # --- items 17 and 19: an input twice; gRPC data twice ---------------------------------------------------------

@@ -123,9 +123,10 @@ def test_v2_refusals_name_the_field(identity: ModelInfo) -> None:
     assert field_of({"inputs": [{**row, "parameters": {"shared_memory_region": "r"}}]}) == (
         "inputs.INPUT0.parameters.shared_memory_region"
     )
-    assert field_of(
-        {"inputs": [row], "outputs": [{"name": "OUTPUT0", "parameters": {"classification": 2}}]}
-    ) == ("outputs.OUTPUT0.parameters.classification")
+    top = {"inputs": [row], "outputs": [{"name": "OUTPUT0", "parameters": {"classification": 2}}]}
+    assert v2.decode(identity, orjson.dumps(top), None).request.classification == {"OUTPUT0": 2}
+    top["outputs"][0]["parameters"]["classification"] = True  # type: ignore[index]
+    assert field_of(top) == "outputs.OUTPUT0.parameters.classification"
     assert field_of({"inputs": [row], "parameters": {"sequence_id": 3}}) == "parameters.sequence_id"
     assert field_of({"inputs": [row], "parameters": {"priority": -1}}) == "parameters.priority"
     assert field_of({"inputs": [row], "parameters": {"triton_x": 1}}) == "parameters.triton_x"
@@ -151,7 +152,9 @@ def test_grpc_refusals_name_the_field(identity: ModelInfo) -> None:
     shm = message()
     shm.inputs[0].parameters["shared_memory_offset"].int64_param = 0
     out = message()
-    out.outputs.add(name="OUTPUT0").parameters["classification"].int64_param = 1
+    out.outputs.add(name="OUTPUT0").parameters["classification"].int64_param = 3
+    assert grpc_codec.decode(identity, out).request.classification == {"OUTPUT0": 3}
+    out.outputs[0].parameters["classification"].int64_param = -1
     final = message()
     final.parameters["triton_enable_empty_final_response"].bool_param = True
     assert grpc_codec.decode(identity, final).empty_final_response
