@@ -83,9 +83,15 @@ class CallOptions:
         return req
 
 
+_NO_OPTIONS = CallOptions()
+
+
 def call_options(params: dict[str, Any]) -> CallOptions:
     """Pop Triton's own parameters (``CALL_PARAMETERS``) out of ``params`` (in place) and check their
     types; the rest are the model's parameters (part of the cache key)."""
+
+    if not params:
+        return _NO_OPTIONS
 
     def take(key: str, kinds: type | tuple[type, ...], default: Any) -> Any:
         if key not in params:
@@ -94,18 +100,14 @@ def call_options(params: dict[str, Any]) -> CallOptions:
         if not isinstance(value, kinds) or (kinds is not bool and isinstance(value, bool)):
             raise InvalidInput(f"parameters.{key}: unexpected type {type(value).__name__}",
                                {"field": f"parameters.{key}"})  # fmt: skip
-        return value
-
-    def unsigned(key: str) -> int:  # Triton's uint64 fields: a negative one is a client error, not a 5xx
-        value: int = take(key, int, 0)
-        if not 0 <= value < 2**64:
+        if kinds is int and isinstance(value, int) and not 0 <= value < 2**64:  # Triton: uint64
             raise InvalidInput(f"parameters.{key}: expected an integer 0..{2**64 - 1}, got {value}",
                                {"field": f"parameters.{key}"})  # fmt: skip
         return value
 
     return CallOptions(
-        priority=unsigned("priority"),
-        timeout_us=unsigned("timeout"),
+        priority=take("priority", int, 0),
+        timeout_us=take("timeout", int, 0),
         sequence_id=take("sequence_id", (int, str), 0),
         sequence_start=take("sequence_start", bool, False),
         sequence_end=take("sequence_end", bool, False),

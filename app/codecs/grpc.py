@@ -114,7 +114,8 @@ def decode(info: ModelInfo, req: service_pb2.ModelInferRequest) -> GrpcRequest:
     binary: dict[str, bytes] = {}
     for i, tensor in enumerate(req.inputs):
         field = f"inputs.{tensor.name}"
-        check_tensor_parameters(tensor.parameters, f"{field}.parameters", GRPC_INPUT_PARAMETERS)
+        if tensor.parameters:
+            check_tensor_parameters(tensor.parameters, f"{field}.parameters", GRPC_INPUT_PARAMETERS)
         if raw and tensor.HasField("contents"):  # Triton refuses data given twice
             raise InvalidInput(f"{field}.contents: the data is also in raw_input_contents; send one of them",
                                {"field": f"{field}.contents"})  # fmt: skip
@@ -123,15 +124,18 @@ def decode(info: ModelInfo, req: service_pb2.ModelInferRequest) -> GrpcRequest:
             binary[tensor.name] = raw[i] if raw else _typed_blob(field, tensor)
     params = plain_parameters(req.parameters)
     params.pop("binary_data_output", None)  # an HTTP notion; gRPC outputs are always raw
-    empty_final = params.pop("triton_enable_empty_final_response", False)
+    empty_final = params.pop("triton_enable_empty_final_response", False) if params else False
     if not isinstance(empty_final, bool):
         raise InvalidInput("parameters.triton_enable_empty_final_response: expected a bool_param",
                            {"field": "parameters.triton_enable_empty_final_response"})  # fmt: skip
     options = call_options(params)
-    check_sequence(info, options.sequence_id, options.sequence_start, options.sequence_end)
+    if options.sequence_id or options.sequence_start or options.sequence_end:
+        check_sequence(info, options.sequence_id, options.sequence_start, options.sequence_end)
     top: dict[str, int] = {}
     for output in req.outputs:
         field = f"outputs.{output.name}.parameters"
+        if not output.parameters:
+            continue
         check_tensor_parameters(output.parameters, field, GRPC_OUTPUT_PARAMETERS)
         if "classification" in output.parameters:
             value = parameter_value(output.parameters["classification"])

@@ -68,10 +68,11 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
         raise InvalidInput("body: expected a JSON object with an 'inputs' list", {"field": "body"})
     inputs = body.get("inputs")
     for tensor in inputs if isinstance(inputs, list) else []:
-        if isinstance(tensor, dict):
+        if isinstance(tensor, dict) and tensor.get("parameters") is not None:
             field = f"inputs.{_safe_name(tensor.get('name'))}.parameters"
-            check_tensor_parameters(parameters_object(tensor.get("parameters"), field), field,
-                                    HTTP_INPUT_PARAMETERS)  # fmt: skip
+            check_tensor_parameters(
+                parameters_object(tensor["parameters"], field), field, HTTP_INPUT_PARAMETERS
+            )
     try:
         parts = binary.binary_parts(inputs if isinstance(inputs, list) else [], tail, "inputs")
     except binary.FramingError as exc:
@@ -86,7 +87,8 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
         raise InvalidInput("parameters.binary_data_output: expected true or false",
                            {"field": "parameters.binary_data_output"})  # fmt: skip
     options = call_options(params)
-    check_sequence(info, options.sequence_id, options.sequence_start, options.sequence_end)
+    if options.sequence_id or options.sequence_start or options.sequence_end:
+        check_sequence(info, options.sequence_id, options.sequence_start, options.sequence_end)
     requested = body.get("outputs")
     names: list[str] | None = None
     binary_outputs: set[str] = set()
