@@ -58,7 +58,6 @@ class GrpcRequest:
     request: InferRequest
     id: str
     options: CallOptions
-    empty_final_response: bool = False  # triton_enable_empty_final_response (a decoupled model's stream)
 
 
 def parameter_value(param: service_pb2.InferParameter) -> Any:
@@ -124,10 +123,6 @@ def decode(info: ModelInfo, req: service_pb2.ModelInferRequest) -> GrpcRequest:
             binary[tensor.name] = raw[i] if raw else _typed_blob(field, tensor)
     params = plain_parameters(req.parameters)
     params.pop("binary_data_output", None)  # an HTTP notion; gRPC outputs are always raw
-    empty_final = params.pop("triton_enable_empty_final_response", False) if params else False
-    if not isinstance(empty_final, bool):
-        raise InvalidInput("parameters.triton_enable_empty_final_response: expected a bool_param",
-                           {"field": "parameters.triton_enable_empty_final_response"})  # fmt: skip
     options = call_options(params)
     if options.sequence_id or options.sequence_start or options.sequence_end:
         check_sequence(info, options.sequence_id, options.sequence_start, options.sequence_end)
@@ -151,7 +146,7 @@ def decode(info: ModelInfo, req: service_pb2.ModelInferRequest) -> GrpcRequest:
         classification=top,
     )
     options.apply(request)
-    return GrpcRequest(request, req.id, options, empty_final)
+    return GrpcRequest(request, req.id, options)
 
 
 def encode(response: InferResponse, request_id: str = "") -> service_pb2.ModelInferResponse:

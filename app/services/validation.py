@@ -40,6 +40,8 @@ _RESERVED_PARAMETERS = frozenset(
 )
 
 
+# Triton's own parameters a client may pass (relayed as given): a decoupled model's stream option.
+_TRITON_STREAM_OPTIONS = frozenset({"triton_enable_empty_final_response"})
 _IS_BOOL = partial(operator.is_, bool)
 
 
@@ -277,7 +279,7 @@ def validate_parameters(parameters: Any, field: str = "parameters") -> dict[str,
     """Request-level parameters forwarded to Triton: an object of scalars, no reserved names."""
     parameters = parameters_object(parameters, field)
     for key, value in parameters.items():
-        if key in _RESERVED_PARAMETERS or key.startswith("triton_"):
+        if key in _RESERVED_PARAMETERS or (key.startswith("triton_") and key not in _TRITON_STREAM_OPTIONS):
             raise _fail(f"{field}.{key}", "is reserved by Triton and cannot be passed as a parameter")
         if not isinstance(value, str | int | float | bool):
             raise _fail(f"{field}.{key}", f"expected a string, number or boolean, got {_json_type(value)}")

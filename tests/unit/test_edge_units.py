@@ -157,7 +157,9 @@ def test_grpc_refusals_name_the_field(identity: ModelInfo) -> None:
     out.outputs[0].parameters["classification"].int64_param = -1
     final = message()
     final.parameters["triton_enable_empty_final_response"].bool_param = True
-    assert grpc_codec.decode(identity, final).empty_final_response
+    assert grpc_codec.decode(identity, final).request.parameters == {
+        "triton_enable_empty_final_response": True
+    }
     for bad, field in ((both, "inputs.INPUT0.contents"), (shm, "inputs.INPUT0.parameters.shared_memory_offset"),
                        (out, "outputs.OUTPUT0.parameters.classification")):  # fmt: skip
         with pytest.raises(InvalidInput) as err:
