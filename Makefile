@@ -34,7 +34,7 @@ run: $(RUN_STAMP)
 	$(BIN)/tgw up
 
 test: $(STAMP)
-	$(BIN)/ruff check app tests
+	$(BIN)/ruff check app tests scripts
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
@@ -57,8 +57,8 @@ fuzz: $(STAMP)
 	TGW_FUZZ_SECONDS=$${TGW_FUZZ_SECONDS:-300} $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/integration/test_fuzz_schema.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check app tests
-	$(BIN)/ruff format --check app tests
+	$(BIN)/ruff check app tests scripts
+	$(BIN)/ruff format --check app tests scripts
 	$(BIN)/mypy
 
 # `make bench`: the whole benchmark (Triton direct vs the gateway; reports in bench-results/).

@@ -17,12 +17,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
 
-from app.launcher import EmbeddedRedis, EmbeddedTriton, LaunchError, ManagedProcess
+from app.launcher import EmbeddedRedis, EmbeddedTriton, LaunchError, ManagedProcess, StackState
 from app.lifecycle import (
     DependencyUnavailable,
     GracefulServer,
@@ -70,6 +71,150 @@ def _load_settings() -> Settings:
         header = "invalid settings (fix these environment variables):\n"
         sys.stderr.write(header + "\n".join(lines) + "\n")
         raise SystemExit(2) from None
+
+
+# Where a command that talks to the stack finds its stores: these variables, else a running `tgw up`'s.
+_STACK_ADDRESSES = ("TGW_REDIS_URL", "TGW_JOBS_REDIS_URL", "TGW_AUTH_REDIS_URL", "TGW_REDIS_CLUSTER")
+
+
+def stack_settings(command: str) -> Settings:
+    """Settings for a command that talks to a running stack (``tgw keys``): the environment's, and where it
+    names no Redis, the addresses of the ``tgw up`` running on this state dir (its ``stack.json``). With
+    neither, exit 2 with a message naming the address it would have used: a key written to the wrong Redis
+    is refused by the gateway as unknown, which is the worst way to find out."""
+    settings = _load_settings()
+    if any(os.environ.get(name) for name in _STACK_ADDRESSES):
+        return settings
+    state = StackState.read(settings.state_dir)
+    if state is None:
+        state_file = settings.state_dir / "stack.json"
+        would_use = redact_url(settings.auth_redis_address)
+        sys.stderr.write(
+            f"{command}: no Redis given and no running `tgw up` found ({state_file}).\n"
+            "  Start the stack (`make run`) first, or set TGW_AUTH_REDIS_URL (or TGW_JOBS_REDIS_URL) to the"
+            f" Redis that holds keys and jobs; without either it would use {would_use} (the cache).\n"
+        )
+        raise SystemExit(2)
+    os.environ.update({k: v for k, v in state.env.items() if k in _STACK_ADDRESSES})  # this command only
+    return _load_settings()
+
+
+# Variables the test and chaos harnesses read (not settings): not reported as unknown.
+_HARNESS_VARIABLES = frozenset({"TGW_CHAOS_SCALE", "TGW_CHAOS_LOG_LEVEL", "TGW_CHAOS_REDIS_KILL_AT_S",
+                                "TGW_FUZZ_SECONDS", "TGW_FUZZ_EXAMPLES", "TGW_TEST_WS_WINDOW_S",
+                                "TGW_PERF_ANALYZER"})  # fmt: skip
+
+
+def dotenv_values() -> dict[str, str]:
+    """The TGW_* entries of the `.env` file Settings reads (none when there is no such file)."""
+    from dotenv import dotenv_values as read
+
+    path = Path(".env")
+    if not path.is_file():
+        return {}
+    return {k: v for k, v in read(path).items() if k.startswith("TGW_") and v is not None}
+
+
+def config_rows(settings: Settings) -> list[tuple[str, str, str]]:
+    """(variable, effective value, where it came from) for every setting; secrets redacted."""
+    from_file = dotenv_values()
+    rows = []
+    for name in Settings.model_fields:
+        var = f"TGW_{name.upper()}"
+        source = "environment" if var in os.environ else ".env" if var in from_file else "default"
+        value = getattr(settings, name)
+        if any(word in name for word in _SECRET_WORDS):
+            shown = "<unset>" if value in (None, "") else "<redacted>"
+        else:
+            shown = redact_url(value) if isinstance(value, str) and "://" in value else str(value)
+        rows.append((var, shown, source))
+    return rows
+
+
+def cmd_doctor(_: argparse.Namespace) -> int:
+    from app import doctor
+
+    return doctor.run(_load_settings)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    settings = _load_settings()
+    rows = config_rows(settings)
+    width = max(len(var) for var, _, _ in rows)
+    for var, shown, source in rows:
+        sys.stdout.write(f"{var:<{width}}  {shown}  ({source})\n")
+    for warning in unknown_variables():
+        sys.stderr.write(warning + "\n")
+    return 0
+
+
+def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """A warning per ``TGW_*`` variable no setting reads (a misspelling is otherwise silently ignored),
+    with the closest real name."""
+    import difflib
+
+    known = {f"TGW_{name.upper()}" for name in Settings.model_fields}
+    warnings = []
+    names = environ if environ is not None else {**dotenv_values(), **os.environ}
+    for name in sorted(names):
+        if name.startswith("TGW_") and name not in known and name not in _HARNESS_VARIABLES:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            warnings.append(f"unknown variable {name}: no setting reads it{hint}")
+    return warnings
+
+
+def _port_taken(host: str, port: int) -> bool:
+    """Whether another socket listens on (host, port). Bound without SO_REUSEPORT, so a listener that has it
+    (a gRPC front door: its own workers share the port) is found too; SO_REUSEADDR ignores TIME_WAIT."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def preflight(settings: Settings, serving: bool = True) -> list[str]:
+    """Problems that would stop the stack later, found before any child starts: one line each, naming the
+    variable to set."""
+    import importlib.util
+
+    problems = []
+    if serving and settings.auth == "required" and not settings.key_pepper:
+        problems.append(
+            "TGW_KEY_PEPPER is required with TGW_AUTH=required: a server secret of 32+ characters, e.g. "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'` (or TGW_AUTH=off on loopback)"
+        )
+    if settings.otel_endpoint and importlib.util.find_spec("opentelemetry.sdk") is None:
+        problems.append(
+            f"TGW_OTEL_ENDPOINT={settings.otel_endpoint}: tracing needs the `otel` extra "
+            "(opentelemetry-sdk and its OTLP exporter), which is not installed; install it or unset it"
+        )
+    if serving:
+        ports = [("TGW_PORT", settings.port)]
+        if settings.grpc_enabled and settings.grpc_port:
+            ports.append(("TGW_GRPC_PORT", settings.grpc_port))
+        for var, port in ports:
+            if _port_taken(settings.host, port):
+                problems.append(
+                    f"{var}={port}: the port is already in use on {settings.host} (another gateway or"
+                    f" `make run` stack?); stop it or set {var} to a free port"
+                )
+    return problems
+
+
+def _check_before_start(settings: Settings, command: str, serving: bool = True) -> None:
+    for warning in unknown_variables():
+        logger.warning("%s", warning)
+    problems = preflight(settings, serving)
+    if problems:
+        sys.stderr.write(f"tgw {command}: cannot start:\n" + "".join(f"  {p}\n" for p in problems))
+        raise SystemExit(2)
 
 
 def _uvicorn_config(settings: Settings, **extra: object) -> uvicorn.Config:
@@ -129,20 +274,17 @@ class Supervised:
     restarts: int = 0
 
 
-async def _serve_with_children(
-    settings: Settings, children: list[Supervised], spawner: ThreadPoolExecutor | None = None
-) -> int:
-    """Serve the gateway; a child that dies is started again with a growing pause (meanwhile the gateway
-    serves: Redis down = cache bypass, one Triton down = the others). More than
-    ``TGW_SUPERVISE_MAX_RESTARTS`` crashes of one child within 60 s stop everything, saying which and why."""
-    server = GracefulServer(_uvicorn_config(settings), settings.shutdown_delay_s)
-    failed: list[str] = []
+async def _supervise(
+    settings: Settings,
+    children: list[Supervised],
+    spawner: ThreadPoolExecutor | None,
+    stopping: Callable[[], bool],
+    give_up: Callable[[Supervised, str], None],
+) -> None:
+    """Start a child that died again with a growing pause (meanwhile the gateway serves: Redis down = cache
+    bypass, one Triton down = the others); more than ``TGW_SUPERVISE_MAX_RESTARTS`` crashes of one child
+    within 60 s: ``give_up``. Runs until ``stopping()``."""
     tasks: set[asyncio.Task[None]] = set()
-
-    def give_up(child: Supervised, why: str) -> None:
-        failed.append(f"{child.name} {why}; last log lines ({child.process.log_path}):\n"
-                      f"{child.process.log_tail()}")  # fmt: skip
-        server.should_exit = True
 
     async def restart(child: Supervised, pause: float) -> None:
         try:
@@ -156,8 +298,8 @@ async def _serve_with_children(
         finally:
             child.restarting = False
 
-    async def watch() -> None:
-        while not server.should_exit:
+    try:
+        while not stopping():
             for child in children:
                 if child.restarting or child.process.alive():
                     continue
@@ -180,18 +322,84 @@ async def _serve_with_children(
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             await asyncio.sleep(0.5)
+    finally:
+        for task in list(tasks):
+            task.cancel()
 
-    watcher = asyncio.create_task(watch())
+
+def _gave_up(child: Supervised, why: str) -> str:
+    return f"{child.name} {why}; last log lines ({child.process.log_path}):\n{child.process.log_tail()}"
+
+
+async def _serve_with_children(
+    settings: Settings, children: list[Supervised], spawner: ThreadPoolExecutor | None = None
+) -> int:
+    """Serve the gateway in this process, supervising the children (``_supervise``)."""
+    server = GracefulServer(_uvicorn_config(settings), settings.shutdown_delay_s)
+    failed: list[str] = []
+
+    def give_up(child: Supervised, why: str) -> None:
+        failed.append(_gave_up(child, why))
+        server.should_exit = True
+
+    watcher = asyncio.create_task(
+        _supervise(settings, children, spawner, lambda: server.should_exit, give_up)
+    )
     try:
         await server.serve()
     finally:
         watcher.cancel()
-        for task in list(tasks):
-            task.cancel()
     if failed:
         logger.error("stopping the stack: %s", failed[0])
         return 1
     return 0 if server.started else 1
+
+
+def _serve_workers_with_children(
+    settings: Settings, workers: int, children: list[Supervised], spawner: ThreadPoolExecutor
+) -> int:
+    """``workers`` gateway processes (uvicorn's supervisor, as ``tgw serve``), the children supervised from a
+    thread; a child that gives up stops the supervisor."""
+    import threading
+
+    failed: list[str] = []
+    started = threading.Event()
+    holder: list[Any] = []
+
+    def on_supervisor(supervisor: Any) -> None:
+        holder.append(supervisor)
+        started.set()
+
+    def stopping() -> bool:
+        return bool(holder) and holder[0].should_exit.is_set()
+
+    def give_up(child: Supervised, why: str) -> None:
+        failed.append(_gave_up(child, why))
+        holder[0].should_exit.set()
+
+    def watch() -> None:
+        started.wait()
+        asyncio.run(_supervise(settings, children, spawner, stopping, give_up))
+
+    watcher = threading.Thread(target=watch, name="tgw-supervise", daemon=True)
+    watcher.start()
+    with _multiprocess_metrics_dir():
+        code = run_workers(_uvicorn_config(settings, workers=workers), on_supervisor=on_supervisor)
+    started.set()
+    watcher.join(timeout=5)
+    if failed:
+        logger.error("stopping the stack: %s", failed[0])
+        return 1
+    return code
+
+
+def up_workers(settings: Settings) -> int:
+    """TGW_WORKERS when set; else half the cores this process may use, 1 to 8 (one on a 2-core machine:
+    Triton needs the other)."""
+    if "workers" in settings.model_fields_set:
+        return settings.workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // 2))
 
 
 def cmd_up(_: argparse.Namespace) -> int:
@@ -199,6 +407,7 @@ def cmd_up(_: argparse.Namespace) -> int:
     if "TGW_SHUTDOWN_DELAY_S" not in os.environ:  # dev stack, no load balancer: Ctrl-C acts at once
         settings = settings.model_copy(update={"shutdown_delay_s": 0.0})
     _setup_logging(settings)
+    _check_before_start(settings, "up")
     children: list[Supervised] = []
     redis: EmbeddedRedis | None = None
     jobs_redis: EmbeddedRedis | None = None
@@ -252,22 +461,35 @@ def cmd_up(_: argparse.Namespace) -> int:
                 f"grpc={t.grpc_url};http={t.http_url.removeprefix('http://')}" for t in tritons
             )
         os.environ.setdefault("TGW_WORKER_IN_PROCESS", "true")  # the embedded default runs jobs too
-        logger.info("gateway on http://%s:%d", settings.host, settings.port)
+        # `tgw keys` & co. in another shell read the addresses from here (StackState).
+        addresses = ("TGW_REDIS_URL", "TGW_JOBS_REDIS_URL", "TGW_AUTH_REDIS_URL", "TGW_TRITON_URL",
+                     "TGW_TRITON_URLS", "TGW_TRITON_HTTP_URL", "TGW_REDIS_CLUSTER")  # fmt: skip
+        env = {k: os.environ[k] for k in addresses if os.environ.get(k)}
+        env["TGW_PORT"], env["TGW_GRPC_PORT"] = str(settings.port), str(settings.grpc_port)
+        state_file = StackState(os.getpid(), env).write(settings.state_dir)
+        logger.info("stack addresses in %s (tgw keys and other commands read them)", state_file)
+        workers = up_workers(settings)
+        logger.info("gateway on http://%s:%d (%d worker process%s; TGW_WORKERS)",
+                    settings.host, settings.port, workers, "" if workers == 1 else "es")  # fmt: skip
         if settings.grpc_enabled:
             logger.info("gateway gRPC (KServe v2) on %s:%d", settings.host, settings.grpc_port)
-        code = run_on_server_loop(_serve_with_children(settings, children, spawner))  # uvloop, as `tgw serve`
+        if workers > 1:
+            code = _serve_workers_with_children(settings, workers, children, spawner)
+        else:  # uvloop, as `tgw serve`
+            code = run_on_server_loop(_serve_with_children(settings, children, spawner))
     except LaunchError as exc:
         logger.error("%s", exc)
         code = 1
     except KeyboardInterrupt:
         code = 0
     finally:
-        for triton in tritons:
-            triton.stop()  # also its Python-backend stubs and shared-memory regions
-        if redis is not None:
-            redis.stop()
-        if jobs_redis is not None:
-            jobs_redis.stop()
+        StackState.remove(settings.state_dir, os.getpid())
+        # The gateway has drained; its servers stop together (each waits for its own exit).
+        stops = [triton.stop for triton in tritons]  # also its Python-backend stubs and shm regions
+        stops += [server.stop for server in (redis, jobs_redis) if server is not None]
+        with ThreadPoolExecutor(max_workers=len(stops) or 1, thread_name_prefix="tgw-stop") as stopper:
+            for future in [stopper.submit(stop) for stop in stops]:
+                future.result()
         spawner.shutdown(wait=False, cancel_futures=True)
     return code
 
@@ -275,6 +497,7 @@ def cmd_up(_: argparse.Namespace) -> int:
 def cmd_serve(_: argparse.Namespace) -> int:
     settings = _load_settings()
     _setup_logging(settings)
+    _check_before_start(settings, "serve")
     if not _wait_for_dependencies(settings):
         return 1
     config = _uvicorn_config(settings, workers=settings.workers)
@@ -309,6 +532,7 @@ async def _run_worker(settings: Settings) -> int:
 def cmd_worker(_: argparse.Namespace) -> int:
     settings = _load_settings()
     _setup_logging(settings)
+    _check_before_start(settings, "worker", serving=False)
     if not _wait_for_dependencies(settings):
         return 1
     if settings.worker_metrics_port:
@@ -326,14 +550,69 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return runner.run(runner.options_from(args))
 
 
+UP_HELP = """The whole stack for development, in the foreground (what `make run` starts):
+  redis-server (response cache)   127.0.0.1:6379   TGW_REDIS_PORT; allkeys-lru within TGW_REDIS_MAXMEMORY
+  redis-server (jobs and keys)    127.0.0.1:6380   TGW_JOBS_REDIS_PORT; noeviction, AOF
+  tritonserver on TGW_MODEL_REPOSITORY   HTTP :8000, gRPC :8001, metrics :8002 (TGW_TRITON_*_PORT)
+  the gateway                     TGW_HOST:TGW_PORT (127.0.0.1:8080), gRPC :8081 (TGW_GRPC_PORT)
+Setting TGW_REDIS_URL or TGW_TRITON_URL uses that server instead of starting one. State and logs live
+in TGW_STATE_DIR (.tgw/: redis/redis.log, redis-jobs/redis.log, triton/triton.log, stack.json with the
+addresses for `tgw keys`). A child that dies is restarted (TGW_SUPERVISE_MAX_RESTARTS). Ctrl-C or
+SIGTERM stops them all. Auth is off unless TGW_AUTH=required (then TGW_KEY_PEPPER is needed).
+Every setting: README.md, "Settings"."""
+SERVE_HELP = """The gateway alone, against external Triton(s) and Redis: TGW_TRITON_URL (or TGW_TRITON_URLS,
+several), TGW_TRITON_HTTP_URL (inference over HTTP), TGW_REDIS_URL (cache), TGW_JOBS_REDIS_URL (jobs
+and keys; never evicting). Serves HTTP on TGW_HOST:TGW_PORT and gRPC on TGW_GRPC_PORT with TGW_WORKERS
+processes; waits up to TGW_STARTUP_WAIT_S for its dependencies. Images, Compose and k8s run this with
+TGW_AUTH=required (TGW_KEY_PEPPER, TGW_ADMIN_TOKEN). Every setting: README.md, "Settings"."""
+WORKER_HELP = """A job worker without a web server: reads the job streams in TGW_JOBS_REDIS_URL (else
+TGW_REDIS_URL), runs each job against TGW_TRITON_URL(S) with TGW_WORKER_CONCURRENCY in flight,
+delivers webhooks; metrics on TGW_WORKER_METRICS_PORT when set. SIGTERM: stop reading, let running
+jobs finish (TGW_DRAIN_S)."""
+
+
+BENCH_HELP = """Starts its own stack (embedded Triton and Redis, the gateway as `tgw serve`) on free loopback
+ports and measures Triton direct against the gateway with the same model and payloads, side by side,
+in one run. Defaults: both models, every target, 5 concurrency levels, 1 s warm-up + 4 s per level, wrk
+cross-check, a memory soak of up to 180 s: a full run takes about 8 minutes on 2 cores (docs/
+performance.md); `--quick` a few seconds. Reports: bench-results/results.{json,csv,md,png} (the plot
+only where matplotlib is installed: `make bench` installs it)."""
+
+
+class BenchHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, each option with its default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tgw", description=__doc__)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("triton-gateway")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        release = "unknown"
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="tgw", description=__doc__, formatter_class=raw)
+    parser.add_argument("--version", action="version", version=f"tgw (triton-gateway) {release}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="embedded Redis + Triton + gateway, in the foreground").set_defaults(fn=cmd_up)
-    sub.add_parser("serve", help="the gateway only (TGW_TRITON_URL, TGW_REDIS_URL)").set_defaults(
-        fn=cmd_serve
-    )
-    sub.add_parser("worker", help="a job worker (TGW_TRITON_URL, TGW_REDIS_URL)").set_defaults(fn=cmd_worker)
+    up = sub.add_parser("up", help="embedded Redis + Triton + gateway, in the foreground",
+                        description=UP_HELP, formatter_class=raw)  # fmt: skip
+    up.set_defaults(fn=cmd_up)
+    serve = sub.add_parser("serve", help="the gateway only (TGW_TRITON_URL, TGW_REDIS_URL)",
+                           description=SERVE_HELP, formatter_class=raw)  # fmt: skip
+    serve.set_defaults(fn=cmd_serve)
+    worker = sub.add_parser("worker", help="a job worker (TGW_TRITON_URL, TGW_REDIS_URL)",
+                            description=WORKER_HELP, formatter_class=raw)  # fmt: skip
+    worker.set_defaults(fn=cmd_worker)
+    doctor = sub.add_parser(
+        "doctor", help="is the stack up, where, which Redis holds keys and jobs (and its eviction policy), "
+        "Triton and models ready, settings that look wrong",
+    )  # fmt: skip
+    doctor.set_defaults(fn=cmd_doctor)
+    config = sub.add_parser("config", help="the effective settings (`tgw config show`)")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    config_sub.add_parser(
+        "show", help="every setting's effective value and where it came from (environment, .env, default)"
+    ).set_defaults(fn=cmd_config)
     from app.convert.cli import add_parser as add_convert_parser
 
     add_convert_parser(sub)
@@ -341,8 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_keys_parser(sub)
     bench = sub.add_parser(
-        "bench", help="benchmark: Triton direct vs the gateway (embedded stack, reports in bench-results/)"
-    )
+        "bench", help="benchmark: Triton direct vs the gateway (embedded stack, reports in bench-results/)",
+        description=BENCH_HELP, formatter_class=BenchHelpFormatter,
+    )  # fmt: skip
     from app.bench.runner import add_arguments
 
     add_arguments(bench)

@@ -225,8 +225,9 @@ def log_gateway_error(exc: GatewayError) -> None:
 
 
 def log_unhandled(exc: BaseException) -> tuple[int, str, str]:
-    """Log an unexpected exception with its traceback; returns what the client gets (no trace)."""
-    logger.error("unhandled error", exc_info=exc)
+    """Log an unexpected exception with its traceback and the request id the client's answer carries;
+    returns what the client gets (no trace)."""
+    logger.error("unhandled error", exc_info=exc, extra={"request_id": current_request_id()})
     return 500, "internal_error", "internal error; see the gateway log for this request id"
 
 

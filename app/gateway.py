@@ -29,6 +29,7 @@ from app.services.health import HealthService
 from app.services.inference import InferenceService
 from app.services.jobs.runtime import JobsRuntime
 from app.services.registry import ModelRegistry
+from app.services.statistics import ServedStatistics
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -102,9 +103,10 @@ async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) 
         l1_ttl_s=settings.l1_cache_ttl_s,
     )  # fmt: skip
     registry = ModelRegistry(admin, settings.metadata_ttl_s, settings.cache_exclude_models)
+    served = ServedStatistics(admin, redis, settings.cache_namespace)
     inference = InferenceService(
         infer_transport, registry, cache, settings.cache_namespace, settings.triton_timeout_s,
-        ReadPolicy(settings.cache_read_min_hit_ratio),
+        ReadPolicy(settings.cache_read_min_hit_ratio), served,
     )  # fmt: skip
     health = HealthService(admin, transport, cache)
     jobs = JobsRuntime(settings, inference)
@@ -115,6 +117,7 @@ async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) 
         if shm is not None:
             await shm.start()
         await jobs.start()
+        served.start()
         logger.info("gateway up: Triton %s (inference over %s), Redis %s",
                     settings.triton_urls or settings.triton_grpc_address,
                     "routed" if settings.triton_urls else
@@ -124,6 +127,7 @@ async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) 
     finally:
         await jobs.stop(drain_s=min(settings.drain_s, 5.0) if settings.worker_in_process else 0)
         await inference.drain_writes(timeout_s=1.0)
+        await served.stop()
         if store is not None:
             await store.close()
         if shm is not None:

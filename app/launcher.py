@@ -126,6 +126,10 @@ class ManagedProcess:
                 stdin=subprocess.DEVNULL,
                 env=self.env,
                 cwd=self.cwd,
+                # Its own session: a terminal's Ctrl-C (SIGINT to the foreground process group) reaches only
+                # `tgw up`, which drains the gateway first and then stops its children in order; before,
+                # Redis died under a gateway still draining (connection warnings on every clean stop).
+                start_new_session=True,
             )
         except OSError as exc:
             raise LaunchError(f"could not start {self.name}: {exc}") from exc
@@ -446,6 +450,41 @@ class EmbeddedTriton:
         except OSError:
             return False
 
+    def failed_models(self) -> list[tuple[str, str]]:
+        """(model, reason) of every model version Triton gave up loading (state UNAVAILABLE, a reason other
+        than an unload), from its repository index; [] while it is still loading or unreachable."""
+        import json
+
+        request = urllib.request.Request(f"{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=1) as resp:
+                index = json.loads(resp.read())
+        except (OSError, ValueError):
+            return []
+        return [
+            (str(entry.get("name")), str(entry.get("reason")))
+            for entry in index if isinstance(entry, dict)
+            and entry.get("state") == "UNAVAILABLE" and entry.get("reason") not in (None, "", "unloaded")
+        ]  # fmt: skip
+
+    def _ready_or_failed(self) -> bool:
+        """Ready; or raise at once when a model failed to load (Triton, started with --exit-on-error=false and
+        strict readiness, would otherwise stay not-ready until the start-up timeout)."""
+        if self.ready():
+            return True
+        failed = self.failed_models()
+        if failed:
+            names = sorted({name for name, _ in failed})
+            log = self.process.log_tail(200).splitlines()
+            lines = [line for line in log if any(n in line for n in names)]
+            detail = "\n".join(lines[-10:]) or "\n".join(f"{n}: {why}" for n, why in failed)
+            raise LaunchError(
+                f"tritonserver could not load model(s) {', '.join(repr(n) for n in names)}; fix or remove "
+                f"{'it' if len(names) == 1 else 'them'} from the model repository. From its log "
+                f"({self.process.log_path}):\n{detail}"
+            )
+        return False
+
     def start(self, timeout: float = 120.0, attempts: int = 3) -> None:
         """Start and wait until every model is loaded. The Python backend can abort while many stubs
         start at once on a loaded machine (Triton issue #8882, ``boost::interprocess::lock_exception``);
@@ -460,7 +499,7 @@ class EmbeddedTriton:
         for attempt in range(1, attempts + 1):
             self.process.start()
             try:
-                self.process.wait_until(self.ready, max(deadline - time.monotonic(), 1.0), "ready")
+                self.process.wait_until(self._ready_or_failed, max(deadline - time.monotonic(), 1.0), "ready")
             except LaunchError:
                 code = self.process.returncode()
                 if code is None or code >= 0 or attempt == attempts:
@@ -505,3 +544,54 @@ class EmbeddedTriton:
         while any(port_in_use(p) for p in (self.http_port, self.grpc_port)) and time.monotonic() < deadline:
             time.sleep(0.2)
         self.start(timeout)
+
+
+# --- the running stack's addresses, for the other `tgw` commands --------------------------------------
+
+STACK_FILE = "stack.json"
+
+
+@dataclass
+class StackState:
+    """What ``tgw up`` started, written to ``<TGW_STATE_DIR>/stack.json`` while it runs, so ``tgw keys`` (and
+    any command that talks to the stack) from another shell uses the same Redis and Triton addresses."""
+
+    pid: int
+    env: dict[str, str]  # the TGW_* addresses `tgw up` gave its gateway (TGW_REDIS_URL, ...)
+
+    def write(self, state_dir: Path) -> Path:
+        import json
+
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path = state_dir / STACK_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": self.pid, "env": self.env}, indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+    @staticmethod
+    def remove(state_dir: Path, pid: int) -> None:
+        """Remove the file if it is still ``pid``'s (a newer stack's file stays)."""
+        current = StackState.read(state_dir, alive_only=False)
+        if current is not None and current.pid == pid:
+            with contextlib.suppress(OSError):
+                (state_dir / STACK_FILE).unlink()
+
+    @staticmethod
+    def read(state_dir: Path, alive_only: bool = True) -> StackState | None:
+        """The running stack's state, or None (no file, unreadable, or its ``tgw up`` is gone)."""
+        import json
+
+        try:
+            data = json.loads((state_dir / STACK_FILE).read_text())
+            state = StackState(pid=int(data["pid"]), env={str(k): str(v) for k, v in data["env"].items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        if alive_only:
+            try:
+                os.kill(state.pid, 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                pass  # alive, another user's
+        return state

@@ -103,6 +103,33 @@ def begin_drain_all() -> None:
         lifecycle.begin_drain()
 
 
+# Closing Redis pools, gRPC channels and the trace exporter after the drains, and the process exit.
+CLOSE_MARGIN_S = 2.0
+ACCEPT_PAUSE_S = 0.5  # GracefulServer.shutdown: queued connections are served before idle ones close
+
+
+def shutdown_budget_s(
+    shutdown_delay_s: float, drain_s: float, grpc_enabled: bool, worker_in_process: bool
+) -> float:
+    """The longest a gateway process (``tgw serve``/``tgw up``) takes from SIGTERM to exit, step by step as
+    docs/operations.md lists them: the readiness delay, the accept pause, in-flight HTTP requests (up to
+    ``drain_s``), then in the lifespan in-flight gRPC calls (up to ``drain_s`` more), running in-process jobs
+    (up to ``min(drain_s, 5)``) and the closes. A pod's ``terminationGracePeriodSeconds`` must exceed its
+    ``preStop`` sleep plus this (tests/unit/test_deploy_files.py computes it from the manifests)."""
+    budget = shutdown_delay_s + ACCEPT_PAUSE_S + drain_s
+    if grpc_enabled:
+        budget += drain_s
+    if worker_in_process:
+        budget += min(drain_s, 5.0)
+    return budget + CLOSE_MARGIN_S
+
+
+def worker_shutdown_budget_s(drain_s: float) -> float:
+    """``tgw worker``: running jobs get ``drain_s`` (an unfinished one stays pending for another worker), then
+    the closes."""
+    return drain_s + CLOSE_MARGIN_S
+
+
 class GracefulServer(uvicorn.Server):
     """``uvicorn.Server`` whose first exit signal starts draining and closes the listener only
     ``shutdown_delay_s`` later. The signal is not re-raised after shutdown, so the exit code is 0."""
@@ -207,14 +234,19 @@ class GracefulProcess(uvicorn_multiprocess.Process):
         return self._server
 
 
-def run_workers(config: uvicorn.Config) -> int:
+def run_workers(
+    config: uvicorn.Config, on_supervisor: Callable[[uvicorn_multiprocess.Multiprocess], None] | None = None
+) -> int:
     """uvicorn's multiprocess supervisor with ``GracefulServer`` in every worker. On SIGTERM the
-    supervisor forwards SIGTERM to each worker, which drains as above; returns 0 if all exit 0."""
+    supervisor forwards SIGTERM to each worker, which drains as above; returns 0 if all exit 0.
+    ``on_supervisor`` gets the supervisor before it starts (``should_exit.set()`` stops it)."""
     sock = config.bind_socket()
     original = uvicorn_multiprocess.Process
     uvicorn_multiprocess.Process = GracefulProcess  # type: ignore[misc]
     try:
         supervisor = uvicorn_multiprocess.Multiprocess(config, sockets=[sock])
+        if on_supervisor is not None:
+            on_supervisor(supervisor)
         supervisor.run()
     finally:
         uvicorn_multiprocess.Process = original  # type: ignore[misc]

@@ -32,13 +32,46 @@ def _split_csv(value: object) -> object:
     return value
 
 
+_PLACEHOLDERS = ("change-me", "changeme", "change_me", "replace-me", "replaceme", "placeholder", "example",
+                 "your-secret", "secret-here", "<")  # fmt: skip
+MIN_SECRET_BITS = 96.0
+
+
+def secret_bits(value: str) -> float:
+    """Entropy estimate of a secret from its own character frequencies (Shannon, bits per character times
+    length): 64 random hex characters give ~230, ``"x" * 40`` gives 0."""
+    import math
+    from collections import Counter
+
+    counts = Counter(value)
+    n = len(value)
+    return -sum(c * math.log2(c / n) for c in counts.values())
+
+
+def secret_problem(value: str) -> str | None:
+    lowered = value.lower()
+    for marker in _PLACEHOLDERS:
+        if marker in lowered:
+            return f"a placeholder (contains {marker!r}), not a secret"
+    bits = secret_bits(value)
+    if bits < MIN_SECRET_BITS:
+        return f"too guessable (~{bits:.0f} bits by its character frequencies; {MIN_SECRET_BITS:.0f}+ needed)"
+    return None
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TGW_", extra="ignore", validate_default=True)
+    # The environment first, then a `.env` file in the working directory (docs: README "Settings").
+    model_config = SettingsConfigDict(
+        env_prefix="TGW_", env_file=".env", env_file_encoding="utf-8", extra="ignore", validate_default=True
+    )
 
     # --- HTTP server -------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="address the gateway listens on (0.0.0.0 in containers)")
     port: int = Field(8080, ge=1, le=65535, description="gateway HTTP port")
-    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes for `tgw serve`")
+    workers: int = Field(
+        1, ge=1, le=64, description="gateway worker processes: `tgw serve` (default 1) and `tgw up` (unset: "
+        "half the cores, 1 to 8)",
+    )  # fmt: skip
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL"
     )
@@ -173,7 +206,8 @@ class Settings(BaseSettings):
         False, description="allow TGW_AUTH=off on a non-loopback address (you have auth in front of it)"
     )
     key_pepper: str | None = Field(
-        None, min_length=32, description="server secret keys are HMAC-SHA256'd with (32+ chars); required "
+        None, min_length=32, description="server secret keys are HMAC-SHA256'd with (32+ random chars: "
+        "placeholders and guessable values are refused, e.g. `openssl rand -hex 32`); required "
         "with TGW_AUTH=required and for `tgw keys`; changing it invalidates every key",
     )  # fmt: skip
     admin_token: str | None = Field(
@@ -224,8 +258,12 @@ class Settings(BaseSettings):
         32, ge=1, le=1024, description="webhook deliveries in flight per dispatcher"
     )
     webhook_max_per_host: int = Field(
-        4, ge=1, description="deliveries in flight to one receiver host; more wait on the schedule"
+        4, ge=1, description="deliveries in flight to one receiver host; more wait for a slot of their own"
     )
+    webhook_first_byte_s: float = Field(
+        5.0, gt=0, le=120, description="a receiver's status and headers must arrive within this (from the "
+        "start of the delivery); the body is then read for at most 1 s",
+    )  # fmt: skip
     # --- Server hardening (app.server) and Redis memory ----------------------------------------------
     header_timeout_s: float = Field(
         10.0, gt=0, description="a request head must arrive within this (from connect or its first byte); "
@@ -290,6 +328,10 @@ class Settings(BaseSettings):
     grpc_max_message_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="largest gRPC message received or sent (RESOURCE_EXHAUSTED)"
     )
+    grpc_stream_max_in_flight: int = Field(
+        32, ge=1, description="unanswered requests per ModelStreamInfer stream; at the bound the gateway "
+        "stops reading the stream until answers are taken",
+    )  # fmt: skip
     # --- Shared memory with Triton (issue 14) -------------------------------------------------
     triton_shm: Literal["off", "system", "cuda"] = Field(
         "off",
@@ -366,6 +408,17 @@ class Settings(BaseSettings):
 
         parse_triton_urls(value)
         return value.strip()
+
+    @field_validator("key_pepper", "admin_token")
+    @classmethod
+    def _real_secret(cls, value: str | None) -> str | None:
+        """Refuse the deploy files' placeholders and values a guesser could reach (see secret_problem)."""
+        if value is None:
+            return None
+        problem = secret_problem(value)
+        if problem:
+            raise ValueError(f"{problem}; generate one with `openssl rand -hex 32`")
+        return value
 
     @field_validator("otel_endpoint")
     @classmethod

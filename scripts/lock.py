@@ -12,6 +12,7 @@ Every install of this project comes from a file under ``requirements/``:
 - ``requirements/triton-py3.10.txt``: the Python packages Dockerfile.triton adds to NGC's Triton image
   (Python 3.10), from ``requirements/triton.in``.
 - ``requirements/uv.txt``: the installer itself, bootstrapped with pip.
+- ``requirements/perf-analyzer.txt``: what scripts/install_perf_analyzer.sh downloads (opt-in tooling).
 
 Usage (the Makefile calls these):
   lock.py compile [--upgrade]     write the locks (``make lock``; ``make upgrade`` = newest allowed + tests)
@@ -102,20 +103,31 @@ def torch_sources(python: str, lock: Path | None = None) -> list[str]:
     return args
 
 
-def compile_one(work: Path, python: str, out: str, inputs: str, extras: tuple[str, ...] = (),
-                constraint: str | None = None, upgrade: bool = False, platform: str = PLATFORM) -> None:  # fmt: skip
+def compile_one(
+    work: Path,
+    python: str,
+    out: str,
+    inputs: str,
+    extras: tuple[str, ...] = (),
+    constraint: str | None = None,
+    upgrade: bool = False,
+    platform: str = PLATFORM,
+    no_deps: bool = False,
+) -> None:
     """One ``uv pip compile`` run in ``work`` (ROOT, or a copy of its inputs): every path relative to it, so
     the annotations in a lock read the same wherever it was compiled."""
-    cmd = uv() + ["pip", "compile", inputs, "--quiet", "--generate-hashes", "--no-strip-extras",
-                  "--python-version", python, "--python-platform", platform,
-                  "--custom-compile-command", HEADER_COMMAND, "-o", out]  # fmt: skip
+    cmd = [*uv(), "pip", "compile", inputs, "--quiet", "--generate-hashes", "--no-strip-extras",
+           "--python-version", python, "--python-platform", platform,
+           "--custom-compile-command", HEADER_COMMAND, "-o", out]  # fmt: skip
     for extra in extras:
         cmd += ["--extra", extra]
     if constraint is not None:
         cmd += ["--constraint", constraint]
     if upgrade:
         cmd.append("--upgrade")
-    subprocess.run(cmd + torch_sources(python), cwd=work, check=True)
+    if no_deps:
+        cmd.append("--no-deps")
+    subprocess.run([*cmd, *torch_sources(python)], cwd=work, check=True)
 
 
 def compile_python(work: Path, python: str, upgrade: bool) -> None:
@@ -131,10 +143,13 @@ def compile_all(work: Path, upgrade: bool) -> None:
     """Write every lock under ``work/requirements`` (the locks already there are the starting pins)."""
     jobs = [lambda python=python: compile_python(work, python, upgrade) for python in PYTHONS]
     # Dockerfile.triton: NGC 24.10's Python is 3.10. The installer: any Python.
-    jobs.append(lambda: compile_one(work, "3.10", "requirements/triton-py3.10.txt", "requirements/triton.in",
-                                    upgrade=upgrade))  # fmt: skip
-    jobs.append(lambda: compile_one(work, "3.11", "requirements/uv.txt", "requirements/uv.in", upgrade=upgrade,
-                                    platform="x86_64-manylinux_2_28"))  # fmt: skip
+    triton = ("requirements/triton-py3.10.txt", "requirements/triton.in")
+    jobs.append(lambda: compile_one(work, "3.10", *triton, upgrade=upgrade))
+    tools = ("requirements/perf-analyzer.txt", "requirements/perf-analyzer.in")
+    jobs.append(lambda: compile_one(work, "3.11", *tools, upgrade=upgrade, no_deps=True))
+    installer = ("requirements/uv.txt", "requirements/uv.in")
+    any_linux = "x86_64-manylinux_2_28"
+    jobs.append(lambda: compile_one(work, "3.11", *installer, upgrade=upgrade, platform=any_linux))
     with ThreadPoolExecutor(len(jobs)) as pool:
         for future in [pool.submit(job) for job in jobs]:
             future.result()
@@ -153,8 +168,11 @@ def check() -> int:
         shutil.copytree(REQ, work / "requirements")
         compile_all(work, upgrade=False)
         fresh = work / "requirements"
-        stale = [str(rel) for rel in locked_files(REQ)
-                 if not (fresh / rel).exists() or not filecmp.cmp(REQ / rel, fresh / rel, shallow=False)]  # fmt: skip
+        stale = [
+            str(rel)
+            for rel in locked_files(REQ)
+            if not (fresh / rel).exists() or not filecmp.cmp(REQ / rel, fresh / rel, shallow=False)
+        ]
         stale += [str(rel) for rel in locked_files(fresh) if not (REQ / rel).exists()]
     if stale:
         print("not current (run `make lock`): " + ", ".join(sorted(set(stale))), file=sys.stderr)
@@ -164,18 +182,23 @@ def check() -> int:
 
 
 def install(profile: str) -> None:
-    python = "%d.%d" % sys.version_info[:2]
+    python = "{}.{}".format(*sys.version_info[:2])
     lock = lock_path(python, profile)
     if not lock.exists():
         sys.exit(f"no lock for Python {python} ({lock.relative_to(ROOT)}): use Python {' or '.join(PYTHONS)}")
     env = dict(os.environ, VIRTUAL_ENV=sys.prefix)
-    base = uv() + ["pip", "install", "--quiet", "--python", sys.executable]
-    subprocess.run(base + ["--require-hashes", "-r", str(lock)] + torch_sources(python, lock), env=env, check=True)
-    subprocess.run(base + ["--no-deps", "-e", str(ROOT)], env=env, check=True)
+    base = [*uv(), "pip", "install", "--python", sys.executable]
+    print(f"installing {lock.relative_to(ROOT)} (uv; a cold cache downloads ~0.5 GB)", flush=True)
+    locked = ["--require-hashes", "-r", str(lock), *torch_sources(python, lock)]
+    # uv's own progress and summary ("Installed N packages in ...") are the newcomer's progress report.
+    subprocess.run([*base, *locked], env=env, check=True)
+    subprocess.run([*base, "--quiet", "--no-deps", "-e", str(ROOT)], env=env, check=True)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     comp = sub.add_parser("compile")
     comp.add_argument("--upgrade", action="store_true", help="newest versions pyproject.toml allows")

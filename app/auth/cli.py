@@ -49,19 +49,50 @@ def _out(obj: Any) -> None:
     sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
-async def _with_store(settings: Settings, fn: Callable[[KeyStore], Awaitable[int]]) -> int:
+def auth_redis_source(settings: Settings) -> tuple[str, str]:
+    """(the variable that chose it, the address) of the Redis that holds keys."""
+    chosen = (
+        ("TGW_AUTH_REDIS_URL", settings.auth_redis_url),
+        ("TGW_JOBS_REDIS_URL", settings.jobs_redis_url),
+        ("TGW_REDIS_URL", settings.redis_url),
+    )
+    for var, value in chosen:
+        if value:
+            return var, value
+    return "TGW_REDIS_PORT", settings.auth_redis_address
+
+
+class EvictingStore(Exception):
+    """The keys' Redis may evict keys (an allkeys-* maxmemory-policy)."""
+
+
+async def eviction_policy(redis: Any) -> str:
+    """The server's maxmemory-policy (INFO works where CONFIG is disabled, as on managed Redis)."""
+    info = await redis.info("memory")
+    if "maxmemory_policy" not in info:  # a cluster client answers per node
+        policies = {str(node.get("maxmemory_policy", "")) for node in info.values() if isinstance(node, dict)}
+        return ",".join(sorted(policies))
+    return str(info["maxmemory_policy"])
+
+
+async def _with_store(settings: Settings, fn: Callable[[KeyStore], Awaitable[int]], writes: bool) -> int:
     assert settings.key_pepper is not None
     redis = make_redis(settings.auth_redis_address, 2.0, settings.redis_cluster)
     try:
+        if writes:
+            policy = await eviction_policy(redis)
+            if "allkeys" in policy:
+                raise EvictingStore(policy)
         return await fn(KeyStore(redis, settings.key_pepper, timeout_s=5.0))
     finally:
         await redis.aclose()
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from app.cli import _load_settings
+    from app.cli import stack_settings
+    from app.lifecycle import redact_url
 
-    settings = _load_settings()
+    settings = stack_settings("tgw keys")
     if not settings.key_pepper:
         sys.stderr.write("tgw keys needs TGW_KEY_PEPPER (the same secret the gateway uses)\n")
         return 2
@@ -97,8 +128,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
         _out({"key": token, **rec.public()})
         return 0
 
+    var, address = auth_redis_source(settings)
+    shown = redact_url(address)
     try:
-        return asyncio.run(_with_store(settings, run))
+        return asyncio.run(_with_store(settings, run, writes=args.keys_command in ("create", "rotate")))
+    except EvictingStore as exc:
+        sys.stderr.write(
+            f"tgw keys: refusing to store keys in {shown} ({var}): its maxmemory-policy is {exc}, so Redis"
+            " may evict them and valid keys would be refused. Point TGW_AUTH_REDIS_URL at a Redis with"
+            " maxmemory-policy noeviction (docs/auth.md).\n"
+        )
+        return 2
     except (RedisError, OSError, TimeoutError) as exc:
-        sys.stderr.write(f"tgw keys: Redis unreachable ({type(exc).__name__}); check TGW_REDIS_URL\n")
+        sys.stderr.write(f"tgw keys: Redis unreachable at {shown} ({var}): {type(exc).__name__}: {exc}\n")
         return 1

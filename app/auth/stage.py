@@ -187,17 +187,20 @@ class AuthStage:
             await self.limit(principal)
         return principal
 
-    async def admit_headers(self, headers: Mapping[str, str], address: str, admin: bool = False) -> Principal:
+    async def admit_headers(
+        self, headers: Mapping[str, str], address: str, admin: bool = False, kind: str = "req"
+    ) -> Principal:
         """For front doors without an ASGI scope (gRPC): authenticate from lower-case headers (call
         metadata) and take the request's limits; ``release`` the principal when the call is over.
-        ``admin``: the call needs the admin credential (e.g. repository or statistics RPCs)."""
+        ``admin``: the call needs the admin credential (e.g. repository or statistics RPCs); ``kind``
+        "ws": a long-lived call (a gRPC stream) taken like a WebSocket, its messages limited one by one."""
         if not self.enabled:
             bind_principal(ANONYMOUS)
             return ANONYMOUS
         principal = await self.authenticate(credential_from_headers(headers), address)
         if admin and not principal.admin:
             raise Forbidden("this call needs an admin credential (TGW_ADMIN_TOKEN or an admin-tier key)")
-        await self.limit(principal)
+        await self.limit(principal, kind=kind)
         bind_principal(principal)
         return principal
 
@@ -246,6 +249,31 @@ class AuthStage:
             raise Unauthorized("invalid or revoked API key", details)
         return self.principal_of(record)
 
+    async def recheck(self, principal: Principal, slack_s: float = 0.0) -> None:
+        """For what a key holds open (a gRPC stream, a WebSocket): raise Unauthorized once the key it was
+        admitted with is revoked or rotated away. Through the verified-key cache (an entry younger than
+        ``TGW_AUTH_KEY_CACHE_S - slack_s`` is trusted; ``slack_s``: the caller's polling interval, so a
+        revocation is seen within the cache bound); Redis unreachable: keeps trusting (as ``_verify``)."""
+        presented = principal.extra.get("digest")
+        if not presented or self.keys is None:
+            return  # the admin token, or auth off: nothing to revoke
+        now = time.monotonic()
+        hit = self._cache.get(presented)
+        if hit is not None and now - hit[1] < self.cache_s - slack_s:
+            return
+        try:
+            record = await self.keys.lookup(principal.key_id, presented)
+        except _REDIS_ERRORS as exc:
+            self._log_degraded(exc)
+            return
+        if record is None:
+            self._cache.pop(presented, None)
+            raise Unauthorized("API key revoked or rotated; reconnect with a valid key",
+                               {"key_id": principal.key_id})  # fmt: skip
+        if len(self._cache) >= 10_000:
+            self._cache.clear()
+        self._cache[presented] = (record, now)
+
     @staticmethod
     def _blocked(seconds: float) -> TooManyRequests:
         return TooManyRequests("too many failed authentications from this address; try again later", seconds)
@@ -262,6 +290,7 @@ class AuthStage:
             max_timeout_s=tier.max_timeout_s, admin=tier.name == ADMIN_TIER,
             limits=Limits(rec.rps, rec.burst, rec.concurrency, rec.daily_quota),
             cache_scope=cache_scope_of(rec.tenant, self.settings.cache_scope),
+            extra={"digest": rec.digest},  # what recheck() looks up again (revocation, rotation)
         )  # fmt: skip
 
     async def _verify(self, key_id: str, token: str) -> KeyRecord | None:

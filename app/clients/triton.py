@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -78,17 +79,30 @@ _INTEGERS = frozenset({
 })  # fmt: skip
 
 
-def proto_json(message: Message) -> dict[str, Any]:
-    """A protobuf message as Triton's HTTP API writes it: field names as in the .proto, 64-bit integers
-    as JSON numbers (protobuf's JSON mapping makes them strings)."""
+# Fields of the client's protos that Triton 2.51 (the embedded server) does not know, by message: such
+# a server's HTTP API never writes them, so its answer leaves them out while they hold their default.
+UNKNOWN_TO_2_51: dict[str, frozenset[str]] = {
+    "inference.ModelEnsembling": frozenset({"max_inflight_requests"})
+}
+
+
+def proto_json(message: Message, omit_defaults: Mapping[str, frozenset[str]] | None = None) -> dict[str, Any]:
+    """A protobuf message as Triton's HTTP API writes it: field names as in the .proto, every field (zero
+    values too), 64-bit integers as JSON numbers (protobuf's JSON mapping makes them strings), and map
+    entries sorted by key (protobuf's map order differs from process to process: the same config read by
+    two workers would otherwise give two bodies). ``omit_defaults``: per message, fields left out while
+    they hold their default (fields the server does not know)."""
     out = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
-    _numbers(message.DESCRIPTOR, out)
+    _numbers(message.DESCRIPTOR, out, omit_defaults or {})
     return out
 
 
-def _numbers(descriptor: Any, obj: dict[str, Any]) -> None:
+def _numbers(descriptor: Any, obj: dict[str, Any], omit: Mapping[str, frozenset[str]]) -> None:
+    for name in omit.get(descriptor.full_name, ()):
+        if name in obj and not obj[name]:
+            del obj[name]
     for field in descriptor.fields:
         if field.name not in obj:
             continue
@@ -97,13 +111,14 @@ def _numbers(descriptor: Any, obj: dict[str, Any]) -> None:
             obj[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
         elif field.message_type is not None:
             if field.message_type.GetOptions().map_entry:
+                obj[field.name] = value = dict(sorted(value.items()))
                 inner = field.message_type.fields_by_name["value"]
                 if inner.message_type is not None:
                     for item in value.values():
-                        _numbers(inner.message_type, item)
+                        _numbers(inner.message_type, item, omit)
                 continue
             for item in value if isinstance(value, list) else [value]:
-                _numbers(field.message_type, item)
+                _numbers(field.message_type, item, omit)
 
 
 class TritonGrpcClient:
@@ -123,6 +138,7 @@ class TritonGrpcClient:
         self._retries = retries
         self._retry_after_s = retry_after_s
         self._admin_timeout_s = admin_timeout_s
+        self._server_version: tuple[int, ...] | None = None
 
     def _map(self, exc: InferenceServerException) -> GatewayError:
         status = grpc_status_from_text(exc.status())
@@ -175,10 +191,18 @@ class TritonGrpcClient:
         return dict(out)
 
     async def model_config(self, model: str, version: str = "") -> dict[str, Any]:
+        """The config as Triton's HTTP API writes it (``proto_json``)."""
         out = await self._call(
-            lambda c: c.get_model_config(model, version, as_json=True, client_timeout=self._admin_timeout_s)
+            lambda c: c.get_model_config(model, version, client_timeout=self._admin_timeout_s)
         )
-        return dict(out.get("config", {}))
+        return proto_json(out.config, UNKNOWN_TO_2_51 if await self._server_is_2_51() else None)
+
+    async def _server_is_2_51(self) -> bool:
+        """Whether the server is Triton 2.51 or older (or says no version): read once."""
+        if self._server_version is None:
+            version = str((await self.server_metadata()).get("version", ""))
+            self._server_version = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+        return self._server_version <= (2, 51)
 
     async def model_statistics(self, model: str = "", version: str = "") -> dict[str, Any]:
         """Triton's inference statistics (all models when ``model`` is empty), as its HTTP API shows them."""

@@ -13,7 +13,7 @@ from app.auth.principal import apply_principal, current_principal
 from app.codecs import encoding
 from app.codecs import v2 as kserve
 from app.codecs.common import Reply, decode_off_loop
-from app.deps import AdminDep, HealthDep, RegistryDep
+from app.deps import AdminDep, HealthDep, InferenceDep, RegistryDep
 from app.request_context import current_request_id
 from app.routers.common import Headers, ORJSONResponse
 from app.routers.infer import header_value
@@ -30,6 +30,7 @@ from app.routers.schemas import (
 )
 from app.services.inference import InferenceService, cache_directives, refuse_decoupled
 from app.services.offer import EXTENSIONS, refusal
+from app.services.statistics import ServedStatistics
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
@@ -76,8 +77,13 @@ _STATS: dict[int | str, dict[str, Any]] = {200: {"content": {"application/json":
 @router.get("/models/stats", response_class=ORJSONResponse, responses=_STATS)
 @router.get("/models/{model}/stats", response_class=ORJSONResponse, responses=_STATS)
 @router.get("/models/{model}/versions/{version}/stats", response_class=ORJSONResponse, responses=_STATS)
-async def model_statistics(admin: AdminDep, model: str = "", version: str = "") -> ORJSONResponse:
-    return ORJSONResponse(await admin.model_statistics(model, version))
+async def model_statistics(
+    admin: AdminDep, inference: InferenceDep, model: str = "", version: str = ""
+) -> ORJSONResponse:
+    """Triton's statistics summed over its endpoints, plus the answers the gateway gave without Triton
+    (``app.services.statistics``): the same on every worker, field for field as Triton writes them."""
+    served = inference.served or ServedStatistics(admin, None, "")
+    return ORJSONResponse(await served.answer(model, version))
 
 
 # --- refused on purpose (app.services.offer): a JSON error saying why, never a bare 404 ---------------

@@ -22,6 +22,7 @@ from app.observability.context import add_timing, annotate
 from app.services.cache import CacheUnavailable, ReadPolicy, ResponseCache, cache_key
 from app.services.registry import ModelInfo, ModelRegistry
 from app.services.singleflight import SingleFlight
+from app.services.statistics import ServedStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +95,10 @@ class InferenceService:
         namespace: str,
         timeout_s: float,
         read_policy: ReadPolicy | None = None,
+        served: ServedStatistics | None = None,
     ) -> None:
         self.transport = transport
+        self.served = served  # answers given without Triton, for the model statistics
         self.read_policy = read_policy or ReadPolicy(0.0)
         self.registry = registry
         self.cache = cache
@@ -136,6 +139,7 @@ class InferenceService:
         use_cache = self._use_cache(req)
         key = self.key_for(req)
         outcome: CacheOutcome = "BYPASS"
+        start_ns = time.perf_counter_ns()
         if use_cache and req.cache_read:
             model = (info.name, info.version)
             remote = self.read_policy.should_read(model)
@@ -150,6 +154,8 @@ class InferenceService:
                 if hit is not None:
                     metrics.cache_outcome("hit")
                     annotate(info.name, info.version, "HIT")
+                    if self.served is not None:
+                        self.served.hit(info.name, info.version, time.perf_counter_ns() - start_ns)
                     return InferResponse(info.name, hit, "HIT")
                 outcome = "MISS"
                 metrics.cache_outcome("miss" if remote else "skipped")
@@ -171,6 +177,8 @@ class InferenceService:
         result, shared = await self.flights.do(key, forward)
         if shared:
             metrics.SINGLEFLIGHT_SHARED.inc()
+            if self.served is not None:  # Triton saw the one call this request shared
+                self.served.hit(info.name, info.version, time.perf_counter_ns() - start_ns)
         return InferResponse(info.name, result, outcome)
 
     def call_for(self, req: InferRequest) -> TritonCall:

@@ -31,8 +31,8 @@ from tests.integration.jobs_helpers import wait_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-PEPPER = "test-pepper-" + "x" * 40
-ADMIN = "test-admin-token-" + "y" * 40
+PEPPER = "test-pepper-7f3a9c1e5b2d8046af1c93e7d52b08e4c6a1f9d3b7e20c58"
+ADMIN = "test-admin-4e8b1d6f0a3c9e2b7d5f1a8c3e6b0d9f2a7c4e1b8d5f3a06"
 INFER = "/v1/models/identity_fp32/infer"
 ROOT = Path(__file__).resolve().parents[2]
 

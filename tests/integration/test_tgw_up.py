@@ -168,3 +168,163 @@ def test_sigkill_leaves_no_orphans(stack: Stack) -> None:
     stack.proc.wait()
     assert _wait_gone(children, timeout=30) == []
     assert stack.leftovers() == []
+
+
+PEPPER = "pepper-" + __import__("secrets").token_urlsafe(32)
+
+
+@pytest.mark.parametrize("stack", [{"TGW_AUTH": "required", "TGW_KEY_PEPPER": PEPPER}], indirect=True)
+def test_tgw_keys_from_another_shell_finds_the_running_stack(stack: Stack, tmp_path: Path) -> None:
+    """`tgw keys create` beside `make run`, in a shell that knows only the pepper (and the state dir, as a
+    checkout's default .tgw/): the key lands in the stack's keys Redis and the gateway accepts it. Pointed at
+    the cache Redis (allkeys-lru), it refuses; with no stack and no address, it says which it would use."""
+    shell = {k: v for k, v in os.environ.items() if not k.startswith("TGW_")}
+    shell.update({"TGW_KEY_PEPPER": PEPPER, "TGW_STATE_DIR": stack.env["TGW_STATE_DIR"]})
+
+    def tgw(*args: str, env: dict[str, str] = shell) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "app.cli", "keys", *args], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    made = tgw("create", "--name", "newcomer")
+    assert made.returncode == 0, made.stderr
+    key = __import__("json").loads(made.stdout)["key"]
+    r = httpx.get(f"{stack.url}/v1/models", headers={"X-API-Key": key}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert (
+        httpx.get(f"{stack.url}/v1/models", headers={"X-API-Key": key + "x"}, timeout=10).status_code == 401
+    )
+
+    cache = {**shell, "TGW_REDIS_URL": f"redis://127.0.0.1:{stack.env['TGW_REDIS_PORT']}/0"}
+    refused = tgw("create", "--name", "evictable", env=cache)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "allkeys-lru" in refused.stderr and "TGW_REDIS_URL" in refused.stderr, refused.stderr
+
+    nowhere = {**shell, "TGW_STATE_DIR": str(tmp_path / "no-stack")}
+    lost = tgw("list", env=nowhere)
+    assert lost.returncode == 2 and "no running `tgw up`" in lost.stderr, lost.stderr
+    assert "redis://127.0.0.1:6379/0" in lost.stderr, lost.stderr
+
+    down = {**shell, "TGW_AUTH_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    unreachable = tgw("list", env=down)
+    assert unreachable.returncode == 1 and "TGW_AUTH_REDIS_URL" in unreachable.stderr, unreachable.stderr
+    assert down["TGW_AUTH_REDIS_URL"] in unreachable.stderr
+
+
+def test_a_model_that_fails_to_load_stops_the_start_at_once_naming_it(tmp_path: Path) -> None:
+    """Triton logs the failure 0.1 s after start but stays not-ready: the start fails as soon as Triton's
+    repository index reports the model UNAVAILABLE, naming it and quoting its log line, not after 120 s."""
+    import shutil
+
+    from app.launcher import EmbeddedTriton, LaunchError
+
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "tests" / "models" / "identity_fp32", repo / "identity_fp32",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    broken = repo / "broken"
+    (broken / "1").mkdir(parents=True)
+    (broken / "config.pbtxt").write_text(
+        (repo / "identity_fp32" / "config.pbtxt").read_text().replace('"identity_fp32"', '"broken"')
+    )
+    (broken / "1" / "model.py").write_text(
+        "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('boom')\n"
+    )
+    server = EmbeddedTriton([repo], free_port(), free_port(), free_port(), tmp_path / "state")
+    start = time.monotonic()
+    with pytest.raises(LaunchError) as failed:
+        server.start(timeout=120)
+    took = time.monotonic() - start
+    message = str(failed.value)
+    assert "'broken'" in message and "boom" in message, message
+    assert took < 60, f"the failure was reported after {took:.0f} s"
+    assert not server.process.alive()
+
+
+def test_tgw_doctor_reports_the_running_stack(stack: Stack, tmp_path: Path) -> None:
+    """From another shell that knows only the state dir: the gateway, both Redis with their eviction
+    policies, Triton and its models; with no stack it fails naming what is missing."""
+    shell = {k: v for k, v in os.environ.items() if not k.startswith("TGW_")}
+    shell["TGW_STATE_DIR"] = stack.env["TGW_STATE_DIR"]
+
+    def doctor(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "app.cli", "doctor"], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    out = doctor(shell)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = {line.split(None, 1)[1].split("  ")[0].strip(): line for line in out.stdout.splitlines()}
+    assert lines["tgw up"].startswith("ok") and str(stack.proc.pid) in lines["tgw up"]
+    assert lines["gateway"].startswith("ok") and lines["gateway ready"].startswith("ok")
+    assert "allkeys-lru" in lines["cache Redis"] and lines["cache Redis"].startswith("ok")
+    keys = lines["keys and jobs Redis"]
+    assert keys.startswith("ok") and "noeviction" in keys and stack.env["TGW_JOBS_REDIS_PORT"] in keys
+    assert lines["Triton"].startswith("ok") and lines["models"].startswith("ok")
+
+    gone = doctor({**shell, "TGW_STATE_DIR": str(tmp_path / "none"), "TGW_PORT": str(free_port())})
+    assert gone.returncode == 1 and "FAIL  gateway" in gone.stdout, gone.stdout
+
+
+def test_ctrl_c_drains_the_gateway_then_stops_the_children_quietly(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C is SIGINT to the whole foreground process group. The children run in their own
+    sessions, so only `tgw up` gets it: the gateway drains while Redis and Triton still serve, then they
+    stop. Before, Redis died first and every clean stop logged connection warnings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TGW_")}
+    env.update({"TGW_PORT": str(free_port()), "TGW_GRPC_PORT": str(free_port()),
+                "TGW_TRITON_HTTP_PORT": str(free_port()), "TGW_TRITON_GRPC_PORT": str(free_port()),
+                "TGW_TRITON_METRICS_PORT": str(free_port()), "TGW_REDIS_PORT": str(free_port()),
+                "TGW_JOBS_REDIS_PORT": str(free_port()), "TGW_MODEL_REPOSITORY": str(ROOT / "tests" / "models"),
+                "TGW_STATE_DIR": str(tmp_path / "state"), "TGW_LOG_FORMAT": "text"})  # fmt: skip
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up"], env=env, stdout=out, stderr=out,
+                                cwd=ROOT, start_new_session=True)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{env['TGW_PORT']}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                   text=True).stdout.split()]  # fmt: skip
+        assert len(children) >= 3, children  # two Redis, Triton
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _wait_gone(children) == []
+    after = log.read_text().split("SIGINT received", 1)[1]
+    noisy = [line for line in after.splitlines() if " WARNING " in line or " ERROR " in line]
+    assert noisy == [], noisy
+    assert "stopping tritonserver" in after and "stopping redis-server" in after
+
+
+@pytest.mark.parametrize("stack", [{"TGW_WORKERS": "2"}], indirect=True)
+def test_tgw_up_serves_with_the_worker_count_it_is_given(stack: Stack) -> None:
+    """TGW_WORKERS gateway processes under tgw up (it served one before, whatever the setting said), the
+    children still supervised; SIGTERM stops them all."""
+    import psutil
+
+    me = psutil.Process(stack.proc.pid)
+    deadline = time.monotonic() + 30
+    while True:
+        gateways = [p for p in me.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+        if len(gateways) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert len(gateways) == 2, [p.cmdline() for p in me.children(recursive=True)]
+    with httpx.Client(base_url=stack.url, timeout=10) as c:
+        for _ in range(20):
+            r = c.post("/v2/models/identity_fp32/infer", json={"inputs": [
+                {"name": "INPUT0", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}]})  # fmt: skip
+            assert r.status_code == 200, r.text
+    assert "2 worker processes" in stack.log.read_text()
+    children = stack.children()
+    stack.proc.send_signal(signal.SIGTERM)
+    assert stack.proc.wait(timeout=60) == 0, stack.log.read_text()[-3000:]
+    assert _wait_gone(children + [p.pid for p in gateways]) == []

@@ -139,7 +139,9 @@ def test_cache_scope() -> None:
 async def test_admit_puts_principal_and_tenant_in_scope_state() -> None:
     from app.auth.principal import current_principal
 
-    stage = AuthStage(Settings(auth="required", key_pepper="p" * 32), redis=object())
+    stage = AuthStage(
+        Settings(auth="required", key_pepper="9f1c4e7a2b8d5036e1f4a7c2d9b05e38" + "a1"), redis=object()
+    )
     scope = {"type": "http", "path": "/healthz", "headers": []}
     principal = await stage.admit(scope)
     assert scope["state"] == {"principal": principal, "tenant": ""} and current_principal() is principal
@@ -190,3 +192,44 @@ def test_new_key_limits_are_bounded() -> None:
     assert NewKey(name="k", daily_quota=10**12).daily_quota == 10**12
     with pytest.raises(ValidationError, match="daily_quota"):
         NewKey(name="k", daily_quota=2**64)
+
+
+def test_placeholder_and_guessable_secrets_are_refused_at_start_up() -> None:
+    """k8s/base/secret.yaml's placeholders are 40+ characters: length alone let them through."""
+    import secrets as random_secrets
+    from pathlib import Path
+
+    import yaml
+
+    from app.settings import secret_problem
+
+    root = Path(__file__).resolve().parents[2]
+    shipped = yaml.safe_load((root / "k8s/base/secret.yaml").read_text())["stringData"]
+    for name in ("TGW_KEY_PEPPER", "TGW_ADMIN_TOKEN"):
+        field = name.removeprefix("TGW_").lower()
+        with pytest.raises(ValidationError, match="placeholder"):
+            Settings(**{field: shipped[name]})
+        with pytest.raises(ValidationError, match="too guessable"):
+            Settings(**{field: "p" * 40})
+        with pytest.raises(ValidationError, match="too guessable"):
+            Settings(**{field: "test-pepper-" + "x" * 40})
+        assert getattr(Settings(**{field: random_secrets.token_hex(32)}), field)
+        assert getattr(Settings(**{field: random_secrets.token_urlsafe(32)}), field)
+    assert secret_problem(random_secrets.token_hex(16)) is None  # 32 hex characters, 128 random bits
+
+
+def test_compose_keeps_its_consoles_on_loopback_with_real_passwords() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert all(str(p).startswith("127.0.0.1:") for p in services["prometheus"]["ports"])
+    assert all(str(p).startswith("127.0.0.1:") for p in services["grafana"]["ports"])
+    assert "--web.enable-lifecycle" not in services["prometheus"]["command"]
+    password = services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert password.startswith("${GRAFANA_ADMIN_PASSWORD:?"), "no default password"
+    for name in ("gateway", "worker"):
+        assert services[name]["env_file"] == [{"path": "deploy/gateway.env", "required": True}]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -32,8 +33,10 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from app.services.jobs.store import STREAM
+from app.lifecycle import shutdown_budget_s, worker_shutdown_budget_s
+from app.services.jobs.store import GROUP, STREAMS
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -225,6 +228,21 @@ def _probe_path(probe: JsonObj) -> str:
     return probe["httpGet"]["path"]
 
 
+def _flag(env: dict[str, str], name: str, default: bool) -> bool:
+    return env[name].strip().lower() in ("1", "true", "yes", "on") if name in env else default
+
+
+def _gateway_budget(env: dict[str, str]) -> float:
+    """SIGTERM to exit for a gateway with these settings (the code's own bound)."""
+    defaults = Settings.model_fields
+    return shutdown_budget_s(
+        float(env.get("TGW_SHUTDOWN_DELAY_S", defaults["shutdown_delay_s"].default)),
+        float(env.get("TGW_DRAIN_S", defaults["drain_s"].default)),
+        _flag(env, "TGW_GRPC_ENABLED", defaults["grpc_enabled"].default),
+        _flag(env, "TGW_WORKER_IN_PROCESS", defaults["worker_in_process"].default),
+    )
+
+
 def _prestop_sleep(c: JsonObj) -> float:
     pre = c["lifecycle"]["preStop"]
     if "sleep" in pre:
@@ -258,8 +276,13 @@ def test_gateway_deployment(overlay: str) -> None:
     assert ports["http"] == int(env["TGW_PORT"])
     assert ports["grpc"] == int(env["TGW_GRPC_PORT"])
     assert env["TGW_HOST"] == "0.0.0.0"
-    # The endpoint leaves the Service during preStop; SIGTERM then drains for TGW_DRAIN_S.
-    assert pod["terminationGracePeriodSeconds"] > _prestop_sleep(c) + float(env["TGW_DRAIN_S"])
+    # The endpoint leaves the Service during preStop; SIGTERM then starts the shutdown, whose longest
+    # course the code defines (app/lifecycle.py shutdown_budget_s), from this deployment's settings.
+    assert pod["terminationGracePeriodSeconds"] > _prestop_sleep(c) + _gateway_budget(env), (
+        pod["terminationGracePeriodSeconds"],
+        _prestop_sleep(c),
+        _gateway_budget(env),
+    )
     assert _prestop_sleep(c) >= 5
     res = c["resources"]
     assert {"cpu", "memory"} <= set(res["requests"]) and "memory" in res["limits"]
@@ -366,7 +389,8 @@ def test_worker_scaled_by_keda_on_the_job_stream(overlay: str) -> None:
     assert c["args"] == ["worker"]
     _check_non_root(dep, c)
     env = configmap_env(objs)
-    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > float(env["TGW_DRAIN_S"])
+    grace = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > worker_shutdown_budget_s(float(env["TGW_DRAIN_S"]))
     so = one(objs, "ScaledObject", "worker")
     ref = so["spec"]["scaleTargetRef"]
     assert ref["name"] == "worker" and ref.get("kind", "Deployment") == "Deployment"
@@ -377,7 +401,7 @@ def test_worker_scaled_by_keda_on_the_job_stream(overlay: str) -> None:
     for trig in so["spec"]["triggers"]:
         assert trig["type"] == "redis-streams"
         md = trig["metadata"]
-        assert md["stream"] == STREAM and md["consumerGroup"] == "tgw-workers"
+        assert md["stream"] in STREAMS.values() and md["consumerGroup"] == GROUP
         assert md.get("databaseIndex", "0") == redis_db
         host, port = md["address"].rsplit(":", 1)
         assert "." in host, "the KEDA operator runs in its own namespace: use the Service FQDN"
@@ -386,8 +410,11 @@ def test_worker_scaled_by_keda_on_the_job_stream(overlay: str) -> None:
         found = {"pendingEntriesCount", "lagCount", "streamLength"} & set(md)
         assert len(found) == 1, f"one target per trigger, got {found}"
         assert int(md[found.pop()]) > 0
-        modes |= {"pendingEntriesCount", "lagCount"} & set(md)
-    assert "pendingEntriesCount" in modes
+        modes |= {(md["stream"], mode) for mode in {"pendingEntriesCount", "lagCount"} & set(md)}
+    # Every stream a worker reads (the code's names) wakes workers, by work in hand and by backlog.
+    assert modes == {
+        (stream, mode) for stream in STREAMS.values() for mode in ("pendingEntriesCount", "lagCount")
+    }
 
 
 def test_triton_base_runs_cpu_configs_and_gpu_overlay_requests_a_gpu() -> None:
@@ -520,7 +547,12 @@ def _settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Sett
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
 def test_k8s_values_are_accepted_by_settings(overlay: str, monkeypatch: pytest.MonkeyPatch) -> None:
     objs = render(overlay)
-    env = {**configmap_env(objs), **one(objs, "Secret", "tgw-secrets")["stringData"]}
+    shipped = one(objs, "Secret", "tgw-secrets")["stringData"]
+    # The shipped Secret holds placeholders, which the gateway refuses to start with (replace them first).
+    with pytest.raises(ValidationError, match="placeholder"):
+        _settings_from({**configmap_env(objs), **shipped}, monkeypatch)
+    real = {name: secrets.token_hex(32) for name in ("TGW_KEY_PEPPER", "TGW_ADMIN_TOKEN")}
+    env = {**configmap_env(objs), **shipped, **real}
     s = _settings_from(env, monkeypatch)
     assert s.triton_url == env["TGW_TRITON_URL"] and s.redis_url == env["TGW_REDIS_URL"]
     assert s.host == "0.0.0.0" and s.drain_s == float(env["TGW_DRAIN_S"])
@@ -641,7 +673,12 @@ def test_compose_stack(cpu: bool) -> None:
         assert {"redis", "redis-jobs", "triton"} <= set(svc["depends_on"])
         env = {k: interpolate(v) for k, v in _env_list(svc["environment"]).items()}
         grace = _duration_s(svc["stop_grace_period"])
-        assert grace > float(env["TGW_DRAIN_S"]), f"{name}: stop_grace_period must exceed TGW_DRAIN_S"
+        budget = (
+            _gateway_budget(env) if name == "gateway" else worker_shutdown_budget_s(float(env["TGW_DRAIN_S"]))
+        )
+        assert grace > budget, (
+            f"{name}: stop_grace_period {grace} s must exceed its shutdown budget {budget} s"
+        )
     gw = services["gateway"]
     assert "/healthz" in " ".join(gw["healthcheck"]["test"])
     assert any(str(p).endswith(":8080") for p in gw["ports"])
@@ -861,6 +898,6 @@ def test_dockerignore_keeps_what_the_images_need() -> None:
         for p in (ROOT / ".dockerignore").read_text().splitlines()
         if p.strip() and not p.startswith("#")
     ]
-    for needed in ("app", "pyproject.toml", "model_repository", "Dockerfile.gateway"):
+    for needed in ("app", "pyproject.toml", "model_repository", "Dockerfile.gateway", "requirements"):
         assert needed not in patterns and f"{needed}/" not in patterns, needed
     assert {".git", ".venv"} <= set(patterns)

@@ -8,6 +8,8 @@ import ast
 import asyncio
 import base64
 import ipaddress
+import itertools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -202,13 +204,18 @@ def test_client_errors_are_not_retried() -> None:
 
 class _Store:
     def __init__(self, jobs: dict[str, Job]) -> None:
-        self.jobs, self.deferred, self.recorded = jobs, [], []
+        self.jobs, self.deferred, self.recorded = jobs, {}, []
+        self.due: list[str] = []
+
+    async def claim_due_webhooks(self, lease_s: float, limit: int) -> list[str]:
+        ids, self.due = self.due[:limit], self.due[limit:]
+        return ids
 
     async def get(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id)
 
-    async def defer_webhook(self, job_id: str, at: float) -> None:
-        self.deferred.append(job_id)
+    async def defer_webhooks(self, due: dict[str, float]) -> None:
+        self.deferred.update(due)
 
     async def webhook_body(self, job_id: str, build: bytes) -> bytes:
         return build
@@ -221,37 +228,106 @@ class _Store:
 
 
 class _SlowSender:
+    """Holds every delivery to a host named ``slow…`` until released; others answer at once."""
+
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.sending: list[str] = []
+        self.active = self.most = 0
 
     async def send(self, url: str, body: bytes, headers: dict[str, str]) -> DeliveryResult:
         self.sending.append(url)
-        await self.release.wait()
+        self.active += 1
+        self.most = max(self.most, self.active)
+        try:
+            if "//slow" in url:
+                await self.release.wait()
+            else:
+                await asyncio.sleep(0.001)
+        finally:
+            self.active -= 1
         return DeliveryResult(200)
 
 
-async def test_a_busy_receiver_host_is_deferred_not_waited_for() -> None:
-    def job(host: str) -> Job:
-        return Job(
-            id=new_job_id(), owner="", status=JobStatus.SUCCEEDED, model="m", version=None, priority="normal",
-            created_at=1.0, webhook_url=f"https://{host}/h", webhook_status="pending",
-        )  # fmt: skip
+def _hook_job(host: str, owner: str = "") -> Job:
+    return Job(
+        id=new_job_id(), owner=owner, status=JobStatus.SUCCEEDED, model="m", version=None, priority="normal",
+        created_at=1.0, webhook_url=f"https://{host}/h", webhook_status="pending",
+    )  # fmt: skip
 
-    jobs = [job("slow.example") for _ in range(5)] + [job("other.example")]
+
+async def _view(j: Job) -> dict[str, Any]:
+    return {"id": j.id}
+
+
+async def _until(check: Any, within_s: float = 2.0) -> None:
+    deadline = time.monotonic() + within_s
+    while True:
+        if check():
+            return
+        assert time.monotonic() < deadline, "not reached in time"
+        await asyncio.sleep(0.002)
+
+
+async def test_a_busy_receiver_host_waits_for_its_own_slot_without_holding_others() -> None:
+    """Past its cap a host's deliveries wait in the dispatcher (no deferral sleep: each starts as soon as
+    one of the host's slots frees), and another host's delivery starts at once."""
+    jobs = [_hook_job("slow.example") for _ in range(5)] + [_hook_job("other.example")]
     store, sender = _Store({j.id: j for j in jobs}), _SlowSender()
-
-    async def view(j: Job) -> dict[str, Any]:
-        return {"id": j.id}
-
-    dispatcher = WebhookDispatcher(store, view, sender, [], [1.0], max_per_host=2)  # type: ignore[arg-type]
-    tasks = [asyncio.create_task(dispatcher.deliver(j.id)) for j in jobs]
-    await asyncio.sleep(0.05)
-    assert sender.sending.count("https://slow.example/h") == 2 and "https://other.example/h" in sender.sending
-    assert len(store.deferred) == 3  # back on the schedule, no attempt counted, no slot held
+    store.due = [j.id for j in jobs]
+    dispatcher = WebhookDispatcher(store, _view, sender, [], [1.0], max_per_host=2, poll_s=0.01)  # type: ignore[arg-type]
+    running = asyncio.create_task(dispatcher.run())
+    await _until(lambda: len(store.recorded) == 1)  # other.example, while slow.example holds two
+    assert sender.sending.count("https://slow.example/h") == 2 and not store.deferred
     sender.release.set()
-    await asyncio.gather(*tasks)
-    assert sorted(state for _, state in store.recorded) == ["delivered"] * 3
+    await _until(lambda: len(store.recorded) == 6)
+    assert sender.most == 3 and not store.deferred  # never more than 2 to slow.example, nothing deferred
+    dispatcher.stopping = True
+    await asyncio.wait_for(running, 1.0)
+
+
+async def test_slots_are_shared_across_owners() -> None:
+    """One owner's many slow hosts fill at most 3/4 of the slots; another owner's deliveries start at once
+    and take the freed slots first (the first owner is above its fair share)."""
+    slow = [_hook_job(f"slow{i}.example", owner="a") for i in range(40)]
+    fast = [_hook_job("fast.example", owner="b") for _ in range(10)]
+    store, sender = _Store({j.id: j for j in slow + fast}), _SlowSender()
+    store.due = [j.id for j in slow]
+    dispatcher = WebhookDispatcher(store, _view, sender, [], [1.0], concurrency=8, poll_s=0.01)  # type: ignore[arg-type]
+    running = asyncio.create_task(dispatcher.run())
+    await _until(lambda: sender.active == 6)
+    await asyncio.sleep(0.05)
+    assert sender.active == 6 and dispatcher.max_per_owner == 6  # 2 slots kept for other owners
+    assert len(store.deferred) == 40 - 6 - dispatcher.owner_queue  # the rest went back on the schedule
+    store.due = [j.id for j in fast]
+    await _until(lambda: len(store.recorded) == 10)  # owner b: all delivered while a's 6 still hang
+    assert {i for i, _ in store.recorded} == {j.id for j in fast} and sender.active == 6
+    sender.release.set()
+    await _until(lambda: len(store.recorded) == 10 + 6 + dispatcher.owner_queue)
+    dispatcher.stopping = True
+    await asyncio.wait_for(running, 1.0)
+
+
+async def test_deferred_deliveries_are_spread_by_the_hosts_pace_and_draining_gives_back() -> None:
+    jobs = [_hook_job("slow.example") for _ in range(12)]
+    store, sender = _Store({j.id: j for j in jobs}), _SlowSender()
+    store.due = [j.id for j in jobs]
+    dispatcher = WebhookDispatcher(store, _view, sender, [], [1.0], max_per_host=2, poll_s=0.01)  # type: ignore[arg-type]
+    dispatcher._latency["slow.example"] = 4.0  # measured: 2 s per delivery and slot
+    running = asyncio.create_task(dispatcher.run())
+    await _until(lambda: len(store.deferred) == 12 - 2 - dispatcher.host_queue)
+    now = time.time()
+    later = sorted(store.deferred.values())
+    # behind the 4 waiting here, at 2 s a delivery: the first due in ~10 s, each next one 2 s later
+    assert 9 < later[0] - now < 11 and all(1.9 < b - a < 2.1 for a, b in itertools.pairwise(later))
+    assert later[-1] - now <= dispatcher.max_defer_s
+    dispatcher.stopping = True
+    dispatcher._wake.set()
+    await asyncio.wait_for(running, 1.0)
+    waiting = [j.id for j in jobs if j.id not in store.deferred]
+    assert len(waiting) == 2  # only the two under way were not given back
+    sender.release.set()
+    await dispatcher.stop()
 
 
 def test_every_job_key_shares_one_cluster_slot() -> None:

@@ -15,7 +15,11 @@ from app.errors import error_body
 from app.main import web_app
 from app.settings import Settings
 
-AUTH = {"auth": "required", "key_pepper": "p" * 40, "admin_token": "a" * 40}
+AUTH = {
+    "auth": "required",
+    "key_pepper": "c3a91f7e5d2b8046e1a7f3c9d05b2e84f6a1c7d3",
+    "admin_token": "5e2b9d7f1a4c8e3b6d0f2a9c7e1b4d8f3a6c0e52",
+}
 
 
 def _spec(**settings: Any) -> dict[str, Any]:

@@ -11,9 +11,12 @@ returned as ``x-request-id`` trailing metadata beside ``x-cache``), ``tgw_grpc_r
 authentication and limits of the caller's API key from the call metadata (``Servicer.admit``, the
 auth stage's ``admit_headers``; the key's tier sets Triton priority, timeout bound and cache scope).
 
-``ModelStreamInfer``: requests for ordinary models are answered through the pipeline, in the order they
-came; requests for decoupled models, and sequence requests (which must reach one Triton in order and are
-never cached), are relayed on one upstream stream to Triton and its responses streamed back as they come.
+``ModelStreamInfer`` (``_Stream``): requests for ordinary models are answered through the pipeline, in
+the order they came; requests for decoupled models (each on its own upstream stream) and sequence requests
+(which must reach one Triton in order and are never cached; on one upstream stream) are relayed to Triton,
+re-encoded from the validated request (never the client's bytes), and its responses streamed back as they
+come. Each message is checked and limited like a unary call; at most TGW_GRPC_STREAM_MAX_IN_FLIGHT are
+unanswered, past that the stream is not read. An undecodable message is INVALID_ARGUMENT (``add_servicer``).
 
 RPCs the gateway does not offer (``app.services.offer``) answer PERMISSION_DENIED or UNIMPLEMENTED with a
 message saying why.
@@ -22,7 +25,9 @@ message saying why.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -31,10 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from app.auth.principal import Principal, apply_principal, current_principal
+from app.auth.principal import Principal, Unauthorized, apply_principal, current_principal
 from app.clients.protocols import TritonAdmin
+from app.clients.tensors import tensor_bytes
 from app.codecs import grpc as codec
 from app.errors import GatewayError, ModelNotFound, log_gateway_error, log_unhandled
 from app.frontends.grpc.status import grpc_code
@@ -42,7 +49,7 @@ from app.observability import metrics, tracing
 from app.observability.context import RequestInfo, begin_request
 from app.request_context import set_request_id
 from app.services.health import HealthService
-from app.services.inference import InferenceService, InferResponse
+from app.services.inference import InferenceService, InferRequest, InferResponse
 from app.services.offer import EXTENSIONS, REFUSED_RPCS, refusal
 from app.services.registry import ModelRegistry
 from app.settings import Settings
@@ -69,6 +76,50 @@ def _peer_address(context: grpc.aio.ServicerContext) -> str:
     peer = context.peer() or "unknown"
     address = peer.split(":", 1)[1] if ":" in peer else peer
     return address.rsplit(":", 1)[0].strip("[]") or "unknown"
+
+
+class Undecodable:
+    """A request message that does not parse as the RPC's protobuf (the lenient deserializer's stand-in,
+    answered INVALID_ARGUMENT as Triton does, never UNKNOWN "Unexpected DecodeError")."""
+
+    __slots__ = ("message",)
+    id = ""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _lenient(parse: Callable[[bytes], Any], name: str) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError:
+            return Undecodable(f"the request is not a valid inference.{name} message")
+
+    return deserialize
+
+
+def add_servicer(servicer: Servicer, server: Any) -> None:
+    """``add_GRPCInferenceServiceServicer_to_server`` with deserializers that turn an undecodable message
+    into ``Undecodable`` (INVALID_ARGUMENT) instead of failing inside gRPC (UNKNOWN)."""
+    captured: dict[str, Any] = {}
+
+    class _Capture:
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+            captured.update(handlers)
+
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, _Capture())
+    handlers = {}
+    for method, handler in captured.items():
+        parse = handler.request_deserializer
+        message = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+        name = message.name if message is not None else f"{method}Request"
+        handlers[method] = handler._replace(request_deserializer=_lenient(parse, name))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 class _Status(Exception):
@@ -150,6 +201,8 @@ def unary(method: Handler) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awa
         with _server_span(name, meta) as span:
             try:
                 principal = await self.admit(name, meta, context)
+                if isinstance(request, Undecodable):
+                    raise _Status(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 return await method(self, request, context, call)
             except asyncio.CancelledError:
                 call.code = grpc.StatusCode.CANCELLED
@@ -186,7 +239,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self, inference: InferenceService, registry: ModelRegistry, health: HealthService,
         triton: service_pb2_grpc.GRPCInferenceServiceStub, triton_version: Callable[[], Awaitable[str]],
-        admin_timeout_s: float, auth: AuthStage | None = None,
+        admin_timeout_s: float, auth: AuthStage | None = None, stream_max_in_flight: int = 32,
     ) -> None:  # fmt: skip
         self.inference = inference
         self.registry = registry
@@ -195,6 +248,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.triton_version = triton_version
         self.admin_timeout_s = admin_timeout_s
         self.auth = auth
+        self.stream_max_in_flight = stream_max_in_flight
 
     async def admit(self, method: str, metadata: Mapping[str, str], context: grpc.aio.ServicerContext) -> Any:
         """THE authentication point of the gRPC front door: the caller's key from the call metadata
@@ -203,7 +257,8 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         ``release`` when the call is over (None: nothing to release)."""
         if self.auth is None or method in OPEN_RPCS:
             return None
-        return await self.auth.admit_headers(metadata, _peer_address(context), admin=method in ADMIN_RPCS)
+        kind = "ws" if method == "ModelStreamInfer" else "req"
+        return await self.auth.admit_headers(metadata, _peer_address(context), method in ADMIN_RPCS, kind)
 
     # --- health and metadata: answered by the gateway ------------------------------------------
     @unary
@@ -246,8 +301,13 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     # --- relayed to Triton as they are -------------------------------------------------------------
     @unary
     async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
-        return await self.triton.ModelStatistics(request, timeout=self.admin_timeout_s,
-                                                 metadata=(("x-request-id", call.request_id),))  # fmt: skip
+        served = self.inference.served
+        if served is None:  # relayed as it is
+            metadata = (("x-request-id", call.request_id),)
+            return await self.triton.ModelStatistics(request, timeout=self.admin_timeout_s, metadata=metadata)
+        stats = await served.answer(request.name, request.version)  # as /v2/.../stats answers them
+        response = service_pb2.ModelStatisticsResponse()
+        return json_format.ParseDict(stats, response, ignore_unknown_fields=True)
 
     @unary
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
@@ -284,13 +344,13 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         meta = _metadata(context)
         call = _Call("ModelStreamInfer", set_request_id(meta.get("x-request-id")), begin_request())
         with _server_span(call.method, meta) as span:
-            try:  # one admission per stream: the key's limits count the stream as one request
+            try:  # the stream is taken like a WebSocket; each message is checked and limited (_Stream)
                 principal = await self.admit(call.method, meta, context)
             except Exception as exc:
                 call.code, message = _error_status(exc)
                 _finish(call, start, span)
                 await context.abort(call.code, message)
-            stream = _Stream(self, meta, principal)
+            stream = _Stream(self, meta, principal, self.stream_max_in_flight)
             try:
                 async for item in stream.run(request_iterator):
                     yield item
@@ -319,87 +379,246 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     LogSettings = refused("LogSettings")
 
 
-_END = object()
+_END = object()  # the reader is done: no more answers
+_DONE = object()  # a relayed request's upstream stream ended: its pending is finished, nothing is sent
+_WAKE = object()  # the key was revoked: wake the sender up
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    """One accepted stream message until its last answer has been handed to gRPC: then its place in
+    the stream's window and the key's in-flight slot (``principal``) are given back."""
+
+    principal: Principal | None = None
+
+
+def _relayed(req: InferRequest, client_id: str) -> service_pb2.ModelInferRequest:
+    """The message relayed to Triton, built from the validated request (the tier's priority and timeout
+    applied), never the client's bytes: nothing the gateway did not validate (a tensor's
+    ``shared_memory_region`` parameter, an unknown field) reaches Triton."""
+    msg = service_pb2.ModelInferRequest(model_name=req.info.name, model_version=req.info.version)
+    msg.id = client_id
+    for name, array in req.inputs.items():
+        msg.inputs.add(name=name, datatype=req.datatypes[name], shape=array.shape)
+        msg.raw_input_contents.append(tensor_bytes(array))
+    for name in req.outputs or ():
+        output = msg.outputs.add(name=name)
+        if name in req.classification:  # Triton's classification extension (validated in the codec)
+            output.parameters["classification"].int64_param = req.classification[name]
+    params = msg.parameters
+    for key, value in req.parameters.items():
+        codec.set_parameter(params[key], value)
+    if req.sequence_id:
+        codec.set_parameter(params["sequence_id"], req.sequence_id)
+        params["sequence_start"].bool_param = req.sequence_start
+        params["sequence_end"].bool_param = req.sequence_end
+    if req.priority:
+        params["priority"].uint64_param = req.priority
+    if req.timeout_us:
+        params["timeout"].int64_param = req.timeout_us
+    return msg
+
+
+def _stream_error(exc: GatewayError | grpc.aio.AioRpcError, client_id: str) -> Any:
+    """One failed stream message: ``error_message`` (what Triton sends), and the gRPC status the same
+    error has on a unary call in the response's ``status`` parameter (e.g. RESOURCE_EXHAUSTED with
+    ``retry_after_s``), so a client can tell a limit from a bad request."""
+    if isinstance(exc, GatewayError):
+        code, message = grpc_code(exc), exc.message
+    else:
+        code, message = exc.code(), exc.details() or exc.code().name
+    response = codec.error_response(message, client_id)
+    params = response.infer_response.parameters
+    params["status"].string_param = code.name
+    if isinstance(exc, GatewayError) and "retry_after_s" in exc.details:
+        params["retry_after_s"].int64_param = int(exc.details["retry_after_s"])
+    return response
 
 
 class _Stream:
-    """One ModelStreamInfer call: ordinary requests through the pipeline (answered in order), decoupled
-    and sequence requests relayed on one upstream stream to Triton."""
+    """One ModelStreamInfer call. Ordinary requests go through the pipeline (answered in order);
+    requests for decoupled models are relayed each on its own upstream stream (Triton 2.51 aborts when
+    a decoupled model's responses interleave with others on one stream); sequence requests of other
+    models are relayed, in order, on one upstream stream. Every message is checked and limited like a
+    unary call (the key still valid, its rate, in-flight slots and daily quota); at most
+    ``max_in_flight`` messages are unanswered: past that the stream is not read."""
 
-    def __init__(self, servicer: Servicer, metadata: Mapping[str, str], principal: Any = None) -> None:
+    def __init__(self, servicer: Servicer, metadata: Mapping[str, str], principal: Principal | None,
+                 max_in_flight: int) -> None:  # fmt: skip
         self.servicer = servicer
         self.principal = principal
+        limited = principal is not None and principal.limits is not None
+        self.auth = servicer.auth if limited else None
         self.metadata = tuple((k, v) for k, v in metadata.items() if k in ("x-request-id", "traceparent"))
-        self.out: asyncio.Queue[Any] = asyncio.Queue()
-        self.upstream: Any = None  # grpc.aio.StreamStreamCall to Triton, opened on the first relayed request
-        self.relay: asyncio.Task[None] | None = None
+        self.window = asyncio.Semaphore(max_in_flight)
+        self.out: asyncio.Queue[tuple[Any, _Pending | None]] = asyncio.Queue(2 * max_in_flight)
+        self.pending: set[_Pending] = set()
+        self.sequences: Any = None  # grpc.aio.StreamStreamCall to Triton for sequence requests
+        self.sequenced: collections.deque[_Pending] = collections.deque()
+        self.relays: set[asyncio.Task[None]] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.revoked: GatewayError | None = None
+
+    def _task(self, coro: Any, relay: bool = False) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        if relay:
+            self.relays.add(task)
+            task.add_done_callback(self.relays.discard)
+        return task
 
     async def run(self, requests: AsyncIterator[Any]) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
-        reader = asyncio.create_task(self._read(requests))
-        self.tasks.add(reader)
+        reader = self._task(self._read(requests))
+        if self.auth is not None:
+            self._task(self._watch())
         while True:
-            item = await self.out.get()
+            item, pending = await self.out.get()
+            if self.revoked is not None:
+                raise self.revoked
             if item is _END:
                 break
-            yield (await item) if isinstance(item, asyncio.Future) else item
+            if item is not _DONE:
+                try:
+                    message = (await item) if isinstance(item, asyncio.Future) else item
+                except asyncio.CancelledError:
+                    if self.revoked is not None:
+                        raise self.revoked from None
+                    raise
+                if self.revoked is not None:
+                    raise self.revoked
+                yield message
+            if pending is not None:
+                self._finish(pending)
         await reader  # re-raises a failure of the reader
+
+    def _finish(self, pending: _Pending) -> None:
+        if pending in self.pending:
+            self.pending.discard(pending)
+            self.window.release()
+            if pending.principal is not None and self.auth is not None:
+                self.auth.release(pending.principal)
 
     async def _read(self, requests: AsyncIterator[Any]) -> None:
         try:
-            async for request in requests:
-                await self._accept(request)
-            if self.upstream is not None:
-                await self.upstream.done_writing()
-                assert self.relay is not None
-                await self.relay
+            iterator = aiter(requests)
+            while True:
+                await self.window.acquire()  # at the bound: the stream is not read until answers go out
+                pending = _Pending()
+                self.pending.add(pending)
+                try:
+                    request = await anext(iterator)
+                except StopAsyncIteration:
+                    self._finish(pending)
+                    break
+                await self._accept(request, pending)
+                if self.revoked is not None:
+                    return
+            if self.sequences is not None:
+                await self.sequences.done_writing()
+            while self.relays:
+                await asyncio.gather(*self.relays)
         finally:
-            self.out.put_nowait(_END)
+            if self.revoked is None:
+                await self.out.put((_END, None))
 
-    async def _accept(self, request: Any) -> None:
+    async def _accept(self, request: Any, pending: _Pending) -> None:
+        if isinstance(request, Undecodable):
+            raise _Status(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         rid = set_request_id(request.id or None)
         try:
+            if self.auth is not None:
+                assert self.principal is not None
+                try:
+                    await self.auth.recheck(self.principal)
+                except Unauthorized as exc:
+                    self._revoke(exc)
+                    return
+                pending.principal = dataclasses.replace(self.principal, slot=None, extra={})
+                await self.auth.limit(pending.principal)  # this message's rate, slot and daily quota
             info = await self.servicer.inference.resolve(request.model_name, request.model_version or None)
             decoded = codec.decode(info, request)
             decoded.request.request_id = rid
-            apply_principal(decoded.request, self.principal)
+            apply_principal(decoded.request, self.principal)  # the key's tier: priority, timeout, scope
         except GatewayError as exc:
             log_gateway_error(exc)
-            self.out.put_nowait(codec.error_response(exc.message, request.id))
+            await self.out.put((_stream_error(exc, request.id), pending))
             return
-        if info.decoupled or decoded.options.sequence:
-            await self._relay(request)
-            return
-        task = asyncio.ensure_future(self._answer(decoded, request.id))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        self.out.put_nowait(task)
+        if info.decoupled:
+            self._task(self._decoupled(_relayed(decoded.request, request.id), pending), relay=True)
+        elif decoded.options.sequence:
+            await self._sequence(_relayed(decoded.request, request.id), pending)
+        else:
+            await self.out.put((self._task(self._answer(decoded, request.id)), pending))
 
     async def _answer(self, decoded: codec.GrpcRequest, client_id: str) -> Any:
         try:
             response = await self.servicer.inference.infer(decoded.request)
         except GatewayError as exc:
             log_gateway_error(exc)
-            return codec.error_response(exc.message, client_id)
+            return _stream_error(exc, client_id)
         return service_pb2.ModelStreamInferResponse(infer_response=codec.encode(response, client_id))
 
-    async def _relay(self, request: Any) -> None:
-        if self.upstream is None:
-            self.upstream = self.servicer.triton.ModelStreamInfer(metadata=self.metadata)
-            self.relay = asyncio.create_task(self._pump())
-        await self.upstream.write(request)
+    async def _decoupled(self, message: Any, pending: _Pending) -> None:
+        """One decoupled request on its own upstream stream, its responses passed on as they come."""
+        call = self.servicer.triton.ModelStreamInfer(metadata=self.metadata)
+        try:
+            await call.write(message)
+            await call.done_writing()
+            async for response in call:
+                await self.out.put((response, None))
+        except grpc.aio.AioRpcError as exc:
+            await self.out.put((_stream_error(exc, message.id), None))
+        finally:
+            call.cancel()
+        await self.out.put((_DONE, pending))
 
-    async def _pump(self) -> None:
-        async for response in self.upstream:
-            self.out.put_nowait(response)
+    async def _sequence(self, message: Any, pending: _Pending) -> None:
+        if self.sequences is None:
+            self.sequences = self.servicer.triton.ModelStreamInfer(metadata=self.metadata)
+            self._task(self._pump_sequences(), relay=True)
+        self.sequenced.append(pending)
+        await self.sequences.write(message)
+
+    async def _pump_sequences(self) -> None:
+        """Responses of the sequence stream: one per request (no decoupled model is on it)."""
+        try:
+            async for response in self.sequences:
+                await self.out.put((response, self.sequenced.popleft() if self.sequenced else None))
+        except grpc.aio.AioRpcError as exc:
+            while self.sequenced:
+                await self.out.put((_stream_error(exc, ""), self.sequenced.popleft()))
+
+    async def _watch(self) -> None:
+        """An open stream ends (UNAUTHENTICATED) once its key is revoked or rotated away, within
+        TGW_AUTH_KEY_CACHE_S, also while it sends nothing."""
+        assert self.auth is not None and self.principal is not None
+        every = min(1.0, max(self.auth.cache_s / 5, 0.1))
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.auth.recheck(self.principal, slack_s=every)
+            except Unauthorized as exc:
+                self._revoke(exc)
+                return
+
+    def _revoke(self, exc: GatewayError) -> None:
+        """Nothing more is answered: the sender raises ``exc`` (the stream's status) at once."""
+        self.revoked = exc
+        current = asyncio.current_task()
+        for task in list(self.tasks):
+            if task is not current:
+                task.cancel()
+        with contextlib.suppress(asyncio.QueueFull):
+            self.out.put_nowait((_WAKE, None))
 
     async def close(self) -> None:
-        if self.upstream is not None:
-            self.upstream.cancel()
+        if self.sequences is not None:
+            self.sequences.cancel()
         for task in list(self.tasks):
             task.cancel()
-        if self.relay is not None:
-            self.relay.cancel()
+        for pending in list(self.pending):
+            self._finish(pending)
 
 
 _CHANNEL_OPTIONS = (("grpc.so_reuseport", 1),)
@@ -433,9 +652,10 @@ class GrpcFrontDoor:
         self.channel = grpc.aio.insecure_channel(settings.triton_grpc_address, options=options)
         stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self.servicer = Servicer(gateway.inference, gateway.registry, gateway.health, stub,
-                                 _triton_version(gateway.admin), admin_timeout_s=5.0, auth=auth)  # fmt: skip
+                                 _triton_version(gateway.admin), admin_timeout_s=5.0, auth=auth,
+                                 stream_max_in_flight=settings.grpc_stream_max_in_flight)  # fmt: skip
         self.server = grpc.aio.server(options=options)
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
+        add_servicer(self.servicer, self.server)
         self.port = 0
 
     async def start(self) -> int:

@@ -82,7 +82,12 @@ class JobsRuntime:
                 ),
             )  # fmt: skip
             sender = HttpxWebhookSender(
-                self.http, settings.webhook_allow_private, settings.webhook_max_response_bytes, t, ports
+                self.http,
+                settings.webhook_allow_private,
+                settings.webhook_max_response_bytes,
+                t,
+                ports,
+                first_byte_s=settings.webhook_first_byte_s,
             )
             self.dispatcher = WebhookDispatcher(
                 self.store, self.service.view, sender, secrets, settings.webhook_schedule_s,

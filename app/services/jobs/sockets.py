@@ -6,6 +6,8 @@ Each socket has its own bounded outbox drained by its own sender task; producers
 a slow client cannot hold up anyone else. A client that falls ``TGW_WS_SEND_QUEUE`` frames behind is
 closed with 1008. Heartbeat frames ``{"type": "heartbeat"}`` go out every ``TGW_WS_HEARTBEAT_S``.
 Job subscriptions are pushed on change by the process's one Redis subscription (``events.EventHub``).
+A socket of a key that is revoked or rotated away is closed (1008) within ``TGW_AUTH_KEY_CACHE_S``: the
+key is checked again on every client frame and about every second (``AuthStage.recheck``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import orjson
 from starlette.websockets import WebSocket
 
-from app.auth.principal import apply_principal, current_principal
+from app.auth.principal import Principal, Unauthorized, apply_principal, current_principal
 from app.codecs import v1
 from app.codecs.common import OFF_LOOP_BYTES, decode_off_loop
 from app.errors import GatewayError, InvalidInput
@@ -86,6 +88,44 @@ async def _until_disconnect(ws: WebSocket) -> None:
         pass
 
 
+class KeyCheck:
+    """The key an admitted socket was opened with, checked again (``AuthStage.recheck``): on every
+    frame (``frame``) and by a poller (``revoked``, which returns once the key is gone)."""
+
+    def __init__(self, stage: Any, principal: Principal) -> None:
+        self.stage, self.principal = stage, principal
+        self.every_s = min(1.0, max(stage.cache_s / 5, 0.1))
+
+    @classmethod
+    def of(cls, ws: WebSocket) -> KeyCheck | None:
+        principal = ws.scope.get("state", {}).get("principal")
+        stage = getattr(ws.app.state, "auth", None)
+        if not isinstance(principal, Principal) or stage is None or not principal.extra.get("digest"):
+            return None  # auth off, or the admin token: nothing to revoke
+        return cls(stage, principal)
+
+    async def frame(self) -> bool:
+        """False once the key is revoked or rotated away."""
+        try:
+            await self.stage.recheck(self.principal)
+        except Unauthorized:
+            return False
+        return True
+
+    async def revoked(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            try:
+                await self.stage.recheck(self.principal, slack_s=self.every_s)
+            except Unauthorized:
+                return
+
+
+async def _close_revoked(ws: WebSocket) -> None:
+    with contextlib.suppress(Exception):
+        await ws.close(1008, "API key revoked or rotated")
+
+
 class SocketLimits:
     def __init__(self, send_queue: int, heartbeat_s: float, max_in_flight: int, max_frame: int) -> None:
         self.send_queue, self.heartbeat_s = send_queue, heartbeat_s
@@ -113,9 +153,16 @@ class JobSockets:
             asyncio.create_task(_until_disconnect(ws)),
             asyncio.create_task(_heartbeat(outbox, self.limits.heartbeat_s)),
         ]
+        check = KeyCheck.of(ws)
+        if check is not None:
+            others.append(asyncio.create_task(check.revoked()))
         try:
-            await asyncio.wait([watcher, outbox.task, others[0]], return_when=asyncio.FIRST_COMPLETED)
-            if watcher.done() and not watcher.cancelled() and watcher.exception() is None:
+            ends = [watcher, outbox.task, others[0], *others[2:]]
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+            if others[2:] and others[2].done():
+                outbox.task.cancel()
+                await _close_revoked(ws)
+            elif watcher.done() and not watcher.cancelled() and watcher.exception() is None:
                 await outbox.flush_and_stop()
                 with contextlib.suppress(Exception):
                     await ws.close(1000 if watcher.result() else 4404)
@@ -133,26 +180,38 @@ class JobSockets:
         outbox = Outbox(ws, self.limits.send_queue)
         mux = Multiplexer(self.service, self.inference, owner, self.limits, outbox)
         beat = asyncio.create_task(_heartbeat(outbox, self.limits.heartbeat_s))
+        check = KeyCheck.of(ws)
+        revoked = asyncio.create_task(check.revoked()) if check is not None else None
+        ends = [outbox.task] if revoked is None else [outbox.task, revoked]
+        gone = False  # the key was revoked or rotated away
         try:
             while not outbox.overflowed:
                 receive = asyncio.create_task(ws.receive())
-                await asyncio.wait([receive, outbox.task], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([receive, *ends], return_when=asyncio.FIRST_COMPLETED)
                 if not receive.done():
                     receive.cancel()
+                    gone = revoked is not None and revoked.done()
                     break
                 msg = receive.result()
                 if msg["type"] == "websocket.disconnect":
+                    break
+                if check is not None and not await check.frame():
+                    gone = True
                     break
                 text = msg.get("text")
                 if text is None:
                     text = (msg.get("bytes") or b"").decode("utf-8", "replace")
                 mux.handle(text)
-            if outbox.overflowed:
+            if gone:  # nothing more is answered
+                for task in (outbox.task, *mux.tasks):
+                    task.cancel()
+                await _close_revoked(ws)
+            elif outbox.overflowed:
                 with contextlib.suppress(Exception):
                     await ws.close(1008, "client too slow")
         finally:
             self._count(-1)
-            for task in (beat, outbox.task, *mux.tasks):
+            for task in (beat, outbox.task, *mux.tasks, *ends[1:]):
                 task.cancel()
 
 

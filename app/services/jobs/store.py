@@ -499,9 +499,10 @@ class JobStore:
             ],
         )  # fmt: skip
 
-    async def defer_webhook(self, job_id: str, at: float) -> None:
-        """Put a claimed delivery back for later without counting an attempt (its receiver is busy)."""
-        await self.redis.zadd(SCHEDULE, {job_id: at}, xx=True)
+    async def defer_webhooks(self, due: dict[str, float]) -> None:
+        """Put claimed deliveries back for later (job id -> epoch s) without counting an attempt (their
+        receiver or owner is busy, or the dispatcher is draining); one that was unscheduled stays so."""
+        await self.redis.zadd(SCHEDULE, due, xx=True)
 
     async def unschedule(self, job_id: str) -> None:
         await self.redis.zrem(SCHEDULE, job_id)

@@ -1,0 +1,38 @@
+"""Pure logic of the ``ModelStreamInfer`` relay (issue 19 item 1): the message relayed to Triton is built
+from the validated request only. Whatever a codec might let through (a tensor's shared-memory region, a
+field the gateway does not know), the relayed message carries inputs as raw tensors, the requested output
+names, the model's parameters, the sequence controls and the tier's priority and timeout, nothing else.
+The real-stack regression is tests/integration/test_grpc_stream_edge.py."""
+
+from __future__ import annotations
+
+import numpy as np
+from tritonclient.grpc import service_pb2
+
+from app.auth.principal import Principal, apply_principal
+from app.frontends.grpc.server import _relayed
+from app.services.inference import InferRequest
+from app.services.registry import ModelInfo
+
+
+def test_relayed_message_is_rebuilt_from_the_validated_request(batched: ModelInfo) -> None:
+    series = np.arange(20, dtype=np.float32).reshape(1, 20, 1)
+    req = InferRequest(info=batched, inputs={"series": series}, outputs=["forecast"],
+                       parameters={"tag": "a", "n": 3}, sequence_id="s-1", sequence_start=True,
+                       priority=1, timeout_us=999_000_000)  # fmt: skip
+    apply_principal(req, Principal(key_id="k", tenant="t", tier="standard", priority=2, max_timeout_s=30.0))
+    msg = _relayed(req, "client-id")
+    assert isinstance(msg, service_pb2.ModelInferRequest)
+    assert (msg.model_name, msg.model_version, msg.id) == ("ts", "1", "client-id")
+    [tensor] = msg.inputs
+    assert (tensor.name, tensor.datatype, list(tensor.shape)) == ("series", "FP32", [1, 20, 1])
+    assert not tensor.parameters and not tensor.HasField("contents")  # no shared_memory_region, ever
+    assert np.frombuffer(msg.raw_input_contents[0], np.float32).tolist() == series.ravel().tolist()
+    assert [(o.name, len(o.parameters)) for o in msg.outputs] == [("forecast", 0)]
+    params = {k: v.WhichOneof("parameter_choice") and getattr(v, v.WhichOneof("parameter_choice"))
+              for k, v in msg.parameters.items()}  # fmt: skip
+    assert params == {"tag": "a", "n": 3, "sequence_id": "s-1", "sequence_start": True, "sequence_end": False,
+                      "priority": 2, "timeout": 30_000_000}  # fmt: skip  # the tier's, not the client's
+    set_fields = {field.name for field, _ in msg.ListFields()}
+    assert set_fields == {"model_name", "model_version", "id", "inputs", "outputs", "parameters",
+                          "raw_input_contents"}  # fmt: skip
