@@ -129,6 +129,7 @@ _GRPC_TO_ERROR: dict[grpc.StatusCode, type[GatewayError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: UpstreamTimeout,
     grpc.StatusCode.NOT_FOUND: ModelNotFound,
     grpc.StatusCode.INVALID_ARGUMENT: UpstreamRejected,
+    grpc.StatusCode.OUT_OF_RANGE: UpstreamRejected,
     grpc.StatusCode.FAILED_PRECONDITION: UpstreamError,
     grpc.StatusCode.INTERNAL: UpstreamError,
     grpc.StatusCode.UNKNOWN: UpstreamError,
@@ -175,8 +176,9 @@ _HTTP_TO_ERROR: dict[int, type[GatewayError]] = {
 
 
 def from_http(status: int, message: str, retry_after_s: int = 2) -> GatewayError:
-    """The same errors as ``from_grpc`` for Triton's HTTP endpoint; anything not listed is a 502."""
-    cls = _HTTP_TO_ERROR.get(status, UpstreamError)
+    """The same errors as ``from_grpc`` for Triton's HTTP endpoint; any other 4xx is the client's error
+    (400, never retried), anything else a 502."""
+    cls = _HTTP_TO_ERROR.get(status, UpstreamRejected if 400 <= status < 500 else UpstreamError)
     return _upstream(cls, message, {"http_status": status}, retry_after_s)
 
 

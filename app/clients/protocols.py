@@ -35,7 +35,8 @@ class TritonCall:
     ``sequence_id``/``sequence_start``/``sequence_end`` its sequence-batcher controls. ``deadline`` is
     the ``time.monotonic()`` by which the gateway gives up; ``max_batch_rows`` > 0 lets the gateway's
     micro-batcher stack this call with others of the same model (0: never), decided once from the
-    model's config.
+    model's config. ``classification`` asks Triton's classification extension for the top-k classes of
+    an output (it then answers that output as BYTES ``"value:index[:label]"``).
     """
 
     model: str
@@ -52,6 +53,7 @@ class TritonCall:
     sequence_start: bool = False
     sequence_end: bool = False
     max_batch_rows: int = 0
+    classification: Mapping[str, int] = field(default_factory=dict)  # output -> top-k (Triton's extension)
     queued_s: float = 0.0  # set by the micro-batcher: how long the call waited to be sent
 
     def remaining_s(self) -> float:

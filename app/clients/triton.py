@@ -223,7 +223,12 @@ class TritonGrpcClient:
             tensor = grpcclient.InferInput(name, list(array.shape), call.datatypes[name])
             tensor.set_data_from_numpy(array)
             infer_inputs.append(tensor)
-        requested = [grpcclient.InferRequestedOutput(name) for name in call.outputs] if call.outputs else None
+        top = call.classification
+        requested = (
+            [grpcclient.InferRequestedOutput(name, class_count=top.get(name, 0)) for name in call.outputs]
+            if call.outputs
+            else None
+        )
         rid = call.request_id
         headers = {"x-request-id": rid} if rid else {}
         tracing.inject(headers)  # W3C traceparent as gRPC metadata; no-op unless tracing is on

@@ -275,7 +275,14 @@ class TritonHttpInfer:
             header["id"] = rid
         params = call.triton_parameters()
         if call.outputs:
-            header["outputs"] = [{"name": n, "parameters": {"binary_data": True}} for n in call.outputs]
+            top = call.classification
+            header["outputs"] = [
+                {
+                    "name": n,
+                    "parameters": {"binary_data": True, **({"classification": top[n]} if n in top else {})},
+                }
+                for n in call.outputs
+            ]
         else:
             params["binary_data_output"] = True
         header["parameters"] = params

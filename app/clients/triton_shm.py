@@ -350,7 +350,7 @@ class SharedMemoryTransport:
         return specs
 
     async def infer(self, call: TritonCall) -> TritonResult:
-        if not self._handles:
+        if not self._handles or call.classification:  # top-k answers are a few strings: no region
             return await self.inner.infer(call)
         arrays = {n: np.ascontiguousarray(a) for n, a in call.inputs.items()}
         sizes = {f"in:{n}": int(a.nbytes) for n, a in arrays.items()}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 import orjson
@@ -16,6 +18,20 @@ if TYPE_CHECKING:
 JSON = b"application/json"
 OCTET_STREAM = b"application/octet-stream"
 _ORJSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+
+
+T = TypeVar("T")
+# Bodies larger than this are decoded in a worker thread: parsing and validating a few MB costs tens of
+# milliseconds, which would hold every other request on the event loop; small bodies (the common case)
+# are decoded in place, where a thread hop would cost more than the decode.
+OFF_LOOP_BYTES = 256 * 1024
+
+
+async def decode_off_loop(size: int, decode: Callable[..., T], *args: Any) -> T:
+    """``decode(*args)``, in a worker thread when the body is ``size`` > ``OFF_LOOP_BYTES`` bytes."""
+    if size <= OFF_LOOP_BYTES:
+        return decode(*args)
+    return await asyncio.to_thread(decode, *args)
 
 
 class Reply(NamedTuple):
@@ -67,9 +83,15 @@ class CallOptions:
         return req
 
 
+_NO_OPTIONS = CallOptions()
+
+
 def call_options(params: dict[str, Any]) -> CallOptions:
     """Pop Triton's own parameters (``CALL_PARAMETERS``) out of ``params`` (in place) and check their
     types; the rest are the model's parameters (part of the cache key)."""
+
+    if not params:
+        return _NO_OPTIONS
 
     def take(key: str, kinds: type | tuple[type, ...], default: Any) -> Any:
         if key not in params:
@@ -77,6 +99,9 @@ def call_options(params: dict[str, Any]) -> CallOptions:
         value = params.pop(key)
         if not isinstance(value, kinds) or (kinds is not bool and isinstance(value, bool)):
             raise InvalidInput(f"parameters.{key}: unexpected type {type(value).__name__}",
+                               {"field": f"parameters.{key}"})  # fmt: skip
+        if kinds is int and isinstance(value, int) and not 0 <= value < 2**64:  # Triton: uint64
+            raise InvalidInput(f"parameters.{key}: expected an integer 0..{2**64 - 1}, got {value}",
                                {"field": f"parameters.{key}"})  # fmt: skip
         return value
 

@@ -24,7 +24,17 @@ from app.codecs.common import CallOptions, call_options
 from app.errors import InvalidInput
 from app.services.inference import InferRequest, InferResponse
 from app.services.registry import ModelInfo
-from app.services.validation import NUMPY_DTYPES, validate_outputs, validate_parameters, validate_v2_inputs
+from app.services.validation import (
+    GRPC_INPUT_PARAMETERS,
+    GRPC_OUTPUT_PARAMETERS,
+    NUMPY_DTYPES,
+    check_sequence,
+    check_tensor_parameters,
+    classification,
+    validate_outputs,
+    validate_parameters,
+    validate_v2_inputs,
+)
 
 # Triton datatype -> the typed field of InferTensorContents that carries it (FP16/BF16: raw only).
 CONTENTS_FIELD = {
@@ -103,18 +113,37 @@ def decode(info: ModelInfo, req: service_pb2.ModelInferRequest) -> GrpcRequest:
     binary: dict[str, bytes] = {}
     for i, tensor in enumerate(req.inputs):
         field = f"inputs.{tensor.name}"
+        if tensor.parameters:
+            check_tensor_parameters(tensor.parameters, f"{field}.parameters", GRPC_INPUT_PARAMETERS)
+        if raw and tensor.HasField("contents"):  # Triton refuses data given twice
+            raise InvalidInput(f"{field}.contents: the data is also in raw_input_contents; send one of them",
+                               {"field": f"{field}.contents"})  # fmt: skip
         tensors.append({"name": tensor.name, "shape": list(tensor.shape), "datatype": tensor.datatype})
         if tensor.name in info.inputs and tensor.datatype == info.inputs[tensor.name].datatype:
             binary[tensor.name] = raw[i] if raw else _typed_blob(field, tensor)
     params = plain_parameters(req.parameters)
     params.pop("binary_data_output", None)  # an HTTP notion; gRPC outputs are always raw
     options = call_options(params)
+    if options.sequence_id or options.sequence_start or options.sequence_end:
+        check_sequence(info, options.sequence_id, options.sequence_start, options.sequence_end)
+    top: dict[str, int] = {}
+    for output in req.outputs:
+        field = f"outputs.{output.name}.parameters"
+        if not output.parameters:
+            continue
+        check_tensor_parameters(output.parameters, field, GRPC_OUTPUT_PARAMETERS)
+        if "classification" in output.parameters:
+            value = parameter_value(output.parameters["classification"])
+            count = classification(info, output.name, value, f"{field}.classification")
+            if count:
+                top[output.name] = count
     outputs = validate_outputs(info, [o.name for o in req.outputs]) if req.outputs else None
     request = InferRequest(
         info=info,
         inputs=validate_v2_inputs(info, tensors, binary),
         outputs=outputs,
         parameters=validate_parameters(params),
+        classification=top,
     )
     options.apply(request)
     return GrpcRequest(request, req.id, options)

@@ -13,7 +13,13 @@ from app.errors import InvalidInput
 from app.services.inference import InferRequest, InferResponse
 from app.services.payload import parse_json
 from app.services.registry import ModelInfo
-from app.services.validation import validate_outputs, validate_parameters, validate_v1_inputs, value_budget
+from app.services.validation import (
+    container_budget,
+    validate_outputs,
+    validate_parameters,
+    validate_v1_inputs,
+    value_budget,
+)
 
 _FIELDS = ("inputs", "outputs", "parameters")
 X_CACHE = {outcome: ((b"x-cache", outcome.encode()),) for outcome in ("HIT", "MISS", "BYPASS")}
@@ -21,7 +27,8 @@ X_CACHE = {outcome: ((b"x-cache", outcome.encode()),) for outcome in ("HIT", "MI
 
 def decode(info: ModelInfo, raw: bytes) -> InferRequest:
     """A /v1 request body (bytes) -> a validated ``InferRequest`` for ``info``."""
-    return decode_body(info, parse_json(raw, max_values=value_budget(info)))
+    body = parse_json(raw, max_values=value_budget(info), containers=container_budget(info))
+    return decode_body(info, body)
 
 
 def decode_body(info: ModelInfo, body: Any) -> InferRequest:

@@ -17,7 +17,13 @@ from app.services.inference import InferRequest, InferResponse
 from app.services.payload import parse_json
 from app.services.registry import ModelInfo
 from app.services.validation import (
+    HTTP_INPUT_PARAMETERS,
+    HTTP_OUTPUT_PARAMETERS,
     NUMPY_DTYPES,
+    check_sequence,
+    check_tensor_parameters,
+    classification,
+    container_budget,
     parameters_object,
     validate_outputs,
     validate_parameters,
@@ -33,6 +39,11 @@ class V2Request:
     request: InferRequest
     id: str | None
     binary_outputs: set[str]
+
+
+def _safe_name(name: Any) -> str:
+    """A client's tensor name as it may appear in an error (lone surrogates escaped)."""
+    return str(name).encode("utf-8", "backslashreplace").decode()
 
 
 def _header_length(value: str | None) -> int | None:
@@ -52,13 +63,16 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
         head, tail = binary.split(raw, length)
     except binary.FramingError as exc:
         raise BadRequest(str(exc), {"field": exc.field}) from None
-    body = parse_json(head, max_values=value_budget(info))
+    body = parse_json(head, max_values=value_budget(info), containers=container_budget(info))
     if not isinstance(body, dict):
         raise InvalidInput("body: expected a JSON object with an 'inputs' list", {"field": "body"})
     inputs = body.get("inputs")
     for tensor in inputs if isinstance(inputs, list) else []:
-        if isinstance(tensor, dict):
-            parameters_object(tensor.get("parameters"), f"inputs.{tensor.get('name')}.parameters")
+        if isinstance(tensor, dict) and tensor.get("parameters") is not None:
+            field = f"inputs.{_safe_name(tensor.get('name'))}.parameters"
+            check_tensor_parameters(
+                parameters_object(tensor["parameters"], field), field, HTTP_INPUT_PARAMETERS
+            )
     try:
         parts = binary.binary_parts(inputs if isinstance(inputs, list) else [], tail, "inputs")
     except binary.FramingError as exc:
@@ -68,11 +82,17 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
     if params is not None and not isinstance(params, dict):
         raise InvalidInput("parameters: expected an object", {"field": "parameters"})
     params = dict(params or {})
-    all_binary = bool(params.pop("binary_data_output", False))
+    all_binary = params.pop("binary_data_output", False)
+    if not isinstance(all_binary, bool):
+        raise InvalidInput("parameters.binary_data_output: expected true or false",
+                           {"field": "parameters.binary_data_output"})  # fmt: skip
     options = call_options(params)
+    if options.sequence_id or options.sequence_start or options.sequence_end:
+        check_sequence(info, options.sequence_id, options.sequence_start, options.sequence_end)
     requested = body.get("outputs")
     names: list[str] | None = None
     binary_outputs: set[str] = set()
+    top: dict[str, int] = {}
     if requested is not None:
         if not isinstance(requested, list) or not all(isinstance(o, dict) and "name" in o for o in requested):
             raise InvalidInput(
@@ -80,12 +100,18 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
             )
         names = validate_outputs(info, [o["name"] for o in requested])
         for o in requested:
-            o_params = o.get("parameters")
-            if o_params is not None and not isinstance(o_params, dict):
-                raise InvalidInput(
-                    f"outputs.{o['name']}.parameters: expected an object", {"field": f"outputs.{o['name']}"}
-                )
-            if (o_params or {}).get("binary_data", all_binary):
+            field = f"outputs.{_safe_name(o['name'])}.parameters"
+            o_params = parameters_object(o.get("parameters"), field)
+            check_tensor_parameters(o_params, field, HTTP_OUTPUT_PARAMETERS)
+            if "classification" in o_params:
+                count = classification(info, o["name"], o_params["classification"], f"{field}.classification")
+                if count:
+                    top[o["name"]] = count
+            as_binary = o_params.get("binary_data", all_binary)
+            if not isinstance(as_binary, bool):
+                raise InvalidInput(f"{field}.binary_data: expected true or false",
+                                   {"field": f"{field}.binary_data"})  # fmt: skip
+            if as_binary:
                 binary_outputs.add(o["name"])
     elif all_binary:
         binary_outputs = set(info.outputs)
@@ -94,6 +120,7 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
         inputs=validate_v2_inputs(info, inputs, parts),
         outputs=names,
         parameters=validate_parameters(params),
+        classification=top,
     )
     options.apply(request)
     request_id = body.get("id")

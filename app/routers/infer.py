@@ -13,11 +13,11 @@ from starlette.exceptions import HTTPException
 
 from app.auth.principal import apply_principal, current_principal
 from app.codecs import v1
-from app.codecs.common import Reply
+from app.codecs.common import Reply, decode_off_loop
 from app.request_context import current_request_id
 from app.routers.common import Headers
 from app.routers.schemas import ERROR_TEXT, InferResult, error_ref
-from app.services.inference import InferenceService, cache_directives
+from app.services.inference import InferenceService, cache_directives, refuse_decoupled
 
 __all__ = ["Reply", "document_infer_routes", "router", "serve_v1"]
 
@@ -26,7 +26,8 @@ async def serve_v1(
     service: InferenceService, model: str, version: str | None, body: bytes, headers: Headers
 ) -> Reply:
     info = await service.resolve(model, version)
-    req = v1.decode(info, body)
+    refuse_decoupled(info)
+    req = await decode_off_loop(len(body), v1.decode, info, body)
     req.cache_read, req.cache_write = cache_directives(header_value(headers, b"cache-control"))
     req.request_id = current_request_id() or ""
     apply_principal(req, current_principal())  # the key's tier: Triton priority and timeout bound
@@ -110,7 +111,8 @@ _PATH_PARAMS = {
 def _operation(api: str, versioned: bool) -> dict[str, Any]:
     params = [_PATH_PARAMS["model"], *([_PATH_PARAMS["version"]] if versioned else [])]
     errors = {**ERROR_TEXT, 404: "model or version not found"}
-    codes = [400, 404, 413, 502, 503, 504]
+    codes = [400, 404, 413, 501, 502, 503, 504]
+    errors[501] = "a decoupled model: served over gRPC ModelStreamInfer only"
     if api == "v1":
         codes.append(422)
         request = body_doc(INFER_BODY_PROPERTIES, {"inputs": {"series": [[[0.0]] * 20]}})
@@ -124,9 +126,7 @@ def _operation(api: str, versioned: bool) -> dict[str, Any]:
         answer = {"application/json": {"schema": _V2_ANSWER},
                   "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}  # fmt: skip
         tag, summary = "kserve-v2", "KServe v2 infer" + (" (version)" if versioned else "")
-        codes.append(501)
         errors[400] = "bad request or invalid input (names the field; KServe v2 has no 422)"
-        errors[501] = "a decoupled model: served over gRPC ModelStreamInfer only"
     responses: dict[str, Any] = {"200": {"description": "the model's answer", "content": answer}}
     error = {"application/json": {"schema": error_ref(kserve=api == "v2")}}
     responses.update({str(code): {"description": errors[code], "content": error} for code in sorted(codes)})

@@ -230,8 +230,9 @@ _ACCEPTED_HEADERS = {
                             "schema": {"type": "string", "enum": ["true"]}},
 }  # fmt: skip
 JOB_SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {202: {"headers": _ACCEPTED_HEADERS}, **errors(
-    400, 404, 413, 422, *_TRITON,
+    400, 404, 413, 422, 501, *_TRITON,
     notes={404: "model or version not found", 413: "body over TGW_JOB_MAX_BODY_BYTES",
+           501: "a decoupled model: served over gRPC ModelStreamInfer only",
            422: "invalid input (names the field), or an Idempotency-Key reused with another body",
            503: "Triton or the job store (Redis) unavailable, or the job queue full (Retry-After)"},
 )}  # fmt: skip

@@ -12,9 +12,8 @@ from starlette.responses import Response
 from app.auth.principal import apply_principal, current_principal
 from app.codecs import encoding
 from app.codecs import v2 as kserve
-from app.codecs.common import Reply
+from app.codecs.common import Reply, decode_off_loop
 from app.deps import AdminDep, HealthDep, InferenceDep, RegistryDep
-from app.errors import NotOffered
 from app.request_context import current_request_id
 from app.routers.common import Headers, ORJSONResponse
 from app.routers.infer import header_value
@@ -29,7 +28,7 @@ from app.routers.schemas import (
     V2Ready,
     V2ServerMetadata,
 )
-from app.services.inference import InferenceService, cache_directives
+from app.services.inference import InferenceService, cache_directives, refuse_decoupled
 from app.services.offer import EXTENSIONS, refusal
 from app.services.statistics import ServedStatistics
 
@@ -169,6 +168,9 @@ async def model_config(model: str, registry: RegistryDep, version: str | None = 
     return ORJSONResponse(info.config)
 
 
+_HEADER_LENGTH = kserve.HEADER_LENGTH.encode()
+
+
 async def serve_v2(
     service: InferenceService, model: str, version: str | None, raw: bytes, headers: Headers,
     max_body_bytes: int = 8 * 1024 * 1024,
@@ -177,11 +179,15 @@ async def serve_v2(
     ``Content-Encoding: gzip|deflate`` bodies are inflated up to ``max_body_bytes``; the answer is
     compressed when ``Accept-Encoding`` asks for it."""
     info = await service.resolve(model, version)
-    if info.decoupled:  # Triton's answer, without the round trip (and the same over either transport)
-        raise NotOffered("HTTP end point doesn't support models with decoupled transaction policy; use "
-                         "gRPC ModelStreamInfer", {"model": info.name})  # fmt: skip
-    raw = encoding.decode_body(raw, header_value(headers, b"content-encoding"), max_body_bytes)
-    v2 = kserve.decode(info, raw, header_value(headers, kserve.HEADER_LENGTH.encode()))
+    refuse_decoupled(info)  # Triton's answer, without the round trip (and the same over either transport)
+    coding, length = header_value(headers, b"content-encoding"), header_value(headers, _HEADER_LENGTH)
+
+    def decode() -> kserve.V2Request:
+        return kserve.decode(info, encoding.decode_body(raw, coding, max_body_bytes), length)
+
+    # The JSON part is what costs (binary tensors are views of the body); a compressed body may inflate.
+    json_bytes = int(length) if length is not None and length.isdigit() else len(raw)
+    v2 = await decode_off_loop(len(raw) * 64 if coding else json_bytes, decode)
     req = v2.request
     req.cache_read, req.cache_write = cache_directives(header_value(headers, b"cache-control"))
     req.request_id = current_request_id() or ""

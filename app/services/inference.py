@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from app.clients.protocols import InferenceTransport, TritonCall, TritonResult
-from app.errors import GatewayError, UpstreamTimeout
+from app.errors import GatewayError, NotOffered, UpstreamTimeout
 from app.observability import metrics, tracing
 from app.observability.context import add_timing, annotate
 from app.services.cache import CacheUnavailable, ReadPolicy, ResponseCache, cache_key
@@ -46,6 +46,7 @@ class InferRequest:
     sequence_start: bool = False
     sequence_end: bool = False
     cache_scope: str = ""  # "" = answers shared by every tenant; else the tenant (app.auth, TGW_CACHE_SCOPE)
+    classification: dict[str, int] = field(default_factory=dict)  # output -> top-k (Triton's extension)
     datatypes: dict[str, str] = field(init=False)  # Triton datatype of each given input
 
     def __post_init__(self) -> None:
@@ -62,6 +63,19 @@ class InferResponse:
     model: str
     result: TritonResult
     cache: CacheOutcome
+
+
+# What Triton answers a decoupled model's request over HTTP; /v1, /v2, job submissions and /v1/ws frames
+# answer it too (501), before anything reaches Triton. Such models are served by gRPC ModelStreamInfer.
+DECOUPLED_REFUSAL = (
+    "HTTP end point doesn't support models with decoupled transaction policy; use gRPC ModelStreamInfer"
+)
+
+
+def refuse_decoupled(info: ModelInfo) -> None:
+    """501 for a decoupled model (any number of answers per request): only a stream can carry them."""
+    if info.decoupled:
+        raise NotOffered(DECOUPLED_REFUSAL, {"model": info.name})
 
 
 def cache_directives(header: str | None) -> tuple[bool, bool]:
@@ -101,9 +115,10 @@ class InferenceService:
         info = req.info
         outputs = req.outputs or list(info.outputs)
         namespace = f"{self.namespace}:t:{req.cache_scope}" if req.cache_scope else self.namespace
-        return cache_key(
-            namespace, info.name, info.version, outputs, req.parameters, req.inputs, req.datatypes
-        )
+        parameters = req.parameters
+        if req.classification:  # another answer (top-k classes): another key (no parameter has this name)
+            parameters = {**parameters, "\x00classification": req.classification}
+        return cache_key(namespace, info.name, info.version, outputs, parameters, req.inputs, req.datatypes)
 
     def _use_cache(self, req: InferRequest) -> bool:
         return req.info.cache_enabled and self.cache.enabled and req.cacheable
@@ -182,7 +197,10 @@ class InferenceService:
             sequence_id=req.sequence_id,
             sequence_start=req.sequence_start,
             sequence_end=req.sequence_end,
-            max_batch_rows=info.max_batch_rows if not req.parameters and req.cacheable else 0,
+            max_batch_rows=(
+                info.max_batch_rows if not req.parameters and req.cacheable and not req.classification else 0
+            ),
+            classification=req.classification,
         )
 
     async def _cache_get(self, key: str, remote: bool = True) -> TritonResult | None:

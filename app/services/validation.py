@@ -17,6 +17,7 @@ import numpy as np
 from tritonclient.utils import deserialize_bytes_tensor
 
 from app.errors import InvalidInput
+from app.services.payload import ContainerBudget
 from app.services.registry import ModelInfo, TensorSpec
 
 NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
@@ -39,6 +40,8 @@ _RESERVED_PARAMETERS = frozenset(
 )
 
 
+# Triton's own parameters a client may pass (relayed as given): a decoupled model's stream option.
+_TRITON_STREAM_OPTIONS = frozenset({"triton_enable_empty_final_response"})
 _IS_BOOL = partial(operator.is_, bool)
 
 
@@ -276,11 +279,71 @@ def validate_parameters(parameters: Any, field: str = "parameters") -> dict[str,
     """Request-level parameters forwarded to Triton: an object of scalars, no reserved names."""
     parameters = parameters_object(parameters, field)
     for key, value in parameters.items():
-        if key in _RESERVED_PARAMETERS:
+        if key in _RESERVED_PARAMETERS or (key.startswith("triton_") and key not in _TRITON_STREAM_OPTIONS):
             raise _fail(f"{field}.{key}", "is reserved by Triton and cannot be passed as a parameter")
         if not isinstance(value, str | int | float | bool):
             raise _fail(f"{field}.{key}", f"expected a string, number or boolean, got {_json_type(value)}")
     return dict(parameters)
+
+
+# Tensor parameters the gateway supports (item by item: everything else is refused, never passed on or
+# ignored; ``shared_memory_*`` would make Triton read or write a shared-memory region of its own).
+HTTP_INPUT_PARAMETERS = frozenset({"binary_data_size"})
+HTTP_OUTPUT_PARAMETERS = frozenset({"binary_data", "classification"})
+GRPC_INPUT_PARAMETERS: frozenset[str] = frozenset()
+GRPC_OUTPUT_PARAMETERS = frozenset({"classification"})
+_UNSUPPORTED_WHY = {
+    "shared_memory_region": "the gateway does not offer shared memory: send the tensor's data",
+    "shared_memory_byte_size": "the gateway does not offer shared memory: send the tensor's data",
+    "shared_memory_offset": "the gateway does not offer shared memory: send the tensor's data",
+}
+
+
+def check_tensor_parameters(params: Mapping[str, Any], field: str, supported: frozenset[str]) -> None:
+    """Refuse (422 / 400 under /v2 / INVALID_ARGUMENT) a tensor parameter the gateway does not support,
+    naming it (``field`` is e.g. ``inputs.INPUT0.parameters``)."""
+    for key in params:
+        if key not in supported:
+            why = _UNSUPPORTED_WHY.get(key, "not supported by the gateway")
+            allowed = ", ".join(sorted(supported)) or "none"
+            raise _fail(f"{field}.{key}", f"{why} (supported here: {allowed})",
+                        expected={"parameters": sorted(supported)})  # fmt: skip
+
+
+def classification(info: ModelInfo, output: str, value: Any, field: str) -> int:
+    """Triton's classification extension: ``parameters.classification`` = the number of top classes of
+    ``output`` to answer (as BYTES ``"value:index[:label]"``); 0 = none. A numeric output only."""
+    if type(value) is not int or value < 0:
+        raise _fail(
+            field, f"expected a non-negative integer (the number of classes), got {_text_safe(value)!r}"
+        )
+    spec = info.outputs.get(output)
+    if value and spec is not None and spec.datatype in ("BYTES", "BOOL"):
+        raise _fail(field, f"output '{output}' is {spec.datatype}: classification needs a numeric output")
+    return int(value)
+
+
+def check_sequence(info: ModelInfo, sequence_id: int | str, start: bool, end: bool) -> None:
+    """``sequence_id`` (and ``sequence_start``/``sequence_end``) only for a model with a sequence batcher,
+    and a ``sequence_id`` Triton accepts: an integer 0..2^64-1 or a string of 1..128 characters."""
+    if isinstance(sequence_id, int) and not 0 <= sequence_id < 2**64:
+        raise _fail("parameters.sequence_id", f"expected an integer 0..{2**64 - 1} or a string, got "
+                    f"{sequence_id}")  # fmt: skip
+    if isinstance(sequence_id, str) and len(sequence_id) > 128:
+        raise _fail("parameters.sequence_id", f"expected at most 128 characters, got {len(sequence_id)}")
+    if (sequence_id or start or end) and "sequence_batching" not in info.config:
+        given = "sequence_id" if sequence_id else "sequence_start" if start else "sequence_end"
+        raise _fail(f"parameters.{given}", f"model '{info.name}' has no sequence batcher: sequence "
+                    "parameters are only for sequence models")  # fmt: skip
+
+
+def _text_safe(value: Any) -> Any:
+    """A client's value made safe to render in an error (lone surrogates escaped)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode()
+    if isinstance(value, list):
+        return [_text_safe(v) for v in value[:16]]
+    return value
 
 
 def value_budget(info: ModelInfo) -> int | None:
@@ -288,6 +351,36 @@ def value_budget(info: ModelInfo) -> int | None:
     input), for ``app.services.payload.check_value_budget``; None when an input has a variable dim.
     Computed once per model version (``ModelInfo.max_values``)."""
     return info.max_values
+
+
+_CONTAINER_BUDGETS: dict[int, tuple[ModelInfo, ContainerBudget]] = {}
+
+
+def container_budget(info: ModelInfo) -> ContainerBudget:
+    """The most arrays and objects a request body to this model can hold (``payload.check_containers``):
+    per input, one array per row above the innermost dimension (the batch dim counts as max_batch_size);
+    below a variable dimension each level adds at most one array per value. Plus each tensor's entry,
+    shape and parameters (/v2). Computed once per model version."""
+    known = _CONTAINER_BUDGETS.get(id(info))
+    if known is not None and known[0] is info:
+        return known[1]
+    fixed, per_value = 4 * (len(info.inputs) + len(info.outputs)), 0
+    for spec in info.inputs.values():
+        rows, bounded = 1, True
+        for i, dim in enumerate(spec.shape[:-1]):
+            dim = info.max_batch_size if info.batched and i == 0 else dim
+            bounded = bounded and dim >= 0
+            if bounded:
+                rows *= dim
+                fixed += rows
+            else:
+                per_value += 1
+        fixed += 1
+    budget = ContainerBudget(fixed, per_value)
+    if len(_CONTAINER_BUDGETS) > 1024:
+        _CONTAINER_BUDGETS.clear()
+    _CONTAINER_BUDGETS[id(info)] = (info, budget)
+    return budget
 
 
 def validate_v1_inputs(info: ModelInfo, inputs: Any) -> dict[str, np.ndarray]:
@@ -316,20 +409,24 @@ def validate_v2_inputs(
     """KServe v2 ``inputs: [{name, shape, datatype, data}]``; ``binary`` holds binary-extension data."""
     if not isinstance(inputs, list) or not inputs:
         raise _fail("inputs", "expected a non-empty list of {name, shape, datatype, data} tensors")
-    names = []
+    names: list[str] = []
     arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(inputs):
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
             raise _fail(f"inputs[{i}]", "expected an object with name, shape, datatype and data")
         names.append(tensor["name"])
     _check_names(info, names)
+    if len(set(names)) != len(names):  # Triton refuses a request naming an input twice
+        twice = next(n for i, n in enumerate(names) if n in names[:i])
+        raise _fail(f"inputs.{twice}", "appears more than once; give each input once")
     for tensor in inputs:
         name = tensor["name"]
         spec = info.inputs[name]
         field = f"inputs.{name}"
         shape = tensor.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise _fail(f"{field}.shape", "expected a list of non-negative integers")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _fail(f"{field}.shape", "expected a list of non-negative integers",
+                        received={"shape": _text_safe(shape)})  # fmt: skip
         datatype = tensor.get("datatype")
         if datatype != spec.datatype:
             raise _fail(

@@ -3,6 +3,7 @@ the same ``InferRequest`` as HTTP), the error -> status table, gzip/deflate bodi
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import zlib
 
@@ -58,6 +59,9 @@ def test_raw_and_typed_contents_decode_to_the_same_request_as_v2_json(batched: M
 
 
 def test_parameters_split_into_model_parameters_and_triton_options(batched: ModelInfo) -> None:
+    batched = dataclasses.replace(
+        batched, config={"sequence_batching": {}}
+    )  # sequence_* need a sequence model
     message = _request()
     message.inputs.add(name="series", datatype="FP32", shape=[1, 20, 1])
     message.raw_input_contents.append(np.zeros(20, np.float32).tobytes())

@@ -402,7 +402,9 @@ def _relayed(req: InferRequest, client_id: str) -> service_pb2.ModelInferRequest
         msg.inputs.add(name=name, datatype=req.datatypes[name], shape=array.shape)
         msg.raw_input_contents.append(tensor_bytes(array))
     for name in req.outputs or ():
-        msg.outputs.add(name=name)
+        output = msg.outputs.add(name=name)
+        if name in req.classification:  # Triton's classification extension (validated in the codec)
+            output.parameters["classification"].int64_param = req.classification[name]
     params = msg.parameters
     for key, value in req.parameters.items():
         codec.set_parameter(params[key], value)

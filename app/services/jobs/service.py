@@ -20,9 +20,10 @@ import orjson
 
 from app.auth.principal import apply_principal, current_principal
 from app.codecs import v1
+from app.codecs.common import decode_off_loop
 from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
 from app.observability import metrics
-from app.services.inference import InferenceService, InferResponse
+from app.services.inference import InferenceService, InferResponse, refuse_decoupled
 from app.services.jobs.events import EventHub
 from app.services.jobs.ssrf import UnsafeURL, vet_url
 from app.services.jobs.store import (
@@ -93,14 +94,17 @@ class JobService:
 
     async def submit(
         self, owner: str, model: str, version: str | None, body: Any, idempotency_key: str | None,
-        request_id: str,
+        request_id: str, body_bytes: int = 0,
     ) -> SubmitResult:  # fmt: skip
+        """``body_bytes``: the size of the body as sent (a large one is validated off the event loop)."""
         if not isinstance(body, dict):
             raise InvalidInput("body: expected a JSON object with an 'inputs' object", {"field": "body"})
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise InvalidInput("Idempotency-Key: expected 1 to 255 characters", {"field": "Idempotency-Key"})
         infer_body = {k: v for k, v in body.items() if k not in ("webhook", "priority")}
-        req = v1.decode_body(await self.inference.resolve(model, version), infer_body)
+        info = await self.inference.resolve(model, version)
+        refuse_decoupled(info)  # a job is one answer: a decoupled model's job could never succeed
+        req = await decode_off_loop(body_bytes, v1.decode_body, info, infer_body)
         apply_principal(req, current_principal())  # the key's tier rides with the job to the worker
         priority = body.get("priority", "normal")
         if priority not in PRIORITIES:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from typing import Any
 
 import orjson
@@ -22,14 +23,17 @@ from starlette.websockets import WebSocket
 
 from app.auth.principal import Principal, Unauthorized, apply_principal, current_principal
 from app.codecs import v1
+from app.codecs.common import OFF_LOOP_BYTES, decode_off_loop
 from app.errors import GatewayError, InvalidInput
 from app.observability import metrics
-from app.services.inference import InferenceService
+from app.services.inference import InferenceService, refuse_decoupled
 from app.services.jobs.service import JobService
-from app.services.payload import parse_json
+from app.services.payload import ANY_MODEL, parse_json
+from app.services.validation import container_budget
 
 logger = logging.getLogger(__name__)
 
+_MODEL_NAME = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
 _INFER_FIELDS = {"op", "ref", "model", "version", "inputs", "outputs", "parameters"}
 
 
@@ -228,11 +232,35 @@ class Multiplexer:
             message = f"frame is larger than {self.max_frame} bytes (TGW_WS_MAX_FRAME_BYTES)"
             emit(error_frame(InvalidInput(message, {"limit_bytes": self.max_frame})))
             return
+        if len(text) > OFF_LOOP_BYTES:  # parsed off the loop, within the bounds of the model it names
+            task = asyncio.create_task(self._parse_large(text))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            return
         try:
             frame = parse_json(text)
         except GatewayError as exc:
             emit(error_frame(exc))
             return
+        self._dispatch(frame, len(text))
+
+    async def _parse_large(self, text: str) -> None:
+        data = text.encode()
+        budget = ANY_MODEL
+        named = _MODEL_NAME.search(data)
+        if named is not None:  # the model's own bound on arrays per body, when it is known
+            with contextlib.suppress(GatewayError):
+                budget = container_budget(await self.inference.resolve(named.group(1).decode(), None))
+        try:
+            frame = await asyncio.to_thread(parse_json, data, containers=budget, what="frame")
+        except GatewayError as exc:
+            self.outbox.emit(error_frame(exc))
+            return
+        self.tasks.discard(asyncio.current_task())  # parsed: not a request yet
+        self._dispatch(frame, len(data))
+
+    def _dispatch(self, frame: Any, size: int) -> None:
+        emit = self.outbox.emit
         if not isinstance(frame, dict):
             emit(error_frame(InvalidInput("frame: expected a JSON object with an 'op'")))
             return
@@ -255,12 +283,12 @@ class Multiplexer:
                 )
             )
             return
-        coro = self._infer(frame, tags) if op == "infer" else self._subscribe(frame, tags)
+        coro = self._infer(frame, tags, size) if op == "infer" else self._subscribe(frame, tags)
         task = asyncio.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _infer(self, frame: dict[str, Any], tags: dict[str, Any]) -> None:
+    async def _infer(self, frame: dict[str, Any], tags: dict[str, Any], size: int = 0) -> None:
         try:
             unknown = set(frame) - _INFER_FIELDS
             if unknown:
@@ -273,7 +301,9 @@ class Multiplexer:
                     "model: expected a model name (and version, if given, a string)", {"field": "model"}
                 )
             body = {k: frame[k] for k in ("inputs", "outputs", "parameters") if k in frame}
-            req = v1.decode_body(await self.inference.resolve(model, version), body)
+            info = await self.inference.resolve(model, version)
+            refuse_decoupled(info)
+            req = await decode_off_loop(size, v1.decode_body, info, body)
             req.request_id = str(tags.get("ref", ""))
             apply_principal(req, current_principal())  # the socket's key: Triton priority and timeout bound
             response = await self.inference.infer(req)
