@@ -76,6 +76,20 @@ def _wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
     return [p for p in pids if _alive(p)]
 
 
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"tgw up did not become ready:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
 @pytest.fixture
 def stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
     port, grpc_port = free_port(), free_port()
@@ -105,17 +119,7 @@ def stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
             [sys.executable, "-m", "app.cli", "up"], env=env, stdout=out, stderr=out, cwd=ROOT
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"tgw up did not become ready:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
+    _wait_ready(proc, url, log)
     yield Stack(proc, url, log, tmp_path / "state", env, f"127.0.0.1:{grpc_port}")
     if proc.poll() is None:
         proc.kill()
@@ -278,16 +282,7 @@ def test_ctrl_c_drains_the_gateway_then_stops_the_children_quietly(tmp_path: Pat
         proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up"], env=env, stdout=out, stderr=out,
                                 cwd=ROOT, start_new_session=True)  # fmt: skip
     try:
-        url = f"http://127.0.0.1:{env['TGW_PORT']}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.3)
+        _wait_ready(proc, f"http://127.0.0.1:{env['TGW_PORT']}", log)
         children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
                                                    text=True).stdout.split()]  # fmt: skip
         assert len(children) >= 3, children  # two Redis, Triton
