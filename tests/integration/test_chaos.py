@@ -101,7 +101,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
     ):
         env.pop(var, None)
     env.update({
-        "TGW_PORT": str(port), "TGW_EMBEDDED_TRITONS": "2",
+        "TGW_PORT": str(port), "TGW_GRPC_PORT": str(free_port()), "TGW_EMBEDDED_TRITONS": "2",
         "TGW_TRITON_HTTP_PORT": str(base), "TGW_TRITON_GRPC_PORT": str(base + 1),
         "TGW_TRITON_METRICS_PORT": str(base + 2), "TGW_REDIS_PORT": str(free_port()),
         "TGW_JOBS_REDIS_PORT": str(free_port()),
@@ -326,7 +326,15 @@ def test_sigkill_one_of_two_gateways(stack: Stack, tmp_path: Path) -> None:
     requests in flight on it fail (the client stops sending there at once, as a load balancer would)."""
     port = free_port()
     env = dict(stack.env)
-    env.update({"TGW_PORT": str(port), "TGW_WORKER_IN_PROCESS": "false", "TGW_STARTUP_WAIT_S": "20"})
+    # Its own gRPC port: tgw serve refuses one another stack listens on (SO_REUSEPORT would share it).
+    env.update(
+        {
+            "TGW_PORT": str(port),
+            "TGW_GRPC_PORT": str(free_port()),
+            "TGW_WORKER_IN_PROCESS": "false",
+            "TGW_STARTUP_WAIT_S": "20",
+        }
+    )
     env["TGW_TRITON_URLS"] = _triton_urls(env)
     env["TGW_REDIS_URL"] = _redis_url(env)
     env["TGW_JOBS_REDIS_URL"] = _jobs_redis_url(env)

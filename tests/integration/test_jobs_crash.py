@@ -38,7 +38,8 @@ def tgw_serve(
     env = dict(os.environ)
     env.update(
         TGW_TRITON_URL=triton.grpc_url, TGW_TRITON_HTTP_URL=triton.http_url, TGW_REDIS_URL=redis_url,
-        TGW_HOST="127.0.0.1", TGW_PORT=str(port), TGW_LOG_LEVEL="WARNING", TGW_SHUTDOWN_DELAY_S="0",
+        TGW_HOST="127.0.0.1", TGW_PORT=str(port), TGW_GRPC_PORT=str(free_port()), TGW_LOG_LEVEL="WARNING",
+        TGW_SHUTDOWN_DELAY_S="0",
     )  # fmt: skip
     with log.open("ab") as out:
         proc = subprocess.Popen(
