@@ -262,11 +262,27 @@ def _empty_lists(size: int) -> bytes:
     return b"[" + b",".join([b"[[]]"] * (size // 5)) + b"]"
 
 
+def _not_json(size: int) -> bytes:
+    """A long list of numbers with no closing bracket: orjson reads it all, then refuses it."""
+    return b"[[" + b"1.25," * (size // 5) + b"1.0]"
+
+
+def _nan(size: int) -> bytes:
+    """Numbers ending in a NaN literal (what Python's json.dumps writes): not JSON, so orjson refuses it; the
+    Python parser that could name the input holds the interpreter lock ~0.35 s for 7 MB."""
+    return b"[[" + b"1.25," * (size // 5) + b"NaN]]"
+
+
 def _attacks() -> list[tuple[str, str, bytes]]:
     """(kind, path, body): 7.3 MB for the infer routes, under the 4 MiB job and frame limits elsewhere."""
     size = int(7.3 * 1000 * 1000)
     out = []
-    for kind, make in (("depth", _depth_bomb), ("empties", _empty_lists)):
+    for kind, make in (
+        ("depth", _depth_bomb),
+        ("empties", _empty_lists),
+        ("not-json", _not_json),
+        ("nan", _nan),
+    ):
         tensor = make(size)
         out.append((kind, "/v1/models/identity_fp32/infer", b'{"inputs": {"INPUT0": ' + tensor + b"}}"))
         out.append((kind, "/v1/models/forecast/infer", b'{"inputs": {"series": ' + tensor + b"}}"))
