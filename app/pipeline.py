@@ -108,7 +108,7 @@ class InferRouter:
 
 
 class Admission(Protocol):
-    """Authentication and limits (issue 12): ``admit`` raises a ``GatewayError`` (401/403/429) or returns
+    """Authentication and limits: ``admit`` raises a ``GatewayError`` (401/403/429) or returns
     a grant that ``release`` gets back when the request is over."""
 
     async def admit(self, scope: Scope) -> Any: ...

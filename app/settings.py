@@ -352,7 +352,7 @@ class Settings(BaseSettings):
         32, ge=1, description="unanswered requests per ModelStreamInfer stream; at the bound the gateway "
         "stops reading the stream until answers are taken",
     )  # fmt: skip
-    # --- Shared memory with Triton (issue 14) -------------------------------------------------
+    # --- Shared memory with Triton ------------------------------------------------------------
     triton_shm: Literal["off", "system", "cuda"] = Field(
         "off",
         description="system = inputs and outputs of at least TGW_SHM_MIN_BYTES (together) travel between "

@@ -1,4 +1,4 @@
-"""API keys, limits and tenants (issue 12): ``AuthStage`` is the request pipeline's authentication and
+"""API keys, limits and tenants: ``AuthStage`` is the request pipeline's authentication and
 limiting stage; ``Principal`` is who is calling. See docs/auth.md."""
 
 from app.auth.principal import (

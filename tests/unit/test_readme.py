@@ -47,3 +47,18 @@ def test_the_error_table_lists_every_error_the_code_can_answer() -> None:
     }
     assert in_code - rows == set(), f"errors missing from the README table: {sorted(in_code - rows)}"
     assert rows - in_code == set(), f"README rows for codes the code never answers: {sorted(rows - in_code)}"
+
+
+def test_user_docs_say_what_they_mean_not_which_issue() -> None:
+    """A reader has no access to the project's issue tracker: "issue 12" tells them nothing."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    pattern = re.compile(r"(?<!Triton )\bissue \d+\b|the issue's|\(issue\b", re.IGNORECASE)
+    found = []
+    for path in [root / "README.md", root / "k8s" / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line):
+                found.append(f"{path.relative_to(root)}:{number}: {line.strip()[:100]}")
+    assert found == [], "\n".join(found)
