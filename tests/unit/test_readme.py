@@ -62,3 +62,18 @@ def test_user_docs_say_what_they_mean_not_which_issue() -> None:
             if pattern.search(line):
                 found.append(f"{path.relative_to(root)}:{number}: {line.strip()[:100]}")
     assert found == [], "\n".join(found)
+
+
+def test_every_metric_the_code_defines_is_in_the_operations_metrics_table() -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    source = "\n".join(p.read_text() for p in (root / "app").rglob("*.py"))
+    defined = set()
+    for kind, name in re.findall(r"\b(Counter|Gauge|Histogram)\(\s*\"(tgw_[a-z_]+)\"", source):
+        defined.add(f"{name}_total" if kind == "Counter" and not name.endswith("_total") else name)
+    assert len(defined) >= 15, defined
+    operations = (root / "docs" / "operations.md").read_text()
+    missing = sorted(name for name in defined if f"`{name}`" not in operations)
+    assert missing == [], f"metrics missing from docs/operations.md: {missing}"

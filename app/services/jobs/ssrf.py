@@ -143,5 +143,9 @@ async def vet_url(
         for ip in addresses:
             reason = unsafe_reason(ip)
             if reason:
-                raise UnsafeURL(f"the host {host!r} resolves to {ip}, {reason}")
+                raise UnsafeURL(
+                    f"the host {host!r} resolves to {ip}, {reason}; webhooks go to public addresses only"
+                    " (a local receiver for development: TGW_WEBHOOK_ALLOW_PRIVATE=true on the gateway, and"
+                    " its port in TGW_WEBHOOK_ALLOWED_PORTS)"
+                )
     return VettedTarget(scheme, host, port, path, str(addresses[0]))
