@@ -56,7 +56,7 @@ class KeyView(BaseModel):
     burst: int
     concurrency: int
     daily_quota: int
-    created: float
+    created: str = Field(description="ISO 8601, UTC")
 
 
 class KeyCreated(KeyView):

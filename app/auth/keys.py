@@ -23,6 +23,8 @@ from typing import Any
 
 import orjson
 
+from app.timestamps import iso_utc
+
 PREFIX = "tgw_"
 TICKET_PREFIX = "tgwt_"
 _NS = "tgw:auth:"
@@ -82,6 +84,7 @@ class KeyRecord:
         """What list/create show: everything but the digest."""
         data = asdict(self)
         data.pop("digest")
+        data["created"] = iso_utc(self.created)
         return data
 
 

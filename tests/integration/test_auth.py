@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -276,6 +277,7 @@ def test_tgw_keys_cli(redis_server: EmbeddedRedis) -> None:
     assert made.returncode == 0, made.stderr
     created = json.loads(made.stdout)
     assert created["key"].startswith("tgw_") and len(created["key"]) > 50
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", created["created"]), created  # as jobs'
     assert (created["tier"], created["rps"], created["burst"], created["concurrency"],
             created["daily_quota"], created["tenant"]) == ("high", 5.0, 7, 3, 1000, "cli-test")  # fmt: skip
     listed = json.loads(tgw("list").stdout)

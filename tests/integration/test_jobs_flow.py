@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -246,6 +247,9 @@ def test_webhook_retried_until_receiver_is_up_signed_same_id(wc: httpx.Client) -
     attempts = job["webhook"]["attempts"]
     assert [a["outcome"] for a in attempts] == ["retry", "retry", "delivered"]
     assert [a["status_code"] for a in attempts] == [503, 503, 200]
+    iso = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")  # one format: jobs, attempts, keys
+    assert all(iso.fullmatch(a["at"]) for a in attempts) and iso.fullmatch(job["created_at"]), attempts
+    assert iso.fullmatch(attempts[0]["next_attempt_at"]) and attempts[-1]["next_attempt_at"] is None
     totals = wc.get("/v1/jobs/stats").json()["webhook_deliveries_total"]
     assert totals["delivered"] >= 1 and totals["retry"] >= 2
 

@@ -13,7 +13,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -35,6 +34,7 @@ from app.services.jobs.store import (
     redis_errors,
     valid_job_id,
 )
+from app.timestamps import iso_utc
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,7 @@ def result_json(response: InferResponse) -> bytes:
     return orjson.dumps(v1.result(response), option=_JSON_OPTS)
 
 
-def _iso(ts: float | None) -> str | None:
-    if not ts:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+_iso = iso_utc
 
 
 def _not_found(job_id: str) -> NotFound:
@@ -201,7 +198,10 @@ class JobService:
                 "url": job.webhook_url,
                 "id": f"msg_{job.id}",
                 "status": job.webhook_status or "waiting",
-                "attempts": attempts,
+                "attempts": [
+                    {**a, "at": _iso(a.get("at")), "next_attempt_at": _iso(a.get("next_attempt_at"))}
+                    for a in attempts
+                ],
             }
         return out
 
