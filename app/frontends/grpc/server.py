@@ -455,6 +455,8 @@ class _Stream:
         self.pending: set[_Pending] = set()
         self.sequences: Any = None  # grpc.aio.StreamStreamCall to Triton for sequence requests
         self.sequenced: collections.deque[_Pending] = collections.deque()
+        self.sequences_answered = asyncio.Event()  # set whenever an answer of the sequence stream arrived
+        self.sequences_pump: asyncio.Task[Any] | None = None
         self.relays: set[asyncio.Task[None]] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.revoked: GatewayError | None = None
@@ -515,6 +517,11 @@ class _Stream:
                 if self.revoked is not None:
                     return
             if self.sequences is not None:
+                # Half-closed only once every sequence request has its answer (see _decoupled: Triton 2.51
+                # must not see a half-close while it still answers on the stream).
+                while self.sequenced and self.sequences_pump is not None and not self.sequences_pump.done():
+                    await self.sequences_answered.wait()
+                    self.sequences_answered.clear()
                 await self.sequences.done_writing()
             while self.relays:
                 await asyncio.gather(*self.relays)
@@ -560,23 +567,46 @@ class _Stream:
         return service_pb2.ModelStreamInferResponse(infer_response=codec.encode(response, client_id))
 
     async def _decoupled(self, message: Any, pending: _Pending) -> None:
-        """One decoupled request on its own upstream stream, its responses passed on as they come."""
+        """One decoupled request on its own upstream stream, its responses passed on as they come.
+
+        The upstream stream is half-closed only after Triton's final response for the request: Triton 2.51
+        crashed (SIGSEGV in TRITONBACKEND_ResponseSend, seen about once in six loaded test runs) when a
+        stream was half-closed while a decoupled model was still sending on it. So the relayed request
+        always asks for Triton's empty final response (``triton_enable_empty_final_response``), which is
+        passed on only if the client asked for it too."""
+        params = message.parameters
+        client_wants_final = (
+            "triton_enable_empty_final_response" in params
+            and params["triton_enable_empty_final_response"].bool_param
+        )
+        params["triton_enable_empty_final_response"].bool_param = True
         call = self.servicer.triton.ModelStreamInfer(metadata=self.metadata)
+        finished = False
         try:
             await call.write(message)
-            await call.done_writing()
             async for response in call:
-                await self.out.put((response, None))
+                final = response.infer_response.parameters.get("triton_final_response")
+                last = bool(final is not None and final.bool_param) or bool(response.error_message)
+                empty = not response.infer_response.outputs and not response.error_message
+                if not (last and empty) or client_wants_final:
+                    await self.out.put((response, None))
+                if last:  # an error ends the request too
+                    break
+            await call.done_writing()
+            async for _ in call:  # the stream's status: nothing more is expected
+                pass
+            finished = True
         except grpc.aio.AioRpcError as exc:
             await self.out.put((_stream_error(exc, message.id), None))
         finally:
-            call.cancel()
+            if not finished:
+                call.cancel()
         await self.out.put((_DONE, pending))
 
     async def _sequence(self, message: Any, pending: _Pending) -> None:
         if self.sequences is None:
             self.sequences = self.servicer.triton.ModelStreamInfer(metadata=self.metadata)
-            self._task(self._pump_sequences(), relay=True)
+            self.sequences_pump = self._task(self._pump_sequences(), relay=True)
         self.sequenced.append(pending)
         await self.sequences.write(message)
 
@@ -585,9 +615,12 @@ class _Stream:
         try:
             async for response in self.sequences:
                 await self.out.put((response, self.sequenced.popleft() if self.sequenced else None))
+                self.sequences_answered.set()
         except grpc.aio.AioRpcError as exc:
             while self.sequenced:
                 await self.out.put((_stream_error(exc, ""), self.sequenced.popleft()))
+        finally:
+            self.sequences_answered.set()
 
     async def _watch(self) -> None:
         """An open stream ends (UNAUTHENTICATED) once its key is revoked or rotated away, within
