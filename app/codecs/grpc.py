@@ -58,6 +58,9 @@ class GrpcRequest:
     request: InferRequest
     id: str
     options: CallOptions
+    # triton_enable_empty_final_response: a flag of Triton's gRPC stream, consumed there (never a parameter
+    # of the request): a unary call ignores it, the stream relay asks Triton for the empty final response.
+    empty_final_response: bool = False
 
 
 def parameter_value(param: service_pb2.InferParameter) -> Any:
@@ -123,6 +126,7 @@ def decode(info: ModelInfo, req: service_pb2.ModelInferRequest) -> GrpcRequest:
             binary[tensor.name] = raw[i] if raw else _typed_blob(field, tensor)
     params = plain_parameters(req.parameters)
     params.pop("binary_data_output", None)  # an HTTP notion; gRPC outputs are always raw
+    empty_final = params.pop("triton_enable_empty_final_response", False) is True
     options = call_options(params)
     if options.sequence_id or options.sequence_start or options.sequence_end:
         check_sequence(info, options.sequence_id, options.sequence_start, options.sequence_end)
@@ -146,7 +150,7 @@ def decode(info: ModelInfo, req: service_pb2.ModelInferRequest) -> GrpcRequest:
         classification=top,
     )
     options.apply(request)
-    return GrpcRequest(request, req.id, options)
+    return GrpcRequest(request, req.id, options, empty_final)
 
 
 def encode(response: InferResponse, request_id: str = "") -> service_pb2.ModelInferResponse:

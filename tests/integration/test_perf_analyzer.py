@@ -40,11 +40,14 @@ def _binary() -> str | None:
 PERF_ANALYZER = _binary()
 
 
-@pytest.mark.skipif(
+needs_perf_analyzer = pytest.mark.skipif(
     PERF_ANALYZER is None,
     reason="perf_analyzer not found (TGW_PERF_ANALYZER, .tgw/perf_analyzer or PATH): run "
     "scripts/install_perf_analyzer.sh and apt-get install libb64-0d",
 )
+
+
+@needs_perf_analyzer
 def test_perf_analyzer_runs_at_every_concurrency_against_several_workers(
     triton: EmbeddedTriton, redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
@@ -76,3 +79,24 @@ def test_perf_analyzer_runs_at_every_concurrency_against_several_workers(
         served = re.search(r"Server:\s+Inference count: (\d+)\s+Execution count: (\d+)\s+"
                            r"Successful request count: (\d+)", text)  # fmt: skip
         assert served and int(served.group(3)) > 0, text[-1500:]  # the server side saw the requests
+
+
+@needs_perf_analyzer
+def test_perf_analyzer_runs_over_the_grpc_door(gateway_grpc: str) -> None:
+    """`-i grpc`: perf_analyzer sends triton_enable_empty_final_response with every request, a flag of
+    Triton's gRPC stream that Triton's own front end consumes; the gateway consumes it too (it was passed
+    on as a parameter, and Triton refused every request)."""
+    assert PERF_ANALYZER is not None
+    for concurrency in (1, 64):
+        out = subprocess.run(
+            [
+                PERF_ANALYZER, "-m", "identity_fp32", "-u", gateway_grpc, "-i", "grpc", "--shape", "INPUT0:4",
+                "--concurrency-range", str(concurrency), "-p", "1000", "--stability-percentage", "100",
+                "--max-trials", "10",
+            ],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        text = out.stdout + out.stderr
+        assert out.returncode == 0, f"c={concurrency}: {text[-1500:]}"
+        throughput = re.search(r"Concurrency: \d+, throughput: ([\d.]+) infer/sec", text)
+        assert throughput and float(throughput.group(1)) > 0, text[-1500:]

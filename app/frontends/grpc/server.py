@@ -552,9 +552,13 @@ class _Stream:
             await self.out.put((_stream_error(exc, request.id), pending))
             return
         if info.decoupled:
-            self._task(self._decoupled(_relayed(decoded.request, request.id), pending), relay=True)
+            relayed = _relayed(decoded.request, request.id)
+            self._task(self._decoupled(relayed, pending, decoded.empty_final_response), relay=True)
         elif decoded.options.sequence:
-            await self._sequence(_relayed(decoded.request, request.id), pending)
+            relayed = _relayed(decoded.request, request.id)
+            if decoded.empty_final_response:
+                relayed.parameters["triton_enable_empty_final_response"].bool_param = True
+            await self._sequence(relayed, pending)
         else:
             await self.out.put((self._task(self._answer(decoded, request.id)), pending))
 
@@ -566,7 +570,7 @@ class _Stream:
             return _stream_error(exc, client_id)
         return service_pb2.ModelStreamInferResponse(infer_response=codec.encode(response, client_id))
 
-    async def _decoupled(self, message: Any, pending: _Pending) -> None:
+    async def _decoupled(self, message: Any, pending: _Pending, client_wants_final: bool) -> None:
         """One decoupled request on its own upstream stream, its responses passed on as they come.
 
         The upstream stream is half-closed only after Triton's final response for the request: Triton 2.51
@@ -574,12 +578,7 @@ class _Stream:
         stream was half-closed while a decoupled model was still sending on it. So the relayed request
         always asks for Triton's empty final response (``triton_enable_empty_final_response``), which is
         passed on only if the client asked for it too."""
-        params = message.parameters
-        client_wants_final = (
-            "triton_enable_empty_final_response" in params
-            and params["triton_enable_empty_final_response"].bool_param
-        )
-        params["triton_enable_empty_final_response"].bool_param = True
+        message.parameters["triton_enable_empty_final_response"].bool_param = True
         call = self.servicer.triton.ModelStreamInfer(metadata=self.metadata)
         finished = False
         try:
