@@ -34,6 +34,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from app.codecs.grpc import set_parameter
 from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
 from tests.gateway_server import GatewayAddresses, running_gateway_addresses
 from tests.integration.test_auth import ADMIN, auth_settings, make_key
@@ -74,7 +75,7 @@ def fp32_request(values: np.ndarray, rid: str, model: str = "identity_fp32", nam
     req.inputs.add(name=name, datatype="FP32", shape=values.shape)
     req.raw_input_contents.append(values.astype(np.float32).tobytes())
     for key, value in params.items():
-        set_param(req.parameters[key], value)
+        set_parameter(req.parameters[key], value)
     return req
 
 
@@ -83,17 +84,8 @@ def count_request(count: int, rid: str, **params: Any) -> service_pb2.ModelInfer
     req.inputs.add(name="COUNT", datatype="INT32", shape=[1])
     req.raw_input_contents.append(np.array([count], np.int32).tobytes())
     for key, value in params.items():
-        set_param(req.parameters[key], value)
+        set_parameter(req.parameters[key], value)
     return req
-
-
-def set_param(param: Any, value: Any) -> None:
-    if isinstance(value, bool):
-        param.bool_param = value
-    elif isinstance(value, int):
-        param.int64_param = value
-    else:
-        param.string_param = str(value)
 
 
 def output(response: service_pb2.ModelStreamInferResponse, name: str, dtype: Any) -> np.ndarray:
