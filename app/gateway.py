@@ -15,12 +15,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from app.clients.endpoints import parse_triton_urls
 from app.clients.protocols import InferenceTransport, TritonAdmin
 from app.clients.redis import RedisCacheStore, make_redis, warm_up
-from app.clients.routed import RoutedTriton, routing_options
-from app.clients.triton import TritonGrpcClient, settings_channel_args
-from app.clients.triton_http import TritonHttpInfer
+from app.clients.routed import RoutedTriton, routing_options, triton_targets
 from app.clients.triton_shm import SharedMemoryTransport
 from app.lifecycle import Lifecycle
 from app.services.batcher import BatchingTransport
@@ -52,27 +49,13 @@ class Gateway:
 @asynccontextmanager
 async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) -> AsyncIterator[Gateway]:
     lifecycle = lifecycle or Lifecycle()
-    admin: TritonAdmin
-    transport: InferenceTransport
-    if settings.triton_urls:  # many Tritons (TGW_TRITON_URLS): admin and inference routed over all
-        routed = RoutedTriton(parse_triton_urls(settings.triton_urls), routing_options(settings))
-        await routed.start()
-        admin = transport = routed
-    else:
-        grpc_client = TritonGrpcClient(
-            settings.triton_grpc_address,
-            channels=settings.triton_channels,
-            retries=settings.triton_retries,
-            retry_after_s=settings.retry_after_s,
-            args=settings_channel_args(settings),
-        )
-        admin = transport = grpc_client
-    # Inference over Triton's HTTP endpoint when TGW_TRITON_HTTP_URL is set (app.clients.triton_http),
-    # else over the same gRPC channels as the admin calls.
-    if settings.triton_http_url and not settings.triton_urls:
-        transport = TritonHttpInfer(
-            settings.triton_http_url, retries=settings.triton_retries, retry_after_s=settings.retry_after_s
-        )
+    # One Triton or many (TGW_TRITON_URLS): admin and inference go through the routed client, whose probes
+    # make a frozen Triton a quick 503; inference over HTTP where an endpoint names its HTTP address
+    # (TGW_TRITON_HTTP_URL for one Triton), else over the admin's gRPC channels.
+    routed = RoutedTriton(triton_targets(settings), routing_options(settings))
+    await routed.start()
+    admin: TritonAdmin = routed
+    transport: InferenceTransport = routed
     # Large inputs and outputs through shared memory (TGW_TRITON_SHM, app.clients.triton_shm), the rest
     # as above.
     shm: SharedMemoryTransport | None = None

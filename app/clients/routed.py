@@ -109,6 +109,7 @@ class RoutingOptions:
     channels: int = 1
     grpc_args: list[tuple[str, int]] | None = None
     max_sequences: int = 100_000
+    retries: int = 0  # per endpoint, on UNAVAILABLE before the request left (one Triton: TGW_TRITON_RETRIES)
 
 
 EndpointFactory = Callable[[EndpointAddress], Endpoint]
@@ -124,6 +125,8 @@ class RoutedTriton:
         factory: EndpointFactory | None = None, lookup: Callable[[str], list[str]] | None = None,
     ) -> None:  # fmt: skip
         self.targets = list(targets)
+        # Many Tritons (or a DNS name that may stand for many): /readyz reports each endpoint.
+        self.many = len(self.targets) > 1 or any(t.dns_host for t in self.targets)
         self.options = options or RoutingOptions()
         self._factory = factory or self._make_endpoint
         self._lookup = lookup
@@ -141,11 +144,11 @@ class RoutedTriton:
     # --- life ---
     def _make_endpoint(self, address: EndpointAddress) -> Endpoint:
         opts = self.options
-        admin = TritonGrpcClient(address.grpc, channels=opts.channels, retries=0,
+        admin = TritonGrpcClient(address.grpc, channels=opts.channels, retries=opts.retries,
                                  retry_after_s=opts.retry_after_s, args=opts.grpc_args)  # fmt: skip
         transport: InferenceTransport = admin
         if address.http:
-            transport = TritonHttpInfer(address.http, retries=0, retry_after_s=opts.retry_after_s)
+            transport = TritonHttpInfer(address.http, retries=opts.retries, retry_after_s=opts.retry_after_s)
         return Endpoint(address, admin, transport)
 
     async def _resolve(self) -> None:
@@ -404,10 +407,16 @@ class RoutedTriton:
         raise error
 
     async def server_live(self) -> bool:
-        live = await asyncio.gather(
-            *(e.admin.server_live() for n, e in self.endpoints.items() if self.balancer.in_rotation(n))
+        """Some endpoint in rotation is live on its admin channel and on the transport inference uses."""
+
+        async def live(e: Endpoint) -> bool:
+            return await e.admin.server_live() and (e.transport is e.admin or await e.transport.live())
+
+        found = await asyncio.gather(
+            *(live(e) for n, e in self.endpoints.items() if self.balancer.in_rotation(n)),
+            return_exceptions=True,
         )
-        return any(live)
+        return any(x is True for x in found)
 
     async def server_ready(self) -> bool:
         ready = await asyncio.gather(
@@ -426,6 +435,9 @@ class RoutedTriton:
         ]  # fmt: skip
         if stale:
             await asyncio.gather(*(self._refresh_index(e) for e in stale))
+        if all(e.index_at == float("-inf") for e in self.endpoints.values()):
+            # no endpoint's index was ever read: Triton is unreachable, not empty (a 503, never a 404)
+            raise UpstreamUnavailable("no Triton endpoint answered", retry_after_s=self.options.retry_after_s)
         merged: dict[tuple[str, str], dict[str, Any]] = {}
         for name, endpoint in self.endpoints.items():
             in_rotation = self.balancer.in_rotation(name)
@@ -477,9 +489,12 @@ def _with_timeout(call: TritonCall) -> TritonCall:
 
 
 def routing_options(settings: Any) -> RoutingOptions:
-    """``RoutingOptions`` from ``Settings`` (the ``triton_*`` routing fields)."""
+    """``RoutingOptions`` from ``Settings`` (the ``triton_*`` routing fields). One Triton
+    (``TGW_TRITON_URL``): its client retries ``TGW_TRITON_RETRIES`` times (no other endpoint to retry on);
+    it is never ejected (at most half a pool is), but the probes still make a frozen Triton a quick 503."""
     from app.clients.triton import settings_channel_args
 
+    one = not settings.triton_urls
     return RoutingOptions(
         probe_interval_s=settings.triton_probe_interval_s,
         resolve_interval_s=settings.triton_resolve_interval_s,
@@ -491,4 +506,15 @@ def routing_options(settings: Any) -> RoutingOptions:
         retry_after_s=settings.retry_after_s,
         channels=settings.triton_channels,
         grpc_args=settings_channel_args(settings),
+        retries=settings.triton_retries if one else 0,
     )
+
+
+def triton_targets(settings: Any) -> list[Target]:
+    """The Tritons the gateway talks to: ``TGW_TRITON_URLS``, else the one ``TGW_TRITON_URL`` (or the
+    embedded Triton), with inference over ``TGW_TRITON_HTTP_URL`` when that is set."""
+    from app.clients.endpoints import parse_triton_urls
+
+    if settings.triton_urls:
+        return parse_triton_urls(settings.triton_urls)
+    return [Target(EndpointAddress(settings.triton_grpc_address, settings.triton_http_url or None))]

@@ -24,8 +24,8 @@ class HealthService:
         )
         live = admin_live and transport_live  # Triton counts as live when every endpoint we use answers
         checks: dict[str, Any] = {"triton": {"status": "ok" if live else "fail"}}
-        endpoint_states = getattr(self.triton, "endpoint_states", None)  # many Tritons (app.clients.routed)
-        if endpoint_states is not None:
+        endpoint_states = getattr(self.triton, "endpoint_states", None)  # app.clients.routed
+        if endpoint_states is not None and getattr(self.triton, "many", False):  # many Tritons: each one's
             checks["triton"]["endpoints"] = endpoint_states()
         ready = live and not self.draining
         if live:

@@ -1,6 +1,7 @@
-"""Issue 19 item 11 against two real Tritons: when every endpoint is frozen (SIGSTOP) the gateway answers
-503 with Retry-After within a bounded wait instead of holding every request for the length of the freeze,
-and serves again once they resume."""
+"""Issue 19 item 11 against real Tritons: when every endpoint is frozen (SIGSTOP) the gateway answers 503
+with Retry-After within a bounded wait instead of holding every request for the length of the freeze, and
+serves again once they resume: with two Tritons (``TGW_TRITON_URLS``) and with one (``TGW_TRITON_URL``,
+over gRPC, and over HTTP with ``TGW_TRITON_HTTP_URL``)."""
 
 from __future__ import annotations
 
@@ -74,49 +75,65 @@ def test_every_triton_frozen_is_a_quick_503_then_serving_again(
 ) -> None:
     urls = ",".join(f"grpc={t.grpc_url};http={t.http_url.removeprefix('http://')}" for t in two_tritons)
     with running_gateway(triton_urls=urls, redis_url=redis_server.url, triton_timeout_s=30.0) as url:
-        seed = time.time_ns() % 1_000_000  # distinct inputs: no cached answers
-        assert all(_infer(url, seed + i).status == 200 for i in range(4))
-        outcomes: list[Outcome] = []
-        lock = threading.Lock()
-        stop = threading.Event()
+        _freeze_and_check(url, two_tritons)
 
-        def client(k: int) -> None:  # ~8 requests a second in all, each waiting for its answer
-            i = 0
-            while not stop.is_set():
-                outcome = _infer(url, seed + 1000 * (k + 1) + i)
-                with lock:
-                    outcomes.append(outcome)
-                i += 1
-                time.sleep(0.5)
 
-        pids = [t.process.pid for t in two_tritons]
-        assert all(pids)
-        threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(4)]
-        for thread in threads:
-            thread.start()
-        time.sleep(0.5)
+@pytest.mark.parametrize("over", ["grpc", "http"])
+def test_the_one_triton_frozen_is_a_quick_503_then_serving_again(
+    two_tritons: list[EmbeddedTriton], redis_server: EmbeddedRedis, over: str
+) -> None:
+    """One Triton (TGW_TRITON_URL): it waited out the whole freeze before (no probe loop)."""
+    one = two_tritons[0]
+    http = {"triton_http_url": one.http_url} if over == "http" else {}
+    with running_gateway(triton_url=one.grpc_url, redis_url=redis_server.url, triton_timeout_s=30.0,
+                         **http) as url:  # fmt: skip
+        _freeze_and_check(url, [one])
+
+
+def _freeze_and_check(url: str, tritons: list[EmbeddedTriton]) -> None:
+    seed = time.time_ns() % 1_000_000  # distinct inputs: no cached answers
+    assert all(_infer(url, seed + i).status == 200 for i in range(4))
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(k: int) -> None:  # ~8 requests a second in all, each waiting for its answer
+        i = 0
+        while not stop.is_set():
+            outcome = _infer(url, seed + 1000 * (k + 1) + i)
+            with lock:
+                outcomes.append(outcome)
+            i += 1
+            time.sleep(0.5)
+
+    pids = [t.process.pid for t in tritons]
+    assert all(pids)
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)  # type: ignore[arg-type]
+    stopped = time.monotonic()
+    try:
+        time.sleep(FREEZE_S)
+    finally:
         for pid in pids:
-            os.kill(pid, signal.SIGSTOP)  # type: ignore[arg-type]
-        stopped = time.monotonic()
-        try:
-            time.sleep(FREEZE_S)
-        finally:
-            for pid in pids:
-                os.kill(pid, signal.SIGCONT)  # type: ignore[arg-type]
-        resumed = time.monotonic()
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=60)
-        during = [o for o in outcomes if stopped <= o.started < resumed - 0.5]
-        # nothing waits out the freeze: the probes (1 s apart, 1 s timeout) bound every wait
-        worst = max(o.seconds for o in during)
-        assert worst < 6.0, sorted(round(o.seconds, 2) for o in during)
-        late = [o for o in during if o.started >= stopped + 5.0]  # long since detected
-        assert late and all(o.status == 503 and o.retry_after for o in late), late
-        assert all(o.seconds < 2.0 for o in late), [round(o.seconds, 2) for o in late]
-        assert {o.status for o in during} <= {200, 503}, {o.status for o in during}
-        # back: the probes see them answer again and requests succeed
-        deadline = time.monotonic() + 30
-        while _infer(url, seed + 99_999).status != 200:
-            assert time.monotonic() < deadline, "the gateway did not serve again after the Tritons resumed"
-            time.sleep(0.25)
+            os.kill(pid, signal.SIGCONT)  # type: ignore[arg-type]
+    resumed = time.monotonic()
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    during = [o for o in outcomes if stopped <= o.started < resumed - 0.5]
+    # nothing waits out the freeze: the probes (1 s apart, 1 s timeout) bound every wait
+    worst = max(o.seconds for o in during)
+    assert worst < 6.0, sorted(round(o.seconds, 2) for o in during)
+    late = [o for o in during if o.started >= stopped + 5.0]  # long since detected
+    assert late and all(o.status == 503 and o.retry_after for o in late), late
+    assert all(o.seconds < 2.0 for o in late), [round(o.seconds, 2) for o in late]
+    assert {o.status for o in during} <= {200, 503}, {o.status for o in during}
+    # back: the probes see them answer again and requests succeed
+    deadline = time.monotonic() + 30
+    while _infer(url, seed + 99_999).status != 200:
+        assert time.monotonic() < deadline, "the gateway did not serve again after the Tritons resumed"
+        time.sleep(0.25)
