@@ -110,6 +110,9 @@ class RoutingOptions:
     grpc_args: list[tuple[str, int]] | None = None
     max_sequences: int = 100_000
     retries: int = 0  # per endpoint, on UNAVAILABLE before the request left (one Triton: TGW_TRITON_RETRIES)
+    # Each attempt carries what is left of the deadline as Triton's ``timeout`` (many Tritons). One Triton:
+    # the call's own timeout passes as it is, as it did before there were many.
+    deadline_as_timeout: bool = True
 
 
 EndpointFactory = Callable[[EndpointAddress], Endpoint]
@@ -365,14 +368,14 @@ class RoutedTriton:
                 raise self._not_answering(call.model)
             if call.sequence_end:
                 self._sequences.pop(call.sequence_id, None)
-            return await self._on(name, lambda e: e.transport.infer(_with_timeout(call)))
+            return await self._on(name, lambda e: e.transport.infer(self._timed(call)))
         if not self._healthy(candidates):
             raise self._not_answering(call.model)
         self.budget.request()
         first = self.balancer.pick(candidates)
         assert first is not None
         try:
-            return await self._on(first, lambda e: e.transport.infer(_with_timeout(call)))
+            return await self._on(first, lambda e: e.transport.infer(self._timed(call)))
         except UpstreamUnavailable as exc:
             second = self.balancer.pick(candidates, exclude=(first,))
             accepted = isinstance(exc, UpstreamBroken)  # Triton had it: never twice
@@ -381,7 +384,10 @@ class RoutedTriton:
                 raise
         self.retries += 1
         ENDPOINT_CALLS.labels(first, "retried").inc()
-        return await self._on(second, lambda e: e.transport.infer(_with_timeout(call)))
+        return await self._on(second, lambda e: e.transport.infer(self._timed(call)))
+
+    def _timed(self, call: TritonCall) -> TritonCall:
+        return _with_timeout(call) if self.options.deadline_as_timeout else call
 
     async def live(self) -> bool:
         """Some endpoint in rotation answers on the transport inference uses."""
@@ -507,6 +513,7 @@ def routing_options(settings: Any) -> RoutingOptions:
         channels=settings.triton_channels,
         grpc_args=settings_channel_args(settings),
         retries=settings.triton_retries if one else 0,
+        deadline_as_timeout=not one,
     )
 
 
