@@ -78,7 +78,7 @@ class ExampleStack:
             env.update(self.env)
             env.update({
                 "TGW_PORT": str(port), "TGW_GRPC_PORT": str(free_port()), "TGW_AUTH": "required",
-                "TGW_KEY_PEPPER": self.pepper, "TGW_ADMIN_TOKEN": secrets.token_hex(32),
+                "TGW_KEY_PEPPER": self.pepper,  # what the README's .env adds, and nothing else
                 "TGW_STATE_DIR": str(self.state), "TGW_SHUTDOWN_DELAY_S": "0", "TGW_DRAIN_S": "2",
             })  # fmt: skip
             self.auth = start(["serve"], env, self.tmp / "tgw-serve-auth.log", port, self.tmp)
