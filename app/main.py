@@ -22,6 +22,7 @@ from app.observability.metrics import http_metrics, register_jobs_snapshot, setu
 from app.pipeline import InferRoute, InferRouter, Pipeline
 from app.routers import health, infer, jobs, models, schemas, v2, ws
 from app.routers.common import Headers
+from app.routers.docs import install_docs
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,10 @@ def web_app(settings: Settings) -> FastAPI:
         version=__version__,
         description="Validating, caching gateway in front of NVIDIA Triton Inference Server.",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc with their assets served from the package: install_docs
+        redoc_url=None,
     )
+    install_docs(app)
     app.state.settings = settings
     app.state.lifecycle = Lifecycle()
     app.state.auth = build_auth(settings)  # keys and limits: the pipeline's admission stage (app.auth)

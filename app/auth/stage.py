@@ -57,6 +57,7 @@ OPEN_PATHS = frozenset(
     {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/docs", "/docs/oauth2-redirect",
      "/redoc", "/openapi.json"}
 )  # fmt: skip
+OPEN_PREFIXES = ("/docs/assets/",)  # the documentation pages' JavaScript, CSS and icon
 ADMIN_PATHS = frozenset({"/metrics", "/v1/jobs/stats"})
 ADMIN_PREFIXES = ("/v1/admin/", "/v2/repository/")
 ADMIN_TIER = "admin"
@@ -72,7 +73,7 @@ def cache_scope_of(tenant: str, setting: str) -> str:
 
 def path_class(path: str) -> str:
     """ "open", "admin" or "key"."""
-    if path in OPEN_PATHS:
+    if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
         return "open"
     if path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES):
         return "admin"

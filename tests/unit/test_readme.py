@@ -77,3 +77,96 @@ def test_every_metric_the_code_defines_is_in_the_operations_metrics_table() -> N
     operations = (root / "docs" / "operations.md").read_text()
     missing = sorted(name for name in defined if f"`{name}`" not in operations)
     assert missing == [], f"metrics missing from docs/operations.md: {missing}"
+
+
+# --- the shell examples (tests/doc_examples.py; run by tests/integration/test_readme_examples.py) -------
+
+
+def test_every_document_follows_the_example_convention() -> None:
+    """Console blocks parse into commands and outputs; markers name a known mode (a skip says why) and sit
+    on console blocks; command-only blocks (bash, sh) carry no `$ ` prompt, which would be an example
+    that is never run."""
+    from tests.doc_examples import ROOT, markdown_files, parse_blocks
+
+    problems = []
+    count = 0
+    for document in markdown_files():
+        for block in parse_blocks((ROOT / document).read_text(), document):
+            where = f"{document}:{block.line}"
+            count += len(block.examples)
+            if block.mode != "run" and block.lang != "console":
+                problems.append(f"{where}: an example marker on a {block.lang or 'plain'} block")
+            if block.mode == "skip" and not block.reason:
+                problems.append(f"{where}: a skipped block says why")
+            if block.lang in ("bash", "sh", "shell") and any(line.startswith("$ ") for line in block.body):
+                problems.append(f"{where}: `$ ` prompts in a {block.lang} block (make it console: it is run)")
+            if block.lang == "console" and not block.examples:
+                problems.append(f"{where}: a console block without a `$ ` command")
+    assert problems == [], "\n".join(problems)
+    assert count >= 30, count
+
+
+def test_every_shipped_model_has_a_v1_and_a_v2_example_that_runs() -> None:
+    from tests.doc_examples import ROOT, documents_with_examples, parse_blocks
+
+    commands = [
+        example.command
+        for document in documents_with_examples()
+        for block in parse_blocks((ROOT / document).read_text(), document)
+        if block.mode != "skip"
+        for example in block.examples
+    ]
+    models = sorted(p.name for p in (ROOT / "model_repository").iterdir() if (p / "config.pbtxt").exists())
+    assert len(models) >= 5, models
+    missing = [
+        f"{protocol} {model}"
+        for model in models
+        for protocol in ("v1", "v2")
+        if not any(f"/{protocol}/models/{model}/" in c and "/infer" in c for c in commands)
+    ]
+    assert missing == [], f"no runnable infer example for: {missing}"
+
+
+def test_examples_call_only_served_models() -> None:
+    """`make run` serves model_repository/ only: an example naming another model (a test model from
+    tests/models) would fail for a reader; only the deliberate not-found example names one."""
+    import re
+
+    from tests.doc_examples import ROOT, documents_with_examples, parse_blocks
+
+    served = {p.name for p in (ROOT / "model_repository").iterdir()}
+    wrong = []
+    for document in documents_with_examples():
+        for block in parse_blocks((ROOT / document).read_text(), document):
+            for example in block.examples:
+                for model in re.findall(r"/v[12]/models/([A-Za-z0-9_.-]+)", example.command):
+                    if model not in served and '"code":"model_not_found"' not in example.expected:
+                        wrong.append(f"{example}: {model}")
+    assert wrong == [], "\n".join(wrong)
+
+
+def test_masks_hide_only_what_varies_and_bind_ids() -> None:
+    from tests.doc_examples import Example, bind, bindings, difference, is_read_only, masked
+
+    shown = (
+        "date: Sun, 06 Dec 2026 08:15:42 GMT\nx-request-id: d3169393cb9d8f270000000000000005\n"
+        "server-timing: cache;dur=0.36, triton;dur=29.26, total;dur=30.40\n"
+        '{"id":"4faa527653cd4d2c8897a28a571e5ed1","created_at":"2026-11-30T05:57:13.066Z","retry_after_s":5}'
+    )
+    printed = (
+        "date: Mon, 07 Dec 2026 09:00:00 GMT\nx-request-id: 0123456789abcdef0000000000000001\n"
+        "server-timing: cache;dur=1.00, triton;dur=3.00, total;dur=4.50\n"
+        '{"id":"0000000000000000000000000000abcd","created_at":"2027-01-01T00:00:00.000Z","retry_after_s":1}'
+    )
+    assert masked(shown) == masked(printed)
+    example = Example("README.md", 1, "curl -s localhost:8080/x", shown)
+    assert difference(example, printed) == ""
+    assert difference(example, printed.replace("triton;dur=3.00, ", "")) != ""  # a stage is not a timing
+    assert difference(example, printed.replace('"retry_after_s"', '"retry_after"')) != ""
+    assert masked("x-request-id: demo-1") == "x-request-id: demo-1"  # a chosen id is compared
+    bound = bindings(shown, printed)
+    assert bound == {"4faa527653cd4d2c8897a28a571e5ed1": "0000000000000000000000000000abcd"}
+    assert bind("curl -s localhost:8080/v1/jobs/4faa527653cd4d2c8897a28a571e5ed1", bound).endswith("abcd")
+    assert is_read_only("curl -s localhost:8080/v1/jobs/1")
+    assert not is_read_only("curl -s localhost:8080/v1/models/m/jobs -d @sine.json")
+    assert not is_read_only("tgw keys list")
