@@ -5,14 +5,16 @@ Two interfaces to Triton, so a reader sees which endpoint carries what:
 * ``TritonAdmin`` (gRPC, ``app.clients.triton``): health, server and model metadata, model config,
   repository index, statistics. Low rate; read by the model registry, the health service and ``/v2``.
 * ``InferenceTransport`` (``app.clients.triton_http`` over HTTP, or ``app.clients.triton`` over gRPC):
-  ``infer(TritonCall) -> TritonResult``. The hot call. Micro-batching (``app.services.batcher``) is an
-  ``InferenceTransport`` wrapping another one.
+  ``infer(TritonCall) -> TritonResult``, the hot call; and ``stream(TritonCall)``, every response of one
+  request as Triton sends it (a decoupled model answers any number of times; over gRPC
+  ``ModelStreamInfer`` whatever carries ``infer``). Micro-batching (``app.services.batcher``) and shared
+  memory (``app.clients.triton_shm``) are ``InferenceTransport``s wrapping another one.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,6 +26,7 @@ class TritonResult:
     model_version: str
     outputs: dict[str, np.ndarray]
     datatypes: dict[str, str]
+    final: bool = True  # a streamed response: the request's last (Triton's ``triton_final_response``)
 
 
 @dataclass(slots=True)
@@ -81,6 +84,12 @@ class TritonCall:
 
 class InferenceTransport(Protocol):
     async def infer(self, call: TritonCall) -> TritonResult: ...
+
+    def stream(self, call: TritonCall) -> AsyncIterator[TritonResult]:
+        """Every response of ``call`` as Triton sends it, the last one with ``final`` set (an empty one
+        when the model ends the request without data). Closing the iterator early cancels the call in
+        Triton."""
+        ...
 
     async def live(self) -> bool:
         """The endpoint that carries inference answers (part of readiness)."""

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -351,10 +351,29 @@ class RoutedTriton:
     async def infer(self, call: TritonCall) -> TritonResult:
         """``InferenceTransport.infer`` over the endpoints serving ``call.model``; each attempt carries what
         is left of the deadline as Triton's own ``timeout`` too (unless the client asked for less)."""
+        first = self._pick_for(call)
+        if call.sequenced:  # its state lives in one Triton: always there, never elsewhere
+            return await self._on(first, lambda e: e.transport.infer(self._timed(call)))
+        self.budget.request()
+        try:
+            return await self._on(first, lambda e: e.transport.infer(self._timed(call)))
+        except UpstreamUnavailable as exc:
+            second = self.balancer.pick(self._candidates(call.model, call.version), exclude=(first,))
+            accepted = isinstance(exc, UpstreamBroken)  # Triton had it: never twice
+            late = bool(call.deadline) and call.deadline - time.monotonic() <= 0.001
+            if accepted or second is None or late or not self.budget.try_spend():
+                raise
+        self.retries += 1
+        ENDPOINT_CALLS.labels(first, "retried").inc()
+        return await self._on(second, lambda e: e.transport.infer(self._timed(call)))
+
+    def _pick_for(self, call: TritonCall, exclude: Sequence[str] = ()) -> str:
+        """The endpoint for ``call``: a sequence's own (sticky), else power of two choices; a 503 at once
+        when none serving the model answers probes."""
         if not self.endpoints:
             raise UpstreamUnavailable("no Triton endpoint is known", retry_after_s=self.options.retry_after_s)
         candidates = self._candidates(call.model, call.version)
-        if call.sequenced:  # its state lives in one Triton: always there, never elsewhere
+        if call.sequenced:
             name = self._sequences.get(call.sequence_id)
             if name is None or name not in self.endpoints:
                 name = self.balancer.pick(candidates)
@@ -368,23 +387,61 @@ class RoutedTriton:
                 raise self._not_answering(call.model)
             if call.sequence_end:
                 self._sequences.pop(call.sequence_id, None)
-            return await self._on(name, lambda e: e.transport.infer(self._timed(call)))
+            return name
         if not self._healthy(candidates):
             raise self._not_answering(call.model)
+        name = self.balancer.pick(candidates, exclude=exclude)
+        if name is None:
+            raise self._not_answering(call.model)
+        return name
+
+    async def stream(self, call: TritonCall) -> AsyncIterator[TritonResult]:
+        """``InferenceTransport.stream`` on one endpoint's gRPC channel (streams never go over HTTP). A
+        stream that failed before Triton accepted it (nothing listening) is opened once more elsewhere,
+        within the retry budget; once a response came, never (the model has started)."""
+        first = self._pick_for(call)
         self.budget.request()
-        first = self.balancer.pick(candidates)
-        assert first is not None
+        answered = False
         try:
-            return await self._on(first, lambda e: e.transport.infer(self._timed(call)))
+            async for result in self._stream_on(first, call):
+                answered = True
+                yield result
+            return
         except UpstreamUnavailable as exc:
-            second = self.balancer.pick(candidates, exclude=(first,))
-            accepted = isinstance(exc, UpstreamBroken)  # Triton had it: never twice
-            late = bool(call.deadline) and call.deadline - time.monotonic() <= 0.001
-            if accepted or second is None or late or not self.budget.try_spend():
+            if answered or call.sequenced or not _connect_failure(exc) or not self.budget.try_spend():
+                raise
+            try:
+                second = self._pick_for(call, exclude=(first,))
+            except UpstreamUnavailable:
+                raise exc from None
+            if second == first:
                 raise
         self.retries += 1
         ENDPOINT_CALLS.labels(first, "retried").inc()
-        return await self._on(second, lambda e: e.transport.infer(self._timed(call)))
+        async for result in self._stream_on(second, call):
+            yield result
+
+    async def _stream_on(self, name: str, call: TritonCall) -> AsyncIterator[TritonResult]:
+        endpoint = self.endpoints[name]
+        self.balancer.start(name)
+        try:
+            async for result in endpoint.admin.stream(self._timed(call)):
+                yield result
+        except (UpstreamUnavailable, UpstreamTimeout) as exc:
+            connect = isinstance(exc, UpstreamUnavailable) and _connect_failure(exc)
+            if self.balancer.failure(name, connect=connect):
+                ENDPOINT_EJECTIONS.labels(name).inc()
+                logger.warning("Triton endpoint %s ejected: %s", name, exc.message)
+            ENDPOINT_CALLS.labels(name, "failure").inc()
+            raise
+        except GatewayError:
+            self.balancer.success(name)  # Triton answered (a model error is not an endpoint failure)
+            ENDPOINT_CALLS.labels(name, "error").inc()
+            raise
+        finally:
+            self.balancer.finish(name)
+        self.balancer.success(name)
+        ENDPOINT_CALLS.labels(name, "ok").inc()
 
     def _timed(self, call: TritonCall) -> TritonCall:
         return _with_timeout(call) if self.options.deadline_as_timeout else call

@@ -8,7 +8,7 @@ import asyncio
 import itertools
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -17,9 +17,11 @@ import tritonclient.grpc.aio as grpcclient
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from app.clients.protocols import TritonCall, TritonResult
+from app.clients.tensors import set_parameter, tensor_bytes
 from app.errors import GatewayError, from_grpc, grpc_status_from_text
 from app.observability import tracing
 
@@ -139,6 +141,8 @@ class TritonGrpcClient:
         self._retry_after_s = retry_after_s
         self._admin_timeout_s = admin_timeout_s
         self._server_version: tuple[int, ...] | None = None
+        self._options = list(options)
+        self._stream_channel: grpc.aio.Channel | None = None  # streams: opened at the first one
 
     def _map(self, exc: InferenceServerException) -> GatewayError:
         status = grpc_status_from_text(exc.status())
@@ -259,6 +263,91 @@ class TritonGrpcClient:
                 dtypes[out.name] = out.datatype
         return TritonResult(response.model_version, arrays, dtypes)
 
+    def _stream_stub(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
+        if self._stream_channel is None:
+            self._stream_channel = grpc.aio.insecure_channel(self.url, options=self._options)
+        return service_pb2_grpc.GRPCInferenceServiceStub(self._stream_channel)
+
+    async def stream(self, call: TritonCall) -> AsyncIterator[TritonResult]:
+        """``call`` on its own ``ModelStreamInfer`` stream; yields every response as it comes.
+
+        One stream per request: Triton 2.51 aborts (``proto_buffer_writer.h`` assertion) when a decoupled
+        model's responses interleave with others on one stream. Triton's empty final response is always
+        asked for, and the stream is half-closed only after it: Triton 2.51 crashed (SIGSEGV in
+        ``TRITONBACKEND_ResponseSend``, about once in six loaded runs) when a stream was half-closed while a
+        decoupled model still sent on it. Leaving the loop early (the client went away) cancels the stream,
+        which Triton passes on to the model as a cancelled request."""
+        message = stream_request(call)
+        metadata = {"x-request-id": call.request_id} if call.request_id else {}
+        tracing.inject(metadata)
+        rpc = self._stream_stub().ModelStreamInfer(
+            metadata=tuple(metadata.items()), timeout=call.remaining_s() if call.deadline else None
+        )
+        finished = False
+        try:
+            await rpc.write(message)
+            async for response in rpc:
+                if response.error_message:
+                    raise from_grpc(None, response.error_message, self._retry_after_s)
+                yield self._streamed(response.infer_response)
+                final = response.infer_response.parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    break
+            await rpc.done_writing()
+            async for _ in rpc:  # the stream's status: nothing more is expected
+                pass
+            finished = True
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc.code(), exc.details() or exc.code().name, self._retry_after_s) from None
+        finally:
+            if not finished:
+                rpc.cancel()
+
+    @staticmethod
+    def _streamed(response: service_pb2.ModelInferResponse) -> TritonResult:
+        final = response.parameters.get("triton_final_response")
+        if not response.outputs:
+            return TritonResult(response.model_version, {}, {}, final=final is None or final.bool_param)
+        result = grpcclient.InferResult(response)
+        arrays: dict[str, np.ndarray] = {}
+        dtypes: dict[str, str] = {}
+        for out in response.outputs:
+            arr = result.as_numpy(out.name)
+            if arr is not None:
+                arrays[out.name] = arr
+                dtypes[out.name] = out.datatype
+        last = final is not None and final.bool_param
+        return TritonResult(response.model_version, arrays, dtypes, final=last)
+
     async def close(self) -> None:
         for client in self._clients:
             await client.close()
+        if self._stream_channel is not None:
+            await self._stream_channel.close()
+
+
+def stream_request(call: TritonCall) -> service_pb2.ModelInferRequest:
+    """The ``ModelInferRequest`` of ``call`` for a stream, built from the validated call only (never from
+    a client's bytes: nothing the gateway did not validate, such as a tensor's ``shared_memory_region``
+    parameter, reaches Triton), asking for Triton's empty final response."""
+    msg = service_pb2.ModelInferRequest(model_name=call.model, model_version=call.version, id=call.request_id)
+    for name, array in call.inputs.items():
+        msg.inputs.add(name=name, datatype=call.datatypes[name], shape=array.shape)
+        msg.raw_input_contents.append(tensor_bytes(array))
+    for name in call.outputs or ():
+        output = msg.outputs.add(name=name)
+        if name in call.classification:  # Triton's classification extension
+            output.parameters["classification"].int64_param = call.classification[name]
+    params = msg.parameters
+    for key, value in call.parameters.items():
+        set_parameter(params[key], value)
+    if call.sequence_id:
+        set_parameter(params["sequence_id"], call.sequence_id)
+        params["sequence_start"].bool_param = call.sequence_start
+        params["sequence_end"].bool_param = call.sequence_end
+    if call.priority:
+        params["priority"].uint64_param = call.priority
+    if call.timeout_us:
+        params["timeout"].int64_param = call.timeout_us
+    params["triton_enable_empty_final_response"].bool_param = True
+    return msg

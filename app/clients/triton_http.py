@@ -19,7 +19,7 @@ import asyncio
 import logging
 import ssl
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -31,7 +31,14 @@ from tritonclient.utils import triton_to_np_dtype
 from app.clients.protocols import TritonCall, TritonResult
 from app.clients.tensors import tensor_from_bytes
 from app.codecs import binary
-from app.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable, from_http
+from app.errors import (
+    GatewayError,
+    NotOffered,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    from_http,
+)
 from app.observability import tracing
 
 logger = logging.getLogger(__name__)
@@ -309,6 +316,12 @@ class TritonHttpInfer:
         except (GatewayError, OSError, TimeoutError):
             return False
         return status == 200
+
+    async def stream(self, call: TritonCall) -> AsyncIterator[TritonResult]:
+        """Triton's HTTP endpoint carries one answer per tensor request: streams go over gRPC (the routed
+        client sends them on an endpoint's gRPC channel)."""
+        raise NotOffered("streamed inference needs Triton's gRPC endpoint", {"model": call.model})
+        yield  # an async generator, like every transport's stream  # pragma: no cover
 
     async def live(self) -> bool:
         return await self._http_ok("/v2/health/live")

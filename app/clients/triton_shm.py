@@ -38,7 +38,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -444,6 +444,10 @@ class SharedMemoryTransport:
         if out_places:
             self.output_calls += 1
         return TritonResult(response.model_version, out, dtypes)
+
+    def stream(self, call: TritonCall) -> AsyncIterator[TritonResult]:
+        """Streamed calls go through the wrapped transport (their responses arrive one by one)."""
+        return self.inner.stream(call)
 
     async def live(self) -> bool:
         return await self.inner.live()

@@ -68,17 +68,6 @@ def parameter_value(param: service_pb2.InferParameter) -> Any:
     return getattr(param, which) if which else None
 
 
-def set_parameter(param: service_pb2.InferParameter, value: Any) -> None:
-    if isinstance(value, bool):
-        param.bool_param = value
-    elif isinstance(value, int):
-        param.int64_param = value
-    elif isinstance(value, float):
-        param.double_param = value
-    else:
-        param.string_param = str(value)
-
-
 def plain_parameters(params: Mapping[str, service_pb2.InferParameter]) -> dict[str, Any]:
     return {key: parameter_value(value) for key, value in params.items()}
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -195,6 +195,10 @@ class BatchingTransport:
         future: asyncio.Future[TritonResult] = asyncio.get_running_loop().create_future()
         queue.submit(_Item(call, rows, time.perf_counter(), future))
         return await future
+
+    def stream(self, call: TritonCall) -> AsyncIterator[TritonResult]:
+        """Streamed calls are never stacked: straight to the wrapped transport."""
+        return self.inner.stream(call)
 
     async def live(self) -> bool:
         return await self.inner.live()

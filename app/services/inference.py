@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -180,6 +181,34 @@ class InferenceService:
             if self.served is not None:  # Triton saw the one call this request shared
                 self.served.hit(info.name, info.version, time.perf_counter_ns() - start_ns)
         return InferResponse(info.name, result, outcome)
+
+    async def stream(self, req: InferRequest) -> AsyncIterator[InferResponse]:
+        """Every response of ``req`` as Triton sends it, the last with ``result.final`` set (a decoupled
+        model answers any number of times). Never from or into the cache, never shared; closing the
+        iterator early cancels the request in Triton."""
+        info = req.info
+        call = replace(self.call_for(req), max_batch_rows=0)
+        annotate(info.name, info.version, "BYPASS")
+        metrics.cache_outcome("bypass")
+        start = time.perf_counter()
+        status = "ok"
+        try:
+            with tracing.span("triton.stream", {"tgw.model": info.name, "tgw.model_version": info.version}):
+                async for result in self.transport.stream(call):
+                    yield InferResponse(info.name, result, "BYPASS")
+        except GatewayError as exc:
+            status = exc.code
+            raise
+        except (GeneratorExit, asyncio.CancelledError):
+            status = "cancelled"  # the caller stopped reading (its client went away)
+            raise
+        except BaseException:
+            status = "error"
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            metrics.triton_request(info.name, info.version, status, elapsed)
+            add_timing("triton", elapsed)
 
     def call_for(self, req: InferRequest) -> TritonCall:
         info = req.info

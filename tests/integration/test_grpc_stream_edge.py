@@ -34,7 +34,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from app.codecs.grpc import set_parameter
+from app.clients.tensors import set_parameter
 from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
 from tests.gateway_server import GatewayAddresses, running_gateway_addresses
 from tests.integration.test_auth import ADMIN, auth_settings, make_key

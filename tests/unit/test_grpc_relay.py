@@ -2,16 +2,19 @@
 from the validated request only. Whatever a codec might let through (a tensor's shared-memory region, a
 field the gateway does not know), the relayed message carries inputs as raw tensors, the requested output
 names, the model's parameters, the sequence controls and the tier's priority and timeout, nothing else.
-The real-stack regression is tests/integration/test_grpc_stream_edge.py."""
+The real-stack regression is tests/integration/test_grpc_stream_edge.py. The message is built by
+``app.clients.triton.stream_request`` from the ``TritonCall`` (the streaming seam)."""
 
 from __future__ import annotations
+
+from typing import Any, cast
 
 import numpy as np
 from tritonclient.grpc import service_pb2
 
 from app.auth.principal import Principal, apply_principal
-from app.frontends.grpc.server import _relayed
-from app.services.inference import InferRequest
+from app.clients.triton import stream_request
+from app.services.inference import InferenceService, InferRequest
 from app.services.registry import ModelInfo
 
 
@@ -21,7 +24,9 @@ def test_relayed_message_is_rebuilt_from_the_validated_request(batched: ModelInf
                        parameters={"tag": "a", "n": 3}, sequence_id="s-1", sequence_start=True,
                        priority=1, timeout_us=999_000_000)  # fmt: skip
     apply_principal(req, Principal(key_id="k", tenant="t", tier="standard", priority=2, max_timeout_s=30.0))
-    msg = _relayed(req, "client-id")
+    req.request_id = "client-id"
+    none = cast(Any, None)
+    msg = stream_request(InferenceService(none, none, none, "test", 30.0).call_for(req))
     assert isinstance(msg, service_pb2.ModelInferRequest)
     assert (msg.model_name, msg.model_version, msg.id) == ("ts", "1", "client-id")
     [tensor] = msg.inputs
@@ -32,7 +37,8 @@ def test_relayed_message_is_rebuilt_from_the_validated_request(batched: ModelInf
     params = {k: v.WhichOneof("parameter_choice") and getattr(v, v.WhichOneof("parameter_choice"))
               for k, v in msg.parameters.items()}  # fmt: skip
     assert params == {"tag": "a", "n": 3, "sequence_id": "s-1", "sequence_start": True, "sequence_end": False,
-                      "priority": 2, "timeout": 30_000_000}  # fmt: skip  # the tier's, not the client's
+                      "priority": 2, "timeout": 30_000_000,  # the tier's, not the client's
+                      "triton_enable_empty_final_response": True}  # fmt: skip
     set_fields = {field.name for field, _ in msg.ListFields()}
     assert set_fields == {"model_name", "model_version", "id", "inputs", "outputs", "parameters",
                           "raw_input_contents"}  # fmt: skip

@@ -25,7 +25,6 @@ message saying why.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -41,7 +40,6 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from app.auth.principal import Principal, Unauthorized, apply_principal, current_principal
 from app.clients.protocols import TritonAdmin
-from app.clients.tensors import tensor_bytes
 from app.codecs import grpc as codec
 from app.errors import GatewayError, ModelNotFound, log_gateway_error, log_unhandled
 from app.frontends.grpc.status import grpc_code
@@ -49,7 +47,7 @@ from app.observability import metrics, tracing
 from app.observability.context import RequestInfo, begin_request
 from app.request_context import set_request_id
 from app.services.health import HealthService
-from app.services.inference import InferenceService, InferRequest, InferResponse
+from app.services.inference import InferenceService, InferResponse
 from app.services.offer import EXTENSIONS, REFUSED_RPCS, refusal
 from app.services.registry import ModelRegistry
 from app.settings import Settings
@@ -238,15 +236,13 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def __init__(
         self, inference: InferenceService, registry: ModelRegistry, health: HealthService,
-        triton: service_pb2_grpc.GRPCInferenceServiceStub, triton_version: Callable[[], Awaitable[str]],
-        admin_timeout_s: float, auth: AuthStage | None = None, stream_max_in_flight: int = 32,
+        admin: TritonAdmin, auth: AuthStage | None = None, stream_max_in_flight: int = 32,
     ) -> None:  # fmt: skip
         self.inference = inference
         self.registry = registry
         self.health = health
-        self.triton = triton
-        self.triton_version = triton_version
-        self.admin_timeout_s = admin_timeout_s
+        self.admin = admin
+        self.triton_version = _triton_version(admin)
         self.auth = auth
         self.stream_max_in_flight = stream_max_in_flight
 
@@ -298,21 +294,24 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             {"config": info.config}, service_pb2.ModelConfigResponse(), ignore_unknown_fields=True
         )
 
-    # --- relayed to Triton as they are -------------------------------------------------------------
+    # --- answered from Triton's, through the clients (every Triton of TGW_TRITON_URLS) ------------------
     @unary
     async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
         served = self.inference.served
-        if served is None:  # relayed as it is
-            metadata = (("x-request-id", call.request_id),)
-            return await self.triton.ModelStatistics(request, timeout=self.admin_timeout_s, metadata=metadata)
-        stats = await served.answer(request.name, request.version)  # as /v2/.../stats answers them
+        if served is None:
+            stats = await self.admin.model_statistics(request.name, request.version)
+        else:
+            stats = await served.answer(request.name, request.version)  # as /v2/.../stats answers them
         response = service_pb2.ModelStatisticsResponse()
         return json_format.ParseDict(stats, response, ignore_unknown_fields=True)
 
     @unary
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
-        return await self.triton.RepositoryIndex(request, timeout=self.admin_timeout_s,
-                                                 metadata=(("x-request-id", call.request_id),))  # fmt: skip
+        index = await self.admin.repository_index()
+        if request.ready:
+            index = [entry for entry in index if entry.get("state") == "READY"]
+        response = service_pb2.RepositoryIndexResponse()
+        return json_format.ParseDict({"models": index}, response, ignore_unknown_fields=True)
 
     # --- inference ---------------------------------------------------------------------------------
     @unary
@@ -392,33 +391,6 @@ class _Pending:
     principal: Principal | None = None
 
 
-def _relayed(req: InferRequest, client_id: str) -> service_pb2.ModelInferRequest:
-    """The message relayed to Triton, built from the validated request (the tier's priority and timeout
-    applied), never the client's bytes: nothing the gateway did not validate (a tensor's
-    ``shared_memory_region`` parameter, an unknown field) reaches Triton."""
-    msg = service_pb2.ModelInferRequest(model_name=req.info.name, model_version=req.info.version)
-    msg.id = client_id
-    for name, array in req.inputs.items():
-        msg.inputs.add(name=name, datatype=req.datatypes[name], shape=array.shape)
-        msg.raw_input_contents.append(tensor_bytes(array))
-    for name in req.outputs or ():
-        output = msg.outputs.add(name=name)
-        if name in req.classification:  # Triton's classification extension (validated in the codec)
-            output.parameters["classification"].int64_param = req.classification[name]
-    params = msg.parameters
-    for key, value in req.parameters.items():
-        codec.set_parameter(params[key], value)
-    if req.sequence_id:
-        codec.set_parameter(params["sequence_id"], req.sequence_id)
-        params["sequence_start"].bool_param = req.sequence_start
-        params["sequence_end"].bool_param = req.sequence_end
-    if req.priority:
-        params["priority"].uint64_param = req.priority
-    if req.timeout_us:
-        params["timeout"].int64_param = req.timeout_us
-    return msg
-
-
 def _stream_error(exc: GatewayError | grpc.aio.AioRpcError, client_id: str) -> Any:
     """One failed stream message: ``error_message`` (what Triton sends), and the gRPC status the same
     error has on a unary call in the response's ``status`` parameter (e.g. RESOURCE_EXHAUSTED with
@@ -436,12 +408,14 @@ def _stream_error(exc: GatewayError | grpc.aio.AioRpcError, client_id: str) -> A
 
 
 class _Stream:
-    """One ModelStreamInfer call. Ordinary requests go through the pipeline (answered in order);
-    requests for decoupled models are relayed each on its own upstream stream (Triton 2.51 aborts when
-    a decoupled model's responses interleave with others on one stream); sequence requests of other
-    models are relayed, in order, on one upstream stream. Every message is checked and limited like a
-    unary call (the key still valid, its rate, in-flight slots and daily quota); at most
-    ``max_in_flight`` messages are unanswered: past that the stream is not read."""
+    """One ModelStreamInfer call. Ordinary requests go through the pipeline (answered in order, through
+    the cache); requests for decoupled models go through ``InferenceService.stream`` (each on its own
+    upstream stream, through the clients: routing, ejection and deadlines apply), their responses passed
+    on as they come; sequence requests of other models are unary calls (sticky to the sequence's Triton),
+    each sent once the previous request of its sequence on this stream has its answer (Triton sees a
+    sequence's requests in order). Every message is checked and limited like a unary call (the key still
+    valid, its rate, in-flight slots and daily quota); at most ``max_in_flight`` messages are unanswered:
+    past that the stream is not read."""
 
     def __init__(self, servicer: Servicer, metadata: Mapping[str, str], principal: Principal | None,
                  max_in_flight: int) -> None:  # fmt: skip
@@ -453,10 +427,7 @@ class _Stream:
         self.window = asyncio.Semaphore(max_in_flight)
         self.out: asyncio.Queue[tuple[Any, _Pending | None]] = asyncio.Queue(2 * max_in_flight)
         self.pending: set[_Pending] = set()
-        self.sequences: Any = None  # grpc.aio.StreamStreamCall to Triton for sequence requests
-        self.sequenced: collections.deque[_Pending] = collections.deque()
-        self.sequences_answered = asyncio.Event()  # set whenever an answer of the sequence stream arrived
-        self.sequences_pump: asyncio.Task[Any] | None = None
+        self.last_of_sequence: dict[int | str, asyncio.Task[Any]] = {}  # sequence -> its latest request
         self.relays: set[asyncio.Task[None]] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.revoked: GatewayError | None = None
@@ -516,13 +487,6 @@ class _Stream:
                 await self._accept(request, pending)
                 if self.revoked is not None:
                     return
-            if self.sequences is not None:
-                # Half-closed only once every sequence request has its answer (see _decoupled: Triton 2.51
-                # must not see a half-close while it still answers on the stream).
-                while self.sequenced and self.sequences_pump is not None and not self.sequences_pump.done():
-                    await self.sequences_answered.wait()
-                    self.sequences_answered.clear()
-                await self.sequences.done_writing()
             while self.relays:
                 await asyncio.gather(*self.relays)
         finally:
@@ -552,74 +516,51 @@ class _Stream:
             await self.out.put((_stream_error(exc, request.id), pending))
             return
         if info.decoupled:
-            relayed = _relayed(decoded.request, request.id)
-            self._task(self._decoupled(relayed, pending, decoded.empty_final_response), relay=True)
+            self._task(self._decoupled(decoded, request.id, pending), relay=True)
         elif decoded.options.sequence:
-            relayed = _relayed(decoded.request, request.id)
-            if decoded.empty_final_response:
-                relayed.parameters["triton_enable_empty_final_response"].bool_param = True
-            await self._sequence(relayed, pending)
+            key = decoded.request.sequence_id
+            task = self._task(self._answer(decoded, request.id, after=self.last_of_sequence.get(key)))
+            self.last_of_sequence[key] = task
+            task.add_done_callback(lambda done: self._sequence_answered(key, done))
+            await self.out.put((task, pending))
         else:
             await self.out.put((self._task(self._answer(decoded, request.id)), pending))
 
-    async def _answer(self, decoded: codec.GrpcRequest, client_id: str) -> Any:
+    def _sequence_answered(self, key: int | str, task: asyncio.Task[Any]) -> None:
+        if self.last_of_sequence.get(key) is task:
+            del self.last_of_sequence[key]
+
+    async def _answer(
+        self, decoded: codec.GrpcRequest, client_id: str, after: asyncio.Task[Any] | None = None
+    ) -> Any:
+        if after is not None:  # the previous request of the same sequence first
+            await asyncio.wait((after,))
         try:
             response = await self.servicer.inference.infer(decoded.request)
         except GatewayError as exc:
             log_gateway_error(exc)
             return _stream_error(exc, client_id)
-        return service_pb2.ModelStreamInferResponse(infer_response=codec.encode(response, client_id))
+        reply = codec.encode(response, client_id)
+        if decoded.empty_final_response:  # one response, and it is the last: say so, as Triton does
+            reply.parameters["triton_final_response"].bool_param = True
+        return service_pb2.ModelStreamInferResponse(infer_response=reply)
 
-    async def _decoupled(self, message: Any, pending: _Pending, client_wants_final: bool) -> None:
-        """One decoupled request on its own upstream stream, its responses passed on as they come.
-
-        The upstream stream is half-closed only after Triton's final response for the request: Triton 2.51
-        crashed (SIGSEGV in TRITONBACKEND_ResponseSend, seen about once in six loaded test runs) when a
-        stream was half-closed while a decoupled model was still sending on it. So the relayed request
-        always asks for Triton's empty final response (``triton_enable_empty_final_response``), which is
-        passed on only if the client asked for it too."""
-        message.parameters["triton_enable_empty_final_response"].bool_param = True
-        call = self.servicer.triton.ModelStreamInfer(metadata=self.metadata)
-        finished = False
+    async def _decoupled(self, decoded: codec.GrpcRequest, client_id: str, pending: _Pending) -> None:
+        """A decoupled model's responses passed on as Triton sends them; Triton's empty final response
+        only if the client asked for it (``triton_enable_empty_final_response``)."""
+        wants_final = decoded.empty_final_response
         try:
-            await call.write(message)
-            async for response in call:
-                final = response.infer_response.parameters.get("triton_final_response")
-                last = bool(final is not None and final.bool_param) or bool(response.error_message)
-                empty = not response.infer_response.outputs and not response.error_message
-                if not (last and empty) or client_wants_final:
-                    await self.out.put((response, None))
-                if last:  # an error ends the request too
-                    break
-            await call.done_writing()
-            async for _ in call:  # the stream's status: nothing more is expected
-                pass
-            finished = True
-        except grpc.aio.AioRpcError as exc:
-            await self.out.put((_stream_error(exc, message.id), None))
-        finally:
-            if not finished:
-                call.cancel()
+            async for response in self.servicer.inference.stream(decoded.request):
+                result = response.result
+                if result.outputs or wants_final:
+                    reply = codec.encode(response, client_id)
+                    if wants_final:
+                        reply.parameters["triton_final_response"].bool_param = result.final
+                    await self.out.put((service_pb2.ModelStreamInferResponse(infer_response=reply), None))
+        except GatewayError as exc:
+            log_gateway_error(exc)
+            await self.out.put((_stream_error(exc, client_id), None))
         await self.out.put((_DONE, pending))
-
-    async def _sequence(self, message: Any, pending: _Pending) -> None:
-        if self.sequences is None:
-            self.sequences = self.servicer.triton.ModelStreamInfer(metadata=self.metadata)
-            self.sequences_pump = self._task(self._pump_sequences(), relay=True)
-        self.sequenced.append(pending)
-        await self.sequences.write(message)
-
-    async def _pump_sequences(self) -> None:
-        """Responses of the sequence stream: one per request (no decoupled model is on it)."""
-        try:
-            async for response in self.sequences:
-                await self.out.put((response, self.sequenced.popleft() if self.sequenced else None))
-                self.sequences_answered.set()
-        except grpc.aio.AioRpcError as exc:
-            while self.sequenced:
-                await self.out.put((_stream_error(exc, ""), self.sequenced.popleft()))
-        finally:
-            self.sequences_answered.set()
 
     async def _watch(self) -> None:
         """An open stream ends (UNAUTHENTICATED) once its key is revoked or rotated away, within
@@ -645,8 +586,6 @@ class _Stream:
             self.out.put_nowait((_WAKE, None))
 
     async def close(self) -> None:
-        if self.sequences is not None:
-            self.sequences.cancel()
         for task in list(self.tasks):
             task.cancel()
         for pending in list(self.pending):
@@ -681,11 +620,10 @@ class GrpcFrontDoor:
         limit = settings.grpc_max_message_bytes
         options = [*_CHANNEL_OPTIONS, ("grpc.max_send_message_length", limit),
                    ("grpc.max_receive_message_length", limit)]  # fmt: skip
-        self.channel = grpc.aio.insecure_channel(settings.triton_grpc_address, options=options)
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
-        self.servicer = Servicer(gateway.inference, gateway.registry, gateway.health, stub,
-                                 _triton_version(gateway.admin), admin_timeout_s=5.0, auth=auth,
-                                 stream_max_in_flight=settings.grpc_stream_max_in_flight)  # fmt: skip
+        self.servicer = Servicer(
+            gateway.inference, gateway.registry, gateway.health, gateway.admin,
+            auth=auth, stream_max_in_flight=settings.grpc_stream_max_in_flight,
+        )  # fmt: skip
         self.server = grpc.aio.server(options=options)
         add_servicer(self.servicer, self.server)
         self.port = 0
@@ -701,4 +639,3 @@ class GrpcFrontDoor:
 
     async def stop(self, grace_s: float) -> None:
         await self.server.stop(grace_s)
-        await self.channel.close()
