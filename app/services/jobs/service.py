@@ -24,6 +24,7 @@ from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
 from app.observability import metrics
 from app.services.inference import InferenceService, InferResponse, refuse_decoupled
 from app.services.jobs.events import EventHub
+from app.services.jobs.spec import JobSpec
 from app.services.jobs.ssrf import UnsafeURL, vet_url
 from app.services.jobs.store import (
     Job,
@@ -110,10 +111,7 @@ class JobService:
         fingerprint = hashlib.sha256(
             orjson.dumps([model, version, body], option=orjson.OPT_SORT_KEYS)
         ).hexdigest()
-        spec = orjson.dumps({
-            "outputs": req.outputs, "parameters": req.parameters, "priority": req.priority,
-            "timeout_us": req.timeout_us, "cache_scope": req.cache_scope,
-        })  # fmt: skip
+        spec = JobSpec.of(req).to_record()
         job = Job(
             id=new_job_id(), owner=owner, status=JobStatus.QUEUED, model=model, version=version,
             priority=priority, created_at=time.time(), request_id=request_id, spec=spec,

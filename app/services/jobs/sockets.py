@@ -26,6 +26,7 @@ from app.codecs import v1
 from app.codecs.common import OFF_LOOP_BYTES, decode_off_loop
 from app.errors import GatewayError, InvalidInput
 from app.observability import metrics
+from app.request_context import set_request_id
 from app.services.inference import InferenceService, refuse_decoupled
 from app.services.jobs.service import JobService
 from app.services.payload import ANY_MODEL, parse_json
@@ -304,7 +305,11 @@ class Multiplexer:
             info = await self.inference.resolve(model, version)
             refuse_decoupled(info)
             req = await decode_off_loop(size, v1.decode_body, info, body)
-            req.request_id = str(tags.get("ref", ""))
+            # the frame's ``ref`` is the Triton request id when it is a sane one (as X-Request-ID is), else
+            # a generated id; the answer echoes ``ref`` as sent either way
+            ref = tags.get("ref")
+            sane = isinstance(ref, str | int) and not isinstance(ref, bool)
+            req.request_id = set_request_id(str(ref) if sane else None)
             apply_principal(req, current_principal())  # the socket's key: Triton priority and timeout bound
             response = await self.inference.infer(req)
             frame = {"type": "result", **tags, "result": v1.result(response), "cache": response.cache}

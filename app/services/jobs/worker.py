@@ -28,8 +28,10 @@ import orjson
 
 from app.errors import GatewayError, InvalidInput
 from app.observability import metrics
+from app.request_context import set_request_id
 from app.services.inference import InferenceService, InferRequest
 from app.services.jobs.service import error_json, result_json
+from app.services.jobs.spec import JobSpec
 from app.services.jobs.store import (
     STORE_ERRORS,
     STORE_UNAVAILABLE,
@@ -240,23 +242,18 @@ class JobWorker:
                 logger.info("job %s was already finished; result discarded", job_id)
 
     async def _request(self, job: Job) -> InferRequest:
-        """The request as validated at submit: stored tensors (bytes, dtype, shape), outputs, parameters."""
+        """The request as validated at submit: the stored tensors (bytes, dtype, shape) and ``JobSpec``."""
         blob = await self._stored(lambda: self.store.inputs(job.id))
         if blob is None:
             raise InvalidInput("the job's inputs are gone (expired)", {"job_id": job.id})
         inputs, datatypes = decode_inputs(blob)
         info = await self.inference.resolve(job.model, job.version)
-        spec = orjson.loads(job.spec)
         changed = [n for n in inputs if n not in info.inputs or info.inputs[n].datatype != datatypes[n]]
         if changed:
             raise InvalidInput(
                 f"{changed[0]}: the model's inputs changed since the job was submitted", {"field": changed[0]}
             )
-        return InferRequest(
-            info=info, inputs=inputs, outputs=spec.get("outputs"), parameters=spec.get("parameters") or {},
-            request_id=job.request_id, priority=int(spec.get("priority") or 0),
-            timeout_us=int(spec.get("timeout_us") or 0), cache_scope=str(spec.get("cache_scope") or ""),
-        )  # fmt: skip
+        return JobSpec.from_record(job.spec).request(info, inputs, set_request_id(job.request_id or None))
 
     async def _failed_attempt(self, job_id: str, attempt: int, err: bytes) -> None:
         await self._stored(lambda: self.store.set_last_error(job_id, err))
