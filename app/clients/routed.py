@@ -321,21 +321,8 @@ class RoutedTriton:
                 f"Triton endpoint {name} stopped answering (readiness probes timed out); retry shortly",
                 retry_after_s=self.options.retry_after_s,
             ) from None
-        except UpstreamUnavailable as exc:
-            if self.balancer.failure(name, connect=_connect_failure(exc)):
-                ENDPOINT_EJECTIONS.labels(name).inc()
-                logger.warning("Triton endpoint %s ejected: %s", name, exc.message)
-            ENDPOINT_CALLS.labels(name, "failure").inc()
-            raise
-        except UpstreamTimeout:
-            if self.balancer.failure(name):
-                ENDPOINT_EJECTIONS.labels(name).inc()
-                logger.warning("Triton endpoint %s ejected after consecutive timeouts", name)
-            ENDPOINT_CALLS.labels(name, "failure").inc()
-            raise
-        except GatewayError:
-            self.balancer.success(name)  # Triton answered (a model error is not an endpoint failure)
-            ENDPOINT_CALLS.labels(name, "error").inc()
+        except GatewayError as exc:
+            self._settle(name, exc)
             raise
         finally:
             self.balancer.finish(name)
@@ -427,21 +414,26 @@ class RoutedTriton:
         try:
             async for result in endpoint.admin.stream(self._timed(call)):
                 yield result
-        except (UpstreamUnavailable, UpstreamTimeout) as exc:
-            connect = isinstance(exc, UpstreamUnavailable) and _connect_failure(exc)
-            if self.balancer.failure(name, connect=connect):
-                ENDPOINT_EJECTIONS.labels(name).inc()
-                logger.warning("Triton endpoint %s ejected: %s", name, exc.message)
-            ENDPOINT_CALLS.labels(name, "failure").inc()
-            raise
-        except GatewayError:
-            self.balancer.success(name)  # Triton answered (a model error is not an endpoint failure)
-            ENDPOINT_CALLS.labels(name, "error").inc()
+        except GatewayError as exc:
+            self._settle(name, exc)
             raise
         finally:
             self.balancer.finish(name)
         self.balancer.success(name)
         ENDPOINT_CALLS.labels(name, "ok").inc()
+
+    def _settle(self, name: str, exc: GatewayError) -> None:
+        """A call on ``name`` ended in ``exc``: unavailable or no answer in time counts towards the
+        endpoint's ejection (at once when nothing listens); an answer, even an error, does not."""
+        if not isinstance(exc, UpstreamUnavailable | UpstreamTimeout):
+            self.balancer.success(name)  # Triton answered (a model error is not an endpoint failure)
+            ENDPOINT_CALLS.labels(name, "error").inc()
+            return
+        connect = isinstance(exc, UpstreamUnavailable) and _connect_failure(exc)
+        if self.balancer.failure(name, connect=connect):
+            ENDPOINT_EJECTIONS.labels(name).inc()
+            logger.warning("Triton endpoint %s ejected: %s", name, exc.message)
+        ENDPOINT_CALLS.labels(name, "failure").inc()
 
     def _timed(self, call: TritonCall) -> TritonCall:
         return _with_timeout(call) if self.options.deadline_as_timeout else call

@@ -253,15 +253,7 @@ class TritonGrpcClient:
                 headers=headers or None,
             )
         )
-        response = result.get_response()
-        arrays: dict[str, np.ndarray] = {}
-        dtypes: dict[str, str] = {}
-        for out in response.outputs:
-            arr = result.as_numpy(out.name)
-            if arr is not None:
-                arrays[out.name] = arr
-                dtypes[out.name] = out.datatype
-        return TritonResult(response.model_version, arrays, dtypes)
+        return _result(result)
 
     def _stream_stub(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
         if self._stream_channel is None:
@@ -308,22 +300,26 @@ class TritonGrpcClient:
         final = response.parameters.get("triton_final_response")
         if not response.outputs:
             return TritonResult(response.model_version, {}, {}, final=final is None or final.bool_param)
-        result = grpcclient.InferResult(response)
-        arrays: dict[str, np.ndarray] = {}
-        dtypes: dict[str, str] = {}
-        for out in response.outputs:
-            arr = result.as_numpy(out.name)
-            if arr is not None:
-                arrays[out.name] = arr
-                dtypes[out.name] = out.datatype
-        last = final is not None and final.bool_param
-        return TritonResult(response.model_version, arrays, dtypes, final=last)
+        return _result(grpcclient.InferResult(response), final=final is not None and final.bool_param)
 
     async def close(self) -> None:
         for client in self._clients:
             await client.close()
         if self._stream_channel is not None:
             await self._stream_channel.close()
+
+
+def _result(result: grpcclient.InferResult, final: bool = True) -> TritonResult:
+    """Triton's answer as arrays (tritonclient decodes raw and typed contents alike)."""
+    response = result.get_response()
+    arrays: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    for out in response.outputs:
+        arr = result.as_numpy(out.name)
+        if arr is not None:
+            arrays[out.name] = arr
+            dtypes[out.name] = out.datatype
+    return TritonResult(response.model_version, arrays, dtypes, final=final)
 
 
 def stream_request(call: TritonCall) -> service_pb2.ModelInferRequest:

@@ -8,9 +8,10 @@ model once (``resolve``); the async job workers and the WebSocket API use the sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -77,6 +78,15 @@ def refuse_decoupled(info: ModelInfo) -> None:
     """501 for a decoupled model (any number of answers per request): only a stream can carry them."""
     if info.decoupled:
         raise NotOffered(DECOUPLED_REFUSAL, {"model": info.name})
+
+
+def _call_status(exc: BaseException) -> str:
+    """The ``status`` label of a Triton call that raised ``exc``."""
+    if isinstance(exc, GatewayError):
+        return exc.code
+    if isinstance(exc, GeneratorExit | asyncio.CancelledError):
+        return "cancelled"  # the caller went away (a client that stopped reading its stream)
+    return "error"
 
 
 def cache_directives(header: str | None) -> tuple[bool, bool]:
@@ -190,25 +200,27 @@ class InferenceService:
         call = replace(self.call_for(req), max_batch_rows=0)
         annotate(info.name, info.version, "BYPASS")
         metrics.cache_outcome("bypass")
+        with self._triton_call("triton.stream", call):
+            async for result in self.transport.stream(call):
+                yield InferResponse(info.name, result, "BYPASS")
+
+    @contextlib.contextmanager
+    def _triton_call(self, span: str, call: TritonCall) -> Iterator[None]:
+        """A Triton call's span, its ``tgw_triton_request`` metric (status from what it raised) and its
+        ``queue``/``triton`` stage timings."""
         start = time.perf_counter()
         status = "ok"
         try:
-            with tracing.span("triton.stream", {"tgw.model": info.name, "tgw.model_version": info.version}):
-                async for result in self.transport.stream(call):
-                    yield InferResponse(info.name, result, "BYPASS")
-        except GatewayError as exc:
-            status = exc.code
-            raise
-        except (GeneratorExit, asyncio.CancelledError):
-            status = "cancelled"  # the caller stopped reading (its client went away)
-            raise
-        except BaseException:
-            status = "error"
+            with tracing.span(span, {"tgw.model": call.model, "tgw.model_version": call.version}):
+                yield
+        except BaseException as exc:
+            status = _call_status(exc)
             raise
         finally:
             elapsed = time.perf_counter() - start
-            metrics.triton_request(info.name, info.version, status, elapsed)
-            add_timing("triton", elapsed)
+            metrics.triton_request(call.model, call.version, status, elapsed)
+            add_timing("queue", call.queued_s)
+            add_timing("triton", elapsed - call.queued_s)
 
     def call_for(self, req: InferRequest) -> TritonCall:
         info = req.info
@@ -247,26 +259,12 @@ class InferenceService:
     async def _forward(self, req: InferRequest) -> TritonResult:
         info = req.info
         call = self.call_for(req)
-        start = time.perf_counter()
-        status = "ok"
-        try:
-            with tracing.span("triton.infer", {"tgw.model": info.name, "tgw.model_version": info.version}):
+        with self._triton_call("triton.infer", call):
+            try:
                 async with asyncio.timeout(self.timeout_s + 1.0):
                     result = await self.transport.infer(call)
-        except TimeoutError:
-            status = UpstreamTimeout.code
-            raise UpstreamTimeout("Triton did not answer before the deadline") from None
-        except GatewayError as exc:
-            status = exc.code
-            raise
-        except BaseException:
-            status = "error"
-            raise
-        finally:
-            elapsed = time.perf_counter() - start
-            metrics.triton_request(info.name, info.version, status, elapsed)
-            add_timing("queue", call.queued_s)
-            add_timing("triton", elapsed - call.queued_s)
+            except TimeoutError:
+                raise UpstreamTimeout("Triton did not answer before the deadline") from None
         if result.model_version and result.model_version != info.version:
             logger.info("model %s answered from version %s, expected %s; refreshing metadata",
                         info.name, result.model_version, info.version)  # fmt: skip
