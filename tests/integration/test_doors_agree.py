@@ -512,7 +512,18 @@ class Doors:
 
 
 @pytest.fixture(scope="module")
-def doors(triton: EmbeddedTriton, redis_server: EmbeddedRedis) -> Iterator[Doors]:
+def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """This module's Redis: its in-process job worker (1 s deadline, one attempt) must never take the jobs
+    other test modules leave in the session's shared Redis."""
+    server = EmbeddedRedis(free_port(), tmp_path_factory.mktemp("doors_redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def doors(triton: EmbeddedTriton, own_redis: EmbeddedRedis) -> Iterator[Doors]:
+    redis_server = own_redis
     main_settings = auth_settings(
         triton, redis_server.url,
         max_body_bytes=LIMIT, grpc_max_message_bytes=LIMIT, job_max_body_bytes=LIMIT,
