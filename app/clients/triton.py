@@ -19,8 +19,9 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from tritonclient.utils import InferenceServerException
 
+from app.clients.grpc_status import from_grpc, grpc_status_from_text
 from app.clients.protocols import TritonCall, TritonResult
-from app.errors import GatewayError, from_grpc, grpc_status_from_text
+from app.errors import GatewayError
 from app.observability import tracing
 
 logger = logging.getLogger(__name__)
