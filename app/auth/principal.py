@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from app.errors import GatewayError
 
 if TYPE_CHECKING:
-    from app.services.inference import InferRequest
+    from app.domain import InferRequest
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.codecs.common import Reply, dumps, jsonable
+from app.codecs.common import Reply, dumps
+from app.domain import InferRequest, InferResponse, ModelInfo
 from app.errors import InvalidInput
-from app.services.inference import InferRequest, InferResponse
 from app.services.payload import parse_json
-from app.services.registry import ModelInfo
 from app.services.validation import (
     container_budget,
     validate_outputs,
@@ -51,12 +50,7 @@ def decode_body(info: ModelInfo, body: Any) -> InferRequest:
 
 def result(response: InferResponse) -> dict[str, Any]:
     """The answer as a JSON-able object (also embedded in job results and WebSocket frames)."""
-    out = response.result
-    return {
-        "model": response.model,
-        "model_version": out.model_version,
-        "outputs": {name: jsonable(arr) for name, arr in out.outputs.items()},
-    }
+    return response.public()
 
 
 def encode(response: InferResponse) -> Reply:
