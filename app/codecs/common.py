@@ -2,32 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import orjson
 
 from app.domain import CallOptions
 from app.errors import InvalidInput
 
+# Decoding off the event loop is the services' too (job bodies, /v1/ws frames): it lives below them, in
+# app.services.payload; the routers take it from here.
+from app.services.payload import OFF_LOOP_BYTES as OFF_LOOP_BYTES
+from app.services.payload import decode_off_loop as decode_off_loop
+
 JSON = b"application/json"
 OCTET_STREAM = b"application/octet-stream"
 _ORJSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
-
-
-T = TypeVar("T")
-# Bodies larger than this are decoded in a worker thread: parsing and validating a few MB costs tens of
-# milliseconds, which would hold every other request on the event loop; small bodies (the common case)
-# are decoded in place, where a thread hop would cost more than the decode.
-OFF_LOOP_BYTES = 256 * 1024
-
-
-async def decode_off_loop(size: int, decode: Callable[..., T], *args: Any) -> T:
-    """``decode(*args)``, in a worker thread when the body is ``size`` > ``OFF_LOOP_BYTES`` bytes."""
-    if size <= OFF_LOOP_BYTES:
-        return decode(*args)
-    return await asyncio.to_thread(decode, *args)
 
 
 class Reply(NamedTuple):
