@@ -108,7 +108,7 @@ class V2ModelReady(BaseModel):
     ready: bool
 
 
-_TRITON = (502, 503, 504)  # any call to Triton (app.errors.from_grpc / from_http)
+_TRITON = (502, 503, 504)  # any call to Triton (app.clients.grpc_status.from_grpc, app.errors.from_http)
 TRITON_ERRORS = errors(*_TRITON)
 MODEL_ERRORS = errors(404, *_TRITON, notes={404: "model or version not found (or no ready version)"})
 V2_ERRORS = errors(*_TRITON, kserve=True)
