@@ -36,6 +36,7 @@ run: $(RUN_STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check app tests scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache --no-logo
 	$(BIN)/python -m pytest -q
 
 unit: $(STAMP)
@@ -56,10 +57,12 @@ fuzz: $(STAMP)
 	rm -f fuzz-results/schema-fuzz.json
 	TGW_FUZZ_SECONDS=$${TGW_FUZZ_SECONDS:-300} $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/integration/test_fuzz_schema.py
 
+# lint-imports: the import layers of app/ (import-linter; the contracts are [tool.importlinter] in pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check app tests scripts
 	$(BIN)/ruff format --check app tests scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache --no-logo
 
 # `make bench`: the whole benchmark (Triton direct vs the gateway; reports in bench-results/).
 # BENCH_ARGS passes options, e.g. `make bench BENCH_ARGS=--quick`.
@@ -86,4 +89,4 @@ upgrade: | $(BIN)/python
 	$(MAKE) test
 
 clean:
-	rm -rf $(VENV) .tgw .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tgw .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -17,102 +17,28 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import uvicorn
-from pydantic import ValidationError
 
+from app.cli_common import SECRET_WORDS, dotenv_values, load_settings, preflight, unknown_variables
 from app.launcher import EmbeddedRedis, EmbeddedTriton, LaunchError, ManagedProcess, StackState
 from app.lifecycle import (
     DependencyUnavailable,
     GracefulServer,
-    redact_url,
     run_workers,
     wait_for_dependencies,
 )
 from app.observability.logging import configure_logging, log_config
 from app.server import raise_nofile_limit, server_config
 from app.server import run as run_on_server_loop
-from app.settings import Settings
+from app.settings import Settings, redact_url
 
 logger = logging.getLogger("app.cli")
-
-_SECRET_WORDS = ("secret", "password", "token", "pepper")
 
 
 def _setup_logging(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format, settings.log_repeat_interval_s)
-
-
-def _shown_value(name: str, value: Any) -> str:
-    if any(word in name for word in _SECRET_WORDS):
-        return "<redacted>"
-    if isinstance(value, str) and "://" in value:
-        value = redact_url(value)
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _load_settings() -> Settings:
-    """Settings from the environment; on a bad value, say which variable, its value and why, exit 2."""
-    try:
-        return Settings()
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
-            if loc:
-                var = f"TGW_{loc[0].upper()}"
-                shown = _shown_value(loc[0], err.get("input"))
-                lines.append(f"  {var}={shown}: {err['msg']}")
-            else:
-                lines.append(f"  {err['msg']}")
-        header = "invalid settings (fix these environment variables):\n"
-        sys.stderr.write(header + "\n".join(lines) + "\n")
-        raise SystemExit(2) from None
-
-
-# Where a command that talks to the stack finds its stores: these variables, else a running `tgw up`'s.
-_STACK_ADDRESSES = ("TGW_REDIS_URL", "TGW_JOBS_REDIS_URL", "TGW_AUTH_REDIS_URL", "TGW_REDIS_CLUSTER")
-
-
-def stack_settings(command: str) -> Settings:
-    """Settings for a command that talks to a running stack (``tgw keys``): the environment's, and where it
-    names no Redis, the addresses of the ``tgw up`` running on this state dir (its ``stack.json``). With
-    neither, exit 2 with a message naming the address it would have used: a key written to the wrong Redis
-    is refused by the gateway as unknown, which is the worst way to find out."""
-    settings = _load_settings()
-    if any(os.environ.get(name) for name in _STACK_ADDRESSES):
-        return settings
-    state = StackState.read(settings.state_dir)
-    if state is None:
-        state_file = settings.state_dir / "stack.json"
-        would_use = redact_url(settings.auth_redis_address)
-        sys.stderr.write(
-            f"{command}: no Redis given and no running `tgw up` found ({state_file}).\n"
-            "  Start the stack (`make run`) first, or set TGW_AUTH_REDIS_URL (or TGW_JOBS_REDIS_URL) to the"
-            f" Redis that holds keys and jobs; without either it would use {would_use} (the cache).\n"
-        )
-        raise SystemExit(2)
-    os.environ.update({k: v for k, v in state.env.items() if k in _STACK_ADDRESSES})  # this command only
-    return _load_settings()
-
-
-# Variables the test and chaos harnesses read (not settings): not reported as unknown.
-_HARNESS_VARIABLES = frozenset({"TGW_CHAOS_SCALE", "TGW_CHAOS_LOG_LEVEL", "TGW_CHAOS_REDIS_KILL_AT_S",
-                                "TGW_FUZZ_SECONDS", "TGW_FUZZ_EXAMPLES", "TGW_TEST_WS_WINDOW_S",
-                                "TGW_PERF_ANALYZER"})  # fmt: skip
-
-
-def dotenv_values() -> dict[str, str]:
-    """The TGW_* entries of the `.env` file Settings reads (none when there is no such file)."""
-    from dotenv import dotenv_values as read
-
-    path = Path(".env")
-    if not path.is_file():
-        return {}
-    return {k: v for k, v in read(path).items() if k.startswith("TGW_") and v is not None}
 
 
 def config_rows(settings: Settings) -> list[tuple[str, str, str]]:
@@ -123,7 +49,7 @@ def config_rows(settings: Settings) -> list[tuple[str, str, str]]:
         var = f"TGW_{name.upper()}"
         source = "environment" if var in os.environ else ".env" if var in from_file else "default"
         value = getattr(settings, name)
-        if any(word in name for word in _SECRET_WORDS):
+        if any(word in name for word in SECRET_WORDS):
             shown = "<unset>" if value in (None, "") else "<redacted>"
         else:
             shown = redact_url(value) if isinstance(value, str) and "://" in value else str(value)
@@ -134,11 +60,11 @@ def config_rows(settings: Settings) -> list[tuple[str, str, str]]:
 def cmd_doctor(_: argparse.Namespace) -> int:
     from app import doctor
 
-    return doctor.run(_load_settings)
+    return doctor.run(load_settings)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    settings = _load_settings()
+    settings = load_settings()
     rows = config_rows(settings)
     width = max(len(var) for var, _, _ in rows)
     for var, shown, source in rows:
@@ -146,66 +72,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     for warning in unknown_variables():
         sys.stderr.write(warning + "\n")
     return 0
-
-
-def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
-    """A warning per ``TGW_*`` variable no setting reads (a misspelling is otherwise silently ignored),
-    with the closest real name."""
-    import difflib
-
-    known = {f"TGW_{name.upper()}" for name in Settings.model_fields}
-    warnings = []
-    names = environ if environ is not None else {**dotenv_values(), **os.environ}
-    for name in sorted(names):
-        if name.startswith("TGW_") and name not in known and name not in _HARNESS_VARIABLES:
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            warnings.append(f"unknown variable {name}: no setting reads it{hint}")
-    return warnings
-
-
-def _port_taken(host: str, port: int) -> bool:
-    """Whether another socket listens on (host, port). Bound without SO_REUSEPORT, so a listener that has it
-    (a gRPC front door: its own workers share the port) is found too; SO_REUSEADDR ignores TIME_WAIT."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def preflight(settings: Settings, serving: bool = True) -> list[str]:
-    """Problems that would stop the stack later, found before any child starts: one line each, naming the
-    variable to set."""
-    import importlib.util
-
-    problems = []
-    if serving and settings.auth == "required" and not settings.key_pepper:
-        problems.append(
-            "TGW_KEY_PEPPER is required with TGW_AUTH=required: a server secret of 32+ characters, e.g. "
-            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'` (or TGW_AUTH=off on loopback)"
-        )
-    if settings.otel_endpoint and importlib.util.find_spec("opentelemetry.sdk") is None:
-        problems.append(
-            f"TGW_OTEL_ENDPOINT={settings.otel_endpoint}: tracing needs the `otel` extra "
-            "(opentelemetry-sdk and its OTLP exporter), which is not installed; install it or unset it"
-        )
-    if serving:
-        ports = [("TGW_PORT", settings.port)]
-        if settings.grpc_enabled and settings.grpc_port:
-            ports.append(("TGW_GRPC_PORT", settings.grpc_port))
-        for var, port in ports:
-            if _port_taken(settings.host, port):
-                problems.append(
-                    f"{var}={port}: the port is already in use on {settings.host} (another gateway or"
-                    f" `make run` stack?); stop it or set {var} to a free port"
-                )
-    return problems
 
 
 def _check_before_start(settings: Settings, command: str, serving: bool = True) -> None:
@@ -403,7 +269,7 @@ def up_workers(settings: Settings) -> int:
 
 
 def cmd_up(_: argparse.Namespace) -> int:
-    settings = _load_settings()
+    settings = load_settings()
     if "TGW_SHUTDOWN_DELAY_S" not in os.environ:  # dev stack, no load balancer: Ctrl-C acts at once
         settings = settings.model_copy(update={"shutdown_delay_s": 0.0})
     _setup_logging(settings)
@@ -495,7 +361,7 @@ def cmd_up(_: argparse.Namespace) -> int:
 
 
 def cmd_serve(_: argparse.Namespace) -> int:
-    settings = _load_settings()
+    settings = load_settings()
     _setup_logging(settings)
     _check_before_start(settings, "serve")
     if not _wait_for_dependencies(settings):
@@ -530,7 +396,7 @@ async def _run_worker(settings: Settings) -> int:
 
 
 def cmd_worker(_: argparse.Namespace) -> int:
-    settings = _load_settings()
+    settings = load_settings()
     _setup_logging(settings)
     _check_before_start(settings, "worker", serving=False)
     if not _wait_for_dependencies(settings):

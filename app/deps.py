@@ -1,6 +1,8 @@
 """FastAPI dependencies: the long-lived objects built by ``build_gateway`` in the lifespan, read from
 ``app.state.gateway``. ``HTTPConnection`` makes them usable from HTTP and WebSocket routes alike.
 
+The caller's own (``PrincipalDep``, ``AuthDep``) are app.auth's: ``app.auth.caller``.
+
 They are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in the thread pool, which costs
 a thread hand-off (and GIL contention) on every request."""
 
@@ -11,8 +13,6 @@ from typing import Annotated
 from fastapi import Depends
 from starlette.requests import HTTPConnection
 
-from app.auth.principal import ANONYMOUS, Principal
-from app.auth.stage import AuthStage
 from app.clients.protocols import TritonAdmin
 from app.gateway import Gateway
 from app.services.health import HealthService
@@ -67,18 +67,3 @@ AdminDep = Annotated[TritonAdmin, Depends(get_admin)]
 HealthDep = Annotated[HealthService, Depends(get_health)]
 JobsDep = Annotated[JobService, Depends(get_jobs)]
 JobSocketsDep = Annotated[JobSockets, Depends(get_job_sockets)]
-
-
-# --- the caller (app.auth): set by the pipeline's auth stage; anonymous when TGW_AUTH=off ---------
-async def get_principal(conn: HTTPConnection) -> Principal:
-    principal = conn.scope.get("state", {}).get("principal")
-    return principal if isinstance(principal, Principal) else ANONYMOUS
-
-
-async def get_auth(conn: HTTPConnection) -> AuthStage:
-    stage: AuthStage = conn.app.state.auth
-    return stage
-
-
-PrincipalDep = Annotated[Principal, Depends(get_principal)]
-AuthDep = Annotated[AuthStage, Depends(get_auth)]

@@ -15,9 +15,9 @@ from typing import Any
 
 import redis
 
+from app.cli_common import preflight, unknown_variables
 from app.launcher import StackState
-from app.lifecycle import redact_url
-from app.settings import Settings
+from app.settings import Settings, redact_url
 
 Check = tuple[str, str, str]  # (verdict, what, detail)
 
@@ -60,8 +60,6 @@ def _source(settings: Settings, chain: list[tuple[str, str | None]], default: st
 
 
 def diagnose(settings: Settings, state: StackState | None) -> list[Check]:
-    from app.cli import preflight, unknown_variables
-
     checks: list[Check] = []
     if state is not None:
         checks.append(("ok", "tgw up", f"running (pid {state.pid}), state in {settings.state_dir}"))

@@ -1,6 +1,9 @@
-"""Domain exceptions and the one table that turns them into HTTP answers.
+"""Domain exceptions: each class is one row of the table both renderings read (``status_code``, ``code``,
+and ``Retry-After`` in ``headers``), and the one error shape ``error_body`` writes.
 
-Every error leaves the gateway in one shape: ``{"error": {"code", "message", "details"}}``.
+Every error leaves the gateway in one shape: ``{"error": {"code", "message", "details"}}``. No framework
+here: the HTTP rendering (FastAPI's exception handlers) is ``app.web``, the gRPC one
+``app.frontends.grpc.status``, and Triton's gRPC statuses become these errors in ``app.clients.grpc_status``.
 """
 
 from __future__ import annotations
@@ -8,12 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import grpc
 import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
 
 from app.request_context import current_request_id
 
@@ -122,39 +120,10 @@ class UpstreamTimeout(GatewayError):
     code = "triton_timeout"
 
 
-# gRPC status of a Triton call -> the domain error it becomes. Anything not listed is a 502.
-_GRPC_TO_ERROR: dict[grpc.StatusCode, type[GatewayError]] = {
-    grpc.StatusCode.UNAVAILABLE: UpstreamUnavailable,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: UpstreamUnavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: UpstreamTimeout,
-    grpc.StatusCode.NOT_FOUND: ModelNotFound,
-    grpc.StatusCode.INVALID_ARGUMENT: UpstreamRejected,
-    grpc.StatusCode.OUT_OF_RANGE: UpstreamRejected,
-    grpc.StatusCode.FAILED_PRECONDITION: UpstreamError,
-    grpc.StatusCode.INTERNAL: UpstreamError,
-    grpc.StatusCode.UNKNOWN: UpstreamError,
-    grpc.StatusCode.UNIMPLEMENTED: UpstreamError,
-    grpc.StatusCode.CANCELLED: UpstreamError,
-    grpc.StatusCode.ABORTED: UpstreamError,
-}
-
-
-def grpc_status_from_text(status: str | None) -> grpc.StatusCode | None:
-    """tritonclient reports the status as text, e.g. ``"StatusCode.UNAVAILABLE"``."""
-    if not status:
-        return None
-    name = status.rsplit(".", 1)[-1]
-    return grpc.StatusCode.__members__.get(name)
-
-
-def from_grpc(status: grpc.StatusCode | None, message: str, retry_after_s: int = 2) -> GatewayError:
-    cls = _GRPC_TO_ERROR.get(status, UpstreamError) if status else UpstreamError
-    return _upstream(cls, message, {"grpc_status": status.name if status else "UNKNOWN"}, retry_after_s)
-
-
-def _upstream(
+def upstream_error(
     cls: type[GatewayError], message: str, details: dict[str, Any], retry_after_s: int
 ) -> GatewayError:
+    """A failure Triton reported as ``cls`` (``from_http`` here, ``app.clients.grpc_status.from_grpc``)."""
     if issubclass(cls, ServiceUnavailable):
         return cls(f"Triton is unavailable: {message}", details, retry_after_s=retry_after_s)
     if cls is UpstreamTimeout:
@@ -176,10 +145,10 @@ _HTTP_TO_ERROR: dict[int, type[GatewayError]] = {
 
 
 def from_http(status: int, message: str, retry_after_s: int = 2) -> GatewayError:
-    """The same errors as ``from_grpc`` for Triton's HTTP endpoint; any other 4xx is the client's error
-    (400, never retried), anything else a 502."""
+    """The same errors as ``app.clients.grpc_status.from_grpc`` for Triton's HTTP endpoint; any other 4xx
+    is the client's error (400, never retried), anything else a 502."""
     cls = _HTTP_TO_ERROR.get(status, UpstreamRejected if 400 <= status < 500 else UpstreamError)
-    return _upstream(cls, message, {"http_status": status}, retry_after_s)
+    return upstream_error(cls, message, {"http_status": status}, retry_after_s)
 
 
 def is_kserve_path(path: str) -> bool:
@@ -200,25 +169,6 @@ def error_body(code: str, message: str, details: dict[str, Any] | None = None, k
     return orjson.dumps({"error": {"code": code, "message": message, "details": details or {}}})
 
 
-def error_response(
-    request: Request | None, status: int, code: str, message: str, details: dict[str, Any] | None = None,
-    headers: dict[str, str] | None = None,
-) -> Response:  # fmt: skip
-    headers = dict(headers or {})
-    rid = current_request_id()
-    if rid:
-        headers.setdefault("X-Request-ID", rid)
-    kserve = request is not None and is_kserve_path(request.url.path)
-    status = kserve_status(status) if kserve else status
-    body = error_body(code, message, details, kserve)
-    return Response(body, status, headers, media_type="application/json")
-
-
-def gateway_error_response(request: Request | None, exc: GatewayError) -> Response:
-    log_gateway_error(exc)
-    return error_response(request, exc.status_code, exc.code, exc.message, exc.details, exc.headers)
-
-
 def log_gateway_error(exc: GatewayError) -> None:
     if exc.status_code >= 500:
         logger.warning("%s: %s", exc.code, exc.message)
@@ -229,46 +179,3 @@ def log_unhandled(exc: BaseException) -> tuple[int, str, str]:
     returns what the client gets (no trace)."""
     logger.error("unhandled error", exc_info=exc, extra={"request_id": current_request_id()})
     return 500, "internal_error", "internal error; see the gateway log for this request id"
-
-
-async def _gateway_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, GatewayError)
-    return gateway_error_response(request, exc)
-
-
-async def _validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    errors = [
-        {"field": ".".join(str(p) for p in e.get("loc", ())), "message": e.get("msg", "")}
-        for e in exc.errors()
-    ]
-    first = errors[0] if errors else {"field": "", "message": "invalid request"}
-    message = f"{first['field']}: {first['message']}"
-    return error_response(request, 422, "invalid_request", message, {"errors": errors})
-
-
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "payload_too_large"}
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StarletteHTTPException)
-    code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return error_response(request, exc.status_code, code, str(exc.detail), None, dict(exc.headers or {}))
-
-
-async def _unhandled(request: Request, exc: Exception) -> Response:
-    status, code, message = log_unhandled(exc)
-    return error_response(request, status, code, message)
-
-
-EXCEPTION_HANDLERS = {
-    GatewayError: _gateway_error,
-    RequestValidationError: _validation_error,
-    StarletteHTTPException: _http_error,
-    Exception: _unhandled,
-}
-
-
-def install_exception_handlers(app: FastAPI) -> None:
-    for exc_type, handler in EXCEPTION_HANDLERS.items():
-        app.add_exception_handler(exc_type, handler)

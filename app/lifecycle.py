@@ -30,12 +30,11 @@ import time
 from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 import uvicorn
 from uvicorn.supervisors import multiprocess as uvicorn_multiprocess
 
-from app.settings import Settings
+from app.settings import Settings, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -263,14 +262,6 @@ def run_workers(
 
 class DependencyUnavailable(RuntimeError):
     pass
-
-
-def redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 async def _triton_live(address: str, timeout_s: float) -> bool:

@@ -13,7 +13,6 @@ from fastapi import FastAPI
 from app import __version__
 from app.auth import admin as auth_routes
 from app.auth.runtime import build_auth, check_model_priorities, stop_auth
-from app.errors import install_exception_handlers
 from app.frontends.grpc.server import GrpcFrontDoor
 from app.gateway import Gateway, build_gateway
 from app.lifecycle import Lifecycle
@@ -24,6 +23,7 @@ from app.routers import health, infer, jobs, models, schemas, v2, ws
 from app.routers.common import Headers
 from app.routers.docs import install_docs
 from app.settings import Settings
+from app.web import install_exception_handlers
 
 logger = logging.getLogger(__name__)
 

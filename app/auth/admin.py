@@ -9,14 +9,13 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel, Field
 
+from app.auth.caller import AuthDep, PrincipalDep
 from app.auth.keys import KeyRecord, KeyStore
 from app.auth.principal import Principal
 from app.auth.stage import AuthStage, path_class
-from app.deps import AuthDep, PrincipalDep
 from app.errors import Conflict, InvalidInput, NotFound, is_kserve_path
-from app.routers.common import ORJSONResponse
-from app.routers.schemas import error_ref, errors
 from app.settings import Settings
+from app.web import ORJSONResponse, error_ref, errors
 
 router = APIRouter(tags=["auth"])
 

@@ -18,9 +18,10 @@ from app.auth.admin import NewKey, create_key
 from app.auth.keys import KeyStore
 from app.auth.principal import parse_tiers
 from app.auth.stage import ADMIN_TIER
+from app.cli_common import stack_settings
 from app.clients.redis import make_redis
 from app.errors import GatewayError
-from app.settings import Settings
+from app.settings import Settings, redact_url
 
 
 def add_parser(sub: Any) -> None:
@@ -89,9 +90,6 @@ async def _with_store(settings: Settings, fn: Callable[[KeyStore], Awaitable[int
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from app.cli import stack_settings
-    from app.lifecycle import redact_url
-
     settings = stack_settings("tgw keys")
     if not settings.key_pepper:
         sys.stderr.write("tgw keys needs TGW_KEY_PEPPER (the same secret the gateway uses)\n")

@@ -3,14 +3,16 @@ the domain errors of authentication and limiting (rendered by the one error tabl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from app.errors import GatewayError
 
 if TYPE_CHECKING:
-    from app.services.inference import InferRequest
+    from app.domain import InferRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,13 @@ def apply_principal(req: InferRequest, principal: Principal | None) -> None:
     if principal.max_timeout_s:
         req.timeout_us = int(principal.max_timeout_s * 1_000_000)
     req.cache_scope = principal.cache_scope
+
+
+def caller_bound() -> Callable[[InferRequest], None]:
+    """``apply_principal`` for the caller of the request being served, for a service that decodes requests
+    itself (the jobs service: job bodies and ``/v1/ws`` frames): the door hands it over, so the services
+    never import ``app.auth``."""
+    return partial(apply_principal, principal=current_principal())
 
 
 def cache_scope(principal: Principal | None, scope_setting: str) -> str:

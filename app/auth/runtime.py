@@ -9,8 +9,7 @@ from typing import Any
 
 from app.auth.stage import AuthStage
 from app.clients.redis import AutoPipeline, make_redis
-from app.lifecycle import redact_url
-from app.settings import Settings
+from app.settings import Settings, redact_url
 
 logger = logging.getLogger(__name__)
 

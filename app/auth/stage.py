@@ -5,7 +5,7 @@
     finally: stage.release(principal)         # gives the in-flight slot back
 
 ``admit`` puts the principal in ``scope["state"]["principal"]`` (routes read it with
-``app.deps.PrincipalDep``) and its tenant in ``scope["state"]["tenant"]`` (the jobs routes' owner).
+``app.auth.caller.PrincipalDep``) and its tenant in ``scope["state"]["tenant"]`` (the jobs routes' owner).
 Front doors without a scope (gRPC) call ``admit_headers(metadata, address)``, then ``release``.
 WebSocket frames go through ``websocket_receive`` / ``admit_message``.
 

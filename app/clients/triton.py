@@ -20,9 +20,10 @@ from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from app.clients.grpc_status import from_grpc, grpc_status_from_text
 from app.clients.protocols import TritonCall, TritonResult
 from app.clients.tensors import set_parameter, tensor_bytes
-from app.errors import GatewayError, from_grpc, grpc_status_from_text
+from app.errors import GatewayError
 from app.observability import tracing
 
 logger = logging.getLogger(__name__)

@@ -29,8 +29,7 @@ import orjson
 from tritonclient.utils import triton_to_np_dtype
 
 from app.clients.protocols import TritonCall, TritonResult
-from app.clients.tensors import tensor_from_bytes
-from app.codecs import binary
+from app.clients.tensors import HEADER_LENGTH_BYTES, binary_item, binary_parts, pack, split, tensor_from_bytes
 from app.errors import (
     GatewayError,
     NotOffered,
@@ -275,7 +274,7 @@ class TritonHttpInfer:
 
     def _encode(self, call: TritonCall) -> bytes:
         blobs: list[bytes] = []
-        tensors = [binary.binary_item(n, call.datatypes[n], arr, blobs) for n, arr in call.inputs.items()]
+        tensors = [binary_item(n, call.datatypes[n], arr, blobs) for n, arr in call.inputs.items()]
         header: dict[str, Any] = {"inputs": tensors}
         rid = call.request_id
         if rid:
@@ -293,7 +292,7 @@ class TritonHttpInfer:
         else:
             params["binary_data_output"] = True
         header["parameters"] = params
-        body, head_length = binary.pack(header, blobs)
+        body, head_length = pack(header, blobs)
         path = f"/v2/models/{quote(call.model, safe='')}"
         if call.version:
             path += f"/versions/{quote(call.version, safe='')}"
@@ -343,11 +342,11 @@ def _error_message(body: bytes) -> str:
 
 def _decode(headers: Mapping[bytes, bytes], body: bytes) -> TritonResult:
     try:
-        length = headers.get(binary.HEADER_LENGTH_BYTES)
-        head, tail = binary.split(body, int(length) if length is not None else None)
+        length = headers.get(HEADER_LENGTH_BYTES)
+        head, tail = split(body, int(length) if length is not None else None)
         header = orjson.loads(head)
         outputs = header.get("outputs", ())
-        blobs = binary.binary_parts(outputs, tail, "outputs")
+        blobs = binary_parts(outputs, tail, "outputs")
         arrays: dict[str, np.ndarray] = {}
         dtypes: dict[str, str] = {}
         for out in outputs:

@@ -45,8 +45,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from app.clients.grpc_status import from_grpc, grpc_status_from_text
 from app.clients.protocols import InferenceTransport, TritonCall, TritonResult
-from app.errors import from_grpc, grpc_status_from_text
 
 logger = logging.getLogger(__name__)
 

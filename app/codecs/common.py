@@ -1,37 +1,22 @@
-"""What the codecs share: ``Reply`` (a transport-neutral answer) and JSON tensor rendering."""
+"""What the codecs share: ``Reply`` (a transport-neutral answer), JSON writing and the call options."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
-import numpy as np
 import orjson
 
+from app.domain import CallOptions
 from app.errors import InvalidInput
 
-if TYPE_CHECKING:
-    from app.services.inference import InferRequest
+# Decoding off the event loop is the services' too (job bodies, /v1/ws frames): it lives below them, in
+# app.services.payload; the routers take it from here.
+from app.services.payload import OFF_LOOP_BYTES as OFF_LOOP_BYTES
+from app.services.payload import decode_off_loop as decode_off_loop
 
 JSON = b"application/json"
 OCTET_STREAM = b"application/octet-stream"
 _ORJSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
-
-
-T = TypeVar("T")
-# Bodies larger than this are decoded in a worker thread: parsing and validating a few MB costs tens of
-# milliseconds, which would hold every other request on the event loop; small bodies (the common case)
-# are decoded in place, where a thread hop would cost more than the decode.
-OFF_LOOP_BYTES = 256 * 1024
-
-
-async def decode_off_loop(size: int, decode: Callable[..., T], *args: Any) -> T:
-    """``decode(*args)``, in a worker thread when the body is ``size`` > ``OFF_LOOP_BYTES`` bytes."""
-    if size <= OFF_LOOP_BYTES:
-        return decode(*args)
-    return await asyncio.to_thread(decode, *args)
 
 
 class Reply(NamedTuple):
@@ -47,40 +32,8 @@ def dumps(content: Any) -> bytes:
     return orjson.dumps(content, option=_ORJSON_OPTS)
 
 
-def jsonable(arr: np.ndarray) -> Any:
-    """orjson serialises numeric numpy arrays natively; BYTES become strings."""
-    if arr.dtype == np.object_:
-        return np.vectorize(
-            lambda b: b.decode("utf-8", "replace") if isinstance(b, bytes) else b, otypes=[object]
-        )(arr).tolist()
-    return arr
-
-
 # Parameters Triton reads itself; they are not model parameters and never part of a cache key.
 CALL_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end", "priority", "timeout"})
-
-
-@dataclass(slots=True, frozen=True)
-class CallOptions:
-    """What a request asks of Triton's scheduler rather than of the model."""
-
-    priority: int = 0
-    timeout_us: int = 0
-    sequence_id: int | str = 0
-    sequence_start: bool = False
-    sequence_end: bool = False
-
-    @property
-    def sequence(self) -> bool:
-        return bool(self.sequence_id)
-
-    def apply(self, req: InferRequest) -> InferRequest:
-        """Set these options on a decoded request (both KServe codecs, HTTP and gRPC)."""
-        req.priority, req.timeout_us = self.priority, self.timeout_us
-        req.sequence_id, req.sequence_start, req.sequence_end = (
-            self.sequence_id, self.sequence_start, self.sequence_end,
-        )  # fmt: skip
-        return req
 
 
 _NO_OPTIONS = CallOptions()

@@ -21,9 +21,8 @@ from tritonclient.grpc import service_pb2
 
 from app.clients.tensors import tensor_bytes
 from app.codecs.common import CallOptions, call_options
+from app.domain import InferRequest, InferResponse, ModelInfo
 from app.errors import InvalidInput
-from app.services.inference import InferRequest, InferResponse
-from app.services.registry import ModelInfo
 from app.services.validation import (
     GRPC_INPUT_PARAMETERS,
     GRPC_OUTPUT_PARAMETERS,

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.codecs import binary
-from app.codecs.common import JSON, OCTET_STREAM, Reply, call_options, jsonable
+from app.codecs.common import JSON, OCTET_STREAM, Reply, call_options
+from app.domain import InferRequest, InferResponse, ModelInfo, jsonable
 from app.errors import BadRequest, InvalidInput
-from app.services.inference import InferRequest, InferResponse
 from app.services.payload import parse_json
-from app.services.registry import ModelInfo
 from app.services.validation import (
     HTTP_INPUT_PARAMETERS,
     HTTP_OUTPUT_PARAMETERS,

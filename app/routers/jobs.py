@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
+from app.auth.principal import caller_bound
 from app.codecs.common import decode_off_loop
 from app.deps import JobsDep
 from app.errors import PayloadTooLarge
@@ -87,7 +88,7 @@ async def _submit(service: JobService, request: Request, model: str, version: st
     body, size = await _read_job_body(request, service.max_body_bytes, info)
     job = await service.submit(
         owner_of(request), model, version, body, request.headers.get("idempotency-key"),
-        current_request_id() or "", size,
+        current_request_id() or "", size, bound=caller_bound(),
     )  # fmt: skip
     content: dict[str, Any] = {"id": job.id, "status": str(job.status), **_links(request, job.id)}
     headers = {"Location": content["status_url"]}

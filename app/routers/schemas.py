@@ -11,7 +11,9 @@ from fastapi import FastAPI
 from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
-REF_TEMPLATE = "#/components/schemas/{model}"
+# The error schemas are every HTTP door's (app.auth's routes too): app.web; the rest are the routers'.
+from app.web import ERROR_TEXT as ERROR_TEXT
+from app.web import REF_TEMPLATE, Error, ErrorInfo, KServeError, error_ref, errors
 
 
 class Health(BaseModel):
@@ -106,59 +108,7 @@ class V2ModelReady(BaseModel):
     ready: bool
 
 
-# --- errors: the gateway's one error shape (app.errors), and the KServe v2 one under /v2 ---------------
-class ErrorInfo(BaseModel):
-    code: str = Field(examples=["model_not_found"], description="machine-readable, e.g. invalid_input")
-    message: str = Field(description="what went wrong; names the field and what was expected")
-    details: dict[str, Any] = Field(description="e.g. field, expected, received, limit_bytes, job_id")
-
-
-class Error(BaseModel):
-    """Every error outside ``/v2``."""
-
-    error: ErrorInfo
-
-
-class KServeError(BaseModel):
-    """Every error under ``/v2``: ``error`` is the message, as the KServe v2 protocol has it (what
-    ``tritonclient.http`` reads); ``code`` and ``details`` as in the gateway's own shape."""
-
-    error: str
-    code: str
-    details: dict[str, Any]
-
-
-def error_ref(kserve: bool = False) -> dict[str, str]:
-    """A ``$ref`` to the error schema, for operations documented by hand (``components`` gets both)."""
-    return {"$ref": REF_TEMPLATE.format(model="KServeError" if kserve else "Error")}
-
-
-# What each status means wherever it appears; an operation may say more (``notes``).
-ERROR_TEXT = {
-    400: "bad request: malformed or too deeply nested JSON (names the field)",
-    403: "refused on purpose",
-    404: "not found",
-    409: "conflict with the resource's state",
-    413: "request body too large (details.limit_bytes)",
-    422: "invalid input: names the field and what was expected",
-    501: "not offered by the gateway",
-    502: "Triton failed",
-    503: "unavailable: Triton or Redis unreachable, or overloaded (Retry-After)",
-    504: "Triton did not answer before the deadline",
-}
-
-
-def errors(
-    *codes: int, kserve: bool = False, notes: dict[int, str] | None = None
-) -> dict[int | str, dict[str, Any]]:
-    """FastAPI ``responses=`` for the error statuses an operation really answers with, each with the
-    error schema (under ``/v2``: ``kserve=True``, where invalid input is a 400, never a 422)."""
-    model = KServeError if kserve else Error
-    notes = notes or {}
-    return {code: {"model": model, "description": notes.get(code, ERROR_TEXT[code])} for code in codes}
-
-
-_TRITON = (502, 503, 504)  # any call to Triton (app.errors.from_grpc / from_http)
+_TRITON = (502, 503, 504)  # any call to Triton (app.clients.grpc_status.from_grpc, app.errors.from_http)
 TRITON_ERRORS = errors(*_TRITON)
 MODEL_ERRORS = errors(404, *_TRITON, notes={404: "model or version not found (or no ready version)"})
 V2_ERRORS = errors(*_TRITON, kserve=True)

@@ -12,12 +12,10 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
-
-import numpy as np
+from dataclasses import replace
 
 from app.clients.protocols import InferenceTransport, TritonCall, TritonResult
+from app.domain import CacheOutcome, InferRequest, InferResponse
 from app.errors import GatewayError, NotOffered, UpstreamTimeout
 from app.observability import metrics, tracing
 from app.observability.context import add_timing, annotate
@@ -27,45 +25,6 @@ from app.services.singleflight import SingleFlight
 from app.services.statistics import ServedStatistics
 
 logger = logging.getLogger(__name__)
-
-CacheOutcome = Literal["HIT", "MISS", "BYPASS"]
-
-
-@dataclass(slots=True)
-class InferRequest:
-    """A validated inference request (what every codec decodes to)."""
-
-    info: ModelInfo
-    inputs: dict[str, np.ndarray]
-    outputs: list[str] | None = None
-    parameters: dict[str, Any] = field(default_factory=dict)
-    cache_read: bool = True
-    cache_write: bool = True
-    request_id: str = ""
-    priority: int = 0
-    timeout_us: int = 0
-    sequence_id: int | str = 0
-    sequence_start: bool = False
-    sequence_end: bool = False
-    cache_scope: str = ""  # "" = answers shared by every tenant; else the tenant (app.auth, TGW_CACHE_SCOPE)
-    classification: dict[str, int] = field(default_factory=dict)  # output -> top-k (Triton's extension)
-    datatypes: dict[str, str] = field(init=False)  # Triton datatype of each given input
-
-    def __post_init__(self) -> None:
-        self.datatypes = {name: self.info.inputs[name].datatype for name in self.inputs}
-
-    @property
-    def cacheable(self) -> bool:
-        """Sequence requests carry state in Triton: never answered from (or filed in) the cache."""
-        return not self.sequence_id
-
-
-@dataclass(slots=True)
-class InferResponse:
-    model: str
-    result: TritonResult
-    cache: CacheOutcome
-
 
 # What Triton answers a decoupled model's request over HTTP; /v1, /v2, job submissions and /v1/ws frames
 # answer it too (501), before anything reaches Triton. Such models are served by gRPC ModelStreamInfer.

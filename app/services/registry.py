@@ -8,97 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from app.clients.protocols import TritonAdmin
+from app.domain import ModelInfo, TensorSpec
 from app.errors import ModelNotFound
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]  # full shape as the client sends it: batch dim first (-1) when batched
-    optional: bool = False
-
-    def public(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
-        if self.optional:
-            out["optional"] = True
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    name: str
-    version: str
-    versions: tuple[str, ...]
-    platform: str
-    max_batch_size: int
-    inputs: dict[str, TensorSpec]
-    outputs: dict[str, TensorSpec]
-    cache_enabled: bool = True
-    allow_nonfinite: bool = False
-    max_batch_rows: int = 0  # > 0: the gateway may micro-batch up to this many rows (see batchable)
-    max_values: int | None = field(init=False, default=None)  # most values one request can carry
-    metadata: dict[str, Any] = field(default_factory=dict, compare=False)
-    config: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    def __post_init__(self) -> None:
-        # max_batch_size x the dims of every input (None when a dim is variable), computed once: the
-        # value budget checked on a request body before it is parsed (app.services.payload).
-        total: int | None = 0
-        for spec in self.inputs.values():
-            dims = spec.shape[1:] if self.max_batch_size > 0 else spec.shape
-            if any(d < 0 for d in dims):
-                total = None
-                break
-            total = (total or 0) + max(self.max_batch_size, 1) * math.prod(dims)
-        object.__setattr__(self, "max_values", total)
-
-    @property
-    def batched(self) -> bool:
-        return self.max_batch_size > 0
-
-    @property
-    def decoupled(self) -> bool:
-        """A decoupled model may send any number of responses per request: only a stream can carry them."""
-        policy = self.config.get("model_transaction_policy") or {}
-        return bool(policy.get("decoupled"))
-
-    def kserve_metadata(self, all_versions: bool = True) -> dict[str, Any]:
-        """KServe v2 model metadata (HTTP ``/v2/models/{m}`` and gRPC ``ModelMetadata``) as Triton gives it:
-        ``versions`` lists every ready version when no version was asked for, else the one asked for."""
-
-        def tensors(key: str) -> list[dict[str, Any]]:
-            items = self.metadata.get(key, [])
-            return [{**t, "shape": [int(d) for d in t.get("shape", [])]} for t in items]
-
-        return {
-            "name": self.name,
-            "versions": list(self.versions) if all_versions and self.versions else [self.version],
-            "platform": self.metadata.get("platform", ""),
-            "inputs": tensors("inputs"),
-            "outputs": tensors("outputs"),
-        }
-
-    def public(self, state: str = "READY") -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "versions": list(self.versions),
-            "state": state,
-            "platform": self.platform,
-            "max_batch_size": self.max_batch_size,
-            "inputs": [t.public() for t in self.inputs.values()],
-            "outputs": [t.public() for t in self.outputs.values()],
-            "cache_enabled": self.cache_enabled,
-        }
 
 
 def _param(config: dict[str, Any], key: str) -> str | None:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from tritonclient.utils import deserialize_bytes_tensor
 
+from app.domain import InferRequest
 from app.errors import InvalidInput
 from app.services.payload import ContainerBudget
 from app.services.registry import ModelInfo, TensorSpec
@@ -401,6 +402,28 @@ def validate_v1_inputs(info: ModelInfo, inputs: Any) -> dict[str, np.ndarray]:
         arrays[name] = arr
     _check_batch_agreement(info, arrays)
     return arrays
+
+
+_V1_FIELDS = ("inputs", "outputs", "parameters")
+
+
+def validate_v1_body(info: ModelInfo, body: Any) -> InferRequest:
+    """A ``/v1`` request body, parsed (``{"inputs", "outputs"?, "parameters"?}``) -> a validated
+    ``InferRequest`` for ``info``: the ``/v1`` codec (``app.codecs.v1``), job bodies and ``/v1/ws`` frames."""
+    if not isinstance(body, dict):
+        raise InvalidInput("body: expected a JSON object with an 'inputs' object", {"field": "body"})
+    unknown = set(body) - set(_V1_FIELDS)
+    if unknown:
+        field_name = sorted(unknown)[0]
+        raise InvalidInput(
+            f"{field_name}: unknown field; expected inputs, outputs, parameters", {"field": field_name}
+        )
+    return InferRequest(
+        info=info,
+        inputs=validate_v1_inputs(info, body.get("inputs")),
+        outputs=validate_outputs(info, body.get("outputs")),
+        parameters=validate_parameters(body.get("parameters")),
+    )
 
 
 def validate_v2_inputs(

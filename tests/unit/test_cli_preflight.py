@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import preflight, unknown_variables
+from app.cli_common import preflight, unknown_variables
 from app.launcher import free_port
 from app.settings import Settings
 

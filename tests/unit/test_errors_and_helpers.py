@@ -8,6 +8,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from app.clients.grpc_status import from_grpc, grpc_status_from_text
 from app.clients.protocols import TritonResult
 from app.codecs import v2
 from app.errors import (
@@ -17,8 +18,6 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
     error_body,
-    from_grpc,
-    grpc_status_from_text,
 )
 from app.services.inference import InferRequest, InferResponse, cache_directives
 from app.services.registry import ModelInfo

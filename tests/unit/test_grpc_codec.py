@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
+from app.clients.grpc_status import from_grpc
 from app.clients.protocols import TritonResult
 from app.codecs import encoding, v2
 from app.codecs import grpc as codec
@@ -26,7 +27,6 @@ from app.errors import (
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
-    from_grpc,
     from_http,
 )
 from app.frontends.grpc.status import grpc_code

@@ -17,12 +17,10 @@ from typing import Any
 
 import orjson
 
-from app.auth.principal import apply_principal, current_principal
-from app.codecs import v1
-from app.codecs.common import decode_off_loop
+from app.domain import InferRequest, InferResponse
 from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
 from app.observability import metrics
-from app.services.inference import InferenceService, InferResponse, refuse_decoupled
+from app.services.inference import InferenceService, refuse_decoupled
 from app.services.jobs.events import EventHub
 from app.services.jobs.spec import JobSpec
 from app.services.jobs.ssrf import UnsafeURL, vet_url
@@ -35,6 +33,8 @@ from app.services.jobs.store import (
     redis_errors,
     valid_job_id,
 )
+from app.services.payload import decode_off_loop
+from app.services.validation import validate_v1_body
 from app.timestamps import iso_utc
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,10 @@ _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 WATCH_POLL_S = 15.0  # events wake watchers at once; this re-read of the store is only the safety net
 
 Emit = Callable[[dict[str, Any]], None]
+# What the caller's key decides about a Triton call (its tier's priority and timeout bound, the cache
+# scope), applied to each request decoded here: ``app.auth.principal.caller_bound()``, handed over by the
+# door (the services never import app.auth).
+Bound = Callable[[InferRequest], None]
 
 
 def error_json(code: str, message: str, details: dict[str, Any] | None = None) -> bytes:
@@ -51,7 +55,7 @@ def error_json(code: str, message: str, details: dict[str, Any] | None = None) -
 
 
 def result_json(response: InferResponse) -> bytes:
-    return orjson.dumps(v1.result(response), option=_JSON_OPTS)
+    return orjson.dumps(response.public(), option=_JSON_OPTS)
 
 
 _iso = iso_utc
@@ -92,9 +96,10 @@ class JobService:
 
     async def submit(
         self, owner: str, model: str, version: str | None, body: Any, idempotency_key: str | None,
-        request_id: str, body_bytes: int = 0,
+        request_id: str, body_bytes: int = 0, *, bound: Bound,
     ) -> SubmitResult:  # fmt: skip
-        """``body_bytes``: the size of the body as sent (a large one is validated off the event loop)."""
+        """``body_bytes``: the size of the body as sent (a large one is validated off the event loop);
+        ``bound``: what the caller's key decides about the Triton call (``Bound``)."""
         if not isinstance(body, dict):
             raise InvalidInput("body: expected a JSON object with an 'inputs' object", {"field": "body"})
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
@@ -102,8 +107,8 @@ class JobService:
         infer_body = {k: v for k, v in body.items() if k not in ("webhook", "priority")}
         info = await self.inference.resolve(model, version)
         refuse_decoupled(info)  # a job is one answer: a decoupled model's job could never succeed
-        req = await decode_off_loop(body_bytes, v1.decode_body, info, infer_body)
-        apply_principal(req, current_principal())  # the key's tier rides with the job to the worker
+        req = await decode_off_loop(body_bytes, validate_v1_body, info, infer_body)
+        bound(req)  # the key's tier rides with the job to the worker
         priority = body.get("priority", "normal")
         if priority not in PRIORITIES:
             raise InvalidInput(f"priority: expected one of {', '.join(PRIORITIES)}", {"field": "priority"})

@@ -16,26 +16,42 @@ import asyncio
 import contextlib
 import logging
 import re
-from typing import Any
+from collections.abc import MutableMapping
+from typing import Any, Protocol
 
 import orjson
-from starlette.websockets import WebSocket
 
-from app.auth.principal import Principal, Unauthorized, apply_principal, current_principal
-from app.codecs import v1
-from app.codecs.common import OFF_LOOP_BYTES, decode_off_loop
 from app.errors import GatewayError, InvalidInput
 from app.observability import metrics
 from app.request_context import set_request_id
 from app.services.inference import InferenceService, refuse_decoupled
-from app.services.jobs.service import JobService
-from app.services.payload import ANY_MODEL, parse_json
-from app.services.validation import container_budget
+from app.services.jobs.service import Bound, JobService
+from app.services.payload import ANY_MODEL, OFF_LOOP_BYTES, decode_off_loop, parse_json
+from app.services.validation import container_budget, validate_v1_body
 
 logger = logging.getLogger(__name__)
 
 _MODEL_NAME = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
 _INFER_FIELDS = {"op", "ref", "model", "version", "inputs", "outputs", "parameters"}
+
+
+class Socket(Protocol):
+    """What these sockets use of an accepted WebSocket (the routers' ``starlette.websockets.WebSocket``)."""
+
+    async def receive(self) -> MutableMapping[str, Any]: ...
+
+    async def send_text(self, data: str) -> None: ...
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+
+class Recheck(Protocol):
+    """The key a socket was opened with, checked again while it lives (``app.auth.asgi.KeyCheck``, handed
+    over by the door; None without a key to revoke)."""
+
+    async def frame(self) -> bool: ...
+
+    async def revoked(self) -> None: ...
 
 
 class TooManyInFlight(GatewayError):
@@ -44,7 +60,7 @@ class TooManyInFlight(GatewayError):
 
 
 class Outbox:
-    def __init__(self, ws: WebSocket, maxsize: int) -> None:
+    def __init__(self, ws: Socket, maxsize: int) -> None:
         self.ws = ws
         self.queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize)
         self.overflowed = False
@@ -84,45 +100,12 @@ async def _heartbeat(outbox: Outbox, every_s: float) -> None:
         outbox.emit({"type": "heartbeat"})
 
 
-async def _until_disconnect(ws: WebSocket) -> None:
+async def _until_disconnect(ws: Socket) -> None:
     while (await ws.receive())["type"] != "websocket.disconnect":
         pass
 
 
-class KeyCheck:
-    """The key an admitted socket was opened with, checked again (``AuthStage.recheck``): on every
-    frame (``frame``) and by a poller (``revoked``, which returns once the key is gone)."""
-
-    def __init__(self, stage: Any, principal: Principal) -> None:
-        self.stage, self.principal = stage, principal
-        self.every_s = min(1.0, max(stage.cache_s / 5, 0.1))
-
-    @classmethod
-    def of(cls, ws: WebSocket) -> KeyCheck | None:
-        principal = ws.scope.get("state", {}).get("principal")
-        stage = getattr(ws.app.state, "auth", None)
-        if not isinstance(principal, Principal) or stage is None or not principal.extra.get("digest"):
-            return None  # auth off, or the admin token: nothing to revoke
-        return cls(stage, principal)
-
-    async def frame(self) -> bool:
-        """False once the key is revoked or rotated away."""
-        try:
-            await self.stage.recheck(self.principal)
-        except Unauthorized:
-            return False
-        return True
-
-    async def revoked(self) -> None:
-        while True:
-            await asyncio.sleep(self.every_s)
-            try:
-                await self.stage.recheck(self.principal, slack_s=self.every_s)
-            except Unauthorized:
-                return
-
-
-async def _close_revoked(ws: WebSocket) -> None:
+async def _close_revoked(ws: Socket) -> None:
     with contextlib.suppress(Exception):
         await ws.close(1008, "API key revoked or rotated")
 
@@ -145,7 +128,7 @@ class JobSockets:
         self.service.websockets_open += delta
         (metrics.websocket_opened if delta > 0 else metrics.websocket_closed)()
 
-    async def serve_job(self, ws: WebSocket, owner: str, job_id: str) -> None:
+    async def serve_job(self, ws: Socket, owner: str, job_id: str, *, check: Recheck | None) -> None:
         """``/v1/jobs/{id}/ws`` on an accepted socket."""
         self._count(+1)
         outbox = Outbox(ws, self.limits.send_queue)
@@ -154,7 +137,6 @@ class JobSockets:
             asyncio.create_task(_until_disconnect(ws)),
             asyncio.create_task(_heartbeat(outbox, self.limits.heartbeat_s)),
         ]
-        check = KeyCheck.of(ws)
         if check is not None:
             others.append(asyncio.create_task(check.revoked()))
         try:
@@ -175,13 +157,13 @@ class JobSockets:
             for task in (watcher, outbox.task, *others):
                 task.cancel()
 
-    async def serve_multiplexed(self, ws: WebSocket, owner: str) -> None:
-        """``/v1/ws`` on an accepted socket."""
+    async def serve_multiplexed(self, ws: Socket, owner: str, *, check: Recheck | None, bound: Bound) -> None:
+        """``/v1/ws`` on an accepted socket; ``bound``: what the socket's key decides about each Triton
+        call (``app.services.jobs.service.Bound``)."""
         self._count(+1)
         outbox = Outbox(ws, self.limits.send_queue)
-        mux = Multiplexer(self.service, self.inference, owner, self.limits, outbox)
+        mux = Multiplexer(self.service, self.inference, owner, self.limits, outbox, bound)
         beat = asyncio.create_task(_heartbeat(outbox, self.limits.heartbeat_s))
-        check = KeyCheck.of(ws)
         revoked = asyncio.create_task(check.revoked()) if check is not None else None
         ends = [outbox.task] if revoked is None else [outbox.task, revoked]
         gone = False  # the key was revoked or rotated away
@@ -221,10 +203,11 @@ class Multiplexer:
 
     def __init__(
         self, service: JobService, inference: InferenceService, owner: str, limits: SocketLimits,
-        outbox: Outbox,
+        outbox: Outbox, bound: Bound,
     ) -> None:  # fmt: skip
         self.service, self.inference, self.owner = service, inference, owner
         self.max_in_flight, self.max_frame, self.outbox = limits.max_in_flight, limits.max_frame, outbox
+        self.bound = bound
         self.tasks: set[asyncio.Task[None]] = set()
 
     def handle(self, text: str) -> None:
@@ -304,15 +287,15 @@ class Multiplexer:
             body = {k: frame[k] for k in ("inputs", "outputs", "parameters") if k in frame}
             info = await self.inference.resolve(model, version)
             refuse_decoupled(info)
-            req = await decode_off_loop(size, v1.decode_body, info, body)
+            req = await decode_off_loop(size, validate_v1_body, info, body)
             # the frame's ``ref`` is the Triton request id when it is a sane one (as X-Request-ID is), else
             # a generated id; the answer echoes ``ref`` as sent either way
             ref = tags.get("ref")
             sane = isinstance(ref, str | int) and not isinstance(ref, bool)
             req.request_id = set_request_id(str(ref) if sane else None)
-            apply_principal(req, current_principal())  # the socket's key: Triton priority and timeout bound
+            self.bound(req)  # the socket's key: Triton priority and timeout bound
             response = await self.inference.infer(req)
-            frame = {"type": "result", **tags, "result": v1.result(response), "cache": response.cache}
+            frame = {"type": "result", **tags, "result": response.public(), "cache": response.cache}
             self.outbox.emit(frame)
         except GatewayError as exc:
             self.outbox.emit(error_frame(exc, **tags))

@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from app.services.inference import InferRequest
-from app.services.registry import ModelInfo
+from app.domain import InferRequest, ModelInfo
 
 
 @dataclass(frozen=True, slots=True)
