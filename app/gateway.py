@@ -22,7 +22,9 @@ from app.clients.routed import RoutedTriton, routing_options
 from app.clients.triton import TritonGrpcClient, settings_channel_args
 from app.clients.triton_http import TritonHttpInfer
 from app.clients.triton_shm import SharedMemoryTransport
+from app.codecs.offload import Offload
 from app.lifecycle import Lifecycle
+from app.observability.loop import LoopMonitor
 from app.services.batcher import BatchingTransport
 from app.services.cache import ReadPolicy, ResponseCache
 from app.services.health import HealthService
@@ -47,6 +49,7 @@ class Gateway:
     health: HealthService
     jobs: JobsRuntime
     lifecycle: Lifecycle
+    offload: Offload  # large bodies decoded, large answers encoded, in child processes (TGW_DECODE_PROCESSES)
 
 
 @asynccontextmanager
@@ -109,11 +112,17 @@ async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) 
         ReadPolicy(settings.cache_read_min_hit_ratio), served,
     )  # fmt: skip
     health = HealthService(admin, transport, cache)
-    jobs = JobsRuntime(settings, inference)
-    gw = Gateway(settings, admin, transport, redis, cache, registry, inference, health, jobs, lifecycle)
+    offload = Offload(settings.decode_processes)
+    jobs = JobsRuntime(settings, inference, offload)
+    gw = Gateway(
+        settings, admin, transport, redis, cache, registry, inference, health, jobs, lifecycle, offload
+    )
     lifecycle.watch(health)
     lifecycle.drain_hooks.append(jobs.begin_drain)
+    monitor = LoopMonitor()
     try:
+        monitor.start()
+        offload.start()  # its children start in the background: the first large body pays no spawn
         if shm is not None:
             await shm.start()
         await jobs.start()
@@ -127,6 +136,8 @@ async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) 
     finally:
         await jobs.stop(drain_s=min(settings.drain_s, 5.0) if settings.worker_in_process else 0)
         await inference.drain_writes(timeout_s=1.0)
+        await offload.close()
+        monitor.stop()
         await served.stop()
         if store is not None:
             await store.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
@@ -45,6 +45,15 @@ class Reply(NamedTuple):
 
 def dumps(content: Any) -> bytes:
     return orjson.dumps(content, option=_ORJSON_OPTS)
+
+
+# What writing one JSON value of a BYTES tensor costs, in numeric values (numpy's per-item str conversion).
+_OBJECT_VALUE_COST = 10
+
+
+def json_values(outputs: Mapping[str, np.ndarray]) -> int:
+    """The work of writing these tensors as JSON, in numeric values (``Offload.encode`` decides on it)."""
+    return sum(arr.size * (_OBJECT_VALUE_COST if arr.dtype == np.object_ else 1) for arr in outputs.values())
 
 
 def jsonable(arr: np.ndarray) -> Any:
