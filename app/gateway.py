@@ -9,6 +9,7 @@ Both the FastAPI lifespan (``app.main``) and ``tgw worker`` (no web app) enter i
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -132,6 +133,9 @@ async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) 
                     "routed" if settings.triton_urls else
                     f"HTTP {settings.triton_http_url}" if settings.triton_http_url else "gRPC",
                     settings.redis_address if redis is not None else "disabled")  # fmt: skip
+        # What start-up built lives as long as the process: out of the garbage collector's full passes, which
+        # otherwise walk all of it (~110k objects: a 20-65 ms pause of the event loop, now and then).
+        gc.freeze()
         yield gw
     finally:
         await jobs.stop(drain_s=min(settings.drain_s, 5.0) if settings.worker_in_process else 0)

@@ -17,6 +17,14 @@ def tensor_bytes(arr: np.ndarray) -> bytes:
     return np.ascontiguousarray(arr).tobytes()
 
 
+def tensor_buffer(arr: np.ndarray) -> bytes | memoryview:
+    """``tensor_bytes`` without the copy where the array holds those bytes already (contiguous,
+    little-endian, not BYTES): a view of them. Copying 16 MB took ~5-15 ms of the event loop."""
+    if arr.size and arr.dtype != np.object_ and arr.dtype.byteorder != ">" and arr.flags.c_contiguous:
+        return arr.data.cast("B")
+    return tensor_bytes(arr)
+
+
 def tensor_from_bytes(blob: bytes, datatype: str, shape: Sequence[int]) -> np.ndarray:
     """The inverse of ``tensor_bytes`` for a Triton ``datatype`` (a read-only view where it can be)."""
     if datatype == "BYTES":

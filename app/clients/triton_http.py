@@ -267,7 +267,7 @@ class TritonHttpInfer:
             return answer
 
     def _encode(self, call: TritonCall) -> bytes:
-        blobs: list[bytes] = []
+        blobs: list[binary.Blob] = []
         tensors = [binary.binary_item(n, call.datatypes[n], arr, blobs) for n, arr in call.inputs.items()]
         header: dict[str, Any] = {"inputs": tensors}
         rid = call.request_id
@@ -286,7 +286,8 @@ class TritonHttpInfer:
         else:
             params["binary_data_output"] = True
         header["parameters"] = params
-        body, head_length = binary.pack(header, blobs)
+        head = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+        length = len(head) + sum(len(blob) for blob in blobs)
         path = f"/v2/models/{quote(call.model, safe='')}"
         if call.version:
             path += f"/versions/{quote(call.version, safe='')}"
@@ -296,10 +297,10 @@ class TritonHttpInfer:
         start = (
             f"POST {path}/infer HTTP/1.1\r\n{self._host_header}"
             "Content-Type: application/octet-stream\r\n"
-            f"Inference-Header-Content-Length: {head_length or len(body)}\r\n"
-            f"Content-Length: {len(body)}\r\n{lines}\r\n"
+            f"Inference-Header-Content-Length: {len(head)}\r\n"
+            f"Content-Length: {length}\r\n{lines}\r\n"
         )
-        return b"".join([start.encode("latin-1"), body])
+        return b"".join([start.encode("latin-1"), head, *blobs])  # the tensors' one copy
 
     async def _http_ok(self, path: str, timeout_s: float = 2.0) -> bool:
         request = f"GET {path} HTTP/1.1\r\n{self._host_header}\r\n".encode("latin-1")

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from app.clients.tensors import tensor_bytes
+from app.clients.tensors import tensor_buffer
 
 HEADER_LENGTH = "inference-header-content-length"
 HEADER_LENGTH_BYTES = HEADER_LENGTH.encode()
@@ -68,15 +68,19 @@ def binary_parts(tensors: Iterable[Any], tail: bytes, kind: str) -> dict[str, by
     return parts
 
 
-def binary_item(name: str, datatype: str, arr: np.ndarray, blobs: list[bytes]) -> dict[str, Any]:
-    """A tensor entry whose data goes to ``blobs`` (appended in order)."""
-    blob = tensor_bytes(arr)
+Blob = bytes | memoryview
+
+
+def binary_item(name: str, datatype: str, arr: np.ndarray, blobs: list[Blob]) -> dict[str, Any]:
+    """A tensor entry whose data goes to ``blobs`` (appended in order: a view of the array where it holds
+    the bytes already, copied only once, into the message)."""
+    blob = tensor_buffer(arr)
     blobs.append(blob)
     return {"name": name, "datatype": datatype, "shape": arr.shape,
             "parameters": {"binary_data_size": len(blob)}}  # fmt: skip
 
 
-def pack(header: Mapping[str, Any], blobs: list[bytes]) -> tuple[bytes, int | None]:
+def pack(header: Mapping[str, Any], blobs: list[Blob]) -> tuple[bytes, int | None]:
     """(message, header length or None when there is no binary part)."""
     head = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -49,17 +50,36 @@ ENCODE_POOL_VALUES = 200_000
 _JOIN_S = 5.0  # a child still decoding at shutdown gets this long, then it is killed
 
 
-def _child_init() -> None:
+def _child_init(parent: int) -> None:
     """In each child: the parent decides when children end (a SIGINT/SIGTERM sent to the whole process
-    group must not kill a child under a request the parent is still answering); the codecs are imported
-    once here, not on the first request."""
+    group must not kill a child under a request the parent is still answering), and a parent that dies
+    without closing the pool (``kill -9``, OOM) takes its children with it; the codecs are imported once
+    here, not on the first request."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with(parent)
     import app.codecs.grpc
     import app.codecs.v1
     import app.codecs.v2
     import app.services.jobs.service
     import app.services.jobs.sockets  # noqa: F401
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL when the parent process ends (Linux ``PR_SET_PDEATHSIG``). A child holds both ends of the
+    pool's pipes itself, so it would never see them close and would outlive a killed gateway. Children are
+    started from the event-loop thread (every ``submit`` is made there), which lives as long as the pool:
+    the signal is tied to that thread."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the pool's own shutdown still ends the children
+        return
+    if os.getppid() != parent:  # the parent ended before the signal was armed
+        os._exit(0)
 
 
 def _pid() -> int:
@@ -90,7 +110,10 @@ class Offload:
 
     def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
         executor = concurrent.futures.ProcessPoolExecutor(
-            self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_child_init
+            self.processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_child_init,
+            initargs=(os.getpid(),),
         )
         self._healthy = False
         self._warming = asyncio.get_running_loop().create_task(self._warm(executor), name="offload-warm")

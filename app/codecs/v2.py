@@ -198,7 +198,7 @@ def encode_answer(
     """The answer (compressed when ``Accept-Encoding`` asks for it): what ``encode`` needs of the request, so
     that the answer can be written in a child process without shipping the request's inputs there."""
     outputs = []
-    blobs: list[bytes] = []
+    blobs: list[binary.Blob] = []
     result = response.result
     for name, arr in result.outputs.items():
         datatype = result.datatypes[name]

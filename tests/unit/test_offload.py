@@ -173,3 +173,38 @@ async def test_close_leaves_no_child_behind() -> None:
         await asyncio.sleep(0.05)
     assert not any(alive(pid) for pid in pids), pids
     assert await offload.decode(OFF_LOOP_BYTES + 1, where) != (PARENT, threading.get_ident())  # still answers
+
+
+_KILLED_PARENT = """
+import asyncio, sys
+from app.codecs.offload import Offload
+
+async def main():
+    offload = Offload(1)
+    offload.start()
+    await offload.ready()
+    print("ready", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+def test_a_killed_gateway_takes_its_children_with_it() -> None:
+    """``kill -9`` of the parent (no shutdown at all): its decode process and multiprocessing's resource
+    tracker end too (PR_SET_PDEATHSIG; the tracker once the child has gone)."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children
+    finally:
+        proc.kill()
+        proc.wait(10)
+    alive_after = psutil.wait_procs(children, timeout=10)[1]
+    assert not alive_after, alive_after
