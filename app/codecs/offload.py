@@ -48,6 +48,7 @@ DECODE_POOL_BYTES = 96 * 1024
 # (random floats; 200k values: 5 ms), numpy's BYTES -> str conversion ~10x that (weighed in ``json_values``).
 ENCODE_POOL_VALUES = 200_000
 _JOIN_S = 5.0  # a child still decoding at shutdown gets this long, then it is killed
+_GROUP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _child_init(parent: int) -> None:
@@ -57,6 +58,7 @@ def _child_init(parent: int) -> None:
     here, not on the first request."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _GROUP_SIGNALS)  # blocked by the parent while it started us
     _die_with(parent)
     import app.codecs.grpc
     import app.codecs.v1
@@ -115,15 +117,25 @@ class Offload:
             initializer=_child_init,
             initargs=(os.getpid(),),
         )
+        # One no-op call per process starts every child now (a call made while none is idle starts one),
+        # with SIGINT and SIGTERM blocked: a child inherits the mask, so a Ctrl-C or a SIGTERM sent to the
+        # process group while it is still importing cannot kill it (``_child_init`` then ignores both).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
+        try:
+            calls = [executor.submit(_pid) for _ in range(self.processes)]
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self._healthy = False
-        self._warming = asyncio.get_running_loop().create_task(self._warm(executor), name="offload-warm")
+        loop = asyncio.get_running_loop()
+        self._warming = loop.create_task(self._warm(executor, calls), name="offload-warm")
         return executor
 
-    async def _warm(self, executor: concurrent.futures.ProcessPoolExecutor) -> None:
-        """One no-op call per process: the children are started (spawned on demand) and initialised."""
+    async def _warm(
+        self, executor: concurrent.futures.ProcessPoolExecutor, calls: list[concurrent.futures.Future[int]]
+    ) -> None:
+        """Wait for the children's first answers: started and initialised."""
         try:
-            calls = [asyncio.wrap_future(executor.submit(_pid)) for _ in range(self.processes)]
-            pids = await asyncio.gather(*calls)
+            pids = await asyncio.gather(*(asyncio.wrap_future(call) for call in calls))
             self._healthy = executor is self._executor
             logger.info("decode pool ready: %d process(es) %s", self.processes, sorted(set(pids)))
         except Exception as exc:  # a broken or closed pool: the first call that needs it says so

@@ -208,3 +208,24 @@ def test_a_killed_gateway_takes_its_children_with_it() -> None:
         proc.wait(10)
     alive_after = psutil.wait_procs(children, timeout=10)[1]
     assert not alive_after, alive_after
+
+
+async def test_ctrl_c_to_the_process_group_does_not_kill_a_starting_child() -> None:
+    """SIGINT/SIGTERM reach the decode processes too when sent to the process group (a terminal's Ctrl-C,
+    ``kill -- -PGID``), even while a child is still importing: it survives, the parent stops it."""
+    import psutil
+
+    before = {p.pid for p in psutil.Process().children()}
+    offload = Offload(1)
+    offload.start()
+    try:
+        started = [p for p in psutil.Process().children() if p.pid not in before]
+        assert started
+        for child in started:  # at once: the child is still starting up
+            child.send_signal(signal.SIGINT)
+            child.send_signal(signal.SIGTERM)
+        await offload.ready()
+        assert (await offload.decode(DECODE_POOL_BYTES + 1, where))[0] != PARENT
+        assert offload.rebuilds == 0
+    finally:
+        await offload.close()
