@@ -53,7 +53,14 @@ _OBJECT_VALUE_COST = 10
 
 def json_values(outputs: Mapping[str, np.ndarray]) -> int:
     """The work of writing these tensors as JSON, in numeric values (``Offload.encode`` decides on it)."""
-    return sum(arr.size * (_OBJECT_VALUE_COST if arr.dtype == np.object_ else 1) for arr in outputs.values())
+    total = 0
+    for arr in outputs.values():  # a plain loop: ~0.15 µs for one small output (a generator: ~0.4)
+        total += tensor_json_values(arr)
+    return total
+
+
+def tensor_json_values(arr: np.ndarray) -> int:
+    return arr.size * _OBJECT_VALUE_COST if arr.dtype.kind == "O" else arr.size
 
 
 def jsonable(arr: np.ndarray) -> Any:

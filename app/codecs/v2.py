@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.codecs import binary, encoding
-from app.codecs.common import JSON, OCTET_STREAM, Reply, call_options, json_values, jsonable
+from app.codecs.common import JSON, OCTET_STREAM, Reply, call_options, jsonable, tensor_json_values
 from app.errors import BadRequest, InvalidInput
 from app.services.inference import InferRequest, InferResponse
 from app.services.payload import parse_json
@@ -180,12 +180,15 @@ _GZIP_JSON_VALUE_COST, _GZIP_BINARY_BYTE_COST = 6, 1.5
 
 
 def encode_cost(response: InferResponse, binary_outputs: set[str], accept_encoding: str | None) -> int:
-    """The work of ``encode_answer``, in JSON values (``Offload.encode`` decides on it)."""
-    outputs = response.result.outputs
-    values = json_values({name: arr for name, arr in outputs.items() if name not in binary_outputs})
-    if encoding.accepted(accept_encoding) is None:
+    """The work of ``encode_answer``, in JSON values (``Offload.encode`` decides on it); ~0.3 µs."""
+    values = blobs = 0
+    for name, arr in response.result.outputs.items():
+        if name in binary_outputs:
+            blobs += arr.nbytes
+        else:
+            values += tensor_json_values(arr)
+    if not accept_encoding or encoding.accepted(accept_encoding) is None:
         return values
-    blobs = sum(arr.nbytes for name, arr in outputs.items() if name in binary_outputs)
     return int(values * (1 + _GZIP_JSON_VALUE_COST) + blobs * _GZIP_BINARY_BYTE_COST)
 
 

@@ -35,7 +35,10 @@ async def serve_v1(
     req.request_id = current_request_id() or ""
     apply_principal(req, current_principal())  # the key's tier: Triton priority and timeout bound
     response = await service.infer(req)
-    return await offload.encode(json_values(response.result.outputs), v1.encode, response)
+    values = json_values(response.result.outputs)
+    if not offload.encodes_in_child(values):
+        return v1.encode(response)
+    return await offload.encode(values, v1.encode, response)
 
 
 # Only POST reaches the pipeline's infer router; any other method on an infer path is 405 (as Triton

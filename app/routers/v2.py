@@ -196,4 +196,6 @@ async def serve_v2(
     response = await service.infer(req)
     accept = header_value(headers, b"accept-encoding")
     cost = kserve.encode_cost(response, v2.binary_outputs, accept)
+    if not offload.encodes_in_child(cost):
+        return kserve.encode_answer(response, v2.id, v2.binary_outputs, accept)
     return await offload.encode(cost, kserve.encode_answer, response, v2.id, v2.binary_outputs, accept)
