@@ -42,7 +42,7 @@ T = TypeVar("T")
 # Bodies above this are decoded in the pool. Measured on the 2-core dev box: decode in place costs ~5 ms at
 # this size for the densest legitimate body (single-digit numbers, "0,0,...": ~85 ns a value, 2 bytes a
 # value; 96 KiB = 49k values = 4.8 ms); typical floats ("0.4173...", ~11 bytes a value) cost ~0.8 ms here.
-# A pool hop costs the request ~0.3 ms of latency and the loop ~0.1 ms.
+# A pool hop costs the request ~0.4 ms of latency and the loop ~0.15 ms of CPU.
 DECODE_POOL_BYTES = 96 * 1024
 # Answers with more JSON values than this are encoded in the pool: orjson writes ~25 ns a float32 value
 # (random floats; 200k values: 5 ms), numpy's BYTES -> str conversion ~10x that (weighed in ``json_values``).
