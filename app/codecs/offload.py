@@ -110,7 +110,18 @@ class Offload:
         if self.processes > 0 and self._executor is None:
             self._executor = self._new_pool()
 
-    def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
+    def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor | None:
+        """A pool with its children starting; None (and an error logged) where processes cannot be
+        started at all, e.g. without /dev/shm for multiprocessing's semaphores: large bodies then go to
+        worker threads, the gateway still serves."""
+        try:
+            return self._start_pool()
+        except OSError as exc:
+            logger.error("decode processes cannot start (%r): large bodies are decoded in worker threads "
+                         "instead (TGW_DECODE_PROCESSES)", exc)  # fmt: skip
+            return None
+
+    def _start_pool(self) -> concurrent.futures.ProcessPoolExecutor:
         executor = concurrent.futures.ProcessPoolExecutor(
             self.processes,
             mp_context=multiprocessing.get_context("spawn"),
@@ -123,6 +134,9 @@ class Offload:
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
         try:
             calls = [executor.submit(_pid) for _ in range(self.processes)]
+        except BaseException:
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self._healthy = False

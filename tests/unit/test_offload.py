@@ -52,7 +52,7 @@ def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
+    except OSError:  # gone; or going: reading a dying process's stat can fail with ESRCH
         return False
 
 
@@ -229,3 +229,18 @@ async def test_ctrl_c_to_the_process_group_does_not_kill_a_starting_child() -> N
         assert offload.rebuilds == 0
     finally:
         await offload.close()
+
+
+async def test_where_processes_cannot_start_the_gateway_still_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No /dev/shm for multiprocessing's semaphores, say: an error logged, large bodies in threads."""
+    offload = Offload(1)
+
+    def no_processes() -> None:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(offload, "_start_pool", no_processes)
+    offload.start()
+    pid, thread = await offload.decode(OFF_LOOP_BYTES + 1, where)
+    assert pid == PARENT and thread != threading.get_ident()
+    assert not offload.encodes_in_child(ENCODE_POOL_VALUES + 1)
+    await offload.close()
