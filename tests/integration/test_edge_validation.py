@@ -2,7 +2,8 @@
 Redis behind the session gateway): tensor parameters it does not support (shared memory above all),
 sequence parameters for a model without a sequence batcher, malformed sequence ids, lone surrogates,
 booleans in a shape, duplicate inputs, gRPC data given twice, classification, decoupled models outside
-gRPC streams; and bodies built to stall the event loop (depth bombs, nested empty lists)."""
+gRPC streams; bodies built to stall the event loop (depth bombs, nested empty lists), and legitimate bodies
+as large as the limits allow: neither holds the event loop more than 20 ms at a time."""
 
 from __future__ import annotations
 
