@@ -7,6 +7,7 @@ the codecs (``app.codecs``: wire format -> request, answer -> wire format) and t
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -177,3 +178,19 @@ def jsonable(arr: np.ndarray) -> Any:
             lambda b: b.decode("utf-8", "replace") if isinstance(b, bytes) else b, otypes=[object]
         )(arr).tolist()
     return arr
+
+
+# What writing one JSON value of a BYTES tensor costs, in numeric values (numpy's per-item str conversion).
+_OBJECT_VALUE_COST = 10
+
+
+def json_values(outputs: Mapping[str, np.ndarray]) -> int:
+    """The work of writing these tensors as JSON, in numeric values (``Offload.encode`` decides on it)."""
+    total = 0
+    for arr in outputs.values():  # a plain loop: ~0.15 µs for one small output (a generator: ~0.4)
+        total += tensor_json_values(arr)
+    return total
+
+
+def tensor_json_values(arr: np.ndarray) -> int:
+    return arr.size * _OBJECT_VALUE_COST if arr.dtype.kind == "O" else arr.size

@@ -33,6 +33,17 @@ class GatewayError(Exception):
         self.details = details or {}
         self.headers = headers or {}
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled with its status, details and headers whatever the subclass's ``__init__`` takes: an error
+        raised while a body is decoded in a child process (``app.services.offload``) crosses back whole."""
+        return _rebuild_error, (type(self), self.message), self.__dict__
+
+
+def _rebuild_error(cls: type[GatewayError], message: str) -> GatewayError:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    return exc
+
 
 class BadRequest(GatewayError):
     status_code = 400

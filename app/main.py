@@ -63,11 +63,19 @@ def _infer_router(app: FastAPI) -> InferRouter:
         return gw
 
     async def v1(route: InferRoute, body: bytes, headers: Headers) -> infer.Reply:
-        return await infer.serve_v1(gateway().inference, route.model, route.version, body, headers)
+        gw = gateway()
+        return await infer.serve_v1(gw.inference, route.model, route.version, body, headers, gw.offload)
 
     async def kserve(route: InferRoute, body: bytes, headers: Headers) -> infer.Reply:
+        gw = gateway()
         return await v2.serve_v2(
-            gateway().inference, route.model, route.version, body, headers, app.state.settings.max_body_bytes
+            gw.inference,
+            route.model,
+            route.version,
+            body,
+            headers,
+            app.state.settings.max_body_bytes,
+            gw.offload,
         )
 
     return InferRouter({"v1": v1, "v2": kserve})

@@ -76,6 +76,10 @@ class Settings(BaseSettings):
         "INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL"
     )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="413 above this request size")
+    decode_processes: int = Field(
+        1, ge=0, le=64, description="child processes per gateway worker that decode large request bodies "
+        "(above 96 KiB) and encode large JSON answers off the event loop; 0 = in a thread of the worker",
+    )  # fmt: skip
     state_dir: Path = Field(PROJECT_ROOT / ".tgw", description="where the embedded stack keeps its files")
 
     # --- Triton ------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ async def _run(triton: EmbeddedTriton, n: int) -> None:
         """A plain aiohttp session doing what TritonHttpInfer does: the same request encoding (the
         shared KServe binary codec) and the same answer decoding, only the HTTP layer differs."""
         call = make_call()
-        blobs: list[bytes] = []
+        blobs: list[binary.Blob] = []
         tensors = [binary.binary_item(n, call.datatypes[n], a, blobs) for n, a in call.inputs.items()]
         header = {"inputs": tensors, "parameters": {"binary_data_output": True}}
         body, head_length = binary.pack(header, blobs)

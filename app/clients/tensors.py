@@ -27,6 +27,14 @@ def tensor_bytes(arr: np.ndarray) -> bytes:
     return np.ascontiguousarray(arr).tobytes()
 
 
+def tensor_buffer(arr: np.ndarray) -> bytes | memoryview:
+    """``tensor_bytes`` without the copy where the array holds those bytes already (contiguous,
+    little-endian, not BYTES): a view of them. Copying 16 MB took ~5-15 ms of the event loop."""
+    if arr.size and arr.dtype != np.object_ and arr.dtype.byteorder != ">" and arr.flags.c_contiguous:
+        return arr.data.cast("B")
+    return tensor_bytes(arr)
+
+
 def tensor_from_bytes(blob: bytes, datatype: str, shape: Sequence[int]) -> np.ndarray:
     """The inverse of ``tensor_bytes`` for a Triton ``datatype`` (a read-only view where it can be)."""
     if datatype == "BYTES":
@@ -99,15 +107,19 @@ def binary_parts(tensors: Iterable[Any], tail: bytes, kind: str) -> dict[str, by
     return parts
 
 
-def binary_item(name: str, datatype: str, arr: np.ndarray, blobs: list[bytes]) -> dict[str, Any]:
-    """A tensor entry whose data goes to ``blobs`` (appended in order)."""
-    blob = tensor_bytes(arr)
+Blob = bytes | memoryview
+
+
+def binary_item(name: str, datatype: str, arr: np.ndarray, blobs: list[Blob]) -> dict[str, Any]:
+    """A tensor entry whose data goes to ``blobs`` (appended in order: a view of the array where it holds
+    the bytes already, copied only once, into the message)."""
+    blob = tensor_buffer(arr)
     blobs.append(blob)
     return {"name": name, "datatype": datatype, "shape": arr.shape,
             "parameters": {"binary_data_size": len(blob)}}  # fmt: skip
 
 
-def pack(header: Mapping[str, Any], blobs: list[bytes]) -> tuple[bytes, int | None]:
+def pack(header: Mapping[str, Any], blobs: list[Blob]) -> tuple[bytes, int | None]:
     """(message, header length or None when there is no binary part)."""
     head = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:

@@ -29,7 +29,7 @@ import orjson
 from tritonclient.utils import triton_to_np_dtype
 
 from app.clients.protocols import TritonCall, TritonResult
-from app.clients.tensors import HEADER_LENGTH_BYTES, binary_item, binary_parts, pack, split, tensor_from_bytes
+from app.clients.tensors import HEADER_LENGTH_BYTES, Blob, binary_item, binary_parts, split, tensor_from_bytes
 from app.errors import (
     GatewayError,
     NotOffered,
@@ -273,7 +273,7 @@ class TritonHttpInfer:
             return answer
 
     def _encode(self, call: TritonCall) -> bytes:
-        blobs: list[bytes] = []
+        blobs: list[Blob] = []
         tensors = [binary_item(n, call.datatypes[n], arr, blobs) for n, arr in call.inputs.items()]
         header: dict[str, Any] = {"inputs": tensors}
         rid = call.request_id
@@ -292,7 +292,8 @@ class TritonHttpInfer:
         else:
             params["binary_data_output"] = True
         header["parameters"] = params
-        body, head_length = pack(header, blobs)
+        head = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+        length = len(head) + sum(len(blob) for blob in blobs)
         path = f"/v2/models/{quote(call.model, safe='')}"
         if call.version:
             path += f"/versions/{quote(call.version, safe='')}"
@@ -302,10 +303,10 @@ class TritonHttpInfer:
         start = (
             f"POST {path}/infer HTTP/1.1\r\n{self._host_header}"
             "Content-Type: application/octet-stream\r\n"
-            f"Inference-Header-Content-Length: {head_length or len(body)}\r\n"
-            f"Content-Length: {len(body)}\r\n{lines}\r\n"
+            f"Inference-Header-Content-Length: {len(head)}\r\n"
+            f"Content-Length: {length}\r\n{lines}\r\n"
         )
-        return b"".join([start.encode("latin-1"), body])
+        return b"".join([start.encode("latin-1"), head, *blobs])  # the tensors' one copy
 
     async def _http_ok(self, path: str, timeout_s: float = 2.0) -> bool:
         request = f"GET {path} HTTP/1.1\r\n{self._host_header}\r\n".encode("latin-1")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from app.clients.tensors import HEADER_LENGTH as HEADER_LENGTH
 from app.clients.tensors import HEADER_LENGTH_BYTES as HEADER_LENGTH_BYTES
+from app.clients.tensors import Blob as Blob
 from app.clients.tensors import FramingError as FramingError
 from app.clients.tensors import binary_item as binary_item
 from app.clients.tensors import binary_parts as binary_parts

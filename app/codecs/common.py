@@ -7,6 +7,9 @@ from typing import Any, NamedTuple
 import orjson
 
 from app.domain import CallOptions
+from app.domain import json_values as json_values
+from app.domain import jsonable as jsonable
+from app.domain import tensor_json_values as tensor_json_values
 from app.errors import InvalidInput
 
 # Decoding off the event loop is the services' too (job bodies, /v1/ws frames): it lives below them, in

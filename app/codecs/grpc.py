@@ -52,6 +52,12 @@ CONTENTS_FIELD = {
 }
 
 
+_TYPED_FIELDS = tuple(sorted(set(CONTENTS_FIELD.values())))
+# A typed value costs about what 2 bytes of the densest JSON body do ("0,": ~85 ns a value; typed: ~70 ns):
+# the size ``Offload.decode`` weighs a request by.
+TYPED_VALUE_BYTES = 2
+
+
 @dataclass(slots=True)
 class GrpcRequest:
     request: InferRequest
@@ -90,6 +96,22 @@ def _typed_blob(field: str, tensor: service_pb2.ModelInferRequest.InferInputTens
                 {"field": f"{field}.contents"},
             )
     return np.asarray(values, dtype=dtype).tobytes()
+
+
+def typed_values(req: service_pb2.ModelInferRequest) -> int:
+    """How many values the inputs carry in typed ``contents`` fields: each becomes a Python object on its way
+    to numpy (~70 ns a value: 2M FP32 values, 8 MiB, took 143 ms to decode; the same data raw, 1.5 ms)."""
+    total = 0
+    for tensor in req.inputs:
+        if tensor.HasField("contents"):
+            contents = tensor.contents
+            total += sum(len(getattr(contents, field)) for field in _TYPED_FIELDS)
+    return total
+
+
+def decode_message(info: ModelInfo, message: bytes) -> GrpcRequest:
+    """``decode`` of a serialized ``ModelInferRequest`` (in a child process: ``app.services.offload``)."""
+    return decode(info, service_pb2.ModelInferRequest.FromString(message))
 
 
 def decode(info: ModelInfo, req: service_pb2.ModelInferRequest) -> GrpcRequest:

@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from app.codecs import binary
-from app.codecs.common import JSON, OCTET_STREAM, Reply, call_options
+from app.codecs import binary, encoding
+from app.codecs.common import JSON, OCTET_STREAM, Reply, call_options, tensor_json_values
 from app.domain import InferRequest, InferResponse, ModelInfo, jsonable
 from app.errors import BadRequest, InvalidInput
 from app.services.payload import parse_json
@@ -52,6 +52,13 @@ def _header_length(value: str | None) -> int | None:
         return int(value)
     except ValueError:
         raise BadRequest("Inference-Header-Content-Length must be an integer") from None
+
+
+def decode_encoded(
+    info: ModelInfo, raw: bytes, content_encoding: str | None, limit: int, header_length: str | None
+) -> V2Request:
+    """``decode`` of a body sent with ``Content-Encoding`` (inflated first, up to ``limit`` bytes)."""
+    return decode(info, encoding.decode_body(raw, content_encoding, limit), header_length)
 
 
 def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
@@ -163,22 +170,53 @@ def _decode_raw(info: ModelInfo, raw: bytes) -> V2Request:
 
 
 def encode(response: InferResponse, req: V2Request) -> Reply:
+    return encode_answer(response, req.id, req.binary_outputs)
+
+
+# gzip level 1 costs ~14 ns a byte of JSON (~10 bytes a value: ~6x writing the value) and ~36 ns a byte of a
+# binary tensor (~1.5 values' worth), measured with a 7.4 MB answer (~100 ms either way).
+_GZIP_JSON_VALUE_COST, _GZIP_BINARY_BYTE_COST = 6, 1.5
+
+
+def encode_cost(response: InferResponse, binary_outputs: set[str], accept_encoding: str | None) -> int:
+    """The work of ``encode_answer``, in JSON values (``Offload.encode`` decides on it); ~0.3 µs."""
+    values = blobs = 0
+    for name, arr in response.result.outputs.items():
+        if name in binary_outputs:
+            blobs += arr.nbytes
+        else:
+            values += tensor_json_values(arr)
+    if not accept_encoding or encoding.accepted(accept_encoding) is None:
+        return values
+    return int(values * (1 + _GZIP_JSON_VALUE_COST) + blobs * _GZIP_BINARY_BYTE_COST)
+
+
+def encode_answer(
+    response: InferResponse,
+    request_id: str | None,
+    binary_outputs: set[str],
+    accept_encoding: str | None = None,
+) -> Reply:
+    """The answer (compressed when ``Accept-Encoding`` asks for it): what ``encode`` needs of the request, so
+    that the answer can be written in a child process without shipping the request's inputs there."""
     outputs = []
-    blobs: list[bytes] = []
+    blobs: list[binary.Blob] = []
     result = response.result
     for name, arr in result.outputs.items():
         datatype = result.datatypes[name]
-        if name in req.binary_outputs:
+        if name in binary_outputs:
             outputs.append(binary.binary_item(name, datatype, arr, blobs))
         else:
             outputs.append({"name": name, "datatype": datatype, "shape": arr.shape,
                             "data": jsonable(arr.reshape(-1))})  # fmt: skip
     header: dict[str, Any] = {"model_name": response.model, "model_version": result.model_version,
                               "outputs": outputs}  # fmt: skip
-    if req.id is not None:
-        header["id"] = req.id
+    if request_id is not None:
+        header["id"] = request_id
     body, head_length = binary.pack(header, blobs)
     x_cache = (b"x-cache", response.cache.encode())
     if head_length is None:
-        return Reply(200, body, JSON, (x_cache,))
-    return Reply(200, body, OCTET_STREAM, (x_cache, (binary.HEADER_LENGTH_BYTES, b"%d" % head_length)))
+        reply = Reply(200, body, JSON, (x_cache,))
+    else:
+        reply = Reply(200, body, OCTET_STREAM, (x_cache, (binary.HEADER_LENGTH_BYTES, b"%d" % head_length)))
+    return encoding.encode_reply(reply, accept_encoding) if accept_encoding else reply

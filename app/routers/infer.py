@@ -13,25 +13,32 @@ from starlette.exceptions import HTTPException
 
 from app.auth.principal import apply_principal, current_principal
 from app.codecs import v1
-from app.codecs.common import Reply, decode_off_loop
+from app.codecs.common import Reply, json_values
 from app.request_context import current_request_id
 from app.routers.common import Headers
 from app.routers.schemas import ERROR_TEXT, InferResult, error_ref
 from app.services.inference import InferenceService, cache_directives, refuse_decoupled
+from app.services.offload import INLINE, Offload
 
 __all__ = ["Reply", "document_infer_routes", "router", "serve_v1"]
 
 
 async def serve_v1(
-    service: InferenceService, model: str, version: str | None, body: bytes, headers: Headers
-) -> Reply:
+    service: InferenceService, model: str, version: str | None, body: bytes, headers: Headers,
+    offload: Offload = INLINE,
+) -> Reply:  # fmt: skip
+    """Large bodies are decoded, and large answers written, in ``offload``'s child processes."""
     info = await service.resolve(model, version)
     refuse_decoupled(info)
-    req = await decode_off_loop(len(body), v1.decode, info, body)
+    req = await offload.decode(len(body), v1.decode, info, body)
     req.cache_read, req.cache_write = cache_directives(header_value(headers, b"cache-control"))
     req.request_id = current_request_id() or ""
     apply_principal(req, current_principal())  # the key's tier: Triton priority and timeout bound
-    return v1.encode(await service.infer(req))
+    response = await service.infer(req)
+    values = json_values(response.result.outputs)
+    if not offload.encodes_in_child(values):
+        return v1.encode(response)
+    return await offload.encode(values, v1.encode, response)
 
 
 # Only POST reaches the pipeline's infer router; any other method on an infer path is 405 (as Triton

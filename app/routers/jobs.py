@@ -9,7 +9,6 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
 from app.auth.principal import caller_bound
-from app.codecs.common import decode_off_loop
 from app.deps import JobsDep
 from app.errors import PayloadTooLarge
 from app.request_context import current_request_id
@@ -25,10 +24,7 @@ from app.routers.schemas import (
     JobStats,
 )
 from app.services.inference import refuse_decoupled
-from app.services.jobs.service import JobService
-from app.services.payload import parse_json
-from app.services.registry import ModelInfo
-from app.services.validation import container_budget, value_budget
+from app.services.jobs.service import JobService, prepare_job
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -62,9 +58,8 @@ def _too_large(limit: int, declared: int | None = None) -> PayloadTooLarge:
     )
 
 
-async def _read_job_body(request: Request, limit: int, info: ModelInfo) -> tuple[Any, int]:
-    """The body, cut off at ``TGW_JOB_MAX_BODY_BYTES`` (a declared larger length is refused unread), parsed
-    within the bounds of the model's tensors (``app.services.payload``), off the loop when large."""
+async def _read_job_body(request: Request, limit: int) -> bytes:
+    """The body, cut off at ``TGW_JOB_MAX_BODY_BYTES`` (a declared larger length is refused unread)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit, int(declared))
@@ -74,21 +69,19 @@ async def _read_job_body(request: Request, limit: int, info: ModelInfo) -> tuple
         if size > limit:
             raise _too_large(limit)
         chunks.append(chunk)
-    raw = b"".join(chunks)
-    return await decode_off_loop(len(raw), _parse, raw, info), len(raw)
-
-
-def _parse(raw: bytes, info: ModelInfo) -> Any:
-    return parse_json(raw, max_values=value_budget(info), containers=container_budget(info), what="job")
+    return b"".join(chunks)
 
 
 async def _submit(service: JobService, request: Request, model: str, version: str | None) -> Response:
     info = await service.inference.resolve(model, version)
     refuse_decoupled(info)  # before reading the body: such a job could never run
-    body, size = await _read_job_body(request, service.max_body_bytes, info)
+    raw = await _read_job_body(request, service.max_body_bytes)
+    # parsed within the bounds of the model's tensors (app.services.payload) and decoded for it: in a child
+    # process when large (app.services.offload)
+    body = await service.offload.decode(len(raw), prepare_job, raw, info, model, version)
     job = await service.submit(
         owner_of(request), model, version, body, request.headers.get("idempotency-key"),
-        current_request_id() or "", size, bound=caller_bound(),
+        current_request_id() or "", bound=caller_bound(),
     )  # fmt: skip
     content: dict[str, Any] = {"id": job.id, "status": str(job.status), **_links(request, job.id)}
     headers = {"Location": content["status_url"]}

@@ -10,9 +10,8 @@ from fastapi import APIRouter
 from starlette.responses import Response
 
 from app.auth.principal import apply_principal, current_principal
-from app.codecs import encoding
 from app.codecs import v2 as kserve
-from app.codecs.common import Reply, decode_off_loop
+from app.codecs.common import Reply
 from app.deps import AdminDep, HealthDep, InferenceDep, RegistryDep
 from app.request_context import current_request_id
 from app.routers.common import Headers, ORJSONResponse
@@ -30,6 +29,7 @@ from app.routers.schemas import (
 )
 from app.services.inference import InferenceService, cache_directives, refuse_decoupled
 from app.services.offer import EXTENSIONS, refusal
+from app.services.offload import INLINE, Offload
 from app.services.statistics import ServedStatistics
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
@@ -173,24 +173,29 @@ _HEADER_LENGTH = kserve.HEADER_LENGTH.encode()
 
 async def serve_v2(
     service: InferenceService, model: str, version: str | None, raw: bytes, headers: Headers,
-    max_body_bytes: int = 8 * 1024 * 1024,
+    max_body_bytes: int = 8 * 1024 * 1024, offload: Offload = INLINE,
 ) -> Reply:  # fmt: skip
     """The /v2 infer handler (``app.pipeline.InferRouter``; documented in ``app.routers.infer``).
     ``Content-Encoding: gzip|deflate`` bodies are inflated up to ``max_body_bytes``; the answer is
-    compressed when ``Accept-Encoding`` asks for it."""
+    compressed when ``Accept-Encoding`` asks for it. Large bodies are decoded, and large answers written
+    (and compressed), in ``offload``'s child processes."""
     info = await service.resolve(model, version)
     refuse_decoupled(info)  # Triton's answer, without the round trip (and the same over either transport)
     coding, length = header_value(headers, b"content-encoding"), header_value(headers, _HEADER_LENGTH)
-
-    def decode() -> kserve.V2Request:
-        return kserve.decode(info, encoding.decode_body(raw, coding, max_body_bytes), length)
-
     # The JSON part is what costs (binary tensors are views of the body); a compressed body may inflate.
     json_bytes = int(length) if length is not None and length.isdigit() else len(raw)
-    v2 = await decode_off_loop(len(raw) * 64 if coding else json_bytes, decode)
+    size = len(raw) * 64 if coding else json_bytes
+    if coding:
+        v2 = await offload.decode(size, kserve.decode_encoded, info, raw, coding, max_body_bytes, length)
+    else:
+        v2 = await offload.decode(size, kserve.decode, info, raw, length)
     req = v2.request
     req.cache_read, req.cache_write = cache_directives(header_value(headers, b"cache-control"))
     req.request_id = current_request_id() or ""
     apply_principal(req, current_principal())  # the key's tier: Triton priority and timeout bound
-    reply = kserve.encode(await service.infer(req), v2)
-    return encoding.encode_reply(reply, header_value(headers, b"accept-encoding"))
+    response = await service.infer(req)
+    accept = header_value(headers, b"accept-encoding")
+    cost = kserve.encode_cost(response, v2.binary_outputs, accept)
+    if not offload.encodes_in_child(cost):
+        return kserve.encode_answer(response, v2.id, v2.binary_outputs, accept)
+    return await offload.encode(cost, kserve.encode_answer, response, v2.id, v2.binary_outputs, accept)

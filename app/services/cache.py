@@ -19,7 +19,7 @@ import numpy as np
 import orjson
 
 from app.clients.protocols import CacheStore, TritonResult
-from app.clients.tensors import tensor_bytes, tensor_from_bytes
+from app.clients.tensors import tensor_buffer, tensor_bytes, tensor_from_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +37,16 @@ def cache_key(
     h.update(orjson.dumps([sorted(outputs), parameters], option=orjson.OPT_SORT_KEYS))
     for name in sorted(inputs):
         arr = inputs[name]
-        data = tensor_bytes(arr)
-        h.update(orjson.dumps([name, datatypes[name], list(arr.shape), len(data)]))
+        data = _key_bytes(arr)
+        h.update(orjson.dumps([name, datatypes[name], list(arr.shape), data.nbytes]))
         h.update(data)
     return f"{namespace}:{model}:{version}:{h.hexdigest()}"
+
+
+def _key_bytes(arr: np.ndarray) -> memoryview:
+    """The tensor's bytes exactly as ``tensor_bytes`` gives them (without a copy where it can: 16 MB took
+    ~15 ms to copy)."""
+    return memoryview(tensor_buffer(arr))
 
 
 # Value: 4-byte header length, JSON header {"v": version, "x": expiry (Unix seconds), "o": [[name,

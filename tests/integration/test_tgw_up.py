@@ -134,8 +134,9 @@ def test_sigterm_stops_all_three(stack: Stack) -> None:
     tensor.set_data_from_numpy(np.array([[1.0, 2.0]], dtype=np.float32))
     assert grpc_client.infer("identity_fp32", [tensor]).as_numpy("OUTPUT0").tolist() == [[1.0, 2.0]]
     grpc_client.close()
-    children = stack.children()
-    assert len(children) == 3  # redis-server (cache), redis-server (jobs) and tritonserver
+    children = stack.children()  # and the gateway's decode process (TGW_DECODE_PROCESSES) with its tracker
+    servers = [p for p in children if b"multiprocessing" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(servers) == 3  # redis-server (cache), redis-server (jobs) and tritonserver
     assert "serving on uvloop.Loop" in stack.log.read_text()  # the same loop as `tgw serve` (issue 15)
     # Redis memory (issue 15): a bounded cache that evicts, and a jobs instance that never does.
     import redis
@@ -308,7 +309,9 @@ def test_tgw_up_serves_with_the_worker_count_it_is_given(stack: Stack) -> None:
     me = psutil.Process(stack.proc.pid)
     deadline = time.monotonic() + 30
     while True:
-        gateways = [p for p in me.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+        spawned = [p for p in me.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+        # the gateway workers, not their decode processes (spawned by them: TGW_DECODE_PROCESSES)
+        gateways = [p for p in spawned if p.ppid() not in {s.pid for s in spawned}]
         if len(gateways) >= 2 or time.monotonic() > deadline:
             break
         time.sleep(0.3)

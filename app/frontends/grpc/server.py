@@ -49,7 +49,8 @@ from app.request_context import set_request_id
 from app.services.health import HealthService
 from app.services.inference import InferenceService, InferResponse
 from app.services.offer import EXTENSIONS, REFUSED_RPCS, refusal
-from app.services.registry import ModelRegistry
+from app.services.offload import DECODE_POOL_BYTES, INLINE, Offload
+from app.services.registry import ModelInfo, ModelRegistry
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -237,8 +238,10 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self, inference: InferenceService, registry: ModelRegistry, health: HealthService,
         admin: TritonAdmin, auth: AuthStage | None = None, stream_max_in_flight: int = 32,
+        offload: Offload = INLINE,
     ) -> None:  # fmt: skip
         self.inference = inference
+        self.offload = offload
         self.registry = registry
         self.health = health
         self.admin = admin
@@ -320,12 +323,21 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         context.set_trailing_metadata((("x-request-id", call.request_id), ("x-cache", response.cache)))
         return codec.encode(response, request.id)
 
+    async def decode(self, info: ModelInfo, request: Any) -> codec.GrpcRequest:
+        """``codec.decode``; a request whose typed ``contents`` hold many values is decoded in the pool (a
+        serialized copy crosses: ~1 ms for 8 MiB of FP32), raw data in place (~0.2 ms a MiB)."""
+        values = codec.typed_values(request) if self.offload.enabled else 0
+        size = values * codec.TYPED_VALUE_BYTES
+        if size <= DECODE_POOL_BYTES:
+            return codec.decode(info, request)
+        return await self.offload.decode(size, codec.decode_message, info, request.SerializeToString())
+
     async def _infer(self, request: Any, request_id: str, remaining_s: float | None) -> InferResponse:
         info = await self.inference.resolve(request.model_name, request.model_version or None)
         if info.decoupled:  # as Triton answers it: such a model may send any number of responses
             raise _Status(grpc.StatusCode.UNIMPLEMENTED, "ModelInfer RPC doesn't support models with "
                           "decoupled transaction policy; use ModelStreamInfer")  # fmt: skip
-        decoded = codec.decode(info, request)
+        decoded = await self.decode(info, request)
         decoded.request.request_id = request_id
         apply_principal(decoded.request, current_principal())  # the key's tier: priority, timeout, scope
         if remaining_s is None:
@@ -508,7 +520,7 @@ class _Stream:
                 pending.principal = dataclasses.replace(self.principal, slot=None, extra={})
                 await self.auth.limit(pending.principal)  # this message's rate, slot and daily quota
             info = await self.servicer.inference.resolve(request.model_name, request.model_version or None)
-            decoded = codec.decode(info, request)
+            decoded = await self.servicer.decode(info, request)
             decoded.request.request_id = rid
             apply_principal(decoded.request, self.principal)  # the key's tier: priority, timeout, scope
         except GatewayError as exc:
@@ -622,7 +634,7 @@ class GrpcFrontDoor:
                    ("grpc.max_receive_message_length", limit)]  # fmt: skip
         self.servicer = Servicer(
             gateway.inference, gateway.registry, gateway.health, gateway.admin,
-            auth=auth, stream_max_in_flight=settings.grpc_stream_max_in_flight,
+            auth=auth, stream_max_in_flight=settings.grpc_stream_max_in_flight, offload=gateway.offload,
         )  # fmt: skip
         self.server = grpc.aio.server(options=options)
         add_servicer(self.servicer, self.server)

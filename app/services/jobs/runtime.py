@@ -26,13 +26,14 @@ from app.services.jobs.sockets import JobSockets, SocketLimits
 from app.services.jobs.store import JobStore
 from app.services.jobs.webhooks import HttpxWebhookSender, WebhookDispatcher, parse_secrets
 from app.services.jobs.worker import JobWorker
+from app.services.offload import INLINE, Offload
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
 class JobsRuntime:
-    def __init__(self, settings: Settings, inference: InferenceService) -> None:
+    def __init__(self, settings: Settings, inference: InferenceService, offload: Offload = INLINE) -> None:
         url = settings.jobs_redis_address  # a Redis that never evicts (TGW_JOBS_REDIS_URL; else the cache's)
         self.settings = settings
         # A pooled connection that died with a Redis restart is retried once on a fresh one (never a
@@ -53,12 +54,13 @@ class JobsRuntime:
         ports = frozenset(settings.webhook_allowed_ports)
         self.service = JobService(
             self.store, inference, settings.queue_max, settings.retry_after_s, settings.webhook_allow_private,
-            ports, self.hub, settings.job_max_body_bytes,
+            ports, self.hub, settings.job_max_body_bytes, offload,
         )  # fmt: skip
         self.sockets = JobSockets(
             self.service, inference,
             SocketLimits(settings.ws_send_queue, settings.ws_heartbeat_s, settings.ws_max_in_flight,
                          settings.ws_max_frame_bytes),
+            offload,
         )  # fmt: skip
         self.worker: JobWorker | None = None
         self.dispatcher: WebhookDispatcher | None = None
@@ -72,7 +74,7 @@ class JobsRuntime:
             self.worker = JobWorker(
                 self.store, inference, settings.worker_concurrency, settings.job_claim_idle_s,
                 settings.job_max_attempts, store_retry_s=settings.job_store_retry_s,
-                attempt_timeout_s=attempt_s,
+                attempt_timeout_s=attempt_s, offload=offload,
             )  # fmt: skip
             t = settings.webhook_timeout_s
             self.http = httpx.AsyncClient(

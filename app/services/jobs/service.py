@@ -17,10 +17,10 @@ from typing import Any
 
 import orjson
 
-from app.domain import InferRequest, InferResponse
-from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
+from app.domain import InferRequest, InferResponse, ModelInfo, json_values
+from app.errors import Conflict, GatewayError, InvalidInput, NotFound, ServiceUnavailable
 from app.observability import metrics
-from app.services.inference import InferenceService, refuse_decoupled
+from app.services.inference import InferenceService
 from app.services.jobs.events import EventHub
 from app.services.jobs.spec import JobSpec
 from app.services.jobs.ssrf import UnsafeURL, vet_url
@@ -33,8 +33,9 @@ from app.services.jobs.store import (
     redis_errors,
     valid_job_id,
 )
-from app.services.payload import decode_off_loop
-from app.services.validation import validate_v1_body
+from app.services.offload import INLINE, Offload
+from app.services.payload import parse_json
+from app.services.validation import container_budget, validate_v1_body, value_budget
 from app.timestamps import iso_utc
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,34 @@ def result_json(response: InferResponse) -> bytes:
 _iso = iso_utc
 
 
+@dataclass(slots=True)
+class PreparedJob:
+    """A job body parsed and decoded for its model (``prepare_job``): only what ``submit`` reads, never the
+    body's own lists (which would cross back from a child process as millions of Python objects)."""
+
+    webhook: Any
+    priority: Any
+    fingerprint: str  # of the body as sent (with model and version): the idempotency check
+    request: InferRequest | None
+    error: GatewayError | None  # what decoding raised: answered by ``submit`` after its own checks
+
+
+def prepare_job(raw: bytes, info: ModelInfo, model: str, version: str | None) -> PreparedJob:
+    """Parse a job body (within the bounds of the model's tensors: ``app.services.payload``) and decode it
+    for ``info``. Runs in a child process for a large body (``app.services.offload``)."""
+    body = parse_json(raw, max_values=value_budget(info), containers=container_budget(info), what="job")
+    if not isinstance(body, dict):
+        raise InvalidInput("body: expected a JSON object with an 'inputs' object", {"field": "body"})
+    try:
+        request = validate_v1_body(info, {k: v for k, v in body.items() if k not in ("webhook", "priority")})
+    except GatewayError as exc:
+        return PreparedJob(body.get("webhook"), body.get("priority", "normal"), "", None, exc)
+    fingerprint = hashlib.sha256(
+        orjson.dumps([model, version, body], option=orjson.OPT_SORT_KEYS)
+    ).hexdigest()
+    return PreparedJob(body.get("webhook"), body.get("priority", "normal"), fingerprint, request, None)
+
+
 def _not_found(job_id: str) -> NotFound:
     return NotFound(f"no job {job_id!r} (unknown or expired)", {"job_id": job_id})
 
@@ -83,6 +112,7 @@ class JobService:
         webhook_allowed_ports: frozenset[int] = frozenset(),
         hub: EventHub | None = None,
         max_body_bytes: int = 4 * 1024 * 1024,
+        offload: Offload = INLINE,
     ) -> None:
         self.store = store
         self.inference = inference
@@ -92,30 +122,27 @@ class JobService:
         self.webhook_allowed_ports = webhook_allowed_ports
         self.hub = hub
         self.max_body_bytes = max_body_bytes  # TGW_JOB_MAX_BODY_BYTES: the router reads at most this
+        self.offload = offload  # large bodies decoded, large results written, in child processes
         self.websockets_open = 0  # this replica's open job/multiplexed sockets
 
     async def submit(
-        self, owner: str, model: str, version: str | None, body: Any, idempotency_key: str | None,
-        request_id: str, body_bytes: int = 0, *, bound: Bound,
+        self, owner: str, model: str, version: str | None, body: PreparedJob, idempotency_key: str | None,
+        request_id: str, *, bound: Bound,
     ) -> SubmitResult:  # fmt: skip
-        """``body_bytes``: the size of the body as sent (a large one is validated off the event loop);
-        ``bound``: what the caller's key decides about the Triton call (``Bound``)."""
-        if not isinstance(body, dict):
-            raise InvalidInput("body: expected a JSON object with an 'inputs' object", {"field": "body"})
+        """``body``: the submission as ``prepare_job`` decoded it for the model (the router resolved it and
+        refused a decoupled one); ``bound``: what the caller's key decides about the Triton call."""
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise InvalidInput("Idempotency-Key: expected 1 to 255 characters", {"field": "Idempotency-Key"})
-        infer_body = {k: v for k, v in body.items() if k not in ("webhook", "priority")}
-        info = await self.inference.resolve(model, version)
-        refuse_decoupled(info)  # a job is one answer: a decoupled model's job could never succeed
-        req = await decode_off_loop(body_bytes, validate_v1_body, info, infer_body)
+        if body.error is not None:
+            raise body.error
+        req = body.request
+        assert req is not None
         bound(req)  # the key's tier rides with the job to the worker
-        priority = body.get("priority", "normal")
+        priority = body.priority
         if priority not in PRIORITIES:
             raise InvalidInput(f"priority: expected one of {', '.join(PRIORITIES)}", {"field": "priority"})
-        webhook_url = await self._vet_webhook(body.get("webhook"))
-        fingerprint = hashlib.sha256(
-            orjson.dumps([model, version, body], option=orjson.OPT_SORT_KEYS)
-        ).hexdigest()
+        webhook_url = await self._vet_webhook(body.webhook)
+        fingerprint = body.fingerprint
         spec = JobSpec.of(req).to_record()
         job = Job(
             id=new_job_id(), owner=owner, status=JobStatus.QUEUED, model=model, version=version,
@@ -124,8 +151,9 @@ class JobService:
         )  # fmt: skip
         hit = await self.inference.cached(req)
         if hit is not None:
+            result = await self.offload.encode(json_values(hit.result.outputs), result_json, hit)
             job.status, job.result, job.cache, job.finished_at = (
-                JobStatus.SUCCEEDED, result_json(hit), hit.cache, time.time(),
+                JobStatus.SUCCEEDED, result, hit.cache, time.time(),
             )  # fmt: skip
         inputs = b"" if hit is not None else encode_inputs(req.inputs, req.datatypes)
         idem = (owner, idempotency_key) if idempotency_key is not None else None
@@ -189,8 +217,8 @@ class JobService:
             "finished_at": _iso(job.finished_at),
             "attempts": job.attempts,
         }
-        if job.result is not None:
-            out["result"] = orjson.loads(job.result)
+        if job.result is not None:  # written into the answer as stored: never parsed, however large
+            out["result"] = orjson.Fragment(job.result)
             out["cache"] = job.cache
         if job.error is not None:
             out["error"] = orjson.loads(job.error)

@@ -17,22 +17,57 @@ import contextlib
 import logging
 import re
 from collections.abc import MutableMapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 
+from app.domain import InferRequest, ModelInfo, json_values
 from app.errors import GatewayError, InvalidInput
 from app.observability import metrics
 from app.request_context import set_request_id
 from app.services.inference import InferenceService, refuse_decoupled
-from app.services.jobs.service import Bound, JobService
-from app.services.payload import ANY_MODEL, OFF_LOOP_BYTES, decode_off_loop, parse_json
+from app.services.jobs.service import Bound, JobService, result_json
+from app.services.offload import DECODE_POOL_BYTES, INLINE, Offload
+from app.services.payload import ANY_MODEL, OFF_LOOP_BYTES, parse_json
 from app.services.validation import container_budget, validate_v1_body
 
 logger = logging.getLogger(__name__)
 
 _MODEL_NAME = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
 _INFER_FIELDS = {"op", "ref", "model", "version", "inputs", "outputs", "parameters"}
+_BODY_FIELDS = ("inputs", "outputs", "parameters")
+_FRAME_TAGS = frozenset({"op", "ref", "model", "version", "job_id"})
+
+
+@dataclass(slots=True)
+class DecodedFrame:
+    """A large client frame as ``decode_frame`` parsed it: the frame without its tensors, and its request
+    decoded for the model the frame was scanned for (when it is an infer frame for that model)."""
+
+    frame: Any  # the frame less its tensors (other fields: names only); None when not a JSON object
+    decoded_for: tuple[str, str] | None  # (model, version) the request was decoded for
+    request: InferRequest | None = None
+    error: GatewayError | None = None  # what decoding raised: answered in order, with the frame's tags
+
+
+def decode_frame(data: bytes, info: ModelInfo | None) -> DecodedFrame:
+    """Parse a large ``/v1/ws`` frame (within the bounds of ``info``'s tensors when the model is known) and
+    decode its request for ``info``. Runs in a child process (``app.services.offload``): only the small parts
+    of the frame and the decoded tensors cross back, never the frame's lists."""
+    frame = parse_json(
+        data, containers=container_budget(info) if info is not None else ANY_MODEL, what="frame"
+    )
+    if not isinstance(frame, dict):
+        return DecodedFrame(None, None)
+    head = {k: v if k in _FRAME_TAGS else None for k, v in frame.items() if k not in _BODY_FIELDS}
+    if info is None or frame.get("op") != "infer" or frame.get("model") != info.name:
+        return DecodedFrame(head, None)
+    try:
+        request = validate_v1_body(info, {k: frame[k] for k in _BODY_FIELDS if k in frame})
+    except GatewayError as exc:
+        return DecodedFrame(head, (info.name, info.version), error=exc)
+    return DecodedFrame(head, (info.name, info.version), request)
 
 
 class Socket(Protocol):
@@ -119,10 +154,17 @@ class SocketLimits:
 class JobSockets:
     """Serves the job WebSockets of one process; counts them (``/v1/jobs/stats``, ``tgw_websockets_open``)."""
 
-    def __init__(self, service: JobService, inference: InferenceService, limits: SocketLimits) -> None:
+    def __init__(
+        self,
+        service: JobService,
+        inference: InferenceService,
+        limits: SocketLimits,
+        offload: Offload = INLINE,
+    ) -> None:
         self.service = service
         self.inference = inference
         self.limits = limits
+        self.offload = offload
 
     def _count(self, delta: int) -> None:
         self.service.websockets_open += delta
@@ -162,7 +204,7 @@ class JobSockets:
         call (``app.services.jobs.service.Bound``)."""
         self._count(+1)
         outbox = Outbox(ws, self.limits.send_queue)
-        mux = Multiplexer(self.service, self.inference, owner, self.limits, outbox, bound)
+        mux = Multiplexer(self.service, self.inference, owner, self.limits, outbox, bound, self.offload)
         beat = asyncio.create_task(_heartbeat(outbox, self.limits.heartbeat_s))
         revoked = asyncio.create_task(check.revoked()) if check is not None else None
         ends = [outbox.task] if revoked is None else [outbox.task, revoked]
@@ -203,11 +245,14 @@ class Multiplexer:
 
     def __init__(
         self, service: JobService, inference: InferenceService, owner: str, limits: SocketLimits,
-        outbox: Outbox, bound: Bound,
+        outbox: Outbox, bound: Bound, offload: Offload = INLINE,
     ) -> None:  # fmt: skip
         self.service, self.inference, self.owner = service, inference, owner
         self.max_in_flight, self.max_frame, self.outbox = limits.max_in_flight, limits.max_frame, outbox
         self.bound = bound
+        self.offload = offload
+        # frames above this are parsed (and decoded) off the loop: in the pool, else in a worker thread
+        self.large = DECODE_POOL_BYTES if offload.enabled else OFF_LOOP_BYTES
         self.tasks: set[asyncio.Task[None]] = set()
 
     def handle(self, text: str) -> None:
@@ -216,7 +261,7 @@ class Multiplexer:
             message = f"frame is larger than {self.max_frame} bytes (TGW_WS_MAX_FRAME_BYTES)"
             emit(error_frame(InvalidInput(message, {"limit_bytes": self.max_frame})))
             return
-        if len(text) > OFF_LOOP_BYTES:  # parsed off the loop, within the bounds of the model it names
+        if len(text) > self.large:  # parsed off the loop, within the bounds of the model it names
             task = asyncio.create_task(self._parse_large(text))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
@@ -230,20 +275,22 @@ class Multiplexer:
 
     async def _parse_large(self, text: str) -> None:
         data = text.encode()
-        budget = ANY_MODEL
+        info = None
         named = _MODEL_NAME.search(data)
-        if named is not None:  # the model's own bound on arrays per body, when it is known
+        if named is not None:  # the model's own bounds on the body, and the model it is decoded for
             with contextlib.suppress(GatewayError):
-                budget = container_budget(await self.inference.resolve(named.group(1).decode(), None))
+                info = await self.inference.resolve(named.group(1).decode(), None)
         try:
-            frame = await asyncio.to_thread(parse_json, data, containers=budget, what="frame")
+            decoded = await self.offload.decode(len(data), decode_frame, data, info)
         except GatewayError as exc:
             self.outbox.emit(error_frame(exc))
             return
         self.tasks.discard(asyncio.current_task())  # parsed: not a request yet
-        self._dispatch(frame, len(data))
+        self._dispatch(decoded.frame, len(data), decoded, data)
 
-    def _dispatch(self, frame: Any, size: int) -> None:
+    def _dispatch(
+        self, frame: Any, size: int, decoded: DecodedFrame | None = None, data: bytes = b""
+    ) -> None:
         emit = self.outbox.emit
         if not isinstance(frame, dict):
             emit(error_frame(InvalidInput("frame: expected a JSON object with an 'op'")))
@@ -267,12 +314,18 @@ class Multiplexer:
                 )
             )
             return
-        coro = self._infer(frame, tags, size) if op == "infer" else self._subscribe(frame, tags)
+        coro = (
+            self._infer(frame, tags, size, decoded, data) if op == "infer" else self._subscribe(frame, tags)
+        )
         task = asyncio.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _infer(self, frame: dict[str, Any], tags: dict[str, Any], size: int = 0) -> None:
+    async def _infer(
+        self, frame: dict[str, Any], tags: dict[str, Any], size: int = 0, decoded: DecodedFrame | None = None,
+        data: bytes = b"",
+    ) -> None:  # fmt: skip
+        """``decoded``/``data``: a large frame, parsed (and its request decoded) off the loop."""
         try:
             unknown = set(frame) - _INFER_FIELDS
             if unknown:
@@ -284,10 +337,17 @@ class Multiplexer:
                 raise InvalidInput(
                     "model: expected a model name (and version, if given, a string)", {"field": "model"}
                 )
-            body = {k: frame[k] for k in ("inputs", "outputs", "parameters") if k in frame}
             info = await self.inference.resolve(model, version)
             refuse_decoupled(info)
-            req = await decode_off_loop(size, validate_v1_body, info, body)
+            if decoded is None:
+                req = validate_v1_body(info, {k: frame[k] for k in _BODY_FIELDS if k in frame})
+            else:
+                if decoded.decoded_for != (info.name, info.version):  # scanned for another model or version
+                    decoded = await self.offload.decode(size, decode_frame, data, info)
+                if decoded.error is not None:
+                    raise decoded.error
+                assert decoded.request is not None
+                req = decoded.request
             # the frame's ``ref`` is the Triton request id when it is a sane one (as X-Request-ID is), else
             # a generated id; the answer echoes ``ref`` as sent either way
             ref = tags.get("ref")
@@ -295,7 +355,11 @@ class Multiplexer:
             req.request_id = set_request_id(str(ref) if sane else None)
             self.bound(req)  # the socket's key: Triton priority and timeout bound
             response = await self.inference.infer(req)
-            frame = {"type": "result", **tags, "result": response.public(), "cache": response.cache}
+            values = json_values(response.result.outputs)
+            result: Any = response.public()
+            if self.offload.encodes_in_child(values):  # written in the pool, placed in the frame as it is
+                result = orjson.Fragment(await self.offload.encode(values, result_json, response))
+            frame = {"type": "result", **tags, "result": result, "cache": response.cache}
             self.outbox.emit(frame)
         except GatewayError as exc:
             self.outbox.emit(error_frame(exc, **tags))

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from app.domain import json_values
 from app.errors import GatewayError, InvalidInput
 from app.observability import metrics
 from app.request_context import set_request_id
@@ -42,6 +43,7 @@ from app.services.jobs.store import (
     JobStore,
     decode_inputs,
 )
+from app.services.offload import INLINE, Offload
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,8 +76,10 @@ class JobWorker:
         name: str | None = None,
         store_retry_s: float = 30.0,
         attempt_timeout_s: float = 300.0,
+        offload: Offload = INLINE,
     ) -> None:
         self.store = store
+        self.offload = offload  # large results written in a child process
         self.store_retry_s = store_retry_s
         self.attempt_timeout_s = attempt_timeout_s
         self.inference = inference
@@ -232,7 +236,7 @@ class JobWorker:
         except Exception as exc:
             await self._failed_attempt(job_id, attempt, error_json("internal_error", f"{type(exc).__name__}"))
         else:
-            result = result_json(response)
+            result = await self.offload.encode(json_values(response.result.outputs), result_json, response)
             done = await self._stored(
                 lambda: self.store.finish(job_id, JobStatus.SUCCEEDED, result=result, cache=response.cache)
             )
