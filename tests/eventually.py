@@ -27,7 +27,7 @@ INTERVAL_S = 0.05
 
 
 def eventually(
-    check: Callable[[], T],
+    check: Callable[[], T | None],
     timeout: float = TIMEOUT_S,
     interval: float = INTERVAL_S,
     message: Message = "",
