@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from app.launcher import free_port
 from app.main import create_app
 from app.server import server_config
 from app.settings import Settings
+from tests.eventually import eventually
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +69,13 @@ def serving_in_thread(server: uvicorn.Server, stop_s: float = 15.0) -> Iterator[
 
     thread = threading.Thread(target=run, name=f"gateway-{server.config.port}", daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test gateway did not start")
-        time.sleep(0.02)
+
+    def started() -> bool:
+        if not thread.is_alive():
+            raise RuntimeError("the test gateway did not start: its thread ended")
+        return bool(server.started)
+
+    eventually(started, 30, 0.02, "the test gateway did not start")
     try:
         yield
     finally:

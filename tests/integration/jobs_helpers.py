@@ -1,11 +1,10 @@
-"""Helpers shared by the job tests."""
+"""Helpers shared by the integration tests: unique inputs (never a cache hit), jobs, job workers."""
 
 from __future__ import annotations
 
 import random
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,6 +16,7 @@ import uvicorn
 from app.launcher import free_port
 from app.main import create_app
 from app.settings import Settings
+from tests.eventually import eventually
 from tests.gateway_server import serving_in_thread
 
 
@@ -30,16 +30,20 @@ def wait_job(
     timeout: float = 20.0,
     statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
+    """The job once its status is one of ``statuses``; any answer but 200 fails at once."""
+    last: list[dict[str, Any]] = []
+
+    def answer() -> httpx.Response | None:
         r = client.get(f"/v1/jobs/{job_id}")
-        assert r.status_code == 200, r.text
-        job: dict[str, Any] = r.json()
-        if job["status"] in statuses:
-            return job
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s: {job}")
-        time.sleep(0.1)
+        if r.status_code != 200:
+            return r
+        last[:] = [r.json()]
+        return r if last[0]["status"] in statuses else None
+
+    r = eventually(answer, timeout, 0.1, message=lambda: f"job {job_id} still {last[0]['status']}: {last[0]}")
+    assert r.status_code == 200, r.text
+    job: dict[str, Any] = r.json()
+    return job
 
 
 @contextmanager
@@ -64,25 +68,44 @@ def gateway_with_tenant_header(**overrides: object) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
 
 
+def consumers(r: Any) -> dict[int, int]:
+    """pid -> pending entries of each consumer in the job stream's group (``r``: a client of the jobs Redis)."""
+    from app.services.jobs.store import GROUP, STREAM
+
+    try:
+        found = r.xinfo_consumers(STREAM, GROUP)
+    except redis.ResponseError:  # the stream or group is not there yet
+        return {}
+    return {int(c["name"].decode().rsplit("-", 2)[1]): int(c["pending"]) for c in found}  # host-pid-suffix
+
+
+def reading_workers(r: Any, workers: list[subprocess.Popen[bytes]]) -> set[int]:
+    """pids of ``workers`` waiting for jobs (a connection of theirs in XREADGROUP on ``r``): Redis 6 lists a
+    consumer in the group only once it has read an entry."""
+    import psutil
+
+    readers = {c["addr"] for c in r.client_list() if c.get("cmd") == "xreadgroup"}
+    found = set()
+    for w in workers:
+        try:
+            conns = psutil.Process(w.pid).net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            continue
+        if any(c.laddr and f"{c.laddr.ip}:{c.laddr.port}" in readers for c in conns):
+            found.add(w.pid)
+    return found
+
+
 def sigkill_worker_holding_jobs(
     r: Any, workers: list[subprocess.Popen[bytes]], timeout: float = 20.0
 ) -> None:
     """SIGKILL one of ``workers`` (``tgw worker`` processes) while it holds pending jobs in the consumer
     group, as soon as one does; ``r`` is a Redis client of the jobs Redis."""
-    from app.services.jobs.store import GROUP, STREAM
-
-    deadline = time.monotonic() + timeout
     by_pid = {w.pid: w for w in workers}
-    while True:
-        assert time.monotonic() < deadline, "no worker picked up a job"
-        try:
-            consumers = r.xinfo_consumers(STREAM, GROUP)
-        except redis.ResponseError:  # the stream or group is not there yet
-            consumers = []
-        for consumer in consumers:
-            pid = int(consumer["name"].decode().rsplit("-", 2)[1])
-            if consumer["pending"] > 0 and pid in by_pid:
-                by_pid[pid].send_signal(signal.SIGKILL)
-                by_pid[pid].wait(5)
-                return
-        time.sleep(0.05)
+
+    def holding() -> int | None:
+        return next((pid for pid, pending in consumers(r).items() if pending > 0 and pid in by_pid), None)
+
+    pid = eventually(holding, timeout, 0.05, "no worker picked up a job")
+    by_pid[pid].send_signal(signal.SIGKILL)
+    by_pid[pid].wait(5)

@@ -8,6 +8,7 @@ written to chaos-results/report.json).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,8 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,113 +28,56 @@ import redis
 from app.launcher import free_port, free_port_block
 from app.services.jobs.store import STREAM
 from tests.chaos.load import Load
-from tests.integration.jobs_helpers import sigkill_worker_holding_jobs, wait_job
+from tests.eventually import eventually
+from tests.integration.jobs_helpers import reading_workers, sigkill_worker_holding_jobs, wait_job
+from tests.processes import ROOT, TgwProcess, start_tgw, up_env
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 SCALE = float(os.environ.get("TGW_CHAOS_SCALE", "1"))
 DEADLINE_S = 3.0  # TGW_TRITON_TIMEOUT_S of the stack: no request may wait longer (plus slack)
 REPORT: dict[str, dict[str, Any]] = {}
 
 
-@dataclass
-class Stack:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-    state: Path
-    env: dict[str, str]
-
-    def child(self, name: str) -> int:
-        """pid of a child of ``tgw up`` whose command line contains ``name``."""
-        pid = self.find(name)
-        if pid is None:
-            raise AssertionError(f"no child matching {name!r}:\n{self.log.read_text()[-2000:]}")
-        return pid
-
-    def find(self, name: str) -> int | None:
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
-        for pid in (int(p) for p in out.stdout.split()):
-            try:
-                if name in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "):
-                    return pid
-            except OSError:
-                continue
-        return None
-
-    def endpoints(self) -> dict[str, dict[str, Any]]:
-        ready = httpx.get(f"{self.url}/readyz", timeout=5).json()
-        return dict(ready["checks"]["triton"].get("endpoints", {}))
-
-    def metric(self, name: str, labels: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=5).text
-        for line in text.splitlines():
-            if line.startswith(f"{name}{{{labels}}}"):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+def endpoints(stack: TgwProcess) -> dict[str, dict[str, Any]]:
+    ready = httpx.get(f"{stack.url}/readyz", timeout=5).json()
+    return dict(ready["checks"]["triton"].get("endpoints", {}))
 
 
-def _wait(check: Any, timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            if check():
-                return time.monotonic() - start
-        except (httpx.HTTPError, KeyError, ValueError):
-            pass
-        time.sleep(0.25)
-    raise AssertionError(f"{what} not within {timeout} s")
+def metric(stack: TgwProcess, name: str, labels: str) -> float:
+    text = httpx.get(f"{stack.url}/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{labels}}}"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _wait(check: Callable[[], object], timeout: float, what: str) -> None:
+    """``eventually``; a probe that fails meanwhile (the stack is restarting) is tried again."""
+    eventually(check, timeout, 0.25, what, ignoring=(httpx.HTTPError, KeyError, ValueError))
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[TgwProcess]:
     tmp = tmp_path_factory.mktemp("chaos")
     base = free_port_block(6)
-    port = free_port()
-    env = dict(os.environ)
-    for var in (
-        "TGW_TRITON_URL",
-        "TGW_TRITON_URLS",
-        "TGW_TRITON_HTTP_URL",
-        "TGW_REDIS_URL",
-        "TGW_JOBS_REDIS_URL",
-    ):
-        env.pop(var, None)
-    env.update({
-        "TGW_PORT": str(port), "TGW_GRPC_PORT": str(free_port()), "TGW_EMBEDDED_TRITONS": "2",
-        "TGW_TRITON_HTTP_PORT": str(base), "TGW_TRITON_GRPC_PORT": str(base + 1),
-        "TGW_TRITON_METRICS_PORT": str(base + 2), "TGW_REDIS_PORT": str(free_port()),
-        "TGW_JOBS_REDIS_PORT": str(free_port()),
-        "TGW_MODEL_REPOSITORY": str(ROOT / "tests" / "models"), "TGW_STATE_DIR": str(tmp / "state"),
-        "TGW_SHUTDOWN_DELAY_S": "0", "TGW_DRAIN_S": "2", "TGW_TRITON_TIMEOUT_S": str(DEADLINE_S),
-        "TGW_JOB_CLAIM_IDLE_S": "2", "TGW_LOG_LEVEL": os.environ.get("TGW_CHAOS_LOG_LEVEL", "WARNING"), "TGW_LOG_FORMAT": "text",
-    })  # fmt: skip
-    log = tmp / "tgw-up.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up"], env=env, stdout=out, stderr=out,
-                                cwd=ROOT)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    stack = Stack(proc, url, log, tmp / "state", env)
-    try:
+    env = up_env(
+        tmp / "state", TGW_EMBEDDED_TRITONS="2", TGW_TRITON_HTTP_PORT=str(base), TGW_TRITON_GRPC_PORT=str(base + 1),
+        TGW_TRITON_METRICS_PORT=str(base + 2), TGW_SHUTDOWN_DELAY_S="0", TGW_DRAIN_S="2",
+        TGW_TRITON_TIMEOUT_S=str(DEADLINE_S), TGW_JOB_CLAIM_IDLE_S="2",
+        TGW_LOG_LEVEL=os.environ.get("TGW_CHAOS_LOG_LEVEL", "WARNING"), TGW_LOG_FORMAT="text",
+    )  # fmt: skip
+    with start_tgw(["up"], env, tmp / "tgw-up.log", timeout=150, graceful_stop=True) as stack:
 
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError("tgw up exited")
-            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200 and all(
-                e["state"] == "healthy" for e in stack.endpoints().values()
-            )
+        def both_healthy() -> bool:
+            if stack.proc.poll() is not None:
+                pytest.fail(f"tgw up exited:\n{stack.log_tail()}")
+            return all(e["state"] == "healthy" for e in endpoints(stack).values())
 
-        _wait(ready, 150, "tgw up ready")
-    except AssertionError:
-        proc.kill()
-        pytest.fail(f"tgw up with 2 Tritons did not become ready:\n{log.read_text()[-3000:]}")
-    yield stack
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        try:
+            _wait(both_healthy, 150, "both Tritons healthy")
+        except AssertionError as exc:
+            pytest.fail(f"tgw up with 2 Tritons did not become ready ({exc}):\n{stack.log_tail()}")
+        yield stack
     _report(request)
 
 
@@ -150,42 +93,42 @@ def _report(request: pytest.FixtureRequest) -> None:
             reporter.write_line(f"  {phase}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
 
 
-def _triton_endpoint(stack: Stack, i: int) -> str:
+def _triton_endpoint(stack: TgwProcess, i: int) -> str:
     return f"127.0.0.1:{int(stack.env['TGW_TRITON_GRPC_PORT']) + 3 * i}"
 
 
-def test_sigkill_one_of_two_tritons_under_load(stack: Stack) -> None:
+def test_sigkill_one_of_two_tritons_under_load(stack: TgwProcess) -> None:
     """Target: 0 failed requests; the killed Triton restarted by `tgw up` and back in rotation < 30 s."""
     name = _triton_endpoint(stack, 0)
     with Load([stack.url], concurrency=4) as load:
-        time.sleep(2 * SCALE)
+        time.sleep(2 * SCALE)  # load phase before the kill
         os.kill(stack.child("state/triton-0/"), signal.SIGKILL)
         killed_at = time.monotonic()
-        _wait(lambda: stack.endpoints()[name]["state"] == "ejected", 10, "ejection")
-        _wait(lambda: stack.endpoints()[name]["state"] != "ejected", 60, "the Triton back")
+        _wait(lambda: endpoints(stack)[name]["state"] == "ejected", 10, "ejection")
+        _wait(lambda: endpoints(stack)[name]["state"] != "ejected", 60, "the Triton back")
         back_s = time.monotonic() - killed_at
-        time.sleep(2 * SCALE)  # and it serves again
+        time.sleep(2 * SCALE)  # load phase: and it serves again
     REPORT["triton_sigkill"] = {**load.summary(), "back_after_s": round(back_s, 1)}
     assert load.sent > 50
     assert load.failed == [], load.failed[:5]
     assert back_s < 30
-    assert stack.metric("tgw_triton_endpoint_calls_total", f'endpoint="{name}",outcome="ok"') > 0
+    assert metric(stack, "tgw_triton_endpoint_calls_total", f'endpoint="{name}",outcome="ok"') > 0
 
 
-def test_sigstop_one_triton_for_5s(stack: Stack) -> None:
+def test_sigstop_one_triton_for_5s(stack: TgwProcess) -> None:
     """Requests move away from a frozen Triton; none waits past its deadline (TGW_TRITON_TIMEOUT_S)."""
     frozen = _triton_endpoint(stack, 1)
-    before = stack.metric("tgw_triton_endpoint_calls_total", f'endpoint="{frozen}",outcome="ok"')
+    before = metric(stack, "tgw_triton_endpoint_calls_total", f'endpoint="{frozen}",outcome="ok"')
     with Load([stack.url], concurrency=4) as load:
-        time.sleep(1 * SCALE)
+        time.sleep(1 * SCALE)  # load phase before the freeze
         pid = stack.child("state/triton-1/")
         os.kill(pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
         try:
-            time.sleep(5)
+            time.sleep(5)  # the freeze's length
         finally:
             os.kill(pid, signal.SIGCONT)
-        time.sleep(2 * SCALE)
+        time.sleep(2 * SCALE)  # load phase after it
     during = [o for o in load.outcomes if stopped_at + 1.5 <= o.started < stopped_at + 5]
     slow = [o for o in during if o.seconds > 1.0]
     REPORT["triton_sigstop_5s"] = {**load.summary(), "sent_while_stopped": len(during), "slow_while_stopped":
@@ -194,7 +137,7 @@ def test_sigstop_one_triton_for_5s(stack: Stack) -> None:
     assert len(during) > 20 and len(slow) <= 4  # once ejected (probe timeout 1 s), traffic went elsewhere
     # 504: at the deadline; 503: a call on the frozen Triton once it missed 2 probes (issue 19 item 11)
     assert all(o.status in (200, 503, 504) for o in load.failed), load.failed[:5]
-    after = stack.metric("tgw_triton_endpoint_calls_total", f'endpoint="{frozen}",outcome="ok"')
+    after = metric(stack, "tgw_triton_endpoint_calls_total", f'endpoint="{frozen}",outcome="ok"')
     assert after >= before
 
 
@@ -214,7 +157,7 @@ def _check_jobs(jobs: list[dict[str, Any]], delays: list[float]) -> tuple[int, i
     return lost, wrong
 
 
-def test_redis_sigkill_then_restart_under_load(stack: Stack) -> None:
+def test_redis_sigkill_then_restart_under_load(stack: TgwProcess) -> None:
     """Both Redis instances of `tgw up` (the cache's and the jobs') SIGKILLed under load and restarted by
     `tgw up`. Sync path: 0 failed (cache bypass meanwhile). Jobs accepted before the kill, some running and
     some queued at that moment, all complete, none twice (the store's completion count, moved by the same
@@ -225,7 +168,7 @@ def test_redis_sigkill_then_restart_under_load(stack: Stack) -> None:
         done_before = c.get("/v1/jobs/stats").json()["jobs_total"].get("succeeded", 0)
         ids, delays = _sleep_jobs(c, int(12 * SCALE), 0.3)
         with Load([stack.url], concurrency=4) as load:
-            time.sleep(float(os.environ.get("TGW_CHAOS_REDIS_KILL_AT_S", "0.3")))
+            time.sleep(float(os.environ.get("TGW_CHAOS_REDIS_KILL_AT_S", "0.3")))  # when the kill lands
             unfinished = sum(c.get(f"/v1/jobs/{i}").json()["status"] != "succeeded" for i in ids)
             for port in (cache_port, jobs_port):
                 os.kill(stack.child(f"127.0.0.1:{port}"), signal.SIGKILL)
@@ -234,7 +177,7 @@ def test_redis_sigkill_then_restart_under_load(stack: Stack) -> None:
                   httpx.get(f"{stack.url}/readyz", timeout=2).json()["checks"]["redis"]["status"] == "ok",
                   30, "Redis back")  # fmt: skip
             back_s = time.monotonic() - killed_at
-            time.sleep(1 * SCALE)
+            time.sleep(1 * SCALE)  # load phase on the restarted Redis
         try:
             jobs = [wait_job(c, i, timeout=40) for i in ids]
         except AssertionError as exc:  # what the job streams hold, for the report
@@ -242,7 +185,7 @@ def test_redis_sigkill_then_restart_under_load(stack: Stack) -> None:
             streams = {k: r.xpending_range(k, "tgw-workers", "-", "+", 100)
                        for k in ("{tgw:jobs}:stream", "{tgw:jobs}:stream:high") if r.exists(k)}  # fmt: skip
             raise AssertionError(f"{exc}; pending entries: {streams}") from None
-        time.sleep(1.0)
+        time.sleep(1.0)  # a real wait: a duplicate completion, were there one, has a second to land
         done = c.get("/v1/jobs/stats").json()["jobs_total"].get("succeeded", 0) - done_before
     lost, wrong = _check_jobs(jobs, delays)
     REPORT["redis_sigkill_restart"] = {**load.summary(), "redis_back_after_s": round(back_s, 1),
@@ -255,7 +198,7 @@ def test_redis_sigkill_then_restart_under_load(stack: Stack) -> None:
     assert done == len(ids)
 
 
-def test_sigkill_a_job_worker_mid_batch(stack: Stack, tmp_path: Path) -> None:
+def test_sigkill_a_job_worker_mid_batch(stack: TgwProcess, tmp_path: Path) -> None:
     """Two `tgw worker` processes beside the stack's own; one is SIGKILLed while it holds running jobs:
     every job completes, and each result reaches the client (WebSocket) exactly once."""
     from tests.integration.test_jobs_durability import collect_results
@@ -275,7 +218,9 @@ def test_sigkill_a_job_worker_mid_batch(stack: Stack, tmp_path: Path) -> None:
         # The job streams' Redis: TGW_JOBS_REDIS_URL's, or the cache's where the jobs runtime does not
         # read that setting yet.
         clients = [redis.Redis.from_url(u) for u in (_jobs_redis_url(env), _redis_url(env))]
-        time.sleep(3)  # the workers join the consumer group
+        pids = {w.pid for w in workers}
+        eventually(lambda: any(reading_workers(x, workers) == pids for x in clients), 30, 0.1,
+                   "the workers wait for jobs in the consumer group")  # fmt: skip
         with httpx.Client(base_url=stack.url, timeout=10) as c:
             ids, delays = _sleep_jobs(c, int(12 * SCALE), 0.8)
             r = next((x for x in clients if x.exists(STREAM)), clients[0])
@@ -286,12 +231,12 @@ def test_sigkill_a_job_worker_mid_batch(stack: Stack, tmp_path: Path) -> None:
                 ).start()
             sigkill_worker_holding_jobs(r, workers)
             jobs = [wait_job(c, i, timeout=40) for i in ids]
-            # results of jobs finished before the subscription come from the socket's periodic re-read
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and {f.get("job_id") for f in frames if f.get("type") == "result"
-                                                   } < set(ids):  # fmt: skip
-                time.sleep(0.2)
-            time.sleep(1.0)  # let any duplicate arrive, were there one
+            # results of jobs finished before the subscription come from the socket's periodic re-read; a
+            # result missing past 20 s is reported by the assertions below, after the phase's figures
+            with contextlib.suppress(AssertionError):
+                eventually(lambda: {f.get("job_id") for f in frames if f.get("type") == "result"} >= set(ids),
+                           20, 0.2)  # fmt: skip
+            time.sleep(1.0)  # a real wait: a duplicate, were there one, has a second to arrive
     finally:
         stop.set()
         for w in workers:
@@ -321,15 +266,14 @@ def _jobs_redis_url(env: dict[str, str]) -> str:
     return f"redis://127.0.0.1:{env['TGW_JOBS_REDIS_PORT']}/0"
 
 
-def test_sigkill_one_of_two_gateways(stack: Stack, tmp_path: Path) -> None:
+def test_sigkill_one_of_two_gateways(stack: TgwProcess, tmp_path: Path) -> None:
     """A second gateway (`tgw serve`) on the same Tritons and Redis; SIGKILL it under load: only the
     requests in flight on it fail (the client stops sending there at once, as a load balancer would)."""
-    port = free_port()
     env = dict(stack.env)
     # Its own gRPC port: tgw serve refuses one another stack listens on (SO_REUSEPORT would share it).
     env.update(
         {
-            "TGW_PORT": str(port),
+            "TGW_PORT": str(free_port()),
             "TGW_GRPC_PORT": str(free_port()),
             "TGW_WORKER_IN_PROCESS": "false",
             "TGW_STARTUP_WAIT_S": "20",
@@ -338,24 +282,15 @@ def test_sigkill_one_of_two_gateways(stack: Stack, tmp_path: Path) -> None:
     env["TGW_TRITON_URLS"] = _triton_urls(env)
     env["TGW_REDIS_URL"] = _redis_url(env)
     env["TGW_JOBS_REDIS_URL"] = _jobs_redis_url(env)
-    log = tmp_path / "gateway2.log"
-    with log.open("wb") as out:
-        second = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env, stdout=out, stderr=out,
-                                  cwd=ROOT)  # fmt: skip
-    url2 = f"http://127.0.0.1:{port}"
-    try:
-        _wait(lambda: httpx.get(f"{url2}/readyz", timeout=2).status_code == 200, 60, "second gateway")
-        concurrency = 4
+    concurrency = 4
+    with start_tgw(["serve"], env, tmp_path / "gateway2.log", timeout=60) as second:
+        url2 = second.url
         with Load([stack.url, url2], concurrency=concurrency) as load:
-            time.sleep(2 * SCALE)
-            second.send_signal(signal.SIGKILL)
+            time.sleep(2 * SCALE)  # load phase: requests on both gateways
+            second.proc.send_signal(signal.SIGKILL)
             load.urls.remove(url2)
             killed_at = time.monotonic()
-            time.sleep(2 * SCALE)
-    finally:
-        if second.poll() is None:
-            second.kill()
-        second.wait(10)
+            time.sleep(2 * SCALE)  # load phase: the survivor alone
     failed = load.failed
     on_killed = [o for o in load.outcomes if o.gateway == url2]
     in_flight = [o for o in on_killed if o.started <= killed_at <= o.started + o.seconds]

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
+from tests.eventually import eventually
 from tests.gateway_server import running_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -104,19 +105,19 @@ def _freeze_and_check(url: str, tritons: list[EmbeddedTriton]) -> None:
             with lock:
                 outcomes.append(outcome)
             i += 1
-            time.sleep(0.5)
+            time.sleep(0.5)  # pacing: two requests a second per client
 
     pids = [t.process.pid for t in tritons]
     assert all(pids)
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(4)]
     for thread in threads:
         thread.start()
-    time.sleep(0.5)
+    time.sleep(0.5)  # load before the freeze
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)  # type: ignore[arg-type]
     stopped = time.monotonic()
     try:
-        time.sleep(FREEZE_S)
+        time.sleep(FREEZE_S)  # the freeze's length
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGCONT)  # type: ignore[arg-type]
@@ -133,7 +134,5 @@ def _freeze_and_check(url: str, tritons: list[EmbeddedTriton]) -> None:
     assert all(o.seconds < 2.0 for o in late), [round(o.seconds, 2) for o in late]
     assert {o.status for o in during} <= {200, 503}, {o.status for o in during}
     # back: the probes see them answer again and requests succeed
-    deadline = time.monotonic() + 30
-    while _infer(url, seed + 99_999).status != 200:
-        assert time.monotonic() < deadline, "the gateway did not serve again after the Tritons resumed"
-        time.sleep(0.25)
+    eventually(lambda: _infer(url, seed + 99_999).status == 200, 30, 0.25,
+               "the gateway did not serve again after the Tritons resumed")  # fmt: skip

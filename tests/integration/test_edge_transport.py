@@ -26,6 +26,7 @@ import tritonclient.http as tritonhttp
 from tritonclient.utils import InferenceServerException
 
 from app.launcher import EmbeddedRedis, EmbeddedTriton
+from tests.eventually import eventually
 from tests.gateway_server import running_gateway
 from tests.integration.conftest import GatewayFactory
 from tests.integration.test_auth import auth_settings, make_key
@@ -195,12 +196,9 @@ def test_answers_held_for_non_readers_stay_bounded(
         tags = range(first, first + 30)
         for tag in tags:  # 30 x 7 MiB answers, nothing read: what the kernel does not take stays in memory
             sockets.append(_non_reader(port, _bomb_request(port, tag=tag)))
-            time.sleep(0.15)
-        deadline = time.monotonic() + 90
-        while _executed(triton) < executed + 31 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _executed(triton) >= executed + 31  # every answer computed ...
-        time.sleep(1.0)  # ... and written (or its connection dropped); nothing read
+            time.sleep(0.15)  # pacing: the requests arrive one after another, oldest stalled longest
+        eventually(lambda: _executed(triton) >= executed + 31, 90, 0.2, "every answer computed")
+        time.sleep(1.0)  # a real wait: ... and written (or its connection dropped), which nothing shows
         growth = _rss() - base
         assert growth < bound + 40 * MB, growth / MB
         dropped = sum(_dropped(s, 20.0) for s in sockets)  # now read: which ones got their whole answer?
@@ -223,23 +221,22 @@ def test_an_answer_not_read_in_time_is_dropped_and_holds_its_slot_until_then(
         auth = {"Authorization": f"Bearer {key['key']}"}
         executed = _executed(triton)
         sockets += [_non_reader(port, request) for _ in range(2)]
-        deadline = time.monotonic() + 60
-        while _executed(triton) <= executed and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert _executed(triton) > executed
-        time.sleep(0.5)  # both answers written (one Triton call serves both identical requests), none read
+        eventually(lambda: _executed(triton) > executed, 60, 0.1, "the answer computed")
+        # a real wait: both answers written (one Triton call serves both identical requests), which nothing
+        # shows; none read
+        time.sleep(0.5)
         written = time.monotonic()
         # each request lasts until its answer has drained: the key's two in-flight slots are still taken
         busy = httpx.post(f"{url}/v2/models/identity_fp32/infer", json=small, headers=auth, timeout=10)
         assert busy.status_code == 429 and "concurrency" in busy.text, busy.text
         assert _serving(url)
         # past TGW_SEND_TIMEOUT_S (3 s) both connections are dropped with what they buffered
-        time.sleep(max(0.0, written + 3.0 + 2.0 - time.monotonic()))
+        time.sleep(max(0.0, written + 3.0 + 2.0 - time.monotonic()))  # a real wait: past the send timeout
         assert all(_dropped(s, 10.0) for s in sockets)
-        ok = None
-        for _ in range(30):  # the slots are given back (released without waiting for Redis)
+
+        def admitted() -> bool:  # the slots are given back (released without waiting for Redis)
             ok = httpx.post(f"{url}/v2/models/identity_fp32/infer", json=small, headers=auth, timeout=10)
-            if ok.status_code == 200:
-                break
-            time.sleep(0.1)
-        assert ok is not None and ok.status_code == 200, ok.text if ok else None
+            assert ok.status_code == 200, ok.text
+            return True
+
+        eventually(admitted, 10, 0.1)

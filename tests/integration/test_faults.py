@@ -65,7 +65,7 @@ def test_slow_redis_is_bounded(triton: EmbeddedTriton, redis_server: EmbeddedRed
             target=lambda: redis.Redis.from_url(redis_server.url).execute_command("DEBUG", "SLEEP", "1.5")
         )
         blocker.start()
-        time.sleep(0.1)
+        time.sleep(0.1)  # a real wait: the DEBUG SLEEP reaches Redis first (a blocked Redis shows nothing)
         t0 = time.monotonic()
         r = c.post("/v1/models/identity_fp32/infer", json=_body())
         elapsed = time.monotonic() - t0

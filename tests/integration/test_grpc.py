@@ -19,6 +19,8 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from tests.eventually import eventually
+
 pytestmark = pytest.mark.integration
 
 
@@ -241,11 +243,12 @@ def test_sigterm_drains_grpc(triton: Any, redis_server: Any, tmp_path: Any) -> N
     """SIGTERM: ServerReady turns false at once, a call in flight still gets its answer, the process
     exits 0 and the port closes."""
     from app.launcher import free_port
-    from tests.integration.test_operations import tgw_serve
+    from tests.integration.test_operations import serve
 
     port = free_port()
     env = {"TGW_GRPC_PORT": str(port), "TGW_SHUTDOWN_DELAY_S": "0.5", "TGW_DRAIN_S": "10"}
-    with tgw_serve(triton, redis_server, tmp_path, **env) as (proc, _, log):
+    with serve(triton, redis_server, tmp_path, **env) as tgw:
+        proc, log = tgw.proc, tgw.log
         address = f"127.0.0.1:{port}"
         client = grpcclient.InferenceServerClient(address)
         assert client.is_server_ready()
@@ -253,10 +256,10 @@ def test_sigterm_drains_grpc(triton: Any, redis_server: Any, tmp_path: Any) -> N
         done: queue.Queue[Any] = queue.Queue()
         client.async_infer("sleep_fp32", [fp32_input("DELAY_S", np.array([[delay]], np.float32))],
                            callback=lambda result, error: done.put((result, error)))  # fmt: skip
-        time.sleep(0.3)
+        time.sleep(0.3)  # a real wait: the call is under way before the signal
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        assert not grpcclient.InferenceServerClient(address).is_server_ready()
+        eventually(lambda: not grpcclient.InferenceServerClient(address).is_server_ready(), 0.3, 0.02,
+                   "ServerReady still true 0.3 s after SIGTERM")  # fmt: skip
         result, error = done.get(timeout=15)
         assert error is None and result.as_numpy("SLEPT_S")[0, 0] == pytest.approx(delay, rel=1e-5)
         assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]

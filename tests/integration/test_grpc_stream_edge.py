@@ -36,6 +36,7 @@ from websockets.sync.client import connect
 
 from app.clients.tensors import set_parameter
 from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
+from tests.eventually import eventually
 from tests.gateway_server import GatewayAddresses, running_gateway_addresses
 from tests.integration.test_auth import ADMIN, auth_settings, make_key
 
@@ -251,13 +252,14 @@ def test_revoked_key_streams_and_websockets_stop_within_the_cache_bound(
 ) -> None:
     key = make_key(auth_gateway.http, rps=200, burst=200)
     outcomes: dict[str, Any] = {}
+    answered: set[str] = set()  # which of the five got a first answer
     revoked = threading.Event()
 
     def busy_stream() -> None:  # sends a request every 0.25 s and reads the answers
         def requests() -> Iterator[Any]:
             for i in range(200):
                 yield fp32_request(np.full((1, 2), float(i), np.float32), f"b{i}")
-                time.sleep(0.25)
+                time.sleep(0.25)  # pacing: a request every 0.25 s
 
         last_answer = 0.0
         with stub_for(auth_gateway.grpc) as stub:
@@ -265,6 +267,7 @@ def test_revoked_key_streams_and_websockets_stop_within_the_cache_bound(
                 for r in stub.ModelStreamInfer(requests(), metadata=key_metadata(key), timeout=60):
                     if not r.error_message:
                         last_answer = time.monotonic()
+                        answered.add("busy")
             except grpc.RpcError as exc:
                 outcomes["busy"] = (exc.code(), time.monotonic(), last_answer)
 
@@ -278,7 +281,7 @@ def test_revoked_key_streams_and_websockets_stop_within_the_cache_bound(
         with stub_for(auth_gateway.grpc) as stub:
             try:
                 for _ in stub.ModelStreamInfer(requests(), metadata=key_metadata(key), timeout=60):
-                    pass
+                    answered.add("idle")
             except grpc.RpcError as exc:
                 outcomes["idle"] = (exc.code(), time.monotonic())
             finally:
@@ -297,7 +300,8 @@ def test_revoked_key_streams_and_websockets_stop_within_the_cache_bound(
                     frame = json.loads(ws.recv(timeout=10))
                     if frame["type"] == "result":
                         last_answer = time.monotonic()
-                    time.sleep(0.25)
+                        answered.add("ws")
+                    time.sleep(0.25)  # pacing: a request every 0.25 s
             except ConnectionClosed as exc:
                 outcomes["ws"] = (exc.rcvd.code if exc.rcvd else None, time.monotonic(), last_answer)
 
@@ -307,6 +311,7 @@ def test_revoked_key_streams_and_websockets_stop_within_the_cache_bound(
             try:
                 while True:
                     ws.recv(timeout=30)
+                    answered.add("ws_idle")
             except ConnectionClosed as exc:
                 outcomes["ws_idle"] = (exc.rcvd.code if exc.rcvd else None, time.monotonic())
 
@@ -320,6 +325,7 @@ def test_revoked_key_streams_and_websockets_stop_within_the_cache_bound(
             try:
                 while True:
                     ws.recv(timeout=30)
+                    answered.add("ws_job")
             except ConnectionClosed as exc:
                 outcomes["ws_job"] = (exc.rcvd.code if exc.rcvd else None, time.monotonic())
 
@@ -327,7 +333,9 @@ def test_revoked_key_streams_and_websockets_stop_within_the_cache_bound(
                                                                     idle_socket, job_socket)]  # fmt: skip
     for t in threads:
         t.start()
-    time.sleep(2.0)  # all four open and answered
+    eventually(
+        lambda: len(answered) == len(threads), 30, 0.05, lambda: f"open and answered: {sorted(answered)}"
+    )
     r = httpx.delete(f"{auth_gateway.http}/v1/admin/keys/{key['id']}",
                      headers={"Authorization": f"Bearer {ADMIN}"})  # fmt: skip
     assert r.status_code == 200
@@ -369,7 +377,7 @@ def test_stream_not_reading_answers_keeps_memory_bounded(gateway: GatewayAddress
         peak = before
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:  # the answers are not read
-            time.sleep(0.5)
+            time.sleep(0.5)  # sampling the memory over a fixed 15 s window
             peak = max(peak, process.memory_info().rss)
         taken = sent[0]
         assert (

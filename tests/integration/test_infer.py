@@ -11,12 +11,9 @@ import numpy as np
 import pytest
 
 from app.launcher import EmbeddedTriton
+from tests.integration.jobs_helpers import unique_row
 
 pytestmark = pytest.mark.integration
-
-
-def unique_row(n: int = 4) -> list[float]:
-    return [round(random.uniform(-100, 100), 3) for _ in range(n)]
 
 
 def test_healthz_and_readyz(client: httpx.Client) -> None:

@@ -83,7 +83,7 @@ def test_cached_answer_completes_at_once_and_expires(start_gateway: GatewayFacto
         job = c.get(f"/v1/jobs/{r.json()['id']}").json()
         assert job["result"] == sync.json() and job["cache"] == "HIT"
         assert job["created_at"] and job["finished_at"]
-        time.sleep(1.6)
+        time.sleep(1.6)  # a real wait: past the job's 1 s TTL, whose length is the point
         assert c.get(f"/v1/jobs/{r.json()['id']}").status_code == 404
 
 

@@ -18,6 +18,7 @@ from websockets.sync.client import connect
 
 from app.launcher import EmbeddedTriton, _package_dir, cluster_ports
 from app.services.jobs.store import EVENTS
+from tests.eventually import eventually
 from tests.gateway_server import running_gateway
 from tests.integration.jobs_helpers import unique_row, wait_job
 
@@ -49,20 +50,20 @@ def cluster_url(tmp_path: Path) -> Iterator[str]:
         proc = subprocess.Popen(argv, stdout=log, stderr=log)
     try:
         r = redis.Redis(host="127.0.0.1", port=port)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                log = (tmp_path / "redis.log").read_text()[-2000:]
-                assert proc.poll() is None, f"redis-server (cluster mode) exited: {log}"
-                assert time.monotonic() < deadline, f"redis-server (cluster mode) did not start: {log}"
-                time.sleep(0.05)
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"redis-server (cluster mode) exited: {log_tail()}")
+            return bool(r.ping())
+
+        def log_tail() -> str:
+            return (tmp_path / "redis.log").read_text()[-2000:]
+
+        eventually(answers, 30, 0.05, ignoring=(redis.ConnectionError,),
+                   message=lambda: f"redis-server (cluster mode) did not start: {log_tail()}")  # fmt: skip
         r.execute_command("CLUSTER", "ADDSLOTS", *range(16384))
-        while b"cluster_state:ok" not in r.execute_command("CLUSTER", "INFO"):
-            assert time.monotonic() < deadline, "the one-node cluster did not come up"
-            time.sleep(0.05)
+        eventually(lambda: b"cluster_state:ok" in r.execute_command("CLUSTER", "INFO"), 30, 0.05,
+                   "the one-node cluster did not come up")  # fmt: skip
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()
@@ -105,10 +106,8 @@ def test_job_changes_are_pushed_on_a_redis_cluster(triton: EmbeddedTriton, clust
         httpx.Client(base_url=url, timeout=10) as c,
     ):  # fmt: skip
         job_id = c.post(JOBS, json=body).json()["id"]
-        deadline = time.monotonic() + 10
-        while event_subscribers(cluster_url) < 1:
-            assert time.monotonic() < deadline, "the replica never subscribed to the job events"
-            time.sleep(0.05)
+        eventually(lambda: event_subscribers(cluster_url) >= 1, 10, 0.05,
+                   "the replica never subscribed to the job events")  # fmt: skip
         with connect(url.replace("http", "ws") + "/v1/ws") as ws:
             ws.send(json.dumps({"op": "subscribe", "job_id": job_id}))
             while (frame := json.loads(ws.recv(timeout=10)))["type"] != "status":

@@ -6,16 +6,11 @@ real Triton, a Redis of its own."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -23,45 +18,16 @@ import pytest
 
 from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
 from tests.integration.jobs_helpers import unique_row
+from tests.processes import TgwProcess, tgw_serve
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 N, CONCURRENCY, KILLS = 200, 8, 3
 JOBS = "/v1/models/identity_fp32/jobs"
 
 
-@contextmanager
-def tgw_serve(
-    triton: EmbeddedTriton, redis_url: str, log: Path
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    env = dict(os.environ)
-    env.update(
-        TGW_TRITON_URL=triton.grpc_url, TGW_TRITON_HTTP_URL=triton.http_url, TGW_REDIS_URL=redis_url,
-        TGW_HOST="127.0.0.1", TGW_PORT=str(port), TGW_GRPC_PORT=str(free_port()), TGW_LOG_LEVEL="WARNING",
-        TGW_SHUTDOWN_DELAY_S="0",
-    )  # fmt: skip
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env, stdout=out, stderr=out
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()[-2000:]
-            assert time.monotonic() < deadline, "tgw serve did not start"
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+def serve(triton: EmbeddedTriton, redis_url: str, log: Path) -> TgwProcess:
+    return tgw_serve(triton, redis_url, log, ready="/healthz", TGW_TRITON_HTTP_URL=triton.http_url,
+                     TGW_LOG_LEVEL="WARNING", TGW_SHUTDOWN_DELAY_S="0")  # fmt: skip
 
 
 def test_sigkill_during_submits_loses_no_job(triton: EmbeddedTriton, tmp_path: Path) -> None:
@@ -74,7 +40,8 @@ def test_sigkill_during_submits_loses_no_job(triton: EmbeddedTriton, tmp_path: P
     try:
         for kill in range(KILLS):  # each round: the keys not answered yet, SIGKILL mid-run
             pending = [k for k in keys if k not in before]
-            with tgw_serve(triton, own.url, tmp_path / f"gw{kill}.log") as (url, proc):
+            with serve(triton, own.url, tmp_path / f"gw{kill}.log") as tgw:
+                url, proc = tgw.url, tgw.proc
                 answered = threading.Event()
 
                 def submit(key: str, url: str = url, answered: threading.Event = answered) -> None:
@@ -90,14 +57,15 @@ def test_sigkill_during_submits_loses_no_job(triton: EmbeddedTriton, tmp_path: P
                 with ThreadPoolExecutor(CONCURRENCY) as pool:
                     futures = [pool.submit(submit, k) for k in pending]
                     assert answered.wait(60), "no submit was answered"
-                    time.sleep(random.uniform(0.1, 0.3))
+                    time.sleep(random.uniform(0.1, 0.3))  # a real wait: the kill lands mid-run
                     proc.send_signal(signal.SIGKILL)
                     proc.wait(10)
                     for f in futures:
                         f.result(timeout=30)
         assert 0 < len(before) < N, f"the kills did not land mid-run ({len(before)} of {N} answered)"
 
-        with tgw_serve(triton, own.url, tmp_path / "gw-final.log") as (url, _):
+        with serve(triton, own.url, tmp_path / "gw-final.log") as tgw:
+            url = tgw.url
             with httpx.Client(base_url=url, timeout=10) as c:
 
                 def retry(key: str) -> tuple[str, int, str, bool, int]:

@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
+from tests.eventually import eventually
 from tests.integration.conftest import GatewayFactory
 from tests.integration.jobs_helpers import sigkill_worker_holding_jobs, unique_row, wait_job
 
@@ -76,7 +77,9 @@ def test_sigkill_worker_mid_batch_every_job_succeeds_exactly_once(
             # SIGKILL a worker that holds running jobs.
             sigkill_worker_holding_jobs(r, workers)
             jobs = [wait_job(c, job_id, timeout=30) for job_id in ids]
-            time.sleep(1.0)  # let any duplicate event arrive, were there one
+            eventually(lambda: {f.get("job_id") for f in frames if f["type"] == "result"} >= set(ids), 20, 0.1,
+                       lambda: f"results seen: {sorted({f.get('job_id') for f in frames if f['type'] == 'result'})}")  # fmt: skip
+            time.sleep(1.0)  # a real wait: a duplicate event, were there one, has a second to arrive
             stop.set()
             collector.join(5)
     finally:
@@ -140,7 +143,7 @@ def test_a_running_job_completes_across_a_redis_restart(
             assert pid is not None
             os.kill(pid, signal.SIGKILL)
             own.process.proc.wait(10)  # type: ignore[union-attr]
-            time.sleep(1.5)  # the answer is ready while Redis is still down
+            time.sleep(1.5)  # a real wait: the outage lasts until the answer is ready
             own.start()
             job = wait_job(c, job_id, timeout=20)
         assert job["status"] == "succeeded", job

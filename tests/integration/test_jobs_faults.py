@@ -103,7 +103,7 @@ def test_redis_down_stalled_and_restarted(start_gateway: GatewayFactory, tmp_pat
             own = EmbeddedRedis(port, tmp_path / "redis", appendonly=True)
             own.start()
             codes = [c.get(f"/v1/jobs/{job_id}").status_code for _ in range(40)]
-            time.sleep(0.5)
+            time.sleep(0.5)  # pacing: more requests a moment later, on connections the pool kept
             codes += [c.get("/v1/jobs/stats").status_code for _ in range(10)]
             assert codes == [200] * 50, codes
             assert c.delete(f"/v1/jobs/{job_id}").status_code == 200

@@ -22,6 +22,7 @@ from websockets.sync.client import connect
 
 from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
 from app.services.jobs.store import DEAD
+from tests.eventually import eventually
 from tests.gateway_server import running_gateway
 from tests.integration.conftest import GatewayFactory
 from tests.integration.jobs_helpers import unique_row, wait_job
@@ -228,10 +229,12 @@ def test_webhook_retried_until_receiver_is_up_signed_same_id(wc: httpx.Client) -
         r = wc.post("/v1/models/identity_fp32/jobs", json=body)
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
-        deadline = time.monotonic() + 15
-        while (job := wc.get(f"/v1/jobs/{job_id}").json()).get("webhook", {}).get("status") != "delivered":
-            assert time.monotonic() < deadline, (job["status"], job.get("webhook"))
-            time.sleep(0.1)
+
+        def delivered() -> dict[str, Any] | None:
+            job: dict[str, Any] = wc.get(f"/v1/jobs/{job_id}").json()
+            return job if job.get("webhook", {}).get("status") == "delivered" else None
+
+        job = eventually(delivered, 15, 0.1, lambda: str(wc.get(f"/v1/jobs/{job_id}").json()))
     finally:
         rx.close()
     assert len(rx.calls) == 3
@@ -265,13 +268,8 @@ def test_webhook_410_stops_and_exhaustion_dead_letters(wc: httpx.Client) -> None
             ).json()["id"]
             for rx in (gone, down)
         ]
-        deadline = time.monotonic() + 15
-        while True:
-            jobs = [wc.get(f"/v1/jobs/{i}").json() for i in ids]
-            if [j["webhook"]["status"] for j in jobs] == ["stopped", "dead"]:
-                break
-            assert time.monotonic() < deadline, [(j["status"], j["webhook"]) for j in jobs]
-            time.sleep(0.1)
+        eventually(lambda: [wc.get(f"/v1/jobs/{i}").json()["webhook"]["status"] for i in ids] == ["stopped", "dead"],
+                   15, 0.1, lambda: str([wc.get(f"/v1/jobs/{i}").json()["webhook"] for i in ids]))  # fmt: skip
     finally:
         gone.close()
         down.close()

@@ -5,101 +5,38 @@ deliveries hold a slot for one receiver host."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
 
-from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
+from app.launcher import EmbeddedRedis, EmbeddedTriton
+from tests.eventually import eventually
 from tests.gateway_server import running_gateway
 from tests.integration.jobs_helpers import unique_row
+from tests.integration.webhook_receivers import FastReceiver, SlowReceiver
+from tests.integration.webhook_receivers import receivers as closing_receivers
 
 pytestmark = pytest.mark.integration
 JOBS = "/v1/models/identity_fp32/jobs"
 TOTAL_S = 3.0
 
 
-class DripReceiver:
-    """Reads the request, answers ``200`` with a long Content-Length, then one byte every 2 s."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_server(("127.0.0.1", port))
-        self.port = port
-        self.stop = threading.Event()
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
-
-    def _drip(self, conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            conn.settimeout(5)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100000\r\n\r\n")
-            while not self.stop.is_set():
-                conn.sendall(b".")
-                self.stop.wait(2.0)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.sock.close()
-
-
-class NormalReceiver:
-    def __init__(self, host: str, port: int) -> None:
-        self.received: list[float] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["content-length"]))
-                receiver.received.append(time.monotonic())
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def receivers() -> Iterator[tuple[list[DripReceiver], NormalReceiver]]:
-    drips = [DripReceiver(free_port()) for _ in range(16)]
-    normal = NormalReceiver("127.0.0.2", free_port())  # another host (all of 127/8 is loopback)
-    try:
+def receivers() -> Iterator[tuple[list[SlowReceiver], FastReceiver]]:
+    drips = [SlowReceiver("127.0.0.1", "drip") for _ in range(16)]
+    normal = FastReceiver("127.0.0.2")  # another host (all of 127/8 is loopback)
+    with closing_receivers(*drips, normal):
         yield drips, normal
-    finally:
-        for d in drips:
-            d.close()
-        normal.close()
 
 
 def test_sixteen_drip_feeding_receivers_do_not_delay_another_webhook(
-    triton: EmbeddedTriton, redis_server: EmbeddedRedis, receivers: tuple[list[DripReceiver], NormalReceiver]
+    triton: EmbeddedTriton, redis_server: EmbeddedRedis, receivers: tuple[list[SlowReceiver], FastReceiver]
 ) -> None:
     drips, normal = receivers
-    ports = [d.port for d in drips] + [normal.server.server_address[1]]
+    ports = [d.port for d in drips] + [normal.port]
     with (
         running_gateway(
             triton_url=triton.grpc_url, triton_http_url=triton.http_url, redis_url=redis_server.url,
@@ -113,35 +50,31 @@ def test_sixteen_drip_feeding_receivers_do_not_delay_another_webhook(
                 JOBS,
                 json={
                     "inputs": {"INPUT0": [unique_row()]},
-                    "webhook": {"url": f"http://127.0.0.1:{d.port}/h"},
+                    "webhook": {"url": d.url},
                 },
             ).json()["id"]
             for d in drips
         ]
-        deadline = time.monotonic() + 10
-        while sum(d.connections for d in drips) < 4:  # the slow receivers hold their slots now
-            assert time.monotonic() < deadline, "no slow delivery started"
-            time.sleep(0.05)
+        # the slow receivers hold their slots now
+        eventually(lambda: sum(d.connections for d in drips) >= 4, 10, 0.05, "no slow delivery started")
         sent = time.monotonic()
         r = c.post(
             JOBS,
             json={
                 "inputs": {"INPUT0": [unique_row()]},
-                "webhook": {"url": f"http://127.0.0.2:{normal.server.server_address[1]}/h"},
+                "webhook": {"url": normal.url},
             },
         )
         assert r.status_code == 202, r.text
-        while not normal.received:
-            assert time.monotonic() - sent < 10, "the normal webhook was not delivered"
-            time.sleep(0.02)
+        eventually(lambda: normal.received, 10, 0.02, "the normal webhook was not delivered")
         latency = normal.received[0] - sent
+
         # The slow ones: each attempt ends within the total bound, however slowly the bytes drip.
-        deadline = time.monotonic() + 4 * TOTAL_S + 10
-        while True:
-            attempts = [a for i in slow for a in c.get(f"/v1/jobs/{i}").json()["webhook"]["attempts"]]
-            if len(attempts) >= 8 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        def slow_attempts() -> list[dict[str, Any]] | None:
+            found = [a for i in slow for a in c.get(f"/v1/jobs/{i}").json()["webhook"]["attempts"]]
+            return found if len(found) >= 8 else None
+
+        attempts = eventually(slow_attempts, 4 * TOTAL_S + 10, 0.2, "8 slow attempts")
         most_at_once = max(d.connections for d in drips)
     print(
         f"drip test: normal webhook delivered {latency * 1000:.0f} ms after submit; slow attempts {len(attempts)}"

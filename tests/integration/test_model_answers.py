@@ -17,6 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from app.launcher import EmbeddedRedis, EmbeddedTriton
+from tests.eventually import eventually
 from tests.gateway_server import running_gateway_addresses
 from tests.integration.serve_workers import serving_workers, worker_of
 
@@ -105,11 +106,17 @@ def test_statistics_are_tritons_plus_what_the_gateway_answered(
         assert no_cache.status_code == 200 and no_cache.headers["x-cache"] == "BYPASS"
     hits = outcomes.count("HIT")
     assert outcomes[0] == "MISS" and hits >= 8, outcomes
-    time.sleep(1.5)  # each worker adds its count to the shared one every 0.5 s
-    theirs = httpx.get(f"{triton.http_url}{path}").json()
-    bodies, workers = _bodies(workers_url, path, 12)
-    assert len(bodies) == 1 and len(workers) == 2, f"{len(bodies)} bodies from {len(workers)} workers"
-    ours = httpx.get(f"{workers_url}{path}").json()
+
+    def published() -> tuple[Any, Any]:  # each worker adds its count to the shared one every 0.5 s
+        theirs = httpx.get(f"{triton.http_url}{path}").json()
+        bodies, workers = _bodies(workers_url, path, 12)
+        assert len(bodies) == 1 and len(workers) == 2, f"{len(bodies)} bodies from {len(workers)} workers"
+        ours = httpx.get(f"{workers_url}{path}").json()
+        counted = ours["model_stats"][0]["inference_stats"]["cache_hit"]["count"]
+        assert counted == theirs["model_stats"][0]["inference_stats"]["cache_hit"]["count"] + hits, counted
+        return theirs, ours
+
+    theirs, ours = eventually(published, 15, 0.25, "the cache hits in the shared statistics of both workers")
     _same_keys(ours, theirs)  # zero fields too: last_inference, inference_count, execution_count, …
     t, o = theirs["model_stats"][0], ours["model_stats"][0]
     assert t["inference_stats"]["success"]["count"] >= 2  # the miss and the no-cache request reached Triton

@@ -5,15 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import random
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,8 +17,11 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
+from app.launcher import EmbeddedRedis, EmbeddedTriton
 from app.observability.logging import JsonFormatter
+from tests.eventually import eventually
+from tests.integration.jobs_helpers import unique_row
+from tests.processes import TgwProcess, clean_env, tgw_serve
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +42,7 @@ def value(snap: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, 
 
 
 def rows(n: int = 2) -> list[list[float]]:
-    return [[round(random.uniform(-100, 100), 3) for _ in range(4)] for _ in range(n)]
+    return [unique_row() for _ in range(n)]
 
 
 def test_metrics_after_real_traffic(client: httpx.Client) -> None:
@@ -88,12 +85,10 @@ def test_one_access_log_line_per_request(client: httpx.Client, caplog: pytest.Lo
     body = {"inputs": {"INPUT0": [[secret_value, 1.0]]}}
     r = client.post(IDENTITY, json=body, headers={"X-Request-ID": "ops-log-1", "Cache-Control": "no-store"})
     assert r.status_code == 200
-    deadline = time.time() + 5
-    while time.time() < deadline:
-        records = [rec for rec in caplog.records if getattr(rec, "request_id", None) == "ops-log-1"]
-        if records:
-            break
-        time.sleep(0.02)
+    records = eventually(
+        lambda: [rec for rec in caplog.records if getattr(rec, "request_id", None) == "ops-log-1"], 10, 0.02,
+        "the access log line",
+    )  # fmt: skip
     assert len(records) == 1
     line = JsonFormatter().format(records[0])
     out = orjson.loads(line)
@@ -107,38 +102,9 @@ def test_one_access_log_line_per_request(client: httpx.Client, caplog: pytest.Lo
 # --- real `tgw serve` processes ------------------------------------------------------------------------
 
 
-@contextmanager
-def tgw_serve(
-    triton: EmbeddedTriton, redis: EmbeddedRedis, tmp: Path, **env: str
-) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    port = free_port()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TGW_", "PROMETHEUS_"))}
-    full_env = {
-        **clean, "TGW_TRITON_URL": triton.grpc_url, "TGW_REDIS_URL": redis.url, "TGW_HOST": "127.0.0.1",
-        "TGW_PORT": str(port), "TGW_GRPC_PORT": str(free_port()), "TMPDIR": str(tmp), **env,
-    }  # fmt: skip
-    log = tmp / "gateway.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve"], env=full_env, stdout=sink, stderr=sink
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, f"tgw serve exited {proc.returncode}:\n{log.read_text()}"
-            assert time.time() < deadline, f"tgw serve not ready:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        yield proc, url, log
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+def serve(triton: EmbeddedTriton, redis: EmbeddedRedis, tmp: Path, **env: str) -> TgwProcess:
+    """A real ``tgw serve`` (inference over gRPC) from a clean environment, its temporary files in ``tmp``."""
+    return tgw_serve(triton, redis.url, tmp / "gateway.log", base=clean_env(), TMPDIR=str(tmp), **env)
 
 
 def _log_time(text: str, message_start: str) -> float:
@@ -195,16 +161,15 @@ async def _readiness_loop(url: str, seen: list[tuple[float, float, int]], stop: 
             except httpx.HTTPError:
                 return
             seen.append((sent, time.time(), r.status_code))
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # pacing: a probe every 0.1 s
 
 
 def test_sigterm_drains_under_load_without_failed_requests(
     triton: EmbeddedTriton, redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
     delay_s = 2.0
-    with tgw_serve(triton, redis_server, tmp_path, TGW_SHUTDOWN_DELAY_S=str(delay_s), TGW_DRAIN_S="20") as (
-        proc, url, log,
-    ):  # fmt: skip
+    with serve(triton, redis_server, tmp_path, TGW_SHUTDOWN_DELAY_S=str(delay_s), TGW_DRAIN_S="20") as tgw:
+        proc, url, log = tgw.proc, tgw.url, tgw.log
         result, ready = LoadResult(), []
         long_sent = 0.0
 
@@ -216,12 +181,12 @@ def test_sigterm_drains_under_load_without_failed_requests(
             # built before the signal (an AsyncClient loads the CA bundle): nothing slow between the
             # timed sleep and the request
             async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-                await asyncio.sleep(1.2)
+                await asyncio.sleep(1.2)  # load phase before the signal
                 sent = time.time()
                 proc.send_signal(signal.SIGTERM)
                 # a long request accepted during the delay, still running when the listener closes; sent
                 # well before the close (1.5 s): a client process stalled for a moment must not send it late
-                await asyncio.sleep(delay_s - 1.5)
+                await asyncio.sleep(delay_s - 1.5)  # timed: into the shutdown delay
                 body, headers = {"inputs": {"DELAY_S": [[2.0]]}}, {"Cache-Control": "no-cache, no-store"}
                 long_sent = time.time()
                 try:
@@ -268,11 +233,8 @@ def test_sigterm_drains_under_load_without_failed_requests(
 def test_two_workers_share_metrics_and_exit_cleanly(
     triton: EmbeddedTriton, redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
-    with tgw_serve(triton, redis_server, tmp_path, TGW_WORKERS="2", TGW_SHUTDOWN_DELAY_S="0.2") as (
-        proc,
-        url,
-        log,
-    ):
+    with serve(triton, redis_server, tmp_path, TGW_WORKERS="2", TGW_SHUTDOWN_DELAY_S="0.2") as tgw:
+        proc, url, log = tgw.proc, tgw.url, tgw.log
         assert len(list(tmp_path.glob("tgw-prometheus-*"))) == 1
 
         async def traffic() -> list[int]:

@@ -12,23 +12,21 @@ stack its outputs (cache misses, metrics counters) were taken from.
 
 from __future__ import annotations
 
-import os
+import contextlib
 import secrets
 import shutil
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from app.launcher import StackState, free_port
 from tests.doc_examples import (
     READ_RETRY_S,
     Block,
+    Example,
     Shell,
     base_env,
     bindings,
@@ -37,75 +35,36 @@ from tests.doc_examples import (
     is_read_only,
     parse_blocks,
 )
+from tests.eventually import eventually
+from tests.processes import ROOT, TgwProcess, clean_env, start_tgw, up_env
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = documents_with_examples()  # README.md, docs/models.md
 SHOWN = "localhost:8080"  # where the examples say the gateway is
-
-
-@dataclass
-class Gateway:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @dataclass
 class ExampleStack:
     tmp: Path
     state: Path
-    main: Gateway
+    main: TgwProcess
     env: dict[str, str]  # the stack's addresses (stack.json)
     pepper: str
-    auth: Gateway | None = None
+    auth: TgwProcess | None = None
 
-    def gateway(self, mode: str) -> Gateway:
+    def gateway(self, mode: str) -> TgwProcess:
         if mode == "run":
             return self.main
         if self.auth is None:  # started the first time a block needs it
-            port = free_port()
             env = clean_env()
             env.update(self.env)
             env.update({
-                "TGW_PORT": str(port), "TGW_GRPC_PORT": str(free_port()), "TGW_AUTH": "required",
+                "TGW_PORT": str(free_port()), "TGW_GRPC_PORT": str(free_port()), "TGW_AUTH": "required",
                 "TGW_KEY_PEPPER": self.pepper,  # what the README's .env adds, and nothing else
                 "TGW_STATE_DIR": str(self.state), "TGW_SHUTDOWN_DELAY_S": "0", "TGW_DRAIN_S": "2",
             })  # fmt: skip
-            self.auth = start(["serve"], env, self.tmp / "tgw-serve-auth.log", port, self.tmp)
+            self.auth = start_tgw(["serve"], env, self.tmp / "tgw-serve-auth.log", cwd=self.tmp, timeout=180)
         return self.auth
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("TGW_")}
-
-
-def start(args: list[str], env: dict[str, str], log: Path, port: int, cwd: Path) -> Gateway:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", *args], env=env, stdout=out, stderr=out, cwd=cwd
-        )
-    gateway = Gateway(proc, port, log)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return gateway
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            gateway.stop()
-            pytest.fail(f"`tgw {' '.join(args)}` did not become ready:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
 
 
 @pytest.fixture(scope="module")
@@ -114,18 +73,12 @@ def example_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExampleS
         pytest.fail("the README's examples need curl on PATH")
     tmp = tmp_path_factory.mktemp("examples")
     state = tmp / "state"
-    port = free_port()
-    env = clean_env()
-    env.update({
-        "TGW_PORT": str(port), "TGW_GRPC_PORT": str(free_port()),
-        "TGW_TRITON_HTTP_PORT": str(free_port()), "TGW_TRITON_GRPC_PORT": str(free_port()),
-        "TGW_TRITON_METRICS_PORT": str(free_port()), "TGW_REDIS_PORT": str(free_port()),
-        "TGW_JOBS_REDIS_PORT": str(free_port()), "TGW_STATE_DIR": str(state),
-        "TGW_MODEL_REPOSITORY": str(ROOT / "model_repository"),
-        "TGW_TRITON_MODEL_CONFIG_NAME": "cpu",  # the outputs shown are the CPU (ONNX Runtime) answers
-        "TGW_WORKERS": "1", "TGW_SHUTDOWN_DELAY_S": "0", "TGW_DRAIN_S": "5",
-    })  # fmt: skip
-    main = start(["up"], env, tmp / "tgw-up.log", port, tmp)
+    env = up_env(
+        state, TGW_MODEL_REPOSITORY=str(ROOT / "model_repository"),
+        TGW_TRITON_MODEL_CONFIG_NAME="cpu",  # the outputs shown are the CPU (ONNX Runtime) answers
+        TGW_WORKERS="1", TGW_SHUTDOWN_DELAY_S="0", TGW_DRAIN_S="5",
+    )  # fmt: skip
+    main = start_tgw(["up"], env, tmp / "tgw-up.log", cwd=tmp, timeout=180)
     stack_state = StackState.read(state)
     assert stack_state is not None
     stack = ExampleStack(tmp, state, main, stack_state.env, secrets.token_hex(32))
@@ -137,6 +90,21 @@ def example_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExampleS
 
 def document_blocks(document: str) -> list[Block]:
     return parse_blocks((ROOT / document).read_text(), document)
+
+
+def run_example(shell: Shell, example: Example) -> tuple[str, int, str]:
+    """(output, exit status, difference from what it shows) of ``example``; a read-only one is run again
+    until it prints what it shows, for at most READ_RETRY_S (a job finishes after its submission answered)."""
+    last: list[tuple[str, int, str]] = []
+
+    def shown() -> bool:
+        actual, rc = shell.run(example.command)
+        last[:] = [(actual, rc, difference(example, actual))]
+        return not last[0][2] or not is_read_only(example.command)
+
+    with contextlib.suppress(AssertionError):  # still different: the difference is what the test reports
+        eventually(shown, READ_RETRY_S, 0.2)
+    return last[0]
 
 
 def run_document(stack: ExampleStack, document: str) -> tuple[int, list[str]]:
@@ -158,13 +126,7 @@ def run_document(stack: ExampleStack, document: str) -> tuple[int, list[str]]:
         else:
             shell.env.pop("TGW_KEY_PEPPER", None)
         for example in block.examples:
-            deadline = time.monotonic() + READ_RETRY_S
-            while True:
-                actual, rc = shell.run(example.command)
-                diff = difference(example, actual)
-                if not diff or not is_read_only(example.command) or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
+            actual, rc, diff = run_example(shell, example)
             ran += 1
             if diff:
                 failures.append(f"{diff}(exit status {rc})")

@@ -13,6 +13,7 @@ from redis.cluster import RedisCluster
 
 from app.clients.redis import RedisCacheStore, make_redis, warm_up
 from app.launcher import EmbeddedRedisCluster, EmbeddedTriton, cluster_ports
+from tests.eventually import eventually
 from tests.gateway_server import running_gateway
 from tests.integration.jobs_helpers import unique_row, wait_job
 from tests.integration.test_jobs_cluster import test_job_changes_are_pushed_on_a_redis_cluster as _jobs_push
@@ -65,10 +66,12 @@ def test_gateway_cache_on_the_cluster(cluster_gateway: str) -> None:
         body = {"inputs": {"INPUT0": [unique_row()]}}
         first = c.post("/v1/models/identity_fp32/infer", json=body)
         assert first.status_code == 200 and first.headers["X-Cache"] == "MISS"
-        for _ in range(20):  # the write is behind the answer
+
+        def hit() -> httpx.Response | None:  # the write is behind the answer
             again = c.post("/v1/models/identity_fp32/infer", json=body)
-            if again.headers["X-Cache"] == "HIT":
-                break
+            return again if again.headers["X-Cache"] == "HIT" else None
+
+        again = eventually(hit, 10, 0.05, "no cache hit")
         assert again.headers["X-Cache"] == "HIT" and again.json() == first.json()
 
 

@@ -39,7 +39,9 @@ async def test_timeout_fails_every_caller_of_the_round_trip_and_the_next_ones_wo
     admin = make_redis(redis_server.url, 5.0)
     await store.set("test:store:t", b"x", 30)
     sleeper = asyncio.create_task(admin.execute_command("DEBUG", "SLEEP", "0.5"))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(
+        0.05
+    )  # a real wait: the DEBUG SLEEP reaches Redis first (a blocked Redis shows nothing)
     results = await asyncio.gather(
         store.get("test:store:t"), store.get("test:store:t"), return_exceptions=True
     )

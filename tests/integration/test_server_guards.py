@@ -80,7 +80,7 @@ def test_idle_sockets_and_an_endless_body_leave_healthz_answering(guarded_url: s
             b"POST /v1/models/identity_fp32/infer HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n"
             b'content-type: application/json\r\n\r\n5\r\n{"inp\r\n'
         )  # and never the rest
-        time.sleep(0.3)  # let the server accept the backlog
+        time.sleep(0.3)  # a real wait: the server accepts the backlog (which nothing outside shows)
         times = []
         for _ in range(20):
             status, elapsed = _healthz(port)
@@ -144,7 +144,7 @@ def test_connection_cap_evicts_idle_then_refuses_cheaply(
                     b"POST /v1/models/identity_fp32/infer HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\n{"
                 )
                 busy.append(s)
-            time.sleep(0.3)
+            time.sleep(0.3)  # a real wait: the server takes in the 20 (which nothing outside shows)
             with socket.create_connection(("127.0.0.1", port)) as refused:
                 assert (_read_all(refused, timeout=2) or b"").startswith(b"HTTP/1.1 503 ")
             for s in busy:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -18,118 +17,45 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from app.launcher import free_port
+from tests.eventually import eventually
+from tests.processes import ROOT, TgwProcess, alive, start_tgw, up_env, wait_gone
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 
 
-@dataclass
-class Stack:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-    state: Path
-    env: dict[str, str]
-    grpc: str = ""  # host:port of the gateway's gRPC front door
-
-    def leftovers(self, timeout: float = 30) -> list[str]:
-        """Processes still running from this stack's state dir (e.g. Python-backend stubs)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = []
-            for proc in Path("/proc").iterdir():
-                if proc.name.isdigit() and _alive(int(proc.name)):
-                    try:
-                        cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                    except OSError:
-                        continue
-                    if str(self.state) in cmd:
-                        found.append(cmd[:200])
-            if not found or time.monotonic() > deadline:
-                return found
-            time.sleep(0.3)
-
-    def children(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
-        return [int(p) for p in out.stdout.split()]
+def leftovers(state: Path) -> list[str]:
+    """Processes still running from a stack's state dir (e.g. Python-backend stubs)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and alive(int(proc.name)):
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(state) in cmd:
+                found.append(cmd[:200])
+    return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead for our purpose
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
-
-
-def _wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        left = [p for p in pids if _alive(p)]
-        if not left:
-            return []
-        time.sleep(0.2)
-    return [p for p in pids if _alive(p)]
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"tgw up did not become ready:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
+def wait_no_leftovers(stack: TgwProcess) -> None:
+    eventually(lambda: not leftovers(stack.state), 30, 0.3,
+               message=lambda: f"left running: {leftovers(stack.state)}")  # fmt: skip
 
 
 @pytest.fixture
-def stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
-    port, grpc_port = free_port(), free_port()
-    env = dict(os.environ)
-    env.update(
-        {
-            "TGW_PORT": str(port),
-            "TGW_GRPC_PORT": str(grpc_port),
-            "TGW_TRITON_HTTP_PORT": str(free_port()),
-            "TGW_TRITON_GRPC_PORT": str(free_port()),
-            "TGW_TRITON_METRICS_PORT": str(free_port()),
-            "TGW_REDIS_PORT": str(free_port()),
-            "TGW_JOBS_REDIS_PORT": str(free_port()),
-            "TGW_MODEL_REPOSITORY": str(ROOT / "tests" / "models"),
-            "TGW_STATE_DIR": str(tmp_path / "state"),
-            "TGW_SHUTDOWN_DELAY_S": "0",
-            "TGW_DRAIN_S": "5",
-        }
+def stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[TgwProcess]:
+    env = up_env(
+        tmp_path / "state", TGW_SHUTDOWN_DELAY_S="0", TGW_DRAIN_S="5", **getattr(request, "param", {})
     )
-    env.update(getattr(request, "param", {}))
-    env.pop("TGW_TRITON_URL", None)
-    env.pop("TGW_REDIS_URL", None)
-    env.pop("TGW_JOBS_REDIS_URL", None)
-    log = tmp_path / "tgw-up.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "up"], env=env, stdout=out, stderr=out, cwd=ROOT
-        )
-    url = f"http://127.0.0.1:{port}"
-    _wait_ready(proc, url, log)
-    yield Stack(proc, url, log, tmp_path / "state", env, f"127.0.0.1:{grpc_port}")
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    with start_tgw(["up"], env, tmp_path / "tgw-up.log") as stack:
+        yield stack
 
 
-def test_sigterm_stops_all_three(stack: Stack) -> None:
+def test_sigterm_stops_all_three(stack: TgwProcess) -> None:
     r = httpx.post(f"{stack.url}/v1/models/identity_fp32/infer", json={"inputs": {"INPUT0": [[1.0, 2.0]]}})
     assert r.status_code == 200
-    grpc_client = grpcclient.InferenceServerClient(stack.grpc)  # tgw up serves the gRPC front door too
+    # tgw up serves the gRPC front door too
+    grpc_client = grpcclient.InferenceServerClient(f"127.0.0.1:{stack.env['TGW_GRPC_PORT']}")
     tensor = grpcclient.InferInput("INPUT0", [1, 2], "FP32")
     tensor.set_data_from_numpy(np.array([[1.0, 2.0]], dtype=np.float32))
     assert grpc_client.infer("identity_fp32", [tensor]).as_numpy("OUTPUT0").tolist() == [[1.0, 2.0]]
@@ -150,36 +76,36 @@ def test_sigterm_stops_all_three(stack: Stack) -> None:
         assert (int(config["maxmemory"]) > 0) is bounded
     stack.proc.send_signal(signal.SIGTERM)
     assert stack.proc.wait(timeout=60) == 0
-    assert _wait_gone(children) == []
-    assert stack.leftovers() == []
+    wait_gone(children)
+    wait_no_leftovers(stack)
 
 
 @pytest.mark.parametrize("stack", [{"TGW_SUPERVISE_MAX_RESTARTS": "0"}], indirect=True)
-def test_a_dead_child_takes_the_stack_down(stack: Stack) -> None:
+def test_a_dead_child_takes_the_stack_down(stack: TgwProcess) -> None:
     """With no restarts allowed (the default restarts; tests/integration/test_chaos.py), a dead child stops
     everything with its log tail."""
     children = stack.children()
     triton_pid = next(p for p in children if "tritonserver" in Path(f"/proc/{p}/cmdline").read_text())
     os.kill(triton_pid, signal.SIGKILL)
     assert stack.proc.wait(timeout=60) == 1
-    assert _wait_gone(children) == []
-    assert stack.leftovers() == []
+    wait_gone(children)
+    wait_no_leftovers(stack)
     assert "tritonserver exited unexpectedly" in stack.log.read_text()
 
 
-def test_sigkill_leaves_no_orphans(stack: Stack) -> None:
+def test_sigkill_leaves_no_orphans(stack: TgwProcess) -> None:
     children = stack.children()
     stack.proc.kill()
     stack.proc.wait()
-    assert _wait_gone(children, timeout=30) == []
-    assert stack.leftovers() == []
+    wait_gone(children, timeout=30)
+    wait_no_leftovers(stack)
 
 
 PEPPER = "pepper-" + __import__("secrets").token_urlsafe(32)
 
 
 @pytest.mark.parametrize("stack", [{"TGW_AUTH": "required", "TGW_KEY_PEPPER": PEPPER}], indirect=True)
-def test_tgw_keys_from_another_shell_finds_the_running_stack(stack: Stack, tmp_path: Path) -> None:
+def test_tgw_keys_from_another_shell_finds_the_running_stack(stack: TgwProcess, tmp_path: Path) -> None:
     """`tgw keys create` beside `make run`, in a shell that knows only the pepper (and the state dir, as a
     checkout's default .tgw/): the key lands in the stack's keys Redis and the gateway accepts it. Pointed at
     the cache Redis (allkeys-lru), it refuses; with no stack and no address, it says which it would use."""
@@ -244,7 +170,7 @@ def test_a_model_that_fails_to_load_stops_the_start_at_once_naming_it(tmp_path: 
     assert not server.process.alive()
 
 
-def test_tgw_doctor_reports_the_running_stack(stack: Stack, tmp_path: Path) -> None:
+def test_tgw_doctor_reports_the_running_stack(stack: TgwProcess, tmp_path: Path) -> None:
     """From another shell that knows only the state dir: the gateway, both Redis with their eviction
     policies, Triton and its models; with no stack it fails naming what is missing."""
     shell = {k: v for k, v in os.environ.items() if not k.startswith("TGW_")}
@@ -272,28 +198,16 @@ def test_ctrl_c_drains_the_gateway_then_stops_the_children_quietly(tmp_path: Pat
     """A terminal's Ctrl-C is SIGINT to the whole foreground process group. The children run in their own
     sessions, so only `tgw up` gets it: the gateway drains while Redis and Triton still serve, then they
     stop. Before, Redis died first and every clean stop logged connection warnings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TGW_")}
-    env.update({"TGW_PORT": str(free_port()), "TGW_GRPC_PORT": str(free_port()),
-                "TGW_TRITON_HTTP_PORT": str(free_port()), "TGW_TRITON_GRPC_PORT": str(free_port()),
-                "TGW_TRITON_METRICS_PORT": str(free_port()), "TGW_REDIS_PORT": str(free_port()),
-                "TGW_JOBS_REDIS_PORT": str(free_port()), "TGW_MODEL_REPOSITORY": str(ROOT / "tests" / "models"),
-                "TGW_STATE_DIR": str(tmp_path / "state"), "TGW_LOG_FORMAT": "text"})  # fmt: skip
     log = tmp_path / "up.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up"], env=env, stdout=out, stderr=out,
-                                cwd=ROOT, start_new_session=True)  # fmt: skip
+    tgw = start_tgw(["up"], up_env(tmp_path / "state", TGW_LOG_FORMAT="text"), log, new_session=True)
     try:
-        _wait_ready(proc, f"http://127.0.0.1:{env['TGW_PORT']}", log)
-        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                                   text=True).stdout.split()]  # fmt: skip
+        children = tgw.children()
         assert len(children) >= 3, children  # two Redis, Triton
-        os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C
-        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        os.killpg(tgw.proc.pid, signal.SIGINT)  # the terminal's Ctrl-C
+        assert tgw.proc.wait(timeout=60) == 0, tgw.log_tail()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert _wait_gone(children) == []
+        tgw.stop(graceful=False)
+    wait_gone(children)
     after = log.read_text().split("SIGINT received", 1)[1]
     noisy = [line for line in after.splitlines() if " WARNING " in line or " ERROR " in line]
     assert noisy == [], noisy
@@ -301,20 +215,22 @@ def test_ctrl_c_drains_the_gateway_then_stops_the_children_quietly(tmp_path: Pat
 
 
 @pytest.mark.parametrize("stack", [{"TGW_WORKERS": "2"}], indirect=True)
-def test_tgw_up_serves_with_the_worker_count_it_is_given(stack: Stack) -> None:
+def test_tgw_up_serves_with_the_worker_count_it_is_given(stack: TgwProcess) -> None:
     """TGW_WORKERS gateway processes under tgw up (it served one before, whatever the setting said), the
     children still supervised; SIGTERM stops them all."""
     import psutil
 
     me = psutil.Process(stack.proc.pid)
-    deadline = time.monotonic() + 30
-    while True:
-        spawned = [p for p in me.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+
+    def spawned() -> list[psutil.Process] | None:
+        found = [p for p in me.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
         # the gateway workers, not their decode processes (spawned by them: TGW_DECODE_PROCESSES)
-        gateways = [p for p in spawned if p.ppid() not in {s.pid for s in spawned}]
-        if len(gateways) >= 2 or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
+        workers = [p for p in found if p.ppid() not in {s.pid for s in found}]
+        return workers if len(workers) >= 2 else None
+
+    gateways = eventually(
+        spawned, 30, 0.3, message=lambda: str([p.cmdline() for p in me.children(recursive=True)])
+    )
     assert len(gateways) == 2, [p.cmdline() for p in me.children(recursive=True)]
     with httpx.Client(base_url=stack.url, timeout=10) as c:
         for _ in range(20):
@@ -324,5 +240,5 @@ def test_tgw_up_serves_with_the_worker_count_it_is_given(stack: Stack) -> None:
     assert "2 worker processes" in stack.log.read_text()
     children = stack.children()
     stack.proc.send_signal(signal.SIGTERM)
-    assert stack.proc.wait(timeout=60) == 0, stack.log.read_text()[-3000:]
-    assert _wait_gone(children + [p.pid for p in gateways]) == []
+    assert stack.proc.wait(timeout=60) == 0, stack.log_tail()
+    wait_gone(children + [p.pid for p in gateways])

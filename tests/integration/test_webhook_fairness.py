@@ -5,14 +5,7 @@ Triton and Redis, and receivers on loopback addresses of their own (all of 127/8
 
 from __future__ import annotations
 
-import contextlib
-import email.utils
-import select
-import socket
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -21,106 +14,13 @@ import redis
 
 from app.launcher import EmbeddedRedis, EmbeddedTriton
 from app.services.jobs.store import SCHEDULE
+from tests.eventually import eventually
 from tests.integration.jobs_helpers import gateway_with_tenant_header, unique_row
+from tests.integration.webhook_receivers import FastReceiver, SlowReceiver, receivers
 
 pytestmark = pytest.mark.integration
 JOBS = "/v1/models/identity_fp32/jobs"
 FIRST_BYTE_S = 3.0
-
-
-class SlowReceiver:
-    """``silent``: reads the request and never answers; ``drip``: answers 200 with a long Content-Length,
-    then one byte every 2 s. Either holds a delivery as long as the gateway lets it."""
-
-    def __init__(self, host: str, mode: str) -> None:
-        self.sock = socket.create_server((host, 0))
-        self.host, self.port, self.mode = host, self.sock.getsockname()[1], mode
-        self.url = f"http://{host}:{self.port}/h"
-        self.stop = threading.Event()
-        self.open = 0
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
-
-    def _hold(self, conn: socket.socket) -> None:
-        with self.lock:
-            self.open += 1
-        with conn, contextlib.suppress(OSError):
-            conn.settimeout(30)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-            if self.mode == "drip":
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100000\r\n\r\n")
-            while not self.stop.is_set():  # until the gateway gives up and closes
-                if self.mode == "drip":
-                    conn.sendall(b".")
-                readable, _, _ = select.select([conn], [], [], 2.0)
-                if readable and conn.recv(65536) == b"":
-                    break
-        with self.lock:
-            self.open -= 1
-
-    def close(self) -> None:
-        self.stop.set()
-        self.sock.close()
-
-
-class FastReceiver:
-    """Answers at once (HTTP/1.1 keep-alive): 204, or while ``busy`` 503 with a Retry-After an hour away."""
-
-    def __init__(self, host: str) -> None:
-        self.received: list[float] = []
-        self.busy = False
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["content-length"]))
-                if receiver.busy:
-                    self.send_response(503)
-                    self.send_header("Retry-After", email.utils.formatdate(time.time() + 3600, usegmt=True))
-                else:
-                    with receiver.lock:
-                        receiver.received.append(time.monotonic())
-                    self.send_response(204)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer((host, 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.url = f"http://{host}:{self.port}/h"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@contextlib.contextmanager
-def receivers(*made: Any) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for r in made:
-            r.close()
 
 
 def as_tenant(url: str, tenant: str) -> httpx.Client:
@@ -158,29 +58,28 @@ def test_one_owners_slow_hosts_leave_another_owners_webhooks_prompt(
         as_tenant(url, "tenant-fast") as b,
     ):  # fmt: skip
         slow_jobs = [submit(a, r.url) for r in slow for _ in range(2)]
-        deadline = time.monotonic() + 30
-        while sum(r.open for r in slow) < 6:  # the slow deliveries hold their slots now
-            assert time.monotonic() < deadline, "the slow deliveries did not start"
-            time.sleep(0.02)
+        # the slow deliveries hold their slots now
+        eventually(lambda: sum(r.open for r in slow) >= 6, 30, 0.02, "the slow deliveries did not start")
         held = sum(r.open for r in slow)
         sent = time.monotonic()
         fast_jobs = [submit(b, fast.url) for _ in range(10)]
-        while len(fast.received) < 10:
-            assert time.monotonic() - sent < 60, f"{len(fast.received)} of 10 delivered"
-            time.sleep(0.02)
+        eventually(
+            lambda: len(fast.received) >= 10, 60, 0.02, lambda: f"{len(fast.received)} of 10 delivered"
+        )
         took = max(fast.received) - sent
         for job_id in fast_jobs:
             assert b.get(f"/v1/jobs/{job_id}").json()["webhook"]["status"] == "delivered"
-        deadline = time.monotonic() + 30
-        while True:  # the first round of slow attempts, each cut at its bound
-            attempts = [
+
+        def first_round() -> list[tuple[str, Any]] | None:
+            """The first round of slow attempts, each cut at its bound."""
+            found = [
                 (r.mode, att)
                 for job_id, r in zip(slow_jobs, [r for r in slow for _ in range(2)], strict=True)
                 for att in a.get(f"/v1/jobs/{job_id}").json()["webhook"]["attempts"]
             ]
-            if len(attempts) >= 12 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+            return found if len(found) >= 12 else None
+
+        attempts = eventually(first_round, 30, 0.2, "the first round of 12 slow attempts")
     print(f"fairness: slow slots held {held}; 10 webhooks of another owner delivered in {took:.2f} s")
     assert held <= 6  # 3/4 of 8 slots: the rest stay free for other owners
     assert took < 5.0, f"another owner's webhooks waited {took:.2f} s behind the slow ones"
@@ -198,21 +97,15 @@ def _rate(c: httpx.Client, r: Any, targets: list[FastReceiver], n: int) -> float
     for t in targets:
         t.busy = True
     ids = [submit(c, targets[i % len(targets)].url) for i in range(n)]
-    deadline = time.monotonic() + 60
-    while True:  # every first attempt recorded, the next one an hour away
-        scores = r.zmscore(SCHEDULE, ids)
-        if all(s is not None and s > time.time() + 1800 for s in scores):
-            break
-        assert time.monotonic() < deadline, "the first attempts did not all happen"
-        time.sleep(0.1)
+    eventually(lambda: all(s is not None and s > time.time() + 1800 for s in r.zmscore(SCHEDULE, ids)), 60, 0.1,
+               "the first attempts did not all happen (the next one an hour away)")  # fmt: skip
     for t in targets:
         t.busy = False
         t.received.clear()
     start = time.monotonic()
     r.zadd(SCHEDULE, dict.fromkeys(ids, time.time()), xx=True)
-    while sum(len(t.received) for t in targets) < n:
-        assert time.monotonic() - start < 120, f"{sum(len(t.received) for t in targets)} of {n} delivered"
-        time.sleep(0.01)
+    eventually(lambda: sum(len(t.received) for t in targets) >= n, 120, 0.01,
+               lambda: f"{sum(len(t.received) for t in targets)} of {n} delivered")  # fmt: skip
     last = max(max(t.received) for t in targets)
     for job_id in ids[:: max(1, n // 10)]:
         assert c.get(f"/v1/jobs/{job_id}").json()["webhook"]["status"] == "delivered"

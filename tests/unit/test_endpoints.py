@@ -319,7 +319,7 @@ async def test_probes_eject_and_bring_back() -> None:
     assert states["b:1"]["models"] == ["m"]
     assert {await _who(routed) for _ in range(10)} == {"b"}
     fakes["a:1"].ready = True
-    await asyncio.sleep(0.02)
+    await asyncio.sleep(0.02)  # a real wait: past the 0.01 s ejection
     await routed.probe_once()
     assert routed.endpoint_states()["a:1"]["state"] in ("slow_start", "healthy")
     assert "a" in {await _who(routed) for _ in range(40)}

@@ -23,6 +23,7 @@ from app.services.inference import InferRequest, InferResponse, cache_directives
 from app.services.registry import ModelInfo
 from app.services.singleflight import SingleFlight
 from app.settings import Settings
+from tests.eventually import eventually_async
 
 
 @pytest.mark.parametrize(
@@ -140,8 +141,19 @@ def test_retry_only_when_the_request_was_not_sent() -> None:
     assert not _not_sent(dropped)
 
 
+class _Waiting:  # a gauge of callers waiting on another's call
+    n = 0
+
+    def inc(self) -> None:
+        self.n += 1
+
+    def dec(self) -> None:
+        self.n -= 1
+
+
 async def test_single_flight_first_caller_cancelled_others_still_answered() -> None:
-    flights: SingleFlight[int] = SingleFlight()
+    waiting = _Waiting()
+    flights: SingleFlight[int] = SingleFlight(waiting)
     calls = 0
 
     async def work() -> int:
@@ -151,9 +163,12 @@ async def test_single_flight_first_caller_cancelled_others_still_answered() -> N
         return 42
 
     leader = asyncio.ensure_future(flights.do("k", work))
-    await asyncio.sleep(0.01)  # the leader's call is under way, in the leader's own task
+    await eventually_async(
+        lambda: calls == 1, 10, 0.001
+    )  # the leader's call is under way, in the leader's own task
     followers = [asyncio.ensure_future(flights.do("k", work)) for _ in range(3)]
-    await asyncio.sleep(0.01)
+    await eventually_async(lambda: waiting.n == 3, 10, 0.001)  # the followers wait on it
+    assert calls == 1
     leader.cancel()
     assert [await f for f in followers] == [(42, True)] * 3  # run again for them
     assert calls == 2 and flights.inflight == 0
@@ -165,11 +180,11 @@ async def test_single_flight_cancelled_alone_and_failures_shared() -> None:
     flights: SingleFlight[int] = SingleFlight()
 
     async def slow() -> int:
-        await asyncio.sleep(1)
+        await asyncio.sleep(1)  # a call that takes its time
         return 1
 
     alone = asyncio.ensure_future(flights.do("a", slow))
-    await asyncio.sleep(0.01)
+    await eventually_async(lambda: flights.inflight == 1, 10, 0.001)  # under way
     alone.cancel()
     with pytest.raises(asyncio.CancelledError):
         await alone

@@ -93,5 +93,5 @@ async def test_a_stuck_attempt_is_abandoned_and_its_heartbeat_stops() -> None:
     assert store.acked == []  # left pending: any worker reclaims it once idle
     beats = store.heartbeats
     assert beats >= 1  # it was kept fresh while the attempt ran
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(0.4)  # a real wait: heartbeats' time, and none meanwhile
     assert store.heartbeats == beats  # and no longer once abandoned

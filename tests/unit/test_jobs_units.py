@@ -24,6 +24,7 @@ from app.services.jobs.store import Job, JobStatus, decode_inputs, encode_inputs
 from app.services.jobs.webhooks import DeliveryResult, WebhookDispatcher, _retry_after, parse_secrets, sign
 from app.services.jobs.worker import client_error
 from app.settings import Settings
+from tests.eventually import eventually_async
 
 SECRET_A = "whsec_" + base64.b64encode(b"a" * 32).decode()
 SECRET_B = "whsec_" + base64.b64encode(b"b" * 24).decode()
@@ -260,15 +261,6 @@ async def _view(j: Job) -> dict[str, Any]:
     return {"id": j.id}
 
 
-async def _until(check: Any, within_s: float = 2.0) -> None:
-    deadline = time.monotonic() + within_s
-    while True:
-        if check():
-            return
-        assert time.monotonic() < deadline, "not reached in time"
-        await asyncio.sleep(0.002)
-
-
 async def test_a_busy_receiver_host_waits_for_its_own_slot_without_holding_others() -> None:
     """Past its cap a host's deliveries wait in the dispatcher (no deferral sleep: each starts as soon as
     one of the host's slots frees), and another host's delivery starts at once."""
@@ -277,10 +269,11 @@ async def test_a_busy_receiver_host_waits_for_its_own_slot_without_holding_other
     store.due = [j.id for j in jobs]
     dispatcher = WebhookDispatcher(store, _view, sender, [], [1.0], max_per_host=2, poll_s=0.01)  # type: ignore[arg-type]
     running = asyncio.create_task(dispatcher.run())
-    await _until(lambda: len(store.recorded) == 1)  # other.example, while slow.example holds two
+    # other.example, while slow.example holds two
+    await eventually_async(lambda: len(store.recorded) == 1, 10, 0.002)
     assert sender.sending.count("https://slow.example/h") == 2 and not store.deferred
     sender.release.set()
-    await _until(lambda: len(store.recorded) == 6)
+    await eventually_async(lambda: len(store.recorded) == 6, 10, 0.002)
     assert sender.most == 3 and not store.deferred  # never more than 2 to slow.example, nothing deferred
     dispatcher.stopping = True
     await asyncio.wait_for(running, 1.0)
@@ -295,15 +288,16 @@ async def test_slots_are_shared_across_owners() -> None:
     store.due = [j.id for j in slow]
     dispatcher = WebhookDispatcher(store, _view, sender, [], [1.0], concurrency=8, poll_s=0.01)  # type: ignore[arg-type]
     running = asyncio.create_task(dispatcher.run())
-    await _until(lambda: sender.active == 6)
-    await asyncio.sleep(0.05)
+    await eventually_async(lambda: sender.active == 6, 10, 0.002)
+    await asyncio.sleep(0.05)  # a real wait: and no more start meanwhile
     assert sender.active == 6 and dispatcher.max_per_owner == 6  # 2 slots kept for other owners
     assert len(store.deferred) == 40 - 6 - dispatcher.owner_queue  # the rest went back on the schedule
     store.due = [j.id for j in fast]
-    await _until(lambda: len(store.recorded) == 10)  # owner b: all delivered while a's 6 still hang
+    # owner b: all delivered while a's 6 still hang
+    await eventually_async(lambda: len(store.recorded) == 10, 10, 0.002)
     assert {i for i, _ in store.recorded} == {j.id for j in fast} and sender.active == 6
     sender.release.set()
-    await _until(lambda: len(store.recorded) == 10 + 6 + dispatcher.owner_queue)
+    await eventually_async(lambda: len(store.recorded) == 10 + 6 + dispatcher.owner_queue, 10, 0.002)
     dispatcher.stopping = True
     await asyncio.wait_for(running, 1.0)
 
@@ -315,7 +309,7 @@ async def test_deferred_deliveries_are_spread_by_the_hosts_pace_and_draining_giv
     dispatcher = WebhookDispatcher(store, _view, sender, [], [1.0], max_per_host=2, poll_s=0.01)  # type: ignore[arg-type]
     dispatcher._latency["slow.example"] = 4.0  # measured: 2 s per delivery and slot
     running = asyncio.create_task(dispatcher.run())
-    await _until(lambda: len(store.deferred) == 12 - 2 - dispatcher.host_queue)
+    await eventually_async(lambda: len(store.deferred) == 12 - 2 - dispatcher.host_queue, 10, 0.002)
     now = time.time()
     later = sorted(store.deferred.values())
     # behind the 4 waiting here, at 2 s a delivery: the first due in ~10 s, each next one 2 s later
@@ -362,14 +356,13 @@ async def test_a_draining_dispatcher_claims_no_more_deliveries() -> None:
 
     dispatcher = WebhookDispatcher(store, view, _SlowSender(), [], [1.0], poll_s=0.01)  # type: ignore[arg-type]
     running = asyncio.create_task(dispatcher.run())
-    await asyncio.sleep(0.05)
-    assert store.claims >= 2
+    await eventually_async(lambda: store.claims >= 2, 10, 0.002)
     runtime = JobsRuntime(Settings(worker_in_process=True), inference=None)  # type: ignore[arg-type]
     runtime.dispatcher = dispatcher
     runtime.begin_drain()
     await asyncio.wait_for(running, 1.0)
     claims = store.claims
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # a real wait: five polls' time, and no claim meanwhile
     assert store.claims == claims
     assert runtime.worker is not None and runtime.worker.stopping
     await runtime.stop()

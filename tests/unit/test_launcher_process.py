@@ -7,15 +7,14 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from app.launcher import ManagedProcess
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.eventually import eventually
+from tests.processes import ROOT, alive
 
 
 def test_children_start_cleanly_while_grpc_threads_are_busy(tmp_path: Path) -> None:
@@ -48,23 +47,23 @@ def test_the_child_keeps_its_pid_and_dies_with_a_killed_parent(tmp_path: Path) -
     parent_code = (
         "import sys, time; from pathlib import Path; from app.launcher import ManagedProcess\n"
         f"p = ManagedProcess('sleeper', ['sleep', '60'], Path({str(tmp_path / 'sleep.log')!r}))\n"
-        "p.start(); print(p.pid, flush=True); time.sleep(60)\n"
+        "p.start(); print(p.pid, flush=True); time.sleep(60)\n"  # a parent that only lives
     )
     parent = subprocess.Popen(
         [sys.executable, "-c", parent_code], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
     assert parent.stdout is not None
     pid = int(parent.stdout.readline())
-    deadline = time.monotonic() + 5
-    while Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] != b"sleep":  # exec'd: same pid
-        assert time.monotonic() < deadline, Path(f"/proc/{pid}/cmdline").read_bytes()
-        time.sleep(0.02)
+
+    def execd() -> bool:  # exec'd: the same pid runs sleep now
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert command.split(b"\0")[0] == b"sleep", command
+        return True
+
+    eventually(execd, 10, 0.02)
     parent.send_signal(signal.SIGKILL)
     parent.wait(5)
-    deadline = time.monotonic() + 5
-    while _alive(pid):
-        assert time.monotonic() < deadline, "the child outlived its SIGKILLed parent"
-        time.sleep(0.05)
+    eventually(lambda: not alive(pid), 10, 0.05, "the child outlived its SIGKILLed parent")
 
 
 def test_a_managed_process_stops(tmp_path: Path) -> None:
@@ -73,14 +72,6 @@ def test_a_managed_process_stops(tmp_path: Path) -> None:
     assert proc.alive()
     proc.stop(timeout=5)
     assert not proc.alive() and proc.returncode() == -signal.SIGTERM
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
-    except FileNotFoundError:
-        return False
-    return state != "Z"  # a zombie is dead, waiting for init to reap it
 
 
 def _run(proc: ManagedProcess) -> int:

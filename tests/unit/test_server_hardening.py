@@ -30,6 +30,7 @@ from app.server import (
     server_config,
 )
 from app.settings import Settings
+from tests.eventually import eventually
 
 
 def _record(msg: str = "accept failed: %s", created: float = 1000.0, level: int = logging.ERROR,
@@ -132,7 +133,7 @@ config = server_config(app, Settings(port=port, max_connections=1000), log_confi
                        loop="asyncio")
 server = uvicorn.Server(config)
 threading.Thread(target=server.run, daemon=True).start()
-while not server.started:
+while not server.started:  # a script of its own: no test helpers here
     time.sleep(0.01)
 client = "import resource, socket, time\n" \
     "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n" \
@@ -203,10 +204,7 @@ def _graceful_server(delay_s: float) -> Iterator[tuple[GracefulServer, asyncio.A
     loop = new_event_loop()
     thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    eventually(lambda: server.started, 10, 0.01, "the server did not start")
     try:
         yield server, loop, port
     finally:
@@ -224,7 +222,7 @@ def test_connections_queued_when_the_listener_closes_are_served_not_reset() -> N
 
         def stall_then_exit() -> None:  # the loop is stuck; the exit comes due meanwhile
             stalled.set()
-            time.sleep(0.6)
+            time.sleep(0.6)  # a real wait: the stall itself
             server.should_exit = True
 
         loop.call_soon_threadsafe(stall_then_exit)
@@ -253,7 +251,9 @@ def test_shutdown_closes_idle_connections_and_lets_a_request_on_its_way_arrive(
         partial = socket.create_connection(("127.0.0.1", port))
         partial.sendall(b"GET /x HTTP/1.1\r\n")
         loop.call_soon_threadsafe(server.handle_exit, signal.SIGTERM, None)
-        time.sleep(0.2 + SETTLE_S + 0.5)  # the listener closed, uvicorn's shutdown of connections ran
+        # a real wait: the listener closed, uvicorn's shutdown of connections ran (the requests below come
+        # after it: nothing shows when it is over)
+        time.sleep(0.2 + SETTLE_S + 0.5)
         assert idle.recv(10) == b""  # idle between requests: closed
         fresh.sendall(_request())
         partial.sendall(b"host: t\r\n\r\n")

@@ -18,6 +18,7 @@ import pytest
 from app.clients.protocols import TritonCall
 from app.clients.triton_http import TritonHttpInfer
 from app.errors import ModelNotFound, UpstreamError, UpstreamRejected, UpstreamUnavailable
+from tests.eventually import eventually_async
 
 
 def _call(model: str, version: str, **kw: object) -> TritonCall:
@@ -269,8 +270,7 @@ async def test_close_ends_calls_in_flight() -> None:
     server, url = await _server(handler)
     client = TritonHttpInfer(url)
     call = asyncio.create_task(client.infer(_call("m", "")))
-    await asyncio.sleep(0.05)
-    assert len(client._busy) == 1
+    await eventually_async(lambda: len(client._busy) == 1, 10, 0.005)  # the call is on its connection
     t0 = time.monotonic()
     await client.close()
     with pytest.raises(UpstreamUnavailable):
