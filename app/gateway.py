@@ -111,7 +111,7 @@ async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) 
     )
     lifecycle.watch(health)
     lifecycle.drain_hooks.append(jobs.begin_drain)
-    monitor = LoopMonitor()
+    monitor = LoopMonitor(settings.loop_beat_ms / 1000)
     try:
         monitor.start()
         offload.start()  # its children start in the background: the first large body pays no spawn

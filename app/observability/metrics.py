@@ -101,13 +101,13 @@ GRPC_DURATION = Histogram(
 LOOP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25, 1.0)
 LOOP_BUSY = Histogram(
     "tgw_event_loop_busy_seconds",
-    "CPU time of the event-loop thread between two heartbeats 5 ms apart (time waiting for the CPU or the "
-    "interpreter lock not counted): a value above 0.005 is one step that long, or a saturated loop",
+    "CPU time of the event-loop thread between two heartbeats TGW_LOOP_BEAT_MS apart (time waiting for the "
+    "CPU or the interpreter lock not counted): a value above the beat is one step that long, or a busy loop",
     buckets=LOOP_BUCKETS,
 )
 LOOP_LAG = Histogram(
     "tgw_event_loop_lag_seconds",
-    "How late the event loop's 5 ms heartbeat ran (wall clock: blocking steps, CPU contention, the lock)",
+    "How late the event loop's heartbeat ran (wall clock: blocking steps, CPU contention, the lock)",
     buckets=LOOP_BUCKETS,
 )
 

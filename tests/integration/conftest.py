@@ -46,7 +46,10 @@ def gateway_addresses(triton: EmbeddedTriton, redis_server: EmbeddedRedis) -> It
     """Configured as ``tgw up`` configures it: inference over Triton's HTTP endpoint, the rest over gRPC
     (tests/integration/test_transport.py runs the inference checks over both); HTTP and gRPC front doors."""
     with running_gateway_addresses(
-        triton_url=triton.grpc_url, triton_http_url=triton.http_url, redis_url=redis_server.url
+        triton_url=triton.grpc_url,
+        triton_http_url=triton.http_url,
+        redis_url=redis_server.url,
+        loop_beat_ms=5,  # the event-loop tests bound one step at 20 ms (app.observability.loop)
     ) as addresses:
         yield addresses
 

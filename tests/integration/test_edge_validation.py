@@ -498,7 +498,7 @@ def test_legitimate_maximal_bodies_keep_the_event_loop_free(
         return "job"
 
     with serving_workers(triton, redis_server, tmp_path / "tgw.log", workers=1, TGW_WORKER_IN_PROCESS="true",
-                         TGW_DECODE_PROCESSES="1") as url:  # fmt: skip
+                         TGW_DECODE_PROCESSES="1", TGW_LOOP_BEAT_MS="5") as url:  # fmt: skip
         for check in (lambda: v1_ok(url, v1_body, v1_values), lambda: v2_ok(url), lambda: ws_ok(url),
                       lambda: job_ok(url)):  # fmt: skip
             check()  # each door once, alone: connections, routes, Triton's instance and the pool warm
