@@ -6,7 +6,6 @@ over gRPC, and over HTTP with ``TGW_TRITON_HTTP_URL``)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
@@ -17,9 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
+from app.launcher import EmbeddedRedis, EmbeddedTriton
 from tests.eventually import eventually
 from tests.gateway_server import running_gateway
+from tests.integration.tritons import running_tritons
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -29,27 +29,8 @@ FREEZE_S = 8.0
 
 @pytest.fixture(scope="module")
 def two_tritons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[EmbeddedTriton]]:
-    repo = tmp_path_factory.mktemp("repo")
-    shutil.copytree(
-        MODELS / "identity_fp32", repo / "identity_fp32", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    servers = [
-        EmbeddedTriton(
-            [repo],
-            http_port=free_port(),
-            grpc_port=free_port(),
-            metrics_port=free_port(),
-            state_dir=tmp_path_factory.mktemp(f"triton{i}"),
-        )
-        for i in range(2)
-    ]
-    try:
-        for server in servers:
-            server.start(timeout=180)
+    with running_tritons(tmp_path_factory, ["identity_fp32"], count=2) as servers:
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 @dataclass

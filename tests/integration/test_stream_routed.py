@@ -5,7 +5,6 @@ served by the second. (They used their own channel to the first Triton before, a
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from tritonclient.grpc import service_pb2
 from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
 from tests.gateway_server import running_gateway_addresses
 from tests.integration.test_grpc_stream_edge import SEQUENCE, count_request, fp32_request, output, stub_for
+from tests.integration.tritons import running_tritons
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -24,28 +24,10 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def two_tritons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[EmbeddedTriton]]:
-    repo = tmp_path_factory.mktemp("routed_stream_models")
-    ignore = shutil.ignore_patterns("__pycache__")
-    for name in ("identity_fp32", "repeat_decoupled"):
-        shutil.copytree(HERE.parent / "models" / name, repo / name, ignore=ignore)
-    shutil.copytree(HERE / "stream_models" / SEQUENCE, repo / SEQUENCE, ignore=ignore)
-    servers = [
-        EmbeddedTriton(
-            [repo],
-            http_port=free_port(),
-            grpc_port=free_port(),
-            metrics_port=free_port(),
-            state_dir=tmp_path_factory.mktemp(f"routed_triton{i}"),
-        )
-        for i in range(2)
-    ]
-    try:
-        for server in servers:
-            server.start(timeout=180)
+    with running_tritons(
+        tmp_path_factory, ["identity_fp32", "repeat_decoupled", SEQUENCE], count=2
+    ) as servers:
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 def _stream(
