@@ -181,7 +181,6 @@ _STREAM_MESSAGE_COUNTED_OK = (
     "a failed stream message is counted only as the stream's own tgw_grpc_requests_total{code=OK}"
 )
 _STREAM_MESSAGE_LOGGED_OK = "a failed stream message leaves only the stream's line, status OK"
-_STREAM_NO_ID = "a refused stream ends with no x-request-id trailing metadata (ModelInfer's refusal has it)"
 _GRPC_CORE_413 = (
     "an oversized ModelInfer message is refused by gRPC core (grpc.max_receive_message_length) before the "
     "servicer runs"
@@ -192,8 +191,6 @@ _JOB_REFUSED_UNROUTED = (
 )
 DISAGREE: dict[tuple[str, str, str], str] = {
     # the error
-    ("error", "ws", "over_body_limit"):
-        "an oversized /v1/ws frame is invalid_input (TGW_WS_MAX_FRAME_BYTES), not payload_too_large",
     ("error", "job", "deadline"):
         "a job whose Triton call times out fails with attempts_exhausted; triton_timeout is only in "
         "error.details.last_error",
@@ -201,8 +198,6 @@ DISAGREE: dict[tuple[str, str, str], str] = {
     ("request_id", "grpc_stream", "invalid_request_id"):
         "the stream's response id echoes the message's id as sent and there is no x-request-id trailing "
         "metadata: the generated id is not returned",
-    ("request_id", "grpc_stream", "missing_key"): _STREAM_NO_ID,
-    ("request_id", "grpc_stream", "revoked_key"): _STREAM_NO_ID,
     ("request_id", "grpc_stream", "over_body_limit"):
         "gRPC core cuts the stream (RESOURCE_EXHAUSTED) with no x-request-id trailing metadata",
     ("request_id", "grpc_unary", "over_body_limit"): _GRPC_CORE_413 + ": no x-request-id trailing metadata",

@@ -134,8 +134,11 @@ def test_multiplexed_websocket(wc: httpx.Client, worker_url: str) -> None:
     assert by_ref["b"]["error"]["code"] == "invalid_input"
     assert by_ref["c"]["error"]["code"] == "invalid_input"
     assert any(
-        f["type"] == "error" and f["error"]["details"].get("limit_bytes") == 4096 for f in got
-    )  # untagged
+        f["type"] == "error"
+        and f["error"]["code"] == "payload_too_large"
+        and f["error"]["details"].get("limit_bytes") == 4096
+        for f in got
+    )  # untagged, and named as an HTTP body over its limit is
     assert by_ref["p"]["type"] == "pong" and by_ref["d"]["cache"] == "HIT"
     assert any(f["type"] == "error" and "JSON" in f["error"]["message"] for f in got)
     assert any(f["type"] == "heartbeat" for f in got)

@@ -360,6 +360,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             except Exception as exc:
                 call.code, message = _error_status(exc)
                 _finish(call, start, span)
+                context.set_trailing_metadata((("x-request-id", call.request_id),))  # as a unary refusal
                 await context.abort(call.code, message)
             stream = _Stream(self, meta, principal, self.stream_max_in_flight)
             try:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import orjson
 
 from app.domain import InferRequest, ModelInfo, json_values
-from app.errors import GatewayError, InvalidInput
+from app.errors import GatewayError, InvalidInput, PayloadTooLarge
 from app.observability import metrics
 from app.request_context import set_request_id
 from app.services.inference import InferenceService, refuse_decoupled
@@ -259,7 +259,7 @@ class Multiplexer:
         emit = self.outbox.emit
         if len(text) > self.max_frame:
             message = f"frame is larger than {self.max_frame} bytes (TGW_WS_MAX_FRAME_BYTES)"
-            emit(error_frame(InvalidInput(message, {"limit_bytes": self.max_frame})))
+            emit(error_frame(PayloadTooLarge(message, {"limit_bytes": self.max_frame})))  # as an HTTP body
             return
         if len(text) > self.large:  # parsed off the loop, within the bounds of the model it names
             task = asyncio.create_task(self._parse_large(text))
