@@ -34,7 +34,7 @@ from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
-from app.services.payload import decode_off_loop
+from app.services.payload import OFF_LOOP_BYTES, decode_off_loop
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +159,11 @@ class Offload:
         """Wait until the pool's children have started (tests; start-up does not wait)."""
         if self._warming is not None:
             await asyncio.shield(self._warming)
+
+    @property
+    def in_place_bytes(self) -> int:
+        """Bodies up to this size are decoded in place; larger ones in the pool (without one: a thread)."""
+        return DECODE_POOL_BYTES if self.enabled else OFF_LOOP_BYTES
 
     async def decode(self, size: int, fn: Callable[..., T], *args: Any) -> T:
         """A request body of ``size`` bytes: in place up to ``DECODE_POOL_BYTES``, else in the pool

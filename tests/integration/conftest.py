@@ -12,6 +12,7 @@ import pytest
 
 from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
 from tests.gateway_server import GatewayAddresses, running_gateway, running_gateway_addresses
+from tests.integration.servers import running_redis
 
 ROOT = Path(__file__).resolve().parents[2]
 REPOSITORIES = [p for p in (ROOT / "model_repository", ROOT / "tests" / "models") if p.is_dir()]
@@ -35,10 +36,8 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTriton]
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(free_port(), tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+    with running_redis(tmp_path_factory) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

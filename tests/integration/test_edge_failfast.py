@@ -19,7 +19,7 @@ import pytest
 from app.launcher import EmbeddedRedis, EmbeddedTriton
 from tests.eventually import eventually
 from tests.gateway_server import running_gateway
-from tests.integration.tritons import running_tritons
+from tests.integration.servers import running_tritons
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

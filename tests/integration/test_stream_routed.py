@@ -14,8 +14,8 @@ from tritonclient.grpc import service_pb2
 
 from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
 from tests.gateway_server import running_gateway_addresses
+from tests.integration.servers import running_tritons
 from tests.integration.test_grpc_stream_edge import SEQUENCE, count_request, fp32_request, output, stub_for
-from tests.integration.tritons import running_tritons
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -20,6 +20,7 @@ from app.codecs.common import OFF_LOOP_BYTES
 from app.errors import GatewayError, InvalidInput, PayloadTooLarge, ServiceUnavailable
 from app.services.offload import DECODE_POOL_BYTES, ENCODE_POOL_VALUES, INLINE, Offload
 from app.services.registry import ModelInfo, TensorSpec
+from tests.app_errors import gateway_error_classes
 
 IDENT = ModelInfo(name="identity_fp32", version="1", versions=("1",), platform="python", max_batch_size=64,
                   inputs={"INPUT0": TensorSpec("INPUT0", "FP32", (-1, -1))},
@@ -100,20 +101,7 @@ async def test_small_in_place_large_in_a_child_and_errors_come_back_whole() -> N
 
 def test_every_gateway_error_pickles_with_its_status_details_and_headers() -> None:
     """What crosses back from a child: every GatewayError subclass in app/ (any that a decode can raise)."""
-    import importlib
-    import pkgutil
-
-    import app
-
-    for module in pkgutil.walk_packages(app.__path__, "app."):
-        if not module.name.startswith(("app.triton_models", "app.bench")):
-            importlib.import_module(module.name)
-
-    def subclasses(cls: type) -> set[type]:
-        found = set(cls.__subclasses__())
-        return found.union(*(subclasses(c) for c in found)) if found else found
-
-    for cls in {GatewayError, *subclasses(GatewayError)}:
+    for cls in gateway_error_classes():
         exc = cls.__new__(cls)  # whatever its __init__ takes
         GatewayError.__init__(exc, "message", {"field": "inputs.X", "n": [1, 2]}, {"Retry-After": "3"})
         back = pickle.loads(pickle.dumps(exc))

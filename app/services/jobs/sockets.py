@@ -28,8 +28,8 @@ from app.observability import metrics
 from app.request_context import set_request_id
 from app.services.inference import InferenceService, refuse_decoupled
 from app.services.jobs.service import Bound, JobService, result_json
-from app.services.offload import DECODE_POOL_BYTES, INLINE, Offload
-from app.services.payload import ANY_MODEL, OFF_LOOP_BYTES, parse_json
+from app.services.offload import INLINE, Offload
+from app.services.payload import ANY_MODEL, parse_json
 from app.services.validation import container_budget, validate_v1_body
 
 logger = logging.getLogger(__name__)
@@ -251,8 +251,7 @@ class Multiplexer:
         self.max_in_flight, self.max_frame, self.outbox = limits.max_in_flight, limits.max_frame, outbox
         self.bound = bound
         self.offload = offload
-        # frames above this are parsed (and decoded) off the loop: in the pool, else in a worker thread
-        self.large = DECODE_POOL_BYTES if offload.enabled else OFF_LOOP_BYTES
+        self.large = offload.in_place_bytes  # larger frames are parsed (and decoded) off the loop
         self.tasks: set[asyncio.Task[None]] = set()
 
     def handle(self, text: str) -> None:

