@@ -117,7 +117,7 @@ async def _run(triton: EmbeddedTriton, n: int) -> None:
         async with session.post(url, data=body, headers=headers) as r:
             raw = await r.read()
             answer_headers = {k.lower().encode(): v.encode() for k, v in r.headers.items()}
-        return decode_answer(answer_headers, raw)
+        return decode_answer(answer_headers, bytearray(raw))  # as our client holds an answer
 
     async def httpx_raw() -> object:
         return (await hx.post(url, content=head + X.tobytes(), headers=headers)).content

@@ -10,7 +10,7 @@ A message is a JSON header followed by raw tensor bytes; the header's length tra
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -35,7 +35,7 @@ def tensor_buffer(arr: np.ndarray) -> bytes | memoryview:
     return tensor_bytes(arr)
 
 
-def tensor_from_bytes(blob: bytes, datatype: str, shape: Sequence[int]) -> np.ndarray:
+def tensor_from_bytes(blob: bytes | memoryview, datatype: str, shape: Sequence[int]) -> np.ndarray:
     """The inverse of ``tensor_bytes`` for a Triton ``datatype`` (a read-only view where it can be)."""
     if datatype == "BYTES":
         return deserialize_bytes_tensor(blob).reshape(shape)
@@ -55,6 +55,9 @@ def set_parameter(param: service_pb2.InferParameter, value: Any) -> None:
 
 
 # --- the KServe v2 binary-tensor framing ------------------------------------------------------------
+Blob = bytes | memoryview
+_Raw = TypeVar("_Raw", bytes, bytearray)
+
 HEADER_LENGTH = "inference-header-content-length"
 HEADER_LENGTH_BYTES = HEADER_LENGTH.encode()
 
@@ -67,8 +70,9 @@ class FramingError(ValueError):
         self.field = field
 
 
-def split(raw: bytes, header_length: int | None) -> tuple[bytes, bytes]:
-    """(JSON header bytes, binary tail). ``None``: the whole message is JSON."""
+def split(raw: _Raw, header_length: int | None) -> tuple[_Raw, Blob]:
+    """(JSON header bytes, binary tail). ``None``: the whole message is JSON. The tail is a read-only
+    view of ``raw``, not a copy (a copy of a 16 MiB tail held the event loop ~9 ms)."""
     if header_length is None:
         return raw, b""
     if header_length < 0 or header_length > len(raw):
@@ -76,13 +80,13 @@ def split(raw: bytes, header_length: int | None) -> tuple[bytes, bytes]:
             f"Inference-Header-Content-Length {header_length} is outside the body ({len(raw)} bytes)",
             "Inference-Header-Content-Length",
         )
-    return raw[:header_length], raw[header_length:]
+    return raw[:header_length], memoryview(raw).toreadonly()[header_length:]
 
 
-def binary_parts(tensors: Iterable[Any], tail: bytes, kind: str) -> dict[str, bytes]:
+def binary_parts(tensors: Iterable[Any], tail: Blob, kind: str) -> dict[str, Blob]:
     """Slice ``tail`` among the tensors (``kind``: "inputs" or "outputs") that declare
     ``parameters.binary_data_size``; every byte must be claimed."""
-    parts: dict[str, bytes] = {}
+    parts: dict[str, Blob] = {}
     offset = 0
     for tensor in tensors:
         if not isinstance(tensor, dict):
@@ -105,9 +109,6 @@ def binary_parts(tensors: Iterable[Any], tail: bytes, kind: str) -> dict[str, by
         message = f"body: {unclaimed} bytes of binary data are not claimed by any {kind[:-1]}"
         raise FramingError(message, "body")
     return parts
-
-
-Blob = bytes | memoryview
 
 
 def binary_item(name: str, datatype: str, arr: np.ndarray, blobs: list[Blob]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -66,9 +66,9 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.served = 0
-        self._waiter: asyncio.Future[tuple[int, dict[bytes, bytes], bytes]] | None = None
+        self._waiter: asyncio.Future[tuple[int, dict[bytes, bytes], bytearray]] | None = None
         self._headers: dict[bytes, bytes] = {}
-        self._body: list[bytes] = []
+        self._body = bytearray()  # grown chunk by chunk: no one large copy on the loop at the end
         self._started = False
 
     # --- asyncio.Protocol ---
@@ -103,7 +103,7 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamError(f"Triton's answer exceeds {self.max_response_bytes} bytes"))
             self.close()
             return
-        self._body.append(body)
+        self._body += body
 
     def on_message_complete(self) -> None:
         waiter, self._waiter = self._waiter, None
@@ -111,7 +111,7 @@ class _Connection(asyncio.Protocol):
         if not self.parser.should_keep_alive():
             self.close()
         if waiter is not None and not waiter.done():
-            waiter.set_result((status, self._headers, b"".join(self._body)))
+            waiter.set_result((status, self._headers, self._body))
 
     # --- use ---
     def _fail(self, exc: BaseException) -> None:
@@ -119,11 +119,13 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
-    async def request(self, data: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    async def request(self, data: Sequence[Blob]) -> tuple[int, dict[bytes, bytes], bytearray]:
+        """``data``: the request's pieces, written as they are (uvloop keeps a reference to what the
+        socket does not take at once; joining 16 MiB first held the loop ~10 ms, ``writelines`` ~0.5)."""
         assert self.transport is not None
-        self._headers, self._body, self._started, self._size = {}, [], False, 0
+        self._headers, self._body, self._started, self._size = {}, bytearray(), False, 0
         self._waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(data)
+        self.transport.writelines(data)
         try:
             return await self._waiter
         finally:
@@ -234,7 +236,7 @@ class TritonHttpInfer:
             raise from_http(status, _error_message(body), self.retry_after_s)
         return _decode(headers, body)
 
-    async def _send(self, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    async def _send(self, request: Sequence[Blob]) -> tuple[int, dict[bytes, bytes], bytearray]:
         attempt = 0
         while True:
             try:
@@ -272,7 +274,7 @@ class TritonHttpInfer:
             self._release(conn)
             return answer
 
-    def _encode(self, call: TritonCall) -> bytes:
+    def _encode(self, call: TritonCall) -> list[Blob]:
         blobs: list[Blob] = []
         tensors = [binary_item(n, call.datatypes[n], arr, blobs) for n, arr in call.inputs.items()]
         header: dict[str, Any] = {"inputs": tensors}
@@ -306,13 +308,13 @@ class TritonHttpInfer:
             f"Inference-Header-Content-Length: {len(head)}\r\n"
             f"Content-Length: {length}\r\n{lines}\r\n"
         )
-        return b"".join([start.encode("latin-1"), head, *blobs])  # the tensors' one copy
+        return [start.encode("latin-1"), head, *blobs]  # the tensors are not copied
 
     async def _http_ok(self, path: str, timeout_s: float = 2.0) -> bool:
         request = f"GET {path} HTTP/1.1\r\n{self._host_header}\r\n".encode("latin-1")
         try:
             async with asyncio.timeout(timeout_s):
-                status, _, _ = await self._send(request)
+                status, _, _ = await self._send([request])
         except (GatewayError, OSError, TimeoutError):
             return False
         return status == 200
@@ -333,7 +335,7 @@ class TritonHttpInfer:
         self._idle.clear()
 
 
-def _error_message(body: bytes) -> str:
+def _error_message(body: bytes | bytearray) -> str:
     try:
         message = orjson.loads(body).get("error")
     except (orjson.JSONDecodeError, AttributeError):
@@ -341,7 +343,7 @@ def _error_message(body: bytes) -> str:
     return str(message) if message else body[:200].decode("utf-8", "replace") or "no error message"
 
 
-def _decode(headers: Mapping[bytes, bytes], body: bytes) -> TritonResult:
+def _decode(headers: Mapping[bytes, bytes], body: bytearray) -> TritonResult:
     try:
         length = headers.get(HEADER_LENGTH_BYTES)
         head, tail = split(body, int(length) if length is not None else None)

@@ -257,6 +257,8 @@ class ResponseCache:
         """Store an answer. The L1 gets it before Redis acknowledges, so that the requests after this one
         hit even while the ``SET`` is under way (the answer is the same; it expires with the TTL)."""
         store = self._usable()
+        if sum(arr.nbytes for arr in result.outputs.values() if arr.dtype != object) > self.max_value_bytes:
+            return  # too large for certain: not encoded (16 MiB took the event loop ~10 ms to encode)
         value = encode_result(result, time.time() + self.ttl_s)
         if len(value) > self.max_value_bytes:
             return

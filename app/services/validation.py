@@ -427,7 +427,7 @@ def validate_v1_body(info: ModelInfo, body: Any) -> InferRequest:
 
 
 def validate_v2_inputs(
-    info: ModelInfo, inputs: Any, binary: Mapping[str, bytes] | None = None
+    info: ModelInfo, inputs: Any, binary: Mapping[str, bytes | memoryview] | None = None
 ) -> dict[str, np.ndarray]:
     """KServe v2 ``inputs: [{name, shape, datatype, data}]``; ``binary`` holds binary-extension data."""
     if not isinstance(inputs, list) or not inputs:
@@ -479,7 +479,9 @@ def validate_v2_inputs(
     return arrays
 
 
-def _from_binary(field: str, data: bytes, spec: TensorSpec, shape: list[int], count: int) -> np.ndarray:
+def _from_binary(
+    field: str, data: bytes | memoryview, spec: TensorSpec, shape: list[int], count: int
+) -> np.ndarray:
     if spec.datatype == "BYTES":
         try:
             arr = deserialize_bytes_tensor(data)

@@ -317,6 +317,8 @@ def _send(gateway_url: str, path: str, body: bytes) -> int:
 # for the interpreter lock counts. One step of S ms shows as a window of >= S ms; a window may also hold up
 # to ~5 ms of other short steps.
 STEP_BOUND_S = 0.020
+# Several large requests at once: one loop iteration may run a step of each before the heartbeat's turn.
+CONCURRENT_WINDOW_BOUND_S = 0.050
 
 
 def _loop_windows(url: str) -> dict[str, dict[str, float]]:
@@ -472,10 +474,12 @@ def test_legitimate_maximal_bodies_keep_the_event_loop_free(
 ) -> None:
     """``tgw serve`` (uvloop, one worker, its decode process, an in-process job worker): /v1 and /v2 JSON
     bodies of ~8 MiB of numbers to identity_fp32 (answers as large), the densest /v1 body (4.2M values), a
-    4 MiB /v1/ws frame and a 4 MiB job, several at once, while /healthz is polled: each is answered with
-    the right values (202 and then the result, for the job), /healthz keeps answering, and no step of the
-    gateway's event loop lasts more than 20 ms. When the gateway stops (SIGTERM), its decode process and
-    every other child are gone."""
+    4 MiB /v1/ws frame and a 4 MiB job. Each is answered with the right values (202 and then the result,
+    for the job). One at a time, no step of the gateway's event loop lasts more than 20 ms (the goal: no
+    single request holds the loop longer). Then six at once while /healthz is polled: /healthz keeps
+    answering, and no heartbeat window exceeds 50 ms (a window may hold one step of each of the six
+    requests, so the per-request bound does not apply to it). When the gateway stops (SIGTERM), its decode
+    process and every other child are gone."""
     limit, small_limit = 8 * 1024 * 1024, 4 * 1024 * 1024
     v1_values, v1_body = _fit(limit, _v1_body)
     v2_values, v2_body = _fit(limit, _v2_body)
@@ -533,9 +537,18 @@ def test_legitimate_maximal_bodies_keep_the_event_loop_free(
 
     with serving_workers(triton, redis_server, tmp_path / "tgw.log", workers=1, TGW_WORKER_IN_PROCESS="true",
                          TGW_DECODE_PROCESSES="1", TGW_LOOP_BEAT_MS="5") as url:  # fmt: skip
-        for check in (lambda: v1_ok(url, v1_body, v1_values), lambda: v2_ok(url), lambda: ws_ok(url),
-                      lambda: job_ok(url)):  # fmt: skip
-            check()  # each door once, alone: connections, routes, Triton's instance and the pool warm
+        alone = {
+            "v1": lambda: v1_ok(url, v1_body, v1_values), "v2": lambda: v2_ok(url), "ws": lambda: ws_ok(url),
+            "job": lambda: job_ok(url), "dense v1": lambda: v1_ok(url, dense_body, dense_values),
+        }  # fmt: skip
+        for check in alone.values():
+            check()  # each door once: connections, routes, Triton's instance and the pool warm
+        one_at_a_time = {}
+        for name, check in alone.items():
+            before = _loop_windows(url)
+            check()
+            one_at_a_time[name] = _loop_report(before, _loop_windows(url))
+            print(f"{name} alone: event loop {one_at_a_time[name][1]}")
         children = _tgw_serve_descendants()
         assert len(children) >= 2, children  # the gateway and its decode process (and the resource tracker)
         latencies: queue.Queue[float] = queue.Queue()
@@ -563,12 +576,13 @@ def test_legitimate_maximal_bodies_keep_the_event_loop_free(
             stop.set()
             poller.join(timeout=30)
         elapsed = time.perf_counter() - start
-        over, report = _loop_report(before, _loop_windows(url))
+        over, report = _loop_report(before, _loop_windows(url), CONCURRENT_WINDOW_BOUND_S)
         worst = max(latencies.queue)
         print(
-            f"legitimate maximal bodies ({done}, {elapsed:.1f} s): event loop {report}; /healthz "
+            f"legitimate maximal bodies at once ({done}, {elapsed:.1f} s): event loop {report}; /healthz "
             f"{latencies.qsize()} polls, worst {worst * 1000:.0f} ms"
         )
+    assert {name: text for name, (count, text) in one_at_a_time.items() if count} == {}
     assert sorted(done) == ["job", "v1", "v1", "v2", "v2", "ws"]
     assert latencies.qsize() >= 5 and worst < 1.0, worst
     assert over == 0, report
