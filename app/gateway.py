@@ -22,6 +22,8 @@ from app.clients.routed import RoutedTriton, routing_options, triton_targets
 from app.clients.triton_shm import SharedMemoryTransport
 from app.lifecycle import Lifecycle
 from app.observability.loop import LoopMonitor
+from app.observability.metrics import http_metrics
+from app.observability.requests import Requests
 from app.services.batcher import BatchingTransport
 from app.services.cache import ReadPolicy, ResponseCache
 from app.services.health import HealthService
@@ -48,6 +50,7 @@ class Gateway:
     jobs: JobsRuntime
     lifecycle: Lifecycle
     offload: Offload  # large bodies decoded, large answers encoded, in child processes (TGW_DECODE_PROCESSES)
+    requests: Requests  # records every finished request: metrics, access-log line (gRPC, /v1/ws frames)
 
 
 # What the decode processes run (``app.services.offload``): imported in each child when it starts, so the
@@ -105,10 +108,12 @@ async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) 
     )  # fmt: skip
     health = HealthService(admin, transport, cache)
     offload = Offload(settings.decode_processes, preload=DECODE_MODULES)
-    jobs = JobsRuntime(settings, inference, offload)
+    requests = Requests(http_metrics() if settings.metrics_enabled else ())
+    jobs = JobsRuntime(settings, inference, offload, requests)
     gw = Gateway(
-        settings, admin, transport, redis, cache, registry, inference, health, jobs, lifecycle, offload
-    )
+        settings, admin, transport, redis, cache, registry, inference, health, jobs, lifecycle, offload,
+        requests,
+    )  # fmt: skip
     lifecycle.watch(health)
     lifecycle.drain_hooks.append(jobs.begin_drain)
     monitor = LoopMonitor(settings.loop_beat_ms / 1000)

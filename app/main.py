@@ -18,6 +18,7 @@ from app.gateway import Gateway, build_gateway
 from app.lifecycle import Lifecycle
 from app.observability import tracing
 from app.observability.metrics import http_metrics, register_jobs_snapshot, setup_metrics
+from app.observability.requests import Requests
 from app.pipeline import InferRoute, InferRouter, Pipeline
 from app.routers import health, infer, jobs, models, schemas, v2, ws
 from app.routers.common import Headers
@@ -93,7 +94,7 @@ def create_app(settings: Settings | None = None) -> Pipeline:
         lifecycle=app.state.lifecycle,
         router=_infer_router(app),
         admission=app.state.auth if app.state.auth.enabled else None,
-        http_metrics=http_metrics() if settings.metrics_enabled else (),
+        requests=Requests(http_metrics() if settings.metrics_enabled else ()),
         server_timing=settings.server_timing,
     )
 

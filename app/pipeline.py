@@ -14,9 +14,10 @@ request needs, in this order:
 7. telemetry once per request: ``tgw_inflight_requests``, ``tgw_request/response_size_bytes``, the
    instrumentator's ``http_requests_total`` / ``http_request_duration_seconds`` labelled with the route
    template (untemplated paths are left out, as the instrumentator does), ``tgw_stage_duration_seconds``,
-   and the one access-log line.
+   and the one access-log line (the last two by ``Requests``, which every door calls).
 
-WebSocket connections get the request id (and admission) and go on to FastAPI; lifespan passes through.
+WebSocket connections get the request id (and admission) and go on to FastAPI (a refused handshake is
+recorded as a request of its route); lifespan passes through.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 
-from prometheus_fastapi_instrumentator.metrics import Info
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.codecs.common import JSON, Reply
@@ -42,12 +42,11 @@ from app.errors import (
 )
 from app.observability import metrics, tracing
 from app.observability.context import RequestInfo, begin_request
+from app.observability.requests import WS_ROUTE, Requests
 from app.request_context import route_path, set_request_id
 
-access_logger = logging.getLogger("app.access")
 logger = logging.getLogger(__name__)
 
-_QUIET_PATHS = frozenset({"/metrics", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 _CLOSE = (b"connection", b"close")
 _TEMPLATES = {
     ("v1", False): "/v1/models/{model}/infer",
@@ -136,6 +135,16 @@ async def _refuse_websocket(scope: Scope, receive: Receive, send: Send, exc: Gat
     await send({"type": "websocket.http.response.body", "body": body})
 
 
+def _websocket_template(path: str) -> str | None:
+    """The route template of a WebSocket path (for its metrics), None for a path that is no socket's."""
+    if path == WS_ROUTE:
+        return path
+    parts = path.split("/")
+    if len(parts) == 5 and parts[:3] == ["", "v1", "jobs"] and parts[3] and parts[4] == "ws":
+        return "/v1/jobs/{job_id}/ws"
+    return None
+
+
 class DrainState(Protocol):
     draining: bool
 
@@ -153,7 +162,7 @@ class Pipeline:
         lifecycle: DrainState | None = None,
         router: InferRouter | None = None,
         admission: Admission | None = None,
-        http_metrics: tuple[Callable[[Info], None], ...] = (),
+        requests: Requests | None = None,
         server_timing: bool = True,
     ) -> None:
         self.app = app
@@ -161,7 +170,7 @@ class Pipeline:
         self.lifecycle = lifecycle
         self.router = router
         self.admission = admission
-        self.http_metrics = http_metrics
+        self.requests = requests or Requests()
         self.server_timing = server_timing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -188,10 +197,14 @@ class Pipeline:
         state["request_id"] = rid
         grant = None
         if self.admission is not None:
+            start = time.perf_counter()
             try:
                 grant = await self.admission.admit(scope)
             except GatewayError as exc:
                 await _refuse_websocket(scope, receive, send, exc, rid)
+                path = route_path(scope)
+                self.requests.http(rid, "GET", scope["path"], _websocket_template(path), exc.status_code,
+                                   time.perf_counter() - start, RequestInfo())  # fmt: skip
                 return
             frames = getattr(self.admission, "websocket_receive", None)
             if frames is not None:  # client frames count against the caller's limits
@@ -266,13 +279,9 @@ class Pipeline:
         duration = time.perf_counter() - start
         metrics.REQUEST_SIZE.observe(received)
         metrics.RESPONSE_SIZE.observe(sent)
-        if template is not None and self.http_metrics and template != "/metrics":
-            http = Info(None, None, scope["method"], template, str(status), duration)  # type: ignore[arg-type]
-            for fn in self.http_metrics:
-                fn(http)
         if span is not None:
             tracing.finish_server_span(span, scope, status, rid, template)
-        log_access(rid, scope["method"], scope["path"], status, duration, info)
+        self.requests.http(rid, scope["method"], scope["path"], template, status, duration, info)
 
     async def _send_reply(
         self, send: Send, reply: Reply, rid_header: tuple[bytes, bytes], info: RequestInfo, start: float,
@@ -367,25 +376,3 @@ def _error_reply(
     kserve = is_kserve_path(scope["path"])
     body = error_body(code, message, details, kserve=kserve)
     return Reply(kserve_status(status) if kserve else status, body, JSON, extra)
-
-
-def log_access(
-    request_id: str | None, method: str, path: str, status: int, duration_s: float, info: RequestInfo
-) -> None:
-    """The one access-log line of an HTTP request (``app.access``; probes and scrapes at DEBUG)."""
-    level = logging.DEBUG if path in _QUIET_PATHS else logging.INFO
-    if not access_logger.isEnabledFor(level):
-        return
-    fields: dict[str, Any] = {
-        "request_id": request_id,
-        "method": method,
-        "path": path,
-        "status": status,
-        "duration_ms": round(duration_s * 1000, 2),
-    }
-    if info.model is not None:
-        fields["model"] = info.model
-        fields["version"] = info.version
-    if info.cache is not None:
-        fields["cache"] = info.cache
-    access_logger.log(level, "request", extra=fields)

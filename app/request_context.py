@@ -36,9 +36,14 @@ def current_request_id() -> str | None:
     return _request_id.get()
 
 
+def request_id_for(value: str | None) -> str:
+    """The caller's id when it is sane, else a generated one."""
+    return value if value and _VALID_ID.match(value) else _ids.next()
+
+
 def set_request_id(value: str | None) -> str:
     """Use the caller's id when it is sane, else generate one; returns the id in effect."""
-    rid = value if value and _VALID_ID.match(value) else _ids.next()
+    rid = request_id_for(value)
     _request_id.set(rid)
     return rid
 

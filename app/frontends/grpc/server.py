@@ -43,8 +43,9 @@ from app.clients.protocols import TritonAdmin
 from app.codecs import grpc as codec
 from app.errors import GatewayError, ModelNotFound, log_gateway_error, log_unhandled
 from app.frontends.grpc.status import grpc_code
-from app.observability import metrics, tracing
+from app.observability import tracing
 from app.observability.context import RequestInfo, begin_request
+from app.observability.requests import Requests
 from app.request_context import set_request_id
 from app.services.health import HealthService
 from app.services.inference import InferenceService, InferResponse
@@ -58,10 +59,8 @@ if TYPE_CHECKING:
     from app.gateway import Gateway
 
 logger = logging.getLogger(__name__)
-access_logger = logging.getLogger("app.access")
 
 SERVICE = "inference.GRPCInferenceService"
-_QUIET = frozenset({"ServerLive", "ServerReady", "ModelReady"})
 
 
 # Authentication classes of the RPCs, as the HTTP paths they mirror (app.auth.stage.path_class):
@@ -152,23 +151,12 @@ def _server_span(method: str, metadata: Mapping[str, str]) -> contextlib.Abstrac
     return tracing.rpc_server_span(SERVICE, method, metadata)
 
 
-def _finish(call: _Call, start: float, span: Any) -> None:
+def _finish(requests: Requests, call: _Call, start: float, span: Any) -> None:
     elapsed = time.perf_counter() - start
-    metrics.grpc_request(call.method, call.code.name, elapsed)
     if span is not None:
         span.set_attribute("rpc.grpc.status_code", call.code.value[0])
         span.set_attribute("tgw.request_id", call.request_id)
-    level = logging.DEBUG if call.method in _QUIET else logging.INFO
-    if access_logger.isEnabledFor(level):
-        fields: dict[str, Any] = {
-            "request_id": call.request_id, "method": "gRPC", "path": f"/{SERVICE}/{call.method}",
-            "status": call.code.name, "duration_ms": round(elapsed * 1000, 2),
-        }  # fmt: skip
-        if call.info.model is not None:
-            fields["model"], fields["version"] = call.info.model, call.info.version
-        if call.info.cache is not None:
-            fields["cache"] = call.info.cache
-        access_logger.log(level, "request", extra=fields)
+    requests.grpc(call.request_id, call.method, call.code.name, elapsed, call.info)
 
 
 def _error_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -212,7 +200,7 @@ def unary(method: Handler) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awa
             finally:
                 if principal is not None and self.auth is not None:
                     self.auth.release(principal)
-                _finish(call, start, span)
+                _finish(self.requests, call, start, span)
         context.set_trailing_metadata((("x-request-id", call.request_id),))
         await context.abort(*failure)
 
@@ -238,7 +226,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self, inference: InferenceService, registry: ModelRegistry, health: HealthService,
         admin: TritonAdmin, auth: AuthStage | None = None, stream_max_in_flight: int = 32,
-        offload: Offload = INLINE,
+        offload: Offload = INLINE, requests: Requests | None = None,
     ) -> None:  # fmt: skip
         self.inference = inference
         self.offload = offload
@@ -248,6 +236,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.triton_version = _triton_version(admin)
         self.auth = auth
         self.stream_max_in_flight = stream_max_in_flight
+        self.requests = requests or Requests()  # each RPC's metrics and access-log line
 
     async def admit(self, method: str, metadata: Mapping[str, str], context: grpc.aio.ServicerContext) -> Any:
         """THE authentication point of the gRPC front door: the caller's key from the call metadata
@@ -359,7 +348,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 principal = await self.admit(call.method, meta, context)
             except Exception as exc:
                 call.code, message = _error_status(exc)
-                _finish(call, start, span)
+                _finish(self.requests, call, start, span)
                 context.set_trailing_metadata((("x-request-id", call.request_id),))  # as a unary refusal
                 await context.abort(call.code, message)
             stream = _Stream(self, meta, principal, self.stream_max_in_flight)
@@ -376,7 +365,10 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 await stream.close()
                 if principal is not None and self.auth is not None:
                     self.auth.release(principal)
-                _finish(call, start, span)
+                if call.code != grpc.StatusCode.OK:  # its messages were recorded one by one
+                    _finish(self.requests, call, start, span)
+                elif span is not None:
+                    span.set_attribute("rpc.grpc.status_code", 0)
 
     # --- refused, on purpose -------------------------------------------------------------------------
     RepositoryModelLoad = refused("RepositoryModelLoad")
@@ -399,9 +391,14 @@ _WAKE = object()  # the key was revoked: wake the sender up
 @dataclass(slots=True, eq=False)
 class _Pending:
     """One accepted stream message until its last answer has been handed to gRPC: then its place in
-    the stream's window and the key's in-flight slot (``principal``) are given back."""
+    the stream's window and the key's in-flight slot (``principal``) are given back, and it is recorded
+    as a request (``Requests.grpc``: counter, latency, access-log line) with ``code``."""
 
     principal: Principal | None = None
+    request_id: str | None = None  # None: no message came (the end of the stream)
+    start: float = 0.0
+    info: RequestInfo | None = None
+    code: str = "OK"
 
 
 def _stream_error(exc: GatewayError | grpc.aio.AioRpcError, client_id: str) -> Any:
@@ -478,12 +475,16 @@ class _Stream:
                 self._finish(pending)
         await reader  # re-raises a failure of the reader
 
-    def _finish(self, pending: _Pending) -> None:
+    def _finish(self, pending: _Pending, code: str | None = None) -> None:
         if pending in self.pending:
             self.pending.discard(pending)
             self.window.release()
             if pending.principal is not None and self.auth is not None:
                 self.auth.release(pending.principal)
+            if pending.request_id is not None:
+                elapsed = time.perf_counter() - pending.start
+                self.servicer.requests.grpc(pending.request_id, "ModelStreamInfer", code or pending.code,
+                                            elapsed, pending.info or RequestInfo())  # fmt: skip
 
     async def _read(self, requests: AsyncIterator[Any]) -> None:
         try:
@@ -510,6 +511,8 @@ class _Stream:
         if isinstance(request, Undecodable):
             raise _Status(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         rid = set_request_id(request.id or None)
+        pending.request_id, pending.start = rid, time.perf_counter()
+        pending.info = begin_request()  # this message's (the tasks below run in copies of this context)
         try:
             if self.auth is not None:
                 assert self.principal is not None
@@ -526,32 +529,36 @@ class _Stream:
             apply_principal(decoded.request, self.principal)  # the key's tier: priority, timeout, scope
         except GatewayError as exc:
             log_gateway_error(exc)
+            pending.code = grpc_code(exc).name
             await self.out.put((_stream_error(exc, request.id), pending))
             return
         if info.decoupled:
             self._task(self._decoupled(decoded, request.id, pending), relay=True)
         elif decoded.options.sequence:
             key = decoded.request.sequence_id
-            task = self._task(self._answer(decoded, request.id, after=self.last_of_sequence.get(key)))
+            after = self.last_of_sequence.get(key)
+            task = self._task(self._answer(decoded, request.id, pending, after=after))
             self.last_of_sequence[key] = task
             task.add_done_callback(lambda done: self._sequence_answered(key, done))
             await self.out.put((task, pending))
         else:
-            await self.out.put((self._task(self._answer(decoded, request.id)), pending))
+            await self.out.put((self._task(self._answer(decoded, request.id, pending)), pending))
 
     def _sequence_answered(self, key: int | str, task: asyncio.Task[Any]) -> None:
         if self.last_of_sequence.get(key) is task:
             del self.last_of_sequence[key]
 
     async def _answer(
-        self, decoded: codec.GrpcRequest, client_id: str, after: asyncio.Task[Any] | None = None
-    ) -> Any:
+        self, decoded: codec.GrpcRequest, client_id: str, pending: _Pending,
+        after: asyncio.Task[Any] | None = None,
+    ) -> Any:  # fmt: skip
         if after is not None:  # the previous request of the same sequence first
             await asyncio.wait((after,))
         try:
             response = await self.servicer.inference.infer(decoded.request)
         except GatewayError as exc:
             log_gateway_error(exc)
+            pending.code = grpc_code(exc).name
             return _stream_error(exc, client_id)
         reply = codec.encode(response, client_id)
         if decoded.empty_final_response:  # one response, and it is the last: say so, as Triton does
@@ -572,6 +579,7 @@ class _Stream:
                     await self.out.put((service_pb2.ModelStreamInferResponse(infer_response=reply), None))
         except GatewayError as exc:
             log_gateway_error(exc)
+            pending.code = grpc_code(exc).name
             await self.out.put((_stream_error(exc, client_id), None))
         await self.out.put((_DONE, pending))
 
@@ -602,7 +610,7 @@ class _Stream:
         for task in list(self.tasks):
             task.cancel()
         for pending in list(self.pending):
-            self._finish(pending)
+            self._finish(pending, "CANCELLED")  # unanswered when the stream ended
 
 
 _CHANNEL_OPTIONS = (("grpc.so_reuseport", 1),)
@@ -636,6 +644,7 @@ class GrpcFrontDoor:
         self.servicer = Servicer(
             gateway.inference, gateway.registry, gateway.health, gateway.admin,
             auth=auth, stream_max_in_flight=settings.grpc_stream_max_in_flight, offload=gateway.offload,
+            requests=gateway.requests,
         )  # fmt: skip
         self.server = grpc.aio.server(options=options)
         add_servicer(self.servicer, self.server)

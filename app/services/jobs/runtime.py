@@ -19,6 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.clients.redis import warm_up
 from app.observability.metrics import JobsSnapshot
+from app.observability.requests import Requests
 from app.services.inference import InferenceService
 from app.services.jobs.events import EventHub
 from app.services.jobs.service import JobService
@@ -33,7 +34,10 @@ logger = logging.getLogger(__name__)
 
 
 class JobsRuntime:
-    def __init__(self, settings: Settings, inference: InferenceService, offload: Offload = INLINE) -> None:
+    def __init__(
+        self, settings: Settings, inference: InferenceService, offload: Offload = INLINE,
+        requests: Requests | None = None,
+    ) -> None:  # fmt: skip
         url = settings.jobs_redis_address  # a Redis that never evicts (TGW_JOBS_REDIS_URL; else the cache's)
         self.settings = settings
         # A pooled connection that died with a Redis restart is retried once on a fresh one (never a
@@ -60,7 +64,7 @@ class JobsRuntime:
             self.service, inference,
             SocketLimits(settings.ws_send_queue, settings.ws_heartbeat_s, settings.ws_max_in_flight,
                          settings.ws_max_frame_bytes),
-            offload,
+            offload, requests,
         )  # fmt: skip
         self.worker: JobWorker | None = None
         self.dispatcher: WebhookDispatcher | None = None

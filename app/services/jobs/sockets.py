@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,7 +26,9 @@ import orjson
 from app.domain import InferRequest, ModelInfo, json_values
 from app.errors import GatewayError, InvalidInput, PayloadTooLarge
 from app.observability import metrics
-from app.request_context import set_request_id
+from app.observability.context import RequestInfo, begin_request
+from app.observability.requests import Requests
+from app.request_context import request_id_for, set_request_id
 from app.services.inference import InferenceService, refuse_decoupled
 from app.services.jobs.service import Bound, JobService, result_json
 from app.services.offload import INLINE, Offload
@@ -145,6 +148,15 @@ async def _close_revoked(ws: Socket) -> None:
         await ws.close(1008, "API key revoked or rotated")
 
 
+def _frame_request_id(tags: dict[str, Any], current: bool = True) -> str:
+    """A frame's request id: its ``ref`` when that is a sane id (the rule for ``X-Request-ID``), else a
+    generated one; ``current``: also the current request id from here on (logs, Triton), in a frame's own
+    task (not in the socket's)."""
+    ref = tags.get("ref")
+    sane = isinstance(ref, str | int) and not isinstance(ref, bool)
+    return (set_request_id if current else request_id_for)(str(ref) if sane else None)
+
+
 class SocketLimits:
     def __init__(self, send_queue: int, heartbeat_s: float, max_in_flight: int, max_frame: int) -> None:
         self.send_queue, self.heartbeat_s = send_queue, heartbeat_s
@@ -160,11 +172,13 @@ class JobSockets:
         inference: InferenceService,
         limits: SocketLimits,
         offload: Offload = INLINE,
+        requests: Requests | None = None,
     ) -> None:
         self.service = service
         self.inference = inference
         self.limits = limits
         self.offload = offload
+        self.requests = requests or Requests()  # each /v1/ws request frame's metrics and access-log line
 
     def _count(self, delta: int) -> None:
         self.service.websockets_open += delta
@@ -204,7 +218,9 @@ class JobSockets:
         call (``app.services.jobs.service.Bound``)."""
         self._count(+1)
         outbox = Outbox(ws, self.limits.send_queue)
-        mux = Multiplexer(self.service, self.inference, owner, self.limits, outbox, bound, self.offload)
+        mux = Multiplexer(
+            self.service, self.inference, owner, self.limits, outbox, bound, self.offload, self.requests
+        )
         beat = asyncio.create_task(_heartbeat(outbox, self.limits.heartbeat_s))
         revoked = asyncio.create_task(check.revoked()) if check is not None else None
         ends = [outbox.task] if revoked is None else [outbox.task, revoked]
@@ -241,11 +257,13 @@ class JobSockets:
 
 
 class Multiplexer:
-    """State of one ``/v1/ws`` socket."""
+    """State of one ``/v1/ws`` socket. Every request frame (``infer``, or a frame refused before it is
+    one: too large, not JSON, an unknown ``op``, over the in-flight bound) is recorded as a request of
+    the socket's route once answered (``Requests.frame``: counter, latency, access-log line)."""
 
     def __init__(
         self, service: JobService, inference: InferenceService, owner: str, limits: SocketLimits,
-        outbox: Outbox, bound: Bound, offload: Offload = INLINE,
+        outbox: Outbox, bound: Bound, offload: Offload = INLINE, requests: Requests | None = None,
     ) -> None:  # fmt: skip
         self.service, self.inference, self.owner = service, inference, owner
         self.max_in_flight, self.max_frame, self.outbox = limits.max_in_flight, limits.max_frame, outbox
@@ -253,26 +271,35 @@ class Multiplexer:
         self.offload = offload
         self.large = offload.in_place_bytes  # larger frames are parsed (and decoded) off the loop
         self.tasks: set[asyncio.Task[None]] = set()
+        self.requests = requests or Requests()
+
+    def _refuse(self, exc: GatewayError, start: float, tags: dict[str, Any], rid: str | None = None) -> None:
+        """Answer a request frame with ``exc`` and record it."""
+        self.outbox.emit(error_frame(exc, **tags))
+        self._record(rid or _frame_request_id(tags, current=False), exc.status_code, start)
+
+    def _record(self, rid: str, status: int, start: float, info: RequestInfo | None = None) -> None:
+        self.requests.frame(rid, status, time.perf_counter() - start, info or RequestInfo())
 
     def handle(self, text: str) -> None:
-        emit = self.outbox.emit
+        start = time.perf_counter()
         if len(text) > self.max_frame:
             message = f"frame is larger than {self.max_frame} bytes (TGW_WS_MAX_FRAME_BYTES)"
-            emit(error_frame(PayloadTooLarge(message, {"limit_bytes": self.max_frame})))  # as an HTTP body
+            self._refuse(PayloadTooLarge(message, {"limit_bytes": self.max_frame}), start, {})  # as a body
             return
         if len(text) > self.large:  # parsed off the loop, within the bounds of the model it names
-            task = asyncio.create_task(self._parse_large(text))
+            task = asyncio.create_task(self._parse_large(text, start))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
             return
         try:
             frame = parse_json(text)
         except GatewayError as exc:
-            emit(error_frame(exc))
+            self._refuse(exc, start, {})
             return
-        self._dispatch(frame, len(text))
+        self._dispatch(frame, len(text), start)
 
-    async def _parse_large(self, text: str) -> None:
+    async def _parse_large(self, text: str, start: float) -> None:
         data = text.encode()
         info = None
         named = _MODEL_NAME.search(data)
@@ -282,49 +309,48 @@ class Multiplexer:
         try:
             decoded = await self.offload.decode(len(data), decode_frame, data, info)
         except GatewayError as exc:
-            self.outbox.emit(error_frame(exc))
+            self._refuse(exc, start, {})
             return
         self.tasks.discard(asyncio.current_task())  # parsed: not a request yet
-        self._dispatch(decoded.frame, len(data), decoded, data)
+        self._dispatch(decoded.frame, len(data), start, decoded, data)
 
     def _dispatch(
-        self, frame: Any, size: int, decoded: DecodedFrame | None = None, data: bytes = b""
+        self, frame: Any, size: int, start: float, decoded: DecodedFrame | None = None, data: bytes = b""
     ) -> None:
-        emit = self.outbox.emit
         if not isinstance(frame, dict):
-            emit(error_frame(InvalidInput("frame: expected a JSON object with an 'op'")))
+            self._refuse(InvalidInput("frame: expected a JSON object with an 'op'"), start, {})
             return
         op, tags = frame.get("op"), {k: frame[k] for k in ("ref", "job_id") if k in frame}
         if op == "ping":
-            emit({"type": "pong", **tags})
+            self.outbox.emit({"type": "pong", **tags})
             return
         if op not in ("infer", "subscribe"):
-            emit(error_frame(InvalidInput("op: expected infer, subscribe or ping", {"field": "op"}), **tags))
+            self._refuse(InvalidInput("op: expected infer, subscribe or ping", {"field": "op"}), start, tags)
             return
         if len(self.tasks) >= self.max_in_flight:
-            emit(
-                error_frame(
-                    TooManyInFlight(
-                        f"more than {self.max_in_flight} requests in flight on this socket "
-                        "(TGW_WS_MAX_IN_FLIGHT)",
-                        {"limit": self.max_in_flight},
-                    ),
-                    **tags,
-                )
-            )
+            limit = self.max_in_flight
+            message = f"more than {limit} requests in flight on this socket (TGW_WS_MAX_IN_FLIGHT)"
+            self._refuse(TooManyInFlight(message, {"limit": self.max_in_flight}), start, tags)
             return
         coro = (
-            self._infer(frame, tags, size, decoded, data) if op == "infer" else self._subscribe(frame, tags)
+            self._infer(frame, tags, start, size, decoded, data)
+            if op == "infer"
+            else self._subscribe(frame, tags)
         )
         task = asyncio.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
     async def _infer(
-        self, frame: dict[str, Any], tags: dict[str, Any], size: int = 0, decoded: DecodedFrame | None = None,
-        data: bytes = b"",
+        self, frame: dict[str, Any], tags: dict[str, Any], start: float, size: int = 0,
+        decoded: DecodedFrame | None = None, data: bytes = b"",
     ) -> None:  # fmt: skip
         """``decoded``/``data``: a large frame, parsed (and its request decoded) off the loop."""
+        seen = begin_request()  # this task's: the services fill in model, version and cache
+        # the frame's ``ref`` is the Triton request id when it is a sane one (as X-Request-ID is), else a
+        # generated id; the answer echoes ``ref`` as sent either way
+        rid = _frame_request_id(tags)
+        status = 500
         try:
             unknown = set(frame) - _INFER_FIELDS
             if unknown:
@@ -347,11 +373,7 @@ class Multiplexer:
                     raise decoded.error
                 assert decoded.request is not None
                 req = decoded.request
-            # the frame's ``ref`` is the Triton request id when it is a sane one (as X-Request-ID is), else
-            # a generated id; the answer echoes ``ref`` as sent either way
-            ref = tags.get("ref")
-            sane = isinstance(ref, str | int) and not isinstance(ref, bool)
-            req.request_id = set_request_id(str(ref) if sane else None)
+            req.request_id = rid
             self.bound(req)  # the socket's key: Triton priority and timeout bound
             response = await self.inference.infer(req)
             values = json_values(response.result.outputs)
@@ -360,11 +382,18 @@ class Multiplexer:
                 result = orjson.Fragment(await self.offload.encode(values, result_json, response))
             frame = {"type": "result", **tags, "result": result, "cache": response.cache}
             self.outbox.emit(frame)
+            status = 200
+        except asyncio.CancelledError:
+            status = 499  # the socket closed before the answer
+            raise
         except GatewayError as exc:
             self.outbox.emit(error_frame(exc, **tags))
+            status = exc.status_code
         except Exception:
             logger.exception("websocket infer failed")
             self.outbox.emit(error_frame(GatewayError("internal error"), **tags))
+        finally:
+            self._record(rid, status, start, seen)
 
     async def _subscribe(self, frame: dict[str, Any], tags: dict[str, Any]) -> None:
         job_id = frame.get("job_id")

@@ -1,0 +1,84 @@
+"""``Requests``: what happens once a request is answered, whichever door it came through, written once.
+
+Every door calls it when a request ends: the HTTP pipeline (``app.pipeline``), the gRPC front door (each
+unary RPC and each message of ``ModelStreamInfer``), and the ``/v1/ws`` socket (each ``infer`` frame, each
+refused frame, a refused handshake). It moves the request's counter and latency histogram (HTTP: the
+instrumentator's ``http_requests_total{handler,method,status}`` and ``http_request_duration_seconds``; gRPC:
+``tgw_grpc_requests_total{method,code}`` and ``tgw_grpc_request_duration_seconds``) and writes the one
+access-log line (logger ``app.access``; health probes and scrapes at DEBUG), with the same fields on
+every door: request_id, method, path, status, duration_ms, and model, version and cache where the request
+got that far (``RequestInfo``, filled in by the services).
+
+A ``/v1/ws`` frame is a request of the socket's route: counted as ``GET /v1/ws`` (the route's method and
+template, as the handshake is) with the HTTP status its answer stands for (200, or the error's status).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from prometheus_fastapi_instrumentator.metrics import Info
+
+from app.observability import metrics
+from app.observability.context import RequestInfo
+
+access_logger = logging.getLogger("app.access")
+
+QUIET_PATHS = frozenset({"/metrics", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+QUIET_RPCS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
+GRPC_SERVICE = "inference.GRPCInferenceService"
+WS_ROUTE = "/v1/ws"
+
+
+class Requests:
+    """Records finished requests. ``http_metrics``: the instrumentator's observers
+    (``metrics.http_metrics()``), empty when ``TGW_METRICS_ENABLED`` is off."""
+
+    def __init__(self, http_metrics: Sequence[Callable[[Info], None]] = ()) -> None:
+        self.http_metrics = tuple(http_metrics)
+
+    def http(
+        self, request_id: str | None, method: str, path: str, template: str | None, status: int,
+        duration_s: float, info: RequestInfo,
+    ) -> None:  # fmt: skip
+        """An HTTP request (or a ``/v1/ws`` frame); ``template``: its route's template (None: an unrouted
+        path, left out of the metrics as the instrumentator does)."""
+        if template is not None and self.http_metrics and template != "/metrics":
+            observed = Info(None, None, method, template, str(status), duration_s)  # type: ignore[arg-type]
+            for fn in self.http_metrics:
+                fn(observed)
+        quiet = path in QUIET_PATHS
+        _log(request_id, method, path, status, duration_s, info, quiet)
+
+    def frame(self, request_id: str | None, status: int, duration_s: float, info: RequestInfo) -> None:
+        """One request frame of a ``/v1/ws`` socket, answered with ``status`` (200 or its error's)."""
+        self.http(request_id, "GET", WS_ROUTE, WS_ROUTE, status, duration_s, info)
+
+    def grpc(self, request_id: str, rpc: str, code: str, duration_s: float, info: RequestInfo) -> None:
+        """A unary RPC or one ``ModelStreamInfer`` message; ``code``: the gRPC status name."""
+        metrics.grpc_request(rpc, code, duration_s)
+        _log(request_id, "gRPC", f"/{GRPC_SERVICE}/{rpc}", code, duration_s, info, rpc in QUIET_RPCS)
+
+
+def _log(
+    request_id: str | None, method: str, path: str, status: int | str, duration_s: float, info: RequestInfo,
+    quiet: bool,
+) -> None:  # fmt: skip
+    level = logging.DEBUG if quiet else logging.INFO
+    if not access_logger.isEnabledFor(level):
+        return
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "method": method,
+        "path": path,
+        "status": status,
+        "duration_ms": round(duration_s * 1000, 2),
+    }
+    if info.model is not None:
+        fields["model"] = info.model
+        fields["version"] = info.version
+    if info.cache is not None:
+        fields["cache"] = info.cache
+    access_logger.log(level, "request", extra=fields)
