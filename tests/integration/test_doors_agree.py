@@ -202,10 +202,9 @@ DISAGREE: dict[tuple[str, str, str], str] = {
     ("request_id", "grpc_stream", "over_body_limit"):
         "gRPC core cuts the stream (RESOURCE_EXHAUSTED) with no x-request-id trailing metadata",
     ("request_id", "grpc_unary", "over_body_limit"): _GRPC_CORE_413 + ": no x-request-id trailing metadata",
-    ("request_id", "ws", "invalid_request_id"):
-        "the result frame echoes ref as sent; the generated Triton request id is in no frame",
     ("request_id", "ws", "rate_limited"): "the rate limiter's error frame (app.auth.asgi) carries no ref",
-    ("request_id", "ws", "over_body_limit"): "an oversized frame's error frame carries no ref",
+    ("request_id", "ws", "over_body_limit"):
+        "an oversized frame is not read: its error frame's request_id is a generated one, not the ref's",
     # the metrics
     ("metrics", "ws", "rate_limited"): _WS_LIMITER_FRAME + ": counted in no request metric",
     ("metrics", "grpc_stream", "over_body_limit"):
@@ -469,9 +468,9 @@ class Doors:
 
     # /v1/ws
     def ws(self, gw: GatewayAddresses, case: Case, cred: dict[str, str], rid: str) -> Answer:
-        """The frame's ``ref`` is the client's own, echoed; it is the Triton request id only when sane
-        (as X-Request-ID is), and no frame carries the id used otherwise: the echoed ``ref`` is what the
-        answer carries back. A refused handshake carries the X-Request-ID response header."""
+        """The frame's ``ref`` is the client's own, echoed; the answer's ``request_id`` is the id the
+        request was served under (the ``ref`` when sane, as X-Request-ID is, else a generated one). A refused
+        handshake carries the X-Request-ID response header."""
         frame: dict[str, Any] = {"op": "infer", "ref": rid, "model": case.model,
                                  "inputs": {case.tensor.name: case.tensor.nested()}}  # fmt: skip
         if case.version:
@@ -489,8 +488,7 @@ class Doors:
             error = json.loads(response.body or b"{}").get("error", {})
             return Answer(response.status_code, error.get("code"), response.headers.get("x-request-id"))
         code = answer["error"]["code"] if answer["type"] == "error" else None
-        ref = answer.get("ref")
-        return Answer(None, code, None if ref is None else str(ref), json.dumps(answer)[:300])
+        return Answer(None, code, answer.get("request_id"), json.dumps(answer)[:300])
 
 
 @pytest.fixture(scope="module")

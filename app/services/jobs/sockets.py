@@ -273,10 +273,11 @@ class Multiplexer:
         self.tasks: set[asyncio.Task[None]] = set()
         self.requests = requests or Requests()
 
-    def _refuse(self, exc: GatewayError, start: float, tags: dict[str, Any], rid: str | None = None) -> None:
+    def _refuse(self, exc: GatewayError, start: float, tags: dict[str, Any]) -> None:
         """Answer a request frame with ``exc`` and record it."""
-        self.outbox.emit(error_frame(exc, **tags))
-        self._record(rid or _frame_request_id(tags, current=False), exc.status_code, start)
+        rid = _frame_request_id(tags, current=False)
+        self.outbox.emit(error_frame(exc, **tags, request_id=rid))
+        self._record(rid, exc.status_code, start)
 
     def _record(self, rid: str, status: int, start: float, info: RequestInfo | None = None) -> None:
         self.requests.frame(rid, status, time.perf_counter() - start, info or RequestInfo())
@@ -380,18 +381,18 @@ class Multiplexer:
             result: Any = response.public()
             if self.offload.encodes_in_child(values):  # written in the pool, placed in the frame as it is
                 result = orjson.Fragment(await self.offload.encode(values, result_json, response))
-            frame = {"type": "result", **tags, "result": result, "cache": response.cache}
+            frame = {"type": "result", **tags, "request_id": rid, "result": result, "cache": response.cache}
             self.outbox.emit(frame)
             status = 200
         except asyncio.CancelledError:
             status = 499  # the socket closed before the answer
             raise
         except GatewayError as exc:
-            self.outbox.emit(error_frame(exc, **tags))
+            self.outbox.emit(error_frame(exc, **tags, request_id=rid))
             status = exc.status_code
         except Exception:
             logger.exception("websocket infer failed")
-            self.outbox.emit(error_frame(GatewayError("internal error"), **tags))
+            self.outbox.emit(error_frame(GatewayError("internal error"), **tags, request_id=rid))
         finally:
             self._record(rid, status, start, seen)
 
