@@ -7,6 +7,7 @@ as large as the limits allow: neither holds the event loop more than 20 ms at a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -319,6 +320,30 @@ STEP_BOUND_S = 0.020
 CONCURRENT_WINDOW_BOUND_S = 0.050
 
 
+@contextlib.contextmanager
+def _polling_healthz(url: str) -> Iterator[queue.Queue[float]]:
+    """/healthz polled every 20 ms from a thread while the block runs (each must answer 200): the queue
+    gets each poll's wall-clock latency."""
+    latencies: queue.Queue[float] = queue.Queue()
+    stop = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            while not stop.is_set():
+                start = time.perf_counter()
+                assert c.get("/healthz").status_code == 200
+                latencies.put(time.perf_counter() - start)
+                time.sleep(0.02)  # pacing
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        yield latencies
+    finally:
+        stop.set()
+        poller.join(timeout=30)
+
+
 def _loop_windows(url: str) -> dict[str, dict[str, float]]:
     """Cumulative bucket counts (and ``count``) of ``tgw_event_loop_busy_seconds`` and ``..._lag_seconds``."""
     out: dict[str, dict[str, float]] = {"busy": {}, "lag": {}}
@@ -360,34 +385,16 @@ def test_attack_bodies_never_stall_the_event_loop(
     four at a time, while /healthz is polled: /healthz keeps answering (it waited 5.1 s behind 4 such
     bodies before) and no heartbeat window exceeds 50 ms (a window may hold a step of each)."""
     attacks = _attacks()
-    latencies: queue.Queue[float] = queue.Queue()
-    stop = threading.Event()
-
     with serving_workers(triton, redis_server, tmp_path / "tgw.log", workers=1, TGW_DECODE_PROCESSES="1",
                          TGW_LOOP_BEAT_MS="5") as url:  # fmt: skip
-
-        def poll() -> None:
-            with httpx.Client(base_url=url, timeout=30) as c:
-                while not stop.is_set():
-                    start = time.perf_counter()
-                    assert c.get("/healthz").status_code == 200
-                    latencies.put(time.perf_counter() - start)
-                    time.sleep(0.02)  # pacing: a probe every 20 ms
-
-        for _kind, path, body in attacks[:5]:  # every door once: connections, routes and the pool warm
+        for _kind, path, body in attacks:  # each once: connections, routes, the pool and each error path warm
             _send(url, path, body)
         before = _loop_windows(url)
         alone = [(kind, path, _send(url, path, body)) for kind, path, body in attacks]  # one at a time
         over_alone, report_alone = _loop_report(before, _loop_windows(url))
         before = _loop_windows(url)
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
-        try:
-            with ThreadPoolExecutor(4) as pool:
-                statuses = list(pool.map(lambda a: (a[0], a[1], _send(url, a[1], a[2])), attacks))
-        finally:
-            stop.set()
-            poller.join(timeout=30)
+        with _polling_healthz(url) as latencies, ThreadPoolExecutor(4) as pool:
+            statuses = list(pool.map(lambda a: (a[0], a[1], _send(url, a[1], a[2])), attacks))
         over, report = _loop_report(before, _loop_windows(url), CONCURRENT_WINDOW_BOUND_S)
     worst = max(latencies.queue)
     print(
@@ -533,30 +540,13 @@ def test_legitimate_maximal_bodies_keep_the_event_loop_free(
             print(f"{name} alone: event loop {one_at_a_time[name][1]}")
         children = _tgw_serve_descendants()
         assert len(children) >= 2, children  # the gateway and its decode process (and the resource tracker)
-        latencies: queue.Queue[float] = queue.Queue()
-        stop = threading.Event()
-
-        def poll() -> None:
-            with httpx.Client(base_url=url, timeout=30) as c:
-                while not stop.is_set():
-                    start = time.perf_counter()
-                    assert c.get("/healthz").status_code == 200
-                    latencies.put(time.perf_counter() - start)
-                    time.sleep(0.02)
-
         before = _loop_windows(url)
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
         start = time.perf_counter()
-        try:
-            with ThreadPoolExecutor(6) as pool:
-                done = list(pool.map(lambda check: check(), [
-                    lambda: v1_ok(url, v1_body, v1_values), lambda: v2_ok(url), lambda: ws_ok(url),
-                    lambda: job_ok(url), lambda: v1_ok(url, dense_body, dense_values), lambda: v2_ok(url),
-                ]))  # fmt: skip
-        finally:
-            stop.set()
-            poller.join(timeout=30)
+        with _polling_healthz(url) as latencies, ThreadPoolExecutor(6) as pool:
+            done = list(pool.map(lambda check: check(), [
+                lambda: v1_ok(url, v1_body, v1_values), lambda: v2_ok(url), lambda: ws_ok(url),
+                lambda: job_ok(url), lambda: v1_ok(url, dense_body, dense_values), lambda: v2_ok(url),
+            ]))  # fmt: skip
         elapsed = time.perf_counter() - start
         over, report = _loop_report(before, _loop_windows(url), CONCURRENT_WINDOW_BOUND_S)
         worst = max(latencies.queue)
