@@ -62,7 +62,9 @@ DECODE_MODULES = (
 
 
 @asynccontextmanager
-async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) -> AsyncIterator[Gateway]:
+async def build_gateway(
+    settings: Settings, lifecycle: Lifecycle | None = None, requests: Requests | None = None
+) -> AsyncIterator[Gateway]:
     lifecycle = lifecycle or Lifecycle()
     # One Triton or many (TGW_TRITON_URLS): admin and inference go through the routed client, whose probes
     # make a frozen Triton a quick 503; inference over HTTP where an endpoint names its HTTP address
@@ -108,7 +110,8 @@ async def build_gateway(settings: Settings, lifecycle: Lifecycle | None = None) 
     )  # fmt: skip
     health = HealthService(admin, transport, cache)
     offload = Offload(settings.decode_processes, preload=DECODE_MODULES)
-    requests = Requests(http_metrics() if settings.metrics_enabled else ())
+    if requests is None:  # the server's app passes the one its pipeline records with
+        requests = Requests(http_metrics() if settings.metrics_enabled else ())
     jobs = JobsRuntime(settings, inference, offload, requests)
     gw = Gateway(
         settings, admin, transport, redis, cache, registry, inference, health, jobs, lifecycle, offload,

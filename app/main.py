@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     lifecycle: Lifecycle = app.state.lifecycle
-    async with build_gateway(settings, lifecycle) as gw:
+    async with build_gateway(settings, lifecycle, app.state.requests) as gw:
         app.state.gateway = gw
         register_jobs_snapshot(app, gw.jobs.metrics_snapshot)
         priority_check = check_model_priorities(app.state.auth, gw.admin)  # logs, never blocks
@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None) -> Pipeline:
         lifecycle=app.state.lifecycle,
         router=_infer_router(app),
         admission=app.state.auth if app.state.auth.enabled else None,
-        requests=Requests(http_metrics() if settings.metrics_enabled else ()),
+        requests=app.state.requests,
         server_timing=settings.server_timing,
     )
 
@@ -112,6 +112,7 @@ def web_app(settings: Settings) -> FastAPI:
     install_docs(app)
     app.state.settings = settings
     app.state.lifecycle = Lifecycle()
+    app.state.requests = Requests(http_metrics() if settings.metrics_enabled else ())  # every door's record
     app.state.auth = build_auth(settings)  # keys and limits: the pipeline's admission stage (app.auth)
     install_exception_handlers(app)
     for module in (health, models, v2, jobs, ws, auth_routes, infer):

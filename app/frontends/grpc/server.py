@@ -151,12 +151,13 @@ def _server_span(method: str, metadata: Mapping[str, str]) -> contextlib.Abstrac
     return tracing.rpc_server_span(SERVICE, method, metadata)
 
 
-def _finish(requests: Requests, call: _Call, start: float, span: Any) -> None:
-    elapsed = time.perf_counter() - start
+def _finish(requests: Requests, call: _Call, start: float, span: Any, record: bool = True) -> None:
+    """The RPC's span attributes, and (``record``) its metric and access-log line."""
     if span is not None:
         span.set_attribute("rpc.grpc.status_code", call.code.value[0])
         span.set_attribute("tgw.request_id", call.request_id)
-    requests.grpc(call.request_id, call.method, call.code.name, elapsed, call.info)
+    if record:
+        requests.grpc(call.request_id, call.method, call.code.name, time.perf_counter() - start, call.info)
 
 
 def _error_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -365,10 +366,8 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 await stream.close()
                 if principal is not None and self.auth is not None:
                     self.auth.release(principal)
-                if call.code != grpc.StatusCode.OK:  # its messages were recorded one by one
-                    _finish(self.requests, call, start, span)
-                elif span is not None:
-                    span.set_attribute("rpc.grpc.status_code", 0)
+                # a stream that ended OK is not a request of its own: its messages were recorded one by one
+                _finish(self.requests, call, start, span, record=call.code != grpc.StatusCode.OK)
 
     # --- refused, on purpose -------------------------------------------------------------------------
     RepositoryModelLoad = refused("RepositoryModelLoad")

@@ -148,13 +148,10 @@ async def _close_revoked(ws: Socket) -> None:
         await ws.close(1008, "API key revoked or rotated")
 
 
-def _frame_request_id(tags: dict[str, Any], current: bool = True) -> str:
-    """A frame's request id: its ``ref`` when that is a sane id (the rule for ``X-Request-ID``), else a
-    generated one; ``current``: also the current request id from here on (logs, Triton), in a frame's own
-    task (not in the socket's)."""
+def _ref(tags: dict[str, Any]) -> str | None:
+    """A frame's ``ref`` as a candidate request id (the rule for ``X-Request-ID`` then applies to it)."""
     ref = tags.get("ref")
-    sane = isinstance(ref, str | int) and not isinstance(ref, bool)
-    return (set_request_id if current else request_id_for)(str(ref) if sane else None)
+    return str(ref) if isinstance(ref, str | int) and not isinstance(ref, bool) else None
 
 
 class SocketLimits:
@@ -275,7 +272,7 @@ class Multiplexer:
 
     def _refuse(self, exc: GatewayError, start: float, tags: dict[str, Any]) -> None:
         """Answer a request frame with ``exc`` and record it."""
-        rid = _frame_request_id(tags, current=False)
+        rid = request_id_for(_ref(tags))  # not the socket task's current id
         self.outbox.emit(error_frame(exc, **tags, request_id=rid))
         self._record(rid, exc.status_code, start)
 
@@ -350,7 +347,7 @@ class Multiplexer:
         seen = begin_request()  # this task's: the services fill in model, version and cache
         # the frame's ``ref`` is the Triton request id when it is a sane one (as X-Request-ID is), else a
         # generated id; the answer echoes ``ref`` as sent either way
-        rid = _frame_request_id(tags)
+        rid = set_request_id(_ref(tags))  # this frame's task: logs, Triton
         status = 500
         try:
             unknown = set(frame) - _INFER_FIELDS
