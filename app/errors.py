@@ -2,7 +2,7 @@
 and ``Retry-After`` in ``headers``), and the one error shape ``error_body`` writes.
 
 Every error leaves the gateway in one shape: ``{"error": {"code", "message", "details"}}``. No framework
-here: the HTTP rendering (FastAPI's exception handlers) is ``app.web``, the gRPC one
+here: the HTTP rendering (FastAPI's exception handlers) is ``app.frontends.http.web``, the gRPC one
 ``app.frontends.grpc.status``, and Triton's gRPC statuses become these errors in ``app.clients.grpc_status``.
 """
 

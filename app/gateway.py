@@ -56,8 +56,8 @@ class Gateway:
 # What the decode processes run (``app.services.offload``): imported in each child when it starts, so the
 # first large body does not pay for the imports.
 DECODE_MODULES = (
-    "app.codecs.grpc", "app.codecs.v1", "app.codecs.v2", "app.services.jobs.service",
-    "app.services.jobs.sockets",
+    "app.frontends.grpc.codec", "app.frontends.rest.codec", "app.frontends.kserve_http.codec",
+    "app.services.jobs.service", "app.services.jobs.sockets",
 )  # fmt: skip
 
 

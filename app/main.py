@@ -1,6 +1,6 @@
-"""``create_app()``: the FastAPI application behind the request pipeline (``app.pipeline``). Settings are
-built and validated here; the long-lived clients and services are built by ``build_gateway`` in the
-lifespan and held on ``app.state.gateway`` (routes get them through ``app.deps``)."""
+"""``create_app()``: the FastAPI application behind the request pipeline (``app.frontends.http.pipeline``).
+Settings are built and validated here; the long-lived clients and services are built by ``build_gateway``
+in the lifespan and held on ``app.state.gateway`` (routes get them through ``app.frontends.http.deps``)."""
 
 from __future__ import annotations
 
@@ -11,20 +11,25 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.auth import admin as auth_routes
 from app.auth.runtime import build_auth, check_model_priorities, stop_auth
+from app.frontends.admin import health, models
+from app.frontends.admin import keys as auth_routes
+from app.frontends.admin.docs import install_docs
 from app.frontends.grpc.server import GrpcFrontDoor
+from app.frontends.http import schemas
+from app.frontends.http.common import Headers
+from app.frontends.http.pipeline import InferRoute, InferRouter, Pipeline
+from app.frontends.http.web import install_exception_handlers
+from app.frontends.jobs import routes as jobs
+from app.frontends.kserve_http import routes as v2
+from app.frontends.rest import routes as infer
+from app.frontends.ws import routes as ws
 from app.gateway import Gateway, build_gateway
 from app.lifecycle import Lifecycle
 from app.observability import tracing
 from app.observability.metrics import http_metrics, register_jobs_snapshot, setup_metrics
 from app.observability.requests import Requests
-from app.pipeline import InferRoute, InferRouter, Pipeline
-from app.routers import health, infer, jobs, models, schemas, v2, ws
-from app.routers.common import Headers
-from app.routers.docs import install_docs
 from app.settings import Settings
-from app.web import install_exception_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +88,10 @@ def _infer_router(app: FastAPI) -> InferRouter:
 
 
 def create_app(settings: Settings | None = None) -> Pipeline:
-    """The ASGI application the server runs: the request pipeline (``app.pipeline``) in front of the
-    FastAPI app (``web_app``). The pipeline is outermost, so the infer routes pass through no framework
-    layer at all (FastAPI's own ``__call__`` costs ~12 µs per request here: its telemetry checks)."""
+    """The ASGI application the server runs: the request pipeline (``app.frontends.http.pipeline``) in
+    front of the FastAPI app (``web_app``). The pipeline is outermost, so the infer routes pass through no
+    framework layer at all (FastAPI's own ``__call__`` costs ~12 µs per request here: its telemetry
+    checks)."""
     settings = settings or Settings()
     app = web_app(settings)
     return Pipeline(

@@ -5,7 +5,8 @@
     finally: stage.release(principal)         # gives the in-flight slot back
 
 ``admit`` puts the principal in ``scope["state"]["principal"]`` (routes read it with
-``app.auth.caller.PrincipalDep``) and its tenant in ``scope["state"]["tenant"]`` (the jobs routes' owner).
+``app.frontends.http.caller.PrincipalDep``) and its tenant in ``scope["state"]["tenant"]`` (the jobs
+routes' owner).
 Front doors without a scope (gRPC) call ``admit_headers(metadata, address)``, then ``release``.
 WebSocket frames go through ``websocket_receive`` / ``admit_message``.
 
@@ -161,7 +162,7 @@ class AuthStage:
         principal = await self._admit(scope)
         state = scope.setdefault("state", {})
         state["principal"] = principal
-        state["tenant"] = principal.tenant  # the owner of jobs (app.routers.jobs.owner_of)
+        state["tenant"] = principal.tenant  # the owner of jobs (app.frontends.jobs.routes.owner_of)
         bind_principal(principal)
         return principal
 

@@ -69,7 +69,7 @@ async def _run(triton: EmbeddedTriton, n: int) -> None:
     from app.clients.triton import TritonGrpcClient
     from app.clients.triton_http import TritonHttpInfer
     from app.clients.triton_http import _decode as decode_answer
-    from app.codecs import binary
+    from app.frontends.kserve_http import binary
 
     grpc_gw = TritonGrpcClient(triton.grpc_url)
     http_gw = TritonHttpInfer(triton.http_url)

@@ -1,6 +1,6 @@
 """Tensor bytes as Triton's binary formats want them (shared by the cache codec and the HTTP client), and
 the KServe v2 binary-tensor extension, written once: used by the ``/v2`` codec (requests in, answers out,
-``app.codecs.binary``) and by the Triton HTTP client (requests out, answers in).
+``app.frontends.kserve_http.binary``) and by the Triton HTTP client (requests out, answers in).
 
 A message is a JSON header followed by raw tensor bytes; the header's length travels in the
 ``Inference-Header-Content-Length`` HTTP header, and each binary tensor states its size in

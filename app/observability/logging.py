@@ -3,7 +3,7 @@
 ``log_config(level, fmt)`` is a ``logging.config.dictConfig`` dict; it is passed to ``uvicorn.Config`` as
 ``log_config`` (so every uvicorn worker process applies it too) and applied by the CLI before start-up.
 uvicorn's access log is off: ``app.access`` writes one line per request instead (see
-``app.pipeline``). Fields passed with ``extra=`` become top-level keys; payloads are
+``app.frontends.http.pipeline``). Fields passed with ``extra=`` become top-level keys; payloads are
 never logged.
 
 Example (``TGW_LOG_FORMAT=json``, the default)::

@@ -246,8 +246,9 @@ _http_instrumentation: tuple[Callable[[Info], None], ...] | None = None
 def http_metrics() -> tuple[Callable[[Info], None], ...]:
     """The instrumentator's per-handler request counter (``http_requests_total{handler,method,status}``)
     and latency histogram (``http_request_duration_seconds{handler,method}``), observed by the request
-    pipeline (``app.pipeline``) with its public ``Info``. Built once per process: they live in the global
-    registry, and building them again (a second app in the same process, as in tests) would fail. Its
+    pipeline (``app.frontends.http.pipeline``) with its public ``Info``. Built once per process: they live
+    in the global registry, and building them again (a second app in the same process, as in tests) would
+    fail. Its
     ``default()`` set would also observe a second, label-less latency histogram and two size summaries on
     every request; body sizes are ``tgw_request/response_size_bytes`` here, so those are left out
     (measured: metrics are ~30 % of a cache hit's CPU, docs/performance.md)."""

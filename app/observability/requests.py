@@ -1,8 +1,9 @@
 """``Requests``: what happens once a request is answered, whichever door it came through, written once.
 
-Every door calls it when a request ends: the HTTP pipeline (``app.pipeline``), the gRPC front door (each
-unary RPC and each message of ``ModelStreamInfer``), and the ``/v1/ws`` socket (each ``infer`` frame, each
-refused frame, a refused handshake). It moves the request's counter and latency histogram (HTTP: the
+Every door calls it when a request ends: the HTTP pipeline (``app.frontends.http.pipeline``), the gRPC
+front door (each unary RPC and each message of ``ModelStreamInfer``), and the ``/v1/ws`` socket (each
+``infer`` frame, each refused frame, a refused handshake). It moves the request's counter and latency
+histogram (HTTP: the
 instrumentator's ``http_requests_total{handler,method,status}`` and ``http_request_duration_seconds``; gRPC:
 ``tgw_grpc_requests_total{method,code}`` and ``tgw_grpc_request_duration_seconds``) and writes the one
 access-log line (logger ``app.access``; health probes and scrapes at DEBUG), with the same fields on

@@ -34,7 +34,7 @@ def refusal(feature: str) -> NotOffered:
     return NotProxied(_OPS.format(feature), {"feature": feature})
 
 
-# gRPC method -> feature (HTTP: the routes in app.routers.v2 refer to the same features).
+# gRPC method -> feature (HTTP: the routes in app.frontends.kserve_http.routes refer to the same features).
 REFUSED_RPCS = {
     "RepositoryModelLoad": "model_control",
     "RepositoryModelUnload": "model_control",

@@ -409,7 +409,8 @@ _V1_FIELDS = ("inputs", "outputs", "parameters")
 
 def validate_v1_body(info: ModelInfo, body: Any) -> InferRequest:
     """A ``/v1`` request body, parsed (``{"inputs", "outputs"?, "parameters"?}``) -> a validated
-    ``InferRequest`` for ``info``: the ``/v1`` codec (``app.codecs.v1``), job bodies and ``/v1/ws`` frames."""
+    ``InferRequest`` for ``info``: the ``/v1`` codec (``app.frontends.rest.codec``), job bodies and
+    ``/v1/ws`` frames."""
     if not isinstance(body, dict):
         raise InvalidInput("body: expected a JSON object with an 'inputs' object", {"field": "body"})
     unknown = set(body) - set(_V1_FIELDS)

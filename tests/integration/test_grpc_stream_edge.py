@@ -412,7 +412,7 @@ def test_unhandled_error_log_line_carries_the_request_id_of_the_answer(
     """A fault injected in the gRPC decode step (the real gateway, Triton and Redis): the INTERNAL status
     points to the log by request id, and the log line (the gateway's own handler: JSON, repeat filter)
     carries that id and the traceback; a second, different fault within 10 s is logged in full too."""
-    import app.codecs.grpc as codec
+    import app.frontends.grpc.codec as codec
     from app.observability.logging import JsonFormatter, RepeatFilter
 
     real = codec.decode

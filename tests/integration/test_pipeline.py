@@ -1,4 +1,4 @@
-"""Every HTTP route goes through the one request pipeline (``app.pipeline``): the infer routes (answered by
+"""Every HTTP route goes through the one request pipeline (``app.frontends.http.pipeline``): the infer routes (answered by
 its raw-ASGI router) and the FastAPI routes get the same request id, body limit, metrics, span and
 drain handling from the same code; infer answers carry ``Server-Timing``."""
 

@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from app.clients.protocols import TritonResult
-from app.codecs import binary, v1, v2
 from app.errors import GatewayError
+from app.frontends.kserve_http import binary
+from app.frontends.kserve_http import codec as v2
+from app.frontends.rest import codec as v1
 from app.services.inference import InferResponse
 from app.services.registry import ModelInfo, TensorSpec
 from app.services.validation import NUMPY_DTYPES

@@ -13,9 +13,10 @@ import orjson
 import pytest
 from tritonclient.grpc import service_pb2
 
-from app.codecs import grpc as grpc_codec
-from app.codecs import v1, v2
 from app.errors import BadRequest, InvalidInput
+from app.frontends.grpc import codec as grpc_codec
+from app.frontends.kserve_http import codec as v2
+from app.frontends.rest import codec as v1
 from app.services.payload import (
     ANY_MODEL,
     MAX_JSON_DEPTH,

@@ -10,7 +10,6 @@ from pydantic import ValidationError
 
 from app.clients.grpc_status import from_grpc, grpc_status_from_text
 from app.clients.protocols import TritonResult
-from app.codecs import v2
 from app.errors import (
     ModelNotFound,
     UpstreamError,
@@ -19,6 +18,7 @@ from app.errors import (
     UpstreamUnavailable,
     error_body,
 )
+from app.frontends.kserve_http import codec as v2
 from app.services.inference import InferRequest, InferResponse, cache_directives
 from app.services.registry import ModelInfo
 from app.services.singleflight import SingleFlight

@@ -14,8 +14,7 @@ from tritonclient.grpc import service_pb2
 
 from app.clients.grpc_status import from_grpc
 from app.clients.protocols import TritonResult
-from app.codecs import encoding, v2
-from app.codecs import grpc as codec
+from app.codecs import encoding
 from app.codecs.common import Reply
 from app.errors import (
     BadRequest,
@@ -29,7 +28,9 @@ from app.errors import (
     UpstreamUnavailable,
     from_http,
 )
+from app.frontends.grpc import codec
 from app.frontends.grpc.status import grpc_code
+from app.frontends.kserve_http import codec as v2
 from app.services.inference import InferResponse
 from app.services.registry import ModelInfo
 

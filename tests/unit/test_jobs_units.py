@@ -143,15 +143,15 @@ def _redis_touches(path: Path) -> list[str]:
 
 
 def test_only_the_job_store_talks_to_redis() -> None:
-    files = [*sorted((JOBS_CODE / "services" / "jobs").glob("*.py")), JOBS_CODE / "routers" / "jobs.py",
-             JOBS_CODE / "routers" / "ws.py"]  # fmt: skip
+    files = [*sorted((JOBS_CODE / "services" / "jobs").glob("*.py")), JOBS_CODE / "frontends" / "jobs" / "routes.py",
+             JOBS_CODE / "frontends" / "ws" / "routes.py"]  # fmt: skip
     exempt = {"store.py", "runtime.py"}  # the store; the runtime only builds the clients it hands it
     touches = {f.name: t for f in files if f.name not in exempt and (t := _redis_touches(f))}
     assert touches == {}
 
 
 def test_the_websocket_router_is_thin() -> None:
-    tree = ast.parse((JOBS_CODE / "routers" / "ws.py").read_text())
+    tree = ast.parse((JOBS_CODE / "frontends" / "ws" / "routes.py").read_text())
     classes = [n.name for n in tree.body if isinstance(n, ast.ClassDef)]
     functions = [n.name for n in tree.body if isinstance(n, ast.AsyncFunctionDef | ast.FunctionDef)]
     assert classes == [] and functions == ["job_socket", "multiplexed_socket"]

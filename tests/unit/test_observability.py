@@ -114,7 +114,7 @@ def test_tracing_spans_and_traceparent_injection() -> None:
                 tracing.inject(headers)
             return headers
 
-        from app.pipeline import Pipeline
+        from app.frontends.http.pipeline import Pipeline
 
         app.add_middleware(Pipeline, max_body_bytes=1 << 20)
         parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

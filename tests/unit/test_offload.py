@@ -15,9 +15,9 @@ import numpy as np
 import orjson
 import pytest
 
-from app.codecs import v1
 from app.codecs.common import OFF_LOOP_BYTES
 from app.errors import GatewayError, InvalidInput, PayloadTooLarge, ServiceUnavailable
+from app.frontends.rest import codec as v1
 from app.services.offload import DECODE_POOL_BYTES, ENCODE_POOL_VALUES, INLINE, Offload
 from app.services.registry import ModelInfo, TensorSpec
 from tests.app_errors import gateway_error_classes

@@ -83,7 +83,8 @@ def test_budget_passes_real_requests(batched: ModelInfo) -> None:
 
 
 def test_both_codecs_apply_the_value_budget_and_parameter_shapes(batched: ModelInfo) -> None:
-    from app.codecs import v1, v2
+    from app.frontends.kserve_http import codec as v2
+    from app.frontends.rest import codec as v1
 
     budget = value_budget(batched)
     assert budget is not None

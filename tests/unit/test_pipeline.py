@@ -1,6 +1,6 @@
 """The request pipeline's pure parts: infer-route matching and the Server-Timing header."""
 
-from app.pipeline import match_infer, server_timing
+from app.frontends.http.pipeline import match_infer, server_timing
 from app.request_context import route_path
 
 

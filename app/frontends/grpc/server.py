@@ -3,9 +3,10 @@
 server, started and stopped by the application lifespan.
 
 Inference goes through the same ``InferenceService`` as HTTP: validation against the model's metadata
-(``app.codecs.grpc``), the response cache in the same key space (a request answered over HTTP is a hit
-over gRPC and the other way round), single-flight and micro-batching. Per RPC, like the HTTP pipeline:
-the request id (the request's ``id``, else ``x-request-id`` metadata, else generated; passed to Triton and
+(``app.frontends.grpc.codec``), the response cache in the same key space (a request answered over HTTP
+is a hit over gRPC and the other way round), single-flight and micro-batching. Per RPC, like the HTTP
+pipeline: the request id (the request's ``id``, else ``x-request-id`` metadata, else generated; passed to
+Triton and
 returned as ``x-request-id`` trailing metadata beside ``x-cache``), ``tgw_grpc_requests_total`` and
 ``tgw_grpc_request_duration_seconds``, a tracing SERVER span, one access-log line, and the
 authentication and limits of the caller's API key from the call metadata (``Servicer.admit``, the
@@ -40,8 +41,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from app.auth.principal import Principal, Unauthorized, apply_principal, current_principal
 from app.clients.protocols import TritonAdmin
-from app.codecs import grpc as codec
 from app.errors import GatewayError, ModelNotFound, log_gateway_error, log_unhandled
+from app.frontends.grpc import codec
 from app.frontends.grpc.status import grpc_code
 from app.observability import tracing
 from app.observability.context import RequestInfo, begin_request

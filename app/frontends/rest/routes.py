@@ -1,6 +1,7 @@
 """``POST /v1/models/{model}[/versions/{version}]/infer``: JSON in, JSON out, ``X-Cache`` header.
 
-Served by the request pipeline's infer router (``app.pipeline.InferRouter``), not by a FastAPI route:
+Served by the request pipeline's infer router (``app.frontends.http.pipeline.InferRouter``), not by a
+FastAPI route:
 ``serve_v1`` is the handler, ``document_infer_routes`` puts the four infer operations (v1 and v2) in the
 OpenAPI document."""
 
@@ -12,11 +13,11 @@ from fastapi import APIRouter, FastAPI
 from starlette.exceptions import HTTPException
 
 from app.auth.principal import apply_principal, current_principal
-from app.codecs import v1
 from app.codecs.common import Reply, json_values
+from app.frontends.http.common import Headers, header_value
+from app.frontends.http.schemas import ERROR_TEXT, INFER_BODY_PROPERTIES, InferResult, body_doc, error_ref
+from app.frontends.rest import codec as v1
 from app.request_context import current_request_id
-from app.routers.common import Headers
-from app.routers.schemas import ERROR_TEXT, InferResult, error_ref
 from app.services.inference import InferenceService, cache_directives, refuse_decoupled
 from app.services.offload import INLINE, Offload
 
@@ -57,26 +58,7 @@ for _path in ("/v1/models/{model}/infer", "/v1/models/{model}/versions/{version}
     )
 
 
-def header_value(headers: Headers, name: bytes) -> str | None:
-    value = headers.get(name)
-    return value.decode("latin-1") if value is not None else None
-
-
 # --- OpenAPI -------------------------------------------------------------------------------------------
-INFER_BODY_PROPERTIES: dict[str, Any] = {
-    "inputs": {"type": "object", "additionalProperties": {"type": "array"}},
-    "outputs": {"type": "array", "items": {"type": "string"}},
-    "parameters": {"type": "object"},
-}
-
-
-def body_doc(properties: dict[str, Any], example: dict[str, Any]) -> dict[str, Any]:
-    """OpenAPI ``requestBody`` for routes that read their JSON body themselves (no pydantic model)."""
-    schema = {"type": "object", "required": ["inputs"], "properties": properties}
-    content = {"application/json": {"schema": schema, "example": example}}
-    return {"requestBody": {"required": True, "content": content}}
-
-
 _V1_ANSWER = InferResult.model_json_schema()
 _V2_TENSOR = {
     "type": "object",

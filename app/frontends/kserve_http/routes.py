@@ -10,13 +10,10 @@ from fastapi import APIRouter
 from starlette.responses import Response
 
 from app.auth.principal import apply_principal, current_principal
-from app.codecs import v2 as kserve
 from app.codecs.common import Reply
-from app.deps import AdminDep, HealthDep, InferenceDep, RegistryDep
-from app.request_context import current_request_id
-from app.routers.common import Headers, ORJSONResponse
-from app.routers.infer import header_value
-from app.routers.schemas import (
+from app.frontends.http.common import Headers, ORJSONResponse, header_value
+from app.frontends.http.deps import AdminDep, HealthDep, InferenceDep, RegistryDep
+from app.frontends.http.schemas import (
     V2_ERRORS,
     V2_MODEL_ERRORS,
     V2_STATS_ERRORS,
@@ -27,6 +24,8 @@ from app.routers.schemas import (
     V2Ready,
     V2ServerMetadata,
 )
+from app.frontends.kserve_http import codec as kserve
+from app.request_context import current_request_id
 from app.services.inference import InferenceService, cache_directives, refuse_decoupled
 from app.services.offer import EXTENSIONS, refusal
 from app.services.offload import INLINE, Offload
@@ -175,7 +174,8 @@ async def serve_v2(
     service: InferenceService, model: str, version: str | None, raw: bytes, headers: Headers,
     max_body_bytes: int = 8 * 1024 * 1024, offload: Offload = INLINE,
 ) -> Reply:  # fmt: skip
-    """The /v2 infer handler (``app.pipeline.InferRouter``; documented in ``app.routers.infer``).
+    """The /v2 infer handler (``app.frontends.http.pipeline.InferRouter``; documented in
+    ``app.frontends.rest.routes``).
     ``Content-Encoding: gzip|deflate`` bodies are inflated up to ``max_body_bytes``; the answer is
     compressed when ``Accept-Encoding`` asks for it. Large bodies are decoded, and large answers written
     (and compressed), in ``offload``'s child processes."""

@@ -1,4 +1,5 @@
-"""KServe v2 / Triton HTTP inference: JSON tensors and the binary-tensor extension (``app.codecs.binary``).
+"""KServe v2 / Triton HTTP inference: JSON tensors and the binary-tensor extension
+(``app.frontends.kserve_http.binary``).
 
 ``decode(info, raw, header_length)`` -> ``V2Request`` (the ``InferRequest`` plus what the answer must
 echo: the request ``id`` and which outputs go binary); ``encode(response, v2)`` -> ``Reply``.
@@ -10,10 +11,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from app.codecs import binary, encoding
+from app.codecs import encoding
 from app.codecs.common import JSON, OCTET_STREAM, Reply, call_options, tensor_json_values
 from app.domain import InferRequest, InferResponse, ModelInfo, jsonable
 from app.errors import BadRequest, InvalidInput
+from app.frontends.kserve_http import binary
 from app.services.payload import parse_json
 from app.services.validation import (
     HTTP_INPUT_PARAMETERS,

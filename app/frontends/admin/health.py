@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.deps import HealthDep, SettingsDep
-from app.routers.common import ORJSONResponse
-from app.routers.schemas import Health, Readiness
+from app.frontends.http.common import ORJSONResponse
+from app.frontends.http.deps import HealthDep, SettingsDep
+from app.frontends.http.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
 

@@ -8,8 +8,8 @@ from fastapi import APIRouter, WebSocket
 
 from app.auth.asgi import KeyCheck
 from app.auth.principal import caller_bound
-from app.deps import JobSocketsDep
-from app.routers.jobs import owner_of
+from app.frontends.http.common import owner_of
+from app.frontends.http.deps import JobSocketsDep
 
 router = APIRouter(tags=["jobs"])
 

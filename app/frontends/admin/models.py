@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.deps import RegistryDep
-from app.routers.common import ORJSONResponse
-from app.routers.schemas import MODEL_ERRORS, TRITON_ERRORS, Model, ModelList
+from app.frontends.http.common import ORJSONResponse
+from app.frontends.http.deps import RegistryDep
+from app.frontends.http.schemas import MODEL_ERRORS, TRITON_ERRORS, Model, ModelList
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

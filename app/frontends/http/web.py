@@ -1,4 +1,4 @@
-"""What every HTTP door shares (``app.routers``, app.auth's own routes ``app.auth.admin``, ``app.main``):
+"""What every HTTP door shares (``app.frontends.*``, ``app.main``):
 JSON answers written by orjson (``ORJSONResponse``), the HTTP rendering of the gateway's errors (FastAPI's
 exception handlers: every error leaves in the one shape of ``app.errors.error_body``, under ``/v2`` in the
 KServe v2 one) and that shape's schemas in the OpenAPI document (``errors``, ``error_ref``)."""

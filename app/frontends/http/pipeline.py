@@ -90,8 +90,8 @@ InferHandler = Callable[[InferRoute, bytes, Headers], Awaitable[Reply]]
 
 
 class InferRouter:
-    """The infer routes: one transport-neutral handler per API (``app.routers.infer.serve_v1``,
-    ``app.routers.v2.serve_v2``), each ``(route, body, headers) -> Reply``."""
+    """The infer routes: one transport-neutral handler per API (``app.frontends.rest.routes.serve_v1``,
+    ``app.frontends.kserve_http.routes.serve_v2``), each ``(route, body, headers) -> Reply``."""
 
     def __init__(self, handlers: Mapping[str, InferHandler]) -> None:
         self.handlers = dict(handlers)

@@ -5,16 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
 from app.auth.principal import caller_bound
-from app.deps import JobsDep
 from app.errors import PayloadTooLarge
-from app.request_context import current_request_id
-from app.routers.common import ORJSONResponse
-from app.routers.infer import INFER_BODY_PROPERTIES, body_doc
-from app.routers.schemas import (
+from app.frontends.http.common import ORJSONResponse, owner_of
+from app.frontends.http.deps import JobsDep
+from app.frontends.http.schemas import (
+    INFER_BODY_PROPERTIES,
     JOB_CANCEL_ERRORS,
     JOB_ERRORS,
     JOB_STATS_ERRORS,
@@ -22,7 +20,9 @@ from app.routers.schemas import (
     Job,
     JobAccepted,
     JobStats,
+    body_doc,
 )
+from app.request_context import current_request_id
 from app.services.inference import refuse_decoupled
 from app.services.jobs.service import JobService, prepare_job
 
@@ -36,12 +36,6 @@ _BODY_DOC = body_doc(
     },
     {"inputs": {"INPUT0": [[1.0, 2.0]]}, "webhook": {"url": "https://example.com/hook"}},
 )
-
-
-def owner_of(conn: HTTPConnection) -> str:
-    """The tenant that owns the jobs this connection submits and sees: set on ``conn.state.tenant`` by
-    the authentication stage (keys issue); "" while authentication is off."""
-    return str(getattr(conn.state, "tenant", "") or "")
 
 
 def _links(request: Request, job_id: str) -> dict[str, str]:

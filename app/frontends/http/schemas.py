@@ -11,9 +11,9 @@ from fastapi import FastAPI
 from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
-# The error schemas are every HTTP door's (app.auth's routes too): app.web; the rest are the routers'.
-from app.web import ERROR_TEXT as ERROR_TEXT
-from app.web import REF_TEMPLATE, Error, ErrorInfo, KServeError, error_ref, errors
+# The error schemas are every HTTP door's: app.frontends.http.web; the rest are the doors'.
+from app.frontends.http.web import ERROR_TEXT as ERROR_TEXT
+from app.frontends.http.web import REF_TEMPLATE, Error, ErrorInfo, KServeError, error_ref, errors
 
 
 class Health(BaseModel):
@@ -121,7 +121,7 @@ V2_STATS_ERRORS = errors(
 )  # fmt: skip
 
 
-# --- jobs (app.routers.jobs) ---------------------------------------------------------------------------
+# --- jobs (app.frontends.jobs.routes) ------------------------------------------------------------
 class JobLinks(BaseModel):
     status_url: str = Field(description="GET it for the job; DELETE it to cancel a queued job")
     ws_url: str = Field(description="a WebSocket pushing the job's status changes, then the job")
@@ -244,3 +244,18 @@ def _any_string(schema: dict[str, Any]) -> bool:
     options = schema.get("anyOf", [{"type": schema.get("type")}])
     plain = all(o in ({"type": "string"}, {"type": "null"}) for o in options)
     return plain and set(schema) <= {"anyOf", "type", "title", "default"}
+
+
+# --- infer bodies read by the routes themselves (no pydantic model): /v1 infer, job submissions ---------
+INFER_BODY_PROPERTIES: dict[str, Any] = {
+    "inputs": {"type": "object", "additionalProperties": {"type": "array"}},
+    "outputs": {"type": "array", "items": {"type": "string"}},
+    "parameters": {"type": "object"},
+}
+
+
+def body_doc(properties: dict[str, Any], example: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` for routes that read their JSON body themselves (no pydantic model)."""
+    schema = {"type": "object", "required": ["inputs"], "properties": properties}
+    content = {"application/json": {"schema": schema, "example": example}}
+    return {"requestBody": {"required": True, "content": content}}

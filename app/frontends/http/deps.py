@@ -1,7 +1,7 @@
 """FastAPI dependencies: the long-lived objects built by ``build_gateway`` in the lifespan, read from
 ``app.state.gateway``. ``HTTPConnection`` makes them usable from HTTP and WebSocket routes alike.
 
-The caller's own (``PrincipalDep``, ``AuthDep``) are app.auth's: ``app.auth.caller``.
+The caller's own (``PrincipalDep``, ``AuthDep``) are app.auth's: ``app.frontends.http.caller``.
 
 They are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in the thread pool, which costs
 a thread hand-off (and GIL contention) on every request."""

@@ -1,7 +1,8 @@
 """FastAPI dependencies of the caller: the ``Principal`` the auth stage admitted (anonymous when
-TGW_AUTH=off) and the ``AuthStage`` itself, for app.auth's own routes (``app.auth.admin``) and any router.
+TGW_AUTH=off) and the ``AuthStage`` itself, for the key routes (``app.frontends.admin.keys``) and any router.
 
-``async def`` on purpose, as in ``app.deps``: a plain ``def`` dependency would cost a thread hand-off."""
+``async def`` on purpose, as in ``app.frontends.http.deps``: a plain ``def`` dependency would cost a thread
+hand-off."""
 
 from __future__ import annotations
 

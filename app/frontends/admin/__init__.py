@@ -1,0 +1,1 @@
+"""Operations routes: health (``/healthz``, ``/readyz``), model metadata (``/v1/models``), docs, keys."""

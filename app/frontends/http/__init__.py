@@ -1,0 +1,1 @@
+"""What every HTTP door shares: the request pipeline, error rendering, FastAPI dependencies, error schemas."""

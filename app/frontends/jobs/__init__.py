@@ -1,0 +1,1 @@
+"""The jobs API: ``/v1/models/{m}/jobs`` and ``/v1/jobs/{id}``."""

@@ -1,0 +1,1 @@
+"""``/v2``: KServe v2 over HTTP (``routes``; ``codec``: JSON and binary tensors; ``binary``: the framing)."""

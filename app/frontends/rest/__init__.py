@@ -1,0 +1,1 @@
+"""``/v1``: the gateway's JSON API (``routes``: the infer handler and its OpenAPI operations; ``codec``)."""

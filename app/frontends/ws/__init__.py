@@ -1,0 +1,1 @@
+"""``/v1/ws`` (the multiplexed socket) and ``/v1/jobs/{id}/ws`` (one job's progress)."""

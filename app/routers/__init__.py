@@ -1,1 +1,0 @@
-"""Thin HTTP/WebSocket routers: parse, call a service, render."""
