@@ -29,6 +29,7 @@ from app.lifecycle import Lifecycle
 from app.observability import tracing
 from app.observability.metrics import http_metrics, register_jobs_snapshot, setup_metrics
 from app.observability.requests import Requests
+from app.request_context import RequestContext
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -68,11 +69,11 @@ def _infer_router(app: FastAPI) -> InferRouter:
         gw: Gateway = app.state.gateway
         return gw
 
-    async def v1(route: InferRoute, body: bytes, headers: Headers) -> infer.Reply:
+    async def v1(route: InferRoute, body: bytes, headers: Headers, ctx: RequestContext) -> infer.Reply:
         gw = gateway()
-        return await infer.serve_v1(gw.inference, route.model, route.version, body, headers, gw.offload)
+        return await infer.serve_v1(gw.inference, route.model, route.version, body, headers, ctx, gw.offload)
 
-    async def kserve(route: InferRoute, body: bytes, headers: Headers) -> infer.Reply:
+    async def kserve(route: InferRoute, body: bytes, headers: Headers, ctx: RequestContext) -> infer.Reply:
         gw = gateway()
         return await v2.serve_v2(
             gw.inference,
@@ -80,6 +81,7 @@ def _infer_router(app: FastAPI) -> InferRouter:
             route.version,
             body,
             headers,
+            ctx,
             app.state.settings.max_body_bytes,
             gw.offload,
         )

@@ -1,13 +1,17 @@
-"""Per-request context (the request id) shared by middleware, services and error handlers."""
+"""The request context: the request id (a context variable for logs and errors) and ``RequestContext``, the
+one object each door builds per call and hands to the core (``app.services.inference``)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import re
+import time
 from collections.abc import Mapping
 from contextvars import ContextVar
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 _request_id: ContextVar[str | None] = ContextVar("tgw_request_id", default=None)
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -53,3 +57,62 @@ def route_path(scope: Mapping[str, Any]) -> str:
     path: str = scope["path"]
     root = scope.get("root_path", "")
     return path[len(root) :] if root and path.startswith(root) else path
+
+
+@dataclass(slots=True)
+class Caller:
+    """What the caller's key decides about every call it makes, whatever the request asks for: the tier's
+    Triton ``priority`` (0: Triton's default) and timeout bound (``max_timeout_s``), and the response-cache
+    ``cache_scope`` ("" shared, or the tenant). ``app.auth.Principal`` is one (with the key's limits)."""
+
+    key_id: str
+    tenant: str
+    tier: str
+    priority: int = 0
+    max_timeout_s: float | None = None
+    cache_scope: str = ""
+
+
+Door = Literal["v1", "v2", "grpc", "grpc_stream", "ws", "job"]
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One call to the core, built once at the door that received it (``open``) and handed to
+    ``InferenceService.infer(request, ctx)`` / ``stream(request, ctx)``, which apply it the same way for
+    every door: the request id (validated: the caller's when sane, else generated) goes to Triton and the
+    logs, the caller's key bounds priority, timeout and cache scope, the cache directives
+    (``Cache-Control``) choose reads and writes, the deadline (a gRPC client's, else the gateway's
+    ``TGW_TRITON_TIMEOUT_S``) bounds the whole call, and ``cancelled`` (set by the door when its client
+    went away) ends a stream early."""
+
+    request_id: str
+    door: Door
+    caller: Caller | None = None
+    cache_read: bool = True
+    cache_write: bool = True
+    deadline: float | None = None  # time.monotonic() by which the caller wants its answer; None: no own bound
+    cancelled: asyncio.Event | None = None
+
+    @classmethod
+    def open(
+        cls, door: Door, request_id: str | None, caller: Caller | None = None, *,
+        cache_control: str | None = None, deadline: float | None = None,
+    ) -> RequestContext:  # fmt: skip
+        """The context of a request arriving at ``door``, in the task that serves it: ``request_id`` as
+        the caller sent it (validated here, for every door, and made the task's id for the logs),
+        ``cache_control`` its ``Cache-Control`` (``no-cache`` skips the read, ``no-store`` the write),
+        ``deadline`` the caller's own (a ``time.monotonic()`` instant)."""
+        read, write = cache_directives(cache_control)
+        return cls(set_request_id(request_id), door, caller, read, write, deadline)
+
+    def remaining_s(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+def cache_directives(header: str | None) -> tuple[bool, bool]:
+    """``Cache-Control: no-cache`` skips the read, ``no-store`` the write. Returns (read, write)."""
+    if not header:
+        return True, True
+    tokens = {t.strip().split("=", 1)[0].lower() for t in header.split(",")}
+    return "no-cache" not in tokens, "no-store" not in tokens

@@ -1,45 +1,20 @@
-"""Raw-ASGI helpers of the auth stage for an admitted WebSocket: client frames counted against the key's
-limits (``AuthStage.websocket_receive``, called by the pipeline), and the key checked again while the
-socket lives (``KeyCheck``, handed by the routers to the job sockets, ``app.services.jobs.sockets``)."""
+"""The key of an admitted WebSocket while the socket lives (``KeyCheck``, handed by the ``/v1/ws`` door to
+the job sockets, ``app.services.jobs.sockets``): checked again on every frame and by a poller, and each
+frame counted against the key's request rate (a frame over it is answered with an error frame by the
+socket, which records it as a request like any other refused frame)."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-import orjson
-
 from app.auth.principal import Principal, Unauthorized
-from app.errors import GatewayError
-
-
-def limit_websocket_frames(stage: Any, principal: Any, receive: Any, send: Any) -> Any:
-    """``receive`` for an admitted WebSocket: each client frame counts against the key's request rate
-    (``AuthStage.admit_message``); a frame over the limit is answered with an error frame and never
-    reaches the route."""
-    if principal.limits is None:
-        return receive
-
-    async def limited() -> Any:
-        while True:
-            message = await receive()
-            if message["type"] != "websocket.receive":
-                return message
-            try:
-                await stage.admit_message(principal)
-            except GatewayError as exc:
-                frame = {"type": "error", "error": {"code": exc.code, "message": exc.message,
-                                                    "details": exc.details}}  # fmt: skip
-                await send({"type": "websocket.send", "text": orjson.dumps(frame).decode()})
-                continue
-            return message
-
-    return limited
 
 
 class KeyCheck:
     """The key an admitted socket was opened with, checked again (``AuthStage.recheck``): on every
-    frame (``frame``) and by a poller (``revoked``, which returns once the key is gone)."""
+    frame (``frame``) and by a poller (``revoked``, which returns once the key is gone); ``admit``: a frame
+    counts against the key's request rate (raises ``TooManyRequests`` over it)."""
 
     def __init__(self, stage: Any, principal: Principal) -> None:
         self.stage, self.principal = stage, principal
@@ -51,7 +26,7 @@ class KeyCheck:
         principal = ws.scope.get("state", {}).get("principal")
         stage = getattr(ws.app.state, "auth", None)
         if not isinstance(principal, Principal) or stage is None or not principal.extra.get("digest"):
-            return None  # auth off, or the admin token: nothing to revoke
+            return None  # auth off, or the admin token: nothing to revoke, no limits
         return cls(stage, principal)
 
     async def frame(self) -> bool:
@@ -61,6 +36,9 @@ class KeyCheck:
         except Unauthorized:
             return False
         return True
+
+    async def admit(self) -> None:
+        await self.stage.admit_message(self.principal)
 
     async def revoked(self) -> None:
         while True:

@@ -3,16 +3,12 @@ the domain errors of authentication and limiting (rendered by the one error tabl
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from app.errors import GatewayError
-
-if TYPE_CHECKING:
-    from app.domain import InferRequest
+from app.request_context import Caller
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,20 +36,15 @@ class Limits:
 
 
 @dataclass(slots=True)
-class Principal:
-    """The authenticated caller. ``tenant`` owns jobs and (with TGW_CACHE_SCOPE=tenant) cache entries;
-    ``priority``/``max_timeout_s`` come from the key's tier and are what Triton gets, whatever the body
-    asks for. ``key_id`` is public (it is in the token's prefix), never the secret."""
+class Principal(Caller):
+    """The authenticated caller: a ``Caller`` (what its key decides about each call: the tier's priority and
+    timeout bound, the cache scope; the core applies it, ``app.services.inference``) with the key's limits.
+    ``tenant`` owns jobs and (with TGW_CACHE_SCOPE=tenant) cache entries. ``key_id`` is public (it is in the
+    token's prefix), never the secret."""
 
-    key_id: str
-    tenant: str
-    tier: str
-    priority: int = 0  # 0 = Triton's default_priority_level (auth off)
-    max_timeout_s: float | None = None
     admin: bool = False
     limits: Limits | None = None
     slot: str | None = None  # the concurrency slot held for this request, released by AuthStage.release
-    cache_scope: str = ""  # mixed into response-cache keys: "" (shared) or the tenant (TGW_CACHE_SCOPE)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -69,25 +60,6 @@ def current_principal() -> Principal | None:
 
 def bind_principal(principal: Principal) -> None:
     _current.set(principal)
-
-
-def apply_principal(req: InferRequest, principal: Principal | None) -> None:
-    """What the caller's key decides about a Triton call, whatever the body asked for: the tier's
-    priority and timeout bound, and the response-cache scope."""
-    if principal is None:
-        return
-    if principal.priority:
-        req.priority = principal.priority
-    if principal.max_timeout_s:
-        req.timeout_us = int(principal.max_timeout_s * 1_000_000)
-    req.cache_scope = principal.cache_scope
-
-
-def caller_bound() -> Callable[[InferRequest], None]:
-    """``apply_principal`` for the caller of the request being served, for a service that decodes requests
-    itself (the jobs service: job bodies and ``/v1/ws`` frames): the door hands it over, so the services
-    never import ``app.auth``."""
-    return partial(apply_principal, principal=current_principal())
 
 
 def cache_scope(principal: Principal | None, scope_setting: str) -> str:

@@ -8,7 +8,7 @@
 ``app.frontends.http.caller.PrincipalDep``) and its tenant in ``scope["state"]["tenant"]`` (the jobs
 routes' owner).
 Front doors without a scope (gRPC) call ``admit_headers(metadata, address)``, then ``release``.
-WebSocket frames go through ``websocket_receive`` / ``admit_message``.
+WebSocket frames go through ``admit_message`` (``app.auth.asgi.KeyCheck``, called by the socket).
 
 Routes: ``/healthz``, ``/readyz``, ``/v2/health/*`` and the API docs are open; ``/metrics``,
 ``/v1/admin/*``, ``/v2/repository/*`` and ``/v1/jobs/stats`` need an admin credential
@@ -27,7 +27,6 @@ from urllib.parse import parse_qs
 
 from redis.exceptions import RedisError
 
-from app.auth.asgi import limit_websocket_frames
 from app.auth.keys import TICKET_PREFIX, KeyRecord, KeyStore, digest, key_id_of, record_key
 from app.auth.limiter import (
     Decision,
@@ -206,10 +205,6 @@ class AuthStage:
         await self.limit(principal, kind=kind)
         bind_principal(principal)
         return principal
-
-    def websocket_receive(self, principal: Principal, receive: Any, send: Any) -> Any:
-        """The pipeline wraps an admitted WebSocket's ``receive`` with this: frames count too."""
-        return limit_websocket_frames(self, principal, receive, send)
 
     def release(self, principal: Principal) -> None:
         slot = principal.slot

@@ -80,6 +80,12 @@ REQUEST_SIZE = Histogram("tgw_request_size_bytes", "HTTP request body size", buc
 RESPONSE_SIZE = Histogram("tgw_response_size_bytes", "HTTP response body size", buckets=_BYTES)
 INFLIGHT = Gauge("tgw_inflight_requests", "HTTP requests being served", multiprocess_mode="livesum")
 JOBS = Counter("tgw_jobs", "Async jobs reaching a status", ["status"])
+JOB_RUNS = Counter(
+    "tgw_job_runs", "Job attempts run by a worker, by the HTTP status their outcome stands for", ["status"]
+)
+JOB_RUN_DURATION = Histogram(
+    "tgw_job_run_duration_seconds", "Time a worker spent on one job attempt", buckets=HTTP_LATENCY_BUCKETS
+)
 WEBHOOK_DELIVERIES = Counter("tgw_webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"])
 WEBSOCKETS_OPEN = Gauge("tgw_websockets_open", "Open WebSocket connections", multiprocess_mode="livesum")
 STAGE_DURATION = Histogram(
@@ -179,6 +185,11 @@ def register_jobs_snapshot(app: Starlette, fn: JobsSnapshotFn) -> None:
 
 def record_job(status: str) -> None:
     JOBS.labels(status).inc()
+
+
+def job_run(status: int, duration_s: float) -> None:
+    JOB_RUNS.labels(str(status)).inc()
+    JOB_RUN_DURATION.observe(duration_s)
 
 
 def record_webhook_delivery(outcome: str) -> None:

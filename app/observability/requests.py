@@ -10,8 +10,10 @@ access-log line (logger ``app.access``; health probes and scrapes at DEBUG), wit
 every door: request_id, method, path, status, duration_ms, and model, version and cache where the request
 got that far (``RequestInfo``, filled in by the services).
 
-A ``/v1/ws`` frame is a request of the socket's route: counted as ``GET /v1/ws`` (the route's method and
-template, as the handshake is) with the HTTP status its answer stands for (200, or the error's status).
+A job attempt is recorded by the worker that ran it (``job``), under the job's request id and submission
+path, beside the submission's own line (202). A ``/v1/ws`` frame is a request of the socket's route:
+counted as ``GET /v1/ws`` (the route's method and template, as the handshake is) with the HTTP status its
+answer stands for (200, or the error's status).
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ class Requests:
     def frame(self, request_id: str | None, status: int, duration_s: float, info: RequestInfo) -> None:
         """One request frame of a ``/v1/ws`` socket, answered with ``status`` (200 or its error's)."""
         self.http(request_id, "GET", WS_ROUTE, WS_ROUTE, status, duration_s, info)
+
+    def job(self, request_id: str, path: str, status: int, duration_s: float, info: RequestInfo) -> None:
+        """One job attempt run by a worker (``path``: the job's submission path), answered with ``status``
+        (the HTTP status its outcome stands for: 200, or its error's): ``tgw_job_runs_total{status}``,
+        ``tgw_job_run_duration_seconds`` and an access-log line with method ``JOB``."""
+        metrics.job_run(status, duration_s)
+        _log(request_id, "JOB", path, status, duration_s, info, False)
 
     def grpc(self, request_id: str, rpc: str, code: str, duration_s: float, info: RequestInfo) -> None:
         """A unary RPC or one ``ModelStreamInfer`` message; ``code``: the gRPC status name."""

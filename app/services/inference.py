@@ -1,8 +1,12 @@
 """The inference service: answer an ``InferRequest`` from the cache, else forward it to Triton as a
 ``TritonCall`` (single-flight: identical concurrent misses share one call).
 
-The front doors decode their wire format into an ``InferRequest`` (``app.codecs``) after resolving the
-model once (``resolve``); the async job workers and the WebSocket API use the same service.
+Every door resolves the model once (``resolve``), decodes its wire format into an ``InferRequest`` (its
+codec) and calls ``infer(request, ctx)`` or ``stream(request, ctx)`` with the one ``RequestContext`` it
+built for the call; what the context decides is applied here, once, for every door (``bind``): the
+request id, the caller's key (priority, timeout bound, cache scope), the cache directives, the deadline,
+and the decoupled rule (a model that may answer any number of times is refused on a unary call, 501,
+before anything reaches Triton). The job workers and the ``/v1/ws`` socket use the same service.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from app.domain import CacheOutcome, InferRequest, InferResponse
 from app.errors import GatewayError, NotOffered, UpstreamTimeout
 from app.observability import metrics, tracing
 from app.observability.context import add_timing, annotate
+from app.request_context import RequestContext
 from app.services.cache import CacheUnavailable, ReadPolicy, ResponseCache, cache_key
 from app.services.registry import ModelInfo, ModelRegistry
 from app.services.singleflight import SingleFlight
@@ -46,7 +51,7 @@ def _large(req: InferRequest) -> bool:
 def refuse_decoupled(info: ModelInfo) -> None:
     """501 for a decoupled model (any number of answers per request): only a stream can carry them."""
     if info.decoupled:
-        raise NotOffered(DECOUPLED_REFUSAL, {"model": info.name})
+        raise NotOffered(DECOUPLED_REFUSAL, {"model": info.name, "reason": "decoupled"})
 
 
 def _call_status(exc: BaseException) -> str:
@@ -56,14 +61,6 @@ def _call_status(exc: BaseException) -> str:
     if isinstance(exc, GeneratorExit | asyncio.CancelledError):
         return "cancelled"  # the caller went away (a client that stopped reading its stream)
     return "error"
-
-
-def cache_directives(header: str | None) -> tuple[bool, bool]:
-    """``Cache-Control: no-cache`` skips the read, ``no-store`` the write. Returns (read, write)."""
-    if not header:
-        return True, True
-    tokens = {t.strip().split("=", 1)[0].lower() for t in header.split(",")}
-    return "no-cache" not in tokens, "no-store" not in tokens
 
 
 class InferenceService:
@@ -87,9 +84,15 @@ class InferenceService:
         self.flights: SingleFlight[TritonResult] = SingleFlight(metrics.SINGLEFLIGHT_WAITERS)
         self._writes: set[asyncio.Task[None]] = set()
 
-    async def resolve(self, model: str, version: str | None) -> ModelInfo:
-        """The model version that will serve a request (front doors call this once, then decode)."""
-        return await self.registry.resolve(model, version)
+    async def resolve(self, model: str, version: str | None, *, stream: bool = False) -> ModelInfo:
+        """The model version that will serve a request (every door calls this once, first, then decodes).
+        A unary call (``stream`` False) to a decoupled model, which may answer any number of times, is
+        refused here (501), for every door, before its body is decoded and before anything reaches
+        Triton."""
+        info = await self.registry.resolve(model, version)
+        if not stream:
+            refuse_decoupled(info)
+        return info
 
     def key_for(self, req: InferRequest) -> str:
         info = req.info
@@ -108,19 +111,55 @@ class InferenceService:
     def _use_cache(self, req: InferRequest) -> bool:
         return req.info.cache_enabled and self.cache.enabled and req.cacheable
 
-    async def cached(self, req: InferRequest) -> InferResponse | None:
+    @staticmethod
+    def bind(req: InferRequest, ctx: RequestContext) -> InferRequest:
+        """What ``ctx`` decides about ``req``, the same for every door: the request id Triton and the logs
+        get, the cache directives, and the caller's key: its tier's Triton priority and timeout bound
+        (whatever the request asked for) and the cache scope."""
+        req.request_id = ctx.request_id
+        if not ctx.cache_read:
+            req.cache_read = False
+        if not ctx.cache_write:
+            req.cache_write = False
+        caller = ctx.caller
+        if caller is not None:
+            if caller.priority:
+                req.priority = caller.priority
+            if caller.max_timeout_s:
+                req.timeout_us = int(caller.max_timeout_s * 1_000_000)
+            req.cache_scope = caller.cache_scope
+        return req
+
+    async def cached(self, req: InferRequest, ctx: RequestContext) -> InferResponse | None:
         """The cached answer, if any, without calling Triton (job submission answers hits at once).
         Follows the same rules as ``infer``; a cache error counts as no answer."""
+        self.bind(req, ctx)
+        info = req.info
         if not (self._use_cache(req) and req.cache_read):
+            annotate(info.name, info.version, "BYPASS")
             return None
         try:
             key = self.key_for(req) if not _large(req) else await self._key_off_loop(req)
             hit = await self._cache_get(key)
         except CacheUnavailable:
-            return None
-        return InferResponse(req.info.name, hit, "HIT") if hit is not None else None
+            hit = None
+        annotate(info.name, info.version, "HIT" if hit is not None else "MISS")
+        return InferResponse(info.name, hit, "HIT") if hit is not None else None
 
-    async def infer(self, req: InferRequest) -> InferResponse:
+    async def infer(self, req: InferRequest, ctx: RequestContext) -> InferResponse:
+        """The answer to ``req``, from the cache or Triton, within the caller's deadline (``ctx.deadline``:
+        past it, 504 ``triton_timeout``, rendered DEADLINE_EXCEEDED over gRPC)."""
+        self.bind(req, ctx)
+        remaining = ctx.remaining_s()
+        if remaining is None:
+            return await self._infer(req, None)
+        try:
+            async with asyncio.timeout(max(remaining, 0.0)):
+                return await self._infer(req, ctx.deadline)
+        except TimeoutError:
+            raise UpstreamTimeout("deadline exceeded waiting for Triton", {"deadline": "caller"}) from None
+
+    async def _infer(self, req: InferRequest, deadline: float | None) -> InferResponse:
         info = req.info
         use_cache = self._use_cache(req)
         key = self.key_for(req) if not _large(req) else await self._key_off_loop(req)
@@ -151,7 +190,7 @@ class InferenceService:
         write = use_cache and req.cache_write
 
         async def forward() -> TritonResult:
-            result = await self._forward(req)
+            result = await self._forward(req, deadline)
             if write:  # write-behind: the answer does not wait for Redis to acknowledge
                 task = asyncio.create_task(self._store(key, req, result))
                 self._writes.add(task)
@@ -167,16 +206,19 @@ class InferenceService:
                 self.served.hit(info.name, info.version, time.perf_counter_ns() - start_ns)
         return InferResponse(info.name, result, outcome)
 
-    async def stream(self, req: InferRequest) -> AsyncIterator[InferResponse]:
+    async def stream(self, req: InferRequest, ctx: RequestContext) -> AsyncIterator[InferResponse]:
         """Every response of ``req`` as Triton sends it, the last with ``result.final`` set (a decoupled
         model answers any number of times). Never from or into the cache, never shared; closing the
-        iterator early cancels the request in Triton."""
+        iterator early (or ``ctx.cancelled`` set) cancels the request in Triton."""
+        self.bind(req, ctx)
         info = req.info
-        call = replace(self.call_for(req), max_batch_rows=0)
+        call = replace(self.call_for(req, ctx.deadline), max_batch_rows=0)
         annotate(info.name, info.version, "BYPASS")
         metrics.cache_outcome("bypass")
         with self._triton_call("triton.stream", call):
             async for result in self.transport.stream(call):
+                if ctx.cancelled is not None and ctx.cancelled.is_set():
+                    return  # the door's client went away: closing the upstream stream cancels it
                 yield InferResponse(info.name, result, "BYPASS")
 
     @contextlib.contextmanager
@@ -197,8 +239,12 @@ class InferenceService:
             add_timing("queue", call.queued_s)
             add_timing("triton", elapsed - call.queued_s)
 
-    def call_for(self, req: InferRequest) -> TritonCall:
+    def call_for(self, req: InferRequest, deadline: float | None = None) -> TritonCall:
+        """The Triton call of ``req``; its deadline is the gateway's (``TGW_TRITON_TIMEOUT_S``) or the
+        caller's, whichever comes first (many Tritons: what is left of it is each attempt's Triton
+        ``timeout``, ``app.clients.routed``)."""
         info = req.info
+        own = time.monotonic() + self.timeout_s
         return TritonCall(
             model=info.name,
             version=info.version,
@@ -207,7 +253,7 @@ class InferenceService:
             outputs=req.outputs,
             parameters=req.parameters,
             request_id=req.request_id,
-            deadline=time.monotonic() + self.timeout_s,
+            deadline=own if deadline is None else min(own, deadline),
             priority=req.priority,
             timeout_us=req.timeout_us,
             sequence_id=req.sequence_id,
@@ -231,9 +277,9 @@ class InferenceService:
             metrics.cache_operation("get", elapsed)
             add_timing("cache", elapsed)
 
-    async def _forward(self, req: InferRequest) -> TritonResult:
+    async def _forward(self, req: InferRequest, deadline: float | None) -> TritonResult:
         info = req.info
-        call = self.call_for(req)
+        call = self.call_for(req, deadline)
         with self._triton_call("triton.infer", call):
             try:
                 async with asyncio.timeout(self.timeout_s + 1.0):

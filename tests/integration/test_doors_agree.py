@@ -19,7 +19,8 @@ under ``/v2``, ``HTTP_TO_GRPC`` for gRPC (app/frontends/grpc/status.py). Renderi
 * ``/v1/ws``: an error frame ``{"type": "error", "error": {"code", ...}}``; what the socket's key decides
   (missing, revoked) refuses the handshake instead, with the HTTP status and error JSON;
 * job: the submission's answer (4xx/5xx JSON), or, for what fails only when the job runs (the deadline),
-  202 and the finished job's ``error``.
+  202 and the finished job's ``error``; the attempt that failed is then the request counted
+  (``tgw_job_runs_total{status}``) and logged (a ``JOB`` line under the submission's path and id).
 
 One send per (door, case), cached (``Doors.outcome``); four aspects are checked of it, one test each:
 ``test_same_error`` (rendering), ``test_request_id`` (the answer carries the request id: the client's
@@ -178,53 +179,15 @@ def expected(door: str, case: Case) -> tuple[int | str | None, str | None]:
 
 
 # --- where the doors disagree today: (aspect, door, case or "*") -> what differs ---------------------
-_WS_LIMITER_FRAME = (
-    "a /v1/ws frame over the key's rate is answered by the auth layer (app.auth.asgi), before the socket's "
-    "Multiplexer records frames"
-)
-_GRPC_CORE_413 = (
-    "an oversized ModelInfer message is refused by gRPC core (grpc.max_receive_message_length) before the "
-    "servicer runs"
-)
 _JOB_REFUSED_UNROUTED = (
     "a job submission refused by the pipeline (admission, declared body size) is not routed: "
     "http_requests_total gets no handler for it (the infer routes' template is known before routing)"
 )
 DISAGREE: dict[tuple[str, str, str], str] = {
-    # the error
-    ("error", "job", "deadline"):
-        "a job whose Triton call times out fails with attempts_exhausted; triton_timeout is only in "
-        "error.details.last_error",
-    # the request id
-    ("request_id", "grpc_stream", "invalid_request_id"):
-        "the stream's response id echoes the message's id as sent and there is no x-request-id trailing "
-        "metadata: the generated id is not returned",
-    ("request_id", "grpc_stream", "over_body_limit"):
-        "gRPC core cuts the stream (RESOURCE_EXHAUSTED) with no x-request-id trailing metadata",
-    ("request_id", "grpc_unary", "over_body_limit"): _GRPC_CORE_413 + ": no x-request-id trailing metadata",
-    ("request_id", "ws", "rate_limited"): "the rate limiter's error frame (app.auth.asgi) carries no ref",
-    ("request_id", "ws", "over_body_limit"):
-        "an oversized frame is not read: its error frame's request_id is a generated one, not the ref's",
-    # the metrics
-    ("metrics", "ws", "rate_limited"): _WS_LIMITER_FRAME + ": counted in no request metric",
-    ("metrics", "grpc_stream", "over_body_limit"):
-        "gRPC core cuts the stream (RESOURCE_EXHAUSTED to the client); the gateway counts it CANCELLED",
-    ("metrics", "grpc_unary", "over_body_limit"): _GRPC_CORE_413 + ": not counted",
     ("metrics", "job", "missing_key"): _JOB_REFUSED_UNROUTED,
     ("metrics", "job", "revoked_key"): _JOB_REFUSED_UNROUTED,
     ("metrics", "job", "rate_limited"): _JOB_REFUSED_UNROUTED,
     ("metrics", "job", "over_body_limit"): _JOB_REFUSED_UNROUTED,
-    ("metrics", "job", "deadline"):
-        "a job failing at run time is counted in tgw_jobs_total{status=failed} only (its submission as 202)",
-    # the access log
-    ("access_log", "ws", "rate_limited"): _WS_LIMITER_FRAME + ": no access-log line",
-    ("access_log", "grpc_stream", "over_body_limit"):
-        "gRPC core cuts the stream (RESOURCE_EXHAUSTED to the client); the gateway logs it CANCELLED",
-    ("access_log", "grpc_unary", "over_body_limit"): _GRPC_CORE_413 + ": no access-log line",
-    ("access_log", "job", "invalid_request_id"):
-        "the submission's line has no model, version or cache (a /v1 answer's line has them)",
-    ("access_log", "job", "deadline"):
-        "the only line is the submission's (202, no model/version/cache); the job's failure writes none",
 }  # fmt: skip
 
 
@@ -259,11 +222,12 @@ class Outcome:
 
 
 def request_counts() -> Counts:
-    """``http_requests_total`` (the instrumentator's, observed by the pipeline) and
-    ``tgw_grpc_requests_total`` (the gRPC front door's), every labelled sample."""
+    """``http_requests_total`` (the instrumentator's, observed by the pipeline),
+    ``tgw_grpc_requests_total`` (the gRPC front door's) and ``tgw_job_runs_total`` (the job workers'), every
+    labelled sample."""
     counts: Counts = {}
     for family in REGISTRY.collect():
-        if family.name in ("http_requests", "tgw_grpc_requests"):
+        if family.name in ("http_requests", "tgw_grpc_requests", "tgw_job_runs"):
             for sample in family.samples:
                 if sample.name.endswith("_total"):
                     counts[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
@@ -360,10 +324,16 @@ class Doors:
         self.access.lines.clear()
         answer = self.adapters[door](gateway, case, credential, rid)
         path = door_path(door, case)
+        # a job's submission is a POST line; the attempt a worker ran, a JOB line (the one that failed)
+        method = ("JOB" if case.at_run_time else "POST") if door == "job" else None
+
+        def ours(line: dict[str, Any]) -> bool:
+            return line.get("path") == path and (method is None or line.get("method") == method)
+
         deadline = time.monotonic() + 0.5  # written as (HTTP) or just before (gRPC) the answer goes out
-        while not any(line.get("path") == path for line in self.access.lines) and time.monotonic() < deadline:
+        while not any(ours(line) for line in self.access.lines) and time.monotonic() < deadline:
             time.sleep(0.02)
-        lines = [line for line in list(self.access.lines) if line.get("path") == path]
+        lines = [line for line in list(self.access.lines) if ours(line)]
         after = request_counts()
         counted = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
         return Outcome(answer, rid, lines, counted)
@@ -550,6 +520,8 @@ def expected_count(door: str, case: Case) -> tuple[str, tuple[tuple[str, str], .
     with the route template and the HTTP status, ``tgw_grpc_requests_total`` with the RPC and the gRPC
     status. (Neither labels the domain code: a 404 is model_not_found or not_found alike.)"""
     status = str(http_rendering(door, case))
+    if door == "job" and case.at_run_time:  # the attempt that failed: the worker's request
+        return "tgw_job_runs_total", (("status", status),)
     if door in ("grpc_unary", "grpc_stream"):
         labels = {"method": "ModelInfer" if door == "grpc_unary" else "ModelStreamInfer", "code": status}
         return "tgw_grpc_requests_total", tuple(sorted(labels.items()))

@@ -19,7 +19,8 @@ from app.errors import (
     error_body,
 )
 from app.frontends.kserve_http import codec as v2
-from app.services.inference import InferRequest, InferResponse, cache_directives
+from app.request_context import cache_directives
+from app.services.inference import InferRequest, InferResponse
 from app.services.registry import ModelInfo
 from app.services.singleflight import SingleFlight
 from app.settings import Settings

@@ -12,8 +12,9 @@ from typing import Any, cast
 import numpy as np
 from tritonclient.grpc import service_pb2
 
-from app.auth.principal import Principal, apply_principal
+from app.auth.principal import Principal
 from app.clients.triton import stream_request
+from app.request_context import RequestContext
 from app.services.inference import InferenceService, InferRequest
 from app.services.registry import ModelInfo
 
@@ -23,8 +24,8 @@ def test_relayed_message_is_rebuilt_from_the_validated_request(batched: ModelInf
     req = InferRequest(info=batched, inputs={"series": series}, outputs=["forecast"],
                        parameters={"tag": "a", "n": 3}, sequence_id="s-1", sequence_start=True,
                        priority=1, timeout_us=999_000_000)  # fmt: skip
-    apply_principal(req, Principal(key_id="k", tenant="t", tier="standard", priority=2, max_timeout_s=30.0))
-    req.request_id = "client-id"
+    key = Principal(key_id="k", tenant="t", tier="standard", priority=2, max_timeout_s=30.0)
+    InferenceService.bind(req, RequestContext("client-id", "grpc_stream", key))  # what the core applies
     none = cast(Any, None)
     msg = stream_request(InferenceService(none, none, none, "test", 30.0).call_for(req))
     assert isinstance(msg, service_pb2.ModelInferRequest)

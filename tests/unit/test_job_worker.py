@@ -27,7 +27,7 @@ class StuckStore:
         return "running", 1
 
     async def get(self, job_id: str) -> Any:
-        return SimpleNamespace(id=job_id)
+        return SimpleNamespace(id=job_id, request_id="", model="m", version=None)
 
     async def inputs(self, job_id: str) -> bytes:
         await asyncio.sleep(3600)

@@ -39,15 +39,22 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from app.auth.principal import Principal, Unauthorized, apply_principal, current_principal
+from app.auth.principal import Principal, Unauthorized
 from app.clients.protocols import TritonAdmin
-from app.errors import GatewayError, ModelNotFound, log_gateway_error, log_unhandled
+from app.errors import (
+    GatewayError,
+    InvalidInput,
+    ModelNotFound,
+    PayloadTooLarge,
+    log_gateway_error,
+    log_unhandled,
+)
 from app.frontends.grpc import codec
 from app.frontends.grpc.status import grpc_code
 from app.observability import tracing
 from app.observability.context import RequestInfo, begin_request
 from app.observability.requests import Requests
-from app.request_context import set_request_id
+from app.request_context import Caller, RequestContext, set_request_id
 from app.services.health import HealthService
 from app.services.inference import InferenceService, InferResponse
 from app.services.offer import EXTENSIONS, REFUSED_RPCS, refusal
@@ -78,29 +85,42 @@ def _peer_address(context: grpc.aio.ServicerContext) -> str:
 
 
 class Undecodable:
-    """A request message that does not parse as the RPC's protobuf (the lenient deserializer's stand-in,
-    answered INVALID_ARGUMENT as Triton does, never UNKNOWN "Unexpected DecodeError")."""
+    """A request message the servicer refuses unread: one that does not parse as the RPC's protobuf
+    (answered INVALID_ARGUMENT as Triton does, never UNKNOWN "Unexpected DecodeError"), or one over the
+    message limit (``error``: 413, RESOURCE_EXHAUSTED). The lenient deserializer's stand-in: the refusal
+    is then answered, counted and logged like any other, under the call's request id."""
 
-    __slots__ = ("message",)
+    __slots__ = ("error",)
     id = ""
 
-    def __init__(self, message: str) -> None:
-        self.message = message
+    def __init__(self, error: GatewayError) -> None:
+        self.error = error
 
 
-def _lenient(parse: Callable[[bytes], Any], name: str) -> Callable[[bytes], Any]:
+# gRPC core refuses a message only above this much more than TGW_GRPC_MAX_MESSAGE_BYTES (a bare
+# RESOURCE_EXHAUSTED: no request id, not counted by the gateway); up to it the servicer answers the
+# message over the limit itself, as every door answers a body over its limit (413 -> RESOURCE_EXHAUSTED).
+CORE_RECEIVE_SLACK_BYTES = 1 << 20
+
+
+def _lenient(parse: Callable[[bytes], Any], name: str, limit: int) -> Callable[[bytes], Any]:
     def deserialize(data: bytes) -> Any:
+        if limit and len(data) > limit:
+            return Undecodable(PayloadTooLarge(
+                f"the request message ({len(data)} bytes) exceeds the limit of {limit} bytes "
+                "(TGW_GRPC_MAX_MESSAGE_BYTES)", {"limit_bytes": limit},
+            ))  # fmt: skip
         try:
             return parse(data)
         except DecodeError:
-            return Undecodable(f"the request is not a valid inference.{name} message")
+            return Undecodable(InvalidInput(f"the request is not a valid inference.{name} message"))
 
     return deserialize
 
 
-def add_servicer(servicer: Servicer, server: Any) -> None:
-    """``add_GRPCInferenceServiceServicer_to_server`` with deserializers that turn an undecodable message
-    into ``Undecodable`` (INVALID_ARGUMENT) instead of failing inside gRPC (UNKNOWN)."""
+def add_servicer(servicer: Servicer, server: Any, max_message_bytes: int = 0) -> None:
+    """``add_GRPCInferenceServiceServicer_to_server`` with deserializers that turn an undecodable message,
+    or one over ``max_message_bytes``, into ``Undecodable`` instead of failing inside gRPC (UNKNOWN)."""
     captured: dict[str, Any] = {}
 
     class _Capture:
@@ -116,18 +136,9 @@ def add_servicer(servicer: Servicer, server: Any) -> None:
         parse = handler.request_deserializer
         message = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
         name = message.name if message is not None else f"{method}Request"
-        handlers[method] = handler._replace(request_deserializer=_lenient(parse, name))
+        handlers[method] = handler._replace(request_deserializer=_lenient(parse, name, max_message_bytes))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
-
-
-class _Status(Exception):
-    """End the RPC with this exact status (the caller's deadline, a decoupled model over ModelInfer)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(slots=True)
@@ -138,6 +149,19 @@ class _Call:
     request_id: str
     info: RequestInfo
     code: grpc.StatusCode = grpc.StatusCode.OK
+    caller: Caller | None = None  # the key admitted for it (None: TGW_AUTH=off, or an open RPC)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The client's deadline as a ``time.monotonic()`` instant (None: the call has none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+# What Triton answers a decoupled model's unary ModelInfer (the core's refusal, in gRPC's words).
+DECOUPLED_UNARY = (
+    "ModelInfer RPC doesn't support models with decoupled transaction policy; use ModelStreamInfer"
+)
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -162,10 +186,10 @@ def _finish(requests: Requests, call: _Call, start: float, span: Any, record: bo
 
 
 def _error_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, _Status):
-        return exc.code, exc.message
     if isinstance(exc, GatewayError):
         log_gateway_error(exc)
+        if exc.details.get("reason") == "decoupled":
+            return grpc_code(exc), DECOUPLED_UNARY
         return grpc_code(exc), exc.message
     if isinstance(exc, grpc.aio.AioRpcError):  # a relayed call to Triton failed: pass Triton's status on
         return exc.code(), exc.details() or exc.code().name
@@ -190,8 +214,9 @@ def unary(method: Handler) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awa
         with _server_span(name, meta) as span:
             try:
                 principal = await self.admit(name, meta, context)
+                call.caller = principal
                 if isinstance(request, Undecodable):
-                    raise _Status(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                    raise request.error
                 return await method(self, request, context, call)
             except asyncio.CancelledError:
                 call.code = grpc.StatusCode.CANCELLED
@@ -310,7 +335,8 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     # --- inference ---------------------------------------------------------------------------------
     @unary
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> Any:
-        response = await self._infer(request, call.request_id, context.time_remaining())
+        ctx = RequestContext(call.request_id, "grpc", call.caller, deadline=_deadline(context))
+        response = await self._infer(request, ctx)
         context.set_trailing_metadata((("x-request-id", call.request_id), ("x-cache", response.cache)))
         return codec.encode(response, request.id)
 
@@ -323,21 +349,10 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return codec.decode(info, request)
         return await self.offload.decode(size, codec.decode_message, info, request.SerializeToString())
 
-    async def _infer(self, request: Any, request_id: str, remaining_s: float | None) -> InferResponse:
+    async def _infer(self, request: Any, ctx: RequestContext) -> InferResponse:
         info = await self.inference.resolve(request.model_name, request.model_version or None)
-        if info.decoupled:  # as Triton answers it: such a model may send any number of responses
-            raise _Status(grpc.StatusCode.UNIMPLEMENTED, "ModelInfer RPC doesn't support models with "
-                          "decoupled transaction policy; use ModelStreamInfer")  # fmt: skip
         decoded = await self.decode(info, request)
-        decoded.request.request_id = request_id
-        apply_principal(decoded.request, current_principal())  # the key's tier: priority, timeout, scope
-        if remaining_s is None:
-            return await self.inference.infer(decoded.request)
-        try:
-            async with asyncio.timeout(remaining_s):
-                return await self.inference.infer(decoded.request)
-        except TimeoutError:
-            raise _Status(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting for Triton") from None
+        return await self.inference.infer(decoded.request, ctx)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
@@ -353,7 +368,10 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 _finish(self.requests, call, start, span)
                 context.set_trailing_metadata((("x-request-id", call.request_id),))  # as a unary refusal
                 await context.abort(call.code, message)
-            stream = _Stream(self, meta, principal, self.stream_max_in_flight)
+            stream = _Stream(self, meta, principal, self.stream_max_in_flight, _deadline(context))
+            # the stream's own id (x-request-id metadata, else generated), as a unary call returns its id;
+            # each message's id is its response's ``id`` (echoed as sent, as Triton does)
+            context.set_trailing_metadata((("x-request-id", call.request_id),))
             try:
                 async for item in stream.run(request_iterator):
                     yield item
@@ -428,9 +446,10 @@ class _Stream:
     past that the stream is not read."""
 
     def __init__(self, servicer: Servicer, metadata: Mapping[str, str], principal: Principal | None,
-                 max_in_flight: int) -> None:  # fmt: skip
+                 max_in_flight: int, deadline: float | None = None) -> None:  # fmt: skip
         self.servicer = servicer
         self.principal = principal
+        self.deadline = deadline  # the stream call's own (each message's context carries it)
         limited = principal is not None and principal.limits is not None
         self.auth = servicer.auth if limited else None
         self.metadata = tuple((k, v) for k, v in metadata.items() if k in ("x-request-id", "traceparent"))
@@ -509,9 +528,9 @@ class _Stream:
 
     async def _accept(self, request: Any, pending: _Pending) -> None:
         if isinstance(request, Undecodable):
-            raise _Status(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        rid = set_request_id(request.id or None)
-        pending.request_id, pending.start = rid, time.perf_counter()
+            raise request.error
+        ctx = RequestContext.open("grpc_stream", request.id or None, self.principal, deadline=self.deadline)
+        pending.request_id, pending.start = ctx.request_id, time.perf_counter()
         pending.info = begin_request()  # this message's (the tasks below run in copies of this context)
         try:
             if self.auth is not None:
@@ -523,39 +542,38 @@ class _Stream:
                     return
                 pending.principal = dataclasses.replace(self.principal, slot=None, extra={})
                 await self.auth.limit(pending.principal)  # this message's rate, slot and daily quota
-            info = await self.servicer.inference.resolve(request.model_name, request.model_version or None)
+            version = request.model_version or None
+            info = await self.servicer.inference.resolve(request.model_name, version, stream=True)
             decoded = await self.servicer.decode(info, request)
-            decoded.request.request_id = rid
-            apply_principal(decoded.request, self.principal)  # the key's tier: priority, timeout, scope
         except GatewayError as exc:
             log_gateway_error(exc)
             pending.code = grpc_code(exc).name
             await self.out.put((_stream_error(exc, request.id), pending))
             return
         if info.decoupled:
-            self._task(self._decoupled(decoded, request.id, pending), relay=True)
+            self._task(self._decoupled(decoded, ctx, request.id, pending), relay=True)
         elif decoded.options.sequence:
             key = decoded.request.sequence_id
             after = self.last_of_sequence.get(key)
-            task = self._task(self._answer(decoded, request.id, pending, after=after))
+            task = self._task(self._answer(decoded, ctx, request.id, pending, after=after))
             self.last_of_sequence[key] = task
             task.add_done_callback(lambda done: self._sequence_answered(key, done))
             await self.out.put((task, pending))
         else:
-            await self.out.put((self._task(self._answer(decoded, request.id, pending)), pending))
+            await self.out.put((self._task(self._answer(decoded, ctx, request.id, pending)), pending))
 
     def _sequence_answered(self, key: int | str, task: asyncio.Task[Any]) -> None:
         if self.last_of_sequence.get(key) is task:
             del self.last_of_sequence[key]
 
     async def _answer(
-        self, decoded: codec.GrpcRequest, client_id: str, pending: _Pending,
+        self, decoded: codec.GrpcRequest, ctx: RequestContext, client_id: str, pending: _Pending,
         after: asyncio.Task[Any] | None = None,
     ) -> Any:  # fmt: skip
         if after is not None:  # the previous request of the same sequence first
             await asyncio.wait((after,))
         try:
-            response = await self.servicer.inference.infer(decoded.request)
+            response = await self.servicer.inference.infer(decoded.request, ctx)
         except GatewayError as exc:
             log_gateway_error(exc)
             pending.code = grpc_code(exc).name
@@ -565,12 +583,14 @@ class _Stream:
             reply.parameters["triton_final_response"].bool_param = True
         return service_pb2.ModelStreamInferResponse(infer_response=reply)
 
-    async def _decoupled(self, decoded: codec.GrpcRequest, client_id: str, pending: _Pending) -> None:
+    async def _decoupled(
+        self, decoded: codec.GrpcRequest, ctx: RequestContext, client_id: str, pending: _Pending
+    ) -> None:
         """A decoupled model's responses passed on as Triton sends them; Triton's empty final response
         only if the client asked for it (``triton_enable_empty_final_response``)."""
         wants_final = decoded.empty_final_response
         try:
-            async for response in self.servicer.inference.stream(decoded.request):
+            async for response in self.servicer.inference.stream(decoded.request, ctx):
                 result = response.result
                 if result.outputs or wants_final:
                     reply = codec.encode(response, client_id)
@@ -640,14 +660,14 @@ class GrpcFrontDoor:
         self.settings = settings
         limit = settings.grpc_max_message_bytes
         options = [*_CHANNEL_OPTIONS, ("grpc.max_send_message_length", limit),
-                   ("grpc.max_receive_message_length", limit)]  # fmt: skip
+                   ("grpc.max_receive_message_length", limit + CORE_RECEIVE_SLACK_BYTES)]  # fmt: skip
         self.servicer = Servicer(
             gateway.inference, gateway.registry, gateway.health, gateway.admin,
             auth=auth, stream_max_in_flight=settings.grpc_stream_max_in_flight, offload=gateway.offload,
             requests=gateway.requests,
         )  # fmt: skip
         self.server = grpc.aio.server(options=options)
-        add_servicer(self.servicer, self.server)
+        add_servicer(self.servicer, self.server, limit)
         self.port = 0
 
     async def start(self) -> int:

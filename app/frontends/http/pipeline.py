@@ -43,7 +43,7 @@ from app.errors import (
 from app.observability import metrics, tracing
 from app.observability.context import RequestInfo, begin_request
 from app.observability.requests import WS_ROUTE, Requests
-from app.request_context import route_path, set_request_id
+from app.request_context import Caller, RequestContext, cache_directives, route_path, set_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +86,12 @@ def match_infer(path: str) -> InferRoute | None:
 
 
 Headers = Mapping[bytes, bytes]
-InferHandler = Callable[[InferRoute, bytes, Headers], Awaitable[Reply]]
+InferHandler = Callable[[InferRoute, bytes, Headers, RequestContext], Awaitable[Reply]]
 
 
 class InferRouter:
     """The infer routes: one transport-neutral handler per API (``app.frontends.rest.routes.serve_v1``,
-    ``app.frontends.kserve_http.routes.serve_v2``), each ``(route, body, headers) -> Reply``."""
+    ``app.frontends.kserve_http.routes.serve_v2``), each ``(route, body, headers, ctx) -> Reply``."""
 
     def __init__(self, handlers: Mapping[str, InferHandler]) -> None:
         self.handlers = dict(handlers)
@@ -102,8 +102,8 @@ class InferRouter:
         route = match_infer(route_path(scope))
         return route if route is not None and route.api in self.handlers else None
 
-    async def handle(self, route: InferRoute, body: bytes, headers: Headers) -> Reply:
-        return await self.handlers[route.api](route, body, headers)
+    async def handle(self, route: InferRoute, body: bytes, headers: Headers, ctx: RequestContext) -> Reply:
+        return await self.handlers[route.api](route, body, headers, ctx)
 
 
 class Admission(Protocol):
@@ -206,9 +206,6 @@ class Pipeline:
                 self.requests.http(rid, "GET", scope["path"], _websocket_template(path), exc.status_code,
                                    time.perf_counter() - start, RequestInfo())  # fmt: skip
                 return
-            frames = getattr(self.admission, "websocket_receive", None)
-            if frames is not None:  # client frames count against the caller's limits
-                receive = frames(grant, receive, send)
         try:
             await self.app(scope, receive, send)
         finally:
@@ -254,7 +251,11 @@ class Pipeline:
                 if route is not None:
                     body = await self._read_body(receive)
                     received = len(body)
-                    reply = await self.router.handle(route, body, headers)  # type: ignore[union-attr]
+                    cache_control = headers.get(b"cache-control")
+                    read, write = cache_directives(cache_control.decode("latin-1") if cache_control else None)
+                    caller = grant if isinstance(grant, Caller) else None  # the key that was admitted
+                    ctx = RequestContext(rid, route.api, caller, read, write)  # type: ignore[arg-type]
+                    reply = await self.router.handle(route, body, headers, ctx)  # type: ignore[union-attr]
             except GatewayError as exc:
                 log_gateway_error(exc)
                 reply = _error_reply(scope, exc.status_code, exc.code, exc.message, exc.details, exc.headers)

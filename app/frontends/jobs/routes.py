@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.auth.principal import caller_bound
 from app.errors import PayloadTooLarge
+from app.frontends.http.caller import context_of
 from app.frontends.http.common import ORJSONResponse, owner_of
 from app.frontends.http.deps import JobsDep
 from app.frontends.http.schemas import (
@@ -22,8 +22,6 @@ from app.frontends.http.schemas import (
     JobStats,
     body_doc,
 )
-from app.request_context import current_request_id
-from app.services.inference import refuse_decoupled
 from app.services.jobs.service import JobService, prepare_job
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -67,15 +65,14 @@ async def _read_job_body(request: Request, limit: int) -> bytes:
 
 
 async def _submit(service: JobService, request: Request, model: str, version: str | None) -> Response:
-    info = await service.inference.resolve(model, version)
-    refuse_decoupled(info)  # before reading the body: such a job could never run
+    info = await service.inference.resolve(model, version)  # a decoupled model is refused before the body
     raw = await _read_job_body(request, service.max_body_bytes)
     # parsed within the bounds of the model's tensors (app.services.payload) and decoded for it: in a child
     # process when large (app.services.offload)
     body = await service.offload.decode(len(raw), prepare_job, raw, info, model, version)
     job = await service.submit(
         owner_of(request), model, version, body, request.headers.get("idempotency-key"),
-        current_request_id() or "", bound=caller_bound(),
+        context_of(request, "job"),
     )  # fmt: skip
     content: dict[str, Any] = {"id": job.id, "status": str(job.status), **_links(request, job.id)}
     headers = {"Location": content["status_url"]}

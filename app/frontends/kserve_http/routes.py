@@ -9,7 +9,6 @@ from typing import Any
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from app.auth.principal import apply_principal, current_principal
 from app.codecs.common import Reply
 from app.frontends.http.common import Headers, ORJSONResponse, header_value
 from app.frontends.http.deps import AdminDep, HealthDep, InferenceDep, RegistryDep
@@ -25,8 +24,8 @@ from app.frontends.http.schemas import (
     V2ServerMetadata,
 )
 from app.frontends.kserve_http import codec as kserve
-from app.request_context import current_request_id
-from app.services.inference import InferenceService, cache_directives, refuse_decoupled
+from app.request_context import RequestContext
+from app.services.inference import InferenceService
 from app.services.offer import EXTENSIONS, refusal
 from app.services.offload import INLINE, Offload
 from app.services.statistics import ServedStatistics
@@ -172,7 +171,7 @@ _HEADER_LENGTH = kserve.HEADER_LENGTH.encode()
 
 async def serve_v2(
     service: InferenceService, model: str, version: str | None, raw: bytes, headers: Headers,
-    max_body_bytes: int = 8 * 1024 * 1024, offload: Offload = INLINE,
+    ctx: RequestContext, max_body_bytes: int = 8 * 1024 * 1024, offload: Offload = INLINE,
 ) -> Reply:  # fmt: skip
     """The /v2 infer handler (``app.frontends.http.pipeline.InferRouter``; documented in
     ``app.frontends.rest.routes``).
@@ -180,7 +179,6 @@ async def serve_v2(
     compressed when ``Accept-Encoding`` asks for it. Large bodies are decoded, and large answers written
     (and compressed), in ``offload``'s child processes."""
     info = await service.resolve(model, version)
-    refuse_decoupled(info)  # Triton's answer, without the round trip (and the same over either transport)
     coding, length = header_value(headers, b"content-encoding"), header_value(headers, _HEADER_LENGTH)
     # The JSON part is what costs (binary tensors are views of the body); a compressed body may inflate.
     json_bytes = int(length) if length is not None and length.isdigit() else len(raw)
@@ -189,11 +187,7 @@ async def serve_v2(
         v2 = await offload.decode(size, kserve.decode_encoded, info, raw, coding, max_body_bytes, length)
     else:
         v2 = await offload.decode(size, kserve.decode, info, raw, length)
-    req = v2.request
-    req.cache_read, req.cache_write = cache_directives(header_value(headers, b"cache-control"))
-    req.request_id = current_request_id() or ""
-    apply_principal(req, current_principal())  # the key's tier: Triton priority and timeout bound
-    response = await service.infer(req)
+    response = await service.infer(v2.request, ctx)
     accept = header_value(headers, b"accept-encoding")
     cost = kserve.encode_cost(response, v2.binary_outputs, accept)
     if not offload.encodes_in_child(cost):

@@ -12,13 +12,12 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from starlette.exceptions import HTTPException
 
-from app.auth.principal import apply_principal, current_principal
 from app.codecs.common import Reply, json_values
-from app.frontends.http.common import Headers, header_value
+from app.frontends.http.common import Headers
 from app.frontends.http.schemas import ERROR_TEXT, INFER_BODY_PROPERTIES, InferResult, body_doc, error_ref
 from app.frontends.rest import codec as v1
-from app.request_context import current_request_id
-from app.services.inference import InferenceService, cache_directives, refuse_decoupled
+from app.request_context import RequestContext
+from app.services.inference import InferenceService
 from app.services.offload import INLINE, Offload
 
 __all__ = ["Reply", "document_infer_routes", "router", "serve_v1"]
@@ -26,16 +25,12 @@ __all__ = ["Reply", "document_infer_routes", "router", "serve_v1"]
 
 async def serve_v1(
     service: InferenceService, model: str, version: str | None, body: bytes, headers: Headers,
-    offload: Offload = INLINE,
+    ctx: RequestContext, offload: Offload = INLINE,
 ) -> Reply:  # fmt: skip
     """Large bodies are decoded, and large answers written, in ``offload``'s child processes."""
     info = await service.resolve(model, version)
-    refuse_decoupled(info)
     req = await offload.decode(len(body), v1.decode, info, body)
-    req.cache_read, req.cache_write = cache_directives(header_value(headers, b"cache-control"))
-    req.request_id = current_request_id() or ""
-    apply_principal(req, current_principal())  # the key's tier: Triton priority and timeout bound
-    response = await service.infer(req)
+    response = await service.infer(req, ctx)
     values = json_values(response.result.outputs)
     if not offload.encodes_in_child(values):
         return v1.encode(response)

@@ -78,7 +78,7 @@ class JobsRuntime:
             self.worker = JobWorker(
                 self.store, inference, settings.worker_concurrency, settings.job_claim_idle_s,
                 settings.job_max_attempts, store_retry_s=settings.job_store_retry_s,
-                attempt_timeout_s=attempt_s, offload=offload,
+                attempt_timeout_s=attempt_s, offload=offload, requests=requests,
             )  # fmt: skip
             t = settings.webhook_timeout_s
             self.http = httpx.AsyncClient(

@@ -20,6 +20,7 @@ import orjson
 from app.domain import InferRequest, InferResponse, ModelInfo, json_values
 from app.errors import Conflict, GatewayError, InvalidInput, NotFound, ServiceUnavailable
 from app.observability import metrics
+from app.request_context import RequestContext
 from app.services.inference import InferenceService
 from app.services.jobs.events import EventHub
 from app.services.jobs.spec import JobSpec
@@ -45,10 +46,6 @@ _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 WATCH_POLL_S = 15.0  # events wake watchers at once; this re-read of the store is only the safety net
 
 Emit = Callable[[dict[str, Any]], None]
-# What the caller's key decides about a Triton call (its tier's priority and timeout bound, the cache
-# scope), applied to each request decoded here: ``app.auth.principal.caller_bound()``, handed over by the
-# door (the services never import app.auth).
-Bound = Callable[[InferRequest], None]
 
 
 def error_json(code: str, message: str, details: dict[str, Any] | None = None) -> bytes:
@@ -127,17 +124,18 @@ class JobService:
 
     async def submit(
         self, owner: str, model: str, version: str | None, body: PreparedJob, idempotency_key: str | None,
-        request_id: str, *, bound: Bound,
+        ctx: RequestContext,
     ) -> SubmitResult:  # fmt: skip
-        """``body``: the submission as ``prepare_job`` decoded it for the model (the router resolved it and
-        refused a decoupled one); ``bound``: what the caller's key decides about the Triton call."""
+        """``body``: the submission as ``prepare_job`` decoded it for the model (the door resolved it, which
+        refused a decoupled one); ``ctx``: the submission's context (its id, its key, its cache
+        directives), applied to the request here and carried with the job to the worker (``JobSpec``)."""
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise InvalidInput("Idempotency-Key: expected 1 to 255 characters", {"field": "Idempotency-Key"})
         if body.error is not None:
             raise body.error
         req = body.request
         assert req is not None
-        bound(req)  # the key's tier rides with the job to the worker
+        self.inference.bind(req, ctx)  # the key's tier, the cache directives: they ride with the job
         priority = body.priority
         if priority not in PRIORITIES:
             raise InvalidInput(f"priority: expected one of {', '.join(PRIORITIES)}", {"field": "priority"})
@@ -146,10 +144,10 @@ class JobService:
         spec = JobSpec.of(req).to_record()
         job = Job(
             id=new_job_id(), owner=owner, status=JobStatus.QUEUED, model=model, version=version,
-            priority=priority, created_at=time.time(), request_id=request_id, spec=spec,
+            priority=priority, created_at=time.time(), request_id=ctx.request_id, spec=spec,
             webhook_url=webhook_url,
         )  # fmt: skip
-        hit = await self.inference.cached(req)
+        hit = await self.inference.cached(req, ctx)
         if hit is not None:
             result = await self.offload.encode(json_values(hit.result.outputs), result_json, hit)
             job.status, job.result, job.cache, job.finished_at = (

@@ -28,9 +28,9 @@ from app.errors import GatewayError, InvalidInput, PayloadTooLarge
 from app.observability import metrics
 from app.observability.context import RequestInfo, begin_request
 from app.observability.requests import Requests
-from app.request_context import request_id_for, set_request_id
-from app.services.inference import InferenceService, refuse_decoupled
-from app.services.jobs.service import Bound, JobService, result_json
+from app.request_context import Caller, RequestContext, request_id_for
+from app.services.inference import InferenceService
+from app.services.jobs.service import JobService, result_json
 from app.services.offload import INLINE, Offload
 from app.services.payload import ANY_MODEL, parse_json
 from app.services.validation import container_budget, validate_v1_body
@@ -38,6 +38,10 @@ from app.services.validation import container_budget, validate_v1_body
 logger = logging.getLogger(__name__)
 
 _MODEL_NAME = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
+# The ``ref`` of a large frame that is refused unread (too large, over the key's rate), looked for in its
+# first and last REF_SCAN_BYTES only: a string (escapes allowed) or a number.
+REF_SCAN_BYTES = 4096
+_REF = re.compile(r'"ref"\s*:\s*("(?:[^"\\]|\\.){0,256}"|-?\d{1,30})')
 _INFER_FIELDS = {"op", "ref", "model", "version", "inputs", "outputs", "parameters"}
 _BODY_FIELDS = ("inputs", "outputs", "parameters")
 _FRAME_TAGS = frozenset({"op", "ref", "model", "version", "job_id"})
@@ -88,6 +92,8 @@ class Recheck(Protocol):
     over by the door; None without a key to revoke)."""
 
     async def frame(self) -> bool: ...
+
+    async def admit(self) -> None: ...  # the frame counts against the key's request rate (raises over it)
 
     async def revoked(self) -> None: ...
 
@@ -210,13 +216,15 @@ class JobSockets:
             for task in (watcher, outbox.task, *others):
                 task.cancel()
 
-    async def serve_multiplexed(self, ws: Socket, owner: str, *, check: Recheck | None, bound: Bound) -> None:
-        """``/v1/ws`` on an accepted socket; ``bound``: what the socket's key decides about each Triton
-        call (``app.services.jobs.service.Bound``)."""
+    async def serve_multiplexed(
+        self, ws: Socket, owner: str, *, check: Recheck | None, caller: Caller | None
+    ) -> None:
+        """``/v1/ws`` on an accepted socket; ``caller``: the socket's key (each frame's ``RequestContext``
+        carries it to the core: its tier's priority and timeout bound, its cache scope)."""
         self._count(+1)
         outbox = Outbox(ws, self.limits.send_queue)
         mux = Multiplexer(
-            self.service, self.inference, owner, self.limits, outbox, bound, self.offload, self.requests
+            self.service, self.inference, owner, self.limits, outbox, caller, self.offload, self.requests
         )
         beat = asyncio.create_task(_heartbeat(outbox, self.limits.heartbeat_s))
         revoked = asyncio.create_task(check.revoked()) if check is not None else None
@@ -239,6 +247,12 @@ class JobSockets:
                 text = msg.get("text")
                 if text is None:
                     text = (msg.get("bytes") or b"").decode("utf-8", "replace")
+                if check is not None:
+                    try:
+                        await check.admit()  # over the key's rate: refused like any other frame
+                    except GatewayError as exc:
+                        mux.refuse(text, exc)
+                        continue
                 mux.handle(text)
             if gone:  # nothing more is answered
                 for task in (outbox.task, *mux.tasks):
@@ -260,11 +274,12 @@ class Multiplexer:
 
     def __init__(
         self, service: JobService, inference: InferenceService, owner: str, limits: SocketLimits,
-        outbox: Outbox, bound: Bound, offload: Offload = INLINE, requests: Requests | None = None,
+        outbox: Outbox, caller: Caller | None = None, offload: Offload = INLINE,
+        requests: Requests | None = None,
     ) -> None:  # fmt: skip
         self.service, self.inference, self.owner = service, inference, owner
         self.max_in_flight, self.max_frame, self.outbox = limits.max_in_flight, limits.max_frame, outbox
-        self.bound = bound
+        self.caller = caller
         self.offload = offload
         self.large = offload.in_place_bytes  # larger frames are parsed (and decoded) off the loop
         self.tasks: set[asyncio.Task[None]] = set()
@@ -276,6 +291,27 @@ class Multiplexer:
         self.outbox.emit(error_frame(exc, **tags, request_id=rid))
         self._record(rid, exc.status_code, start)
 
+    def refuse(self, text: str, exc: GatewayError) -> None:
+        """Answer a frame refused before it is read (over the key's rate) with ``exc``, under its ``ref``."""
+        self._refuse(exc, time.perf_counter(), self._tags(text))
+
+    def _tags(self, text: str) -> dict[str, Any]:
+        """The ``ref``/``job_id`` of a frame that is not dispatched: parsed when small, else looked for in
+        its first and last ``REF_SCAN_BYTES`` (a ``ref`` written anywhere else in a large frame is not
+        found: the answer then carries a generated request id)."""
+        if len(text) <= self.large:
+            with contextlib.suppress(GatewayError):
+                frame = parse_json(text)
+                if isinstance(frame, dict):
+                    return {k: frame[k] for k in ("ref", "job_id") if k in frame}
+            return {}
+        for part in (text[:REF_SCAN_BYTES], text[-REF_SCAN_BYTES:]):
+            found = _REF.search(part)
+            if found is not None:
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    return {"ref": orjson.loads(found.group(1))}
+        return {}
+
     def _record(self, rid: str, status: int, start: float, info: RequestInfo | None = None) -> None:
         self.requests.frame(rid, status, time.perf_counter() - start, info or RequestInfo())
 
@@ -283,7 +319,8 @@ class Multiplexer:
         start = time.perf_counter()
         if len(text) > self.max_frame:
             message = f"frame is larger than {self.max_frame} bytes (TGW_WS_MAX_FRAME_BYTES)"
-            self._refuse(PayloadTooLarge(message, {"limit_bytes": self.max_frame}), start, {})  # as a body
+            too_large = PayloadTooLarge(message, {"limit_bytes": self.max_frame})  # as a body
+            self._refuse(too_large, start, self._tags(text))
             return
         if len(text) > self.large:  # parsed off the loop, within the bounds of the model it names
             task = asyncio.create_task(self._parse_large(text, start))
@@ -345,9 +382,10 @@ class Multiplexer:
     ) -> None:  # fmt: skip
         """``decoded``/``data``: a large frame, parsed (and its request decoded) off the loop."""
         seen = begin_request()  # this task's: the services fill in model, version and cache
-        # the frame's ``ref`` is the Triton request id when it is a sane one (as X-Request-ID is), else a
-        # generated id; the answer echoes ``ref`` as sent either way
-        rid = set_request_id(_ref(tags))  # this frame's task: logs, Triton
+        # the frame's ``ref`` is the request id when it is a sane one (the rule X-Request-ID follows),
+        # else a generated id; the answer echoes ``ref`` as sent either way
+        ctx = RequestContext.open("ws", _ref(tags), self.caller)  # this frame's task: logs, Triton
+        rid = ctx.request_id
         status = 500
         try:
             unknown = set(frame) - _INFER_FIELDS
@@ -361,7 +399,6 @@ class Multiplexer:
                     "model: expected a model name (and version, if given, a string)", {"field": "model"}
                 )
             info = await self.inference.resolve(model, version)
-            refuse_decoupled(info)
             if decoded is None:
                 req = validate_v1_body(info, {k: frame[k] for k in _BODY_FIELDS if k in frame})
             else:
@@ -371,9 +408,7 @@ class Multiplexer:
                     raise decoded.error
                 assert decoded.request is not None
                 req = decoded.request
-            req.request_id = rid
-            self.bound(req)  # the socket's key: Triton priority and timeout bound
-            response = await self.inference.infer(req)
+            response = await self.inference.infer(req, ctx)
             values = json_values(response.result.outputs)
             result: Any = response.public()
             if self.offload.encodes_in_child(values):  # written in the pool, placed in the frame as it is

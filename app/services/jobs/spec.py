@@ -26,6 +26,8 @@ class JobSpec:
     sequence_start: bool = False
     sequence_end: bool = False
     cache_scope: str = ""
+    cache_read: bool = True  # the submission's Cache-Control (no-cache / no-store), for the worker's call
+    cache_write: bool = True
 
     @classmethod
     def of(cls, req: InferRequest) -> JobSpec:
@@ -33,6 +35,7 @@ class JobSpec:
             outputs=req.outputs, parameters=dict(req.parameters), classification=dict(req.classification),
             priority=req.priority, timeout_us=req.timeout_us, sequence_id=req.sequence_id,
             sequence_start=req.sequence_start, sequence_end=req.sequence_end, cache_scope=req.cache_scope,
+            cache_read=req.cache_read, cache_write=req.cache_write,
         )  # fmt: skip
 
     def to_record(self) -> bytes:
@@ -52,4 +55,5 @@ class JobSpec:
             request_id=request_id, priority=self.priority, timeout_us=self.timeout_us,
             sequence_id=self.sequence_id, sequence_start=self.sequence_start, sequence_end=self.sequence_end,
             cache_scope=self.cache_scope, classification=dict(self.classification),
+            cache_read=self.cache_read, cache_write=self.cache_write,
         )  # fmt: skip

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -29,7 +30,9 @@ import orjson
 from app.domain import json_values
 from app.errors import GatewayError, InvalidInput
 from app.observability import metrics
-from app.request_context import set_request_id
+from app.observability.context import begin_request
+from app.observability.requests import Requests
+from app.request_context import RequestContext
 from app.services.inference import InferenceService, InferRequest
 from app.services.jobs.service import error_json, result_json
 from app.services.jobs.spec import JobSpec
@@ -77,8 +80,10 @@ class JobWorker:
         store_retry_s: float = 30.0,
         attempt_timeout_s: float = 300.0,
         offload: Offload = INLINE,
+        requests: Requests | None = None,
     ) -> None:
         self.store = store
+        self.requests = requests or Requests()  # each attempt's metrics and access-log line
         self.offload = offload  # large results written in a child process
         self.store_retry_s = store_retry_s
         self.attempt_timeout_s = attempt_timeout_s
@@ -223,10 +228,15 @@ class JobWorker:
         if job is None:
             return
         metrics.record_job("running")
+        start, seen = time.perf_counter(), begin_request()  # this attempt's: the services fill it in
+        answered, rid = 500, job.request_id or ""
         try:
-            req = await self._request(job)
-            response = await self.inference.infer(req)
+            req, ctx = await self._request(job)
+            rid = ctx.request_id
+            response = await self.inference.infer(req, ctx)
+            answered = 200
         except GatewayError as exc:
+            answered = exc.status_code
             err = error_json(exc.code, exc.message, exc.details)
             if client_error(exc):  # the request itself is wrong: retrying cannot help
                 if await self._stored(lambda: self.store.finish(job_id, JobStatus.FAILED, error=err)):
@@ -244,9 +254,13 @@ class JobWorker:
                 metrics.record_job("succeeded")
             else:
                 logger.info("job %s was already finished; result discarded", job_id)
+        finally:
+            path = f"/v1/models/{job.model}" + (f"/versions/{job.version}" if job.version else "") + "/jobs"
+            self.requests.job(rid, path, answered, time.perf_counter() - start, seen)
 
-    async def _request(self, job: Job) -> InferRequest:
-        """The request as validated at submit: the stored tensors (bytes, dtype, shape) and ``JobSpec``."""
+    async def _request(self, job: Job) -> tuple[InferRequest, RequestContext]:
+        """The request as validated at submit: the stored tensors (bytes, dtype, shape) and ``JobSpec``
+        (what the submission's context decided is in it), and the run's context: the submission's id."""
         blob = await self._stored(lambda: self.store.inputs(job.id))
         if blob is None:
             raise InvalidInput("the job's inputs are gone (expired)", {"job_id": job.id})
@@ -257,7 +271,8 @@ class JobWorker:
             raise InvalidInput(
                 f"{changed[0]}: the model's inputs changed since the job was submitted", {"field": changed[0]}
             )
-        return JobSpec.from_record(job.spec).request(info, inputs, set_request_id(job.request_id or None))
+        ctx = RequestContext.open("job", job.request_id or None)
+        return JobSpec.from_record(job.spec).request(info, inputs, ctx.request_id), ctx
 
     async def _failed_attempt(self, job_id: str, attempt: int, err: bytes) -> None:
         await self._stored(lambda: self.store.set_last_error(job_id, err))
@@ -268,13 +283,17 @@ class JobWorker:
         raise Retryable
 
     async def _give_up(self, job_id: str, attempts: int, last_error: str) -> None:
+        """Dead-letter the job. Its error has the last attempt's code (what any other door answers for
+        the same failure, e.g. ``triton_timeout``), or ``attempts_exhausted`` when no attempt ended with
+        an error (its workers kept dying); the details say it was given up."""
         last = orjson.loads(last_error) if last_error else None
         reason = f"gave up after {attempts} attempts (TGW_JOB_MAX_ATTEMPTS)"
         if last:
             reason += f": {last.get('message', '')}"
         await self._stored(lambda: self.store.dead_letter(job_id, reason, attempts))
-        details = {"attempts": attempts, "last_error": last, "dead_letter": True}
-        err = error_json("attempts_exhausted", reason, details)
+        details = {"attempts": attempts, "last_error": last, "dead_letter": True, "attempts_exhausted": True}
+        code = last.get("code") if isinstance(last, dict) and isinstance(last.get("code"), str) else None
+        err = error_json(code or "attempts_exhausted", reason, details)
         if await self._stored(lambda: self.store.finish(job_id, JobStatus.FAILED, error=err)):
             metrics.record_job("failed")
 
