@@ -19,13 +19,14 @@ answer stands for (200, or the error's status).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_fastapi_instrumentator.metrics import Info
 
-from app.observability import metrics
-from app.observability.context import RequestInfo
+from app.observability import metrics, tracing
+from app.observability.context import RequestInfo, begin_request
 
 access_logger = logging.getLogger("app.access")
 
@@ -35,12 +36,70 @@ GRPC_SERVICE = "inference.GRPCInferenceService"
 WS_ROUTE = "/v1/ws"
 
 
+Kind = Literal["http", "frame", "grpc", "job"]
+
+
+class Served:
+    """One request being served, whichever door: begun once when it arrives (``Requests.begin``: its start,
+    its ``RequestInfo`` for the services to fill in, its SERVER span if any), ended once with its status
+    (``end``): the span's status attributes, then its metric, latency and access-log line. Every door uses
+    it: the HTTP pipeline per request, the gRPC door per unary call and per ``ModelStreamInfer`` message,
+    the ``/v1/ws`` socket per request frame, a job worker per attempt."""
+
+    __slots__ = ("ended", "info", "kind", "method", "path", "request_id", "requests", "span", "start")
+
+    def __init__(
+        self, requests: Requests, kind: Kind, method: str, path: str, request_id: str, span: Any = None,
+        start: float | None = None,
+    ) -> None:  # fmt: skip
+        self.requests, self.kind, self.method, self.path = requests, kind, method, path
+        self.request_id, self.span = request_id, span
+        self.start = time.perf_counter() if start is None else start
+        self.info = begin_request()  # the current task's (and the tasks it starts): model, version, cache
+        self.ended = False
+
+    def end(self, status: int | str, template: str | None = None, *, record: bool = True) -> None:
+        """``status``: the HTTP status (int) or the gRPC status name; ``template``: an HTTP route's.
+        ``record`` False: the span only (a ``ModelStreamInfer`` stream that ended OK, whose messages were
+        each recorded as requests of their own)."""
+        if self.ended:
+            return
+        self.ended = True
+        elapsed = time.perf_counter() - self.start
+        kind = self.kind
+        if self.span is not None:
+            if kind == "grpc":
+                tracing.finish_rpc_span(self.span, str(status), self.request_id)
+            else:
+                tracing.finish_http_span(self.span, self.method, int(status), self.request_id, template)
+        if not record:
+            return
+        rid, info, requests = self.request_id, self.info, self.requests
+        if kind == "http":
+            requests.http(rid, self.method, self.path, template, int(status), elapsed, info)
+        elif kind == "grpc":
+            requests.grpc(rid, self.method, str(status), elapsed, info)
+        elif kind == "frame":
+            requests.frame(rid, int(status), elapsed, info)
+        else:
+            requests.job(rid, self.path, int(status), elapsed, info)
+
+
 class Requests:
     """Records finished requests. ``http_metrics``: the instrumentator's observers
     (``metrics.http_metrics()``), empty when ``TGW_METRICS_ENABLED`` is off."""
 
     def __init__(self, http_metrics: Sequence[Callable[[Info], None]] = ()) -> None:
         self.http_metrics = tuple(http_metrics)
+
+    def begin(
+        self, kind: Kind, method: str, path: str, request_id: str, span: Any = None,
+        start: float | None = None,
+    ) -> Served:  # fmt: skip
+        """A request arriving (see ``Served``): ``method`` is the HTTP method, or the RPC's name for gRPC;
+        ``path`` the request path (a job: its submission path; gRPC and frames: unused); ``start``: when it
+        arrived (``time.perf_counter()``), if before now."""
+        return Served(self, kind, method, path, request_id, span, start)
 
     def http(
         self, request_id: str | None, method: str, path: str, template: str | None, status: int,

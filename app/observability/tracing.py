@@ -91,7 +91,8 @@ def inject(carrier: MutableMapping[str, str]) -> None:
 
 @contextlib.contextmanager
 def server_span(scope: Scope) -> Iterator[Any]:
-    """The SERVER span of one HTTP request; the caller sets the status code with ``finish_server_span``."""
+    """The SERVER span of one HTTP request; its status is set when the request ends (``finish_http_span``,
+    called by ``app.observability.requests.Served.end``)."""
     from opentelemetry.propagate import extract
     from opentelemetry.trace import SpanKind
 
@@ -121,17 +122,26 @@ def rpc_server_span(service: str, method: str, metadata: Mapping[str, str]) -> I
         yield current
 
 
-def finish_server_span(
-    current: Any, scope: Scope, status: int, request_id: str | None, template: str | None = None
+def finish_http_span(
+    current: Any, method: str, status: int, request_id: str | None, template: str | None = None
 ) -> None:
+    """An HTTP SERVER span's status attributes (named after its route template when known)."""
     from opentelemetry.trace import Status, StatusCode
 
-    template = template or getattr(scope.get("route"), "path", None)
     if template:
-        current.update_name(f"{scope.get('method', 'GET')} {template}")
+        current.update_name(f"{method} {template}")
         current.set_attribute("http.route", template)
     current.set_attribute("http.response.status_code", status)
     if request_id:
         current.set_attribute("tgw.request_id", request_id)
     if status >= 500:
         current.set_status(Status(StatusCode.ERROR))
+
+
+def finish_rpc_span(current: Any, code: str, request_id: str | None) -> None:
+    """A gRPC SERVER span's status attributes (``code``: the gRPC status name)."""
+    import grpc
+
+    current.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code].value[0])
+    if request_id:
+        current.set_attribute("tgw.request_id", request_id)

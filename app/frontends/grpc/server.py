@@ -52,8 +52,7 @@ from app.errors import (
 from app.frontends.grpc import codec
 from app.frontends.grpc.status import grpc_code
 from app.observability import tracing
-from app.observability.context import RequestInfo, begin_request
-from app.observability.requests import Requests
+from app.observability.requests import Requests, Served
 from app.request_context import Caller, RequestContext, set_request_id
 from app.services.health import HealthService
 from app.services.inference import InferenceService, InferResponse
@@ -143,13 +142,15 @@ def add_servicer(servicer: Servicer, server: Any, max_message_bytes: int = 0) ->
 
 @dataclass(slots=True)
 class _Call:
-    """What one RPC did, for its metric, log line and span."""
+    """One RPC: what is served (``Served``: its id, span, metric and access-log line) and how it ended."""
 
-    method: str
-    request_id: str
-    info: RequestInfo
+    served: Served
     code: grpc.StatusCode = grpc.StatusCode.OK
     caller: Caller | None = None  # the key admitted for it (None: TGW_AUTH=off, or an open RPC)
+
+    @property
+    def request_id(self) -> str:
+        return self.served.request_id
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -176,15 +177,6 @@ def _server_span(method: str, metadata: Mapping[str, str]) -> contextlib.Abstrac
     return tracing.rpc_server_span(SERVICE, method, metadata)
 
 
-def _finish(requests: Requests, call: _Call, start: float, span: Any, record: bool = True) -> None:
-    """The RPC's span attributes, and (``record``) its metric and access-log line."""
-    if span is not None:
-        span.set_attribute("rpc.grpc.status_code", call.code.value[0])
-        span.set_attribute("tgw.request_id", call.request_id)
-    if record:
-        requests.grpc(call.request_id, call.method, call.code.name, time.perf_counter() - start, call.info)
-
-
 def _error_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, GatewayError):
         log_gateway_error(exc)
@@ -205,13 +197,12 @@ def unary(method: Handler) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awa
     name = method.__name__
 
     async def rpc(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        start = time.perf_counter()
         meta = _metadata(context)
-        call = _Call(name, set_request_id(getattr(request, "id", "") or meta.get("x-request-id")),
-                     begin_request())  # fmt: skip
+        rid = set_request_id(getattr(request, "id", "") or meta.get("x-request-id"))
         failure: tuple[grpc.StatusCode, str] | None = None
         principal: Principal | None = None
         with _server_span(name, meta) as span:
+            call = _Call(self.requests.begin("grpc", name, "", rid, span))
             try:
                 principal = await self.admit(name, meta, context)
                 call.caller = principal
@@ -227,7 +218,7 @@ def unary(method: Handler) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awa
             finally:
                 if principal is not None and self.auth is not None:
                     self.auth.release(principal)
-                _finish(self.requests, call, start, span)
+                call.served.end(call.code.name)
         context.set_trailing_metadata((("x-request-id", call.request_id),))
         await context.abort(*failure)
 
@@ -357,15 +348,15 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
-        start = time.perf_counter()
         meta = _metadata(context)
-        call = _Call("ModelStreamInfer", set_request_id(meta.get("x-request-id")), begin_request())
-        with _server_span(call.method, meta) as span:
+        rid = set_request_id(meta.get("x-request-id"))
+        with _server_span("ModelStreamInfer", meta) as span:
+            call = _Call(self.requests.begin("grpc", "ModelStreamInfer", "", rid, span))
             try:  # the stream is taken like a WebSocket; each message is checked and limited (_Stream)
-                principal = await self.admit(call.method, meta, context)
+                principal = await self.admit("ModelStreamInfer", meta, context)
             except Exception as exc:
                 call.code, message = _error_status(exc)
-                _finish(self.requests, call, start, span)
+                call.served.end(call.code.name)
                 context.set_trailing_metadata((("x-request-id", call.request_id),))  # as a unary refusal
                 await context.abort(call.code, message)
             stream = _Stream(self, meta, principal, self.stream_max_in_flight, _deadline(context))
@@ -386,7 +377,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 if principal is not None and self.auth is not None:
                     self.auth.release(principal)
                 # a stream that ended OK is not a request of its own: its messages were recorded one by one
-                _finish(self.requests, call, start, span, record=call.code != grpc.StatusCode.OK)
+                call.served.end(call.code.name, record=call.code != grpc.StatusCode.OK)
 
     # --- refused, on purpose -------------------------------------------------------------------------
     RepositoryModelLoad = refused("RepositoryModelLoad")
@@ -410,12 +401,10 @@ _WAKE = object()  # the key was revoked: wake the sender up
 class _Pending:
     """One accepted stream message until its last answer has been handed to gRPC: then its place in
     the stream's window and the key's in-flight slot (``principal``) are given back, and it is recorded
-    as a request (``Requests.grpc``: counter, latency, access-log line) with ``code``."""
+    as a request (``served``: counter, latency, access-log line) with ``code``."""
 
     principal: Principal | None = None
-    request_id: str | None = None  # None: no message came (the end of the stream)
-    start: float = 0.0
-    info: RequestInfo | None = None
+    served: Served | None = None  # None: no message came (the end of the stream)
     code: str = "OK"
 
 
@@ -500,10 +489,8 @@ class _Stream:
             self.window.release()
             if pending.principal is not None and self.auth is not None:
                 self.auth.release(pending.principal)
-            if pending.request_id is not None:
-                elapsed = time.perf_counter() - pending.start
-                self.servicer.requests.grpc(pending.request_id, "ModelStreamInfer", code or pending.code,
-                                            elapsed, pending.info or RequestInfo())  # fmt: skip
+            if pending.served is not None:
+                pending.served.end(code or pending.code)
 
     async def _read(self, requests: AsyncIterator[Any]) -> None:
         try:
@@ -530,8 +517,8 @@ class _Stream:
         if isinstance(request, Undecodable):
             raise request.error
         ctx = RequestContext.open("grpc_stream", request.id or None, self.principal, deadline=self.deadline)
-        pending.request_id, pending.start = ctx.request_id, time.perf_counter()
-        pending.info = begin_request()  # this message's (the tasks below run in copies of this context)
+        # this message's (its RequestInfo is the current context's: the tasks below run in copies of it)
+        pending.served = self.servicer.requests.begin("grpc", "ModelStreamInfer", "", ctx.request_id)
         try:
             if self.auth is not None:
                 assert self.principal is not None

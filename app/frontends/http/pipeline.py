@@ -41,7 +41,7 @@ from app.errors import (
     log_unhandled,
 )
 from app.observability import metrics, tracing
-from app.observability.context import RequestInfo, begin_request
+from app.observability.context import RequestInfo
 from app.observability.requests import WS_ROUTE, Requests
 from app.request_context import Caller, RequestContext, cache_directives, route_path, set_request_id
 
@@ -197,14 +197,12 @@ class Pipeline:
         state["request_id"] = rid
         grant = None
         if self.admission is not None:
-            start = time.perf_counter()
+            served = self.requests.begin("http", "GET", scope["path"], rid)
             try:
                 grant = await self.admission.admit(scope)
             except GatewayError as exc:
                 await _refuse_websocket(scope, receive, send, exc, rid)
-                path = route_path(scope)
-                self.requests.http(rid, "GET", scope["path"], _websocket_template(path), exc.status_code,
-                                   time.perf_counter() - start, RequestInfo())  # fmt: skip
+                served.end(exc.status_code, _websocket_template(route_path(scope)))
                 return
         try:
             await self.app(scope, receive, send)
@@ -215,7 +213,6 @@ class Pipeline:
     # --- HTTP ----------------------------------------------------------------------------------------
     async def _http(self, scope: Scope, receive: Receive, send: Send, span: Any) -> None:
         start = time.perf_counter()
-        info = begin_request()
         incoming = None
         declared = -1
         headers: dict[bytes, bytes] = {}
@@ -229,6 +226,7 @@ class Pipeline:
                 except ValueError:
                     declared = -1
         rid = set_request_id(incoming)
+        served = self.requests.begin("http", scope["method"], scope["path"], rid, span, start)
         state = scope.setdefault("state", {})
         state["request_id"] = rid
         rid_header = (b"x-request-id", rid.encode())
@@ -269,7 +267,7 @@ class Pipeline:
                 reply = _error_reply(scope, code, err, message, None, None)
             if reply is not None:
                 status, sent = reply.status, len(reply.body)
-                await self._send_reply(send, reply, rid_header, info, start, route is not None)
+                await self._send_reply(send, reply, rid_header, served.info, start, route is not None)
             elif not disconnected:  # everything but the infer routes: FastAPI
                 status, sent, received = await self._fastapi(scope, receive, send, rid_header, declared)
                 template = getattr(scope.get("route"), "path", None)
@@ -277,12 +275,9 @@ class Pipeline:
             metrics.INFLIGHT.dec()
             if grant is not None:
                 self.admission.release(grant)  # type: ignore[union-attr]
-        duration = time.perf_counter() - start
         metrics.REQUEST_SIZE.observe(received)
         metrics.RESPONSE_SIZE.observe(sent)
-        if span is not None:
-            tracing.finish_server_span(span, scope, status, rid, template)
-        self.requests.http(rid, scope["method"], scope["path"], template, status, duration, info)
+        served.end(status, template)
 
     async def _send_reply(
         self, send: Send, reply: Reply, rid_header: tuple[bytes, bytes], info: RequestInfo, start: float,

@@ -26,8 +26,7 @@ import orjson
 from app.domain import InferRequest, ModelInfo, json_values
 from app.errors import GatewayError, InvalidInput, PayloadTooLarge
 from app.observability import metrics
-from app.observability.context import RequestInfo, begin_request
-from app.observability.requests import Requests
+from app.observability.requests import WS_ROUTE, Requests
 from app.request_context import Caller, RequestContext, request_id_for
 from app.services.inference import InferenceService
 from app.services.jobs.service import JobService, result_json
@@ -289,7 +288,7 @@ class Multiplexer:
         """Answer a request frame with ``exc`` and record it."""
         rid = request_id_for(_ref(tags))  # not the socket task's current id
         self.outbox.emit(error_frame(exc, **tags, request_id=rid))
-        self._record(rid, exc.status_code, start)
+        self.requests.begin("frame", "GET", WS_ROUTE, rid, start=start).end(exc.status_code)
 
     def refuse(self, text: str, exc: GatewayError) -> None:
         """Answer a frame refused before it is read (over the key's rate) with ``exc``, under its ``ref``."""
@@ -311,9 +310,6 @@ class Multiplexer:
                 with contextlib.suppress(orjson.JSONDecodeError):
                     return {"ref": orjson.loads(found.group(1))}
         return {}
-
-    def _record(self, rid: str, status: int, start: float, info: RequestInfo | None = None) -> None:
-        self.requests.frame(rid, status, time.perf_counter() - start, info or RequestInfo())
 
     def handle(self, text: str) -> None:
         start = time.perf_counter()
@@ -381,11 +377,11 @@ class Multiplexer:
         decoded: DecodedFrame | None = None, data: bytes = b"",
     ) -> None:  # fmt: skip
         """``decoded``/``data``: a large frame, parsed (and its request decoded) off the loop."""
-        seen = begin_request()  # this task's: the services fill in model, version and cache
         # the frame's ``ref`` is the request id when it is a sane one (the rule X-Request-ID follows),
         # else a generated id; the answer echoes ``ref`` as sent either way
         ctx = RequestContext.open("ws", _ref(tags), self.caller)  # this frame's task: logs, Triton
         rid = ctx.request_id
+        served = self.requests.begin("frame", "GET", WS_ROUTE, rid, start=start)  # services fill its info
         status = 500
         try:
             unknown = set(frame) - _INFER_FIELDS
@@ -426,7 +422,7 @@ class Multiplexer:
             logger.exception("websocket infer failed")
             self.outbox.emit(error_frame(GatewayError("internal error"), **tags, request_id=rid))
         finally:
-            self._record(rid, status, start, seen)
+            served.end(status)
 
     async def _subscribe(self, frame: dict[str, Any], tags: dict[str, Any]) -> None:
         job_id = frame.get("job_id")

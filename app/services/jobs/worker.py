@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 import socket
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -30,7 +29,6 @@ import orjson
 from app.domain import json_values
 from app.errors import GatewayError, InvalidInput
 from app.observability import metrics
-from app.observability.context import begin_request
 from app.observability.requests import Requests
 from app.request_context import RequestContext
 from app.services.inference import InferenceService, InferRequest
@@ -228,11 +226,12 @@ class JobWorker:
         if job is None:
             return
         metrics.record_job("running")
-        start, seen = time.perf_counter(), begin_request()  # this attempt's: the services fill it in
-        answered, rid = 500, job.request_id or ""
+        path = f"/v1/models/{job.model}" + (f"/versions/{job.version}" if job.version else "") + "/jobs"
+        served = self.requests.begin("job", "JOB", path, job.request_id or "")  # the services fill it in
+        answered = 500
         try:
             req, ctx = await self._request(job)
-            rid = ctx.request_id
+            served.request_id = ctx.request_id
             response = await self.inference.infer(req, ctx)
             answered = 200
         except GatewayError as exc:
@@ -255,8 +254,7 @@ class JobWorker:
             else:
                 logger.info("job %s was already finished; result discarded", job_id)
         finally:
-            path = f"/v1/models/{job.model}" + (f"/versions/{job.version}" if job.version else "") + "/jobs"
-            self.requests.job(rid, path, answered, time.perf_counter() - start, seen)
+            served.end(answered)
 
     async def _request(self, job: Job) -> tuple[InferRequest, RequestContext]:
         """The request as validated at submit: the stored tensors (bytes, dtype, shape) and ``JobSpec``
