@@ -14,7 +14,7 @@ from app.auth.keys import KeyRecord, KeyStore
 from app.auth.principal import Principal
 from app.auth.stage import AuthStage, path_class
 from app.errors import Conflict, InvalidInput, NotFound, is_kserve_path
-from app.settings import Settings
+from app.settings import AuthSettings
 from app.web import ORJSONResponse, error_ref, errors
 
 router = APIRouter(tags=["auth"])
@@ -31,7 +31,9 @@ class NewKey(BaseModel):
     daily_quota: int | None = Field(None, ge=0, le=10**12, description="requests per UTC day; 0 = none")
 
 
-async def create_key(store: KeyStore, settings: Settings, tiers: set[str], spec: NewKey) -> dict[str, Any]:
+async def create_key(
+    store: KeyStore, settings: AuthSettings, tiers: set[str], spec: NewKey
+) -> dict[str, Any]:
     """Create a key from ``spec`` with the settings' defaults; returns what is shown once (with the key)."""
     tier = spec.tier or settings.auth_default_tier
     if tier not in tiers:
