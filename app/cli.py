@@ -288,7 +288,7 @@ def cmd_up(_: argparse.Namespace) -> int:
     spawner = ThreadPoolExecutor(max_workers=embedded.embedded_tritons + 2, thread_name_prefix="tgw-spawn")
     try:
         if settings.cache.cache_redis_url is None and settings.cache.cache_enabled:
-            # The cache evicts its least-recently-used answers beyond TGW_REDIS_MAXMEMORY ...
+            # The cache evicts its least-recently-used answers beyond TGW_CACHE_REDIS_MAXMEMORY ...
             redis = EmbeddedRedis(
                 embedded.cache_redis_port, embedded.state_dir / "redis",
                 maxmemory=embedded.cache_redis_maxmemory,
@@ -424,23 +424,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 UP_HELP = """The whole stack for development, in the foreground (what `make run` starts):
-  redis-server (response cache)   127.0.0.1:6379   TGW_REDIS_PORT; allkeys-lru within TGW_REDIS_MAXMEMORY
+  redis-server (response cache)   127.0.0.1:6379   TGW_CACHE_REDIS_PORT; allkeys-lru within
+                                                   TGW_CACHE_REDIS_MAXMEMORY
   redis-server (jobs and keys)    127.0.0.1:6380   TGW_JOBS_REDIS_PORT; noeviction, AOF
   tritonserver on TGW_MODEL_REPOSITORY   HTTP :8000, gRPC :8001, metrics :8002 (TGW_TRITON_*_PORT)
   the gateway                     TGW_HOST:TGW_PORT (127.0.0.1:8080), gRPC :8081 (TGW_GRPC_PORT)
-Setting TGW_REDIS_URL or TGW_TRITON_URL uses that server instead of starting one. State and logs live
+Setting TGW_CACHE_REDIS_URL or TGW_TRITON_URL uses that server instead of starting one. State and logs live
 in TGW_STATE_DIR (.tgw/: redis/redis.log, redis-jobs/redis.log, triton/triton.log, stack.json with the
 addresses for `tgw keys`). A child that dies is restarted (TGW_SUPERVISE_MAX_RESTARTS). Ctrl-C or
 SIGTERM stops them all. Auth is off unless TGW_AUTH=required (then TGW_KEY_PEPPER is needed).
 Every setting: README.md, "Settings"."""
 SERVE_HELP = """The gateway alone, against external Triton(s) and Redis: TGW_TRITON_URL (or TGW_TRITON_URLS,
-several), TGW_TRITON_HTTP_URL (inference over HTTP), TGW_REDIS_URL (cache), TGW_JOBS_REDIS_URL (jobs
+several), TGW_TRITON_HTTP_URL (inference over HTTP), TGW_CACHE_REDIS_URL (cache), TGW_JOBS_REDIS_URL (jobs
 and keys; never evicting). Serves HTTP on TGW_HOST:TGW_PORT and gRPC on TGW_GRPC_PORT with TGW_WORKERS
 processes; waits up to TGW_STARTUP_WAIT_S for its dependencies. Images, Compose and k8s run this with
 TGW_AUTH=required (TGW_KEY_PEPPER, TGW_ADMIN_TOKEN). Every setting: README.md, "Settings"."""
 WORKER_HELP = """A job worker without a web server: reads the job streams in TGW_JOBS_REDIS_URL (else
-TGW_REDIS_URL), runs each job against TGW_TRITON_URL(S) with TGW_WORKER_CONCURRENCY in flight,
-delivers webhooks; metrics on TGW_WORKER_METRICS_PORT when set. SIGTERM: stop reading, let running
+TGW_CACHE_REDIS_URL), runs each job against TGW_TRITON_URL(S) with TGW_JOB_WORKER_CONCURRENCY in
+flight, delivers webhooks; metrics on TGW_JOB_WORKER_METRICS_PORT when set. SIGTERM: stop reading, let running
 jobs finish (TGW_DRAIN_S)."""
 
 

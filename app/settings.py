@@ -682,7 +682,8 @@ class Settings(BaseModel):
 
     def __init__(self, **values: Any) -> None:
         options = {k: values.pop(k) for k in list(values) if k.startswith("_")}
-        given = {g: values.pop(g) for g in list(values) if g in GROUPS}
+        # A group given whole (a model or a dict); `auth="required"` is the field TGW_AUTH, not the group.
+        given = {g: values.pop(g) for g in GROUPS if isinstance(values.get(g), dict | _Group)}
         routed = _route(values)
         groups: dict[str, Any] = {}
         errors: list[Any] = []
