@@ -223,7 +223,6 @@ class TritonSettings(_Group):
     triton_grpc_keepalive_s: float = Field(
         360.0, ge=10, description="gRPC keepalive ping interval (Triton strikes pings < 300 s apart)"
     )
-    triton_grpc_keepalive_timeout_s: float = Field(20.0, gt=0, description="wait for a keepalive ping's ack")
     triton_grpc_keepalive_without_calls: bool = Field(
         False, description="ping idle channels too (Triton rejects this unless started to permit it)"
     )
