@@ -363,7 +363,7 @@ class JobsSettings(_Group):
 
     jobs_redis_url: str | None = Field(
         None, description="redis:// URL of the jobs Redis, an instance that never evicts (maxmemory-policy "
-        "noeviction) apart from the cache's (allkeys-lru); unset = TGW_REDIS_URL",
+        "noeviction) apart from the cache's (allkeys-lru); unset = TGW_CACHE_REDIS_URL",
     )  # fmt: skip
     jobs_redis_timeout_s: float = Field(
         5.0, gt=0, validation_alias=_renamed("jobs_redis_timeout_s", "job_redis_timeout_s"),
@@ -465,7 +465,7 @@ class AuthSettings(_Group):
     )  # fmt: skip
     auth_redis_url: str | None = Field(
         None, description="redis:// URL of the key store and limits; it must never evict keys (not an "
-        "allkeys-lru cache): unset = the jobs Redis (TGW_JOBS_REDIS_URL) if set, else TGW_REDIS_URL",
+        "allkeys-lru cache): unset = the jobs Redis (TGW_JOBS_REDIS_URL) if set, else TGW_CACHE_REDIS_URL",
     )  # fmt: skip
     auth_redis_timeout_s: float = Field(0.25, gt=0, description="bound on every key/limit Redis call")
     auth_tiers: Annotated[list[str], NoDecode] = Field(
@@ -668,8 +668,6 @@ class Settings(BaseModel):
     and the other ``_``-keywords of pydantic-settings go to every group. Errors of all groups are raised
     together, each located at its field (or the variable it was read from), as one flat Settings did.
     """
-
-    model_config = {"frozen": False}
 
     server: ServerSettings
     triton: TritonSettings
