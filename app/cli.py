@@ -32,23 +32,26 @@ from app.lifecycle import (
 from app.observability.logging import configure_logging, log_config
 from app.server import raise_nofile_limit, server_config
 from app.server import run as run_on_server_loop
-from app.settings import Settings, redact_url
+from app.settings import Settings, redact_url, setting_fields
 
 logger = logging.getLogger("app.cli")
 
 
 def _setup_logging(settings: Settings) -> None:
-    configure_logging(settings.log_level, settings.log_format, settings.log_repeat_interval_s)
+    obs = settings.observability
+    configure_logging(obs.log_level, obs.log_format, obs.log_repeat_interval_s)
 
 
 def config_rows(settings: Settings) -> list[tuple[str, str, str]]:
     """(variable, effective value, where it came from) for every setting; secrets redacted."""
     from_file = dotenv_values()
     rows = []
-    for name in Settings.model_fields:
-        var = f"TGW_{name.upper()}"
-        source = "environment" if var in os.environ else ".env" if var in from_file else "default"
-        value = getattr(settings, name)
+    for setting in setting_fields():
+        var, name = setting.env, setting.name
+        names = (var, setting.old_env) if setting.old_env else (var,)
+        source = ("environment" if any(n in os.environ for n in names)
+                  else ".env" if any(n in from_file for n in names) else "default")  # fmt: skip
+        value = getattr(getattr(settings, setting.group), name)
         if any(word in name for word in SECRET_WORDS):
             shown = "<unset>" if value in (None, "") else "<redacted>"
         else:
@@ -86,14 +89,15 @@ def _check_before_start(settings: Settings, command: str, serving: bool = True) 
 def _uvicorn_config(settings: Settings, **extra: object) -> uvicorn.Config:
     """uvicorn with the server guards of ``app.server`` (timeouts, connection cap, uvloop)."""
     raise_nofile_limit()
+    obs = settings.observability
     return server_config(
         "app.main:create_app",
-        settings,
+        settings.server,
         factory=True,
-        log_level=settings.log_level.lower(),
-        log_config=log_config(settings.log_level, settings.log_format, settings.log_repeat_interval_s),
+        log_level=obs.log_level.lower(),
+        log_config=log_config(obs.log_level, obs.log_format, obs.log_repeat_interval_s),
         access_log=False,  # app.access logs one structured line per request instead
-        timeout_graceful_shutdown=int(settings.drain_s) or None,
+        timeout_graceful_shutdown=int(settings.server.drain_s) or None,
         **extra,
     )
 
@@ -174,7 +178,7 @@ async def _supervise(
                 while child.crashes and now - child.crashes[0] > 60.0:
                     child.crashes.popleft()
                 code = child.process.returncode()
-                if len(child.crashes) > settings.supervise_max_restarts:
+                if len(child.crashes) > settings.embedded.supervise_max_restarts:
                     times = len(child.crashes)
                     give_up(child, f"exited unexpectedly with code {code} ({times} times in 60 s)")
                     return
@@ -201,7 +205,7 @@ async def _serve_with_children(
     settings: Settings, children: list[Supervised], spawner: ThreadPoolExecutor | None = None
 ) -> int:
     """Serve the gateway in this process, supervising the children (``_supervise``)."""
-    server = GracefulServer(_uvicorn_config(settings), settings.shutdown_delay_s)
+    server = GracefulServer(_uvicorn_config(settings), settings.server.shutdown_delay_s)
     failed: list[str] = []
 
     def give_up(child: Supervised, why: str) -> None:
@@ -262,8 +266,8 @@ def _serve_workers_with_children(
 def up_workers(settings: Settings) -> int:
     """TGW_WORKERS when set; else half the cores this process may use, 1 to 8 (one on a 2-core machine:
     Triton needs the other)."""
-    if "workers" in settings.model_fields_set:
-        return settings.workers
+    if "workers" in settings.server.model_fields_set:
+        return settings.server.workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, cores // 2))
 
@@ -271,7 +275,7 @@ def up_workers(settings: Settings) -> int:
 def cmd_up(_: argparse.Namespace) -> int:
     settings = load_settings()
     if "TGW_SHUTDOWN_DELAY_S" not in os.environ:  # dev stack, no load balancer: Ctrl-C acts at once
-        settings = settings.model_copy(update={"shutdown_delay_s": 0.0})
+        settings = settings.updated(shutdown_delay_s=0.0)
     _setup_logging(settings)
     _check_before_start(settings, "up")
     children: list[Supervised] = []
@@ -280,36 +284,38 @@ def cmd_up(_: argparse.Namespace) -> int:
     tritons: list[EmbeddedTriton] = []
     # Children are started (and restarted) from these threads, which live as long as the stack: a child
     # gets PR_SET_PDEATHSIG, and Linux sends it when the *thread* that forked it ends.
-    spawner = ThreadPoolExecutor(max_workers=settings.embedded_tritons + 2, thread_name_prefix="tgw-spawn")
+    embedded = settings.embedded
+    spawner = ThreadPoolExecutor(max_workers=embedded.embedded_tritons + 2, thread_name_prefix="tgw-spawn")
     try:
-        if settings.redis_url is None and settings.cache_enabled:
-            # The cache evicts its least-recently-used answers beyond TGW_REDIS_MAXMEMORY ...
+        if settings.cache.cache_redis_url is None and settings.cache.cache_enabled:
+            # The cache evicts its least-recently-used answers beyond TGW_CACHE_REDIS_MAXMEMORY ...
             redis = EmbeddedRedis(
-                settings.redis_port, settings.state_dir / "redis", maxmemory=settings.redis_maxmemory,
+                embedded.cache_redis_port, embedded.state_dir / "redis",
+                maxmemory=embedded.cache_redis_maxmemory,
                 policy="allkeys-lru",
             )  # fmt: skip
             redis.start()
             children.append(Supervised("redis-server", redis.process, redis.restart))
-        if settings.jobs_redis_url is None and settings.redis_url is None:
+        if settings.jobs.jobs_redis_url is None and settings.cache.cache_redis_url is None:
             # ... and jobs live in their own instance, which never evicts.
             jobs_redis = EmbeddedRedis(
-                settings.jobs_redis_port, settings.state_dir / "redis-jobs", policy="noeviction",
+                embedded.jobs_redis_port, embedded.state_dir / "redis-jobs", policy="noeviction",
                 name="redis-server (jobs)",
             )  # fmt: skip
             jobs_redis.start()
             children.append(Supervised("redis-server (jobs)", jobs_redis.process, jobs_redis.restart))
-        if settings.triton_url is None and settings.triton_urls is None:
-            count = settings.embedded_tritons
+        if settings.triton.triton_url is None and settings.triton.triton_urls is None:
+            count = embedded.embedded_tritons
             for i in range(count):
-                http_port, grpc_port, metrics_port = settings.embedded_triton_ports(i)
+                http_port, grpc_port, metrics_port = embedded.embedded_triton_ports(i)
                 tritons.append(EmbeddedTriton(
-                    settings.model_repository, http_port, grpc_port, metrics_port,
-                    settings.state_dir / ("triton" if count == 1 else f"triton-{i}"),
-                    model_config_name=settings.triton_model_config_name,
+                    embedded.model_repository, http_port, grpc_port, metrics_port,
+                    embedded.state_dir / ("triton" if count == 1 else f"triton-{i}"),
+                    model_config_name=embedded.triton_model_config_name,
                 ))  # fmt: skip
             logger.info("starting %d Triton(s) on %s (this takes a few seconds)",
-                        count, settings.model_repository)  # fmt: skip
-            for future in [spawner.submit(t.start, settings.triton_startup_timeout_s) for t in tritons]:
+                        count, embedded.model_repository)  # fmt: skip
+            for future in [spawner.submit(t.start, embedded.triton_startup_timeout_s) for t in tritons]:
                 future.result()
             for i, triton in enumerate(tritons):
                 name = "tritonserver" if count == 1 else f"tritonserver-{i}"
@@ -331,14 +337,14 @@ def cmd_up(_: argparse.Namespace) -> int:
         addresses = ("TGW_REDIS_URL", "TGW_JOBS_REDIS_URL", "TGW_AUTH_REDIS_URL", "TGW_TRITON_URL",
                      "TGW_TRITON_URLS", "TGW_TRITON_HTTP_URL", "TGW_REDIS_CLUSTER")  # fmt: skip
         env = {k: os.environ[k] for k in addresses if os.environ.get(k)}
-        env["TGW_PORT"], env["TGW_GRPC_PORT"] = str(settings.port), str(settings.grpc_port)
-        state_file = StackState(os.getpid(), env).write(settings.state_dir)
+        env["TGW_PORT"], env["TGW_GRPC_PORT"] = str(settings.server.port), str(settings.server.grpc_port)
+        state_file = StackState(os.getpid(), env).write(settings.embedded.state_dir)
         logger.info("stack addresses in %s (tgw keys and other commands read them)", state_file)
         workers = up_workers(settings)
-        logger.info("gateway on http://%s:%d (%d worker process%s; TGW_WORKERS)",
-                    settings.host, settings.port, workers, "" if workers == 1 else "es")  # fmt: skip
-        if settings.grpc_enabled:
-            logger.info("gateway gRPC (KServe v2) on %s:%d", settings.host, settings.grpc_port)
+        logger.info("gateway on http://%s:%d (%d worker process%s; TGW_WORKERS)", settings.server.host,
+                    settings.server.port, workers, "" if workers == 1 else "es")  # fmt: skip
+        if settings.server.grpc_enabled:
+            logger.info("gateway gRPC (KServe v2) on %s:%d", settings.server.host, settings.server.grpc_port)
         if workers > 1:
             code = _serve_workers_with_children(settings, workers, children, spawner)
         else:  # uvloop, as `tgw serve`
@@ -349,7 +355,7 @@ def cmd_up(_: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         code = 0
     finally:
-        StackState.remove(settings.state_dir, os.getpid())
+        StackState.remove(settings.embedded.state_dir, os.getpid())
         # The gateway has drained; its servers stop together (each waits for its own exit).
         stops = [triton.stop for triton in tritons]  # also its Python-backend stubs and shm regions
         stops += [server.stop for server in (redis, jobs_redis) if server is not None]
@@ -366,11 +372,11 @@ def cmd_serve(_: argparse.Namespace) -> int:
     _check_before_start(settings, "serve")
     if not _wait_for_dependencies(settings):
         return 1
-    config = _uvicorn_config(settings, workers=settings.workers)
-    if settings.workers > 1:
+    config = _uvicorn_config(settings, workers=settings.server.workers)
+    if settings.server.workers > 1:
         with _multiprocess_metrics_dir():
             return run_workers(config)
-    server = GracefulServer(config, settings.shutdown_delay_s)
+    server = GracefulServer(config, settings.server.shutdown_delay_s)
     server.run()
     return 0 if server.started else 1
 
@@ -384,14 +390,14 @@ async def _run_worker(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with build_gateway(settings.model_copy(update={"worker_in_process": True, "drain_s": 0})) as gw:
+    async with build_gateway(settings.updated(job_worker_in_process=True, drain_s=0)) as gw:
         worker = gw.jobs.worker
         assert worker is not None
         logger.info("job worker %s running", worker.name)
         await stop.wait()
-        logger.info("draining job worker (up to %.0f s)", settings.drain_s)
+        logger.info("draining job worker (up to %.0f s)", settings.server.drain_s)
         gw.jobs.begin_drain()  # no new job, no new webhook claim
-        await worker.drain(settings.drain_s)
+        await worker.drain(settings.server.drain_s)
     return 0
 
 
@@ -401,11 +407,12 @@ def cmd_worker(_: argparse.Namespace) -> int:
     _check_before_start(settings, "worker", serving=False)
     if not _wait_for_dependencies(settings):
         return 1
-    if settings.worker_metrics_port:
+    if settings.jobs.job_worker_metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.worker_metrics_port, addr=settings.host)
-        logger.info("worker metrics on http://%s:%d/metrics", settings.host, settings.worker_metrics_port)
+        start_http_server(settings.jobs.job_worker_metrics_port, addr=settings.server.host)
+        logger.info("worker metrics on http://%s:%d/metrics", settings.server.host,
+                    settings.jobs.job_worker_metrics_port)  # fmt: skip
     code: int = run_on_server_loop(_run_worker(settings))
     return code
 
@@ -417,23 +424,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 UP_HELP = """The whole stack for development, in the foreground (what `make run` starts):
-  redis-server (response cache)   127.0.0.1:6379   TGW_REDIS_PORT; allkeys-lru within TGW_REDIS_MAXMEMORY
+  redis-server (response cache)   127.0.0.1:6379   TGW_CACHE_REDIS_PORT; allkeys-lru within
+                                                   TGW_CACHE_REDIS_MAXMEMORY
   redis-server (jobs and keys)    127.0.0.1:6380   TGW_JOBS_REDIS_PORT; noeviction, AOF
   tritonserver on TGW_MODEL_REPOSITORY   HTTP :8000, gRPC :8001, metrics :8002 (TGW_TRITON_*_PORT)
   the gateway                     TGW_HOST:TGW_PORT (127.0.0.1:8080), gRPC :8081 (TGW_GRPC_PORT)
-Setting TGW_REDIS_URL or TGW_TRITON_URL uses that server instead of starting one. State and logs live
+Setting TGW_CACHE_REDIS_URL or TGW_TRITON_URL uses that server instead of starting one. State and logs live
 in TGW_STATE_DIR (.tgw/: redis/redis.log, redis-jobs/redis.log, triton/triton.log, stack.json with the
 addresses for `tgw keys`). A child that dies is restarted (TGW_SUPERVISE_MAX_RESTARTS). Ctrl-C or
 SIGTERM stops them all. Auth is off unless TGW_AUTH=required (then TGW_KEY_PEPPER is needed).
 Every setting: README.md, "Settings"."""
 SERVE_HELP = """The gateway alone, against external Triton(s) and Redis: TGW_TRITON_URL (or TGW_TRITON_URLS,
-several), TGW_TRITON_HTTP_URL (inference over HTTP), TGW_REDIS_URL (cache), TGW_JOBS_REDIS_URL (jobs
+several), TGW_TRITON_HTTP_URL (inference over HTTP), TGW_CACHE_REDIS_URL (cache), TGW_JOBS_REDIS_URL (jobs
 and keys; never evicting). Serves HTTP on TGW_HOST:TGW_PORT and gRPC on TGW_GRPC_PORT with TGW_WORKERS
 processes; waits up to TGW_STARTUP_WAIT_S for its dependencies. Images, Compose and k8s run this with
 TGW_AUTH=required (TGW_KEY_PEPPER, TGW_ADMIN_TOKEN). Every setting: README.md, "Settings"."""
 WORKER_HELP = """A job worker without a web server: reads the job streams in TGW_JOBS_REDIS_URL (else
-TGW_REDIS_URL), runs each job against TGW_TRITON_URL(S) with TGW_WORKER_CONCURRENCY in flight,
-delivers webhooks; metrics on TGW_WORKER_METRICS_PORT when set. SIGTERM: stop reading, let running
+TGW_CACHE_REDIS_URL), runs each job against TGW_TRITON_URL(S) with TGW_JOB_WORKER_CONCURRENCY in
+flight, delivers webhooks; metrics on TGW_JOB_WORKER_METRICS_PORT when set. SIGTERM: stop reading, let running
 jobs finish (TGW_DRAIN_S)."""
 
 

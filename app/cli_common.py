@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.launcher import StackState
-from app.settings import Settings, redact_url
+from app.settings import Settings, env_names, env_of, redact_url
 
 SECRET_WORDS = ("secret", "password", "token", "pepper")
 
@@ -34,10 +34,9 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
-            if loc:
-                var = f"TGW_{loc[0].upper()}"
-                shown = shown_value(loc[0], err.get("input"))
+            var = env_of(err["loc"])
+            if var:
+                shown = shown_value(var.lower(), err.get("input"))
                 lines.append(f"  {var}={shown}: {err['msg']}")
             else:
                 lines.append(f"  {err['msg']}")
@@ -47,7 +46,8 @@ def load_settings() -> Settings:
 
 
 # Where a command that talks to the stack finds its stores: these variables, else a running `tgw up`'s.
-_STACK_ADDRESSES = ("TGW_REDIS_URL", "TGW_JOBS_REDIS_URL", "TGW_AUTH_REDIS_URL", "TGW_REDIS_CLUSTER")
+_STACK_ADDRESSES = ("TGW_REDIS_URL", "TGW_CACHE_REDIS_URL", "TGW_JOBS_REDIS_URL", "TGW_AUTH_REDIS_URL",
+                    "TGW_REDIS_CLUSTER")  # fmt: skip
 
 
 def stack_settings(command: str) -> Settings:
@@ -58,9 +58,9 @@ def stack_settings(command: str) -> Settings:
     settings = load_settings()
     if any(os.environ.get(name) for name in _STACK_ADDRESSES):
         return settings
-    state = StackState.read(settings.state_dir)
+    state = StackState.read(settings.embedded.state_dir)
     if state is None:
-        state_file = settings.state_dir / "stack.json"
+        state_file = settings.embedded.state_dir / "stack.json"
         would_use = redact_url(settings.auth_redis_address)
         sys.stderr.write(
             f"{command}: no Redis given and no running `tgw up` found ({state_file}).\n"
@@ -93,7 +93,7 @@ def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
     with the closest real name."""
     import difflib
 
-    known = {f"TGW_{name.upper()}" for name in Settings.model_fields}
+    known = env_names()
     warnings = []
     names = environ if environ is not None else {**dotenv_values(), **os.environ}
     for name in sorted(names):
@@ -125,24 +125,24 @@ def preflight(settings: Settings, serving: bool = True) -> list[str]:
     import importlib.util
 
     problems = []
-    if serving and settings.auth == "required" and not settings.key_pepper:
+    if serving and settings.auth.auth == "required" and not settings.auth.key_pepper:
         problems.append(
             "TGW_KEY_PEPPER is required with TGW_AUTH=required: a server secret of 32+ characters, e.g. "
             "`python -c 'import secrets; print(secrets.token_urlsafe(32))'` (or TGW_AUTH=off on loopback)"
         )
-    if settings.otel_endpoint and importlib.util.find_spec("opentelemetry.sdk") is None:
+    if settings.observability.otel_endpoint and importlib.util.find_spec("opentelemetry.sdk") is None:
         problems.append(
-            f"TGW_OTEL_ENDPOINT={settings.otel_endpoint}: tracing needs the `otel` extra "
+            f"TGW_OTEL_ENDPOINT={settings.observability.otel_endpoint}: tracing needs the `otel` extra "
             "(opentelemetry-sdk and its OTLP exporter), which is not installed; install it or unset it"
         )
     if serving:
-        ports = [("TGW_PORT", settings.port)]
-        if settings.grpc_enabled and settings.grpc_port:
-            ports.append(("TGW_GRPC_PORT", settings.grpc_port))
+        ports = [("TGW_PORT", settings.server.port)]
+        if settings.server.grpc_enabled and settings.server.grpc_port:
+            ports.append(("TGW_GRPC_PORT", settings.server.grpc_port))
         for var, port in ports:
-            if _port_taken(settings.host, port):
+            if _port_taken(settings.server.host, port):
                 problems.append(
-                    f"{var}={port}: the port is already in use on {settings.host} (another gateway or"
+                    f"{var}={port}: the port is already in use on {settings.server.host} (another gateway or"
                     f" `make run` stack?); stop it or set {var} to a free port"
                 )
     return problems

@@ -62,12 +62,12 @@ def _source(settings: Settings, chain: list[tuple[str, str | None]], default: st
 def diagnose(settings: Settings, state: StackState | None) -> list[Check]:
     checks: list[Check] = []
     if state is not None:
-        checks.append(("ok", "tgw up", f"running (pid {state.pid}), state in {settings.state_dir}"))
+        checks.append(("ok", "tgw up", f"running (pid {state.pid}), state in {settings.embedded.state_dir}"))
     else:
-        none = f"none running on {settings.state_dir} (fine for `tgw serve` set-ups)"
+        none = f"none running on {settings.embedded.state_dir} (fine for `tgw serve` set-ups)"
         checks.append(("warn", "tgw up", none))
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    base = f"http://{host}:{settings.port}"
+    host = "127.0.0.1" if settings.server.host in ("0.0.0.0", "::", "") else settings.server.host
+    base = f"http://{host}:{settings.server.port}"
     code, _ = _get(f"{base}/healthz")
     checks.append(
         ("ok" if code == 200 else "FAIL", "gateway", f"{base}/healthz answered {code or 'nothing'}")
@@ -76,17 +76,16 @@ def diagnose(settings: Settings, state: StackState | None) -> list[Check]:
         code, body = _get(f"{base}/readyz")
         detail = json.dumps(body)[:300] if body is not None else ""
         checks.append(("ok" if code == 200 else "FAIL", "gateway ready", f"/readyz {code}: {detail}"))
-    if settings.cache_enabled:
-        var, url = _source(settings, [("TGW_REDIS_URL", settings.redis_url)], settings.redis_address)
+    if settings.cache.cache_enabled:
+        chain = [("TGW_REDIS_URL", settings.cache.cache_redis_url)]
+        var, url = _source(settings, chain, settings.cache_redis_address)
         checks.append(_redis_check("cache Redis", var, url, keys_store=False))
-    var, url = _source(
-        settings,
-        [("TGW_AUTH_REDIS_URL", settings.auth_redis_url), ("TGW_JOBS_REDIS_URL", settings.jobs_redis_url),
-         ("TGW_REDIS_URL", settings.redis_url)],
-        settings.auth_redis_address,
-    )  # fmt: skip
+    chain = [("TGW_AUTH_REDIS_URL", settings.auth.auth_redis_url),
+             ("TGW_JOBS_REDIS_URL", settings.jobs.jobs_redis_url),
+             ("TGW_REDIS_URL", settings.cache.cache_redis_url)]  # fmt: skip
+    var, url = _source(settings, chain, settings.auth_redis_address)
     checks.append(_redis_check("keys and jobs Redis", var, url, keys_store=True))
-    triton_http = settings.triton_http_url or (state.env.get("TGW_TRITON_HTTP_URL") if state else None)
+    triton_http = settings.triton.triton_http_url or (state.env.get("TGW_TRITON_HTTP_URL") if state else None)
     if triton_http:
         code, _ = _get(f"{triton_http}/v2/health/ready")
         checks.append(("ok" if code == 200 else "FAIL", "Triton", f"{triton_http} ready: {code == 200}"))
@@ -103,21 +102,22 @@ def diagnose(settings: Settings, state: StackState | None) -> list[Check]:
             checks.append(("warn", "models", f"repository index unavailable: {exc}"))
     else:
         checks.append(
-            ("warn", "Triton", f"{settings.triton_url or 'unset'}: gRPC only, readiness via /readyz")
+            ("warn", "Triton", f"{settings.triton.triton_url or 'unset'}: gRPC only, readiness via /readyz")
         )
     for warning in unknown_variables():
         checks.append(("warn", "settings", warning))
     for problem in preflight(settings, serving=False):
         checks.append(("FAIL", "settings", problem))
-    if settings.auth == "off":
+    if settings.auth.auth == "off":
         checks.append(("warn", "auth", "TGW_AUTH=off: anyone who reaches the gateway may use every model"))
     return checks
 
 
 def run(load_settings: Callable[[], Settings]) -> int:
     settings = load_settings()
-    state = StackState.read(settings.state_dir)
-    if state is not None and not any(os.environ.get(v) for v in ("TGW_REDIS_URL", "TGW_JOBS_REDIS_URL")):
+    state = StackState.read(settings.embedded.state_dir)
+    stores = ("TGW_REDIS_URL", "TGW_CACHE_REDIS_URL", "TGW_JOBS_REDIS_URL")
+    if state is not None and not any(os.environ.get(v) for v in stores):
         os.environ.update(
             {k: v for k, v in state.env.items() if k.startswith("TGW_") and k not in os.environ}
         )

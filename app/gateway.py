@@ -69,7 +69,10 @@ async def build_gateway(
     # One Triton or many (TGW_TRITON_URLS): admin and inference go through the routed client, whose probes
     # make a frozen Triton a quick 503; inference over HTTP where an endpoint names its HTTP address
     # (TGW_TRITON_HTTP_URL for one Triton), else over the admin's gRPC channels.
-    routed = RoutedTriton(triton_targets(settings), routing_options(settings))
+    routed = RoutedTriton(
+        triton_targets(settings.triton, settings.triton_grpc_address),
+        routing_options(settings.triton, settings.server.retry_after_s),
+    )
     await routed.start()
     admin: TritonAdmin = routed
     transport: InferenceTransport = routed
@@ -77,49 +80,56 @@ async def build_gateway(
     # as above.
     shm: SharedMemoryTransport | None = None
     base: InferenceTransport = transport
-    if settings.triton_shm != "off":
+    if settings.triton.triton_shm != "off":
         shm = SharedMemoryTransport(
-            transport, settings.triton_grpc_address, settings.shm_min_bytes, settings.shm_regions,
-            settings.shm_region_bytes, retry_after_s=settings.retry_after_s, kind=settings.triton_shm,
-            cuda_device=settings.shm_cuda_device,
+            transport, settings.triton_grpc_address, settings.triton.shm_min_bytes,
+            settings.triton.shm_regions, settings.triton.shm_region_bytes,
+            retry_after_s=settings.server.retry_after_s, kind=settings.triton.triton_shm,
+            cuda_device=settings.triton.shm_cuda_device,
         )  # fmt: skip
         base = shm
     infer_transport: InferenceTransport = (
-        BatchingTransport(base, settings.batch_window_us, settings.batch_max_inflight)
-        if settings.batch_enabled
+        BatchingTransport(base, settings.triton.batch_window_us, settings.triton.batch_max_in_flight)
+        if settings.triton.batch_enabled
         else base
     )
     redis = (
-        make_redis(settings.redis_address, settings.redis_timeout_s, settings.redis_cluster)
-        if settings.cache_enabled
+        make_redis(
+            settings.cache_redis_address, settings.cache.cache_redis_timeout_s, settings.cache.redis_cluster
+        )
+        if settings.cache.cache_enabled
         else None
     )
     if redis is not None:
         await warm_up(redis)
-    store = RedisCacheStore(redis, settings.redis_timeout_s) if redis is not None else None
+    store = RedisCacheStore(redis, settings.cache.cache_redis_timeout_s) if redis is not None else None
     cache = ResponseCache(
-        store, settings.cache_ttl_s, settings.cache_max_value_bytes,
-        l1_entries=settings.l1_cache_entries, l1_bytes=settings.l1_cache_bytes,
-        l1_ttl_s=settings.l1_cache_ttl_s,
+        store, settings.cache.cache_ttl_s, settings.cache.cache_max_value_bytes,
+        l1_entries=settings.cache.l1_cache_entries, l1_bytes=settings.cache.l1_cache_bytes,
+        l1_ttl_s=settings.cache.l1_cache_ttl_s,
     )  # fmt: skip
-    registry = ModelRegistry(admin, settings.metadata_ttl_s, settings.cache_exclude_models)
-    served = ServedStatistics(admin, redis, settings.cache_namespace)
+    registry = ModelRegistry(admin, settings.triton.metadata_ttl_s, settings.cache.cache_exclude_models)
+    served = ServedStatistics(admin, redis, settings.cache.cache_namespace)
     inference = InferenceService(
-        infer_transport, registry, cache, settings.cache_namespace, settings.triton_timeout_s,
-        ReadPolicy(settings.cache_read_min_hit_ratio), served,
+        infer_transport, registry, cache, settings.cache.cache_namespace, settings.triton.triton_timeout_s,
+        ReadPolicy(settings.cache.cache_read_min_hit_ratio), served,
     )  # fmt: skip
     health = HealthService(admin, transport, cache)
-    offload = Offload(settings.decode_processes, preload=DECODE_MODULES)
+    offload = Offload(settings.server.decode_processes, preload=DECODE_MODULES)
     if requests is None:  # the server's app passes the one its pipeline records with
-        requests = Requests(http_metrics() if settings.metrics_enabled else ())
-    jobs = JobsRuntime(settings, inference, offload, requests)
+        requests = Requests(http_metrics() if settings.observability.metrics_enabled else ())
+    jobs = JobsRuntime(
+        settings.jobs, inference, offload, requests, redis_url=settings.jobs_redis_address,
+        redis_cluster=settings.cache.redis_cluster, retry_after_s=settings.server.retry_after_s,
+        triton_timeout_s=settings.triton.triton_timeout_s,
+    )  # fmt: skip
     gw = Gateway(
         settings, admin, transport, redis, cache, registry, inference, health, jobs, lifecycle, offload,
         requests,
     )  # fmt: skip
     lifecycle.watch(health)
     lifecycle.drain_hooks.append(jobs.begin_drain)
-    monitor = LoopMonitor(settings.loop_beat_ms / 1000)
+    monitor = LoopMonitor(settings.server.loop_beat_ms / 1000)
     try:
         monitor.start()
         offload.start()  # its children start in the background: the first large body pays no spawn
@@ -128,16 +138,17 @@ async def build_gateway(
         await jobs.start()
         served.start()
         logger.info("gateway up: Triton %s (inference over %s), Redis %s",
-                    settings.triton_urls or settings.triton_grpc_address,
-                    "routed" if settings.triton_urls else
-                    f"HTTP {settings.triton_http_url}" if settings.triton_http_url else "gRPC",
-                    settings.redis_address if redis is not None else "disabled")  # fmt: skip
+                    settings.triton.triton_urls or settings.triton_grpc_address,
+                    "routed" if settings.triton.triton_urls else
+                    f"HTTP {settings.triton.triton_http_url}" if settings.triton.triton_http_url else "gRPC",
+                    settings.cache_redis_address if redis is not None else "disabled")  # fmt: skip
         # What start-up built lives as long as the process: out of the garbage collector's full passes, which
         # otherwise walk all of it (~110k objects: a 20-65 ms pause of the event loop, now and then).
         gc.freeze()
         yield gw
     finally:
-        await jobs.stop(drain_s=min(settings.drain_s, 5.0) if settings.worker_in_process else 0)
+        in_process = settings.jobs.job_worker_in_process
+        await jobs.stop(drain_s=min(settings.server.drain_s, 5.0) if in_process else 0)
         await inference.drain_writes(timeout_s=1.0)
         await offload.close()
         monitor.stop()

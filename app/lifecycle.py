@@ -136,7 +136,7 @@ class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, shutdown_delay_s: float | None = None) -> None:
         super().__init__(config)
         if shutdown_delay_s is None:
-            shutdown_delay_s = Settings().shutdown_delay_s
+            shutdown_delay_s = Settings().server.shutdown_delay_s
         self.shutdown_delay_s = shutdown_delay_s
         self._exit_at: float | None = None
         self._signal: int | None = None
@@ -287,23 +287,23 @@ async def _redis_ping(url: str, timeout_s: float) -> bool:
 async def wait_for_dependencies(settings: Settings) -> None:
     """Poll Triton (gRPC live) and Redis (PING, when the cache is on) until they answer, for up to
     ``TGW_STARTUP_WAIT_S``; raises ``DependencyUnavailable`` with what was unreachable."""
-    if settings.startup_wait_s <= 0:
+    if settings.server.startup_wait_s <= 0:
         return
-    interval = settings.startup_retry_interval_s
-    attempts = max(1, math.ceil(settings.startup_wait_s / interval))
+    interval = settings.server.startup_retry_interval_s
+    attempts = max(1, math.ceil(settings.server.startup_wait_s / interval))
     probe_timeout = min(2.0, interval)
     deps: list[tuple[str, str, str, Callable[[], Awaitable[bool]]]] = [(
         "Triton", settings.triton_grpc_address, "TGW_TRITON_URL",
         lambda: _triton_live(settings.triton_grpc_address, probe_timeout),
     )]  # fmt: skip
-    if settings.cache_enabled:
+    if settings.cache.cache_enabled:
         deps.append((
-            "Redis", redact_url(settings.redis_address), "TGW_REDIS_URL",
-            lambda: _redis_ping(settings.redis_address, probe_timeout),
+            "Redis", redact_url(settings.cache_redis_address), "TGW_REDIS_URL",
+            lambda: _redis_ping(settings.cache_redis_address, probe_timeout),
         ))  # fmt: skip
-    if settings.jobs_redis_url and settings.jobs_redis_url != settings.redis_url:
+    if settings.jobs.jobs_redis_url and settings.jobs.jobs_redis_url != settings.cache.cache_redis_url:
         deps.append((
-            "the jobs Redis", redact_url(settings.jobs_redis_url), "TGW_JOBS_REDIS_URL",
+            "the jobs Redis", redact_url(settings.jobs.jobs_redis_url), "TGW_JOBS_REDIS_URL",
             lambda: _redis_ping(settings.jobs_redis_address, probe_timeout),
         ))  # fmt: skip
     for name, where, env, check in deps:
@@ -318,5 +318,5 @@ async def wait_for_dependencies(settings: Settings) -> None:
         else:
             raise DependencyUnavailable(
                 f"{name} at {where} did not answer after {attempts} attempts over "
-                f"{settings.startup_wait_s:g} s (TGW_STARTUP_WAIT_S); check {env}"
+                f"{settings.server.startup_wait_s:g} s (TGW_STARTUP_WAIT_S); check {env}"
             )

@@ -44,7 +44,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         register_jobs_snapshot(app, gw.jobs.metrics_snapshot)
         priority_check = check_model_priorities(app.state.auth, gw.admin)  # logs, never blocks
         # --- gRPC front door (KServe v2 over gRPC, same services and cache; app.frontends.grpc) ---
-        front_door = GrpcFrontDoor(settings, gw, app.state.auth) if settings.grpc_enabled else None
+        server = settings.server
+        front_door = GrpcFrontDoor(server, gw, app.state.auth) if server.grpc_enabled else None
         if front_door is not None:
             app.state.grpc_port = await front_door.start()
             app.state.grpc_front_door = front_door
@@ -55,10 +56,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             lifecycle.deactivate()
             gw.jobs.begin_drain()  # no new job or webhook while the front door drains (no signal needed)
             if front_door is not None:  # no new RPCs; those in flight get TGW_DRAIN_S
-                await front_door.stop(settings.drain_s)
+                await front_door.stop(settings.server.drain_s)
             priority_check.cancel()
             await stop_auth(app.state.auth)
-    if settings.otel_endpoint:
+    if settings.observability.otel_endpoint:
         tracing.shutdown_tracing()
 
 
@@ -82,7 +83,7 @@ def _infer_router(app: FastAPI) -> InferRouter:
             body,
             headers,
             ctx,
-            app.state.settings.max_body_bytes,
+            app.state.settings.server.max_body_bytes,
             gw.offload,
         )
 
@@ -98,12 +99,12 @@ def create_app(settings: Settings | None = None) -> Pipeline:
     app = web_app(settings)
     return Pipeline(
         app,
-        max_body_bytes=settings.max_body_bytes,
+        max_body_bytes=settings.server.max_body_bytes,
         lifecycle=app.state.lifecycle,
         router=_infer_router(app),
         admission=app.state.auth if app.state.auth.enabled else None,
         requests=app.state.requests,
-        server_timing=settings.server_timing,
+        server_timing=settings.server.server_timing,
     )
 
 
@@ -120,7 +121,8 @@ def web_app(settings: Settings) -> FastAPI:
     install_docs(app)
     app.state.settings = settings
     app.state.lifecycle = Lifecycle()
-    app.state.requests = Requests(http_metrics() if settings.metrics_enabled else ())  # every door's record
+    metrics = settings.observability.metrics_enabled
+    app.state.requests = Requests(http_metrics() if metrics else ())  # every door's record
     app.state.auth = build_auth(settings)  # keys and limits: the pipeline's admission stage (app.auth)
     install_exception_handlers(app)
     for module in (health, models, v2, jobs, ws, auth_routes, infer):
@@ -129,7 +131,7 @@ def web_app(settings: Settings) -> FastAPI:
     infer.document_infer_routes(app)
     if app.state.auth.enabled:
         auth_routes.document_auth(app)
-    if settings.metrics_enabled:
+    if settings.observability.metrics_enabled:
         setup_metrics(app)
-    tracing.setup_tracing(settings.otel_endpoint, settings.otel_service_name)
+    tracing.setup_tracing(settings.observability.otel_endpoint, settings.observability.otel_service_name)
     return app

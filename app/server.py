@@ -48,7 +48,7 @@ import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from app.settings import Settings
+from app.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -410,7 +410,7 @@ def run(coro: Any) -> Any:
         return runner.run(coro)
 
 
-def limits_from(settings: Settings) -> ServerLimits:
+def limits_from(settings: ServerSettings) -> ServerLimits:
     return ServerLimits(
         header_timeout_s=settings.header_timeout_s,
         body_timeout_s=settings.body_timeout_s,
@@ -423,7 +423,7 @@ def limits_from(settings: Settings) -> ServerLimits:
     )
 
 
-def server_config(app: Any, settings: Settings, **extra: Any) -> uvicorn.Config:
+def server_config(app: Any, settings: ServerSettings, **extra: Any) -> uvicorn.Config:
     """``uvicorn.Config`` for the gateway with the guards above; ``extra`` overrides uvicorn options."""
     options: dict[str, Any] = {
         "host": settings.host,

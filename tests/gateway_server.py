@@ -42,7 +42,7 @@ def running_gateway_addresses(**overrides: object) -> Iterator[GatewayAddresses]
     settings = Settings(host="127.0.0.1", port=port, **overrides)  # type: ignore[arg-type]
     app = create_app(settings)
     config = server_config(
-        app, settings, log_level="warning", lifespan="on", loop="asyncio",
+        app, settings.server, log_level="warning", lifespan="on", loop="asyncio",
         timeout_graceful_shutdown=2,
     )  # fmt: skip
     with serving_in_thread(uvicorn.Server(config)):

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from app.auth.keys import KeyStore
 from app.errors import InvalidInput
-from app.settings import Settings
+from app.settings import AuthSettings
 
 
 class NewKey(BaseModel):
@@ -23,7 +23,9 @@ class NewKey(BaseModel):
     daily_quota: int | None = Field(None, ge=0, le=10**12, description="requests per UTC day; 0 = none")
 
 
-async def create_key(store: KeyStore, settings: Settings, tiers: set[str], spec: NewKey) -> dict[str, Any]:
+async def create_key(
+    store: KeyStore, settings: AuthSettings, tiers: set[str], spec: NewKey
+) -> dict[str, Any]:
     """Create a key from ``spec`` with the settings' defaults; returns what is shown once (with the key)."""
     tier = spec.tier or settings.auth_default_tier
     if tier not in tiers:

@@ -53,9 +53,9 @@ def _out(obj: Any) -> None:
 def auth_redis_source(settings: Settings) -> tuple[str, str]:
     """(the variable that chose it, the address) of the Redis that holds keys."""
     chosen = (
-        ("TGW_AUTH_REDIS_URL", settings.auth_redis_url),
-        ("TGW_JOBS_REDIS_URL", settings.jobs_redis_url),
-        ("TGW_REDIS_URL", settings.redis_url),
+        ("TGW_AUTH_REDIS_URL", settings.auth.auth_redis_url),
+        ("TGW_JOBS_REDIS_URL", settings.jobs.jobs_redis_url),
+        ("TGW_REDIS_URL", settings.cache.cache_redis_url),
     )
     for var, value in chosen:
         if value:
@@ -77,24 +77,24 @@ async def eviction_policy(redis: Any) -> str:
 
 
 async def _with_store(settings: Settings, fn: Callable[[KeyStore], Awaitable[int]], writes: bool) -> int:
-    assert settings.key_pepper is not None
-    redis = make_redis(settings.auth_redis_address, 2.0, settings.redis_cluster)
+    assert settings.auth.key_pepper is not None
+    redis = make_redis(settings.auth_redis_address, 2.0, settings.cache.redis_cluster)
     try:
         if writes:
             policy = await eviction_policy(redis)
             if "allkeys" in policy:
                 raise EvictingStore(policy)
-        return await fn(KeyStore(redis, settings.key_pepper, timeout_s=5.0))
+        return await fn(KeyStore(redis, settings.auth.key_pepper, timeout_s=5.0))
     finally:
         await redis.aclose()
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
     settings = stack_settings("tgw keys")
-    if not settings.key_pepper:
+    if not settings.auth.key_pepper:
         sys.stderr.write("tgw keys needs TGW_KEY_PEPPER (the same secret the gateway uses)\n")
         return 2
-    tiers = set(parse_tiers(settings.auth_tiers)) | {ADMIN_TIER}
+    tiers = set(parse_tiers(settings.auth.auth_tiers)) | {ADMIN_TIER}
 
     async def run(store: KeyStore) -> int:
         cmd = args.keys_command
@@ -104,7 +104,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
                     name=args.name, tenant=args.tenant, tier=args.tier, rps=args.rps, burst=args.burst,
                     concurrency=args.concurrency, daily_quota=args.daily_quota,
                 )  # fmt: skip
-                _out(await create_key(store, settings, tiers, spec))
+                _out(await create_key(store, settings.auth, tiers, spec))
             except (GatewayError, ValueError) as exc:
                 sys.stderr.write(f"tgw keys create: {getattr(exc, 'message', exc)}\n")
                 return 2

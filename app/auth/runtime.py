@@ -17,20 +17,26 @@ logger = logging.getLogger(__name__)
 def build_auth(settings: Settings) -> AuthStage:
     """The auth stage for the request pipeline (``Pipeline(admission=...)``); its Redis client connects
     lazily, on the first request's loop."""
-    if settings.auth != "required":
+    retry_after_s = settings.server.retry_after_s
+    # A held concurrency slot outlives the longest request (its Triton deadline and the drain) by a minute.
+    slot_ttl_s = settings.triton.triton_timeout_s + settings.server.drain_s + 60.0
+    if settings.auth.auth != "required":
         logger.warning(
             "authentication is OFF (TGW_AUTH=off): anyone who can reach %s:%d may use every model; "
-            "set TGW_AUTH=required for anything but local development", settings.host, settings.port,
+            "set TGW_AUTH=required for anything but local development", settings.server.host,
+            settings.server.port,
         )  # fmt: skip
-        return AuthStage(settings)
-    redis = make_redis(settings.auth_redis_address, settings.auth_redis_timeout_s, settings.redis_cluster)
+        return AuthStage(settings.auth, retry_after_s=retry_after_s, slot_ttl_s=slot_ttl_s)
+    redis = make_redis(
+        settings.auth_redis_address, settings.auth.auth_redis_timeout_s, settings.cache.redis_cluster
+    )
     submit = None
-    if not settings.redis_cluster:
-        auto = AutoPipeline(redis, settings.auth_redis_timeout_s)
+    if not settings.cache.redis_cluster:
+        auto = AutoPipeline(redis, settings.auth.auth_redis_timeout_s)
         submit = auto.submit
-    stage = AuthStage(settings, redis, submit)
+    stage = AuthStage(settings.auth, redis, submit, retry_after_s=retry_after_s, slot_ttl_s=slot_ttl_s)
     logger.info("authentication required: API keys in %s, verified keys trusted %g s in process",
-                redact_url(settings.auth_redis_address), settings.auth_key_cache_s)  # fmt: skip
+                redact_url(settings.auth_redis_address), settings.auth.auth_key_cache_s)  # fmt: skip
     return stage
 
 

@@ -49,7 +49,7 @@ from app.auth.principal import (
 )
 from app.errors import ServiceUnavailable
 from app.request_context import route_path
-from app.settings import Settings
+from app.settings import AuthSettings
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +123,14 @@ class FailedAuthLimiter:
 
 
 class AuthStage:
-    def __init__(self, settings: Settings, redis: Any = None, submit: Any = None) -> None:
+    def __init__(
+        self, settings: AuthSettings, redis: Any = None, submit: Any = None, *, retry_after_s: int,
+        slot_ttl_s: float,
+    ) -> None:  # fmt: skip
+        """``settings``: the auth group; ``retry_after_s`` (TGW_RETRY_AFTER_S) goes on 429 answers,
+        ``slot_ttl_s`` bounds a held concurrency slot of a process that died (Redis key TTL)."""
         self.settings = settings
+        self.retry_after_s = retry_after_s
         self.enabled = settings.auth == "required"
         self.tiers: dict[str, Tier] = parse_tiers(settings.auth_tiers)
         top = min(self.tiers.values(), key=lambda t: t.priority)
@@ -152,8 +158,7 @@ class AuthStage:
             async with asyncio.timeout(timeout):
                 return await redis.execute_command(*args)
 
-        slot_ttl = settings.triton_timeout_s + settings.drain_s + 60.0
-        self.limiter = RedisLimiter(redis, submit or direct, slot_ttl, timeout)
+        self.limiter = RedisLimiter(redis, submit or direct, slot_ttl_s, timeout)
 
     # --- the pipeline's entry points ----------------------------------------------------------
     async def admit(self, scope: MutableMapping[str, Any]) -> Principal:
@@ -303,7 +308,7 @@ class AuthStage:
             self._log_degraded(exc)
             raise ServiceUnavailable(
                 "cannot verify the API key now (key store unreachable); retry shortly",
-                retry_after_s=self.settings.retry_after_s,
+                retry_after_s=self.retry_after_s,
             ) from None
         if record is None:
             self._cache.pop(presented, None)

@@ -543,8 +543,9 @@ def _with_timeout(call: TritonCall) -> TritonCall:
     return replace(call, timeout_us=left_us)
 
 
-def routing_options(settings: Any) -> RoutingOptions:
-    """``RoutingOptions`` from ``Settings`` (the ``triton_*`` routing fields). One Triton
+def routing_options(settings: Any, retry_after_s: int) -> RoutingOptions:
+    """``RoutingOptions`` from ``Settings.triton`` (the ``triton_*`` routing fields; ``retry_after_s``:
+    TGW_RETRY_AFTER_S). One Triton
     (``TGW_TRITON_URL``): its client retries ``TGW_TRITON_RETRIES`` times (no other endpoint to retry on);
     it is never ejected (at most half a pool is), but the probes still make a frozen Triton a quick 503."""
     from app.clients.triton import settings_channel_args
@@ -558,7 +559,7 @@ def routing_options(settings: Any) -> RoutingOptions:
         eject_base_s=settings.triton_eject_base_s,
         slow_start_s=settings.triton_slow_start_s,
         retry_ratio=settings.triton_retry_budget,
-        retry_after_s=settings.retry_after_s,
+        retry_after_s=retry_after_s,
         channels=settings.triton_channels,
         grpc_args=settings_channel_args(settings),
         retries=settings.triton_retries if one else 0,
@@ -566,11 +567,12 @@ def routing_options(settings: Any) -> RoutingOptions:
     )
 
 
-def triton_targets(settings: Any) -> list[Target]:
-    """The Tritons the gateway talks to: ``TGW_TRITON_URLS``, else the one ``TGW_TRITON_URL`` (or the
-    embedded Triton), with inference over ``TGW_TRITON_HTTP_URL`` when that is set."""
+def triton_targets(settings: Any, grpc_address: str) -> list[Target]:
+    """The Tritons the gateway talks to (``settings``: ``Settings.triton``): ``TGW_TRITON_URLS``, else the
+    one ``grpc_address`` (``TGW_TRITON_URL`` or the embedded Triton), with inference over
+    ``TGW_TRITON_HTTP_URL`` when that is set."""
     from app.clients.endpoints import parse_triton_urls
 
     if settings.triton_urls:
         return parse_triton_urls(settings.triton_urls)
-    return [Target(EndpointAddress(settings.triton_grpc_address, settings.triton_http_url or None))]
+    return [Target(EndpointAddress(grpc_address, settings.triton_http_url or None))]

@@ -30,10 +30,15 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _MAX_MESSAGE = 256 * 1024 * 1024
+# How long a keepalive ping waits for its ack before the channel is taken for dead (was the setting
+# TGW_TRITON_GRPC_KEEPALIVE_TIMEOUT_S: nothing an operator tunes; the interval and without-calls are).
+KEEPALIVE_ACK_TIMEOUT_S = 20.0
 
 
 def channel_args(
-    keepalive_s: float = 360.0, keepalive_timeout_s: float = 20.0, without_calls: bool = False
+    keepalive_s: float = 360.0,
+    keepalive_timeout_s: float = KEEPALIVE_ACK_TIMEOUT_S,
+    without_calls: bool = False,
 ) -> list[tuple[str, int]]:
     """gRPC channel options that Triton's server-side keepalive policy accepts.
 
@@ -59,10 +64,10 @@ def channel_args(
 
 
 def settings_channel_args(settings: Any) -> list[tuple[str, int]]:
-    """``channel_args`` from the ``TGW_TRITON_GRPC_KEEPALIVE_*`` settings."""
+    """``channel_args`` from the ``TGW_TRITON_GRPC_KEEPALIVE_*`` settings (``Settings.triton``)."""
     return channel_args(
         settings.triton_grpc_keepalive_s,
-        settings.triton_grpc_keepalive_timeout_s,
+        KEEPALIVE_ACK_TIMEOUT_S,
         settings.triton_grpc_keepalive_without_calls,
     )
 

@@ -66,7 +66,7 @@ def test_trusted_proxies_setting_is_validated() -> None:
 
     from app.settings import Settings
 
-    assert Settings(trusted_proxies="10.0.0.0/8, 192.168.1.5").trusted_proxies == [
+    assert Settings(trusted_proxies="10.0.0.0/8, 192.168.1.5").server.trusted_proxies == [
         "10.0.0.0/8",
         "192.168.1.5",
     ]

@@ -94,6 +94,11 @@ def test_ratelimit_headers() -> None:
                                                       "RateLimit": "s"}  # fmt: skip
 
 
+def stage_of(settings: Settings, redis: object = None) -> AuthStage:
+    """The auth stage of ``settings`` as ``build_auth`` makes it (its group and the two values it takes)."""
+    return AuthStage(settings.auth, redis, retry_after_s=settings.server.retry_after_s, slot_ttl_s=90.0)
+
+
 def test_tiers_and_settings_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
     tiers = parse_tiers(["high:1:60", "standard:2:30"])
     assert tiers["high"].priority == 1 and tiers["standard"].max_timeout_s == 30.0
@@ -103,20 +108,21 @@ def test_tiers_and_settings_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings(auth_default_tier="gold")
     with pytest.raises(ValidationError, match="TGW_AUTH=off on the non-loopback"):
         Settings(host="0.0.0.0", auth="off")
-    assert Settings(host="0.0.0.0", auth="off", auth_off_allow_public=True).auth == "off"
-    assert Settings(host="::1").auth == "off" and Settings(host="0.0.0.0", auth="required").auth == "required"
+    assert Settings(host="0.0.0.0", auth="off", auth_off_allow_public=True).auth.auth == "off"
+    assert Settings(host="::1").auth.auth == "off"
+    assert Settings(host="0.0.0.0", auth="required").auth.auth == "required"
     with pytest.raises(ValueError, match="TGW_KEY_PEPPER"):
-        AuthStage(Settings(auth="required"), redis=object())
+        stage_of(Settings(auth="required"), redis=object())
 
 
 async def test_auth_off_admits_everyone_as_anonymous() -> None:
-    stage = AuthStage(Settings())
+    stage = stage_of(Settings())
     scope = {"type": "http", "path": "/metrics", "headers": []}
     assert await stage.admit(scope) is ANONYMOUS and scope["state"]["principal"] is ANONYMOUS
 
 
 def test_priority_check_flags_models() -> None:
-    stage = AuthStage(Settings())
+    stage = stage_of(Settings())
     configs = {
         "ok": {"dynamic_batching": {"priority_levels": "2"}},
         "none": {"dynamic_batching": {}},
@@ -139,7 +145,7 @@ def test_cache_scope() -> None:
 async def test_admit_puts_principal_and_tenant_in_scope_state() -> None:
     from app.auth.principal import current_principal
 
-    stage = AuthStage(
+    stage = stage_of(
         Settings(auth="required", key_pepper="9f1c4e7a2b8d5036e1f4a7c2d9b05e38" + "a1"), redis=object()
     )
     scope = {"type": "http", "path": "/healthz", "headers": []}
@@ -213,8 +219,8 @@ def test_placeholder_and_guessable_secrets_are_refused_at_start_up() -> None:
             Settings(**{field: "p" * 40})
         with pytest.raises(ValidationError, match="too guessable"):
             Settings(**{field: "test-pepper-" + "x" * 40})
-        assert getattr(Settings(**{field: random_secrets.token_hex(32)}), field)
-        assert getattr(Settings(**{field: random_secrets.token_urlsafe(32)}), field)
+        assert getattr(Settings(**{field: random_secrets.token_hex(32)}).auth, field)
+        assert getattr(Settings(**{field: random_secrets.token_urlsafe(32)}).auth, field)
     assert secret_problem(random_secrets.token_hex(16)) is None  # 32 hex characters, 128 random bits
 
 

@@ -37,7 +37,7 @@ from pydantic import ValidationError
 
 from app.lifecycle import shutdown_budget_s, worker_shutdown_budget_s
 from app.services.jobs.store import GROUP, STREAMS
-from app.settings import Settings
+from app.settings import Settings, env_names, setting_fields
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -47,7 +47,7 @@ NAMESPACE = "triton-gateway"
 # The oldest Kubernetes minor we claim (HPA autoscaling/v2, PDB policy/v1, sidecar-free probes)
 # and the newest schema kubernetes-validate ships.
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
-SETTINGS_ENV = {f"TGW_{name.upper()}" for name in Settings.model_fields}
+SETTINGS_ENV = env_names()  # every field's TGW_ name, and the old name of a renamed one
 # Dockerfiles owned by another part of the project: checked only once they exist.
 EXTERNAL_DOCKERFILES = {"Dockerfile.triton"}
 
@@ -234,12 +234,12 @@ def _flag(env: dict[str, str], name: str, default: bool) -> bool:
 
 def _gateway_budget(env: dict[str, str]) -> float:
     """SIGTERM to exit for a gateway with these settings (the code's own bound)."""
-    defaults = Settings.model_fields
+    defaults = {f.name: f.info for f in setting_fields()}
     return shutdown_budget_s(
         float(env.get("TGW_SHUTDOWN_DELAY_S", defaults["shutdown_delay_s"].default)),
         float(env.get("TGW_DRAIN_S", defaults["drain_s"].default)),
         _flag(env, "TGW_GRPC_ENABLED", defaults["grpc_enabled"].default),
-        _flag(env, "TGW_WORKER_IN_PROCESS", defaults["worker_in_process"].default),
+        _flag(env, "TGW_WORKER_IN_PROCESS", defaults["job_worker_in_process"].default),
     )
 
 
@@ -554,8 +554,8 @@ def test_k8s_values_are_accepted_by_settings(overlay: str, monkeypatch: pytest.M
     real = {name: secrets.token_hex(32) for name in ("TGW_KEY_PEPPER", "TGW_ADMIN_TOKEN")}
     env = {**configmap_env(objs), **shipped, **real}
     s = _settings_from(env, monkeypatch)
-    assert s.triton_url == env["TGW_TRITON_URL"] and s.redis_url == env["TGW_REDIS_URL"]
-    assert s.host == "0.0.0.0" and s.drain_s == float(env["TGW_DRAIN_S"])
+    assert s.triton.triton_url == env["TGW_TRITON_URL"] and s.cache.cache_redis_url == env["TGW_REDIS_URL"]
+    assert s.server.host == "0.0.0.0" and s.server.drain_s == float(env["TGW_DRAIN_S"])
 
 
 @pytest.mark.parametrize("service", ["gateway", "worker"])
@@ -563,9 +563,10 @@ def test_compose_values_are_accepted_by_settings(service: str, monkeypatch: pyte
     svc = load_compose("docker-compose.yml")["services"][service]
     env = {**_dockerfile_env(), **{k: interpolate(v) for k, v in _env_list(svc["environment"]).items()}}
     s = _settings_from(env, monkeypatch)
-    assert s.triton_url == "triton:8001" and s.redis_url == "redis://redis:6379/0" and s.host == "0.0.0.0"
+    assert s.triton.triton_url == "triton:8001" and s.cache.cache_redis_url == "redis://redis:6379/0"
+    assert s.server.host == "0.0.0.0"
     assert s.jobs_redis_address == "redis://redis-jobs:6379/0"
-    assert s.triton_http_url == "http://triton:8000"
+    assert s.triton.triton_http_url == "http://triton:8000"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def test_headless_service_and_pdb_for_triton() -> None:
 def test_configmap_routes_over_the_headless_service() -> None:
     data = _one(_objects("configmap.yaml"), "ConfigMap", "tgw-config")["data"]
     settings = Settings(triton_urls=data["TGW_TRITON_URLS"])
-    (target,) = parse_triton_urls(str(settings.triton_urls))
+    (target,) = parse_triton_urls(str(settings.triton.triton_urls))
     headless = _one(_objects("triton.yaml"), "Service", "triton-headless")
     ports = {p["name"]: p["port"] for p in headless["spec"]["ports"]}
     assert target.dns_host == headless["metadata"]["name"]

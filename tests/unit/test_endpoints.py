@@ -61,7 +61,7 @@ def test_settings_name_the_bad_variable() -> None:
 
 def test_embedded_tritons_take_consecutive_ports_and_must_not_collide() -> None:
     settings = Settings(embedded_tritons=2)
-    assert settings.embedded_triton_ports(1) == (8003, 8004, 8005)
+    assert settings.embedded.embedded_triton_ports(1) == (8003, 8004, 8005)
     with pytest.raises(ValueError, match="distinct ports"):
         Settings(embedded_tritons=2, port=8004)
 

@@ -114,7 +114,7 @@ def test_settings_validation(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TGW_TRITON_URL", "grpc://triton:8001")
     monkeypatch.setenv("TGW_CACHE_EXCLUDE_MODELS", "a, b")
     s = Settings()
-    assert s.triton_grpc_address == "triton:8001" and s.cache_exclude_models == ["a", "b"]
+    assert s.triton_grpc_address == "triton:8001" and s.cache.cache_exclude_models == ["a", "b"]
     monkeypatch.setenv("TGW_TRITON_URL", "triton")
     with pytest.raises(ValidationError, match="host:port"):
         Settings()

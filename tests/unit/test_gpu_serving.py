@@ -105,7 +105,7 @@ def test_auto_config_name() -> None:
     assert resolve_model_config_name("auto", has_gpu=yes, has_torch=no) == "cpu"  # GPU configs need torch
     assert resolve_model_config_name("gpu_eager", has_gpu=no, has_torch=no) == "gpu_eager"
     assert resolve_model_config_name(None) is None
-    assert Settings().triton_model_config_name == "auto"
+    assert Settings().embedded.triton_model_config_name == "auto"
     with pytest.raises(ValueError):
         Settings(triton_model_config_name="../x")
 

@@ -357,7 +357,11 @@ async def test_a_draining_dispatcher_claims_no_more_deliveries() -> None:
     dispatcher = WebhookDispatcher(store, view, _SlowSender(), [], [1.0], poll_s=0.01)  # type: ignore[arg-type]
     running = asyncio.create_task(dispatcher.run())
     await eventually_async(lambda: store.claims >= 2, 10, 0.002)
-    runtime = JobsRuntime(Settings(worker_in_process=True), inference=None)  # type: ignore[arg-type]
+    settings = Settings(job_worker_in_process=True)
+    runtime = JobsRuntime(
+        settings.jobs, inference=None, redis_url=settings.jobs_redis_address,  # type: ignore[arg-type]
+        redis_cluster=False, retry_after_s=2, triton_timeout_s=30.0,
+    )  # fmt: skip
     runtime.dispatcher = dispatcher
     runtime.begin_drain()
     await asyncio.wait_for(running, 1.0)

@@ -5,17 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from app.errors import GatewayError
-from app.settings import Settings
+from app.settings import setting_fields, settings_markdown
 from tests.app_errors import gateway_error_classes
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def test_every_setting_is_in_the_readme_table() -> None:
-    missing = [
-        f"TGW_{name.upper()}" for name in Settings.model_fields if f"`TGW_{name.upper()}`" not in README
-    ]
+    missing = [f.env for f in setting_fields() if f"`{f.env}`" not in README]
     assert not missing, f"settings missing from README.md: {missing}"
+
+
+def test_the_readme_settings_tables_are_the_generated_ones() -> None:
+    """`python -m app.settings > table` and paste it under "## Settings" after changing a setting."""
+    assert settings_markdown() in README
 
 
 def test_quick_start_commands() -> None:

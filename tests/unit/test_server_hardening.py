@@ -94,7 +94,7 @@ def test_connection_cap_leaves_room_for_other_descriptors() -> None:
 
 def test_server_config_carries_the_guards() -> None:
     settings = Settings(header_timeout_s=3, body_timeout_s=7, keepalive_timeout_s=2, max_connections=99)
-    config = server_config("app.main:create_app", settings, factory=True)
+    config = server_config("app.main:create_app", settings.server, factory=True)
     assert config.http is GuardedHttpToolsProtocol
     assert config.timeout_keep_alive == 2 and config.loop == event_loop_name()
     limits = config.tgw_limits  # type: ignore[attr-defined]
@@ -129,7 +129,7 @@ async def app(scope, receive, send):
     await send({"type": "http.response.body", "body": b""})
 
 port = free_port()
-config = server_config(app, Settings(port=port, max_connections=1000), log_config=logs, lifespan="off",
+config = server_config(app, Settings(port=port, max_connections=1000).server, log_config=logs, lifespan="off",
                        loop="asyncio")
 server = uvicorn.Server(config)
 threading.Thread(target=server.run, daemon=True).start()
@@ -198,7 +198,7 @@ def _graceful_server(delay_s: float) -> Iterator[tuple[GracefulServer, asyncio.A
         await send({"type": "http.response.body", "body": b"ok"})
 
     port = free_port()
-    config = server_config(app, Settings(port=port, host="127.0.0.1"), lifespan="off", log_level="warning",
+    config = server_config(app, Settings(port=port, host="127.0.0.1").server, lifespan="off", log_level="warning",
                            timeout_graceful_shutdown=10)  # fmt: skip
     server = GracefulServer(config, shutdown_delay_s=delay_s)
     loop = new_event_loop()

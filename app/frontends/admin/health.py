@@ -27,5 +27,5 @@ async def readyz(health: HealthDep, settings: SettingsDep) -> ORJSONResponse:
     return ORJSONResponse(
         {"status": "not_ready", "checks": checks},
         status_code=503,
-        headers={"Retry-After": str(settings.retry_after_s)},
+        headers={"Retry-After": str(settings.server.retry_after_s)},
     )

@@ -59,7 +59,7 @@ from app.services.inference import InferenceService, InferResponse
 from app.services.offer import EXTENSIONS, REFUSED_RPCS, refusal
 from app.services.offload import DECODE_POOL_BYTES, INLINE, Offload
 from app.services.registry import ModelInfo, ModelRegistry
-from app.settings import Settings
+from app.settings import ServerSettings
 
 if TYPE_CHECKING:
     from app.auth.stage import AuthStage
@@ -643,7 +643,7 @@ class GrpcFrontDoor:
     """The gRPC server of one gateway process: ``await start()`` in the lifespan start-up (returns the
     bound port), ``await stop(grace_s)`` at shutdown (no new RPCs; in-flight ones get ``grace_s``)."""
 
-    def __init__(self, settings: Settings, gateway: Gateway, auth: AuthStage | None = None) -> None:
+    def __init__(self, settings: ServerSettings, gateway: Gateway, auth: AuthStage | None = None) -> None:
         self.settings = settings
         limit = settings.grpc_max_message_bytes
         options = [*_CHANNEL_OPTIONS, ("grpc.max_send_message_length", limit),

@@ -28,26 +28,30 @@ from app.services.jobs.store import JobStore
 from app.services.jobs.webhooks import HttpxWebhookSender, WebhookDispatcher, parse_secrets
 from app.services.jobs.worker import JobWorker
 from app.services.offload import INLINE, Offload
-from app.settings import Settings
+from app.settings import JobsSettings
 
 logger = logging.getLogger(__name__)
 
 
 class JobsRuntime:
     def __init__(
-        self, settings: Settings, inference: InferenceService, offload: Offload = INLINE,
-        requests: Requests | None = None,
+        self, settings: JobsSettings, inference: InferenceService, offload: Offload = INLINE,
+        requests: Requests | None = None, *, redis_url: str, redis_cluster: bool, retry_after_s: int,
+        triton_timeout_s: float,
     ) -> None:  # fmt: skip
-        url = settings.jobs_redis_address  # a Redis that never evicts (TGW_JOBS_REDIS_URL; else the cache's)
+        """``settings``: the jobs group; ``redis_url``: the jobs Redis (``Settings.jobs_redis_address``, one
+        that never evicts); the rest come from other groups (TGW_REDIS_CLUSTER, TGW_RETRY_AFTER_S,
+        TGW_TRITON_TIMEOUT_S)."""
+        url = redis_url
         self.settings = settings
         # A pooled connection that died with a Redis restart is retried once on a fresh one (never a
         # stall: a timeout is not retried, it becomes a 503 at once), and idle ones are checked first.
         # Blocking reads (XREADGROUP BLOCK, pub/sub) use a second client without a socket timeout.
         # On a Cluster every job key shares the hash tag {tgw:jobs}, so each script runs on one shard.
-        client: Any = RedisCluster if settings.redis_cluster else Redis
+        client: Any = RedisCluster if redis_cluster else Redis
         self.redis: Any = client.from_url(
-            url, socket_timeout=settings.job_redis_timeout_s,
-            socket_connect_timeout=settings.job_redis_timeout_s, health_check_interval=5,
+            url, socket_timeout=settings.jobs_redis_timeout_s,
+            socket_connect_timeout=settings.jobs_redis_timeout_s, health_check_interval=5,
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )  # fmt: skip
         self.blocking: Any = client.from_url(
@@ -57,7 +61,7 @@ class JobsRuntime:
         self.hub = EventHub(self.store)
         ports = frozenset(settings.webhook_allowed_ports)
         self.service = JobService(
-            self.store, inference, settings.queue_max, settings.retry_after_s, settings.webhook_allow_private,
+            self.store, inference, settings.queue_max, retry_after_s, settings.webhook_allow_private,
             ports, self.hub, settings.job_max_body_bytes, offload,
         )  # fmt: skip
         self.sockets = JobSockets(
@@ -71,12 +75,12 @@ class JobsRuntime:
         self.http: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
         secrets = parse_secrets(settings.webhook_secret)
-        if settings.worker_in_process:
+        if settings.job_worker_in_process:
             # An attempt's last-resort bound: the Triton deadline plus a full store outage on each of
             # its store steps, with room to spare; only a stuck attempt ever reaches it.
-            attempt_s = settings.triton_timeout_s + 4 * settings.job_store_retry_s + 60
+            attempt_s = triton_timeout_s + 4 * settings.job_store_retry_s + 60
             self.worker = JobWorker(
-                self.store, inference, settings.worker_concurrency, settings.job_claim_idle_s,
+                self.store, inference, settings.job_worker_concurrency, settings.job_claim_idle_s,
                 settings.job_max_attempts, store_retry_s=settings.job_store_retry_s,
                 attempt_timeout_s=attempt_s, offload=offload, requests=requests,
             )  # fmt: skip
