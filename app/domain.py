@@ -1,19 +1,35 @@
 """The domain types every layer shares, in one module below the codecs and the services: what Triton
 serves (``ModelInfo``, ``TensorSpec``), one validated request (``InferRequest``, with the scheduler's
-``CallOptions``) and its answer (``InferResponse``). Built by ``app.services.registry`` (model metadata),
-the codecs (``app.codecs``: wire format -> request, answer -> wire format) and the services.
+``CallOptions``, declared once in ``app.clients.protocols`` and embedded as they are in the Triton call),
+its answer (``InferResponse``) and what a job keeps of it (``JobSpec``). Built by
+``app.services.registry`` (model metadata), the codecs (wire format -> request, answer -> wire format)
+and the services.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
+import orjson
 
-from app.clients.protocols import TritonResult
+from app.clients.protocols import NO_OPTIONS, CallOptions, TritonResult
+
+__all__ = [
+    "CacheOutcome",
+    "CallOptions",
+    "InferRequest",
+    "InferResponse",
+    "JobSpec",
+    "ModelInfo",
+    "TensorSpec",
+    "json_values",
+    "jsonable",
+    "tensor_json_values",
+]  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,11 +128,7 @@ class InferRequest:
     cache_read: bool = True
     cache_write: bool = True
     request_id: str = ""
-    priority: int = 0
-    timeout_us: int = 0
-    sequence_id: int | str = 0
-    sequence_start: bool = False
-    sequence_end: bool = False
+    options: CallOptions = NO_OPTIONS  # what the request asks of Triton's scheduler (priority, sequence, ...)
     cache_scope: str = ""  # "" = answers shared by every tenant; else the tenant (app.auth, TGW_CACHE_SCOPE)
     classification: dict[str, int] = field(default_factory=dict)  # output -> top-k (Triton's extension)
     datatypes: dict[str, str] = field(init=False)  # Triton datatype of each given input
@@ -127,7 +139,7 @@ class InferRequest:
     @property
     def cacheable(self) -> bool:
         """Sequence requests carry state in Triton: never answered from (or filed in) the cache."""
-        return not self.sequence_id
+        return not self.options.sequence
 
 
 @dataclass(slots=True)
@@ -148,27 +160,55 @@ class InferResponse:
         }
 
 
-@dataclass(slots=True, frozen=True)
-class CallOptions:
-    """What a request asks of Triton's scheduler rather than of the model."""
+_OPTION_NAMES = tuple(f.name for f in fields(CallOptions))
 
-    priority: int = 0
-    timeout_us: int = 0
-    sequence_id: int | str = 0
-    sequence_start: bool = False
-    sequence_end: bool = False
 
-    @property
-    def sequence(self) -> bool:
-        return bool(self.sequence_id)
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """What a job keeps of its validated request besides the tensors, written once at submit
+    (``to_record``) and read back by the worker (``from_record``) to rebuild the same ``InferRequest``:
+    requested outputs, model parameters, Triton's classification extension, the call options (the tier's
+    priority and timeout, sequence controls), the tenant's cache scope and the submission's cache
+    directives; none is silently dropped on the way to the worker. The record keeps the options' keys
+    flat (as records of earlier versions have them, so workers of either version read both)."""
 
-    def apply(self, req: InferRequest) -> InferRequest:
-        """Set these options on a decoded request (both KServe codecs, HTTP and gRPC)."""
-        req.priority, req.timeout_us = self.priority, self.timeout_us
-        req.sequence_id, req.sequence_start, req.sequence_end = (
-            self.sequence_id, self.sequence_start, self.sequence_end,
+    outputs: list[str] | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    classification: dict[str, int] = field(default_factory=dict)
+    options: CallOptions = NO_OPTIONS
+    cache_scope: str = ""
+    cache_read: bool = True  # the submission's Cache-Control (no-cache / no-store), for the worker's call
+    cache_write: bool = True
+
+    @classmethod
+    def of(cls, req: InferRequest) -> JobSpec:
+        return cls(
+            outputs=req.outputs, parameters=dict(req.parameters), classification=dict(req.classification),
+            options=req.options, cache_scope=req.cache_scope, cache_read=req.cache_read,
+            cache_write=req.cache_write,
         )  # fmt: skip
-        return req
+
+    def to_record(self) -> bytes:
+        data = {name: getattr(self, name) for name in self.__slots__ if name != "options"}
+        return orjson.dumps({**data, **asdict(self.options)})
+
+    @classmethod
+    def from_record(cls, record: bytes) -> JobSpec:
+        """Also reads the records of earlier versions (``outputs``, ``parameters``, ``priority``,
+        ``timeout_us``, ``cache_scope``; the rest defaulted); unknown keys are ignored."""
+        data = orjson.loads(record or b"{}")
+        given = {name: value for name, value in data.items() if value is not None}
+        options = CallOptions(**{name: given[name] for name in _OPTION_NAMES if name in given})
+        known = {name: given[name] for name in cls.__slots__ if name in given and name != "options"}
+        return cls(**known, options=options)
+
+    def request(self, info: ModelInfo, inputs: dict[str, np.ndarray], request_id: str) -> InferRequest:
+        return InferRequest(
+            info=info, inputs=inputs, outputs=self.outputs, parameters=dict(self.parameters),
+            request_id=request_id, options=self.options, cache_scope=self.cache_scope,
+            classification=dict(self.classification), cache_read=self.cache_read,
+            cache_write=self.cache_write,
+        )  # fmt: skip
 
 
 def jsonable(arr: np.ndarray) -> Any:

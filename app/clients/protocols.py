@@ -29,13 +29,44 @@ class TritonResult:
     final: bool = True  # a streamed response: the request's last (Triton's ``triton_final_response``)
 
 
+@dataclass(slots=True, frozen=True)
+class CallOptions:
+    """What a request asks of Triton's scheduler rather than of the model, declared once: Triton's
+    ``priority`` and ``timeout_us`` (0 = the model's default) and the sequence-batcher controls. Embedded
+    as it is in the validated request (``InferRequest.options``), a job's spec and the Triton call."""
+
+    priority: int = 0
+    timeout_us: int = 0
+    sequence_id: int | str = 0
+    sequence_start: bool = False
+    sequence_end: bool = False
+
+    @property
+    def sequence(self) -> bool:
+        return bool(self.sequence_id)
+
+    def fold_into(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` with these options added, as the KServe/Triton protocols carry them."""
+        if self.priority:
+            params["priority"] = self.priority
+        if self.timeout_us:
+            params["timeout"] = self.timeout_us
+        if self.sequence_id:
+            params["sequence_id"] = self.sequence_id
+            params["sequence_start"] = self.sequence_start
+            params["sequence_end"] = self.sequence_end
+        return params
+
+
+NO_OPTIONS = CallOptions()
+
+
 @dataclass(slots=True)
 class TritonCall:
     """One inference as Triton receives it.
 
-    ``parameters`` are the request parameters passed on verbatim (never the reserved ones below);
-    ``priority`` and ``timeout_us`` are Triton's own request options (0 = the model's default) and
-    ``sequence_id``/``sequence_start``/``sequence_end`` its sequence-batcher controls. ``deadline`` is
+    ``parameters`` are the request parameters passed on verbatim (never the reserved ones of
+    ``options``, Triton's scheduler options: priority, timeout, sequence controls). ``deadline`` is
     the ``time.monotonic()`` by which the gateway gives up; ``max_batch_rows`` > 0 lets the gateway's
     micro-batcher stack this call with others of the same model (0: never), decided once from the
     model's config. ``classification`` asks Triton's classification extension for the top-k classes of
@@ -50,11 +81,7 @@ class TritonCall:
     parameters: Mapping[str, Any] = field(default_factory=dict)
     request_id: str = ""
     deadline: float = 0.0
-    priority: int = 0
-    timeout_us: int = 0
-    sequence_id: int | str = 0
-    sequence_start: bool = False
-    sequence_end: bool = False
+    options: CallOptions = NO_OPTIONS
     max_batch_rows: int = 0
     classification: Mapping[str, int] = field(default_factory=dict)  # output -> top-k (Triton's extension)
     queued_s: float = 0.0  # set by the micro-batcher: how long the call waited to be sent
@@ -65,21 +92,12 @@ class TritonCall:
 
     @property
     def sequenced(self) -> bool:
-        return bool(self.sequence_id)
+        return self.options.sequence
 
     def triton_parameters(self) -> dict[str, Any]:
         """The request parameters with Triton's own options (priority, timeout, sequence) folded in, as
         the KServe/Triton HTTP protocol carries them."""
-        params = dict(self.parameters)
-        if self.priority:
-            params["priority"] = self.priority
-        if self.timeout_us:
-            params["timeout"] = self.timeout_us
-        if self.sequence_id:
-            params["sequence_id"] = self.sequence_id
-            params["sequence_start"] = self.sequence_start
-            params["sequence_end"] = self.sequence_end
-        return params
+        return self.options.fold_into(dict(self.parameters))
 
 
 class InferenceTransport(Protocol):

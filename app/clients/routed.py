@@ -361,19 +361,20 @@ class RoutedTriton:
             raise UpstreamUnavailable("no Triton endpoint is known", retry_after_s=self.options.retry_after_s)
         candidates = self._candidates(call.model, call.version)
         if call.sequenced:
-            name = self._sequences.get(call.sequence_id)
+            sequence = call.options.sequence_id
+            name = self._sequences.get(sequence)
             if name is None or name not in self.endpoints:
                 name = self.balancer.pick(candidates)
                 assert name is not None
-                self._sequences[call.sequence_id] = name
+                self._sequences[sequence] = name
                 while len(self._sequences) > self.options.max_sequences:
                     self._sequences.popitem(last=False)
             else:
-                self._sequences.move_to_end(call.sequence_id)
+                self._sequences.move_to_end(sequence)
             if not self._healthy((name,)):
                 raise self._not_answering(call.model)
-            if call.sequence_end:
-                self._sequences.pop(call.sequence_id, None)
+            if call.options.sequence_end:
+                self._sequences.pop(sequence, None)
             return name
         if not self._healthy(candidates):
             raise self._not_answering(call.model)
@@ -538,9 +539,10 @@ def _with_timeout(call: TritonCall) -> TritonCall:
     if not call.deadline:
         return call
     left_us = int(call.remaining_s() * 1_000_000)
-    if call.timeout_us and call.timeout_us <= left_us:
+    asked = call.options.timeout_us
+    if asked and asked <= left_us:
         return call
-    return replace(call, timeout_us=left_us)
+    return replace(call, options=replace(call.options, timeout_us=left_us))
 
 
 def routing_options(settings: Any, retry_after_s: int) -> RoutingOptions:

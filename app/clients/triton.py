@@ -249,11 +249,11 @@ class TritonGrpcClient:
                 model_version=call.version,
                 outputs=requested,
                 request_id=rid,
-                sequence_id=call.sequence_id,
-                sequence_start=call.sequence_start,
-                sequence_end=call.sequence_end,
-                priority=call.priority,
-                timeout=call.timeout_us or None,
+                sequence_id=call.options.sequence_id,
+                sequence_start=call.options.sequence_start,
+                sequence_end=call.options.sequence_end,
+                priority=call.options.priority,
+                timeout=call.options.timeout_us or None,
                 parameters=dict(call.parameters) if call.parameters else None,
                 client_timeout=call.remaining_s(),
                 headers=headers or None,
@@ -343,13 +343,14 @@ def stream_request(call: TritonCall) -> service_pb2.ModelInferRequest:
     params = msg.parameters
     for key, value in call.parameters.items():
         set_parameter(params[key], value)
-    if call.sequence_id:
-        set_parameter(params["sequence_id"], call.sequence_id)
-        params["sequence_start"].bool_param = call.sequence_start
-        params["sequence_end"].bool_param = call.sequence_end
-    if call.priority:
-        params["priority"].uint64_param = call.priority
-    if call.timeout_us:
-        params["timeout"].int64_param = call.timeout_us
+    options = call.options
+    if options.sequence_id:
+        set_parameter(params["sequence_id"], options.sequence_id)
+        params["sequence_start"].bool_param = options.sequence_start
+        params["sequence_end"].bool_param = options.sequence_end
+    if options.priority:
+        params["priority"].uint64_param = options.priority
+    if options.timeout_us:
+        params["timeout"].int64_param = options.timeout_us
     params["triton_enable_empty_final_response"].bool_param = True
     return msg

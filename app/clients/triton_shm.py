@@ -411,11 +411,13 @@ class SharedMemoryTransport:
                 offset, size = out_places[name]
                 requested.set_shared_memory(region, size, offset=offset)
             outputs.append(requested)
+        options = call.options
         try:
             result = await self._client.infer(
                 call.model, inputs, model_version=call.version, outputs=outputs or None,
-                request_id=call.request_id, sequence_id=call.sequence_id, sequence_start=call.sequence_start,
-                sequence_end=call.sequence_end, priority=call.priority, timeout=call.timeout_us or None,
+                request_id=call.request_id, sequence_id=options.sequence_id,
+                sequence_start=options.sequence_start, sequence_end=options.sequence_end,
+                priority=options.priority, timeout=options.timeout_us or None,
                 parameters=dict(call.parameters) if call.parameters else None,
                 client_timeout=call.remaining_s(),
             )  # fmt: skip

@@ -184,7 +184,7 @@ class BatchingTransport:
             for n, a in sorted(call.inputs.items(), key=lambda kv: kv[0])
         )
         outputs = tuple(call.outputs) if call.outputs else None
-        key = (call.model, call.version, outputs, call.priority, call.timeout_us, layout)
+        key = (call.model, call.version, outputs, call.options.priority, call.options.timeout_us, layout)
         queue = self.queues.get(key)
         if queue is None:
             if len(self.queues) > 1024:  # layouts are client-controlled: keep the map bounded

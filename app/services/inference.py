@@ -123,10 +123,14 @@ class InferenceService:
             req.cache_write = False
         caller = ctx.caller
         if caller is not None:
-            if caller.priority:
-                req.priority = caller.priority
-            if caller.max_timeout_s:
-                req.timeout_us = int(caller.max_timeout_s * 1_000_000)
+            options = req.options
+            if caller.priority or caller.max_timeout_s:
+                bound_us = (
+                    int(caller.max_timeout_s * 1_000_000) if caller.max_timeout_s else options.timeout_us
+                )
+                req.options = replace(
+                    options, priority=caller.priority or options.priority, timeout_us=bound_us
+                )
             req.cache_scope = caller.cache_scope
         return req
 
@@ -254,11 +258,7 @@ class InferenceService:
             parameters=req.parameters,
             request_id=req.request_id,
             deadline=own if deadline is None else min(own, deadline),
-            priority=req.priority,
-            timeout_us=req.timeout_us,
-            sequence_id=req.sequence_id,
-            sequence_start=req.sequence_start,
-            sequence_end=req.sequence_end,
+            options=req.options,
             max_batch_rows=(
                 info.max_batch_rows if not req.parameters and req.cacheable and not req.classification else 0
             ),

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from app.clients.protocols import TritonCall, TritonResult
+from app.clients.protocols import CallOptions, TritonCall, TritonResult
 from app.errors import UpstreamError, UpstreamUnavailable
 from app.services.batcher import BatchingTransport
 from app.services.registry import batchable, build_model_info
@@ -119,7 +119,9 @@ async def test_parameters_bypass_batching() -> None:
     x = np.ones((1, 2), np.float32)
     results = await asyncio.gather(*(client.infer(_call(x, parameters={"p": 1})) for _ in range(4)))
     assert fake.calls == [1, 1, 1, 1] and len(results) == 4
-    sequenced = await asyncio.gather(*(client.infer(_call(x, sequence_id=7)) for _ in range(4)))
+    sequenced = await asyncio.gather(
+        *(client.infer(_call(x, options=CallOptions(sequence_id=7))) for _ in range(4))
+    )
     assert fake.calls[4:] == [1, 1, 1, 1] and len(sequenced) == 4
 
 

@@ -135,7 +135,7 @@ def test_v2_refusals_name_the_field(identity: ModelInfo) -> None:
     for value, ok in ((-5, False), ("s" * 128, True), ("s" * 129, False), (2**64 - 1, True), (2**64, False)):
         body = json.dumps({"inputs": [row], "parameters": {"sequence_id": value}}).encode()
         if ok:
-            assert v2.decode(sequence, body, None).request.sequence_id == value
+            assert v2.decode(sequence, body, None).request.options.sequence_id == value
         else:
             with pytest.raises(InvalidInput, match=r"parameters\.sequence_id"):
                 v2.decode(sequence, body, None)

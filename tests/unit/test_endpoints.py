@@ -19,7 +19,7 @@ from app.clients.endpoints import (
     parse_triton_urls,
     resolve,
 )
-from app.clients.protocols import TritonCall, TritonResult
+from app.clients.protocols import CallOptions, TritonCall, TritonResult
 from app.clients.routed import Endpoint, RoutedTriton, RoutingOptions
 from app.clients.triton_http import UpstreamBroken
 from app.errors import ModelNotFound, UpstreamTimeout, UpstreamUnavailable
@@ -181,7 +181,7 @@ class FakeTriton:
         self.ready = True
 
     async def infer(self, call: TritonCall) -> TritonResult:
-        self.calls.append(call.timeout_us / 1e6)
+        self.calls.append(call.options.timeout_us / 1e6)
         if self.fail:
             raise self.fail.pop(0)
         return TritonResult("1", {"who": np.array([self.name])}, {"who": "BYTES"})
@@ -222,7 +222,9 @@ async def _routed(fakes: dict[str, FakeTriton], **options: Any) -> RoutedTriton:
 
 
 async def _who(routed: RoutedTriton, model: str = "m", sequence_id: int = 0) -> str:
-    call = TritonCall(model, "1", {}, {}, deadline=time.monotonic() + 5.0, sequence_id=sequence_id)
+    call = TritonCall(
+        model, "1", {}, {}, deadline=time.monotonic() + 5.0, options=CallOptions(sequence_id=sequence_id)
+    )
     result = await routed.infer(call)
     return str(result.outputs["who"][0])
 
@@ -351,8 +353,14 @@ async def test_dns_changes_add_and_remove_endpoints() -> None:
 async def test_a_shorter_client_timeout_is_kept() -> None:
     fakes = {"a:1": FakeTriton("a", READY)}
     routed = await _routed(fakes)
-    call = TritonCall("m", "1", {}, {}, deadline=time.monotonic() + 5.0, timeout_us=200_000)
+    call = TritonCall(
+        "m", "1", {}, {}, deadline=time.monotonic() + 5.0, options=CallOptions(timeout_us=200_000)
+    )
     await routed.infer(call)
-    await routed.infer(TritonCall("m", "1", {}, {}, deadline=time.monotonic() + 5.0, timeout_us=60_000_000))
+    await routed.infer(
+        TritonCall(
+            "m", "1", {}, {}, deadline=time.monotonic() + 5.0, options=CallOptions(timeout_us=60_000_000)
+        )
+    )
     assert fakes["a:1"].calls[0] == 0.2 and 4.0 < fakes["a:1"].calls[1] <= 5.0
     await routed.close()

@@ -72,7 +72,8 @@ def test_parameters_split_into_model_parameters_and_triton_options(batched: Mode
     message.parameters["sequence_start"].bool_param = True
     message.parameters["temperature"].double_param = 0.5
     req = codec.decode(batched, message).request
-    assert (req.priority, req.timeout_us, req.sequence_id, req.sequence_start) == (2, 5000, 9, True)
+    o = req.options
+    assert (o.priority, o.timeout_us, o.sequence_id, o.sequence_start) == (2, 5000, 9, True)
     assert req.parameters == {"temperature": 0.5} and not req.cacheable
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 
 from app.auth.principal import Principal
+from app.clients.protocols import CallOptions
 from app.clients.triton import stream_request
 from app.request_context import RequestContext
 from app.services.inference import InferenceService, InferRequest
@@ -22,8 +23,9 @@ from app.services.registry import ModelInfo
 def test_relayed_message_is_rebuilt_from_the_validated_request(batched: ModelInfo) -> None:
     series = np.arange(20, dtype=np.float32).reshape(1, 20, 1)
     req = InferRequest(info=batched, inputs={"series": series}, outputs=["forecast"],
-                       parameters={"tag": "a", "n": 3}, sequence_id="s-1", sequence_start=True,
-                       priority=1, timeout_us=999_000_000)  # fmt: skip
+                       parameters={"tag": "a", "n": 3},
+                       options=CallOptions(priority=1, timeout_us=999_000_000, sequence_id="s-1",
+                                           sequence_start=True))  # fmt: skip
     key = Principal(key_id="k", tenant="t", tier="standard", priority=2, max_timeout_s=30.0)
     InferenceService.bind(req, RequestContext("client-id", "grpc_stream", key))  # what the core applies
     none = cast(Any, None)

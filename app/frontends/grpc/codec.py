@@ -159,7 +159,7 @@ def decode(info: ModelInfo, req: service_pb2.ModelInferRequest) -> GrpcRequest:
         parameters=validate_parameters(params),
         classification=top,
     )
-    options.apply(request)
+    request.options = options
     return GrpcRequest(request, req.id, options, empty_final)
 
 

@@ -540,7 +540,7 @@ class _Stream:
         if info.decoupled:
             self._task(self._decoupled(decoded, ctx, request.id, pending), relay=True)
         elif decoded.options.sequence:
-            key = decoded.request.sequence_id
+            key = decoded.request.options.sequence_id
             after = self.last_of_sequence.get(key)
             task = self._task(self._answer(decoded, ctx, request.id, pending, after=after))
             self.last_of_sequence[key] = task

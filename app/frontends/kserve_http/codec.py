@@ -130,7 +130,7 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
         parameters=validate_parameters(params),
         classification=top,
     )
-    options.apply(request)
+    request.options = options
     request_id = body.get("id")
     return V2Request(request, str(request_id) if request_id is not None else None, binary_outputs)
 

@@ -17,13 +17,12 @@ from typing import Any
 
 import orjson
 
-from app.domain import InferRequest, InferResponse, ModelInfo, json_values
+from app.domain import InferRequest, InferResponse, JobSpec, ModelInfo, json_values
 from app.errors import Conflict, GatewayError, InvalidInput, NotFound, ServiceUnavailable
 from app.observability import metrics
 from app.request_context import RequestContext
 from app.services.inference import InferenceService
 from app.services.jobs.events import EventHub
-from app.services.jobs.spec import JobSpec
 from app.services.jobs.ssrf import UnsafeURL, vet_url
 from app.services.jobs.store import (
     Job,

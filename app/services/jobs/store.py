@@ -133,7 +133,7 @@ class Job:
     finished_at: float | None = None
     attempts: int = 0
     request_id: str = ""
-    spec: bytes = b"{}"  # JobSpec.to_record() (app.services.jobs.spec); the inputs are stored apart
+    spec: bytes = b"{}"  # JobSpec.to_record() (app.domain); the inputs are stored apart
     result: bytes | None = None  # the v1 answer, JSON
     cache: str | None = None
     error: bytes | None = None  # {"code", "message", "details"}, JSON

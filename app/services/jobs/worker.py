@@ -26,14 +26,13 @@ from typing import Any, TypeVar
 
 import orjson
 
-from app.domain import json_values
+from app.domain import JobSpec, json_values
 from app.errors import GatewayError, InvalidInput
 from app.observability import metrics
 from app.observability.requests import Requests
 from app.request_context import RequestContext
 from app.services.inference import InferenceService, InferRequest
 from app.services.jobs.service import error_json, result_json
-from app.services.jobs.spec import JobSpec
 from app.services.jobs.store import (
     STORE_ERRORS,
     STORE_UNAVAILABLE,
