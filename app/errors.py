@@ -19,8 +19,18 @@ logger = logging.getLogger(__name__)
 
 
 class GatewayError(Exception):
+    """A domain error. A subclass is one row of the table: ``class NotFound(GatewayError, status=404,
+    code="not_found")`` (a subclass that names neither keeps its parent's)."""
+
     status_code = 500
     code = "internal_error"
+
+    def __init_subclass__(cls, status: int | None = None, code: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if status is not None:
+            cls.status_code = status
+        if code is not None:
+            cls.code = code
 
     def __init__(
         self,
@@ -45,19 +55,16 @@ def _rebuild_error(cls: type[GatewayError], message: str) -> GatewayError:
     return exc
 
 
-class BadRequest(GatewayError):
-    status_code = 400
-    code = "bad_request"
+class BadRequest(GatewayError, status=400, code="bad_request"):
+    pass
 
 
-class InvalidInput(GatewayError):
-    status_code = 422
-    code = "invalid_input"
+class InvalidInput(GatewayError, status=422, code="invalid_input"):
+    pass
 
 
-class PayloadTooLarge(GatewayError):
-    status_code = 413
-    code = "payload_too_large"
+class PayloadTooLarge(GatewayError, status=413, code="payload_too_large"):
+    pass
 
 
 def body_too_large(limit: int, declared: int | None = None) -> PayloadTooLarge:
@@ -72,63 +79,48 @@ def body_too_large(limit: int, declared: int | None = None) -> PayloadTooLarge:
     )
 
 
-class NotFound(GatewayError):
-    status_code = 404
-    code = "not_found"
+class NotFound(GatewayError, status=404, code="not_found"):
+    pass
 
 
-class ModelNotFound(NotFound):
-    code = "model_not_found"
+class ModelNotFound(NotFound, code="model_not_found"):
+    pass
 
 
-class Conflict(GatewayError):
-    status_code = 409
-    code = "conflict"
+class Conflict(GatewayError, status=409, code="conflict"):
+    pass
 
 
-class ServiceUnavailable(GatewayError):
+class ServiceUnavailable(GatewayError, status=503, code="unavailable"):
     """503 with Retry-After: not ready, upstream unreachable, overloaded."""
-
-    status_code = 503
-    code = "unavailable"
 
     def __init__(self, message: str, details: dict[str, Any] | None = None, retry_after_s: int = 2) -> None:
         super().__init__(message, details, {"Retry-After": str(retry_after_s)})
 
 
-class UpstreamUnavailable(ServiceUnavailable):
-    code = "triton_unavailable"
+class UpstreamUnavailable(ServiceUnavailable, code="triton_unavailable"):
+    pass
 
 
-class UpstreamError(GatewayError):
-    status_code = 502
-    code = "triton_error"
+class UpstreamError(GatewayError, status=502, code="triton_error"):
+    pass
 
 
-class UpstreamRejected(BadRequest):
+class UpstreamRejected(BadRequest, code="triton_rejected_input"):
     """Triton refused the request's content (gRPC INVALID_ARGUMENT, HTTP 400): the client's error, passed
     on as 400 with Triton's message, never retried (a 502 would read as a server fault and be retried)."""
 
-    code = "triton_rejected_input"
 
-
-class NotOffered(GatewayError):
+class NotOffered(GatewayError, status=501, code="not_offered"):
     """A Triton endpoint the gateway deliberately does not offer (``app.services.offer``)."""
 
-    status_code = 501
-    code = "not_offered"
 
-
-class NotProxied(NotOffered):
+class NotProxied(NotOffered, status=403, code="not_proxied"):
     """A Triton control endpoint the gateway deliberately keeps from its clients."""
 
-    status_code = 403
-    code = "not_proxied"
 
-
-class UpstreamTimeout(GatewayError):
-    status_code = 504
-    code = "triton_timeout"
+class UpstreamTimeout(GatewayError, status=504, code="triton_timeout"):
+    pass
 
 
 def upstream_error(

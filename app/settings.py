@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -84,6 +93,11 @@ def _check_redis_url(value: str | None) -> str | None:
     if not value.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("expected a redis://, rediss:// or unix:// URL")
     return value
+
+
+# Comma-separated lists (``TGW_X=a,b``) and Redis URLs, validated the same way wherever a group has one.
+Csv = NoDecode, BeforeValidator(_split_csv)
+RedisUrl = Annotated[str | None, AfterValidator(_check_redis_url)]
 
 
 class _Group(BaseSettings):
@@ -314,7 +328,7 @@ class CacheSettings(_Group):
     title: ClassVar[str] = "Response cache"  # its heading in the README
 
     cache_enabled: bool = Field(True, description="false = no Redis response cache at all (X-Cache: BYPASS)")
-    cache_redis_url: str | None = Field(
+    cache_redis_url: RedisUrl = Field(
         None, validation_alias=_renamed("cache_redis_url", "redis_url"),
         description="redis:// URL of the cache's Redis; unset = start the embedded redis-server",
     )  # fmt: skip
@@ -329,7 +343,7 @@ class CacheSettings(_Group):
         min_length=1,
         description="key prefix; change it to orphan every cached answer at once",
     )
-    cache_exclude_models: Annotated[list[str], NoDecode] = Field(
+    cache_exclude_models: Annotated[list[str], *Csv] = Field(
         default_factory=list, description="comma-separated models never cached"
     )
     cache_max_value_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger answers are not cached")
@@ -345,23 +359,13 @@ class CacheSettings(_Group):
         60.0, ge=0, description="an in-process entry lives at most this long (and never past its Redis TTL)"
     )
 
-    @field_validator("cache_exclude_models", mode="before")
-    @classmethod
-    def _csv(cls, value: object) -> object:
-        return _split_csv(value)
-
-    @field_validator("cache_redis_url")
-    @classmethod
-    def _redis_url(cls, value: str | None) -> str | None:
-        return _check_redis_url(value)
-
 
 class JobsSettings(_Group):
     """Async jobs, their worker, webhooks and /v1/ws (app.services.jobs): the jobs Redis and limits."""
 
     title: ClassVar[str] = "Jobs, webhooks and WebSockets"  # its heading in the README
 
-    jobs_redis_url: str | None = Field(
+    jobs_redis_url: RedisUrl = Field(
         None, description="redis:// URL of the jobs Redis, an instance that never evicts (maxmemory-policy "
         "noeviction) apart from the cache's (allkeys-lru); unset = TGW_CACHE_REDIS_URL",
     )  # fmt: skip
@@ -405,10 +409,10 @@ class JobsSettings(_Group):
     webhook_allow_private: bool = Field(
         False, description="development and tests only: allow webhooks to loopback/private addresses"
     )
-    webhook_allowed_ports: Annotated[list[Annotated[int, Field(ge=1, le=65535)]], NoDecode] = Field(
+    webhook_allowed_ports: Annotated[list[Annotated[int, Field(ge=1, le=65535)]], *Csv] = Field(
         default_factory=list, description="comma-separated ports webhooks may target besides 80 and 443"
     )
-    webhook_schedule_s: Annotated[list[float], NoDecode] = Field(
+    webhook_schedule_s: Annotated[list[float], *Csv] = Field(
         default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
         description="comma-separated delays between webhook attempts (default ~27 h over 8 attempts)",
     )
@@ -430,16 +434,6 @@ class JobsSettings(_Group):
     ws_max_in_flight: int = Field(32, ge=1, description="concurrent requests per /v1/ws socket")
     ws_send_queue: int = Field(256, ge=1, description="frames buffered per socket before it is dropped")
     ws_heartbeat_s: float = Field(20.0, gt=0, description="heartbeat frame interval on idle sockets")
-
-    @field_validator("webhook_schedule_s", "webhook_allowed_ports", mode="before")
-    @classmethod
-    def _csv(cls, value: object) -> object:
-        return _split_csv(value)
-
-    @field_validator("jobs_redis_url")
-    @classmethod
-    def _redis_url(cls, value: str | None) -> str | None:
-        return _check_redis_url(value)
 
 
 class AuthSettings(_Group):
@@ -463,12 +457,12 @@ class AuthSettings(_Group):
         None, min_length=32, description="admin credential (Bearer/X-API-Key) for /metrics, /v1/admin/*, "
         "/v2/repository/*, /v1/jobs/stats; keys of tier `admin` work too",
     )  # fmt: skip
-    auth_redis_url: str | None = Field(
+    auth_redis_url: RedisUrl = Field(
         None, description="redis:// URL of the key store and limits; it must never evict keys (not an "
         "allkeys-lru cache): unset = the jobs Redis (TGW_JOBS_REDIS_URL) if set, else TGW_CACHE_REDIS_URL",
     )  # fmt: skip
     auth_redis_timeout_s: float = Field(0.25, gt=0, description="bound on every key/limit Redis call")
-    auth_tiers: Annotated[list[str], NoDecode] = Field(
+    auth_tiers: Annotated[list[str], *Csv] = Field(
         default_factory=lambda: ["high:1:60", "standard:2:30"],
         description="tier:triton_priority:max_timeout_s, comma-separated; priority 1 is Triton's highest",
     )
@@ -493,16 +487,6 @@ class AuthSettings(_Group):
     cache_scope: Literal["shared", "tenant"] = Field(
         "shared", description="shared (default) or tenant: one cached answer per tenant (docs/auth.md)"
     )
-
-    @field_validator("auth_tiers", mode="before")
-    @classmethod
-    def _csv(cls, value: object) -> object:
-        return _split_csv(value)
-
-    @field_validator("auth_redis_url")
-    @classmethod
-    def _redis_url(cls, value: str | None) -> str | None:
-        return _check_redis_url(value)
 
     @field_validator("key_pepper", "admin_token")
     @classmethod
@@ -542,7 +526,7 @@ class EmbeddedSettings(_Group):
     title: ClassVar[str] = "Embedded stack (`tgw up`)"  # its heading in the README
 
     state_dir: Path = Field(PROJECT_ROOT / ".tgw", description="where the embedded stack keeps its files")
-    model_repository: Annotated[list[Path], NoDecode] = Field(
+    model_repository: Annotated[list[Path], *Csv] = Field(
         default_factory=lambda: [PROJECT_ROOT / "model_repository"],
         description="comma-separated model repositories for the embedded Triton",
     )
@@ -574,11 +558,6 @@ class EmbeddedSettings(_Group):
     supervise_max_restarts: int = Field(
         5, ge=0, description="`tgw up` restarts a dead child; this many crashes within 60 s stop the stack"
     )
-
-    @field_validator("model_repository", mode="before")
-    @classmethod
-    def _csv(cls, value: object) -> object:
-        return _split_csv(value)
 
     def embedded_triton_ports(self, i: int) -> tuple[int, int, int]:
         """HTTP, gRPC and metrics ports of the i-th embedded Triton (each next one 3 ports higher)."""

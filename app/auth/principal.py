@@ -70,24 +70,19 @@ def cache_scope(principal: Principal | None, scope_setting: str) -> str:
     return ""
 
 
-class Unauthorized(GatewayError):
-    status_code = 401
-    code = "unauthorized"
+class Unauthorized(GatewayError, status=401, code="unauthorized"):
+    pass
 
     def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(message, details, {"WWW-Authenticate": 'Bearer realm="triton-gateway"'})
 
 
-class Forbidden(GatewayError):
-    status_code = 403
-    code = "forbidden"
+class Forbidden(GatewayError, status=403, code="forbidden"):
+    pass
 
 
-class TooManyRequests(GatewayError):
+class TooManyRequests(GatewayError, status=429, code="rate_limited"):
     """429 with ``Retry-After`` and the IETF draft's ``RateLimit-Policy`` / ``RateLimit`` fields."""
-
-    status_code = 429
-    code = "rate_limited"
 
     def __init__(
         self, message: str, retry_after_s: float, policy: str | None = None, state: str | None = None,

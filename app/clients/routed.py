@@ -35,6 +35,7 @@ from app.clients.protocols import InferenceTransport, TritonCall, TritonResult
 from app.clients.triton import TritonGrpcClient
 from app.clients.triton_http import TritonHttpInfer, UpstreamBroken
 from app.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
+from app.tasks import stop_task
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -188,11 +189,8 @@ class RoutedTriton:
         self._task = asyncio.create_task(self._loop(), name="triton-endpoint-probes")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         for endpoint in list(self.endpoints.values()):
             await self._close_endpoint(endpoint)
 

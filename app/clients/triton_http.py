@@ -255,16 +255,12 @@ class TritonHttpInfer:
             except _NotSent:
                 self._release(conn)
                 continue  # a stale idle connection; does not count as a retry
-            except _BrokenAnswer as exc:
+            except ConnectionError as exc:  # during the answer (_BrokenAnswer: not retried) or the call
                 self._release(conn)
-                raise UpstreamBroken(
-                    f"Triton is unavailable: the connection broke during the answer ({exc})",
-                    {"url": self.url}, retry_after_s=self.retry_after_s,
-                ) from None  # fmt: skip
-            except ConnectionError as exc:
-                self._release(conn)
-                raise UpstreamUnavailable(
-                    f"Triton is unavailable: the connection broke during the call ({exc})",
+                broken = isinstance(exc, _BrokenAnswer)
+                during = "answer" if broken else "call"
+                raise (UpstreamBroken if broken else UpstreamUnavailable)(
+                    f"Triton is unavailable: the connection broke during the {during} ({exc})",
                     {"url": self.url}, retry_after_s=self.retry_after_s,
                 ) from None  # fmt: skip
             except BaseException:  # cancelled or timed out mid-call: the answer may still come; drop it

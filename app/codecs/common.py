@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from app.domain import CallOptions
+from app.domain import CallOptions, ModelInfo
 from app.domain import json_values as json_values
 from app.domain import jsonable as jsonable
 from app.domain import tensor_json_values as tensor_json_values
@@ -16,6 +16,7 @@ from app.errors import InvalidInput
 # app.services.payload; the routers take it from here.
 from app.services.payload import OFF_LOOP_BYTES as OFF_LOOP_BYTES
 from app.services.payload import decode_off_loop as decode_off_loop
+from app.services.validation import check_sequence
 
 JSON = b"application/json"
 OCTET_STREAM = b"application/octet-stream"
@@ -42,9 +43,10 @@ CALL_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end", "p
 _NO_OPTIONS = CallOptions()
 
 
-def call_options(params: dict[str, Any]) -> CallOptions:
+def call_options(params: dict[str, Any], info: ModelInfo) -> CallOptions:
     """Pop Triton's own parameters (``CALL_PARAMETERS``) out of ``params`` (in place) and check their
-    types; the rest are the model's parameters (part of the cache key)."""
+    types, and sequence controls against ``info`` (only a model with a sequence batcher takes them); the
+    rest are the model's parameters (part of the cache key)."""
 
     if not params:
         return _NO_OPTIONS
@@ -61,10 +63,13 @@ def call_options(params: dict[str, Any]) -> CallOptions:
                                {"field": f"parameters.{key}"})  # fmt: skip
         return value
 
-    return CallOptions(
+    options = CallOptions(
         priority=take("priority", int, 0),
         timeout_us=take("timeout", int, 0),
         sequence_id=take("sequence_id", (int, str), 0),
         sequence_start=take("sequence_start", bool, False),
         sequence_end=take("sequence_end", bool, False),
     )
+    if options.sequence_id or options.sequence_start or options.sequence_end:
+        check_sequence(info, options.sequence_id, options.sequence_start, options.sequence_end)
+    return options

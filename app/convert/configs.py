@@ -129,6 +129,16 @@ def _version_policy(spec: ModelSpec) -> str:
     )
 
 
+def _model(spec: ModelSpec, runtime: str) -> str:
+    """What every configuration of the model says first: its name, ``runtime`` (platform or backend
+    lines), its batch size and tensors."""
+    return (
+        f'name: "{spec.name}"\n{runtime}\nmax_batch_size: {spec.max_batch}\n'
+        + _tensors("input", spec.inputs)
+        + _tensors("output", spec.outputs)
+    )
+
+
 def _priority(spec: ModelSpec) -> str:
     if spec.priority_levels <= 0:
         return ""
@@ -156,11 +166,7 @@ def tensorrt_config(spec: ModelSpec) -> str:
         f"{spec.min_batch}/{spec.opt_batch}/{spec.max_batch}):\n"
         f"# see build_plan.sh next to this file and Dockerfile.triton. The embedded CPU Triton loads\n"
         f"# configs/cpu.pbtxt instead (tritonserver --model-config-name=cpu).\n"
-        f'name: "{spec.name}"\n'
-        f'platform: "tensorrt_plan"\n'
-        f"max_batch_size: {spec.max_batch}\n"
-        + _tensors("input", spec.inputs)
-        + _tensors("output", spec.outputs)
+        + _model(spec, 'platform: "tensorrt_plan"')
         + f"# Wait up to {spec.gpu_queue_delay_us} us to fill a preferred batch: a batch-{spec.opt_batch}\n"
         f"# TensorRT launch costs about as much as batch 1, so a short wait buys throughput for\n"
         f"# little latency.\n"
@@ -181,14 +187,10 @@ def cpu_config(spec: ModelSpec) -> str:
     """CPU configuration for the embedded Triton: Python backend + ONNX Runtime."""
     spec.validate()
     return (
-        f"# CPU configuration written by `tgw convert`: loaded by the embedded Triton, which runs with\n"
-        f"# --model-config-name=cpu. Python backend running ONNX Runtime on <version>/model.onnx\n"
-        f"# (app/triton_models/onnx_runner.py); production uses ../config.pbtxt (TensorRT).\n"
-        f'name: "{spec.name}"\n'
-        f'backend: "python"\n'
-        f"max_batch_size: {spec.max_batch}\n"
-        + _tensors("input", spec.inputs)
-        + _tensors("output", spec.outputs)
+        "# CPU configuration written by `tgw convert`: loaded by the embedded Triton, which runs with\n"
+        "# --model-config-name=cpu. Python backend running ONNX Runtime on <version>/model.onnx\n"
+        "# (app/triton_models/onnx_runner.py); production uses ../config.pbtxt (TensorRT).\n"
+        + _model(spec, 'backend: "python"')
         + f"# Wait up to {spec.cpu_queue_delay_us} us for more requests. Measured for the example models on\n"
         f"# 2 cores (wrk over HTTP): at 64 concurrent clients 100 us batches ~4-5 requests per ONNX\n"
         f"# Runtime call and matches 500 us in throughput, while a lone client pays ~0.2 ms extra\n"
@@ -235,12 +237,7 @@ def gpu_config(spec: ModelSpec, variant: str = "gpu") -> str:
         f"# {what}\n"
         f"# (app/triton_models/torch_runner.py). No TensorRT plan was built: production's ../config.pbtxt\n"
         f"# (TensorRT) stays the reference and needs a TensorRT build on the target GPU.\n"
-        f'name: "{spec.name}"\n'
-        f'backend: "python"\n'
-        f'default_model_filename: "{TORCH_MODEL_PY}"\n'
-        f"max_batch_size: {spec.max_batch}\n"
-        + _tensors("input", spec.inputs)
-        + _tensors("output", spec.outputs)
+        + _model(spec, f'backend: "python"\ndefault_model_filename: "{TORCH_MODEL_PY}"')
     )
     if batching:
         text += (

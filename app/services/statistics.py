@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from app.clients.protocols import TritonAdmin
+from app.tasks import stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -123,11 +124,8 @@ class ServedStatistics:
             self._task = asyncio.create_task(self.run(), name="served-statistics")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flush(), 1.0)
 

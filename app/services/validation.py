@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from tritonclient.utils import deserialize_bytes_tensor
 
-from app.domain import InferRequest
+from app.domain import CallOptions, InferRequest
 from app.errors import InvalidInput
 from app.services.payload import ContainerBudget
 from app.services.registry import ModelInfo, TensorSpec
@@ -424,6 +424,27 @@ def validate_v1_body(info: ModelInfo, body: Any) -> InferRequest:
         inputs=validate_v1_inputs(info, body.get("inputs")),
         outputs=validate_outputs(info, body.get("outputs")),
         parameters=validate_parameters(body.get("parameters")),
+    )
+
+
+def validate_v2_request(
+    info: ModelInfo,
+    inputs: Any,
+    binary: Mapping[str, bytes | memoryview] | None,
+    outputs: list[str] | None,
+    params: dict[str, Any],
+    options: CallOptions,
+    classification: dict[str, int],
+) -> InferRequest:
+    """The validated request of a KServe v2 body (HTTP JSON and binary, gRPC): its tensors (``binary``: the
+    raw data by input), its model parameters and the call options the codec read."""
+    return InferRequest(
+        info=info,
+        inputs=validate_v2_inputs(info, inputs, binary),
+        outputs=outputs,
+        parameters=validate_parameters(params),
+        options=options,
+        classification=classification,
     )
 
 

@@ -22,8 +22,8 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from app.auth import TooManyRequests, Unauthorized
 from app.auth.admin import NewKey, create_key
+from app.auth.principal import TooManyRequests, Unauthorized
 from app.auth.runtime import build_auth, stop_auth
 from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
 from app.settings import Settings

@@ -54,7 +54,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from app.auth import TooManyRequests, Unauthorized
+from app.auth.principal import TooManyRequests, Unauthorized
 from app.errors import (
     InvalidInput,
     ModelNotFound,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from importlib.resources import files
 from importlib.resources.abc import Traversable
-from typing import Final
+from typing import Any, Final
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
@@ -44,16 +44,18 @@ def install_docs(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc
     oauth2_redirect_url = app.swagger_ui_oauth2_redirect_url or f"{docs_url}/oauth2-redirect"
     router = APIRouter(include_in_schema=False)
 
-    def root(request: Request) -> str:
-        return str(request.scope.get("root_path", "")).rstrip("/")
+    def page(request: Request, name: str) -> tuple[str, dict[str, Any]]:
+        """The proxy's root path, and what every documentation page gets under it."""
+        root = str(request.scope.get("root_path", "")).rstrip("/")
+        return root, {"openapi_url": root + openapi_url, "title": f"{app.title} - {name}"}
 
     @router.get(docs_url)
     async def swagger_ui(request: Request) -> HTMLResponse:
-        prefix = root(request) + ASSETS_PREFIX
+        root, common = page(request, "Swagger UI")
+        prefix = root + ASSETS_PREFIX
         return get_swagger_ui_html(
-            openapi_url=root(request) + openapi_url,
-            title=f"{app.title} - Swagger UI",
-            oauth2_redirect_url=root(request) + oauth2_redirect_url,
+            **common,
+            oauth2_redirect_url=root + oauth2_redirect_url,
             swagger_js_url=prefix + "swagger-ui-bundle.js",
             swagger_css_url=prefix + "swagger-ui.css",
             swagger_favicon_url=prefix + "favicon.png",
@@ -66,12 +68,11 @@ def install_docs(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc
 
     @router.get(redoc_url)
     async def redoc(request: Request) -> HTMLResponse:
-        prefix = root(request) + ASSETS_PREFIX
+        root, common = page(request, "ReDoc")
         return get_redoc_html(
-            openapi_url=root(request) + openapi_url,
-            title=f"{app.title} - ReDoc",
-            redoc_js_url=prefix + "redoc.standalone.js",
-            redoc_favicon_url=prefix + "favicon.png",
+            **common,
+            redoc_js_url=root + ASSETS_PREFIX + "redoc.standalone.js",
+            redoc_favicon_url=root + ASSETS_PREFIX + "favicon.png",
             with_google_fonts=False,
         )
 

@@ -27,12 +27,10 @@ from app.services.validation import (
     GRPC_INPUT_PARAMETERS,
     GRPC_OUTPUT_PARAMETERS,
     NUMPY_DTYPES,
-    check_sequence,
     check_tensor_parameters,
     classification,
     validate_outputs,
-    validate_parameters,
-    validate_v2_inputs,
+    validate_v2_request,
 )
 
 # Triton datatype -> the typed field of InferTensorContents that carries it (FP16/BF16: raw only).
@@ -137,9 +135,7 @@ def decode(info: ModelInfo, req: service_pb2.ModelInferRequest) -> GrpcRequest:
     params = plain_parameters(req.parameters)
     params.pop("binary_data_output", None)  # an HTTP notion; gRPC outputs are always raw
     empty_final = params.pop("triton_enable_empty_final_response", False) is True
-    options = call_options(params)
-    if options.sequence_id or options.sequence_start or options.sequence_end:
-        check_sequence(info, options.sequence_id, options.sequence_start, options.sequence_end)
+    options = call_options(params, info)
     top: dict[str, int] = {}
     for output in req.outputs:
         field = f"outputs.{output.name}.parameters"
@@ -152,14 +148,7 @@ def decode(info: ModelInfo, req: service_pb2.ModelInferRequest) -> GrpcRequest:
             if count:
                 top[output.name] = count
     outputs = validate_outputs(info, [o.name for o in req.outputs]) if req.outputs else None
-    request = InferRequest(
-        info=info,
-        inputs=validate_v2_inputs(info, tensors, binary),
-        outputs=outputs,
-        parameters=validate_parameters(params),
-        classification=top,
-    )
-    request.options = options
+    request = validate_v2_request(info, tensors, binary, outputs, params, options, top)
     return GrpcRequest(request, req.id, options, empty_final)
 
 

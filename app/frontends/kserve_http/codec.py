@@ -21,14 +21,13 @@ from app.services.validation import (
     HTTP_INPUT_PARAMETERS,
     HTTP_OUTPUT_PARAMETERS,
     NUMPY_DTYPES,
-    check_sequence,
     check_tensor_parameters,
     classification,
     container_budget,
     parameters_object,
     validate_outputs,
-    validate_parameters,
     validate_v2_inputs,
+    validate_v2_request,
     value_budget,
 )
 
@@ -94,9 +93,7 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
     if not isinstance(all_binary, bool):
         raise InvalidInput("parameters.binary_data_output: expected true or false",
                            {"field": "parameters.binary_data_output"})  # fmt: skip
-    options = call_options(params)
-    if options.sequence_id or options.sequence_start or options.sequence_end:
-        check_sequence(info, options.sequence_id, options.sequence_start, options.sequence_end)
+    options = call_options(params, info)
     requested = body.get("outputs")
     names: list[str] | None = None
     binary_outputs: set[str] = set()
@@ -123,14 +120,7 @@ def decode(info: ModelInfo, raw: bytes, header_length: str | None) -> V2Request:
                 binary_outputs.add(o["name"])
     elif all_binary:
         binary_outputs = set(info.outputs)
-    request = InferRequest(
-        info=info,
-        inputs=validate_v2_inputs(info, inputs, parts),
-        outputs=names,
-        parameters=validate_parameters(params),
-        classification=top,
-    )
-    request.options = options
+    request = validate_v2_request(info, inputs, parts, names, params, options, top)
     request_id = body.get("id")
     return V2Request(request, str(request_id) if request_id is not None else None, binary_outputs)
 

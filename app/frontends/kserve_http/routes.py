@@ -92,19 +92,23 @@ def _refuse(feature: str) -> Callable[[], Awaitable[Response]]:
     return refused
 
 
+# the same five paths under /systemsharedmemory and /cudasharedmemory
+_SHARED_MEMORY_PATHS = (
+    ("/status", ["GET"]),
+    ("/unregister", ["POST"]),
+    ("/region/{region}/status", ["GET"]),
+    ("/region/{region}/register", ["POST"]),
+    ("/region/{region}/unregister", ["POST"]),
+)
+
 for _path, _methods, _feature in (
     ("/repository/models/{model}/load", ["POST"], "model_control"),
     ("/repository/models/{model}/unload", ["POST"], "model_control"),
-    ("/systemsharedmemory/status", ["GET"], "shared_memory"),
-    ("/systemsharedmemory/unregister", ["POST"], "shared_memory"),
-    ("/systemsharedmemory/region/{region}/status", ["GET"], "shared_memory"),
-    ("/systemsharedmemory/region/{region}/register", ["POST"], "shared_memory"),
-    ("/systemsharedmemory/region/{region}/unregister", ["POST"], "shared_memory"),
-    ("/cudasharedmemory/status", ["GET"], "shared_memory"),
-    ("/cudasharedmemory/unregister", ["POST"], "shared_memory"),
-    ("/cudasharedmemory/region/{region}/status", ["GET"], "shared_memory"),
-    ("/cudasharedmemory/region/{region}/register", ["POST"], "shared_memory"),
-    ("/cudasharedmemory/region/{region}/unregister", ["POST"], "shared_memory"),
+    *(
+        (f"/{memory}sharedmemory{path}", methods, "shared_memory")
+        for memory in ("system", "cuda")
+        for path, methods in _SHARED_MEMORY_PATHS
+    ),
     ("/trace/setting", ["GET", "POST"], "trace"),
     ("/models/{model}/trace/setting", ["GET", "POST"], "trace"),
     ("/logging", ["GET", "POST"], "logging"),

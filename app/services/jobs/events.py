@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from app.services.jobs.store import EVENTS, JobStore
+from app.tasks import stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +58,7 @@ class EventHub:
         self._task = asyncio.create_task(self._run(), name="job-events")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     async def _run(self) -> None:
         backoff = 0.2

@@ -97,9 +97,8 @@ class Recheck(Protocol):
     async def revoked(self) -> None: ...
 
 
-class TooManyInFlight(GatewayError):
-    status_code = 429
-    code = "too_many_in_flight"
+class TooManyInFlight(GatewayError, status=429, code="too_many_in_flight"):
+    pass
 
 
 class Outbox:

@@ -197,8 +197,8 @@ STORE_UNAVAILABLE: tuple[type[Exception], ...] = (RedisConnectionError, RedisTim
 STORE_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
 
 
-class JobStoreUnavailable(ServiceUnavailable):
-    code = "job_store_unavailable"
+class JobStoreUnavailable(ServiceUnavailable, code="job_store_unavailable"):
+    pass
 
 
 @contextmanager
@@ -211,6 +211,25 @@ def redis_errors(retry_after_s: int = 2) -> Iterator[None]:
             f"the job store (Redis) is unavailable: {type(exc).__name__}; retry later",
             retry_after_s=retry_after_s,
         ) from None
+
+
+# A finished job with a webhook is scheduled for delivery, in every script that finishes one (written
+# once, expanded into each: ``${schedule_webhook(job key, schedule key, when, job id)}``).
+_SCHEDULE_WEBHOOK = """local url = redis.call('HGET', {job}, 'webhook_url')
+if url and url ~= '' then
+  redis.call('HSET', {job}, 'webhook_status', 'pending', 'webhook_attempts', 0)
+  redis.call('ZADD', {schedule}, {when}, {job_id})
+end"""
+_EXPANSION = re.compile(r"^( *)\$\{schedule_webhook\((.+?), (.+?), (.+?), (.+?)\)\}$", re.M)
+
+
+def _lua(script: str) -> str:
+    def expand(m: re.Match[str]) -> str:
+        indent, job, schedule, when, job_id = m.groups()
+        text = _SCHEDULE_WEBHOOK.format(job=job, schedule=schedule, when=when, job_id=job_id)
+        return "\n".join(indent + line for line in text.splitlines())
+
+    return _EXPANSION.sub(expand, script)
 
 
 # KEYS: idem, job, inputs, counts, stream (this job's), stream high, stream normal, schedule
@@ -243,11 +262,7 @@ if ARGV[6] == 'queued' then
   redis.call('XADD', KEYS[5], '*', 'job_id', ARGV[3])
 else
   redis.call('HINCRBY', KEYS[4], ARGV[6], 1)
-  local url = redis.call('HGET', KEYS[2], 'webhook_url')
-  if url and url ~= '' then
-    redis.call('HSET', KEYS[2], 'webhook_status', 'pending', 'webhook_attempts', 0)
-    redis.call('ZADD', KEYS[8], ARGV[10], ARGV[3])
-  end
+  ${schedule_webhook(KEYS[2], KEYS[8], ARGV[10], ARGV[3])}
   redis.call('PUBLISH', ARGV[11], ARGV[7])
 end
 if ARGV[1] == '1' then redis.call('SET', KEYS[1], ARGV[2] .. ' ' .. ARGV[3], 'EX', ARGV[4]) end
@@ -282,11 +297,7 @@ if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'cache', ARGV[5]) end
 redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 redis.call('DEL', KEYS[4])
-local url = redis.call('HGET', KEYS[1], 'webhook_url')
-if url and url ~= '' then
-  redis.call('HSET', KEYS[1], 'webhook_status', 'pending', 'webhook_attempts', 0)
-  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[7])
-end
+${schedule_webhook(KEYS[1], KEYS[3], ARGV[2], ARGV[7])}
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('PUBLISH', ARGV[9], ARGV[8])
 return 'done'
@@ -351,9 +362,9 @@ class JobStore:
         self.redis = redis  # calls bounded by a short socket timeout
         self.blocking = blocking if blocking is not None else redis  # XREADGROUP BLOCK and pub/sub idle
         self.ttl_s = ttl_s
-        self._submit = redis.register_script(_SUBMIT)
+        self._submit = redis.register_script(_lua(_SUBMIT))
         self._start = redis.register_script(_START)
-        self._finish = redis.register_script(_FINISH)
+        self._finish = redis.register_script(_lua(_FINISH))
         self._claim_due = redis.register_script(_CLAIM_DUE)
         self._record = redis.register_script(_RECORD)
 

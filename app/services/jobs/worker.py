@@ -44,6 +44,7 @@ from app.services.jobs.store import (
     decode_inputs,
 )
 from app.services.offload import INLINE, Offload
+from app.tasks import stop_task
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -121,9 +122,7 @@ class JobWorker:
                 for stream, entry_id, job_id in entries:
                     self._spawn(stream, entry_id, job_id)
         finally:
-            reclaimer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reclaimer
+            await stop_task(reclaimer)
 
     async def _retrying(self, fn: Any) -> None:
         delay = 0.2
