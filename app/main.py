@@ -12,13 +12,14 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.auth.runtime import build_auth, check_model_priorities, stop_auth
+from app.auth.stage import classifier
 from app.frontends.admin import health, models
 from app.frontends.admin import keys as auth_routes
 from app.frontends.admin.docs import install_docs
 from app.frontends.grpc.server import GrpcFrontDoor
 from app.frontends.http import schemas
-from app.frontends.http.common import Headers
-from app.frontends.http.pipeline import InferRoute, InferRouter, Pipeline
+from app.frontends.http.pipeline import Pipeline
+from app.frontends.http.routes import RawRouter, RawRoutes, RouteTemplates, install_raw_routes
 from app.frontends.http.web import install_exception_handlers
 from app.frontends.jobs import routes as jobs
 from app.frontends.kserve_http import routes as v2
@@ -61,30 +62,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tracing.shutdown_tracing()
 
 
-def _infer_router(app: FastAPI) -> InferRouter:
-    """The infer routes' handlers, bound to the gateway built in the lifespan."""
+def raw_routes() -> RawRoutes:
+    """The raw route table (``app.frontends.http.routes``): every door's rows; a new door adds its rows."""
+    return RawRoutes((*infer.RAW_ROUTES, *v2.RAW_ROUTES))
 
-    def gateway() -> Gateway:
-        gw: Gateway = app.state.gateway
+
+class _AppGateway:
+    """The raw routes' handlers get the gateway the lifespan built (``app.state.gateway``)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, app: FastAPI) -> None:
+        self.state = app.state
+
+    def __call__(self) -> Gateway:
+        gw: Gateway = self.state.gateway
         return gw
-
-    async def v1(route: InferRoute, body: bytes, headers: Headers) -> infer.Reply:
-        gw = gateway()
-        return await infer.serve_v1(gw.inference, route.model, route.version, body, headers, gw.offload)
-
-    async def kserve(route: InferRoute, body: bytes, headers: Headers) -> infer.Reply:
-        gw = gateway()
-        return await v2.serve_v2(
-            gw.inference,
-            route.model,
-            route.version,
-            body,
-            headers,
-            app.state.settings.max_body_bytes,
-            gw.offload,
-        )
-
-    return InferRouter({"v1": v1, "v2": kserve})
 
 
 def create_app(settings: Settings | None = None) -> Pipeline:
@@ -98,7 +91,8 @@ def create_app(settings: Settings | None = None) -> Pipeline:
         app,
         max_body_bytes=settings.max_body_bytes,
         lifecycle=app.state.lifecycle,
-        router=_infer_router(app),
+        router=RawRouter(app.state.raw_routes, _AppGateway(app)),
+        templates=app.state.route_templates.template,  # what the pipeline refuses before FastAPI routes it
         admission=app.state.auth if app.state.auth.enabled else None,
         requests=app.state.requests,
         server_timing=settings.server_timing,
@@ -119,15 +113,23 @@ def web_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.lifecycle = Lifecycle()
     app.state.requests = Requests(http_metrics() if settings.metrics_enabled else ())  # every door's record
-    app.state.auth = build_auth(settings)  # keys and limits: the pipeline's admission stage (app.auth)
+    app.state.raw_routes = routes = raw_routes()
+    # keys and limits: the pipeline's admission stage (app.auth), the raw routes' auth classes handed in
+    app.state.auth = build_auth(settings, classifier(routes.auth_class))
     install_exception_handlers(app)
-    for module in (health, models, v2, jobs, ws, auth_routes, infer):
-        app.include_router(module.router)
+    routers = [module.router for module in (health, models, v2, jobs, ws, auth_routes)]
+    for router in routers:
+        app.include_router(router)
     schemas.document_errors(app)
-    infer.document_infer_routes(app)
+    install_raw_routes(app, routes)  # their OpenAPI operations and the 405 of other methods
     if app.state.auth.enabled:
-        auth_routes.document_auth(app)
+        auth_routes.document_auth(app, app.state.auth.path_class)
     if settings.metrics_enabled:
         setup_metrics(app)
     tracing.setup_tracing(settings.otel_endpoint, settings.otel_service_name)
+    # The routes' templates, for what the pipeline refuses before FastAPI routes it (the routers' own
+    # routes: FastAPI's app.routes holds an included router as one opaque route).
+    app.state.route_templates = RouteTemplates(
+        [*(r for router in routers for r in router.routes), *app.routes]
+    )
     return app

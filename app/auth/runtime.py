@@ -5,30 +5,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from app.auth.stage import AuthStage
+from app.auth.stage import AuthStage, path_class
 from app.clients.redis import AutoPipeline, make_redis
 from app.settings import Settings, redact_url
 
 logger = logging.getLogger(__name__)
 
 
-def build_auth(settings: Settings) -> AuthStage:
+def build_auth(settings: Settings, classify: Callable[[str], str] = path_class) -> AuthStage:
     """The auth stage for the request pipeline (``Pipeline(admission=...)``); its Redis client connects
-    lazily, on the first request's loop."""
+    lazily, on the first request's loop. ``classify``: the paths' classes (``app.auth.stage.classifier``
+    over the doors' route tables)."""
     if settings.auth != "required":
         logger.warning(
             "authentication is OFF (TGW_AUTH=off): anyone who can reach %s:%d may use every model; "
             "set TGW_AUTH=required for anything but local development", settings.host, settings.port,
         )  # fmt: skip
-        return AuthStage(settings)
+        return AuthStage(settings, classify=classify)
     redis = make_redis(settings.auth_redis_address, settings.auth_redis_timeout_s, settings.redis_cluster)
     submit = None
     if not settings.redis_cluster:
         auto = AutoPipeline(redis, settings.auth_redis_timeout_s)
         submit = auto.submit
-    stage = AuthStage(settings, redis, submit)
+    stage = AuthStage(settings, redis, submit, classify)
     logger.info("authentication required: API keys in %s, verified keys trusted %g s in process",
                 redact_url(settings.auth_redis_address), settings.auth_key_cache_s)  # fmt: skip
     return stage
