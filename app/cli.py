@@ -23,14 +23,15 @@ import uvicorn
 
 from app.cli_common import SECRET_WORDS, dotenv_values, load_settings, preflight, unknown_variables
 from app.launcher import EmbeddedRedis, EmbeddedTriton, LaunchError, ManagedProcess, StackState
-from app.lifecycle import (
+from app.observability.logging import configure_logging, log_config
+from app.server import (
     DependencyUnavailable,
     GracefulServer,
+    raise_nofile_limit,
     run_workers,
+    server_config,
     wait_for_dependencies,
 )
-from app.observability.logging import configure_logging, log_config
-from app.server import raise_nofile_limit, server_config
 from app.server import run as run_on_server_loop
 from app.settings import Settings, redact_url
 
