@@ -378,7 +378,8 @@ def cmd_serve(_: argparse.Namespace) -> int:
 
 async def _run_worker(settings: Settings) -> int:
     """The gateway's core (``build_gateway``: same clients, same inference service) with a worker and the
-    webhook dispatcher in it, and no web app. SIGTERM/SIGINT: stop reading, let running jobs finish."""
+    webhook dispatcher in it, and no web app: no door is built or started (no gRPC door, no auth stage: the
+    edge of a process that serves no request). SIGTERM/SIGINT: stop reading, let running jobs finish."""
     from app.gateway import build_gateway
 
     stop = asyncio.Event()

@@ -1,6 +1,8 @@
 """``create_app()``: the FastAPI application behind the request pipeline (``app.frontends.http.pipeline``).
-Settings are built and validated here; the long-lived clients and services are built by ``build_gateway``
-in the lifespan and held on ``app.state.gateway`` (routes get them through ``app.frontends.http.deps``)."""
+Settings are built and validated here, and the edge (``app.gateway.build_edge``: drain state, request
+recorder, auth stage) the pipeline needs from the start; everything else long-lived is built by
+``build_gateway`` in the lifespan (with that edge) and held on ``app.state.gateway`` (routes get it through
+``app.frontends.http.deps``); the lifespan only starts what this process serves."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.auth.runtime import build_auth, check_model_priorities, stop_auth
+from app.auth.runtime import check_model_priorities
 from app.auth.stage import classifier
 from app.frontends.admin import health, models
 from app.frontends.admin import keys as auth_routes
@@ -25,11 +27,9 @@ from app.frontends.jobs import routes as jobs
 from app.frontends.kserve_http import routes as v2
 from app.frontends.rest import routes as infer
 from app.frontends.ws import routes as ws
-from app.gateway import Gateway, build_gateway
-from app.lifecycle import Lifecycle
+from app.gateway import Edge, Gateway, build_edge, build_gateway
 from app.observability import tracing
-from app.observability.metrics import http_metrics, register_jobs_snapshot, setup_metrics
-from app.observability.requests import Requests
+from app.observability.metrics import register_jobs_snapshot, setup_metrics
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -37,29 +37,32 @@ logger = logging.getLogger(__name__)
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """What this process serves, started and stopped: ``build_gateway`` built everything (with the edge the
+    pipeline already holds); here the gRPC door starts (when enabled), the priority check runs, and the
+    process takes signals (``Lifecycle.activate``)."""
     settings: Settings = app.state.settings
-    lifecycle: Lifecycle = app.state.lifecycle
-    async with build_gateway(settings, lifecycle, app.state.requests) as gw:
+    async with build_gateway(settings, app.state.edge, grpc=_grpc_door) as gw:
         app.state.gateway = gw
         register_jobs_snapshot(app, gw.jobs.metrics_snapshot)
-        priority_check = check_model_priorities(app.state.auth, gw.admin)  # logs, never blocks
-        # --- gRPC front door (KServe v2 over gRPC, same services and cache; app.frontends.grpc) ---
-        front_door = GrpcFrontDoor(settings, gw, app.state.auth) if settings.grpc_enabled else None
-        if front_door is not None:
-            app.state.grpc_port = await front_door.start()
-            app.state.grpc_front_door = front_door
-        lifecycle.activate()  # SIGTERM drains (readiness 503)
+        assert gw.auth is not None  # a serving process's edge has its auth stage
+        priority_check = check_model_priorities(gw.auth, gw.admin)  # logs, never blocks
+        if gw.grpc is not None:  # KServe v2 over gRPC, same services and cache (app.frontends.grpc)
+            app.state.grpc_port = await gw.grpc.start()
+        gw.lifecycle.activate()  # SIGTERM drains (readiness 503)
         try:
             yield
         finally:
-            lifecycle.deactivate()
+            gw.lifecycle.deactivate()
             gw.jobs.begin_drain()  # no new job or webhook while the front door drains (no signal needed)
-            if front_door is not None:  # no new RPCs; those in flight get TGW_DRAIN_S
-                await front_door.stop(settings.drain_s)
+            if gw.grpc is not None:  # no new RPCs; those in flight get TGW_DRAIN_S
+                await gw.grpc.stop(settings.drain_s)
             priority_check.cancel()
-            await stop_auth(app.state.auth)
     if settings.otel_endpoint:
         tracing.shutdown_tracing()
+
+
+def _grpc_door(gw: Gateway) -> GrpcFrontDoor:
+    return GrpcFrontDoor(gw.settings, gw, gw.auth)
 
 
 def raw_routes() -> RawRoutes:
@@ -87,14 +90,16 @@ def create_app(settings: Settings | None = None) -> Pipeline:
     checks)."""
     settings = settings or Settings()
     app = web_app(settings)
+    edge: Edge = app.state.edge
+    assert edge.auth is not None
     return Pipeline(
         app,
         max_body_bytes=settings.max_body_bytes,
-        lifecycle=app.state.lifecycle,
+        lifecycle=edge.lifecycle,
         router=RawRouter(app.state.raw_routes, _AppGateway(app)),
         templates=app.state.route_templates.template,  # what the pipeline refuses before FastAPI routes it
-        admission=app.state.auth if app.state.auth.enabled else None,
-        requests=app.state.requests,
+        admission=edge.auth if edge.auth.enabled else None,
+        requests=edge.requests,
         server_timing=settings.server_timing,
     )
 
@@ -111,11 +116,11 @@ def web_app(settings: Settings) -> FastAPI:
     )
     install_docs(app)
     app.state.settings = settings
-    app.state.lifecycle = Lifecycle()
-    app.state.requests = Requests(http_metrics() if settings.metrics_enabled else ())  # every door's record
     app.state.raw_routes = routes = raw_routes()
-    # keys and limits: the pipeline's admission stage (app.auth), the raw routes' auth classes handed in
-    app.state.auth = build_auth(settings, classifier(routes.auth_class))
+    # The edge (drain state, request recorder, auth stage with the raw routes' auth classes handed in): built
+    # once, held by the pipeline from now and by the gateway the lifespan builds with it.
+    app.state.edge = edge = build_edge(settings, classifier(routes.auth_class))
+    app.state.lifecycle, app.state.requests, app.state.auth = edge.lifecycle, edge.requests, edge.auth
     install_exception_handlers(app)
     routers = [module.router for module in (health, models, v2, jobs, ws, auth_routes)]
     for router in routers:

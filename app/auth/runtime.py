@@ -1,4 +1,4 @@
-"""Building the auth stage for a process (the FastAPI lifespan / ``build_gateway``), and the start-up
+"""Building the auth stage for a process (``app.gateway.build_edge``), and the start-up
 check that the models accept the priorities the tiers send."""
 
 from __future__ import annotations
