@@ -8,6 +8,7 @@ from app.auth.stage import classifier
 from app.codecs.common import JSON, Reply
 from app.frontends.http.pipeline import server_timing
 from app.frontends.http.routes import RawRoute, RawRoutes
+from app.gateway import build_edge
 from app.main import create_app, raw_routes
 from app.observability.requests import Requests
 from app.request_context import route_path
@@ -158,3 +159,13 @@ async def test_a_refused_websocket_handshake_is_counted_under_its_template() -> 
     await _call(app, "websocket", "GET", "/v1/ws", [])
     await _call(app, "websocket", "GET", "/v1/jobs/j-1/nope", [])
     assert seen == [("GET", "/v1/jobs/{job_id}/ws", "401"), ("GET", "/v1/ws", "429")]
+
+
+def test_the_edge_is_built_once_and_shared_by_the_pipeline_and_the_app() -> None:
+    pipeline = create_app(Settings(**AUTH))
+    web = pipeline.app
+    edge = web.state.edge  # type: ignore[attr-defined]
+    assert pipeline.requests is edge.requests and pipeline.lifecycle is edge.lifecycle
+    assert pipeline.admission is edge.auth is web.state.auth  # type: ignore[attr-defined]
+    assert edge.auth.path_class("/v1/models/m/infer") == "key"  # the raw table's class, handed in
+    assert build_edge(Settings(), serving=False).auth is None  # tgw worker: no auth stage

@@ -22,7 +22,7 @@ handshake are counted and logged under their route's template too.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -105,7 +105,7 @@ class RawRoutes:
         # "" (a row ending in a parameter) makes every path a candidate.
         self._suffixes = tuple(sorted(suffixes))
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[RawRoute]:
         return iter(self.routes)
 
     def __len__(self) -> int:
@@ -213,10 +213,11 @@ def _not_allowed(template: str, allow: str) -> Callable[[], Awaitable[None]]:
 
 
 class RouteTemplates:
-    """The templates of an application's routes (``app.routes``: Starlette's ``Route`` and
-    ``WebSocketRoute``, FastAPI's included), compiled once, for requests answered before the application
-    routes them. ``template(scope)``: the path of the route that would serve it (a route whose path
-    matches but not the method counts: FastAPI would answer 405 under it), None for an unknown path."""
+    """The templates of an application's routes (Starlette's ``Route`` and ``WebSocketRoute``, FastAPI's
+    included: the routers' ``routes`` and the app's own; FastAPI holds an included router as one opaque
+    route), compiled once, for requests answered before the application routes them. ``template(scope)``:
+    the path of the route that would serve it (a route whose path matches but not the method counts:
+    FastAPI would answer 405 under it), None for an unknown path."""
 
     def __init__(self, routes: Iterable[Any]) -> None:
         self.routes = tuple(r for r in routes if isinstance(r, Route | WebSocketRoute))
