@@ -186,10 +186,6 @@ _GRPC_CORE_413 = (
     "an oversized ModelInfer message is refused by gRPC core (grpc.max_receive_message_length) before the "
     "servicer runs"
 )
-_JOB_REFUSED_UNROUTED = (
-    "a job submission refused by the pipeline (admission, declared body size) is not routed: "
-    "http_requests_total gets no handler for it (the infer routes' template is known before routing)"
-)
 DISAGREE: dict[tuple[str, str, str], str] = {
     # the error
     ("error", "job", "deadline"):
@@ -210,10 +206,6 @@ DISAGREE: dict[tuple[str, str, str], str] = {
     ("metrics", "grpc_stream", "over_body_limit"):
         "gRPC core cuts the stream (RESOURCE_EXHAUSTED to the client); the gateway counts it CANCELLED",
     ("metrics", "grpc_unary", "over_body_limit"): _GRPC_CORE_413 + ": not counted",
-    ("metrics", "job", "missing_key"): _JOB_REFUSED_UNROUTED,
-    ("metrics", "job", "revoked_key"): _JOB_REFUSED_UNROUTED,
-    ("metrics", "job", "rate_limited"): _JOB_REFUSED_UNROUTED,
-    ("metrics", "job", "over_body_limit"): _JOB_REFUSED_UNROUTED,
     ("metrics", "job", "deadline"):
         "a job failing at run time is counted in tgw_jobs_total{status=failed} only (its submission as 202)",
     # the access log
