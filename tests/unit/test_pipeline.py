@@ -72,6 +72,16 @@ def test_a_new_door_adds_rows() -> None:
     assert classify("/healthz") == "open" and classify("/metrics") == "admin"
     with pytest.raises(ValueError, match="twice"):
         RawRoutes((*table, RawRoute("POST", "/v9/{model}/generate", handler)))
+    with pytest.raises(ValueError, match="identifiers"):
+        RawRoutes((RawRoute("POST", "/v9/{a-b}/generate", handler),))
+    # a row ending in a parameter (every path is a candidate), another method
+    things = RawRoutes((*table, RawRoute("GET", "/v9/things/{thing}", handler)))
+    found = things.match("GET", "/v9/things/x")
+    assert found is not None and found.params == {"thing": "x"}
+    assert things.match("POST", "/v9/things/x") is None and things.match("GET", "/v9/things/") is None
+    assert things.match("POST", "/v1/models/m/infer") is not None
+    found = things.match_scope({"method": "POST", "path": "/gw/v2/models/m/infer", "root_path": "/gw"})
+    assert found is not None and found.route.template == "/v2/models/{model}/infer"
 
 
 def test_server_timing() -> None:

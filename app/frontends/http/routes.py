@@ -79,13 +79,45 @@ class _Compiled(NamedTuple):
     params: tuple[tuple[int, str], ...]  # (segment index, name) to capture (non-empty)
 
 
+def _matcher_source(
+    buckets: Mapping[str, Mapping[int, list[_Compiled]]], routes: tuple[RawRoute, ...]
+) -> str:
+    """``match(method, path)`` and ``match_scope(scope)``: ``RawMatch(row, params)`` of the first row (in
+    declaration order) whose method, segment count and literal segments are the path's, with every
+    parameter a non-empty segment; else None. Only the rows' methods, indexes and literal texts (``repr``)
+    and parameter names (identifiers) go into the source."""
+    body = [
+        "    if not path.endswith(SUFFIXES):",
+        "        return None",
+    ]
+    for method, lengths in buckets.items():
+        body += [f"    if method == {method!r}:", "        parts = path.split('/')", "        n = len(parts)"]
+        for count, rows in lengths.items():
+            body.append(f"        if n == {count}:")
+            for row in rows:
+                conditions = [f"parts[{i}] == {text!r}" for i, text in row.literals]
+                conditions += [f"parts[{i}]" for i, _ in row.params]
+                params = ", ".join(f"{name!r}: parts[{i}]" for i, name in row.params)
+                body.append(f"            if {' and '.join(conditions)}:")
+                body.append(
+                    f"                return RawMatch(ROUTES[{routes.index(row.route)}], {{{params}}})"
+                )
+    body.append("    return None")
+    head = ["def match(method, path):"]
+    scope_head = ["def match_scope(scope):", "    method = scope['method']", "    path = route_path(scope)"]
+    return "\n".join([*head, *body, "", *scope_head, *body]) + "\n"
+
+
 class RawRoutes:
-    """The raw routes of one application, compiled once: rows grouped by (method, segment count), and the
-    last literal segments as a first cheap filter (``str.endswith``) for the paths no row can match."""
+    """The raw routes of one application, compiled once into one matcher: rows grouped by method, then by
+    segment count, the last literal segments a first cheap filter (``str.endswith``) for the paths no row
+    can match; a match is one ``str.split`` and the row's string comparisons, written out as Python source
+    (``_matcher_source``) so it costs what a hand-written matcher does (a loop over the rows' tuples
+    measured ~25 % slower, a regex or ``operator.itemgetter`` slower still)."""
 
     def __init__(self, routes: Iterable[RawRoute]) -> None:
         self.routes = tuple(routes)
-        self._buckets: dict[tuple[str, int], list[_Compiled]] = {}
+        buckets: dict[str, dict[int, list[_Compiled]]] = {}
         suffixes: set[str] = set()
         seen: set[tuple[str, str]] = set()
         for route in self.routes:
@@ -97,13 +129,23 @@ class RawRoutes:
             seen.add((route.method, route.template))
             literals = tuple((i, s) for i, s in enumerate(segments) if i and not _is_param(s))
             params = tuple((i, s[1:-1]) for i, s in enumerate(segments) if _is_param(s))
-            self._buckets.setdefault((route.method, len(segments)), []).append(
+            if not all(name.isidentifier() for _, name in params):
+                raise ValueError(f"a raw route's parameters are identifiers: {route.template!r}")
+            buckets.setdefault(route.method, {}).setdefault(len(segments), []).append(
                 _Compiled(route, literals, params)
             )
             last = segments[-1]
             suffixes.add("" if _is_param(last) else "/" + last)
         # "" (a row ending in a parameter) makes every path a candidate.
-        self._suffixes = tuple(sorted(suffixes))
+        namespace: dict[str, Any] = {
+            "SUFFIXES": tuple(sorted(suffixes)), "RawMatch": RawMatch, "route_path": route_path,
+            "ROUTES": self.routes,
+        }  # fmt: skip
+        exec(_matcher_source(buckets, self.routes), namespace)  # source built from the rows only
+        self.match: Callable[[str, str], RawMatch | None] = namespace["match"]
+        self.match_scope: Callable[[Scope], RawMatch | None] = namespace["match_scope"]
+        self._suffixes = namespace["SUFFIXES"]
+        self._methods = tuple(buckets)
 
     def __iter__(self) -> Iterator[RawRoute]:
         return iter(self.routes)
@@ -111,35 +153,12 @@ class RawRoutes:
     def __len__(self) -> int:
         return len(self.routes)
 
-    def match(self, method: str, path: str) -> RawMatch | None:
-        """The row that serves ``method path`` and its parameters, or None (FastAPI's)."""
-        if not path.endswith(self._suffixes):
-            return None
-        parts = path.split("/")
-        rows = self._buckets.get((method, len(parts)))
-        if rows is None:
-            return None
-        for row in rows:
-            for i, text in row.literals:
-                if parts[i] != text:
-                    break
-            else:
-                params = {}
-                for i, name in row.params:
-                    value = parts[i]
-                    if not value:
-                        break
-                    params[name] = value
-                else:
-                    return RawMatch(row.route, params)
-        return None
-
     def auth_class(self, path: str) -> str | None:
         """The authentication class of a raw route's path (any method), None for other paths: the
         classifier ``app.auth``'s stage gets (``AuthStage(classify=...)``)."""
         if not path.endswith(self._suffixes):
             return None
-        for method in {r.method for r in self.routes}:
+        for method in self._methods:
             found = self.match(method, path)
             if found is not None:
                 return found.route.auth_class
@@ -158,9 +177,7 @@ class RawRouter:
     def __init__(self, routes: RawRoutes, gateway: Callable[[], Gateway]) -> None:
         self.routes = routes
         self.gateway = gateway
-
-    def match(self, scope: Scope) -> RawMatch | None:
-        return self.routes.match(scope["method"], route_path(scope))
+        self.match: Callable[[Scope], RawMatch | None] = routes.match_scope  # no extra call per request
 
     async def handle(self, match: RawMatch, body: bytes, headers: Headers) -> Reply:
         return await match.route.handler(self.gateway(), match.params, body, headers)
