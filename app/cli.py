@@ -23,14 +23,15 @@ import uvicorn
 
 from app.cli_common import SECRET_WORDS, dotenv_values, load_settings, preflight, unknown_variables
 from app.launcher import EmbeddedRedis, EmbeddedTriton, LaunchError, ManagedProcess, StackState
-from app.lifecycle import (
+from app.observability.logging import configure_logging, log_config
+from app.server import (
     DependencyUnavailable,
     GracefulServer,
+    raise_nofile_limit,
     run_workers,
+    server_config,
     wait_for_dependencies,
 )
-from app.observability.logging import configure_logging, log_config
-from app.server import raise_nofile_limit, server_config
 from app.server import run as run_on_server_loop
 from app.settings import Settings, redact_url, setting_fields
 
@@ -383,7 +384,8 @@ def cmd_serve(_: argparse.Namespace) -> int:
 
 async def _run_worker(settings: Settings) -> int:
     """The gateway's core (``build_gateway``: same clients, same inference service) with a worker and the
-    webhook dispatcher in it, and no web app. SIGTERM/SIGINT: stop reading, let running jobs finish."""
+    webhook dispatcher in it, and no web app: no door is built or started (no gRPC door, no auth stage: the
+    edge of a process that serves no request). SIGTERM/SIGINT: stop reading, let running jobs finish."""
     from app.gateway import build_gateway
 
     stop = asyncio.Event()

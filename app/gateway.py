@@ -1,21 +1,29 @@
-"""``build_gateway(settings)``: the framework-free core. Builds the long-lived clients (Triton admin and
-inference transport, Redis) and the services on them, once per process, and closes them in order.
+"""The composition root of a gateway process, framework-free.
 
-Both the FastAPI lifespan (``app.main``) and ``tgw worker`` (no web app) enter it::
+``build_edge(settings)`` builds what the HTTP pipeline needs before anything runs (``Edge``: the drain state,
+the request recorder, the auth stage); ``build_gateway(settings, edge)`` builds everything else that lives
+as long as the process (the Triton and Redis clients, the services, the jobs runtime and its Redis
+clients, the front doors that are servers of their own: gRPC), holds the edge's parts too, and closes all of
+it in order. Callers only choose what to start: the FastAPI lifespan (``app.main``) starts the gRPC door
+and marks the process serving; ``tgw worker`` (no web app) builds the same gateway, with no door::
 
     async with build_gateway(settings) as gw:
         response = await gw.inference.infer(request)
+
+Nothing is built at import time.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+from app.auth.runtime import build_auth, stop_auth
+from app.auth.stage import AuthStage, path_class
 from app.clients.protocols import InferenceTransport, TritonAdmin
 from app.clients.redis import RedisCacheStore, make_redis, warm_up
 from app.clients.routed import RoutedTriton, routing_options, triton_targets
@@ -37,6 +45,36 @@ from app.settings import Settings
 logger = logging.getLogger(__name__)
 
 
+class Door(Protocol):
+    """A front door that is a server of its own (the gRPC one): built by ``build_gateway``, started and
+    stopped by the process that serves it."""
+
+    async def start(self) -> int: ...
+
+    async def stop(self, grace_s: float) -> None: ...
+
+
+DoorFactory = Callable[["Gateway"], Door]
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    """What the HTTP pipeline holds from its construction on, before the lifespan builds the gateway (which
+    then holds the same objects): one per process."""
+
+    lifecycle: Lifecycle  # drain state: /readyz, Connection: close, the drain hooks
+    requests: Requests  # records every finished request: metrics, access-log line (every door)
+    auth: AuthStage | None  # keys and limits: the pipeline's admission stage, the gRPC door's (None: a
+    # process that serves no request, ``tgw worker``, which may run without TGW_KEY_PEPPER)
+
+
+def build_edge(settings: Settings, classify: Callable[[str], str] = path_class, serving: bool = True) -> Edge:
+    """``classify``: the paths' authentication classes (``app.auth.stage.classifier`` over the doors' route
+    tables); ``serving``: False in a process that answers no request (``tgw worker``: no auth stage)."""
+    auth = build_auth(settings, classify) if serving else None
+    return Edge(Lifecycle(), Requests(http_metrics() if settings.observability.metrics_enabled else ()), auth)
+
+
 @dataclass(slots=True)
 class Gateway:
     settings: Settings
@@ -51,6 +89,8 @@ class Gateway:
     lifecycle: Lifecycle
     offload: Offload  # large bodies decoded, large answers encoded, in child processes (TGW_DECODE_PROCESSES)
     requests: Requests  # records every finished request: metrics, access-log line (gRPC, /v1/ws frames)
+    auth: AuthStage | None  # keys and limits (the edge's): the HTTP pipeline's admission, the gRPC door's
+    grpc: Door | None = None  # the gRPC front door, built when asked for and TGW_GRPC_ENABLED; not started
 
 
 # What the decode processes run (``app.services.offload``): imported in each child when it starts, so the
@@ -63,9 +103,13 @@ DECODE_MODULES = (
 
 @asynccontextmanager
 async def build_gateway(
-    settings: Settings, lifecycle: Lifecycle | None = None, requests: Requests | None = None
+    settings: Settings, edge: Edge | None = None, *, grpc: DoorFactory | None = None
 ) -> AsyncIterator[Gateway]:
-    lifecycle = lifecycle or Lifecycle()
+    """``edge``: the one the process's pipeline holds (else one is built here); ``grpc``: how to build the
+    gRPC door (``app.frontends.grpc``, above this layer), built when ``TGW_GRPC_ENABLED``; whoever serves it
+    starts and stops it (``gw.grpc``). The edge's auth stage is closed here, with the rest."""
+    edge = edge or build_edge(settings, serving=False)
+    lifecycle, requests = edge.lifecycle, edge.requests
     # One Triton or many (TGW_TRITON_URLS): admin and inference go through the routed client, whose probes
     # make a frozen Triton a quick 503; inference over HTTP where an endpoint names its HTTP address
     # (TGW_TRITON_HTTP_URL for one Triton), else over the admin's gRPC channels.
@@ -116,8 +160,6 @@ async def build_gateway(
     )  # fmt: skip
     health = HealthService(admin, transport, cache)
     offload = Offload(settings.server.decode_processes, preload=DECODE_MODULES)
-    if requests is None:  # the server's app passes the one its pipeline records with
-        requests = Requests(http_metrics() if settings.observability.metrics_enabled else ())
     jobs = JobsRuntime(
         settings.jobs, inference, offload, requests, redis_url=settings.jobs_redis_address,
         redis_cluster=settings.cache.redis_cluster, retry_after_s=settings.server.retry_after_s,
@@ -125,12 +167,14 @@ async def build_gateway(
     )  # fmt: skip
     gw = Gateway(
         settings, admin, transport, redis, cache, registry, inference, health, jobs, lifecycle, offload,
-        requests,
+        requests, edge.auth,
     )  # fmt: skip
     lifecycle.watch(health)
     lifecycle.drain_hooks.append(jobs.begin_drain)
     monitor = LoopMonitor(settings.server.loop_beat_ms / 1000)
     try:
+        if grpc is not None and settings.server.grpc_enabled:
+            gw.grpc = grpc(gw)  # built, not started: the serving process starts it
         monitor.start()
         offload.start()  # its children start in the background: the first large body pays no spawn
         if shm is not None:
@@ -147,6 +191,8 @@ async def build_gateway(
         gc.freeze()
         yield gw
     finally:
+        if edge.auth is not None:
+            await stop_auth(edge.auth)
         in_process = settings.jobs.job_worker_in_process
         await jobs.stop(drain_s=min(settings.server.drain_s, 5.0) if in_process else 0)
         await inference.drain_writes(timeout_s=1.0)

@@ -1,6 +1,8 @@
 """``create_app()``: the FastAPI application behind the request pipeline (``app.frontends.http.pipeline``).
-Settings are built and validated here; the long-lived clients and services are built by ``build_gateway``
-in the lifespan and held on ``app.state.gateway`` (routes get them through ``app.frontends.http.deps``)."""
+Settings are built and validated here, and the edge (``app.gateway.build_edge``: drain state, request
+recorder, auth stage) the pipeline needs from the start; everything else long-lived is built by
+``build_gateway`` in the lifespan (with that edge) and held on ``app.state.gateway`` (routes get it through
+``app.frontends.http.deps``); the lifespan only starts what this process serves."""
 
 from __future__ import annotations
 
@@ -11,25 +13,23 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.auth.runtime import build_auth, check_model_priorities, stop_auth
+from app.auth.runtime import check_model_priorities
+from app.auth.stage import classifier
 from app.frontends.admin import health, models
 from app.frontends.admin import keys as auth_routes
 from app.frontends.admin.docs import install_docs
 from app.frontends.grpc.server import GrpcFrontDoor
 from app.frontends.http import schemas
-from app.frontends.http.common import Headers
-from app.frontends.http.pipeline import InferRoute, InferRouter, Pipeline
+from app.frontends.http.pipeline import Pipeline
+from app.frontends.http.routes import RawRouter, RawRoutes, RouteTemplates, install_raw_routes
 from app.frontends.http.web import install_exception_handlers
 from app.frontends.jobs import routes as jobs
 from app.frontends.kserve_http import routes as v2
 from app.frontends.rest import routes as infer
 from app.frontends.ws import routes as ws
-from app.gateway import Gateway, build_gateway
-from app.lifecycle import Lifecycle
+from app.gateway import Edge, Gateway, build_edge, build_gateway
 from app.observability import tracing
-from app.observability.metrics import http_metrics, register_jobs_snapshot, setup_metrics
-from app.observability.requests import Requests
-from app.request_context import RequestContext
+from app.observability.metrics import register_jobs_snapshot, setup_metrics
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -37,57 +37,50 @@ logger = logging.getLogger(__name__)
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """What this process serves, started and stopped: ``build_gateway`` built everything (with the edge the
+    pipeline already holds); here the gRPC door starts (when enabled), the priority check runs, and the
+    process takes signals (``Lifecycle.activate``)."""
     settings: Settings = app.state.settings
-    lifecycle: Lifecycle = app.state.lifecycle
-    async with build_gateway(settings, lifecycle, app.state.requests) as gw:
+    async with build_gateway(settings, app.state.edge, grpc=_grpc_door) as gw:
         app.state.gateway = gw
         register_jobs_snapshot(app, gw.jobs.metrics_snapshot)
-        priority_check = check_model_priorities(app.state.auth, gw.admin)  # logs, never blocks
-        # --- gRPC front door (KServe v2 over gRPC, same services and cache; app.frontends.grpc) ---
-        server = settings.server
-        front_door = GrpcFrontDoor(server, gw, app.state.auth) if server.grpc_enabled else None
-        if front_door is not None:
-            app.state.grpc_port = await front_door.start()
-            app.state.grpc_front_door = front_door
-        lifecycle.activate()  # SIGTERM drains (readiness 503)
+        assert gw.auth is not None  # a serving process's edge has its auth stage
+        priority_check = check_model_priorities(gw.auth, gw.admin)  # logs, never blocks
+        if gw.grpc is not None:  # KServe v2 over gRPC, same services and cache (app.frontends.grpc)
+            app.state.grpc_port = await gw.grpc.start()
+        gw.lifecycle.activate()  # SIGTERM drains (readiness 503)
         try:
             yield
         finally:
-            lifecycle.deactivate()
+            gw.lifecycle.deactivate()
             gw.jobs.begin_drain()  # no new job or webhook while the front door drains (no signal needed)
-            if front_door is not None:  # no new RPCs; those in flight get TGW_DRAIN_S
-                await front_door.stop(settings.server.drain_s)
+            if gw.grpc is not None:  # no new RPCs; those in flight get TGW_DRAIN_S
+                await gw.grpc.stop(settings.server.drain_s)
             priority_check.cancel()
-            await stop_auth(app.state.auth)
     if settings.observability.otel_endpoint:
         tracing.shutdown_tracing()
 
 
-def _infer_router(app: FastAPI) -> InferRouter:
-    """The infer routes' handlers, bound to the gateway built in the lifespan."""
+def _grpc_door(gw: Gateway) -> GrpcFrontDoor:
+    return GrpcFrontDoor(gw.settings.server, gw, gw.auth)
 
-    def gateway() -> Gateway:
-        gw: Gateway = app.state.gateway
+
+def raw_routes() -> RawRoutes:
+    """The raw route table (``app.frontends.http.routes``): every door's rows; a new door adds its rows."""
+    return RawRoutes((*infer.RAW_ROUTES, *v2.RAW_ROUTES))
+
+
+class _AppGateway:
+    """The raw routes' handlers get the gateway the lifespan built (``app.state.gateway``)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, app: FastAPI) -> None:
+        self.state = app.state
+
+    def __call__(self) -> Gateway:
+        gw: Gateway = self.state.gateway
         return gw
-
-    async def v1(route: InferRoute, body: bytes, headers: Headers, ctx: RequestContext) -> infer.Reply:
-        gw = gateway()
-        return await infer.serve_v1(gw.inference, route.model, route.version, body, headers, ctx, gw.offload)
-
-    async def kserve(route: InferRoute, body: bytes, headers: Headers, ctx: RequestContext) -> infer.Reply:
-        gw = gateway()
-        return await v2.serve_v2(
-            gw.inference,
-            route.model,
-            route.version,
-            body,
-            headers,
-            ctx,
-            app.state.settings.server.max_body_bytes,
-            gw.offload,
-        )
-
-    return InferRouter({"v1": v1, "v2": kserve})
 
 
 def create_app(settings: Settings | None = None) -> Pipeline:
@@ -97,13 +90,16 @@ def create_app(settings: Settings | None = None) -> Pipeline:
     checks)."""
     settings = settings or Settings()
     app = web_app(settings)
+    edge: Edge = app.state.edge
+    assert edge.auth is not None
     return Pipeline(
         app,
         max_body_bytes=settings.server.max_body_bytes,
-        lifecycle=app.state.lifecycle,
-        router=_infer_router(app),
-        admission=app.state.auth if app.state.auth.enabled else None,
-        requests=app.state.requests,
+        lifecycle=edge.lifecycle,
+        router=RawRouter(app.state.raw_routes, _AppGateway(app)),
+        templates=app.state.route_templates.template,  # what the pipeline refuses before FastAPI routes it
+        admission=edge.auth if edge.auth.enabled else None,
+        requests=edge.requests,
         server_timing=settings.server.server_timing,
     )
 
@@ -120,18 +116,25 @@ def web_app(settings: Settings) -> FastAPI:
     )
     install_docs(app)
     app.state.settings = settings
-    app.state.lifecycle = Lifecycle()
-    metrics = settings.observability.metrics_enabled
-    app.state.requests = Requests(http_metrics() if metrics else ())  # every door's record
-    app.state.auth = build_auth(settings)  # keys and limits: the pipeline's admission stage (app.auth)
+    app.state.raw_routes = routes = raw_routes()
+    # The edge (drain state, request recorder, auth stage with the raw routes' auth classes handed in): built
+    # once, held by the pipeline from now and by the gateway the lifespan builds with it.
+    app.state.edge = edge = build_edge(settings, classifier(routes.auth_class))
+    app.state.lifecycle, app.state.requests, app.state.auth = edge.lifecycle, edge.requests, edge.auth
     install_exception_handlers(app)
-    for module in (health, models, v2, jobs, ws, auth_routes, infer):
-        app.include_router(module.router)
+    routers = [module.router for module in (health, models, v2, jobs, ws, auth_routes)]
+    for router in routers:
+        app.include_router(router)
     schemas.document_errors(app)
-    infer.document_infer_routes(app)
+    install_raw_routes(app, routes)  # their OpenAPI operations and the 405 of other methods
     if app.state.auth.enabled:
-        auth_routes.document_auth(app)
+        auth_routes.document_auth(app, app.state.auth.path_class)
     if settings.observability.metrics_enabled:
         setup_metrics(app)
     tracing.setup_tracing(settings.observability.otel_endpoint, settings.observability.otel_service_name)
+    # The routes' templates, for what the pipeline refuses before FastAPI routes it (the routers' own
+    # routes: FastAPI's app.routes holds an included router as one opaque route).
+    app.state.route_templates = RouteTemplates(
+        [*(r for router in routers for r in router.routes), *app.routes]
+    )
     return app

@@ -1,22 +1,24 @@
-"""Building the auth stage for a process (the FastAPI lifespan / ``build_gateway``), and the start-up
+"""Building the auth stage for a process (``app.gateway.build_edge``), and the start-up
 check that the models accept the priorities the tiers send."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from app.auth.stage import AuthStage
+from app.auth.stage import AuthStage, path_class
 from app.clients.redis import AutoPipeline, make_redis
 from app.settings import Settings, redact_url
 
 logger = logging.getLogger(__name__)
 
 
-def build_auth(settings: Settings) -> AuthStage:
+def build_auth(settings: Settings, classify: Callable[[str], str] = path_class) -> AuthStage:
     """The auth stage for the request pipeline (``Pipeline(admission=...)``); its Redis client connects
-    lazily, on the first request's loop."""
+    lazily, on the first request's loop. ``classify``: the paths' classes (``app.auth.stage.classifier``
+    over the doors' route tables)."""
     retry_after_s = settings.server.retry_after_s
     # A held concurrency slot outlives the longest request (its Triton deadline and the drain) by a minute.
     slot_ttl_s = settings.triton.triton_timeout_s + settings.server.drain_s + 60.0
@@ -26,7 +28,7 @@ def build_auth(settings: Settings) -> AuthStage:
             "set TGW_AUTH=required for anything but local development", settings.server.host,
             settings.server.port,
         )  # fmt: skip
-        return AuthStage(settings.auth, retry_after_s=retry_after_s, slot_ttl_s=slot_ttl_s)
+        return AuthStage(settings.auth, retry_after_s=retry_after_s, slot_ttl_s=slot_ttl_s, classify=classify)
     redis = make_redis(
         settings.auth_redis_address, settings.auth.auth_redis_timeout_s, settings.cache.redis_cluster
     )
@@ -34,7 +36,9 @@ def build_auth(settings: Settings) -> AuthStage:
     if not settings.cache.redis_cluster:
         auto = AutoPipeline(redis, settings.auth.auth_redis_timeout_s)
         submit = auto.submit
-    stage = AuthStage(settings.auth, redis, submit, retry_after_s=retry_after_s, slot_ttl_s=slot_ttl_s)
+    stage = AuthStage(
+        settings.auth, redis, submit, retry_after_s=retry_after_s, slot_ttl_s=slot_ttl_s, classify=classify
+    )
     logger.info("authentication required: API keys in %s, verified keys trusted %g s in process",
                 redact_url(settings.auth_redis_address), settings.auth.auth_key_cache_s)  # fmt: skip
     return stage

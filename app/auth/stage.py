@@ -21,7 +21,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -80,6 +80,26 @@ def path_class(path: str) -> str:
     return "key"
 
 
+PathClassifier = Callable[[str], str | None]
+
+
+def classifier(*tables: PathClassifier) -> Callable[[str], str]:
+    """``path_class`` with the classes the doors declare first: each table (e.g. the raw route table's
+    ``RawRoutes.auth_class``, handed in by the composition root: app.auth sits below the doors) returns
+    the class of its paths, None for others."""
+    if not tables:
+        return path_class
+
+    def classify(path: str) -> str:
+        for table in tables:
+            kind = table(path)
+            if kind is not None:
+                return kind
+        return path_class(path)
+
+    return classify
+
+
 def credential_from_headers(headers: Mapping[str, str]) -> str | None:
     """``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` from a lower-case header mapping (HTTP
     headers, gRPC metadata)."""
@@ -125,12 +145,14 @@ class FailedAuthLimiter:
 class AuthStage:
     def __init__(
         self, settings: AuthSettings, redis: Any = None, submit: Any = None, *, retry_after_s: int,
-        slot_ttl_s: float,
+        slot_ttl_s: float, classify: Callable[[str], str] = path_class,
     ) -> None:  # fmt: skip
         """``settings``: the auth group; ``retry_after_s`` (TGW_RETRY_AFTER_S) goes on 429 answers,
-        ``slot_ttl_s`` bounds a held concurrency slot of a process that died (Redis key TTL)."""
+        ``slot_ttl_s`` bounds a held concurrency slot of a process that died (Redis key TTL);
+        ``classify``: the paths' classes ("open", "admin" or "key": ``classifier``)."""
         self.settings = settings
         self.retry_after_s = retry_after_s
+        self.path_class = classify
         self.enabled = settings.auth == "required"
         self.tiers: dict[str, Tier] = parse_tiers(settings.auth_tiers)
         top = min(self.tiers.values(), key=lambda t: t.priority)
@@ -174,7 +196,7 @@ class AuthStage:
         if not self.enabled:
             return ANONYMOUS
         path = route_path(scope)
-        kind = path_class(path)
+        kind = self.path_class(path)
         if kind == "open":
             return PUBLIC
         client = scope.get("client")

@@ -35,7 +35,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from app.lifecycle import shutdown_budget_s, worker_shutdown_budget_s
+from app.server import shutdown_budget_s, worker_shutdown_budget_s
 from app.services.jobs.store import GROUP, STREAMS
 from app.settings import Settings, env_names, setting_fields
 
@@ -277,7 +277,7 @@ def test_gateway_deployment(overlay: str) -> None:
     assert ports["grpc"] == int(env["TGW_GRPC_PORT"])
     assert env["TGW_HOST"] == "0.0.0.0"
     # The endpoint leaves the Service during preStop; SIGTERM then starts the shutdown, whose longest
-    # course the code defines (app/lifecycle.py shutdown_budget_s), from this deployment's settings.
+    # course the code defines (app/server/graceful.py shutdown_budget_s), from this deployment's settings.
     assert pod["terminationGracePeriodSeconds"] > _prestop_sleep(c) + _gateway_budget(env), (
         pod["terminationGracePeriodSeconds"],
         _prestop_sleep(c),

@@ -32,7 +32,10 @@ def test_the_error_table_lists_every_error_the_code_can_answer() -> None:
     import re
 
     in_code = {(c.status_code, c.code) for c in gateway_error_classes() - {GatewayError}}
-    in_code |= {(408, "request_timeout"), (431, "request_header_fields_too_large")}  # app/server.py _canned
+    in_code |= {
+        (408, "request_timeout"),
+        (431, "request_header_fields_too_large"),
+    }  # app/server/protocol.py _canned
     table = README.split("| status | when | `error.code` |", 1)[1].split("\n\n", 1)[0]
     rows = {
         (int(m[1]), m[2]) for m in re.finditer(r"^\| (\d{3})[^|]*\|[^\n]*\| `([a-z_]+)` \|$", table, re.M)

@@ -19,9 +19,10 @@ import orjson
 import pytest
 
 from app.launcher import free_port
-from app.lifecycle import SETTLE_S, GracefulServer
 from app.observability.logging import RepeatFilter, TextFormatter, escape_control, log_config
 from app.server import (
+    SETTLE_S,
+    GracefulServer,
     GuardedHttpToolsProtocol,
     connection_cap,
     event_loop_name,

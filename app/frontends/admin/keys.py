@@ -4,6 +4,7 @@ stage enforces it by path). ``tgw keys`` does the same from the command line (``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -76,7 +77,7 @@ _ADMIN_RESPONSES = {"403": "needs the admin credential"}
 _AUTH_OFF = {409: "authentication is off"}
 
 
-def document_auth(app: FastAPI) -> None:
+def document_auth(app: FastAPI, classify: Callable[[str], str] = path_class) -> None:
     """With TGW_AUTH=required, every operation but the open ones documents 401/429/503 (admin ones 403
     too) in ``app.openapi()``. Call it after every other ``app.openapi`` wrapper."""
     build = app.openapi
@@ -86,7 +87,7 @@ def document_auth(app: FastAPI) -> None:
         schema = build()
         if fresh:
             for path, operations in schema.get("paths", {}).items():
-                kind = path_class(path)
+                kind = classify(path)
                 if kind == "open":
                     continue
                 content = {"application/json": {"schema": error_ref(kserve=is_kserve_path(path))}}

@@ -7,13 +7,16 @@ request needs, in this order:
 3. admission (``Admission``: authentication and limits, when configured);
 4. the body limit: a declared ``Content-Length`` over ``TGW_MAX_BODY_BYTES`` is answered 413 unread, a
    streamed body is cut off as it crosses it;
-5. dispatch: the infer routes (``POST /v1|/v2/models/{model}[/versions/{version}]/infer``) are answered by
-   ``InferRouter`` (a small raw-ASGI router over transport-neutral handlers: no framework layers on the
-   path that runs thousands of times a second); everything else falls through to FastAPI;
+5. dispatch: the raw routes (the infer routes, ``POST /v1|/v2/models/{model}[/versions/{version}]/infer``)
+   are answered by ``RawRouter`` over the raw route table (``app.frontends.http.routes``: transport-neutral
+   handlers, no framework layers on the path that runs thousands of times a second); everything else
+   falls through to FastAPI;
 6. ``Connection: close`` while draining, ``Server-Timing`` on infer answers;
 7. telemetry once per request: ``tgw_inflight_requests``, ``tgw_request/response_size_bytes``, the
    instrumentator's ``http_requests_total`` / ``http_request_duration_seconds`` labelled with the route
-   template (untemplated paths are left out, as the instrumentator does), ``tgw_stage_duration_seconds``,
+   template (the raw route's; FastAPI's route's, also for a request refused before FastAPI routed it,
+   through ``templates``; untemplated paths are left out, as the instrumentator does),
+   ``tgw_stage_duration_seconds``,
    and the one access-log line (the last two by ``Requests``, which every door calls).
 
 WebSocket connections get the request id (and admission) and go on to FastAPI (a refused handshake is
@@ -24,8 +27,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,70 +43,17 @@ from app.errors import (
     log_gateway_error,
     log_unhandled,
 )
+from app.frontends.http.routes import RawRouter
 from app.observability import metrics, tracing
 from app.observability.context import RequestInfo
-from app.observability.requests import WS_ROUTE, Requests
-from app.request_context import Caller, RequestContext, cache_directives, route_path, set_request_id
+from app.observability.requests import Requests
+from app.request_context import Caller, RequestContext, cache_directives, set_request_id
 
 logger = logging.getLogger(__name__)
 
 _CLOSE = (b"connection", b"close")
-_TEMPLATES = {
-    ("v1", False): "/v1/models/{model}/infer",
-    ("v1", True): "/v1/models/{model}/versions/{version}/infer",
-    ("v2", False): "/v2/models/{model}/infer",
-    ("v2", True): "/v2/models/{model}/versions/{version}/infer",
-}
 _STAGES = ("cache", "queue", "triton")
-
-
-class InferRoute(NamedTuple):
-    api: str  # "v1" or "v2"
-    model: str
-    version: str | None
-
-    @property
-    def template(self) -> str:
-        return _TEMPLATES[(self.api, self.version is not None)]
-
-
-def match_infer(path: str) -> InferRoute | None:
-    """``/v1/models/m/infer`` -> ("v1", "m", None); ``/v2/models/m/versions/3/infer`` -> ("v2", "m", "3")."""
-    if not path.endswith("/infer"):
-        return None
-    parts = path.split("/")
-    n = len(parts)
-    if n not in (5, 7) or parts[0] or parts[2] != "models":
-        return None
-    api = parts[1]
-    if api not in ("v1", "v2") or not parts[3]:
-        return None
-    if n == 5:
-        return InferRoute(api, parts[3], None)
-    if parts[4] != "versions" or not parts[5]:
-        return None
-    return InferRoute(api, parts[3], parts[5])
-
-
-Headers = Mapping[bytes, bytes]
-InferHandler = Callable[[InferRoute, bytes, Headers, RequestContext], Awaitable[Reply]]
-
-
-class InferRouter:
-    """The infer routes: one transport-neutral handler per API (``app.frontends.rest.routes.serve_v1``,
-    ``app.frontends.kserve_http.routes.serve_v2``), each ``(route, body, headers, ctx) -> Reply``."""
-
-    def __init__(self, handlers: Mapping[str, InferHandler]) -> None:
-        self.handlers = dict(handlers)
-
-    def match(self, scope: Scope) -> InferRoute | None:
-        if scope["method"] != "POST":
-            return None
-        route = match_infer(route_path(scope))
-        return route if route is not None and route.api in self.handlers else None
-
-    async def handle(self, route: InferRoute, body: bytes, headers: Headers, ctx: RequestContext) -> Reply:
-        return await self.handlers[route.api](route, body, headers, ctx)
+Templates = Callable[[Scope], str | None]  # a route template for what the pipeline refused itself
 
 
 class Admission(Protocol):
@@ -135,16 +85,6 @@ async def _refuse_websocket(scope: Scope, receive: Receive, send: Send, exc: Gat
     await send({"type": "websocket.http.response.body", "body": body})
 
 
-def _websocket_template(path: str) -> str | None:
-    """The route template of a WebSocket path (for its metrics), None for a path that is no socket's."""
-    if path == WS_ROUTE:
-        return path
-    parts = path.split("/")
-    if len(parts) == 5 and parts[:3] == ["", "v1", "jobs"] and parts[3] and parts[4] == "ws":
-        return "/v1/jobs/{job_id}/ws"
-    return None
-
-
 class DrainState(Protocol):
     draining: bool
 
@@ -160,7 +100,8 @@ class Pipeline:
         *,
         max_body_bytes: int,
         lifecycle: DrainState | None = None,
-        router: InferRouter | None = None,
+        router: RawRouter | None = None,
+        templates: Templates | None = None,
         admission: Admission | None = None,
         requests: Requests | None = None,
         server_timing: bool = True,
@@ -169,6 +110,7 @@ class Pipeline:
         self.max_body_bytes = max_body_bytes
         self.lifecycle = lifecycle
         self.router = router
+        self.templates = templates
         self.admission = admission
         self.requests = requests or Requests()
         self.server_timing = server_timing
@@ -202,7 +144,7 @@ class Pipeline:
                 grant = await self.admission.admit(scope)
             except GatewayError as exc:
                 await _refuse_websocket(scope, receive, send, exc, rid)
-                served.end(exc.status_code, _websocket_template(route_path(scope)))
+                served.end(exc.status_code, self.templates(scope) if self.templates is not None else None)
                 return
         try:
             await self.app(scope, receive, send)
@@ -231,7 +173,7 @@ class Pipeline:
         state["request_id"] = rid
         rid_header = (b"x-request-id", rid.encode())
         route = self.router.match(scope) if self.router is not None else None
-        template: str | None = route.template if route is not None else None
+        template: str | None = route.route.template if route is not None else None
         status = 500
         sent = 0
         received = max(declared, 0)
@@ -252,7 +194,7 @@ class Pipeline:
                     cache_control = headers.get(b"cache-control")
                     read, write = cache_directives(cache_control.decode("latin-1") if cache_control else None)
                     caller = grant if isinstance(grant, Caller) else None  # the key that was admitted
-                    ctx = RequestContext(rid, route.api, caller, read, write)  # type: ignore[arg-type]
+                    ctx = RequestContext(rid, route.route.door, caller, read, write)
                     reply = await self.router.handle(route, body, headers, ctx)  # type: ignore[union-attr]
             except GatewayError as exc:
                 log_gateway_error(exc)
@@ -266,6 +208,8 @@ class Pipeline:
                 code, err, message = log_unhandled(exc)
                 reply = _error_reply(scope, code, err, message, None, None)
             if reply is not None:
+                if route is None and self.templates is not None:  # refused before FastAPI routed it
+                    template = self.templates(scope)
                 status, sent = reply.status, len(reply.body)
                 await self._send_reply(send, reply, rid_header, served.info, start, route is not None)
             elif not disconnected:  # everything but the infer routes: FastAPI

@@ -259,3 +259,19 @@ def body_doc(properties: dict[str, Any], example: dict[str, Any]) -> dict[str, A
     schema = {"type": "object", "required": ["inputs"], "properties": properties}
     content = {"application/json": {"schema": schema, "example": example}}
     return {"requestBody": {"required": True, "content": content}}
+
+
+def infer_operation(
+    *, tag: str, summary: str, operation_id: str, request: dict[str, Any], answer: dict[str, Any],
+    codes: tuple[int, ...] = (), errors: dict[int, str] | None = None, kserve: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """The OpenAPI operation of an infer route (a raw route's, ``app.frontends.http.routes``): its request
+    body, its answer's content, and the errors every infer route has (plus ``codes``; ``errors`` overrides
+    texts). The path parameters come from the route's template."""
+    texts = {**ERROR_TEXT, 404: "model or version not found",
+             501: "a decoupled model: served over gRPC ModelStreamInfer only", **(errors or {})}  # fmt: skip
+    content = {"application/json": {"schema": error_ref(kserve=kserve)}}
+    responses: dict[str, Any] = {"200": {"description": "the model's answer", "content": answer}}
+    for code in sorted({400, 404, 413, 501, 502, 503, 504, *codes}):
+        responses[str(code)] = {"description": texts[code], "content": content}
+    return {"tags": [tag], "summary": summary, "operationId": operation_id, **request, "responses": responses}

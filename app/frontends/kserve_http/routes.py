@@ -4,7 +4,7 @@ inference path. Errors keep the gateway's one shape."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
 from starlette.responses import Response
@@ -12,6 +12,7 @@ from starlette.responses import Response
 from app.codecs.common import Reply
 from app.frontends.http.common import Headers, ORJSONResponse, header_value
 from app.frontends.http.deps import AdminDep, HealthDep, InferenceDep, RegistryDep
+from app.frontends.http.routes import Params, RawRoute
 from app.frontends.http.schemas import (
     V2_ERRORS,
     V2_MODEL_ERRORS,
@@ -22,6 +23,7 @@ from app.frontends.http.schemas import (
     V2ModelReady,
     V2Ready,
     V2ServerMetadata,
+    infer_operation,
 )
 from app.frontends.kserve_http import codec as kserve
 from app.request_context import RequestContext
@@ -29,6 +31,9 @@ from app.services.inference import InferenceService
 from app.services.offer import EXTENSIONS, refusal
 from app.services.offload import INLINE, Offload
 from app.services.statistics import ServedStatistics
+
+if TYPE_CHECKING:
+    from app.gateway import Gateway
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
@@ -177,8 +182,7 @@ async def serve_v2(
     service: InferenceService, model: str, version: str | None, raw: bytes, headers: Headers,
     ctx: RequestContext, max_body_bytes: int = 8 * 1024 * 1024, offload: Offload = INLINE,
 ) -> Reply:  # fmt: skip
-    """The /v2 infer handler (``app.frontends.http.pipeline.InferRouter``; documented in
-    ``app.frontends.rest.routes``).
+    """The /v2 infer handler (this door's ``RAW_ROUTES``, served by the request pipeline).
     ``Content-Encoding: gzip|deflate`` bodies are inflated up to ``max_body_bytes``; the answer is
     compressed when ``Accept-Encoding`` asks for it. Large bodies are decoded, and large answers written
     (and compressed), in ``offload``'s child processes."""
@@ -197,3 +201,61 @@ async def serve_v2(
     if not offload.encodes_in_child(cost):
         return kserve.encode_answer(response, v2.id, v2.binary_outputs, accept)
     return await offload.encode(cost, kserve.encode_answer, response, v2.id, v2.binary_outputs, accept)
+
+
+# --- the raw routes (app.frontends.http.routes): served by the pipeline, documented from these rows ---------
+async def infer_v2(gw: Gateway, params: Params, body: bytes, headers: Headers, ctx: RequestContext) -> Reply:
+    return await serve_v2(gw.inference, params["model"], params.get("version"), body, headers, ctx,
+                          gw.settings.server.max_body_bytes, gw.offload)  # fmt: skip
+
+
+_V2_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer"}},
+        "datatype": {"type": "string"},
+        "parameters": {"type": "object"},
+        "data": {"type": "array"},
+    },
+}
+_V2_REQUEST = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": {"type": "object"},
+        "inputs": {"type": "array", "items": _V2_TENSOR},
+        "outputs": {"type": "array", "items": {"type": "object"}},
+    },
+}
+_V2_ANSWER = {
+    "type": "object",
+    "required": ["model_name", "outputs"],
+    "properties": {
+        "model_name": {"type": "string"},
+        "model_version": {"type": "string"},
+        "id": {"type": "string"},
+        "outputs": {"type": "array", "items": _V2_TENSOR},
+    },
+}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+def _operation(versioned: bool) -> dict[str, Any]:
+    return infer_operation(
+        tag="kserve-v2", summary="KServe v2 infer" + (" (version)" if versioned else ""),
+        operation_id="infer_v2" + ("_version" if versioned else ""),
+        request={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": _V2_REQUEST}, "application/octet-stream": _BINARY,
+        }}},
+        answer={"application/json": {"schema": _V2_ANSWER}, "application/octet-stream": _BINARY},
+        errors={400: "bad request or invalid input (names the field; KServe v2 has no 422)"}, kserve=True,
+    )  # fmt: skip
+
+
+RAW_ROUTES = (
+    RawRoute("POST", "/v2/models/{model}/infer", infer_v2, _operation(False), door="v2"),
+    RawRoute("POST", "/v2/models/{model}/versions/{version}/infer", infer_v2, _operation(True), door="v2"),
+)
