@@ -307,3 +307,19 @@ def test_triton_invalid_argument_fails_the_job_at_once(
     assert job["error"]["code"] != "attempts_exhausted"
     dead = redis.Redis.from_url(redis_server.url).xrevrange(DEAD, count=50)
     assert all(fields[b"job_id"].decode() != job["id"] for _, fields in dead)
+
+
+def test_a_jobs_cache_directives_ride_with_it(wc: httpx.Client) -> None:
+    """The submission's ``Cache-Control`` is part of its context: a job submitted with ``no-store`` leaves
+    no answer in the cache for its input (a later /v1 call misses), one without it does (a later call hits).
+    The worker's attempt is counted and logged as the request it is (``tgw_job_runs_total``)."""
+    for directive, later in (("no-store", "MISS"), (None, "HIT")):
+        row = unique_row()
+        headers = {"Cache-Control": directive} if directive else {}
+        r = wc.post("/v1/models/identity_fp32/jobs", json={"inputs": {"INPUT0": [row]}}, headers=headers)
+        assert r.status_code == 202, r.text
+        assert wait_job(wc, r.json()["id"])["status"] == "succeeded"
+        answer = wc.post("/v1/models/identity_fp32/infer", json={"inputs": {"INPUT0": [row]}})
+        assert answer.status_code == 200 and answer.headers["x-cache"] == later, (directive, answer.headers)
+    runs = [line for line in wc.get("/metrics").text.splitlines() if line.startswith("tgw_job_runs_total{")]
+    assert any('status="200"' in line and float(line.split()[-1]) >= 2 for line in runs), runs
