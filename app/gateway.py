@@ -8,7 +8,8 @@ it in order. Callers only choose what to start: the FastAPI lifespan (``app.main
 and marks the process serving; ``tgw worker`` (no web app) builds the same gateway, with no door::
 
     async with build_gateway(settings) as gw:
-        response = await gw.inference.infer(request)
+        ctx = RequestContext.open("job", request_id)  # what the door knows of the call
+        response = await gw.inference.infer(request, ctx)
 
 Nothing is built at import time.
 """
