@@ -121,6 +121,7 @@ def test_a_cancelled_stream_frees_the_instance(triton: EmbeddedTriton) -> None:
     the model sees Triton's cancellation flag between two steps, sends the final flag and returns, so the
     next request is answered at once. Triton's log says after how many steps it stopped."""
     log = triton.process.log_path
+    pid = triton.process.pid
     logged_before = log.read_text(errors="replace").count("forecast_stream: cancelled after")
     long = Stream(triton.grpc_url)
     try:
@@ -145,7 +146,7 @@ def test_a_cancelled_stream_frees_the_instance(triton: EmbeddedTriton) -> None:
     assert first < 1.0
 
     def cancelled_line() -> str:
-        lines = [l for l in log.read_text(errors="replace").splitlines() if "forecast_stream: cancelled" in l]
+        lines = [s for s in log.read_text(errors="replace").splitlines() if "forecast_stream: cancelled" in s]
         assert len(lines) > logged_before
         return lines[-1]
 
@@ -153,3 +154,4 @@ def test_a_cancelled_stream_frees_the_instance(triton: EmbeddedTriton) -> None:
     done = int(line.split("cancelled after ")[1].split(" of ")[0])
     print(line)
     assert 3 <= done < 10_000, line
+    assert triton.process.pid == pid and triton.ready()  # the cancelled stream took nothing down
