@@ -38,7 +38,7 @@ def test_every_config_parses_and_names_its_directory(path: Path) -> None:
 def test_expected_models_are_present() -> None:
     names = {p.parent.name for p in REPO.glob("*/config.pbtxt")}
     assert {"transformer_timeseries", "vae_timeseries", "forecast", "forecast_preprocess",
-            "forecast_postprocess"} <= names  # fmt: skip
+            "forecast_postprocess", "forecast_stream"} <= names  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(ONNX_MODELS))
@@ -92,6 +92,30 @@ def test_forecast_ensemble_wiring() -> None:
         available |= set(step.output_map.values())
     assert "forecast" in available
     assert (REPO / "forecast" / "1").is_dir()  # Triton needs a version directory, even for an ensemble
+
+
+def test_forecast_stream_config() -> None:
+    """Decoupled, one series per request, ONE CPU instance (a request holds it until its last step or its
+    cancellation); the GPU configuration is the same model (numpy + BLS: the GPU work is the transformer's)."""
+    cfg = load(REPO / "forecast_stream" / "config.pbtxt")
+    assert cfg.backend == "python" and cfg.max_batch_size == 0 and cfg.model_transaction_policy.decoupled
+    assert [(i.name, i.data_type, list(i.dims), i.optional) for i in cfg.input] == [
+        ("series", model_config_pb2.TYPE_FP32, [-1], False),
+        ("horizon", model_config_pb2.TYPE_INT32, [1], False),
+    ]
+    assert [(o.name, o.data_type, list(o.dims)) for o in cfg.output] == [
+        ("step", model_config_pb2.TYPE_INT32, [1]),
+        ("value", model_config_pb2.TYPE_FP32, [1]),
+    ]
+    assert [(g.count, g.kind) for g in cfg.instance_group] == [
+        (1, model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    ]
+    assert {k: v.string_value for k, v in cfg.parameters.items()} == {
+        "model": "transformer_timeseries", "window": "20", "max_horizon": "10000",
+    }  # fmt: skip
+    assert load(REPO / "forecast_stream" / "configs" / "gpu.pbtxt") == cfg
+    assert not (REPO / "forecast_stream" / "configs" / "cpu.pbtxt").exists()  # the CPU Triton falls back
+    assert "app.triton_models.forecast_stream" in (REPO / "forecast_stream" / "1" / "model.py").read_text()
 
 
 @pytest.mark.parametrize("name", sorted(ONNX_MODELS))

@@ -1,0 +1,157 @@
+"""``forecast_stream`` (decoupled, model_repository/forecast_stream) on the real embedded Triton, talked to
+directly with ``tritonclient.grpc`` streaming: one response per step, in order, then the final flag; its
+first chunk is the ``forecast`` ensemble's answer bit for bit and each later chunk the ensemble's answer on
+the series extended by the points before it; bad input is an error and Triton stays up; a cancelled stream
+frees the model's single instance at once."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from app.launcher import EmbeddedTriton
+from tests.eventually import eventually
+
+pytestmark = pytest.mark.integration
+MODEL = "forecast_stream"
+# a period-8 wave with a trend: 30 raw points, not standardised
+SERIES = (50 + 3 * np.sin(2 * np.pi * np.arange(30) / 8) + 0.1 * np.arange(30)).astype(np.float32)
+
+
+def stream_inputs(series: np.ndarray, horizon: int) -> list[grpcclient.InferInput]:
+    s = grpcclient.InferInput("series", [len(series)], "FP32")
+    s.set_data_from_numpy(np.asarray(series, dtype=np.float32))
+    h = grpcclient.InferInput("horizon", [1], "INT32")
+    h.set_data_from_numpy(np.array([horizon], dtype=np.int32))
+    return [s, h]
+
+
+class Stream:
+    """One gRPC stream to Triton; ``get()`` is the next (result, error) pair."""
+
+    def __init__(self, url: str) -> None:
+        self.client = grpcclient.InferenceServerClient(url)
+        self.results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.results.put((result, error)))
+
+    def send(self, series: np.ndarray, horizon: int) -> None:
+        self.client.async_stream_infer(
+            MODEL, stream_inputs(series, horizon), enable_empty_final_response=True
+        )
+
+    def get(self, timeout: float = 30) -> tuple[Any, Any]:
+        return self.results.get(timeout=timeout)
+
+    def answer(self) -> tuple[list[tuple[int, float]], bool, Any]:
+        """Every step of one request until its final flag or error: (steps, final seen, error)."""
+        steps: list[tuple[int, float]] = []
+        while True:
+            result, error = self.get()
+            if error is not None:
+                return steps, False, error
+            response = result.get_response()
+            if response.parameters["triton_final_response"].bool_param:
+                assert not response.outputs  # the final flag comes alone
+                return steps, True, None
+            steps.append((int(result.as_numpy("step")[0]), float(result.as_numpy("value")[0])))
+
+    def close(self, cancel: bool = False) -> None:
+        self.client.stop_stream(cancel_requests=cancel)
+        self.client.close()
+
+
+@pytest.fixture
+def stream(triton: EmbeddedTriton) -> Iterator[Stream]:
+    s = Stream(triton.grpc_url)
+    yield s
+    s.close(cancel=True)
+
+
+def ensemble(triton: EmbeddedTriton, series: np.ndarray) -> np.ndarray:
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    try:
+        return client.infer("forecast", stream_inputs(series, 10)).as_numpy("forecast")
+    finally:
+        client.close()
+
+
+def test_one_response_per_step_and_the_ensembles_answer(triton: EmbeddedTriton, stream: Stream) -> None:
+    stream.send(SERIES, 25)
+    steps, final, error = stream.answer()
+    assert error is None and final
+    assert [s for s, _ in steps] == list(range(1, 26))
+    values = np.array([v for _, v in steps], dtype=np.float32)
+    # chunk 0: the same pre-process, transformer call (batch 1) and post-process as the ensemble: bit for bit
+    np.testing.assert_array_equal(values[:10], ensemble(triton, SERIES))
+    # chunk 1: the ensemble on the series extended by the 10 points streamed before it
+    np.testing.assert_array_equal(values[10:20], ensemble(triton, np.r_[SERIES, values[:10]]))
+    np.testing.assert_array_equal(values[20:], ensemble(triton, np.r_[SERIES, values[:20]])[:5])
+
+
+@pytest.mark.parametrize(
+    ("series", "horizon", "message"),
+    [
+        (SERIES[:19], 5, "at least 20 points, got 19"),
+        (SERIES, 0, "horizon must be between 1 and 10000, got 0"),
+        (SERIES, 10_001, "horizon must be between 1 and 10000, got 10001"),
+        (np.r_[SERIES, np.nan], 5, "NaN"),
+        (np.r_[SERIES[:10], np.inf, SERIES[:10]], 5, "NaN or infinite"),
+    ],
+    ids=["19-points", "horizon-0", "horizon-10001", "nan", "inf"],
+)
+def test_bad_input_is_an_error_and_triton_stays_up(
+    stream: Stream, series: np.ndarray, horizon: int, message: str
+) -> None:
+    stream.send(series, horizon)
+    steps, final, error = stream.answer()
+    assert steps == [] and error is not None and message in error.message(), error
+    stream.send(SERIES, 3)  # the same stream, the same instance: still answering
+    steps, final, error = stream.answer()
+    assert error is None and final and [s for s, _ in steps] == [1, 2, 3]
+
+
+def test_a_cancelled_stream_frees_the_instance(triton: EmbeddedTriton) -> None:
+    """10 000 steps take seconds on the one instance (~4 s on the 2-core box); cancelled after 3 responses,
+    the model sees Triton's cancellation flag between two steps, sends the final flag and returns, so the
+    next request is answered at once. Triton's log says after how many steps it stopped."""
+    log = triton.process.log_path
+    pid = triton.process.pid
+    logged_before = log.read_text(errors="replace").count("forecast_stream: cancelled after")
+    long = Stream(triton.grpc_url)
+    try:
+        long.send(SERIES, 10_000)
+        for expected in (1, 2, 3):
+            result, error = long.get()
+            assert error is None and int(result.as_numpy("step")[0]) == expected
+    finally:
+        long.close(cancel=True)
+    after = Stream(triton.grpc_url)
+    try:
+        started = time.perf_counter()
+        after.send(SERIES, 2)
+        result, error = after.get(timeout=30)
+        first = time.perf_counter() - started
+        assert error is None and int(result.as_numpy("step")[0]) == 1
+        steps, final, error = after.answer()
+        assert error is None and final and [s for s, _ in steps] == [2]
+    finally:
+        after.close()
+    print(f"\nfirst response of the next request {first * 1000:.1f} ms after the cancelled stream")
+    assert first < 1.0
+
+    def cancelled_line() -> str:
+        lines = [s for s in log.read_text(errors="replace").splitlines() if "forecast_stream: cancelled" in s]
+        assert len(lines) > logged_before
+        return lines[-1]
+
+    line = eventually(cancelled_line, 10, 0.1, "the model's log line about the cancellation")
+    done = int(line.split("cancelled after ")[1].split(" of ")[0])
+    print(line)
+    assert 3 <= done < 10_000, line
+    assert triton.process.pid == pid and triton.ready()  # the cancelled stream took nothing down
