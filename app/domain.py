@@ -59,6 +59,8 @@ class ModelInfo:
     allow_nonfinite: bool = False
     max_batch_rows: int = 0  # > 0: the gateway may micro-batch up to this many rows (see batchable)
     max_values: int | None = field(init=False, default=None)  # most values one request can carry
+    # A decoupled model may send any number of responses per request: only a stream can carry them.
+    decoupled: bool = field(init=False, default=False)
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
     config: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -73,16 +75,13 @@ class ModelInfo:
                 break
             total = (total or 0) + max(self.max_batch_size, 1) * math.prod(dims)
         object.__setattr__(self, "max_values", total)
+        policy = self.config.get("model_transaction_policy") or {}
+        object.__setattr__(self, "decoupled", bool(policy.get("decoupled")))
 
     @property
     def batched(self) -> bool:
         return self.max_batch_size > 0
 
-    @property
-    def decoupled(self) -> bool:
-        """A decoupled model may send any number of responses per request: only a stream can carry them."""
-        policy = self.config.get("model_transaction_policy") or {}
-        return bool(policy.get("decoupled"))
 
     def kserve_metadata(self, all_versions: bool = True) -> dict[str, Any]:
         """KServe v2 model metadata (HTTP ``/v2/models/{m}`` and gRPC ``ModelMetadata``) as Triton gives it:

@@ -154,12 +154,12 @@ class InferenceService:
         """The answer to ``req``, from the cache or Triton, within the caller's deadline (``ctx.deadline``:
         past it, 504 ``triton_timeout``, rendered DEADLINE_EXCEEDED over gRPC)."""
         self.bind(req, ctx)
-        remaining = ctx.remaining_s()
-        if remaining is None:
+        deadline = ctx.deadline
+        if deadline is None:
             return await self._infer(req, None)
         try:
-            async with asyncio.timeout(max(remaining, 0.0)):
-                return await self._infer(req, ctx.deadline)
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                return await self._infer(req, deadline)
         except TimeoutError:
             raise UpstreamTimeout("deadline exceeded waiting for Triton", {"deadline": "caller"}) from None
 

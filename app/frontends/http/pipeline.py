@@ -191,10 +191,11 @@ class Pipeline:
                 if route is not None:
                     body = await self._read_body(receive)
                     received = len(body)
-                    cache_control = headers.get(b"cache-control")
-                    read, write = cache_directives(cache_control.decode("latin-1") if cache_control else None)
                     caller = grant if isinstance(grant, Caller) else None  # the key that was admitted
-                    ctx = RequestContext(rid, route.route.door, caller, read, write)
+                    ctx = RequestContext(rid, route.route.door, caller)
+                    cache_control = headers.get(b"cache-control")
+                    if cache_control is not None:
+                        ctx.cache_read, ctx.cache_write = cache_directives(cache_control.decode("latin-1"))
                     reply = await self.router.handle(route, body, headers, ctx)  # type: ignore[union-attr]
             except GatewayError as exc:
                 log_gateway_error(exc)

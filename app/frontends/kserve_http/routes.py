@@ -27,9 +27,7 @@ from app.frontends.http.schemas import (
 )
 from app.frontends.kserve_http import codec as kserve
 from app.request_context import RequestContext
-from app.services.inference import InferenceService
 from app.services.offer import EXTENSIONS, refusal
-from app.services.offload import INLINE, Offload
 from app.services.statistics import ServedStatistics
 
 if TYPE_CHECKING:
@@ -178,15 +176,14 @@ async def model_config(model: str, registry: RegistryDep, version: str | None = 
 _HEADER_LENGTH = kserve.HEADER_LENGTH.encode()
 
 
-async def serve_v2(
-    service: InferenceService, model: str, version: str | None, raw: bytes, headers: Headers,
-    ctx: RequestContext, max_body_bytes: int = 8 * 1024 * 1024, offload: Offload = INLINE,
-) -> Reply:  # fmt: skip
+# --- the raw routes (app.frontends.http.routes): served by the pipeline, documented from these rows ---------
+async def infer_v2(gw: Gateway, params: Params, raw: bytes, headers: Headers, ctx: RequestContext) -> Reply:
     """The /v2 infer handler (this door's ``RAW_ROUTES``, served by the request pipeline).
-    ``Content-Encoding: gzip|deflate`` bodies are inflated up to ``max_body_bytes``; the answer is
+    ``Content-Encoding: gzip|deflate`` bodies are inflated up to ``TGW_MAX_BODY_BYTES``; the answer is
     compressed when ``Accept-Encoding`` asks for it. Large bodies are decoded, and large answers written
-    (and compressed), in ``offload``'s child processes."""
-    info = await service.resolve(model, version)
+    (and compressed), in the offload pool's child processes."""
+    service, offload, max_body_bytes = gw.inference, gw.offload, gw.settings.server.max_body_bytes
+    info = await service.resolve(params["model"], params.get("version"))
     coding, length = header_value(headers, b"content-encoding"), header_value(headers, _HEADER_LENGTH)
     # The JSON part is what costs (binary tensors are views of the body); a compressed body may inflate.
     json_bytes = int(length) if length is not None and length.isdigit() else len(raw)
@@ -201,12 +198,6 @@ async def serve_v2(
     if not offload.encodes_in_child(cost):
         return kserve.encode_answer(response, v2.id, v2.binary_outputs, accept)
     return await offload.encode(cost, kserve.encode_answer, response, v2.id, v2.binary_outputs, accept)
-
-
-# --- the raw routes (app.frontends.http.routes): served by the pipeline, documented from these rows ---------
-async def infer_v2(gw: Gateway, params: Params, body: bytes, headers: Headers, ctx: RequestContext) -> Reply:
-    return await serve_v2(gw.inference, params["model"], params.get("version"), body, headers, ctx,
-                          gw.settings.server.max_body_bytes, gw.offload)  # fmt: skip
 
 
 _V2_TENSOR = {

@@ -2,7 +2,7 @@
 
 Served by the request pipeline (``app.frontends.http.pipeline``), not by a FastAPI route: ``RAW_ROUTES``
 are this door's rows of the raw route table (``app.frontends.http.routes``: matcher, handler, metric
-template, auth class, OpenAPI operation); ``serve_v1`` is the transport-neutral handler."""
+template, auth class, OpenAPI operation); ``infer_v1`` is the transport-neutral handler."""
 
 from __future__ import annotations
 
@@ -14,33 +14,25 @@ from app.frontends.http.routes import Params, RawRoute
 from app.frontends.http.schemas import INFER_BODY_PROPERTIES, InferResult, body_doc, infer_operation
 from app.frontends.rest import codec as v1
 from app.request_context import RequestContext
-from app.services.inference import InferenceService
-from app.services.offload import INLINE, Offload
 
 if TYPE_CHECKING:
     from app.gateway import Gateway
 
-__all__ = ["RAW_ROUTES", "Reply", "infer_v1", "serve_v1"]
+__all__ = ["RAW_ROUTES", "Reply", "infer_v1"]
 
 
-async def serve_v1(
-    service: InferenceService, model: str, version: str | None, body: bytes, headers: Headers,
-    ctx: RequestContext, offload: Offload = INLINE,
-) -> Reply:  # fmt: skip
-    """Large bodies are decoded, and large answers written, in ``offload``'s child processes."""
-    info = await service.resolve(model, version)
+# --- the raw routes (app.frontends.http.routes): served by the pipeline, documented from these rows ---------
+async def infer_v1(gw: Gateway, params: Params, body: bytes, headers: Headers, ctx: RequestContext) -> Reply:
+    """The ``/v1`` infer handler. Large bodies are decoded, and large answers written, in the gateway's
+    offload pool's child processes."""
+    service, offload = gw.inference, gw.offload
+    info = await service.resolve(params["model"], params.get("version"))
     req = await offload.decode(len(body), v1.decode, info, body)
     response = await service.infer(req, ctx)
     values = json_values(response.result.outputs)
     if not offload.encodes_in_child(values):
         return v1.encode(response)
     return await offload.encode(values, v1.encode, response)
-
-
-# --- the raw routes (app.frontends.http.routes): served by the pipeline, documented from these rows ---------
-async def infer_v1(gw: Gateway, params: Params, body: bytes, headers: Headers, ctx: RequestContext) -> Reply:
-    model, version = params["model"], params.get("version")
-    return await serve_v1(gw.inference, model, version, body, headers, ctx, gw.offload)
 
 
 _V1_ANSWER = InferResult.model_json_schema()
