@@ -82,7 +82,6 @@ class ModelInfo:
     def batched(self) -> bool:
         return self.max_batch_size > 0
 
-
     def kserve_metadata(self, all_versions: bool = True) -> dict[str, Any]:
         """KServe v2 model metadata (HTTP ``/v2/models/{m}`` and gRPC ``ModelMetadata``) as Triton gives it:
         ``versions`` lists every ready version when no version was asked for, else the one asked for."""
