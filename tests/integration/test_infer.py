@@ -104,7 +104,9 @@ def _success_count(triton: EmbeddedTriton, model: str) -> int:
 
 
 def test_single_flight_makes_one_triton_call(gateway_url: str, triton: EmbeddedTriton) -> None:
-    delay = round(random.uniform(0.4, 0.5), 6)
+    # Long enough that all twelve requests reach the gateway while the first one's call is in flight, also
+    # on a busy 2-core machine (at 0.4 s a late request once missed the flight and made a second call).
+    delay = round(random.uniform(1.0, 1.1), 6)
     body = {"inputs": {"DELAY_S": [[delay]]}}
     before = _success_count(triton, "sleep_fp32")
 
