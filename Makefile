@@ -37,7 +37,7 @@ test: $(STAMP)
 	$(BIN)/ruff check app tests scripts
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache --no-logo
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests/unit tests/integration
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

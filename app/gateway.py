@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -56,6 +56,10 @@ class Door(Protocol):
 
 
 DoorFactory = Callable[["Gateway"], Door]
+
+
+async def _nothing() -> None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,18 +196,23 @@ async def build_gateway(
         gc.freeze()
         yield gw
     finally:
-        if edge.auth is not None:
-            await stop_auth(edge.auth)
-        in_process = settings.jobs.job_worker_in_process
-        await jobs.stop(drain_s=min(settings.server.drain_s, 5.0) if in_process else 0)
-        await inference.drain_writes(timeout_s=1.0)
-        await offload.close()
+        # Every part is closed even if one fails to (a part left open, a gRPC channel above all, outlives
+        # the event loop it belongs to).
+        in_process, auth = settings.jobs.job_worker_in_process, edge.auth
+        steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            ("auth", (lambda: stop_auth(auth)) if auth is not None else _nothing),
+            ("jobs", lambda: jobs.stop(drain_s=min(settings.server.drain_s, 5.0) if in_process else 0)),
+            ("cache writes", lambda: inference.drain_writes(timeout_s=1.0)),
+            ("decode pool", offload.close),
+            ("served statistics", served.stop),
+            ("cache store", store.close if store is not None else _nothing),
+            ("shared memory", shm.close if shm is not None else _nothing),
+            ("inference transport", transport.close if transport is not admin else _nothing),
+            ("Triton clients", admin.close),
+        ]
         monitor.stop()
-        await served.stop()
-        if store is not None:
-            await store.close()
-        if shm is not None:
-            await shm.close()
-        if transport is not admin:
-            await transport.close()
-        await admin.close()
+        for name, close in steps:
+            try:
+                await close()
+            except Exception:
+                logger.exception("closing the gateway: %s failed; closing the rest", name)
