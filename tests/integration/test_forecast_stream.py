@@ -116,14 +116,20 @@ def test_bad_input_is_an_error_and_triton_stays_up(
     assert error is None and final and [s for s, _ in steps] == [1, 2, 3]
 
 
-def test_a_cancelled_stream_frees_the_instance(triton: EmbeddedTriton) -> None:
+@pytest.mark.parametrize("door", ["triton", "gateway_grpc"])
+def test_a_cancelled_stream_frees_the_instance(
+    triton: EmbeddedTriton, door: str, request: pytest.FixtureRequest
+) -> None:
     """10 000 steps take seconds on the one instance (~4 s on the 2-core box); cancelled after 3 responses,
     the model sees Triton's cancellation flag between two steps, sends the final flag and returns, so the
-    next request is answered at once. Triton's log says after how many steps it stopped."""
+    next request is answered at once. Triton's log says after how many steps it stopped. Through Triton
+    directly, and through the gateway's gRPC door (``ModelStreamInfer``: the client's cancellation reaches
+    Triton through the gateway's own upstream stream; issue 22 item 6, the gRPC door)."""
+    url = triton.grpc_url if door == "triton" else request.getfixturevalue("gateway_grpc")
     log = triton.process.log_path
     pid = triton.process.pid
     logged_before = log.read_text(errors="replace").count("forecast_stream: cancelled after")
-    long = Stream(triton.grpc_url)
+    long = Stream(url)
     try:
         long.send(SERIES, 10_000)
         for expected in (1, 2, 3):
@@ -131,7 +137,7 @@ def test_a_cancelled_stream_frees_the_instance(triton: EmbeddedTriton) -> None:
             assert error is None and int(result.as_numpy("step")[0]) == expected
     finally:
         long.close(cancel=True)
-    after = Stream(triton.grpc_url)
+    after = Stream(url)
     try:
         started = time.perf_counter()
         after.send(SERIES, 2)
