@@ -99,12 +99,33 @@ def reading_workers(r: Any, workers: list[subprocess.Popen[bytes]]) -> set[int]:
 def sigkill_worker_holding_jobs(
     r: Any, workers: list[subprocess.Popen[bytes]], timeout: float = 20.0
 ) -> None:
-    """SIGKILL one of ``workers`` (``tgw worker`` processes) while it holds pending jobs in the consumer
-    group, as soon as one does; ``r`` is a Redis client of the jobs Redis."""
+    """SIGKILL one of ``workers`` (``tgw worker`` processes) while it runs a job (its entry pending in the
+    consumer group, the job started: status ``running``), as soon as one does; ``r`` is a Redis client of
+    the jobs Redis. (An entry read but not yet started would be reclaimed as the job's first attempt.)"""
+    from app.services.jobs.store import GROUP, STREAM, job_key
+
     by_pid = {w.pid: w for w in workers}
 
+    def running(consumer: str) -> bool:
+        entries = r.xpending_range(STREAM, GROUP, min="-", max="+", count=100, consumername=consumer)
+        for entry in entries:
+            found = r.xrange(STREAM, min=entry["message_id"], max=entry["message_id"])
+            job_id = found[0][1].get(b"job_id") if found else None
+            if job_id and r.hget(job_key(job_id.decode()), "status") == b"running":
+                return True
+        return False
+
     def holding() -> int | None:
-        return next((pid for pid, pending in consumers(r).items() if pending > 0 and pid in by_pid), None)
+        try:
+            found = r.xinfo_consumers(STREAM, GROUP)
+        except redis.ResponseError:  # the stream or group is not there yet
+            return None
+        for c in found:
+            name = c["name"].decode()
+            pid = int(name.rsplit("-", 2)[1])
+            if pid in by_pid and int(c["pending"]) > 0 and running(name):
+                return pid
+        return None
 
     pid = eventually(holding, timeout, 0.05, "no worker picked up a job")
     by_pid[pid].send_signal(signal.SIGKILL)
