@@ -7,7 +7,6 @@ import asyncio
 import itertools
 import os
 import re
-import time
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -105,9 +104,6 @@ class RequestContext:
         ``deadline`` the caller's own (a ``time.monotonic()`` instant)."""
         read, write = cache_directives(cache_control)
         return cls(set_request_id(request_id), door, caller, read, write, deadline)
-
-    def remaining_s(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
 
 
 def cache_directives(header: str | None) -> tuple[bool, bool]:

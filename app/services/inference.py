@@ -134,10 +134,10 @@ class InferenceService:
             req.cache_scope = caller.cache_scope
         return req
 
-    async def cached(self, req: InferRequest, ctx: RequestContext) -> InferResponse | None:
-        """The cached answer, if any, without calling Triton (job submission answers hits at once).
-        Follows the same rules as ``infer``; a cache error counts as no answer."""
-        self.bind(req, ctx)
+    async def cached(self, req: InferRequest) -> InferResponse | None:
+        """The cached answer, if any, without calling Triton (job submission answers hits at once), for a
+        request its context was already applied to (``bind``). Follows the same rules as ``infer``; a
+        cache error counts as no answer."""
         info = req.info
         if not (self._use_cache(req) and req.cache_read):
             annotate(info.name, info.version, "BYPASS")

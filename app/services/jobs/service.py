@@ -146,7 +146,7 @@ class JobService:
             priority=priority, created_at=time.time(), request_id=ctx.request_id, spec=spec,
             webhook_url=webhook_url,
         )  # fmt: skip
-        hit = await self.inference.cached(req, ctx)
+        hit = await self.inference.cached(req)
         if hit is not None:
             result = await self.offload.encode(json_values(hit.result.outputs), result_json, hit)
             job.status, job.result, job.cache, job.finished_at = (
