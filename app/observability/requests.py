@@ -2,9 +2,9 @@
 
 Every door calls it when a request ends: the HTTP pipeline (``app.frontends.http.pipeline``), the gRPC
 front door (each unary RPC and each message of ``ModelStreamInfer``), and the ``/v1/ws`` socket (each
-``infer`` frame, each refused frame, a refused handshake). It moves the request's counter and latency
-histogram (HTTP: the
-instrumentator's ``http_requests_total{handler,method,status}`` and ``http_request_duration_seconds``; gRPC:
+``infer`` frame, each refused frame, a refused handshake), a job worker (each attempt). It moves the
+request's counter and latency histogram (HTTP: the instrumentator's
+``http_requests_total{handler,method,status}`` and ``http_request_duration_seconds``; gRPC:
 ``tgw_grpc_requests_total{method,code}`` and ``tgw_grpc_request_duration_seconds``) and writes the one
 access-log line (logger ``app.access``; health probes and scrapes at DEBUG), with the same fields on
 every door: request_id, method, path, status, duration_ms, and model, version and cache where the request
