@@ -41,7 +41,8 @@ from app.services.jobs.runtime import JobsRuntime
 from app.services.offload import Offload
 from app.services.registry import ModelRegistry
 from app.services.statistics import ServedStatistics
-from app.settings import Settings
+from app.services.streams import StreamLimits
+from app.settings import Settings, StreamSettings
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,13 @@ class Edge:
     requests: Requests  # records every finished request: metrics, access-log line (every door)
     auth: AuthStage | None  # keys and limits: the pipeline's admission stage, the gRPC door's (None: a
     # process that serves no request, ``tgw worker``, which may run without TGW_KEY_PEPPER)
+
+
+def stream_limits(settings: StreamSettings) -> StreamLimits:
+    return StreamLimits(
+        buffer_responses=settings.stream_buffer_responses, buffer_bytes=settings.stream_buffer_bytes,
+        max_duration_s=settings.stream_max_duration_s, cache_max_bytes=settings.stream_cache_max_bytes,
+    )  # fmt: skip
 
 
 def build_edge(settings: Settings, classify: Callable[[str], str] = path_class, serving: bool = True) -> Edge:
@@ -161,7 +169,7 @@ async def build_gateway(
     served = ServedStatistics(admin, redis, settings.cache.cache_namespace)
     inference = InferenceService(
         infer_transport, registry, cache, settings.cache.cache_namespace, settings.triton.triton_timeout_s,
-        ReadPolicy(settings.cache.cache_read_min_hit_ratio), served,
+        ReadPolicy(settings.cache.cache_read_min_hit_ratio), served, stream_limits(settings.streams),
     )  # fmt: skip
     health = HealthService(admin, transport, cache)
     offload = Offload(settings.server.decode_processes, preload=DECODE_MODULES)

@@ -70,6 +70,7 @@ class Caller:
     priority: int = 0
     max_timeout_s: float | None = None
     cache_scope: str = ""
+    max_stream_s: float | None = None  # the tier's bound on a stream's life (None: the gateway's)
 
 
 Door = Literal["v1", "v2", "grpc", "grpc_stream", "ws", "job"]

@@ -464,7 +464,8 @@ class AuthSettings(_Group):
     auth_redis_timeout_s: float = Field(0.25, gt=0, description="bound on every key/limit Redis call")
     auth_tiers: Annotated[list[str], *Csv] = Field(
         default_factory=lambda: ["high:1:60", "standard:2:30"],
-        description="tier:triton_priority:max_timeout_s, comma-separated; priority 1 is Triton's highest",
+        description="tier:triton_priority:max_timeout_s[:max_stream_s], comma-separated; priority 1 is "
+        "Triton's highest; max_stream_s bounds a stream's life (default TGW_STREAM_MAX_DURATION_S)",
     )
     auth_default_tier: str = Field("standard", description="tier of a key created without --tier")
     auth_default_rps: float = Field(20.0, gt=0, description="request rate of a key created without --rps")
@@ -504,13 +505,15 @@ class AuthSettings(_Group):
     def _check_tiers(cls, value: list[str]) -> list[str]:
         for item in value:
             parts = item.split(":")
-            ok = len(parts) == 3 and parts[0] and parts[1].isdigit() and int(parts[1]) >= 1
+            ok = len(parts) in (3, 4) and parts[0] and parts[1].isdigit() and int(parts[1]) >= 1
             try:
-                ok = ok and float(parts[2]) > 0
+                ok = ok and all(float(p) > 0 for p in parts[2:])
             except ValueError:
                 ok = False
             if not ok:
-                raise ValueError(f"{item!r}: expected tier:priority:max_timeout_s, e.g. standard:2:30")
+                raise ValueError(
+                    f"{item!r}: expected tier:priority:max_timeout_s[:max_stream_s], e.g. standard:2:30:600"
+                )
         return value
 
     @model_validator(mode="after")
@@ -564,6 +567,29 @@ class EmbeddedSettings(_Group):
         return self.triton_http_port + 3 * i, self.triton_grpc_port + 3 * i, self.triton_metrics_port + 3 * i
 
 
+class StreamSettings(_Group):
+    """Streamed answers (app.services.streams): what a stream may buffer, how long it may last, which
+    completed streams the cache keeps."""
+
+    title: ClassVar[str] = "Streaming"  # its heading in the README
+
+    stream_buffer_responses: int = Field(
+        256, ge=1, description="responses one stream holds for a consumer that reads slower than Triton "
+        "answers; past it the stream is cancelled in Triton and ends with a stream_overflow error",
+    )  # fmt: skip
+    stream_buffer_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="bound on the bytes of those held responses (the same end)"
+    )
+    stream_max_duration_s: float = Field(
+        600.0, gt=0, description="longest a stream may last, for tiers that do not set their own "
+        "(TGW_AUTH_TIERS' fourth field); past it the stream is cancelled in Triton (504 triton_timeout)",
+    )  # fmt: skip
+    stream_cache_max_bytes: int = Field(
+        1024 * 1024, ge=0, description="a completed stream whose responses total at most this is cached "
+        "and replayed to an identical request; 0 = streams are never cached",
+    )  # fmt: skip
+
+
 class ObservabilitySettings(_Group):
     """Logs, metrics and tracing (app.observability)."""
 
@@ -594,6 +620,7 @@ GROUPS: dict[str, type[_Group]] = {
     "jobs": JobsSettings,
     "auth": AuthSettings,
     "embedded": EmbeddedSettings,
+    "streams": StreamSettings,
     "observability": ObservabilitySettings,
 }
 
@@ -654,6 +681,7 @@ class Settings(BaseModel):
     jobs: JobsSettings
     auth: AuthSettings
     embedded: EmbeddedSettings
+    streams: StreamSettings
     observability: ObservabilitySettings
 
     def __init__(self, **values: Any) -> None:

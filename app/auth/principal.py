@@ -16,14 +16,15 @@ class Tier:
     name: str
     priority: int  # Triton request priority: 1 is the highest level
     max_timeout_s: float  # upper bound of the timeout sent to Triton
+    max_stream_s: float | None = None  # longest stream (None: TGW_STREAM_MAX_DURATION_S)
 
 
 def parse_tiers(items: list[str]) -> dict[str, Tier]:
-    """``["high:1:60", "standard:2:30"]`` (validated by Settings) -> {name: Tier}."""
+    """``["high:1:60:3600", "standard:2:30"]`` (validated by Settings) -> {name: Tier}."""
     tiers: dict[str, Tier] = {}
     for item in items:
-        name, priority, timeout = item.split(":")
-        tiers[name] = Tier(name, int(priority), float(timeout))
+        name, priority, timeout, *stream = item.split(":")
+        tiers[name] = Tier(name, int(priority), float(timeout), float(stream[0]) if stream else None)
     return tiers
 
 

@@ -308,7 +308,7 @@ class AuthStage:
         tier = self.tiers.get(rec.tier) or self.tiers[self.settings.auth_default_tier]
         return Principal(
             key_id=rec.id, tenant=rec.tenant, tier=tier.name, priority=tier.priority,
-            max_timeout_s=tier.max_timeout_s, admin=tier.name == ADMIN_TIER,
+            max_timeout_s=tier.max_timeout_s, max_stream_s=tier.max_stream_s, admin=tier.name == ADMIN_TIER,
             limits=Limits(rec.rps, rec.burst, rec.concurrency, rec.daily_quota),
             cache_scope=cache_scope_of(rec.tenant, self.settings.cache_scope),
             extra={"digest": rec.digest},  # what recheck() looks up again (revocation, rotation)

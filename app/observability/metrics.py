@@ -96,6 +96,24 @@ STAGE_DURATION = Histogram(
     buckets=(0.00005, 0.0001, 0.00025, *_FAST, 2.5, 5.0, 10.0),
 )
 
+# --- streams (app.services.streams): one decoupled request answered many times, whatever the door ---------
+STREAMS_OPEN = Gauge(
+    "tgw_streams_open", "Streams being served, by door", ["door"], multiprocess_mode="livesum"
+)
+STREAMS = Counter(
+    "tgw_streams", "Streams ended, by door and how: completed, replayed (from the cache), client (the "
+    "client went away or cancelled), deadline, duration (the tier's longest stream), overflow (a consumer "
+    "too slow), job (its job was deleted), error", ["door", "end"],
+)  # fmt: skip
+STREAM_FIRST_RESPONSE = Histogram(
+    "tgw_stream_first_response_seconds", "Time from a stream's start to its first response, by door and "
+    "cache outcome", ["door", "cache"], buckets=HTTP_LATENCY_BUCKETS,
+)  # fmt: skip
+STREAM_RESPONSES = Histogram(
+    "tgw_stream_responses", "Responses a stream carried", ["door"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000),
+)  # fmt: skip
+
 # --- gRPC front door (app.frontends.grpc): the HTTP metrics' counterparts, by RPC method and status code ---
 GRPC_REQUESTS = Counter("tgw_grpc_requests", "gRPC requests by method and status code", ["method", "code"])
 GRPC_DURATION = Histogram(

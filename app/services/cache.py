@@ -71,6 +71,34 @@ def encode_result(result: TritonResult, expires_at: float = 0.0) -> bytes:
     return b"".join([_LEN.pack(len(header)), header, *blobs])
 
 
+# A cached stream: b"TGWS", a 4-byte count, then per response its final flag (1 byte), a 4-byte length and
+# ``encode_result``'s bytes.
+_STREAM_MAGIC = b"TGWS"
+_PART = struct.Struct("<BI")
+
+
+def encode_stream(results: Sequence[TritonResult]) -> bytes:
+    parts = [_STREAM_MAGIC, _LEN.pack(len(results))]
+    for result in results:
+        blob = encode_result(result)
+        parts += [_PART.pack(int(result.final), len(blob)), blob]
+    return b"".join(parts)
+
+
+def decode_stream(value: bytes) -> list[TritonResult]:
+    if value[:4] != _STREAM_MAGIC:
+        raise ValueError("not a cached stream")
+    (count,) = _LEN.unpack_from(value, 4)
+    offset, results = 8, []
+    for _ in range(count):
+        final, size = _PART.unpack_from(value, offset)
+        offset += _PART.size
+        result = decode_result(value[offset : offset + size])
+        results.append(TritonResult(result.model_version, result.outputs, result.datatypes, bool(final)))
+        offset += size
+    return results
+
+
 def decode_result(value: bytes) -> TritonResult:
     return decode_entry(value)[0]
 
@@ -268,6 +296,34 @@ class ResponseCache:
             await store.set(key, value, self.ttl_s)
         except Exception as exc:
             raise self._failed(exc) from exc
+
+    async def get_stream(self, key: str) -> list[TritonResult] | None:
+        """A cached stream: its responses in order (Redis only: streams skip the L1)."""
+        store = self._usable()
+        try:
+            value = await store.get(key)
+        except Exception as exc:
+            raise self._failed(exc) from exc
+        if value is None:
+            return None
+        try:
+            return decode_stream(value)
+        except Exception:
+            logger.warning("dropping an unreadable cached stream %s", key)
+            return None
+
+    async def put_stream(self, key: str, results: Sequence[TritonResult], max_bytes: int) -> bool:
+        """Store a completed stream's responses if their encoding is at most ``max_bytes`` (and the
+        cache's value bound); returns whether it was stored."""
+        store = self._usable()
+        value = encode_stream(results)
+        if len(value) > min(max_bytes, self.max_value_bytes):
+            return False
+        try:
+            await store.set(key, value, self.ttl_s)
+        except Exception as exc:
+            raise self._failed(exc) from exc
+        return True
 
     async def probe(self) -> bool:
         """Readiness check; also ends the back-off early once Redis answers again."""

@@ -28,6 +28,7 @@ from app.services.cache import CacheUnavailable, ReadPolicy, ResponseCache, cach
 from app.services.registry import ModelInfo, ModelRegistry
 from app.services.singleflight import SingleFlight
 from app.services.statistics import ServedStatistics
+from app.services.streams import ResponseStream, StreamLimits
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,9 @@ class InferenceService:
         timeout_s: float,
         read_policy: ReadPolicy | None = None,
         served: ServedStatistics | None = None,
+        stream_limits: StreamLimits | None = None,
     ) -> None:
+        self.stream_limits = stream_limits or StreamLimits()
         self.transport = transport
         self.served = served  # answers given without Triton, for the model statistics
         self.read_policy = read_policy or ReadPolicy(0.0)
@@ -210,20 +213,83 @@ class InferenceService:
                 self.served.hit(info.name, info.version, time.perf_counter_ns() - start_ns)
         return InferResponse(info.name, result, outcome)
 
-    async def stream(self, req: InferRequest, ctx: RequestContext) -> AsyncIterator[InferResponse]:
-        """Every response of ``req`` as Triton sends it, the last with ``result.final`` set (a decoupled
-        model answers any number of times). Never from or into the cache, never shared; closing the
-        iterator early (or ``ctx.cancelled`` set) cancels the request in Triton."""
+    def stream_key(self, req: InferRequest) -> str:
+        """The cache key of ``req``'s whole stream (never a unary answer's: another parameter)."""
+        return self.key_for(replace(req, parameters={**req.parameters, "\x00stream": 1}))
+
+    async def open_stream(self, req: InferRequest, ctx: RequestContext) -> ResponseStream:
+        """The responses of ``req`` (a decoupled model's request) as one ``ResponseStream``: replayed from
+        the cache when a completed identical stream is stored there (``cache`` HIT), else from Triton
+        (MISS, or BYPASS when the cache does not apply), never shared with another request. The stream's
+        life is bounded by the caller's deadline and its tier's longest stream; leaving it early
+        (``aclose``/``cancel``) cancels the request in Triton."""
         self.bind(req, ctx)
         info = req.info
-        call = replace(self.call_for(req, ctx.deadline), max_batch_rows=0)
-        annotate(info.name, info.version, "BYPASS")
-        metrics.cache_outcome("bypass")
+        limits = self.stream_limits
+        caller = ctx.caller
+        max_s = (caller.max_stream_s if caller is not None else None) or limits.max_duration_s
+        use_cache = limits.cache_max_bytes > 0 and self._use_cache(req)
+        key = ""
+        outcome: CacheOutcome = "BYPASS"
+        if use_cache:
+            key = self.stream_key(req) if not _large(req) else await asyncio.to_thread(self.stream_key, req)
+            if req.cache_read:
+                try:
+                    replay = await self._cached_stream(key)
+                except CacheUnavailable:
+                    use_cache = False
+                    metrics.cache_outcome("error")
+                else:
+                    if replay is not None:
+                        metrics.cache_outcome("hit")
+                        annotate(info.name, info.version, "HIT")
+                        return ResponseStream(info.name, ctx, limits, "HIT", None, replay)
+                    outcome = "MISS"
+                    metrics.cache_outcome("miss")
+        if outcome == "BYPASS":
+            metrics.cache_outcome("bypass")
+        annotate(info.name, info.version, outcome)
+        now = time.monotonic()
+        deadline = now + max_s if ctx.deadline is None else min(ctx.deadline, now + max_s)
+        call = replace(self.call_for(req), deadline=deadline, max_batch_rows=0)
+        store = None
+        if use_cache and req.cache_write:
+            cache_max = limits.cache_max_bytes
+
+            async def store(results: list[TritonResult]) -> None:
+                if all(r.model_version in ("", info.version) for r in results):
+                    with contextlib.suppress(CacheUnavailable):
+                        await self.cache.put_stream(key, results, cache_max)
+
+        duration = deadline - now if ctx.deadline is None or ctx.deadline > now + max_s else 0.0
+        return ResponseStream(
+            info.name, ctx, limits, outcome, self._relay(call), store=store, max_duration_s=duration
+        )
+
+    async def _cached_stream(self, key: str) -> list[TritonResult] | None:
+        start = time.perf_counter()
+        try:
+            with tracing.span("cache.get"):
+                return await self.cache.get_stream(key)
+        finally:
+            elapsed = time.perf_counter() - start
+            metrics.cache_operation("get", elapsed)
+            add_timing("cache", elapsed)
+
+    async def _relay(self, call: TritonCall) -> AsyncIterator[TritonResult]:
         with self._triton_call("triton.stream", call):
             async for result in self.transport.stream(call):
-                if ctx.cancelled is not None and ctx.cancelled.is_set():
-                    return  # the door's client went away: closing the upstream stream cancels it
-                yield InferResponse(info.name, result, "BYPASS")
+                yield result
+
+    async def stream(self, req: InferRequest, ctx: RequestContext) -> AsyncIterator[InferResponse]:
+        """``open_stream`` as an async generator: every response of ``req``, the last with
+        ``result.final`` set; closing it early cancels the request in Triton."""
+        responses = await self.open_stream(req, ctx)
+        try:
+            async for response in responses:
+                yield response
+        finally:
+            await responses.aclose()
 
     @contextlib.contextmanager
     def _triton_call(self, span: str, call: TritonCall) -> Iterator[None]:

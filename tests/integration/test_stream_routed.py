@@ -47,7 +47,8 @@ def test_stream_statistics_and_index_are_served_by_the_second_triton_when_the_fi
         assert [r.error_message for r in before] == [""] * 3
         first.stop()
         for attempt in range(4):  # each one a fresh stream; the dead endpoint may be picked first
-            responses = _stream(gateway.grpc, [count_request(3, f"d{attempt}")])
+            # a parameter of its own: a completed stream is cached, and a replay would not reach Triton
+            responses = _stream(gateway.grpc, [count_request(3, f"d{attempt}", attempt=attempt)])
             assert [r.error_message for r in responses] == [""] * 3, responses
             assert [r.infer_response.id for r in responses] == [f"d{attempt}"] * 3
         seq = 7_000_000 + free_port()

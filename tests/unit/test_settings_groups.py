@@ -42,6 +42,7 @@ FROM_ENV = {
     "auth": ("TGW_AUTH_WS_PER_KEY", "3", "auth_ws_per_key", 3),
     "embedded": ("TGW_EMBEDDED_TRITONS", "2", "embedded_tritons", 2),
     "observability": ("TGW_LOG_FORMAT", "text", "log_format", "text"),
+    "streams": ("TGW_STREAM_BUFFER_RESPONSES", "32", "stream_buffer_responses", 32),
 }
 
 
