@@ -161,9 +161,11 @@ class ResponseStream:
                         self._error = StreamOverflow(
                             "the stream's consumer read slower than the model answered; the request was "
                             "cancelled in Triton",
-                            {"buffer_responses": limits.buffer_responses,
-                             "buffer_bytes": limits.buffer_bytes, "delivered": self.responses},
-                        )  # fmt: skip
+                            {
+                                "buffer_responses": limits.buffer_responses,
+                                "buffer_bytes": limits.buffer_bytes,
+                            },
+                        )
                         self.end = "overflow"
                         return  # leaving the loop closes the upstream stream: Triton cancels the request
                     self._held_bytes += size
