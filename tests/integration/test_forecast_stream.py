@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -161,3 +162,56 @@ def test_a_cancelled_stream_frees_the_instance(
     print(line)
     assert 3 <= done < 10_000, line
     assert triton.process.pid == pid and triton.ready()  # the cancelled stream took nothing down
+
+
+def streams_ended(gateway_url: str, end: str) -> float:
+    """``tgw_streams_total{door="grpc_stream",end=...}`` of the gateway."""
+    text = httpx.get(f"{gateway_url}/metrics", timeout=10).text
+    prefix = f'tgw_streams_total{{door="grpc_stream",end="{end}"}} '
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_through_the_gateways_grpc_door_the_same_steps_then_a_replay(
+    triton: EmbeddedTriton, gateway_grpc: str, gateway_url: str
+) -> None:
+    """tritonclient's ``start_stream`` with ``enable_empty_final_response=True`` through the gateway: the
+    same steps as Triton's own stream, then the final flag alone (Triton's reserved parameter is not passed
+    on: the gateway asks for the final response itself). The identical request again is replayed from the
+    cache (a completed stream is stored): the same responses, counted as ``replayed``."""
+    series = SERIES + np.float32(0.25)  # a series of its own: the first request is a cache miss
+    direct = Stream(triton.grpc_url)
+    try:
+        direct.send(series, 12)
+        expected = direct.answer()
+    finally:
+        direct.close()
+    assert expected[1] and expected[2] is None and len(expected[0]) == 12
+    completed, replayed = streams_ended(gateway_url, "completed"), streams_ended(gateway_url, "replayed")
+    for _ in range(2):
+        through = Stream(gateway_grpc)
+        try:
+            through.send(series, 12)
+            assert through.answer() == expected
+        finally:
+            through.close()
+    assert streams_ended(gateway_url, "completed") == completed + 1
+    assert streams_ended(gateway_url, "replayed") == replayed + 1
+
+
+def test_without_the_empty_final_response_only_the_steps_come(gateway_grpc: str) -> None:
+    """A client that did not ask for the empty final response gets the data responses only (as from
+    Triton): ``horizon`` of them, none flagged."""
+    client = grpcclient.InferenceServerClient(gateway_grpc)
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer(MODEL, stream_inputs(SERIES + np.float32(0.5), 4))
+        got = [results.get(timeout=30) for _ in range(4)]
+        assert all(error is None for _, error in got)
+        assert [int(r.as_numpy("step")[0]) for r, _ in got] == [1, 2, 3, 4]
+        assert all("triton_final_response" not in r.get_response().parameters for r, _ in got)
+        with pytest.raises(queue.Empty):
+            results.get(timeout=0.5)
+    finally:
+        client.stop_stream()
+        client.close()
