@@ -34,6 +34,7 @@ from app.bench.payloads import (
 )
 from app.bench.stack import Stack, cpu_seconds, machine_info, rss_bytes, triton_version
 from app.bench.stats import LevelResult, merge, ratio, triton_counts
+from app.bench.streams import STREAM_TARGET_HELP, STREAM_TARGETS, StreamLevel, StreamTarget
 from app.launcher import LaunchError
 
 logger = logging.getLogger("app.bench")
@@ -61,6 +62,9 @@ class Options:
     load_models: list[str] = field(default_factory=list)
     gateway_env: dict[str, str] = field(default_factory=dict)
     auth_levels: list[int] = field(default_factory=list)  # the auth phase's levels; empty: no auth phase
+    stream_levels: list[int] = field(default_factory=list)  # the streaming phase's; empty: none
+    stream_targets: list[str] = field(default_factory=list)
+    stream_horizon: int = 20
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,6 +86,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auth-concurrency", default=",".join(map(str, AUTH_LEVELS)),
                    help="levels of the auth phase (gateway restarted with TGW_AUTH=required: "
                    "gateway-miss-key, gateway-hit-key on the tiny model); empty: skip it")  # fmt: skip
+    p.add_argument("--stream-concurrency", default="1,64",
+                   help="levels of the streaming phase (forecast_stream: time to first response and "
+                   "gap between responses, gateway vs Triton direct, miss and replay); empty: skip it",
+                   )  # fmt: skip
+    p.add_argument("--stream-targets", default=",".join(STREAM_TARGETS), help=", ".join(STREAM_TARGETS))
+    p.add_argument("--stream-horizon", type=int, default=20, help="responses per measured stream")
     p.add_argument("--model-config-name", default=os.environ.get("TGW_TRITON_MODEL_CONFIG_NAME", "auto"),
                    help="Triton model configs to load: auto (gpu where a GPU is visible, else cpu), cpu, "
                         "gpu, gpu_eager, gpu_nobatch, gpu_eager_nobatch")  # fmt: skip
@@ -125,6 +135,9 @@ def options_from(args: argparse.Namespace) -> Options:
         load_models=_csv(args.load_models),
         gateway_env=env,
         auth_levels=[int(c) for c in args.auth_concurrency.split(",") if c],
+        stream_levels=[int(c) for c in args.stream_concurrency.split(",") if c],
+        stream_targets=_csv(args.stream_targets),
+        stream_horizon=args.stream_horizon,
     )
 
 
@@ -175,6 +188,45 @@ def auth_phase(gen: Generator, stack: Stack, model: ModelSpec, salt: int, o: Opt
         out.append(r)
         say(_line(i, len(plan), r))
     return out
+
+
+def stream_phase(stack: Stack, salt: int, o: Options) -> dict[str, Any]:
+    """The streaming targets (``app.bench.streams``) at each of ``o.stream_levels``: misses for every
+    target, replays for the gateway's."""
+    from app.bench import streams
+
+    if not stack.model_ready(streams.MODEL):
+        say(f"streaming phase skipped: {streams.MODEL} is not ready")
+        return {}
+    assert stack.triton is not None
+    ports = {"triton-sse": stack.triton.http_port, "triton-grpc": stack.triton.grpc_port,
+             "gateway-sse": stack.gateway_port, "gateway-ws": stack.gateway_port,
+             "gateway-grpc": stack.gateway_grpc_port}  # fmt: skip
+    plan: list[tuple[StreamTarget, int]] = []
+    for name in o.stream_targets:
+        if name not in ports:
+            say(f"skipping stream target {name}: unknown (known: {', '.join(STREAM_TARGETS)})")
+            continue
+        for replay in (False, True) if name.startswith("gateway") else (False,):
+            plan += [(StreamTarget(name, "127.0.0.1", ports[name], replay), c) for c in o.stream_levels]
+    levels: list[StreamLevel] = []
+    say(f"streaming phase: {streams.MODEL}, {o.stream_horizon} responses a stream …")
+    for i, (target, c) in enumerate(plan, 1):
+        if target.replay:
+            streams.prime(target, o.stream_horizon)
+        level = streams.measure(target, c, o.stream_horizon, o.warmup_s, o.duration_s, o.generators, salt)
+        levels.append(level)
+        r = level.row()
+        say(f"[{i:>3}/{len(plan)}] {r['target']:<13} {r['cache']:<6} c={c:<4} {r['streams']:>6} streams  "
+            f"first p50 {r['first_p50_ms']:7.2f} p99 {r['first_p99_ms']:7.2f} ms  "
+            f"gap p50 {r['gap_p50_ms']:6.3f} p99 {r['gap_p99_ms']:7.3f} ms  err {r['errors']}"
+            + (f"\n      errors: {r['error_samples'][0]}" if r["error_samples"] else ""))  # fmt: skip
+    say(streams.table(levels))
+    goals = streams.checks(levels)
+    for g in goals:
+        say(f"  {'met' if g['met'] else 'NOT MET'}: {g['name']}: {g['measured']} (goal {g['goal']})")
+    return {"horizon": o.stream_horizon, "levels": [lv.row() for lv in levels], "checks": goals,
+            "targets": {k: v for k, v in STREAM_TARGET_HELP.items() if k in o.stream_targets}}  # fmt: skip
 
 
 def _line(i: int, n: int, r: LevelResult) -> str:
@@ -367,6 +419,8 @@ def run(o: Options) -> int:
             t = make_targets(models[0], th, tg, gw, salt + 1, ("gateway-miss",))[0]
             soak_doc = soak(gen, stack, t, o.soak_requests, o)
             meta["soak"] = soak_doc
+        if o.stream_levels and o.stream_targets:
+            meta["streams"] = stream_phase(stack, salt + 3, o)
         if o.auth_levels and models and models[0].name == "identity_fp32":
             results.extend(auth_phase(gen, stack, models[0], salt + 2, o))
         meta["targets_check"] = check_targets(results, soak_doc)
@@ -396,10 +450,12 @@ def run(o: Options) -> int:
             f"+{q['added_p50_ms']:.3f} / +{q['added_p99_ms']:.3f} ms")  # fmt: skip
     say(f"wrote {o.out}/results.json, results.csv, results.md" + (", results.png" if plotted else
         " (no plot: pip install matplotlib)") + f" in {meta['seconds']:.0f} s")  # fmt: skip
-    errors = sum(r.errors for r in results)
+    errors = sum(r.errors for r in results) + sum(
+        lv["errors"] for lv in meta.get("streams", {}).get("levels", [])
+    )
     if errors:
         say(f"{errors} requests failed")
-    return 1 if errors or not results else 0
+    return 1 if errors or not (results or meta.get("streams")) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
