@@ -176,9 +176,9 @@ class ResponseStream:
                             collected.append(result)
                         else:
                             collected = None
-                    if result.final:
+                    if result.final:  # the source ends right after it (the upstream call closed cleanly)
                         completed = True
-                        break
+                        self._queue.put_nowait(_END)
         except TimeoutError:
             self.end = "duration"
             self._error = UpstreamTimeout(
@@ -189,7 +189,8 @@ class ResponseStream:
             self._error = exc
             self.end = "deadline" if isinstance(exc, UpstreamTimeout) else "error"
         finally:
-            self._queue.put_nowait(_END)
+            if not completed:
+                self._queue.put_nowait(_END)
             with contextlib.suppress(BaseException):
                 await source.aclose()  # type: ignore[attr-defined]
         if completed and collected is not None and self._store is not None:
