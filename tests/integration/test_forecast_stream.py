@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from app.launcher import EmbeddedTriton
+from app.launcher import EmbeddedRedis, EmbeddedTriton
 from tests.eventually import eventually
+from tests.gateway_server import running_gateway_addresses
 
 pytestmark = pytest.mark.integration
 MODEL = "forecast_stream"
@@ -215,3 +216,34 @@ def test_without_the_empty_final_response_only_the_steps_come(gateway_grpc: str)
     finally:
         client.stop_stream()
         client.close()
+
+
+def test_a_stream_longer_than_its_tier_allows_is_cancelled_in_triton(
+    triton: EmbeddedTriton, redis_server: EmbeddedRedis
+) -> None:
+    """``TGW_STREAM_MAX_DURATION_S`` (a tier's own through ``TGW_AUTH_TIERS``' fourth field): a 10,000-step
+    stream (seconds) through a gateway that allows 0.5 s ends with ``triton_timeout`` after about that
+    long, and the model saw the cancellation (Triton's log) instead of computing the remaining steps."""
+    log = triton.process.log_path
+    logged_before = log.read_text(errors="replace").count("forecast_stream: cancelled after")
+    with running_gateway_addresses(
+        triton_url=triton.grpc_url, redis_url=redis_server.url, stream_max_duration_s=0.5
+    ) as gateway:
+        long = Stream(gateway.grpc)
+        try:
+            started = time.perf_counter()
+            long.send(SERIES + np.float32(0.75), 10_000)
+            steps, final, error = long.answer()
+            took = time.perf_counter() - started
+        finally:
+            long.close()
+    assert error is not None and "longer than its tier allows" in error.message(), error
+    assert 0 < len(steps) < 10_000 and not final
+    assert 0.4 < took < 3.0, took
+
+    def cancelled() -> int:
+        text = log.read_text(errors="replace")
+        assert text.count("forecast_stream: cancelled after") > logged_before
+        return int(text.rsplit("forecast_stream: cancelled after ", 1)[1].split(" of ")[0])
+
+    assert 0 < eventually(cancelled, 10, 0.1, "the model's cancellation line") < 10_000

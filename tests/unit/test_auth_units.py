@@ -100,10 +100,14 @@ def stage_of(settings: Settings, redis: object = None) -> AuthStage:
 
 
 def test_tiers_and_settings_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
-    tiers = parse_tiers(["high:1:60", "standard:2:30"])
+    tiers = parse_tiers(["high:1:60:3600", "standard:2:30"])
     assert tiers["high"].priority == 1 and tiers["standard"].max_timeout_s == 30.0
+    assert tiers["high"].max_stream_s == 3600.0 and tiers["standard"].max_stream_s is None  # the default
     with pytest.raises(ValidationError, match="tier:priority:max_timeout_s"):
         Settings(auth_tiers="gold:0:10")
+    for bad in ("gold:1:10:0", "gold:1:10:x", "gold:1:10:5:5"):
+        with pytest.raises(ValidationError, match=r"\[:max_stream_s\]"):
+            Settings(auth_tiers=bad, auth_default_tier="gold")
     with pytest.raises(ValidationError, match="not in TGW_AUTH_TIERS"):
         Settings(auth_default_tier="gold")
     with pytest.raises(ValidationError, match="TGW_AUTH=off on the non-loopback"):
