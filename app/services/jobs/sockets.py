@@ -2,9 +2,16 @@
 1000) and ``/v1/ws`` (one socket, many requests: ``infer`` and ``subscribe`` frames, answers tagged with
 ``ref``/``job_id``). The routers only accept the socket and hand it here.
 
+A decoupled model's ``infer`` frame is streamed (``Multiplexer._stream``): one ``stream`` frame per
+response (``seq``, ``final``, ``cache``), cancelled in Triton by ``{"op":"cancel","ref":…}`` (then a
+``cancelled`` frame) or by the socket closing.
+
 Each socket has its own bounded outbox drained by its own sender task; producers only ``put_nowait``, so
 a slow client cannot hold up anyone else. A client that falls ``TGW_WS_SEND_QUEUE`` frames behind is
-closed with 1008. Heartbeat frames ``{"type": "heartbeat"}`` go out every ``TGW_WS_HEARTBEAT_S``.
+closed with 1008. A stream's frames are the exception: they wait for room below half the outbox
+(``Outbox.room``), so a stream never overflows it, and when its client stops reading the stream's own
+bounded buffer overflows instead (``stream_overflow``: cancelled in Triton). Heartbeat frames
+``{"type": "heartbeat"}`` go out every ``TGW_WS_HEARTBEAT_S``.
 Job subscriptions are pushed on change by the process's one Redis subscription (``events.EventHub``).
 A socket of a key that is revoked or rotated away is closed (1008) within ``TGW_AUTH_KEY_CACHE_S``: the
 key is checked again on every client frame and about every second (``AuthStage.recheck``).
@@ -298,7 +305,8 @@ class JobSockets:
 class Multiplexer:
     """State of one ``/v1/ws`` socket. Every request frame (``infer``, or a frame refused before it is
     one: too large, not JSON, an unknown ``op``, over the in-flight bound) is recorded as a request of
-    the socket's route once answered (``Requests.frame``: counter, latency, access-log line)."""
+    the socket's route once answered (``Requests.frame``: counter, latency, access-log line); a stream
+    once it ended (200 complete, 499 cancelled). ``cancel`` and ``ping`` frames are not requests."""
 
     def __init__(
         self, service: JobService, inference: InferenceService, owner: str, limits: SocketLimits,
