@@ -25,8 +25,8 @@ from tests.integration.conftest import GatewayFactory
 
 pytestmark = pytest.mark.integration
 
-LONG = 10_000
-CANCELLED = "forecast_stream: cancelled after"
+LONG = 10_000  # forecast_stream's longest; each test's long stream has a horizon of its own near it, so
+CANCELLED = "forecast_stream: cancelled after"  # that the model's log line ("... of M steps") is its own
 
 
 def series() -> list[float]:
@@ -64,15 +64,17 @@ def until_end(ws: ClientConnection, ref: Any) -> list[dict[str, Any]]:
     raise AssertionError("unreachable")
 
 
-def cancelled_lines(triton: EmbeddedTriton) -> list[str]:
-    return [s for s in triton.process.log_path.read_text(errors="replace").splitlines() if CANCELLED in s]
+def cancelled_lines(triton: EmbeddedTriton, horizon: int) -> list[str]:
+    """The model's "cancelled after N of M steps" lines of requests of ``horizon`` (M) steps."""
+    log = triton.process.log_path.read_text(errors="replace").splitlines()
+    return [s for s in log if CANCELLED in s and f" of {horizon} steps" in s]
 
 
-def cancelled_after(triton: EmbeddedTriton, before: int) -> int:
+def cancelled_after(triton: EmbeddedTriton, horizon: int, before: int) -> int:
     """N of the model's newest "cancelled after N of M" line, once there is one more than ``before``."""
 
     def line() -> str:
-        lines = cancelled_lines(triton)
+        lines = cancelled_lines(triton, horizon)
         assert len(lines) > before
         return lines[-1]
 
@@ -127,12 +129,17 @@ def test_one_frame_per_response_then_replayed_from_the_cache(gateway_url: str) -
 def test_a_stream_does_not_hold_up_the_sockets_other_frames(gateway_url: str, triton: EmbeddedTriton) -> None:
     """While a 10 000-step stream runs, a unary result and a short stream of another decoupled model on the
     same socket arrive at once, between the long stream's frames; then the long stream is cancelled."""
-    before = len(cancelled_lines(triton))
-    unary = {"op": "infer", "ref": "u", "model": "transformer_timeseries",
-             "inputs": {"series": [[[v / 10] for v in range(20)]]}}  # fmt: skip
+    horizon = 9_997
+    before = len(cancelled_lines(triton, horizon))
+    unary = {
+        "op": "infer",
+        "ref": "u",
+        "model": "transformer_timeseries",
+        "inputs": {"series": [[[random.uniform(-1, 1)] for _ in range(20)]]},
+    }  # a MISS: Triton answers
     short = {"op": "infer", "ref": "s", "model": "repeat_decoupled", "inputs": {"COUNT": [5]}}
     with connect(ws_url(gateway_url), open_timeout=10) as ws:
-        ws.send(forecast("long", LONG))
+        ws.send(forecast("long", horizon))
         seen: dict[str, float] = {}
         long_seq = 0
         long_before: dict[str, int] = {}
@@ -147,7 +154,7 @@ def test_a_stream_does_not_hold_up_the_sockets_other_frames(gateway_url: str, tr
                     ws.send(json.dumps(unary))
                     ws.send(json.dumps(short))
             elif ref == "u":
-                assert frame["type"] == "result", frame
+                assert frame["type"] == "result" and frame["cache"] == "MISS", frame
                 seen["u"] = time.perf_counter() - sent
                 long_before["u"] = long_seq
             elif ref == "s" and frame["final"]:
@@ -161,14 +168,15 @@ def test_a_stream_does_not_hold_up_the_sockets_other_frames(gateway_url: str, tr
           f"after they were sent; long stream at step {long_before['u']} / {long_before['s']} then; "
           f"cancelled after {end[-1]['responses']} frames")  # fmt: skip
     assert seen["u"] < 2.0 and seen["s"] < 2.0, seen
-    assert end[-1]["type"] == "cancelled" and end[-1]["responses"] < LONG
-    assert 3 <= cancelled_after(triton, before) < LONG
+    assert end[-1]["type"] == "cancelled" and end[-1]["responses"] < horizon
+    assert 3 <= cancelled_after(triton, horizon, before) < horizon
 
 
 def test_a_cancel_frame_cancels_the_stream_in_triton(gateway_url: str, triton: EmbeddedTriton) -> None:
-    before = len(cancelled_lines(triton))
+    horizon = 10_000
+    before = len(cancelled_lines(triton, horizon))
     with connect(ws_url(gateway_url), open_timeout=10) as ws:
-        ws.send(forecast("long", LONG))
+        ws.send(forecast("long", horizon))
         got = [next(f for f in frames(ws) if f.get("ref") == "long") for _ in range(3)]
         assert [f["seq"] for f in got] == [1, 2, 3]
         ws.send(json.dumps({"op": "cancel", "ref": "long"}))
@@ -185,13 +193,14 @@ def test_a_cancel_frame_cancels_the_stream_in_triton(gateway_url: str, triton: E
     assert first["cache"] != "HIT" and took < 1.0
     assert late["type"] == "error" and late["error"]["code"] == "not_found", late
     assert late["error"]["details"] == {"field": "ref"} and late["ref"] == "long"
-    assert 3 <= cancelled_after(triton, before) < LONG
+    assert 3 <= cancelled_after(triton, horizon, before) < horizon
 
 
 def test_closing_the_socket_cancels_its_streams(gateway_url: str, triton: EmbeddedTriton) -> None:
-    before = len(cancelled_lines(triton))
+    horizon = 9_999
+    before = len(cancelled_lines(triton, horizon))
     with connect(ws_url(gateway_url), open_timeout=10) as ws:
-        ws.send(forecast("long", LONG))
+        ws.send(forecast("long", horizon))
         got = [next(f for f in frames(ws) if f.get("ref") == "long") for _ in range(3)]
         assert [f["seq"] for f in got] == [1, 2, 3]
     with connect(ws_url(gateway_url), open_timeout=10) as ws:
@@ -200,7 +209,7 @@ def test_closing_the_socket_cancels_its_streams(gateway_url: str, triton: Embedd
         f"\nfirst response of the next request {took * 1000:.1f} ms after the socket closed ({first['cache']})"
     )
     assert first["cache"] != "HIT" and took < 1.0
-    assert 3 <= cancelled_after(triton, before) < LONG
+    assert 3 <= cancelled_after(triton, horizon, before) < horizon
 
 
 def test_bad_cancel_and_stream_frames_name_the_field(gateway_url: str) -> None:
@@ -209,7 +218,7 @@ def test_bad_cancel_and_stream_frames_name_the_field(gateway_url: str) -> None:
         no_ref = next(frames(ws))
         ws.send(json.dumps({"op": "cancel", "ref": "nothing"}))
         unknown = next(frames(ws))
-        ws.send(forecast("x", LONG))
+        ws.send(forecast("x", 9_996))
         assert next(frames(ws))["seq"] == 1
         ws.send(forecast("x", 3))  # the same ref while its stream is in flight
         twice = next(f for f in frames(ws) if f["type"] == "error")
@@ -230,7 +239,8 @@ def test_a_client_that_stops_reading_holds_a_bounded_buffer(
     cancelled in Triton and, once the client reads again, the frames it missed come, then a
     ``stream_overflow`` error. The stream was one request in flight all along (a second infer frame
     meanwhile: ``too_many_in_flight``); the socket stays open and serves the next request."""
-    before = len(cancelled_lines(triton))
+    horizon = 9_998
+    before = len(cancelled_lines(triton, horizon))
     slow = "slow-" + "x" * 1000
     with start_gateway(ws_send_queue=8, stream_buffer_responses=16, ws_max_in_flight=1) as url:
         host, port = url.removeprefix("http://").rsplit(":", 1)
@@ -238,10 +248,10 @@ def test_a_client_that_stops_reading_holds_a_bounded_buffer(
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
         raw.connect((host, int(port)))
         with connect(ws_url(url), sock=raw, open_timeout=10, max_queue=1) as ws:
-            ws.send(forecast(slow, LONG))
+            ws.send(forecast(slow, horizon))
             ws.send(json.dumps({"op": "infer", "ref": "second", "model": "repeat_decoupled",
                                 "inputs": {"COUNT": [1]}}))  # fmt: skip
-            done = cancelled_after(triton, before)  # not reading meanwhile
+            done = cancelled_after(triton, horizon, before)  # not reading meanwhile
             got = []
             for frame in frames(ws, timeout=10):
                 got.append(frame)
@@ -254,7 +264,7 @@ def test_a_client_that_stops_reading_holds_a_bounded_buffer(
     [second] = [f for f in got if f.get("ref") == "second"]
     print(f"\nstopped reading: Triton cancelled after {done} steps; {len(stream) - 1} frames delivered, then "
           f"{json.dumps({**stream[-1], 'ref': 'slow-xxx…'})}")  # fmt: skip
-    assert done < LONG
+    assert done < horizon
     assert second["type"] == "error" and second["error"]["code"] == "too_many_in_flight", second
     assert [f["seq"] for f in stream[:-1]] == list(range(1, len(stream)))
     assert stream[-1]["type"] == "error" and stream[-1]["error"]["code"] == "stream_overflow", stream[-1]
