@@ -167,9 +167,9 @@ def test_boolean_in_a_shape_is_a_400(client: httpx.Client) -> None:
 
 
 # --- item 15: decoupled models outside gRPC streams ---------------------------------------------------------
-def test_decoupled_models_are_refused_alike_on_v1_v2_jobs_and_ws(
-    gateway_url: str, client: httpx.Client
-) -> None:
+def test_decoupled_models_are_refused_alike_on_v1_v2_and_jobs(gateway_url: str, client: httpx.Client) -> None:
+    """Refused (501) where one answer is expected; ``/v1/ws`` streams them instead (one ``stream`` frame per
+    response: tests/integration/test_ws_streams.py)."""
     v1_body = {"inputs": {"COUNT": [2]}}
     answers = {
         "v1": client.post("/v1/models/repeat_decoupled/infer", json=v1_body),
@@ -182,8 +182,12 @@ def test_decoupled_models_are_refused_alike_on_v1_v2_jobs_and_ws(
     assert answers["job"].json()["error"]["message"] == DECOUPLED_REFUSAL
     with connect(gateway_url.replace("http", "ws") + "/v1/ws") as ws:
         ws.send(json.dumps({"op": "infer", "ref": "d", "model": "repeat_decoupled", **v1_body}))
-        frame = json.loads(ws.recv(timeout=10))
-    assert frame["type"] == "error" and frame["error"]["message"] == DECOUPLED_REFUSAL, frame
+        frames = [json.loads(ws.recv(timeout=10)) for _ in range(3)]
+    assert [(f["type"], f["seq"], f["final"]) for f in frames] == [
+        ("stream", 1, False),
+        ("stream", 2, False),
+        ("stream", 3, True),
+    ], frames
 
 
 # --- item 16: classification (Triton's extension) is forwarded, answered and cached as Triton answers it ----

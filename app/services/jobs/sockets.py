@@ -2,9 +2,16 @@
 1000) and ``/v1/ws`` (one socket, many requests: ``infer`` and ``subscribe`` frames, answers tagged with
 ``ref``/``job_id``). The routers only accept the socket and hand it here.
 
+A decoupled model's ``infer`` frame is streamed (``Multiplexer._stream``): one ``stream`` frame per
+response (``seq``, ``final``, ``cache``), cancelled in Triton by ``{"op":"cancel","ref":…}`` (then a
+``cancelled`` frame) or by the socket closing.
+
 Each socket has its own bounded outbox drained by its own sender task; producers only ``put_nowait``, so
 a slow client cannot hold up anyone else. A client that falls ``TGW_WS_SEND_QUEUE`` frames behind is
-closed with 1008. Heartbeat frames ``{"type": "heartbeat"}`` go out every ``TGW_WS_HEARTBEAT_S``.
+closed with 1008. A stream's frames are the exception: they wait for room below half the outbox
+(``Outbox.room``), so a stream never overflows it, and when its client stops reading the stream's own
+bounded buffer overflows instead (``stream_overflow``: cancelled in Triton). Heartbeat frames
+``{"type": "heartbeat"}`` go out every ``TGW_WS_HEARTBEAT_S``.
 Job subscriptions are pushed on change by the process's one Redis subscription (``events.EventHub``).
 A socket of a key that is revoked or rotated away is closed (1008) within ``TGW_AUTH_KEY_CACHE_S``: the
 key is checked again on every client frame and about every second (``AuthStage.recheck``).
@@ -24,7 +31,7 @@ from typing import Any, Protocol
 import orjson
 
 from app.domain import InferRequest, ModelInfo, json_values
-from app.errors import GatewayError, InvalidInput, PayloadTooLarge
+from app.errors import GatewayError, InvalidInput, NotFound, PayloadTooLarge, UpstreamError
 from app.observability import metrics
 from app.observability.requests import WS_ROUTE, Requests
 from app.request_context import Caller, RequestContext, request_id_for
@@ -32,6 +39,7 @@ from app.services.inference import InferenceService
 from app.services.jobs.service import JobService, result_json
 from app.services.offload import INLINE, Offload
 from app.services.payload import ANY_MODEL, parse_json
+from app.services.streams import ResponseStream
 from app.services.validation import container_budget, validate_v1_body
 
 logger = logging.getLogger(__name__)
@@ -101,12 +109,39 @@ class TooManyInFlight(GatewayError, status=429, code="too_many_in_flight"):
     pass
 
 
+@dataclass(slots=True)
+class Streaming:
+    """A decoupled model's request streaming on a ``/v1/ws`` socket, under its ``ref`` (what
+    ``{"op":"cancel","ref":…}`` finds): the frame's task, its stream once open, the frames sent."""
+
+    task: asyncio.Task[Any] | None
+    stream: ResponseStream | None = None
+    sent: int = 0
+    cancelled: bool = False  # by a cancel frame (not by the socket closing)
+
+
+def _ref_key(ref: Any) -> bytes:
+    """A ``ref`` as a key of the socket's streams: its JSON (``1`` and ``"1"`` are different refs)."""
+    return orjson.dumps(ref)
+
+
 class Outbox:
     def __init__(self, ws: Socket, maxsize: int) -> None:
         self.ws = ws
         self.queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize)
         self.overflowed = False
+        self._sent: asyncio.Event | None = None  # set as each frame leaves the queue (for ``room``)
         self.task = asyncio.create_task(self._run())
+
+    async def room(self, below: int) -> None:
+        """Until fewer than ``below`` frames are queued: a stream's frames wait here, so a stream fills at
+        most ``below`` of the outbox and the rest stays free for the frames that cannot wait (results,
+        errors, job events, heartbeats). Waiters are woken in the order they waited: streams take turns."""
+        while self.queue.qsize() >= below and not self.overflowed:
+            if self._sent is None:
+                self._sent = asyncio.Event()
+            self._sent.clear()
+            await self._sent.wait()
 
     def emit(self, frame: dict[str, Any]) -> None:
         if self.overflowed:
@@ -119,6 +154,8 @@ class Outbox:
 
     async def _run(self) -> None:
         while (item := await self.queue.get()) is not None:
+            if self._sent is not None:
+                self._sent.set()
             await self.ws.send_text(item)
 
     async def flush_and_stop(self, timeout_s: float = 10.0) -> None:
@@ -268,7 +305,8 @@ class JobSockets:
 class Multiplexer:
     """State of one ``/v1/ws`` socket. Every request frame (``infer``, or a frame refused before it is
     one: too large, not JSON, an unknown ``op``, over the in-flight bound) is recorded as a request of
-    the socket's route once answered (``Requests.frame``: counter, latency, access-log line)."""
+    the socket's route once answered (``Requests.frame``: counter, latency, access-log line); a stream
+    once it ended (200 complete, 499 cancelled). ``cancel`` and ``ping`` frames are not requests."""
 
     def __init__(
         self, service: JobService, inference: InferenceService, owner: str, limits: SocketLimits,
@@ -282,6 +320,8 @@ class Multiplexer:
         self.large = offload.in_place_bytes  # larger frames are parsed (and decoded) off the loop
         self.tasks: set[asyncio.Task[None]] = set()
         self.requests = requests or Requests()
+        self.streams: dict[bytes, Streaming] = {}  # streams in flight, by their frame's ``ref``
+        self.stream_share = max(1, limits.send_queue // 2)  # outbox frames a stream's frames wait below
 
     def _refuse(self, exc: GatewayError, start: float, tags: dict[str, Any]) -> None:
         """Answer a request frame with ``exc`` and record it."""
@@ -335,7 +375,7 @@ class Multiplexer:
         named = _MODEL_NAME.search(data)
         if named is not None:  # the model's own bounds on the body, and the model it is decoded for
             with contextlib.suppress(GatewayError):
-                info = await self.inference.resolve(named.group(1).decode(), None)
+                info = await self.inference.resolve(named.group(1).decode(), None, stream=True)
         try:
             decoded = await self.offload.decode(len(data), decode_frame, data, info)
         except GatewayError as exc:
@@ -354,8 +394,12 @@ class Multiplexer:
         if op == "ping":
             self.outbox.emit({"type": "pong", **tags})
             return
+        if op == "cancel":
+            self._cancel(frame, tags)
+            return
         if op not in ("infer", "subscribe"):
-            self._refuse(InvalidInput("op: expected infer, subscribe or ping", {"field": "op"}), start, tags)
+            message = "op: expected infer, subscribe, cancel or ping"
+            self._refuse(InvalidInput(message, {"field": "op"}), start, tags)
             return
         if len(self.tasks) >= self.max_in_flight:
             limit = self.max_in_flight
@@ -382,6 +426,7 @@ class Multiplexer:
         rid = ctx.request_id
         served = self.requests.begin("frame", "GET", WS_ROUTE, rid, start=start)  # services fill its info
         status = 500
+        streaming: Streaming | None = None
         try:
             unknown = set(frame) - _INFER_FIELDS
             if unknown:
@@ -393,7 +438,9 @@ class Multiplexer:
                 raise InvalidInput(
                     "model: expected a model name (and version, if given, a string)", {"field": "model"}
                 )
-            info = await self.inference.resolve(model, version)
+            info = await self.inference.resolve(model, version, stream=True)
+            if info.decoupled:  # any number of responses: streamed, cancellable under its ref
+                streaming = self._streaming(tags)
             if decoded is None:
                 req = validate_v1_body(info, {k: frame[k] for k in _BODY_FIELDS if k in frame})
             else:
@@ -403,6 +450,9 @@ class Multiplexer:
                     raise decoded.error
                 assert decoded.request is not None
                 req = decoded.request
+            if streaming is not None:
+                status = await self._stream(req, ctx, tags, streaming)
+                return
             response = await self.inference.infer(req, ctx)
             values = json_values(response.result.outputs)
             result: Any = response.public()
@@ -412,8 +462,13 @@ class Multiplexer:
             self.outbox.emit(frame)
             status = 200
         except asyncio.CancelledError:
-            status = 499  # the socket closed before the answer
-            raise
+            status = 499  # the socket closed before the answer, or (a stream) a cancel frame came
+            if streaming is None or not streaming.cancelled:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # this cancellation was the cancel frame's: answered, not propagated
+            self.outbox.emit({"type": "cancelled", **tags, "request_id": rid, "responses": streaming.sent})
         except GatewayError as exc:
             self.outbox.emit(error_frame(exc, **tags, request_id=rid))
             status = exc.status_code
@@ -421,7 +476,82 @@ class Multiplexer:
             logger.exception("websocket infer failed")
             self.outbox.emit(error_frame(GatewayError("internal error"), **tags, request_id=rid))
         finally:
+            if streaming is not None:
+                self._unregister(tags, streaming)
             served.end(status)
+
+    def _streaming(self, tags: dict[str, Any]) -> Streaming:
+        """The record of a stream starting under ``tags``'s ``ref`` (a stream without one cannot be
+        cancelled but by closing the socket); a ``ref`` already streaming on this socket is refused."""
+        streaming = Streaming(asyncio.current_task())
+        if "ref" in tags:
+            key = _ref_key(tags["ref"])
+            if key in self.streams:
+                raise InvalidInput(
+                    "ref: a stream with this ref is in flight on this socket", {"field": "ref"}
+                )
+            self.streams[key] = streaming
+        return streaming
+
+    def _unregister(self, tags: dict[str, Any], streaming: Streaming) -> None:
+        if "ref" in tags:
+            key = _ref_key(tags["ref"])
+            if self.streams.get(key) is streaming:
+                del self.streams[key]
+
+    async def _stream(
+        self, req: InferRequest, ctx: RequestContext, tags: dict[str, Any], streaming: Streaming
+    ) -> int:
+        """Every response of a decoupled model's request, one ``stream`` frame each (``seq`` from 1,
+        ``final`` on the last: Triton's final response, which may have no outputs). Each frame waits for
+        room below ``stream_share`` in the outbox and yields to the loop first, so streams take turns with
+        each other and never crowd out the frames that cannot wait; while a client does not read, the
+        stream's own bounded buffer fills, and past it the request is cancelled in Triton
+        (``stream_overflow``, the error frame once there is room). Raises what the stream raised."""
+        rid = ctx.request_id
+        stream = streaming.stream = await self.inference.open_stream(req, ctx)
+        try:
+            async for response in stream:
+                await asyncio.sleep(0)  # one frame per turn: other requests' frames and streams interleave
+                await self.outbox.room(self.stream_share)
+                result: Any = response.public()
+                values = json_values(response.result.outputs)
+                if self.offload.encodes_in_child(values):
+                    result = orjson.Fragment(await self.offload.encode(values, result_json, response))
+                final = response.result.final
+                streaming.sent += 1
+                self.outbox.emit({
+                    "type": "stream", **tags, "request_id": rid, "seq": streaming.sent, "final": final,
+                    "result": result, "cache": stream.cache,
+                })  # fmt: skip
+                if final:
+                    self._unregister(tags, streaming)  # answered: a later cancel finds nothing
+                    return 200
+            raise UpstreamError(
+                "the stream ended before Triton's final response", {"responses": streaming.sent}
+            )
+        finally:
+            await stream.aclose()
+
+    def _cancel(self, frame: dict[str, Any], tags: dict[str, Any]) -> None:
+        """``{"op":"cancel","ref":…}``: the stream in flight under ``ref`` is cancelled (in Triton too) and
+        ends with ``{"type":"cancelled","ref","request_id","responses"}``. Not a request (like ``ping``):
+        not counted against the in-flight bound nor recorded; one that finds no stream gets an error."""
+        if "ref" not in frame:
+            self.outbox.emit(error_frame(InvalidInput("ref: expected the ref of a stream", {"field": "ref"})))
+            return
+        streaming = self.streams.get(_ref_key(frame["ref"]))
+        if streaming is None:
+            message = "ref: no stream in flight on this socket with this ref"
+            self.outbox.emit(error_frame(NotFound(message, {"field": "ref"}), **tags))
+            return
+        if streaming.cancelled:
+            return  # cancelled already: its cancelled frame is on its way
+        streaming.cancelled = True
+        if streaming.stream is not None:
+            streaming.stream.cancel("client")  # Triton's request is cancelled now
+        if streaming.task is not None:
+            streaming.task.cancel()  # the frame's task answers with the cancelled frame
 
     async def _subscribe(self, frame: dict[str, Any], tags: dict[str, Any]) -> None:
         job_id = frame.get("job_id")
