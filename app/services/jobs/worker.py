@@ -124,7 +124,7 @@ class Partials:
             batch = self._pending[:PARTIALS_PER_EVENT]
             del self._pending[:PARTIALS_PER_EVENT]
             try:
-                await self.store.publish_partials(self.job.id, batch)
+                await whole(self.store.publish_partials(self.job.id, batch))
             except STORE_ERRORS as exc:
                 logger.info("job %s: partial results not pushed (%s)", self.job.id, exc)
 
@@ -139,7 +139,7 @@ class Partials:
         }  # fmt: skip
         body = orjson.dumps({"type": "job.progress", "timestamp": iso_utc(time.time()), "data": data})
         try:
-            await self.store.add_progress(self.job.id, self._messages, body)
+            await whole(self.store.add_progress(self.job.id, self._messages, body))
         except STORE_ERRORS as exc:
             logger.info("job %s: a progress webhook was not scheduled (%s)", self.job.id, exc)
 
@@ -263,7 +263,7 @@ class JobWorker:
         while True:
             await asyncio.sleep(max(0.1, self.claim_idle_ms / 3000))
             with contextlib.suppress(Exception):
-                await self.store.keep_claimed(stream, self.name, entry_id)
+                await whole(self.store.keep_claimed(stream, self.name, entry_id))
 
     async def _process(self, stream: str, entry_id: str, job_id: str) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(stream, entry_id))
@@ -375,7 +375,7 @@ class JobWorker:
         try:
             while not stop.is_set():
                 with contextlib.suppress(*STORE_ERRORS):
-                    if await self.store.status(job_id) == JobStatus.CANCELLED:
+                    if await whole(self.store.status(job_id)) == JobStatus.CANCELLED:
                         stop.set()
                         return
                 wake.clear()
@@ -499,6 +499,15 @@ class JobWorker:
         self._freed.set()
         if self._active:
             await asyncio.wait(list(self._active.values()), timeout=timeout_s)
+
+
+async def whole(call: Awaitable[T]) -> T:
+    """A Redis call of a task that may be cancelled (``stop_task``), run to its end all the same: a call cut
+    off between its command and its reply can leave that reply on the pooled connection, to be read as the
+    reply of the next command sent on it (seen: a job's finish script "returning" another job's status)."""
+    task = asyncio.ensure_future(call)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return await asyncio.shield(task)
 
 
 async def _cancel_on(stop: asyncio.Event, stream: ResponseStream) -> None:
