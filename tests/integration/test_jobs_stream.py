@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -280,3 +281,45 @@ def test_delete_of_a_running_job_cancels_it_in_triton(
     assert job["status"] == "cancelled" and job["attempts"] == 1 and "result" not in job, job
     again = c.delete(f"/v1/jobs/{job_id}")
     assert again.status_code == 409 and again.json()["error"]["details"]["status"] == "cancelled"
+
+
+def runs_cancelled(c: httpx.Client) -> float:
+    """``tgw_job_runs_total{status="499"}``: attempts that ended because their job was deleted."""
+    for line in c.get("/metrics").text.splitlines():
+        if line.startswith('tgw_job_runs_total{status="499"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_delete_of_a_running_unary_job_drops_its_call(c: httpx.Client) -> None:
+    """A unary job (``sleep_fp32``, 3 s) deleted while it runs: cancelled at once, its worker's attempt ends
+    within a second (the call's task is cancelled, not waited for), never retried or completed."""
+    before = runs_cancelled(c)
+    r = c.post(
+        "/v1/models/sleep_fp32/jobs", json={"inputs": {"DELAY_S": [[round(random.uniform(2.9, 3.1), 4)]]}}
+    )
+    job_id = r.json()["id"]
+    wait_job(c, job_id, statuses=("running",))
+    deleted = time.monotonic()
+    assert c.delete(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+    eventually(lambda: runs_cancelled(c) == before + 1, 2, 0.05, "the attempt ended as cancelled (499)")
+    assert time.monotonic() - deleted < 1.5
+    time.sleep(3)  # past the model's answer: nothing completes the job
+    job = c.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "cancelled" and job["attempts"] == 1 and "result" not in job, job
+
+
+def test_a_stream_larger_than_the_bound_fails_the_job(start_gateway: Any, tmp_path: Path) -> None:
+    own = EmbeddedRedis(free_port(), tmp_path / "redis")  # this gateway's worker alone takes its jobs
+    own.start()
+    try:
+        with (
+            start_gateway(redis_url=own.url, worker_in_process=True, job_stream_max_bytes=2048) as u,
+            httpx.Client(base_url=u, timeout=30) as client,
+        ):
+            job = wait_job(client, submit(client, unique_series(), 500))
+    finally:
+        own.stop()
+    assert job["status"] == "failed" and job["error"]["code"] == "payload_too_large", job
+    assert job["error"]["details"]["limit_bytes"] == 2048 and job["attempts"] == 1
+    assert "TGW_JOB_STREAM_MAX_BYTES" in job["error"]["message"]
