@@ -177,6 +177,7 @@ async def build_gateway(
         settings.jobs, inference, offload, requests, redis_url=settings.jobs_redis_address,
         redis_cluster=settings.cache.redis_cluster, retry_after_s=settings.server.retry_after_s,
         triton_timeout_s=settings.triton.triton_timeout_s,
+        stream_max_s=settings.streams.stream_max_duration_s,
     )  # fmt: skip
     gw = Gateway(
         settings, admin, transport, redis, cache, registry, inference, health, jobs, lifecycle, offload,

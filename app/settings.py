@@ -393,6 +393,14 @@ class JobsSettings(_Group):
     queue_max: int = Field(
         10000, ge=1, description="above this many pending jobs, submit answers 503 with Retry-After"
     )
+    job_stream_max_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="a job on a decoupled model whose responses total more than "
+        "this (as JSON) fails with payload_too_large, its request cancelled in Triton",
+    )  # fmt: skip
+    job_partial_interval_s: float = Field(
+        0.02, ge=0, le=5, description="a decoupled job's partial results are pushed to its WebSocket "
+        "subscribers in one event per this interval (every response, coalesced)",
+    )  # fmt: skip
     job_worker_concurrency: int = Field(
         4, ge=1, le=256, validation_alias=_renamed("job_worker_concurrency", "worker_concurrency"),
         description="jobs one worker process runs at once",
@@ -423,6 +431,12 @@ class JobsSettings(_Group):
         5.0, gt=0, le=120, description="a receiver's status and headers must arrive within this (from the "
         "start of the delivery); the body is then read for at most 1 s",
     )  # fmt: skip
+    webhook_progress_interval_s: float = Field(
+        1.0,
+        gt=0,
+        description="a job that asks for job.progress webhooks gets at most one per this "
+        "interval, carrying every partial result since the previous one",
+    )
     webhook_max_response_bytes: int = Field(65536, ge=0, description="response bytes read from a receiver")
     webhook_concurrency: int = Field(
         32, ge=1, le=1024, description="webhook deliveries in flight per dispatcher"

@@ -29,7 +29,13 @@ router = APIRouter(prefix="/v1", tags=["jobs"])
 _BODY_DOC = body_doc(
     {
         **INFER_BODY_PROPERTIES,
-        "webhook": {"type": "object", "properties": {"url": {"type": "string"}}},
+        "webhook": {
+            "type": "object",
+            "properties": {
+                "url": {"type": "string"},
+                "events": {"type": "array", "items": {"type": "string", "enum": ["progress"]}},
+            },
+        },
         "priority": {"type": "string", "enum": ["high", "normal"]},
     },
     {"inputs": {"INPUT0": [[1.0, 2.0]]}, "webhook": {"url": "https://example.com/hook"}},
@@ -65,7 +71,7 @@ async def _read_job_body(request: Request, limit: int) -> bytes:
 
 
 async def _submit(service: JobService, request: Request, model: str, version: str | None) -> Response:
-    info = await service.inference.resolve(model, version)  # a decoupled model is refused before the body
+    info = await service.inference.resolve(model, version, stream=True)  # a decoupled model's job streams
     raw = await _read_job_body(request, service.max_body_bytes)
     # parsed within the bounds of the model's tensors (app.services.payload) and decoded for it: in a child
     # process when large (app.services.offload)

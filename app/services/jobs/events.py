@@ -25,12 +25,14 @@ from app.tasks import stop_task
 logger = logging.getLogger(__name__)
 
 Listener = Callable[[str, str], None]  # (job_id, status)
+PartialListener = Callable[[str, list[Any]], None]  # (job_id, [{"seq", "result"}, ...])
 
 
 class EventHub:
     def __init__(self, store: JobStore) -> None:
         self.store = store  # its pub/sub uses a client without a socket timeout: the subscription idles
         self._listeners: dict[str, set[Listener]] = defaultdict(set)
+        self._partials: dict[str, set[PartialListener]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self.reconnects = 0
@@ -46,6 +48,27 @@ class EventHub:
                     self._listeners.pop(job_id, None)
 
         return unsubscribe
+
+    def subscribe_partials(self, job_id: str, listener: PartialListener) -> Callable[[], None]:
+        """Partial results of a running job (a decoupled model's responses), as the worker publishes them;
+        they never wake the status listeners (no re-read of the job per partial)."""
+        self._partials[job_id].add(listener)
+
+        def unsubscribe() -> None:
+            listeners = self._partials.get(job_id)
+            if listeners is not None:
+                listeners.discard(listener)
+                if not listeners:
+                    self._partials.pop(job_id, None)
+
+        return unsubscribe
+
+    def dispatch_partials(self, job_id: str, partials: list[Any]) -> None:
+        for listener in list(self._partials.get(job_id, ())):
+            try:
+                listener(job_id, partials)
+            except Exception:
+                logger.exception("job partial listener failed")
 
     def dispatch(self, job_id: str, status: str) -> None:
         for listener in list(self._listeners.get(job_id, ())):
@@ -79,6 +102,10 @@ class EventHub:
                         continue
                     try:
                         data = orjson.loads(msg["data"])
+                        if "partials" in data:
+                            if self._partials:
+                                self.dispatch_partials(str(data["job_id"]), list(data["partials"]))
+                            continue
                         self.dispatch(str(data["job_id"]), str(data["status"]))
                     except (orjson.JSONDecodeError, KeyError, TypeError):
                         logger.warning("ignoring a malformed job event")

@@ -37,11 +37,11 @@ class JobsRuntime:
     def __init__(
         self, settings: JobsSettings, inference: InferenceService, offload: Offload = INLINE,
         requests: Requests | None = None, *, redis_url: str, redis_cluster: bool, retry_after_s: int,
-        triton_timeout_s: float,
+        triton_timeout_s: float, stream_max_s: float = 0.0,
     ) -> None:  # fmt: skip
         """``settings``: the jobs group; ``redis_url``: the jobs Redis (``Settings.jobs_redis_address``, one
         that never evicts); the rest come from other groups (TGW_REDIS_CLUSTER, TGW_RETRY_AFTER_S,
-        TGW_TRITON_TIMEOUT_S)."""
+        TGW_TRITON_TIMEOUT_S, TGW_STREAM_MAX_DURATION_S)."""
         url = redis_url
         self.settings = settings
         # A pooled connection that died with a Redis restart is retried once on a fresh one (never a
@@ -78,11 +78,16 @@ class JobsRuntime:
         if settings.job_worker_in_process:
             # An attempt's last-resort bound: the Triton deadline plus a full store outage on each of
             # its store steps, with room to spare; only a stuck attempt ever reaches it.
-            attempt_s = triton_timeout_s + 4 * settings.job_store_retry_s + 60
+            # A decoupled model's job lasts up to the longest stream (TGW_STREAM_MAX_DURATION_S).
+            longest = max(triton_timeout_s, stream_max_s)
+            attempt_s = longest + 4 * settings.job_store_retry_s + 60
             self.worker = JobWorker(
                 self.store, inference, settings.job_worker_concurrency, settings.job_claim_idle_s,
                 settings.job_max_attempts, store_retry_s=settings.job_store_retry_s,
-                attempt_timeout_s=attempt_s, offload=offload, requests=requests,
+                attempt_timeout_s=attempt_s, offload=offload, requests=requests, hub=self.hub,
+                stream_max_bytes=settings.job_stream_max_bytes,
+                partial_interval_s=settings.job_partial_interval_s,
+                progress_interval_s=settings.webhook_progress_interval_s,
             )  # fmt: skip
             t = settings.webhook_timeout_s
             self.http = httpx.AsyncClient(

@@ -41,6 +41,7 @@ from app.timestamps import iso_utc
 logger = logging.getLogger(__name__)
 
 PRIORITIES = ("high", "normal")
+WEBHOOK_EVENTS = ("progress",)  # what a submission's ``webhook.events`` may ask for besides the final one
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 WATCH_POLL_S = 15.0  # events wake watchers at once; this re-read of the store is only the safety net
 
@@ -125,8 +126,9 @@ class JobService:
         self, owner: str, model: str, version: str | None, body: PreparedJob, idempotency_key: str | None,
         ctx: RequestContext,
     ) -> SubmitResult:  # fmt: skip
-        """``body``: the submission as ``prepare_job`` decoded it for the model (the door resolved it, which
-        refused a decoupled one); ``ctx``: the submission's context (its id, its key, its cache
+        """``body``: the submission as ``prepare_job`` decoded it for the model (the door resolved it; a
+        decoupled model's job is run as a stream by the worker);
+        ``ctx``: the submission's context (its id, its key, its cache
         directives), applied to the request here and carried with the job to the worker (``JobSpec``)."""
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise InvalidInput("Idempotency-Key: expected 1 to 255 characters", {"field": "Idempotency-Key"})
@@ -138,15 +140,16 @@ class JobService:
         priority = body.priority
         if priority not in PRIORITIES:
             raise InvalidInput(f"priority: expected one of {', '.join(PRIORITIES)}", {"field": "priority"})
-        webhook_url = await self._vet_webhook(body.webhook)
+        webhook_url, progress = await self._vet_webhook(body.webhook)
         fingerprint = body.fingerprint
         spec = JobSpec.of(req).to_record()
         job = Job(
             id=new_job_id(), owner=owner, status=JobStatus.QUEUED, model=model, version=version,
             priority=priority, created_at=time.time(), request_id=ctx.request_id, spec=spec,
-            webhook_url=webhook_url,
+            webhook_url=webhook_url, webhook_progress=progress,
         )  # fmt: skip
-        hit = await self.inference.cached(req)
+        # a decoupled model's job is answered by its worker (which replays a completed stream cached)
+        hit = None if req.info.decoupled else await self.inference.cached(req)
         if hit is not None:
             result = await self.offload.encode(json_values(hit.result.outputs), result_json, hit)
             job.status, job.result, job.cache, job.finished_at = (
@@ -173,17 +176,28 @@ class JobService:
         logger.info("job %s %s for %s (priority %s)", job.id, job.status, model, priority)
         return SubmitResult(done.job_id, done.status, False)
 
-    async def _vet_webhook(self, webhook: Any) -> str | None:
+    async def _vet_webhook(self, webhook: Any) -> tuple[str | None, bool]:
+        """The webhook's URL (vetted) and whether ``job.progress`` deliveries were asked for."""
         if webhook is None:
-            return None
-        if not isinstance(webhook, dict) or set(webhook) - {"url"} or "url" not in webhook:
-            raise InvalidInput('webhook: expected {"url": "https://..."}', {"field": "webhook"})
+            return None, False
+        if not isinstance(webhook, dict) or set(webhook) - {"url", "events"} or "url" not in webhook:
+            raise InvalidInput(
+                'webhook: expected {"url": "https://..."} (and optionally "events": ["progress"])',
+                {"field": "webhook"},
+            )
+        events = webhook.get("events", [])
+        if not isinstance(events, list) or any(e not in WEBHOOK_EVENTS for e in events):
+            raise InvalidInput(
+                f"webhook.events: expected a list of {', '.join(WEBHOOK_EVENTS)} (the final result is always "
+                "delivered)",
+                {"field": "webhook.events"},
+            )
         url = webhook["url"]
         try:
             await vet_url(url, self.webhook_allow_private, self.webhook_allowed_ports)
         except UnsafeURL as exc:
             raise InvalidInput(f"webhook.url: {exc}", {"field": "webhook.url", "reason": str(exc)}) from None
-        return str(url)
+        return str(url), "progress" in events
 
     async def find(self, owner: str, job_id: str) -> Job | None:
         """The job if it exists and belongs to ``owner``; None otherwise (the two are not told apart)."""
@@ -234,6 +248,9 @@ class JobService:
         return out
 
     async def cancel(self, owner: str, job_id: str) -> dict[str, Any]:
+        """Cancel a queued or running job: it is ``cancelled`` at once (never retried, no result); the
+        worker running it notices (the job's event, or its own check of the store) and cancels its
+        request in Triton."""
         job = await self.find(owner, job_id)
         if job is None:
             raise _not_found(job_id)
@@ -244,20 +261,38 @@ class JobService:
             if now is None:
                 raise _not_found(job_id)
             raise Conflict(
-                f"job {job_id} is {now.status}; only queued jobs can be cancelled",
+                f"job {job_id} is {now.status}; only queued or running jobs can be cancelled",
                 {"job_id": job_id, "status": str(now.status)},
             )
         metrics.record_job("cancelled")
         return await self.get(owner, job_id)
 
     async def watch(self, owner: str, job_id: str, emit: Emit) -> bool:
-        """Emit status changes then the final job; False when the job does not exist (for this owner).
-        Woken by the process's one event subscription; re-reads the store only every ``WATCH_POLL_S``
-        otherwise (pub/sub is at-most-once)."""
+        """Emit status changes, a running job's partial results (``{"type": "partial", "seq", "result"}``, as
+        its worker publishes them: a decoupled model's responses), then the final job; False when the job
+        does not exist (for this owner). Woken by the process's one event subscription; re-reads the
+        store only every ``WATCH_POLL_S`` otherwise (pub/sub is at-most-once)."""
         wake = asyncio.Event()
-        unsubscribe = self.hub.subscribe(job_id, lambda _j, _s: wake.set()) if self.hub else (lambda: None)
+        last: JobStatus | None = None
+        ended = False
+
+        def partials(_job_id: str, items: list[Any]) -> None:
+            nonlocal last
+            if ended or not found:
+                return  # not this owner's job (yet) or already answered: nothing leaks, nothing after
+            if last != JobStatus.RUNNING:  # the status change comes first, whatever the re-read's pace
+                emit({"type": "status", "job_id": job_id, "status": str(JobStatus.RUNNING)})
+                last = JobStatus.RUNNING
+            for item in items:
+                if isinstance(item, dict):
+                    emit({"type": "partial", "job_id": job_id, "seq": item.get("seq"),
+                          "attempt": item.get("attempt"), "result": item.get("result")})  # fmt: skip
+
+        found = False
+        hub = self.hub
+        unsubscribe = hub.subscribe(job_id, lambda _j, _s: wake.set()) if hub else (lambda: None)
+        unsubscribe_partials = hub.subscribe_partials(job_id, partials) if hub else (lambda: None)
         try:
-            last = None
             while True:
                 wake.clear()
                 try:
@@ -268,13 +303,17 @@ class JobService:
                     await asyncio.sleep(self.retry_after_s)
                     continue
                 if job is None:
+                    ended = True
                     missing = {"code": "not_found", "message": f"no job {job_id!r}", "details": {}}
                     emit({"type": "error", "job_id": job_id, "error": missing})
                     return False
-                if job.status != last:
+                found = True
+                stale = job.status == JobStatus.QUEUED and last == JobStatus.RUNNING  # read before a partial
+                if job.status != last and not stale:
                     emit({"type": "status", "job_id": job_id, "status": str(job.status)})
                     last = job.status
                 if job.status.terminal:
+                    ended = True
                     emit({"type": "result", "job_id": job_id, "job": await self.view(job)})
                     return True
                 with contextlib.suppress(TimeoutError):
@@ -282,6 +321,7 @@ class JobService:
                         await wake.wait()
         finally:
             unsubscribe()
+            unsubscribe_partials()
 
     async def stats(self) -> dict[str, Any]:
         """Numbers for autoscaling and the metrics helper: queue depth, oldest pending age, counts by

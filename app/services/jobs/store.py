@@ -43,7 +43,7 @@ DEAD = f"{TAG}:dead"
 COUNTS = f"{TAG}:counts"  # status -> jobs that reached it (monotonic)
 WEBHOOK_COUNTS = f"{TAG}:webhooks:counts"  # outcome -> deliveries
 SCHEDULE = f"{TAG}:webhooks:schedule"  # zset: job id -> next delivery attempt (epoch s)
-EVENTS = "tgw:jobs:events"  # pub/sub channel: {"job_id", "status"}
+EVENTS = "tgw:jobs:events"  # pub/sub channel: {"job_id", "status"[, "partials"]}
 JOB_PREFIX = f"{TAG}:job:"
 
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
@@ -76,6 +76,22 @@ def deliveries_key(job_id: str) -> str:
     return f"{JOB_PREFIX}{job_id}:deliveries"
 
 
+def progress_key(job_id: str, n: int) -> str:
+    """A progress webhook message (``job.progress``) of a job: its body and attempts."""
+    return f"{JOB_PREFIX}{job_id}:progress:{n}"
+
+
+def progress_member(job_id: str, n: int) -> str:
+    """The webhook schedule's member of progress message ``n`` (a bare job id is the final delivery)."""
+    return f"{job_id}.p{n}"
+
+
+def parse_member(member: str) -> tuple[str, int | None]:
+    """(job id, progress message number or None for the job's final delivery) of a schedule member."""
+    job_id, _, n = member.partition(".p")
+    return job_id, (int(n) if n.isdigit() else None)
+
+
 def idem_key(owner: str, key: str) -> str:
     """Scoped by owner: the same key from two tenants names two different bindings."""
     digest = hashlib.sha256(owner.encode() + b"\0" + key.encode()).hexdigest()
@@ -93,6 +109,14 @@ def valid_job_id(job_id: str) -> bool:
 
 def event(job_id: str, status: str) -> bytes:
     return orjson.dumps({"job_id": job_id, "status": status})
+
+
+def partials_event(job_id: str, partials: list[bytes]) -> bytes:
+    """Partial results of a running job (a decoupled model's responses), each ``{"seq", "result"}`` JSON,
+    as one event: the hub hands them to the job's subscribers without re-reading the job."""
+    return orjson.dumps(
+        {"job_id": job_id, "status": "running", "partials": [orjson.Fragment(p) for p in partials]}
+    )
 
 
 # --- compact inputs: tensor bytes with datatype and shape, not JSON ---------------------------------
@@ -139,6 +163,7 @@ class Job:
     error: bytes | None = None  # {"code", "message", "details"}, JSON
     last_error: bytes | None = None
     webhook_url: str | None = None
+    webhook_progress: bool = False  # the submission asked for job.progress webhooks too
     webhook_status: str | None = None
     webhook_attempts: int = 0
 
@@ -165,7 +190,8 @@ class Job:
             attempts=int(text("attempts") or 0), request_id=text("request_id") or "",
             spec=bytes(h.get("spec") or b"{}"), result=_b(h.get("result")), cache=text("cache"),
             error=_b(h.get("error")), last_error=_b(h.get("last_error")),
-            webhook_url=text("webhook_url") or None, webhook_status=text("webhook_status"),
+            webhook_url=text("webhook_url") or None, webhook_progress=text("webhook_progress") == "1",
+            webhook_status=text("webhook_status"),
             webhook_attempts=int(text("webhook_attempts") or 0),
         )  # fmt: skip
 
@@ -177,6 +203,8 @@ class Job:
             "attempts": str(self.attempts), "request_id": self.request_id, "spec": self.spec,
             "webhook_url": self.webhook_url or "",
         }  # fmt: skip
+        if self.webhook_progress:
+            out["webhook_progress"] = "1"
         if self.result is not None:
             out["result"] = self.result
             out["cache"] = self.cache or ""
@@ -290,7 +318,6 @@ _FINISH = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'gone' end
 if st == 'succeeded' or st == 'failed' or st == 'cancelled' then return st end
-if ARGV[1] == 'cancelled' and st ~= 'queued' then return st end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[4]) end
@@ -324,6 +351,31 @@ redis.call('HSET', KEYS[1], 'webhook_status', ARGV[2], 'webhook_attempts', ARGV[
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 if ARGV[5] == '' then redis.call('ZREM', KEYS[4], ARGV[7])
 else redis.call('ZADD', KEYS[4], ARGV[5], ARGV[7]) end
+return 1
+"""
+
+
+# A progress webhook message of a running job with a webhook (KEYS: job, progress, schedule;
+# ARGV: body, ttl, member, now): stored and scheduled in one step, never for a finished job.
+_PROGRESS = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[2], 'body', ARGV[1], 'attempts', 0)
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+return 1
+"""
+
+# The outcome of a progress delivery attempt (KEYS: progress, webhook counts, schedule;
+# ARGV: attempts, outcome, next at ('' = done), member)
+_RECORD_PROGRESS = """
+redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+if ARGV[3] == '' or redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[3], ARGV[4])
+  return 0
+end
+redis.call('HSET', KEYS[1], 'attempts', ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
 return 1
 """
 
@@ -367,6 +419,8 @@ class JobStore:
         self._finish = redis.register_script(_lua(_FINISH))
         self._claim_due = redis.register_script(_CLAIM_DUE)
         self._record = redis.register_script(_RECORD)
+        self._progress = redis.register_script(_PROGRESS)
+        self._record_progress = redis.register_script(_RECORD_PROGRESS)
 
     # --- submit -------------------------------------------------------------------------------
     async def submit(
@@ -450,8 +504,8 @@ class JobStore:
     async def finish(
         self, job_id: str, status: JobStatus, result: bytes = b"", error: bytes = b"", cache: str = ""
     ) -> bool:
-        """True when this call completed the job; False when it was already finished, gone, or (for a
-        cancel) no longer queued."""
+        """True when this call completed the job; False when it was already finished or gone. A cancel
+        finishes a queued or a running job (the worker running it notices: ``JobWorker``)."""
         done = await self._finish(
             keys=[job_key(job_id), COUNTS, SCHEDULE, inputs_key(job_id)],
             args=[
@@ -460,6 +514,16 @@ class JobStore:
             ],
         )  # fmt: skip
         return _s(done) == "done"
+
+    async def publish_partials(self, job_id: str, partials: list[bytes]) -> None:
+        """Push partial results to the job's subscribers (pub/sub: at most once; the job's stored result
+        holds the whole sequence once it completes)."""
+        await self.redis.publish(EVENTS, partials_event(job_id, partials))
+
+    async def status(self, job_id: str) -> str | None:
+        """The job's status alone (a running job's worker checks it for a cancel)."""
+        st = await self.redis.hget(job_key(job_id), "status")
+        return _s(st) if st is not None else None
 
     async def get(self, job_id: str) -> Job | None:
         if not valid_job_id(job_id):
@@ -509,6 +573,32 @@ class JobStore:
                 "" if next_at is None else next_at, self.ttl_s, job_id,
             ],
         )  # fmt: skip
+
+    async def add_progress(self, job_id: str, n: int, body: bytes) -> bool:
+        """Store progress message ``n`` of a running job and schedule its delivery now; False (nothing
+        stored) when the job is no longer running."""
+        done = await self._progress(
+            keys=[job_key(job_id), progress_key(job_id, n), SCHEDULE],
+            args=[body, self.ttl_s, progress_member(job_id, n), time.time()],
+        )
+        return bool(int(done))
+
+    async def progress(self, job_id: str, n: int) -> tuple[bytes, int] | None:
+        """(body, attempts so far) of progress message ``n``; None once delivered, given up or expired."""
+        raw = await self.redis.hgetall(progress_key(job_id, n))
+        h = {_s(k): v for k, v in raw.items()}
+        if "body" not in h:
+            return None
+        return bytes(h["body"]), int(_s(h.get("attempts", b"0")))
+
+    async def record_progress(
+        self, job_id: str, n: int, attempts: int, outcome: str, next_at: float | None
+    ) -> None:
+        """Count the attempt's outcome and reschedule the message (``next_at``) or drop it (None)."""
+        await self._record_progress(
+            keys=[progress_key(job_id, n), WEBHOOK_COUNTS, SCHEDULE],
+            args=[attempts, outcome, "" if next_at is None else next_at, progress_member(job_id, n)],
+        )
 
     async def defer_webhooks(self, due: dict[str, float]) -> None:
         """Put claimed deliveries back for later (job id -> epoch s) without counting an attempt (their

@@ -5,6 +5,13 @@ the tests) so the gateway takes no runtime dependency for it. The delivery sched
 sorted set (``tgw:webhooks:schedule``): a restart loses nothing, and a dispatcher that dies mid-delivery
 only holds its lease for a while. Every attempt carries the same ``webhook-id`` (``msg_<job id>``) and
 the same body, so receivers can deduplicate.
+
+A job that asked for them (``"webhook": {"url": ..., "events": ["progress"]}``) also gets ``job.progress``
+messages while it runs (a decoupled model's partial results): its worker stores one at most every
+``TGW_WEBHOOK_PROGRESS_INTERVAL_S`` (``{tgw:jobs}:job:<id>:progress:<n>``, scheduled as ``<id>.p<n>``),
+each carrying the partial results since the previous one; each is signed, retried on the same schedule
+and deduplicated by its own ``webhook-id`` (``msg_<job id>_p<n>``), and counted with the rest, never in
+the job's delivery log.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import orjson
 
 from app.observability import metrics
 from app.services.jobs.ssrf import UnsafeURL, vet_url
-from app.services.jobs.store import Job, JobStore
+from app.services.jobs.store import Job, JobStore, parse_member, progress_member
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +167,12 @@ class _Claimed:
     job: Job
     host: str
     claimed_at: float  # time.monotonic()
+    progress: int | None = None  # a job.progress message's number; None: the job's final delivery
+
+    @property
+    def member(self) -> str:
+        """Its member of the schedule."""
+        return self.job.id if self.progress is None else progress_member(self.job.id, self.progress)
 
 
 _UNKNOWN_LATENCY_S = 0.01  # a host never measured is assumed fast: deferring it too little costs a re-claim
@@ -249,8 +262,9 @@ class WebhookDispatcher:
 
     async def _admit(self, ids: list[str]) -> None:
         """Queue claimed deliveries here, or send them back on the schedule for when they can start."""
+        members = [parse_member(i) for i in ids]
         try:
-            jobs = await asyncio.gather(*(self.store.get(i) for i in ids))
+            jobs = await asyncio.gather(*(self.store.get(job_id) for job_id, _ in members))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # they come back after their lease
@@ -259,8 +273,9 @@ class WebhookDispatcher:
         later: dict[str, float] = {}
         drop: list[str] = []
         now, mono = time.time(), time.monotonic()
-        for job_id, job in zip(ids, jobs, strict=True):
-            if job is None or job.webhook_status not in ("pending", "retrying") or not job.webhook_url:
+        for job_id, (_, progress), job in zip(ids, members, jobs, strict=True):
+            final_due = job is not None and job.webhook_status in ("pending", "retrying")
+            if job is None or not job.webhook_url or (progress is None and not final_due):
                 drop.append(job_id)
                 continue
             host = receiver_host(job.webhook_url)
@@ -276,7 +291,7 @@ class WebhookDispatcher:
                     job.owner, self._owner_latency, self.max_per_owner, self.owner_queue, now
                 )
             else:
-                self._queue(_Claimed(job, host, mono))
+                self._queue(_Claimed(job, host, mono, progress))
         with contextlib.suppress(Exception):  # else they return after their lease
             for job_id in drop:
                 await self.store.unschedule(job_id)
@@ -361,7 +376,9 @@ class WebhookDispatcher:
         started = time.monotonic()
         try:
             if started - item.claimed_at > self.lease_s / 2:  # its lease may run out under way: re-claim
-                await self.store.defer_webhooks({job_id: time.time()})
+                await self.store.defer_webhooks({item.member: time.time()})
+            elif item.progress is not None:
+                await self._attempt_progress(item.job, item.progress)
             else:
                 await self._attempt(item.job)
         except Exception:
@@ -385,7 +402,7 @@ class WebhookDispatcher:
     async def _give_back(self) -> None:
         """Draining: what was claimed and has not started goes back on the schedule now, for another
         replica to take at once (not after its lease)."""
-        ids = {i.job.id: time.time() for hosts in self._waiting.values() for q in hosts.values() for i in q}
+        ids = {i.member: time.time() for hosts in self._waiting.values() for q in hosts.values() for i in q}
         self._waiting.clear()
         self._waiting_host.clear()
         self._waiting_owner.clear()
@@ -394,22 +411,15 @@ class WebhookDispatcher:
             with contextlib.suppress(Exception):
                 await self.store.defer_webhooks(ids)
 
-    async def _attempt(self, job: Job) -> None:
-        job_id = job.id
-        assert job.webhook_url is not None
-        attempt = job.webhook_attempts + 1
-        view = await self.payload(job)
-        built = orjson.dumps(
-            {"type": f"job.{job.status}", "timestamp": view.get("finished_at"), "data": view}
-        )
-        body = await self.store.webhook_body(job_id, built)
-        msg_id = f"msg_{job_id}"
+    def _headers(self, msg_id: str, body: bytes) -> dict[str, str]:
         ts = int(time.time())
         headers = {"webhook-id": msg_id, "webhook-timestamp": str(ts)}
         if self.secrets:
             headers["webhook-signature"] = sign(self.secrets, msg_id, ts, body)
-        started = time.monotonic()
-        res = await self.sender.send(job.webhook_url, body, headers)
+        return headers
+
+    def _next_attempt(self, attempt: int, res: DeliveryResult) -> tuple[str, str, float | None]:
+        """(outcome, state, next attempt at) of an attempt: the same rules for every message."""
         code = res.status_code
         if code is not None and 200 <= code < 300:
             outcome, state = "delivered", "delivered"
@@ -427,6 +437,36 @@ class WebhookDispatcher:
             if res.retry_after_s is not None:
                 delay = max(delay, min(res.retry_after_s, 86400.0))
             next_at = time.time() + delay
+        return outcome, state, next_at
+
+    async def _attempt_progress(self, job: Job, n: int) -> None:
+        """One attempt of a ``job.progress`` message: the body stored by the worker, its own id."""
+        assert job.webhook_url is not None
+        stored = await self.store.progress(job.id, n)
+        if stored is None:  # delivered or given up meanwhile, or expired
+            await self.store.unschedule(progress_member(job.id, n))
+            return
+        body, attempts = stored
+        attempt = attempts + 1
+        res = await self.sender.send(job.webhook_url, body, self._headers(f"msg_{job.id}_p{n}", body))
+        outcome, _state, next_at = self._next_attempt(attempt, res)
+        await self.store.record_progress(job.id, n, attempt, outcome, next_at)
+        metrics.record_webhook_delivery(outcome)
+        logger.info("progress webhook %d for job %s attempt %d: %s", n, job.id, attempt, outcome)
+
+    async def _attempt(self, job: Job) -> None:
+        job_id = job.id
+        assert job.webhook_url is not None
+        attempt = job.webhook_attempts + 1
+        view = await self.payload(job)
+        built = orjson.dumps(
+            {"type": f"job.{job.status}", "timestamp": view.get("finished_at"), "data": view}
+        )
+        body = await self.store.webhook_body(job_id, built)
+        started = time.monotonic()
+        res = await self.sender.send(job.webhook_url, body, self._headers(f"msg_{job_id}", body))
+        code = res.status_code
+        outcome, state, next_at = self._next_attempt(attempt, res)
         record = {
             "attempt": attempt, "at": time.time(), "status_code": code, "error": res.error,
             "outcome": outcome, "duration_ms": round((time.monotonic() - started) * 1000, 1),
