@@ -88,6 +88,7 @@ class ResponseStream:
         self._error: GatewayError | None = None
         self._store = store
         self._max_duration_s = max_duration_s
+        self._complete = replay is not None  # Triton's final response came: nothing left to cancel
         self._tasks: list[asyncio.Task[None]] = []
         metrics.STREAMS_OPEN.labels(self.door).inc()
         self._open = True
@@ -127,17 +128,21 @@ class ResponseStream:
     def cancel(self, by: Canceller = "client") -> None:
         """The door's consumer is gone (``client``) or its job was deleted (``job``): the request is
         cancelled in Triton now; nothing more is stored or delivered."""
-        if self.end is None:
+        if self.end is None and not self._complete:
             self._stop()
             self._finish(by)
             self._queue.put_nowait(_END)  # a reader still waiting wakes (the pump may never have run)
 
     async def aclose(self) -> None:
-        """Done with the stream: if it has not ended, it is cancelled (``client``); waits for the pump."""
+        """Done with the stream: if Triton has not sent its final response, the request is cancelled
+        (``client``); waits for the pump (a completed stream is stored before this returns)."""
         self.cancel("client")
+        for task in self._tasks[1:]:  # the watcher of ctx.cancelled, if any
+            task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self._finish(self._ended_by())  # a consumer that stopped at the final response
 
     async def __aenter__(self) -> ResponseStream:
         return self
@@ -177,7 +182,7 @@ class ResponseStream:
                         else:
                             collected = None
                     if result.final:  # the source ends right after it (the upstream call closed cleanly)
-                        completed = True
+                        completed = self._complete = True
                         self._queue.put_nowait(_END)
         except TimeoutError:
             self.end = "duration"
@@ -227,4 +232,5 @@ class ResponseStream:
         if self.end not in ("completed", "replayed"):
             logger.info("stream %s of %s ended: %s after %d responses", self.request_id, self.model,
                         self.end, self.responses)  # fmt: skip
-        self._stop()
+            self._stop()
+        # completed: the pump goes on to close the upstream call cleanly and store the stream (aclose waits)

@@ -162,6 +162,27 @@ async def test_the_contexts_cancelled_event_cancels() -> None:
     await stream.aclose()
 
 
+async def test_a_completed_stream_with_a_cancel_watcher_closes_and_is_stored() -> None:
+    """Read up to the final response only (a door stops there), with ``ctx.cancelled`` never set: aclose
+    returns, the stream counts as completed and is stored, and nothing was cancelled."""
+    source = Source(3)
+    stored: list[object] = []
+
+    async def store(results: list[TritonResult]) -> None:
+        stored.append(results)
+
+    context = ctx("ws")
+    context.cancelled = asyncio.Event()
+    before = counter("ws", "completed")
+    stream = ResponseStream("m", context, StreamLimits(), "MISS", source.run(), store=store)
+    async for r in stream:
+        if r.result.final:
+            break
+    await asyncio.wait_for(stream.aclose(), 1)
+    assert len(stored) == 1 and not source.closed_early
+    assert counter("ws", "completed") == before + 1
+
+
 async def test_the_longest_stream_bound_cancels_with_a_timeout() -> None:
     source = Source(10_000, gap_s=0.005)
     before = counter("v1", "duration")
