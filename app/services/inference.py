@@ -35,8 +35,9 @@ logger = logging.getLogger(__name__)
 KEY_OFF_LOOP_BYTES = 1 << 20  # inputs larger than this are hashed for their cache key off the loop
 
 
-# What Triton answers a decoupled model's request over HTTP; /v1, /v2, job submissions and /v1/ws frames
-# answer it too (501), before anything reaches Triton. Such models are served by gRPC ModelStreamInfer.
+# What Triton answers a decoupled model's request on its unary HTTP infer route; the gateway's unary infer
+# routes (/v1, /v2) answer it too (501), before anything reaches Triton. Such models are streamed: gRPC
+# ModelStreamInfer, the generate extension and /v1 stream routes (SSE), /v1/ws frames, jobs.
 DECOUPLED_REFUSAL = (
     "HTTP end point doesn't support models with decoupled transaction policy; use gRPC ModelStreamInfer"
 )
