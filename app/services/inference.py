@@ -221,7 +221,8 @@ class InferenceService:
     async def open_stream(self, req: InferRequest, ctx: RequestContext) -> ResponseStream:
         """The responses of ``req`` (a decoupled model's request) as one ``ResponseStream``: replayed from
         the cache when a completed identical stream is stored there (``cache`` HIT), else from Triton
-        (MISS, or BYPASS when the cache does not apply), never shared with another request. The stream's
+        (MISS, or BYPASS when the cache does not apply), never shared with another request. Like ``infer``,
+        a model whose recent streams were rarely replayed skips the lookup (``ReadPolicy``). The stream's
         life is bounded by the caller's deadline and its tier's longest stream; leaving it early
         (``aclose``/``cancel``) cancels the request in Triton."""
         self.bind(req, ctx)
@@ -234,13 +235,18 @@ class InferenceService:
         outcome: CacheOutcome = "BYPASS"
         if use_cache:
             key = self.stream_key(req) if not _large(req) else await asyncio.to_thread(self.stream_key, req)
-            if req.cache_read:
+            model = (info.name, info.version)
+            if req.cache_read and not self.read_policy.should_read(model):
+                outcome = "MISS"  # few recent replays: not looked up (1 in 16 still is), stored all the same
+                metrics.cache_outcome("skipped")
+            elif req.cache_read:
                 try:
                     replay = await self._cached_stream(key)
                 except CacheUnavailable:
                     use_cache = False
                     metrics.cache_outcome("error")
                 else:
+                    self.read_policy.record(model, replay is not None)
                     if replay is not None:
                         metrics.cache_outcome("hit")
                         annotate(info.name, info.version, "HIT")
