@@ -23,6 +23,7 @@ on ``generate_stream``) and the error (``render_error``) as a ``ServerSentEvent`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -89,12 +90,14 @@ class SSEReply:
     async def aclose(self) -> None:
         """The reply is over (written, or its client gone): the stream is closed (a stream that had not
         ended is cancelled in Triton)."""
-        if self.stream is not None:
-            await self.stream.aclose()
-        else:
-            closer: Any = getattr(self.responses, "aclose", None)
+        closer: Any = getattr(self.responses, "aclose", None)
+        try:
             if closer is not None:
-                await closer()
+                with contextlib.suppress(RuntimeError):  # a generator never started or already closed
+                    await closer()
+        finally:
+            if self.stream is not None:
+                await self.stream.aclose()
 
     async def send(
         self, scope: Scope, receive: Receive, send: Send, head: list[tuple[bytes, bytes]]

@@ -15,7 +15,7 @@ is no event. Values are written as Triton writes them: an FP32 value is the floa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from sse_starlette import ServerSentEvent
 
 from app.codecs.common import Reply, call_options, dumps
 from app.domain import InferRequest, InferResponse, ModelInfo
-from app.errors import GatewayError, InvalidInput, error_body
+from app.errors import BadRequest, GatewayError, InvalidInput, UpstreamError, UpstreamRejected, error_body
 from app.frontends.http.sse import event
 from app.services.payload import parse_json
 from app.services.validation import container_budget, validate_parameters, validate_v2_inputs, value_budget
@@ -35,6 +35,31 @@ NOT_ONE_RESPONSE = (
     "various number of responses"
 )
 PARAMETERS = "parameters"
+_REJECTED = "Triton rejected the request: "  # app.errors.upstream_error's prefix
+
+
+class ModelRefused(BadRequest, code="triton_rejected_input"):
+    """The model's own error (it raised, or Triton refused the request), as Triton's generate answers it."""
+
+
+def as_triton(exc: GatewayError) -> GatewayError:
+    """An error the model itself reported, as Triton's generate reports it: 400 with Triton's message (a
+    decoupled model's error comes in the gRPC stream without a status, which the other doors answer 502;
+    Triton's HTTP front end maps it, ``TRITONSERVER_ERROR_UNKNOWN``, to 400). Other errors are unchanged."""
+    if isinstance(exc, UpstreamRejected) or (
+        type(exc) is UpstreamError and exc.details.get("grpc_status") == "UNKNOWN"
+    ):
+        return ModelRefused(exc.message.removeprefix(_REJECTED), exc.details)
+    return exc
+
+
+async def triton_errors(responses: AsyncIterator[InferResponse]) -> AsyncIterator[InferResponse]:
+    """``responses`` with a model's error raised as Triton's generate reports it (``as_triton``)."""
+    try:
+        async for response in responses:
+            yield response
+    except GatewayError as exc:
+        raise as_triton(exc) from None
 
 
 @dataclass(slots=True)

@@ -261,7 +261,10 @@ async def generate_v2(
     info = await service.resolve(params["model"], params.get("version"), stream=True)
     gen = generate.decode(info, raw)
     if not info.decoupled:
-        return generate.reply(await service.infer(gen.request, ctx), gen.id)
+        try:
+            return generate.reply(await service.infer(gen.request, ctx), gen.id)
+        except GatewayError as exc:
+            raise generate.as_triton(exc) from None
     stream = await service.open_stream(gen.request, ctx)
     try:
         answer = None
@@ -272,9 +275,9 @@ async def generate_v2(
                 if answer is not None:
                     return generate.not_one_response(stream.cache)
                 answer = response
-        except GatewayError:
-            if answer is None:
-                raise  # the first item was an error: its status and message, as Triton answers it
+        except GatewayError as exc:
+            if answer is None:  # the first item was an error: its status and message, as Triton answers it
+                raise generate.as_triton(exc) from None
             return generate.not_one_response(stream.cache)
         if answer is None:
             return generate.not_one_response(stream.cache)
@@ -294,9 +297,10 @@ async def generate_stream_v2(
     gen = generate.decode(info, raw)
     render = generate.event_renderer(gen.id)
     if not info.decoupled:
-        return SSEReply(one_response(lambda: service.infer(gen.request, ctx)), render, generate.error_event)
+        answer = one_response(lambda: service.infer(gen.request, ctx))
+        return SSEReply(generate.triton_errors(answer), render, generate.error_event)
     stream = await service.open_stream(gen.request, ctx)
-    return SSEReply(stream, render, generate.error_event, stream=stream)
+    return SSEReply(generate.triton_errors(stream), render, generate.error_event, stream=stream)
 
 
 _GENERATE_REQUEST = {
