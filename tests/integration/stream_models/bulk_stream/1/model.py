@@ -1,5 +1,9 @@
 """Decoupled: for COUNT = n, n responses (STEP = i, DATA = 16,384 FP32 values: 64 KB), then the final
-flag; stops at Triton's cancellation flag, logging after how many responses."""
+flag; stops at Triton's cancellation flag, logging after how many responses. A response every ~2 ms, as
+a generator that computes each one would (one that sends as fast as it can outruns any cancellation:
+Triton queues its responses)."""
+
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -16,6 +20,7 @@ class TritonPythonModel:
                 if request.is_cancelled():
                     pb_utils.Logger.log_info(f"bulk_stream: cancelled after {i} of {count}")
                     break
+                time.sleep(0.002)
                 sender.send(
                     pb_utils.InferenceResponse(
                         [
