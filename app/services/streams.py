@@ -89,6 +89,7 @@ class ResponseStream:
         self._store = store
         self._max_duration_s = max_duration_s
         self._tasks: list[asyncio.Task[None]] = []
+        self._pump_task: asyncio.Task[None] | None = None
         metrics.STREAMS_OPEN.labels(self.door).inc()
         self._open = True
         if replay is not None:
@@ -97,7 +98,8 @@ class ResponseStream:
             self._queue.put_nowait(_END)
         else:
             assert source is not None
-            self._tasks.append(asyncio.create_task(self._pump(source)))
+            self._pump_task = asyncio.create_task(self._pump(source))
+            self._tasks.append(self._pump_task)
             if ctx.cancelled is not None:
                 self._tasks.append(asyncio.create_task(self._watch(ctx.cancelled)))
 
@@ -200,10 +202,10 @@ class ResponseStream:
         await cancelled.wait()
         self.cancel("client")
 
-    def _stop(self) -> None:
+    def _stop(self, keep: asyncio.Task[None] | None = None) -> None:
         current = asyncio.current_task()
         for task in self._tasks:
-            if task is not current:
+            if task is not current and task is not keep:
                 task.cancel()
 
     def _ended_by(self) -> StreamEnd:
@@ -224,4 +226,6 @@ class ResponseStream:
         if self.end not in ("completed", "replayed"):
             logger.info("stream %s of %s ended: %s after %d responses", self.request_id, self.model,
                         self.end, self.responses)  # fmt: skip
-        self._stop()
+        # A completed stream's pump is still storing it in the cache (after its _END): left to finish
+        # (``aclose`` waits for it); cancelled, a consumer that read the last response at once lost the store.
+        self._stop(keep=self._pump_task if self.end == "completed" else None)
