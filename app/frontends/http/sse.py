@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import AppStatus
 from starlette.types import Message, Receive, Scope, Send
 
 from app.domain import InferResponse
@@ -39,6 +40,12 @@ logger = logging.getLogger(__name__)
 
 SEP = "\n"  # events end with "\n\n", as Triton's generate_stream writes them
 PING_S = 15.0  # a comment line while nothing else is sent, for proxies that close idle connections
+
+# sse-starlette ends every stream, as a clean end of body, the moment the server starts to exit: a client
+# would take a stream cut short for a complete one. The gateway drains streams as it drains every request
+# (app.server.graceful: up to TGW_DRAIN_S once the listener closed; past it uvicorn cancels the request, the
+# stream is cancelled in Triton and the connection is cut, an incomplete body the client sees as one).
+AppStatus.disable_automatic_graceful_drain()
 
 Render = Callable[[InferResponse, int], ServerSentEvent | None]
 RenderError = Callable[[GatewayError], ServerSentEvent]
