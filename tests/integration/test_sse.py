@@ -256,10 +256,14 @@ def test_a_stream_holds_one_in_flight_slot_for_its_whole_life(start_gateway: Gat
         auth = bearer(key)
         unary = {"inputs": {"INPUT0": [[1.0, 2.0]]}}
         with c.stream("POST", V1_STREAM, json=v1_body(series(1.3), 10_000), headers=auth) as r:
-            assert r.status_code == 200 and read_events(r, 2)
+            # one iterator for the whole test: a closed one closes the response (the client went away)
+            events = EventSource(r).iter_sse()
+            assert r.status_code == 200 and next(events) and next(events)
+            print(f"\nthe stream: X-Cache {r.headers['x-cache']}")
             refused = c.post("/v1/models/identity_fp32/infer", json=unary, headers=auth)
             print(f"\nwhile the stream is open: {refused.status_code} {refused.json()}")
             assert refused.status_code == 429 and "concurrency" in refused.text
+            assert json.loads(next(events).data)["seq"] == 2  # the stream was open all along
         # the stream ended (its client closed it): the slot comes back
         answer = eventually(
             lambda: _ok(c.post("/v1/models/identity_fp32/infer", json=unary, headers=auth)), 10, 0.1,
