@@ -19,12 +19,18 @@ def _table() -> RawRoutes:
     return raw_routes()
 
 
-def test_the_raw_route_table_declares_the_four_infer_routes() -> None:
+def test_the_raw_route_table_declares_the_infer_and_streaming_routes() -> None:
     assert [(r.method, r.template) for r in _table()] == [
         ("POST", "/v1/models/{model}/infer"),
         ("POST", "/v1/models/{model}/versions/{version}/infer"),
+        ("POST", "/v1/models/{model}/stream"),
+        ("POST", "/v1/models/{model}/versions/{version}/stream"),
         ("POST", "/v2/models/{model}/infer"),
         ("POST", "/v2/models/{model}/versions/{version}/infer"),
+        ("POST", "/v2/models/{model}/generate"),
+        ("POST", "/v2/models/{model}/versions/{version}/generate"),
+        ("POST", "/v2/models/{model}/generate_stream"),
+        ("POST", "/v2/models/{model}/versions/{version}/generate_stream"),
     ]
 
 

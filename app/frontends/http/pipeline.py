@@ -9,8 +9,10 @@ request needs, in this order:
    streamed body is cut off as it crosses it;
 5. dispatch: the raw routes (the infer routes, ``POST /v1|/v2/models/{model}[/versions/{version}]/infer``)
    are answered by ``RawRouter`` over the raw route table (``app.frontends.http.routes``: transport-neutral
-   handlers, no framework layers on the path that runs thousands of times a second); everything else
-   falls through to FastAPI;
+   handlers, no framework layers on the path that runs thousands of times a second); a handler's
+   ``SSEReply`` (the streaming routes: ``/v1/.../stream``, ``/v2/.../generate_stream``) is written as
+   server-sent events (``app.frontends.http.sse``) while the request's grant is held, so a stream keeps its
+   key's in-flight slot until it ends; everything else falls through to FastAPI;
 6. ``Connection: close`` while draining, ``Server-Timing`` on infer answers;
 7. telemetry once per request: ``tgw_inflight_requests``, ``tgw_request/response_size_bytes``, the
    instrumentator's ``http_requests_total`` / ``http_request_duration_seconds`` labelled with the route
@@ -44,6 +46,7 @@ from app.errors import (
     log_unhandled,
 )
 from app.frontends.http.routes import RawRouter
+from app.frontends.http.sse import SSEReply
 from app.observability import metrics, tracing
 from app.observability.context import RequestInfo
 from app.observability.requests import Requests
@@ -181,7 +184,7 @@ class Pipeline:
         disconnected = False
         metrics.INFLIGHT.inc()
         try:
-            reply: Reply | None = None
+            reply: Reply | SSEReply | None = None
             try:
                 if self.admission is not None:
                     grant = await self.admission.admit(scope)
@@ -208,7 +211,9 @@ class Pipeline:
             except Exception as exc:
                 code, err, message = log_unhandled(exc)
                 reply = _error_reply(scope, code, err, message, None, None)
-            if reply is not None:
+            if isinstance(reply, SSEReply):  # a stream: the grant (in-flight slot) is held until it ends
+                status, sent = await self._send_stream(scope, receive, send, reply, rid_header)
+            elif reply is not None:
                 if route is None and self.templates is not None:  # refused before FastAPI routed it
                     template = self.templates(scope)
                 status, sent = reply.status, len(reply.body)
@@ -244,6 +249,22 @@ class Pipeline:
             headers.append(_CLOSE)
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": reply.body})
+
+    async def _send_stream(
+        self, scope: Scope, receive: Receive, send: Send, reply: SSEReply, rid_header: tuple[bytes, bytes]
+    ) -> tuple[int, int]:
+        """Write a streamed answer to its end, or until its client went away (status 499 then); the stream
+        is closed in any case (one that had not ended is cancelled in Triton)."""
+        head = [rid_header]
+        if self.lifecycle is not None and self.lifecycle.draining:
+            head.append(_CLOSE)
+        try:
+            return await reply.send(scope, receive, send, head)
+        except Exception as exc:  # the head may be sent already: nothing else can be answered
+            log_unhandled(exc)
+            return 500, 0
+        finally:
+            await reply.aclose()
 
     async def _fastapi(
         self, scope: Scope, receive: Receive, send: Send, rid_header: tuple[bytes, bytes], declared: int

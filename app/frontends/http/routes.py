@@ -7,7 +7,7 @@ that table feeds:
 
 - the pipeline's matcher (``RawRoutes.match``: one ``str.split`` and a few comparisons, no regex);
 - the handler a match calls, ``handler(gateway, params, body, headers, ctx) -> Reply`` (the table binds the
-  gateway: ``RawRouter``);
+  gateway: ``RawRouter``), or ``-> SSEReply`` for a streamed answer (``app.frontends.http.sse``);
 - the route template of the metrics, the span and the access line (``RawRoute.template``);
 - the authentication class of the path (``RawRoutes.auth_class``, handed to ``app.auth``'s stage as its
   classifier: app.auth sits below the doors);
@@ -32,6 +32,7 @@ from starlette.routing import Match, Route, WebSocketRoute
 from starlette.types import Scope
 
 from app.codecs.common import Reply
+from app.frontends.http.sse import SSEReply
 from app.request_context import Door, RequestContext, route_path
 
 if TYPE_CHECKING:
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
 
 Headers = Mapping[bytes, bytes]
 Params = Mapping[str, str]
-RawHandler = Callable[["Gateway", Params, bytes, Headers, RequestContext], Awaitable[Reply]]
+# A handler answers a ``Reply``, or an ``SSEReply`` (a streamed answer: app.frontends.http.sse)
+RawHandler = Callable[["Gateway", Params, bytes, Headers, RequestContext], Awaitable[Reply | SSEReply]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +170,9 @@ class RawRouter:
         self.gateway = gateway
         self.match: Callable[[Scope], RawMatch | None] = routes.match_scope  # no extra call per request
 
-    async def handle(self, match: RawMatch, body: bytes, headers: Headers, ctx: RequestContext) -> Reply:
+    async def handle(
+        self, match: RawMatch, body: bytes, headers: Headers, ctx: RequestContext
+    ) -> Reply | SSEReply:
         return await match.route.handler(self.gateway(), match.params, body, headers, ctx)
 
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter
 from starlette.responses import Response
 
 from app.codecs.common import Reply
+from app.errors import GatewayError
 from app.frontends.http.common import Headers, ORJSONResponse, header_value
 from app.frontends.http.deps import AdminDep, HealthDep, InferenceDep, RegistryDep
 from app.frontends.http.routes import Params, RawRoute
@@ -25,7 +26,9 @@ from app.frontends.http.schemas import (
     V2ServerMetadata,
     infer_operation,
 )
+from app.frontends.http.sse import SSEReply, one_response
 from app.frontends.kserve_http import codec as kserve
+from app.frontends.kserve_http import generate
 from app.request_context import RequestContext
 from app.services.offer import EXTENSIONS, refusal
 from app.services.statistics import ServedStatistics
@@ -246,7 +249,109 @@ def _operation(versioned: bool) -> dict[str, Any]:
     )  # fmt: skip
 
 
+# --- Triton's generate extension (app.frontends.kserve_http.generate) --------------------------------------
+async def generate_v2(
+    gw: Gateway, params: Params, raw: bytes, headers: Headers, ctx: RequestContext
+) -> Reply:
+    """``/generate``: the model's one answer as one JSON object. A model that answers once goes the unary
+    way (cached, batched, single-flight); a decoupled model's stream must hold exactly one response, as
+    Triton requires (200 with Triton's error otherwise; the gateway cancels the request at the second
+    response where Triton lets the model run to its end)."""
+    service = gw.inference
+    info = await service.resolve(params["model"], params.get("version"), stream=True)
+    gen = generate.decode(info, raw)
+    if not info.decoupled:
+        try:
+            return generate.reply(await service.infer(gen.request, ctx), gen.id)
+        except GatewayError as exc:
+            raise generate.as_triton(exc) from None
+    stream = await service.open_stream(gen.request, ctx)
+    try:
+        answer = None
+        try:
+            async for response in stream:
+                if generate.is_empty_final(response):
+                    continue
+                if answer is not None:
+                    return generate.not_one_response(stream.cache)
+                answer = response
+        except GatewayError as exc:
+            if answer is None:  # the first item was an error: its status and message, as Triton answers it
+                raise generate.as_triton(exc) from None
+            return generate.not_one_response(stream.cache)
+        if answer is None:
+            return generate.not_one_response(stream.cache)
+        return generate.reply(answer, gen.id)
+    finally:
+        await stream.aclose()
+
+
+async def generate_stream_v2(
+    gw: Gateway, params: Params, raw: bytes, headers: Headers, ctx: RequestContext
+) -> SSEReply:
+    """``/generate_stream``: one ``data:`` event per response (``app.frontends.http.sse``). A decoupled
+    model's ``ResponseStream`` (cache replay, bounded buffering, cancellation reaching Triton when the
+    client goes away); a model that answers once: its unary answer as the one event."""
+    service = gw.inference
+    info = await service.resolve(params["model"], params.get("version"), stream=True)
+    gen = generate.decode(info, raw)
+    render = generate.event_renderer(gen.id)
+    if not info.decoupled:
+        answer = one_response(lambda: service.infer(gen.request, ctx))
+        return SSEReply(generate.triton_errors(answer), render, generate.error_event)
+    stream = await service.open_stream(gen.request, ctx)
+    return SSEReply(generate.triton_errors(stream), render, generate.error_event, stream=stream)
+
+
+_GENERATE_REQUEST = {
+    "type": "object",
+    "description": "Triton's generate request: each key naming a model input is that input (a value or a "
+    "flat list of values); 'parameters' (an object) is read the same way; 'id' is echoed; any other key is "
+    "a request parameter (string, integer, boolean or number)",
+    "properties": {"id": {"type": "string"}, "parameters": {"type": "object"}},
+    "additionalProperties": True,
+}
+_GENERATE_ANSWER = {
+    "type": "object",
+    "required": ["model_name", "model_version"],
+    "description": "each output by name: a value when it holds one element, else the flat list of values",
+    "properties": {"model_name": {"type": "string"}, "model_version": {"type": "string"},
+                   "id": {"type": "string"}},
+    "additionalProperties": True,
+}  # fmt: skip
+_EVENT_STREAM = {
+    "text/event-stream": {
+        "schema": {"type": "string", "description": "one 'data: {generate answer}' event per response; an "
+                   "error as 'data: {\"error\": message, \"code\", \"details\"}'"},
+    }
+}  # fmt: skip
+
+
+def _generate_operation(streaming: bool, versioned: bool) -> dict[str, Any]:
+    name = "generate_stream" if streaming else "generate"
+    op = infer_operation(
+        tag="kserve-v2", summary=f"Triton {name}" + (" (version)" if versioned else ""),
+        operation_id=f"{name}_v2" + ("_version" if versioned else ""),
+        request={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": _GENERATE_REQUEST, "example": {"series": [50.0 + i for i in range(20)], "horizon": 3},
+        }}}},
+        answer=_EVENT_STREAM if streaming else {"application/json": {"schema": _GENERATE_ANSWER}},
+        errors={400: "bad request or invalid input (names the field)"}, kserve=True,
+    )  # fmt: skip
+    op["responses"].pop("501", None)  # a decoupled model is served here
+    return op
+
+
+_GENERATE = "/v2/models/{model}/generate"
+_GENERATE_VERSION = "/v2/models/{model}/versions/{version}/generate"
+
 RAW_ROUTES = (
     RawRoute("POST", "/v2/models/{model}/infer", infer_v2, _operation(False), door="v2"),
     RawRoute("POST", "/v2/models/{model}/versions/{version}/infer", infer_v2, _operation(True), door="v2"),
+    RawRoute("POST", _GENERATE, generate_v2, _generate_operation(False, False), door="v2"),
+    RawRoute("POST", _GENERATE_VERSION, generate_v2, _generate_operation(False, True), door="v2"),
+    RawRoute("POST", f"{_GENERATE}_stream", generate_stream_v2, _generate_operation(True, False), door="v2"),
+    RawRoute(
+        "POST", f"{_GENERATE_VERSION}_stream", generate_stream_v2, _generate_operation(True, True), door="v2"
+    ),
 )
