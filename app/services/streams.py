@@ -135,7 +135,7 @@ class ResponseStream:
 
     async def aclose(self) -> None:
         """Done with the stream: if Triton has not sent its final response, the request is cancelled
-        (``client``); waits for the pump (a completed stream is stored before this returns)."""
+        (``client``); waits for the pump (which ends the upstream call cleanly after the final response)."""
         self.cancel("client")
         for task in self._tasks[1:]:  # the watcher of ctx.cancelled, if any
             task.cancel()
@@ -173,16 +173,19 @@ class ResponseStream:
                         )
                         self.end = "overflow"
                         return  # leaving the loop closes the upstream stream: Triton cancels the request
-                    self._held_bytes += size
-                    self._queue.put_nowait(result)
                     if collected is not None:
                         collected_bytes += size
                         if collected_bytes <= limits.cache_max_bytes:
                             collected.append(result)
                         else:
                             collected = None
-                    if result.final:  # the source ends right after it (the upstream call closed cleanly)
+                    if result.final:  # the source ends right after it (the upstream call closes cleanly)
                         completed = self._complete = True
+                        if collected is not None:  # stored before the final response is handed on: the
+                            await self._store_safely(collected)  # client's next request finds it
+                    self._held_bytes += size
+                    self._queue.put_nowait(result)
+                    if completed:
                         self._queue.put_nowait(_END)
         except TimeoutError:
             self.end = "duration"
@@ -198,11 +201,13 @@ class ResponseStream:
                 self._queue.put_nowait(_END)
             with contextlib.suppress(BaseException):
                 await source.aclose()  # type: ignore[attr-defined]
-        if completed and collected is not None and self._store is not None:
-            try:
-                await self._store(collected)
-            except Exception:  # never fails the stream
-                logger.warning("a completed stream could not be stored in the cache", exc_info=True)
+
+    async def _store_safely(self, results: list[TritonResult]) -> None:
+        assert self._store is not None
+        try:
+            await self._store(results)
+        except Exception:  # never fails the stream
+            logger.warning("a completed stream could not be stored in the cache", exc_info=True)
 
     async def _watch(self, cancelled: asyncio.Event) -> None:
         await cancelled.wait()
@@ -233,4 +238,4 @@ class ResponseStream:
             logger.info("stream %s of %s ended: %s after %d responses", self.request_id, self.model,
                         self.end, self.responses)  # fmt: skip
             self._stop()
-        # completed: the pump goes on to close the upstream call cleanly and store the stream (aclose waits)
+        # completed: the pump goes on to close the upstream call cleanly (aclose waits)
