@@ -214,7 +214,9 @@ def stream_phase(stack: Stack, salt: int, o: Options) -> dict[str, Any]:
     for i, (target, c) in enumerate(plan, 1):
         if target.replay:
             streams.prime(target, o.stream_horizon)
-        level = streams.measure(target, c, o.stream_horizon, o.warmup_s, o.duration_s, o.generators, salt)
+        # each target's misses their own series (a stream stored through one door replays through all)
+        own = salt + 10_000_000 * o.stream_targets.index(target.name)
+        level = streams.measure(target, c, o.stream_horizon, o.warmup_s, o.duration_s, o.generators, own)
         levels.append(level)
         r = level.row()
         say(f"[{i:>3}/{len(plan)}] {r['target']:<13} {r['cache']:<6} c={c:<4} {r['streams']:>6} streams  "

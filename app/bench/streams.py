@@ -68,8 +68,11 @@ class StreamLevel:
 
 
 def series_for(n: int) -> list[float]:
-    """The ``n``-th distinct series (0: the replayed one)."""
-    return [float(v) for v in BASE + np.float32(n * 1e-3)]
+    """The ``n``-th distinct series (0: the replayed one): ``n`` written exactly into its first two points."""
+    values = [float(v) for v in BASE]
+    values[0] += n % (1 << 20)
+    values[1] += n >> 20
+    return values
 
 
 class _Client:

@@ -178,7 +178,7 @@ def test_v1_stream_events(client: httpx.Client, triton_client: httpx.Client) -> 
           f"last {ours.data[-1]}")  # fmt: skip
     assert ours.status == 200 and ours.headers["x-cache"] != "HIT"
     assert [name for name, _ in ours.events] == ["message"] * 6
-    assert [d["seq"] for d in ours.data] == list(range(6))
+    assert [d["seq"] for d in ours.data] == list(range(1, 7))
     assert [d["final"] for d in ours.data] == [False] * 5 + [True]
     assert ours.data[-1]["outputs"] == {}  # Triton's empty final response: the client learns the end
     for event, triton_event in zip(ours.data, theirs.data, strict=False):
@@ -263,7 +263,7 @@ def test_a_stream_holds_one_in_flight_slot_for_its_whole_life(start_gateway: Gat
             refused = c.post("/v1/models/identity_fp32/infer", json=unary, headers=auth)
             print(f"\nwhile the stream is open: {refused.status_code} {refused.json()}")
             assert refused.status_code == 429 and "concurrency" in refused.text
-            assert json.loads(next(events).data)["seq"] == 2  # the stream was open all along
+            assert json.loads(next(events).data)["seq"] == 3  # the stream was open all along
         # the stream ended (its client closed it): the slot comes back
         answer = eventually(
             lambda: _ok(c.post("/v1/models/identity_fp32/infer", json=unary, headers=auth)), 10, 0.1,

@@ -80,7 +80,7 @@ class SSEReply:
         try:
             async for response in self.responses:
                 self.cache = response.cache
-                event = self.render(response, sent)
+                event = self.render(response, sent + 1)  # seq counts from 1, as on /v1/ws and a job's
                 if event is not None:
                     sent += 1
                     yield event

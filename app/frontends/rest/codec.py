@@ -3,7 +3,7 @@
 Request: ``{"inputs": {name: nested list}, "outputs"?: [names], "parameters"?: {...}}``.
 Answer: ``{"model", "model_version", "outputs": {name: nested list}}`` with ``X-Cache``.
 Stream (``/v1/models/{model}/stream``): one server-sent event per response, the answer plus ``final`` (the
-request's last response) and ``seq`` (0, 1, ...); an error is an ``error`` event holding the error JSON.
+request's last response) and ``seq`` (1, 2, ...); an error is an ``error`` event holding the error JSON.
 """
 
 from __future__ import annotations
