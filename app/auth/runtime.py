@@ -22,13 +22,18 @@ def build_auth(settings: Settings, classify: Callable[[str], str] = path_class) 
     retry_after_s = settings.server.retry_after_s
     # A held concurrency slot outlives the longest request (its Triton deadline and the drain) by a minute.
     slot_ttl_s = settings.triton.triton_timeout_s + settings.server.drain_s + 60.0
+    longest = max([settings.streams.stream_max_duration_s] + [
+        float(t.split(":")[3]) for t in settings.auth.auth_tiers if t.count(":") == 3
+    ])  # fmt: skip
+    stream_slot_ttl_s = longest + settings.server.drain_s + 60.0  # a stream's: its longest life
     if settings.auth.auth != "required":
         logger.warning(
             "authentication is OFF (TGW_AUTH=off): anyone who can reach %s:%d may use every model; "
             "set TGW_AUTH=required for anything but local development", settings.server.host,
             settings.server.port,
         )  # fmt: skip
-        return AuthStage(settings.auth, retry_after_s=retry_after_s, slot_ttl_s=slot_ttl_s, classify=classify)
+        return AuthStage(settings.auth, retry_after_s=retry_after_s, slot_ttl_s=slot_ttl_s, classify=classify,
+                         stream_slot_ttl_s=stream_slot_ttl_s)  # fmt: skip
     redis = make_redis(
         settings.auth_redis_address, settings.auth.auth_redis_timeout_s, settings.cache.redis_cluster
     )
@@ -37,7 +42,13 @@ def build_auth(settings: Settings, classify: Callable[[str], str] = path_class) 
         auto = AutoPipeline(redis, settings.auth.auth_redis_timeout_s)
         submit = auto.submit
     stage = AuthStage(
-        settings.auth, redis, submit, retry_after_s=retry_after_s, slot_ttl_s=slot_ttl_s, classify=classify
+        settings.auth,
+        redis,
+        submit,
+        retry_after_s=retry_after_s,
+        slot_ttl_s=slot_ttl_s,
+        classify=classify,
+        stream_slot_ttl_s=stream_slot_ttl_s,
     )
     logger.info("authentication required: API keys in %s, verified keys trusted %g s in process",
                 redact_url(settings.auth_redis_address), settings.auth.auth_key_cache_s)  # fmt: skip

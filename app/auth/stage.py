@@ -145,13 +145,16 @@ class FailedAuthLimiter:
 class AuthStage:
     def __init__(
         self, settings: AuthSettings, redis: Any = None, submit: Any = None, *, retry_after_s: int,
-        slot_ttl_s: float, classify: Callable[[str], str] = path_class,
+        slot_ttl_s: float, classify: Callable[[str], str] = path_class, stream_slot_ttl_s: float = 0.0,
     ) -> None:  # fmt: skip
         """``settings``: the auth group; ``retry_after_s`` (TGW_RETRY_AFTER_S) goes on 429 answers,
-        ``slot_ttl_s`` bounds a held concurrency slot of a process that died (Redis key TTL);
-        ``classify``: the paths' classes ("open", "admin" or "key": ``classifier``)."""
+        ``slot_ttl_s`` bounds a held concurrency slot of a process that died (Redis key TTL), and
+        ``stream_slot_ttl_s`` that of a stream (which may last up to the longest stream a tier allows);
+        ``classify``: the paths' classes ("open", "admin", "key", or "stream": a key's route whose answer
+        is a stream, holding its slot for the stream's life: ``classifier``)."""
         self.settings = settings
         self.retry_after_s = retry_after_s
+        self.stream_slot_ttl_s = max(stream_slot_ttl_s, slot_ttl_s)
         self.path_class = classify
         self.enabled = settings.auth == "required"
         self.tiers: dict[str, Tier] = parse_tiers(settings.auth_tiers)
@@ -213,7 +216,7 @@ class AuthStage:
         if websocket:
             await self.limit(principal, kind="ws")
         else:
-            await self.limit(principal)
+            await self.limit(principal, stream=kind == "stream")
         return principal
 
     async def admit_headers(
@@ -383,8 +386,9 @@ class AuthStage:
         return found.digest
 
     # --- limits --------------------------------------------------------------------------------
-    async def limit(self, principal: Principal, kind: str = "req") -> None:
-        """Take one request (and an in-flight slot: a WebSocket connection for kind "ws")."""
+    async def limit(self, principal: Principal, kind: str = "req", stream: bool = False) -> None:
+        """Take one request (and an in-flight slot: a WebSocket connection for kind "ws"; ``stream``: the
+        slot outlives a stream's longest life, not a unary call's, should its process die)."""
         limits = principal.limits
         if limits is None or self.limiter is None:
             return  # admin token: unlimited
@@ -394,7 +398,7 @@ class AuthStage:
             decision = await self.limiter.admit(
                 principal.key_id, limits, slot, kind=kind,
                 concurrency=self.settings.auth_ws_per_key if ws else None,
-                slot_ttl_s=WS_SLOT_TTL_S if ws else None,
+                slot_ttl_s=WS_SLOT_TTL_S if ws else (self.stream_slot_ttl_s if stream else None),
             )  # fmt: skip
             local = False
         except _REDIS_ERRORS as exc:

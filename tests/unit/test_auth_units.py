@@ -243,3 +243,29 @@ def test_compose_keeps_its_consoles_on_loopback_with_real_passwords() -> None:
     assert password.startswith("${GRAFANA_ADMIN_PASSWORD:?"), "no default password"
     for name in ("gateway", "worker"):
         assert services[name]["env_file"] == [{"path": "deploy/gateway.env", "required": True}]
+
+
+async def test_a_streams_slot_outlives_the_longest_stream() -> None:
+    """A route of class "stream" (SSE) takes its in-flight slot with a Redis TTL past the longest stream a
+    tier allows (TGW_AUTH_TIERS' fourth field, else TGW_STREAM_MAX_DURATION_S), a unary route with the
+    unary one: a stream is never left uncounted while it runs, a dead process's unary slot still frees
+    itself soon."""
+    from app.auth.principal import Limits
+    from app.auth.runtime import build_auth
+
+    settings = Settings(auth_tiers="high:1:60:3600,standard:2:30", stream_max_duration_s=900)
+    stage = build_auth(settings, classify=lambda p: "stream" if p.endswith("/stream") else "key")
+    drain = settings.server.drain_s
+    assert stage.stream_slot_ttl_s == 3600 + drain + 60  # the longest tier's
+    taken: list[float | None] = []
+
+    class Limiter:
+        async def admit(self, *args: object, slot_ttl_s: float | None = None, **kwargs: object) -> Decision:
+            taken.append(slot_ttl_s)
+            return Decision(ADMITTED, remaining=1, reset_s=1.0)
+
+    stage.limiter = Limiter()  # type: ignore[assignment]
+    principal = Principal(key_id="k", tenant="t", tier="standard", limits=Limits(10, 10, 1, 0))
+    await stage.limit(principal, stream=True)
+    await stage.limit(principal)
+    assert taken == [3600 + drain + 60, None]  # None: the stage's unary TTL

@@ -350,8 +350,20 @@ RAW_ROUTES = (
     RawRoute("POST", "/v2/models/{model}/versions/{version}/infer", infer_v2, _operation(True), door="v2"),
     RawRoute("POST", _GENERATE, generate_v2, _generate_operation(False, False), door="v2"),
     RawRoute("POST", _GENERATE_VERSION, generate_v2, _generate_operation(False, True), door="v2"),
-    RawRoute("POST", f"{_GENERATE}_stream", generate_stream_v2, _generate_operation(True, False), door="v2"),
     RawRoute(
-        "POST", f"{_GENERATE_VERSION}_stream", generate_stream_v2, _generate_operation(True, True), door="v2"
+        "POST",
+        f"{_GENERATE}_stream",
+        generate_stream_v2,
+        _generate_operation(True, False),
+        door="v2",
+        auth_class="stream",
+    ),
+    RawRoute(
+        "POST",
+        f"{_GENERATE_VERSION}_stream",
+        generate_stream_v2,
+        _generate_operation(True, True),
+        door="v2",
+        auth_class="stream",
     ),
 )

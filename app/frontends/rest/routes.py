@@ -88,6 +88,12 @@ def _stream_operation(versioned: bool) -> dict[str, Any]:
 RAW_ROUTES = (
     RawRoute("POST", "/v1/models/{model}/infer", infer_v1, _operation(False)),
     RawRoute("POST", "/v1/models/{model}/versions/{version}/infer", infer_v1, _operation(True)),
-    RawRoute("POST", "/v1/models/{model}/stream", stream_v1, _stream_operation(False)),
-    RawRoute("POST", "/v1/models/{model}/versions/{version}/stream", stream_v1, _stream_operation(True)),
+    RawRoute("POST", "/v1/models/{model}/stream", stream_v1, _stream_operation(False), auth_class="stream"),
+    RawRoute(
+        "POST",
+        "/v1/models/{model}/versions/{version}/stream",
+        stream_v1,
+        _stream_operation(True),
+        auth_class="stream",
+    ),
 )
