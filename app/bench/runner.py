@@ -216,12 +216,18 @@ def stream_phase(stack: Stack, salt: int, o: Options) -> dict[str, Any]:
             streams.prime(target, o.stream_horizon)
         # each target's misses their own series (a stream stored through one door replays through all)
         own = salt + 10_000_000 * o.stream_targets.index(target.name)
+        pids = stack.server_pids()
+        before = {k: cpu_seconds(v) for k, v in pids.items()}
+        t0 = time.monotonic()
         level = streams.measure(target, c, o.stream_horizon, o.warmup_s, o.duration_s, o.generators, own)
+        wall = time.monotonic() - t0  # warm-up, measurement and the generators' start: CPU over all of it
+        level.server_cpu_cores = {k: round((cpu_seconds(v) - before[k]) / wall, 2) for k, v in pids.items()}
         levels.append(level)
         r = level.row()
         say(f"[{i:>3}/{len(plan)}] {r['target']:<13} {r['cache']:<6} c={c:<4} {r['streams']:>6} streams  "
             f"first p50 {r['first_p50_ms']:7.2f} p99 {r['first_p99_ms']:7.2f} ms  "
-            f"gap p50 {r['gap_p50_ms']:6.3f} p99 {r['gap_p99_ms']:7.3f} ms  err {r['errors']}"
+            f"gap p50 {r['gap_p50_ms']:6.3f} p99 {r['gap_p99_ms']:7.3f} ms  err {r['errors']}  cpu "
+            + " ".join(f"{k}={v:.2f}" for k, v in level.server_cpu_cores.items())
             + (f"\n      errors: {r['error_samples'][0]}" if r["error_samples"] else ""))  # fmt: skip
     say(streams.table(levels))
     goals = streams.checks(levels)

@@ -55,6 +55,7 @@ class StreamLevel:
     first_ms: list[float] = field(default_factory=list)
     gap_ms: list[float] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
+    server_cpu_cores: dict[str, float] = field(default_factory=dict)  # per server, over the level's wall time
 
     def row(self) -> dict[str, Any]:
         first, gaps = sorted(self.first_ms), sorted(self.gap_ms)
@@ -63,7 +64,7 @@ class StreamLevel:
             "concurrency": self.concurrency, "streams": self.streams, "errors": self.errors,
             "first_p50_ms": round(percentile(first, 50), 3), "first_p99_ms": round(percentile(first, 99), 3),
             "gap_p50_ms": round(percentile(gaps, 50), 3), "gap_p99_ms": round(percentile(gaps, 99), 3),
-            "error_samples": self.error_samples[:3],
+            "error_samples": self.error_samples[:3], "server_cpu_cores": self.server_cpu_cores,
         }  # fmt: skip
 
 
