@@ -187,6 +187,8 @@ class ResponseStream:
                     self._queue.put_nowait(result)
                     if completed:
                         self._queue.put_nowait(_END)
+                    else:  # the consumer's turn now: without it, responses Triton has already sent are read
+                        await asyncio.sleep(0)  # first, holding this one back (~1 ms at c=1, measured)
         except TimeoutError:
             self.end = "duration"
             self._error = UpstreamTimeout(

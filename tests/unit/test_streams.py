@@ -100,14 +100,14 @@ async def test_a_consumer_that_stops_reading_overflows_the_bound_and_the_source_
     stream = ResponseStream("m", ctx("ws"), StreamLimits(buffer_responses=16), "BYPASS", source.run())
     first = await anext(stream)
     await asyncio.sleep(0.05)  # the consumer does not read; the source runs ahead
-    assert source.closed_early and source.sent <= 1 + 16 + 1  # held at most the bound, then cancelled
+    assert source.closed_early and source.sent == 1 + 16 + 1  # read, held the bound, then cancelled
     rest = []
     with pytest.raises(StreamOverflow) as raised:
         async for r in stream:
             rest.append(r)
     await stream.aclose()
     steps = [int(r.result.outputs["step"][0]) for r in [first, *rest]]
-    assert steps == list(range(1, 17))  # what was held (the bound) is delivered, then the error
+    assert len(rest) == 16 and steps == list(range(1, 18))  # what was held (the bound), then the error
     assert raised.value.code == "stream_overflow" and raised.value.details["buffer_responses"] == 16
     assert counter("ws", "overflow") == before + 1
 

@@ -512,7 +512,8 @@ class Multiplexer:
         stream = streaming.stream = await self.inference.open_stream(req, ctx)
         try:
             async for response in stream:
-                await asyncio.sleep(0)  # one frame per turn: other requests' frames and streams interleave
+                if streaming.sent:  # one frame per turn: other requests' frames and streams interleave
+                    await asyncio.sleep(0)  # (not before the first: its latency is the stream's)
                 await self.outbox.room(self.stream_share)
                 result: Any = response.public()
                 values = json_values(response.result.outputs)
