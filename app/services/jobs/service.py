@@ -20,6 +20,7 @@ import orjson
 from app.domain import InferRequest, InferResponse, JobSpec, ModelInfo, json_values
 from app.errors import Conflict, GatewayError, InvalidInput, NotFound, ServiceUnavailable
 from app.observability import metrics
+from app.observability.context import annotate
 from app.request_context import RequestContext
 from app.services.inference import InferenceService
 from app.services.jobs.events import EventHub
@@ -148,7 +149,10 @@ class JobService:
             priority=priority, created_at=time.time(), request_id=ctx.request_id, spec=spec,
             webhook_url=webhook_url, webhook_progress=progress,
         )  # fmt: skip
-        # a decoupled model's job is answered by its worker (which replays a completed stream cached)
+        # a decoupled model's job is answered by its worker (which replays a completed stream cached): its
+        # submission looks nothing up (its line says so, with the model, as a submission that skips the read)
+        if req.info.decoupled:
+            annotate(req.info.name, req.info.version, "BYPASS")
         hit = None if req.info.decoupled else await self.inference.cached(req)
         if hit is not None:
             result = await self.offload.encode(json_values(hit.result.outputs), result_json, hit)
