@@ -17,8 +17,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from app.launcher import EmbeddedRedis, EmbeddedTriton
-from tests.eventually import eventually
 from tests.gateway_server import running_gateway_addresses
+from tests.integration.cancel_log import cancelled_after, cancelled_lines
 
 pytestmark = pytest.mark.integration
 MODEL = "forecast_stream"
@@ -128,9 +128,8 @@ def test_a_cancelled_stream_frees_the_instance(
     directly, and through the gateway's gRPC door (``ModelStreamInfer``: the client's cancellation reaches
     Triton through the gateway's own upstream stream; issue 22 item 6, the gRPC door)."""
     url = triton.grpc_url if door == "triton" else request.getfixturevalue("gateway_grpc")
-    log = triton.process.log_path
     pid = triton.process.pid
-    logged_before = log.read_text(errors="replace").count("forecast_stream: cancelled after")
+    logged_before = len(cancelled_lines(triton))
     long = Stream(url)
     try:
         long.send(SERIES, 10_000)
@@ -153,15 +152,7 @@ def test_a_cancelled_stream_frees_the_instance(
     print(f"\nfirst response of the next request {first * 1000:.1f} ms after the cancelled stream")
     assert first < 1.0
 
-    def cancelled_line() -> str:
-        lines = [s for s in log.read_text(errors="replace").splitlines() if "forecast_stream: cancelled" in s]
-        assert len(lines) > logged_before
-        return lines[-1]
-
-    line = eventually(cancelled_line, 10, 0.1, "the model's log line about the cancellation")
-    done = int(line.split("cancelled after ")[1].split(" of ")[0])
-    print(line)
-    assert 3 <= done < 10_000, line
+    assert 3 <= cancelled_after(triton, logged_before) < 10_000
     assert triton.process.pid == pid and triton.ready()  # the cancelled stream took nothing down
 
 
@@ -224,8 +215,7 @@ def test_a_stream_longer_than_its_tier_allows_is_cancelled_in_triton(
     """``TGW_STREAM_MAX_DURATION_S`` (a tier's own through ``TGW_AUTH_TIERS``' fourth field): a 10,000-step
     stream (seconds) through a gateway that allows 0.5 s ends with ``triton_timeout`` after about that
     long, and the model saw the cancellation (Triton's log) instead of computing the remaining steps."""
-    log = triton.process.log_path
-    logged_before = log.read_text(errors="replace").count("forecast_stream: cancelled after")
+    logged_before = len(cancelled_lines(triton))
     with running_gateway_addresses(
         triton_url=triton.grpc_url, redis_url=redis_server.url, stream_max_duration_s=0.5
     ) as gateway:
@@ -240,10 +230,4 @@ def test_a_stream_longer_than_its_tier_allows_is_cancelled_in_triton(
     assert error is not None and "longer than its tier allows" in error.message(), error
     assert 0 < len(steps) < 10_000 and not final
     assert 0.4 < took < 3.0, took
-
-    def cancelled() -> int:
-        text = log.read_text(errors="replace")
-        assert text.count("forecast_stream: cancelled after") > logged_before
-        return int(text.rsplit("forecast_stream: cancelled after ", 1)[1].split(" of ")[0])
-
-    assert 0 < eventually(cancelled, 10, 0.1, "the model's cancellation line") < 10_000
+    assert 0 < cancelled_after(triton, logged_before) < 10_000

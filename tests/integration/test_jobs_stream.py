@@ -26,6 +26,7 @@ from websockets.sync.client import connect
 from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
 from tests.eventually import eventually
 from tests.gateway_server import running_gateway
+from tests.integration.cancel_log import cancelled_after, cancelled_lines
 from tests.integration.jobs_helpers import wait_job
 from tests.integration.test_forecast_stream import Stream
 
@@ -239,8 +240,7 @@ def test_webhook_events_validated(c: httpx.Client, webhook: dict[str, Any]) -> N
 def test_delete_of_a_running_job_cancels_it_in_triton(
     c: httpx.Client, url: str, triton: EmbeddedTriton
 ) -> None:
-    log = triton.process.log_path
-    logged_before = log.read_text(errors="replace").count("forecast_stream: cancelled after")
+    logged_before = len(cancelled_lines(triton))
     job_id = submit(c, unique_series(), 10_000)
     with connect(f"{url.replace('http', 'ws')}/v1/jobs/{job_id}/ws") as ws:
         seen: list[int] = []
@@ -267,15 +267,7 @@ def test_delete_of_a_running_job_cancels_it_in_triton(
     print(f"\nfirst response of the next request {first * 1000:.1f} ms after DELETE")
     assert first < 1.0
 
-    def cancelled_line() -> str:
-        lines = [s for s in log.read_text(errors="replace").splitlines() if "forecast_stream: cancelled" in s]
-        assert len(lines) > logged_before
-        return lines[-1]
-
-    line = eventually(cancelled_line, 10, 0.1, "the model's log line about the cancellation")
-    print(line)
-    done = int(line.split("cancelled after ")[1].split(" of ")[0])
-    assert 3 <= done < 10_000, line
+    assert 3 <= cancelled_after(triton, logged_before) < 10_000
     time.sleep(1.5)  # never retried, never completed after all
     job = c.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "cancelled" and job["attempts"] == 1 and "result" not in job, job

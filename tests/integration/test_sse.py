@@ -31,6 +31,7 @@ from httpx_sse import EventSource
 from app.launcher import EmbeddedRedis, EmbeddedTriton
 from tests.eventually import eventually
 from tests.gateway_server import running_gateway
+from tests.integration.cancel_log import cancelled_after, cancelled_lines
 from tests.integration.conftest import GatewayFactory
 from tests.integration.servers import running_tritons
 from tests.integration.test_auth import ADMIN, PEPPER, bearer, make_key
@@ -221,8 +222,7 @@ def test_a_client_that_goes_away_cancels_the_request_in_triton(
         (GENERATE_STREAM, generate_body(series(1.1), 10_000)) if door == "generate_stream"
         else (V1_STREAM, v1_body(series(1.2), 10_000))
     )  # fmt: skip
-    log = triton.process.log_path
-    logged_before = log.read_text(errors="replace").count("forecast_stream: cancelled after")
+    logged_before = len(cancelled_lines(triton))
     with client.stream("POST", path, json=body) as r:
         assert r.status_code == 200 and r.headers["x-cache"] == "MISS"
         assert len(read_events(r, 3)) == 3
@@ -236,15 +236,7 @@ def test_a_client_that_goes_away_cancels_the_request_in_triton(
     assert cache == "MISS"  # never stored: the identical request went to Triton again
     assert first and latency < 1.0
 
-    def cancelled_line() -> str:
-        lines = [s for s in log.read_text(errors="replace").splitlines() if "forecast_stream: cancelled" in s]
-        assert len(lines) > logged_before
-        return lines[logged_before]  # the first stream's
-
-    line = eventually(cancelled_line, 10, 0.1, "the model's log line about the cancellation")
-    print(line)
-    done = int(line.split("cancelled after ")[1].split(" of ")[0])
-    assert 3 <= done < 10_000, line
+    assert 3 <= cancelled_after(triton, logged_before, first=True) < 10_000  # the first stream's line
     assert triton.ready()
 
 

@@ -20,13 +20,12 @@ import pytest
 from websockets.sync.client import ClientConnection, connect
 
 from app.launcher import EmbeddedTriton
-from tests.eventually import eventually
+from tests.integration.cancel_log import cancelled_after, cancelled_lines
 from tests.integration.conftest import GatewayFactory
 
 pytestmark = pytest.mark.integration
 
 LONG = 10_000  # forecast_stream's longest; each test's long stream has a horizon of its own near it, so
-CANCELLED = "forecast_stream: cancelled after"  # that the model's log line ("... of M steps") is its own
 
 
 def series() -> list[float]:
@@ -62,25 +61,6 @@ def until_end(ws: ClientConnection, ref: Any) -> list[dict[str, Any]]:
         if frame["type"] != "stream" or frame["final"]:
             return got
     raise AssertionError("unreachable")
-
-
-def cancelled_lines(triton: EmbeddedTriton, horizon: int) -> list[str]:
-    """The model's "cancelled after N of M steps" lines of requests of ``horizon`` (M) steps."""
-    log = triton.process.log_path.read_text(errors="replace").splitlines()
-    return [s for s in log if CANCELLED in s and f" of {horizon} steps" in s]
-
-
-def cancelled_after(triton: EmbeddedTriton, horizon: int, before: int) -> int:
-    """N of the model's newest "cancelled after N of M" line, once there is one more than ``before``."""
-
-    def line() -> str:
-        lines = cancelled_lines(triton, horizon)
-        assert len(lines) > before
-        return lines[-1]
-
-    found = eventually(line, 10, 0.1, "the model's log line about the cancellation")
-    print(found)
-    return int(found.split(CANCELLED)[1].split(" of ")[0])
 
 
 def first_of_next(ws: ClientConnection, ref: str) -> tuple[float, dict[str, Any]]:
@@ -169,7 +149,7 @@ def test_a_stream_does_not_hold_up_the_sockets_other_frames(gateway_url: str, tr
           f"cancelled after {end[-1]['responses']} frames")  # fmt: skip
     assert seen["u"] < 2.0 and seen["s"] < 2.0, seen
     assert end[-1]["type"] == "cancelled" and end[-1]["responses"] < horizon
-    assert 3 <= cancelled_after(triton, horizon, before) < horizon
+    assert 3 <= cancelled_after(triton, before, horizon) < horizon
 
 
 def test_a_cancel_frame_cancels_the_stream_in_triton(gateway_url: str, triton: EmbeddedTriton) -> None:
@@ -193,7 +173,7 @@ def test_a_cancel_frame_cancels_the_stream_in_triton(gateway_url: str, triton: E
     assert first["cache"] != "HIT" and took < 1.0
     assert late["type"] == "error" and late["error"]["code"] == "not_found", late
     assert late["error"]["details"] == {"field": "ref"} and late["ref"] == "long"
-    assert 3 <= cancelled_after(triton, horizon, before) < horizon
+    assert 3 <= cancelled_after(triton, before, horizon) < horizon
 
 
 def test_closing_the_socket_cancels_its_streams(gateway_url: str, triton: EmbeddedTriton) -> None:
@@ -209,7 +189,7 @@ def test_closing_the_socket_cancels_its_streams(gateway_url: str, triton: Embedd
         f"\nfirst response of the next request {took * 1000:.1f} ms after the socket closed ({first['cache']})"
     )
     assert first["cache"] != "HIT" and took < 1.0
-    assert 3 <= cancelled_after(triton, horizon, before) < horizon
+    assert 3 <= cancelled_after(triton, before, horizon) < horizon
 
 
 def test_bad_cancel_and_stream_frames_name_the_field(gateway_url: str) -> None:
@@ -251,7 +231,7 @@ def test_a_client_that_stops_reading_holds_a_bounded_buffer(
             ws.send(forecast(slow, horizon))
             ws.send(json.dumps({"op": "infer", "ref": "second", "model": "repeat_decoupled",
                                 "inputs": {"COUNT": [1]}}))  # fmt: skip
-            done = cancelled_after(triton, horizon, before)  # not reading meanwhile
+            done = cancelled_after(triton, before, horizon)  # not reading meanwhile
             got = []
             for frame in frames(ws, timeout=10):
                 got.append(frame)
