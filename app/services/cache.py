@@ -266,10 +266,7 @@ class ResponseCache:
                 return hit
         if not remote:
             return None
-        try:
-            value = await store.get(key)
-        except Exception as exc:
-            raise self._failed(exc) from exc
+        value = await self._fetch(store, key)
         if value is None:
             return None
         try:
@@ -280,6 +277,12 @@ class ResponseCache:
         if l1 is not None and expires_at > 0:
             l1.put(key, result, expires_at - time.time())
         return result
+
+    async def _fetch(self, store: CacheStore, key: str) -> bytes | None:
+        try:
+            return await store.get(key)
+        except Exception as exc:
+            raise self._failed(exc) from exc
 
     async def put(self, key: str, result: TritonResult) -> None:
         """Store an answer. The L1 gets it before Redis acknowledges, so that the requests after this one
@@ -299,11 +302,7 @@ class ResponseCache:
 
     async def get_stream(self, key: str) -> list[TritonResult] | None:
         """A cached stream: its responses in order (Redis only: streams skip the L1)."""
-        store = self._usable()
-        try:
-            value = await store.get(key)
-        except Exception as exc:
-            raise self._failed(exc) from exc
+        value = await self._fetch(self._usable(), key)
         if value is None:
             return None
         try:

@@ -65,6 +65,19 @@ def _call_status(exc: BaseException) -> str:
     return "error"
 
 
+@contextlib.contextmanager
+def _cache_lookup() -> Iterator[None]:
+    """A Redis lookup's span, its ``tgw_cache_operation`` metric and the request's ``cache`` stage time."""
+    start = time.perf_counter()
+    try:
+        with tracing.span("cache.get"):
+            yield
+    finally:
+        elapsed = time.perf_counter() - start
+        metrics.cache_operation("get", elapsed)
+        add_timing("cache", elapsed)
+
+
 class InferenceService:
     def __init__(
         self,
@@ -274,14 +287,8 @@ class InferenceService:
         )
 
     async def _cached_stream(self, key: str) -> list[TritonResult] | None:
-        start = time.perf_counter()
-        try:
-            with tracing.span("cache.get"):
-                return await self.cache.get_stream(key)
-        finally:
-            elapsed = time.perf_counter() - start
-            metrics.cache_operation("get", elapsed)
-            add_timing("cache", elapsed)
+        with _cache_lookup():
+            return await self.cache.get_stream(key)
 
     async def _relay(self, call: TritonCall) -> AsyncIterator[TritonResult]:
         with self._triton_call("triton.stream", call):
@@ -341,14 +348,8 @@ class InferenceService:
     async def _cache_get(self, key: str, remote: bool = True) -> TritonResult | None:
         if not remote:
             return self.cache.l1.get(key) if self.cache.l1 is not None else None
-        start = time.perf_counter()
-        try:
-            with tracing.span("cache.get"):
-                return await self.cache.get(key)
-        finally:
-            elapsed = time.perf_counter() - start
-            metrics.cache_operation("get", elapsed)
-            add_timing("cache", elapsed)
+        with _cache_lookup():
+            return await self.cache.get(key)
 
     async def _forward(self, req: InferRequest, deadline: float | None) -> TritonResult:
         info = req.info

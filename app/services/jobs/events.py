@@ -28,6 +28,21 @@ Listener = Callable[[str, str], None]  # (job_id, status)
 PartialListener = Callable[[str, list[Any]], None]  # (job_id, [{"seq", "result"}, ...])
 
 
+def _add(table: Any, job_id: str, listener: Any) -> Callable[[], None]:
+    """``listener`` added to ``job_id``'s set in ``table`` (a defaultdict of sets); returns what removes it
+    (and the set, once empty)."""
+    table[job_id].add(listener)
+
+    def unsubscribe() -> None:
+        listeners = table.get(job_id)
+        if listeners is not None:
+            listeners.discard(listener)
+            if not listeners:
+                table.pop(job_id, None)
+
+    return unsubscribe
+
+
 class EventHub:
     def __init__(self, store: JobStore) -> None:
         self.store = store  # its pub/sub uses a client without a socket timeout: the subscription idles
@@ -38,30 +53,12 @@ class EventHub:
         self.reconnects = 0
 
     def subscribe(self, job_id: str, listener: Listener) -> Callable[[], None]:
-        self._listeners[job_id].add(listener)
-
-        def unsubscribe() -> None:
-            listeners = self._listeners.get(job_id)
-            if listeners is not None:
-                listeners.discard(listener)
-                if not listeners:
-                    self._listeners.pop(job_id, None)
-
-        return unsubscribe
+        return _add(self._listeners, job_id, listener)
 
     def subscribe_partials(self, job_id: str, listener: PartialListener) -> Callable[[], None]:
         """Partial results of a running job (a decoupled model's responses), as the worker publishes them;
         they never wake the status listeners (no re-read of the job per partial)."""
-        self._partials[job_id].add(listener)
-
-        def unsubscribe() -> None:
-            listeners = self._partials.get(job_id)
-            if listeners is not None:
-                listeners.discard(listener)
-                if not listeners:
-                    self._partials.pop(job_id, None)
-
-        return unsubscribe
+        return _add(self._partials, job_id, listener)
 
     def dispatch_partials(self, job_id: str, partials: list[Any]) -> None:
         for listener in list(self._partials.get(job_id, ())):
