@@ -373,15 +373,17 @@ class JobWorker:
 
         unsubscribe = self.hub.subscribe(job_id, heard) if self.hub is not None else (lambda: None)
         try:
-            while not stop.is_set():
-                with contextlib.suppress(*STORE_ERRORS):
-                    if await whole(self.store.status(job_id)) == JobStatus.CANCELLED:
-                        stop.set()
-                        return
+            while not stop.is_set():  # the event first: a job that ends within CANCEL_POLL_S costs no read
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(CANCEL_POLL_S):
                         await wake.wait()
+                if stop.is_set():
+                    return
+                with contextlib.suppress(*STORE_ERRORS):
+                    if await whole(self.store.status(job_id)) == JobStatus.CANCELLED:
+                        stop.set()
+                        return
         finally:
             unsubscribe()
 
