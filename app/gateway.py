@@ -85,7 +85,12 @@ def build_edge(settings: Settings, classify: Callable[[str], str] = path_class, 
     """``classify``: the paths' authentication classes (``app.auth.stage.classifier`` over the doors' route
     tables); ``serving``: False in a process that answers no request (``tgw worker``: no auth stage)."""
     auth = build_auth(settings, classify) if serving else None
-    return Edge(Lifecycle(), Requests(http_metrics() if settings.observability.metrics_enabled else ()), auth)
+    observability = settings.observability
+    requests = Requests(
+        http_metrics() if observability.metrics_enabled else (),
+        access_log_sample=observability.access_log_sample,
+    )
+    return Edge(Lifecycle(), requests, auth)
 
 
 @dataclass(slots=True)

@@ -348,8 +348,9 @@ class CacheSettings(_Group):
     )
     cache_max_value_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger answers are not cached")
     cache_read_min_hit_ratio: float = Field(
-        0.01, ge=0, le=1, description="below this recent hit ratio a model's lookups skip Redis but 1 in 16 "
-        "(its answers are still cached; 0 = always look; see docs/performance.md)",
+        0.01, ge=0, le=1, description="below this recent hit ratio a model's requests neither look in "
+        "Redis nor store their answers there but for 1 key in 16 (sampled by digest); 0 = always "
+        "(see docs/performance.md)",
     )  # fmt: skip
     l1_cache_entries: int = Field(
         4096, ge=0, description="hot answers kept in process in front of Redis; 0 = off"
@@ -616,6 +617,10 @@ class ObservabilitySettings(_Group):
     log_repeat_interval_s: float = Field(
         10.0, ge=0, description="a warning or error from one place is logged once per interval, the next "
         "line carrying repeated=<count>; 0 = off",
+    )  # fmt: skip
+    access_log_sample: float = Field(
+        1.0, ge=0, le=1, description="share of answered requests (status below 400) written to the access "
+        "log, evenly spaced; errors and refusals are always logged; 0 = errors only",
     )  # fmt: skip
     metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus)")
     otel_endpoint: str | None = Field(None, description="OTLP/gRPC endpoint, e.g. http://otel-collector:4317")

@@ -16,7 +16,7 @@ from typing import Literal
 import orjson
 
 Kind = Literal["http", "grpc"]
-Body = Literal["v1", "v2", "grpc"]
+Body = Literal["v1", "v2", "v2bin", "grpc"]
 
 HIT_POOL = 32  # distinct bodies of a repeated target
 
@@ -64,12 +64,16 @@ class TargetSpec:
 
 TARGET_NAMES = ("triton-http", "triton-grpc", "gateway-miss", "gateway-hit", "gateway-v2",
                 "gateway-grpc-miss", "gateway-grpc-hit")  # fmt: skip
+EXTRA_TARGETS = ("triton-http-bin", "gateway-v2-bin")  # named with --targets (the cost-per-request table)
 TARGET_HELP = {
     "triton-http": "Triton direct, HTTP/REST (KServe v2 JSON), unique inputs",
     "triton-grpc": "Triton direct, gRPC (ModelInfer, raw tensor bytes), unique inputs",
     "gateway-miss": "gateway /v1 JSON, unique inputs (every request a cache miss)",
     "gateway-hit": f"gateway /v1 JSON, {HIT_POOL} repeated inputs (cache hits after warm-up)",
     "gateway-v2": "gateway /v2 (KServe v2 JSON, as Triton direct HTTP), unique inputs",
+    "triton-http-bin": "Triton direct, HTTP/REST with binary tensors (binary_data_size, binary_data_output), "
+    "unique inputs",
+    "gateway-v2-bin": "gateway /v2 with binary tensors (as triton-http-bin), unique inputs",
     "gateway-grpc-miss": "gateway gRPC front door (ModelInfer, as triton-grpc), unique inputs",
     "gateway-grpc-hit": f"gateway gRPC front door, {HIT_POOL} repeated inputs (cache hits after warm-up)",
     "gateway-miss-key": "gateway-miss with TGW_AUTH=required and an API key (authentication + limits)",
@@ -106,6 +110,10 @@ def make_targets(
                                   model, salt),
         "gateway-v2": TargetSpec("gateway-v2", "http", *gateway, f"/v2/models/{m}/infer", "v2", True,
                                  model, salt),
+        "triton-http-bin": TargetSpec("triton-http-bin", "http", *triton_http, f"/v2/models/{m}/infer",
+                                      "v2bin", True, model, salt),
+        "gateway-v2-bin": TargetSpec("gateway-v2-bin", "http", *gateway, f"/v2/models/{m}/infer", "v2bin",
+                                     True, model, salt),
         "gateway-grpc-miss": TargetSpec("gateway-grpc-miss", "grpc", *gateway_grpc, m, "grpc", True,
                                         model, salt),
         "gateway-grpc-hit": TargetSpec("gateway-grpc-hit", "grpc", *gateway_grpc, m, "grpc", False,
@@ -146,8 +154,34 @@ def _json_template(target: TargetSpec) -> bytes:
     return text
 
 
+def _binary_request(target: TargetSpec, conn_id: int) -> Callable[[int], bytes]:
+    """The binary tensor extension: a JSON header naming ``binary_data_size``, the raw little-endian row
+    after it (``Inference-Header-Content-Length``), binary outputs asked for (``binary_data_output``)."""
+    model = target.model
+    size = model.row_size * 4
+    header = orjson.dumps({
+        "inputs": [{"name": model.input, "shape": [1, *model.row_shape], "datatype": model.datatype,
+                    "parameters": {"binary_data_size": size}}],
+        "parameters": {"binary_data_output": True},
+    })  # fmt: skip
+    head = (
+        f"POST {target.path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n{target.headers}"
+        f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
+        f"Content-Length: {len(header) + size}\r\n\r\n"
+    ).encode() + header
+    fill = struct.pack(f"<{model.row_size - 3}f", *_row_values(model, (0, 0, 0))[3:])
+    row = struct.Struct("<3f")
+    salt = target.salt
+    if target.unique:
+        return lambda seq: head + row.pack(salt, conn_id, seq) + fill
+    pool = [head + row.pack(salt, 0, i) + fill for i in range(HIT_POOL)]
+    return lambda seq: pool[seq % HIT_POOL]
+
+
 def http_request_factory(target: TargetSpec, conn_id: int) -> Callable[[int], bytes]:
     """seq -> the full HTTP/1.1 request (keep-alive) for this connection's ``seq``-th request."""
+    if target.body == "v2bin":
+        return _binary_request(target, conn_id)
     template = _json_template(target)
     head = (
         f"POST {target.path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n{target.headers}"

@@ -17,7 +17,7 @@ CSV_FIELDS = [
     "model", "target", "concurrency", "duration_s", "requests", "errors", "throughput_rps",
     "p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms", "generator_procs", "generator_cpu_cores",
     "generator_cpu_max_pct", "server_cpu_cores", "cache", "error_samples", "triton_inferences",
-    "triton_executions", "triton_requests", "batch_formed",
+    "triton_executions", "triton_requests", "batch_formed", "syscalls",
 ]  # fmt: skip
 
 BASELINE = "triton-http"
@@ -28,6 +28,65 @@ def _find(results: Sequence[LevelResult], model: str, target: str, concurrency: 
         if r.model == model and r.target == target and r.concurrency == concurrency:
             return r
     return None
+
+
+# Each gateway target's Triton-direct counterpart for the cost table (the same model, the same protocol).
+COUNTERPART = {
+    "gateway-miss": "triton-http", "gateway-hit": "triton-http", "gateway-v2": "triton-http",
+    "gateway-v2-bin": "triton-http-bin", "gateway-grpc-miss": "triton-grpc",
+    "gateway-grpc-hit": "triton-grpc",
+    "gateway-miss-key": "triton-http", "gateway-hit-key": "triton-http",
+}  # fmt: skip
+
+
+def cpu_us_per_request(r: LevelResult, process: str) -> float:
+    """CPU time of ``process`` (all its processes: every gateway worker) per answered request, in µs."""
+    cores = r.server_cpu_cores.get(process)
+    return 1e6 * cores / r.throughput_rps if cores is not None and r.throughput_rps else math.nan
+
+
+def costs(results: Sequence[LevelResult]) -> list[dict[str, Any]]:
+    """The cost per request of each gateway target and level: the gateway's CPU per request (process CPU
+    time of every worker over the level / requests), Triton's beside it, system calls per request
+    (``--strace``), and the latency it adds over its Triton-direct counterpart measured in the same run."""
+    out = []
+    for r in results:
+        base_name = COUNTERPART.get(r.target)
+        if base_name is None:
+            continue
+        base = _find(results, r.model, base_name, r.concurrency)
+        row: dict[str, Any] = {
+            "model": r.model, "target": r.target, "concurrency": r.concurrency, "versus": base_name,
+            "gateway_cpu_us": round(cpu_us_per_request(r, "gateway"), 1),
+            "triton_cpu_us": round(cpu_us_per_request(r, "triton"), 1),
+            "syscalls": r.syscalls.get("total"), "syscalls_no_futex": r.syscalls.get("no_futex"),
+            "added_p50_ms": round(r.p50_ms - base.p50_ms, 3) if base else None,
+            "added_p99_ms": round(r.p99_ms - base.p99_ms, 3) if base else None,
+            "throughput_ratio": round(ratio(r.throughput_rps, base.throughput_rps), 3) if base else None,
+        }  # fmt: skip
+        out.append(row)
+    return out
+
+
+def costs_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+    lines = [
+        "| model | target | c | gateway CPU µs/req | Triton CPU µs/req | syscalls/req (no futex) "
+        "| added p50 ms | added p99 ms | vs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for q in rows:
+        sys_text = f(q["syscalls"], ".1f")
+        if q["syscalls_no_futex"] is not None:
+            sys_text += f" ({q['syscalls_no_futex']:.1f})"
+        lines.append(
+            f"| {q['model']} | {q['target']} | {q['concurrency']} | {f(q['gateway_cpu_us'], ',.0f')} | "
+            f"{f(q['triton_cpu_us'], ',.0f')} | {sys_text} | {f(q['added_p50_ms'], '+.3f')} | "
+            f"{f(q['added_p99_ms'], '+.3f')} | {q['versus']} |"
+        )
+    return "\n".join(lines)
 
 
 def ratios(results: Sequence[LevelResult], baseline: str = BASELINE) -> list[dict[str, Any]]:
@@ -57,6 +116,7 @@ def write_json(path: Path, results: Sequence[LevelResult], meta: dict[str, Any])
         **meta,
         "results": [r.row() | {"cache": r.cache, "server_cpu_cores": r.server_cpu_cores} for r in results],
         "ratios": ratios(results),
+        "costs": costs(results),
     }
     path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
 
@@ -94,6 +154,9 @@ def markdown(results: Sequence[LevelResult], meta: dict[str, Any] | None = None)
                 f"{r.generator_cpu_cores:.2f} | {_fmt(r.batch_formed, 1)} |"
             )
         lines.append("")
+    cost_rows = costs(results)
+    if cost_rows:
+        lines += ["### Cost per request", "", costs_markdown(cost_rows), ""]
     if meta and meta.get("targets_check"):
         lines += ["### Targets", "", "| target | measured | goal | met |", "|---|---:|---:|---|"]
         for t in meta["targets_check"]:

@@ -10,6 +10,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from typing import Any
 from app.bench import report
 from app.bench.loadgen import Generator
 from app.bench.payloads import (
+    EXTRA_TARGETS,
     KEY_TARGETS,
     MODELS,
     TARGET_HELP,
@@ -65,13 +67,15 @@ class Options:
     stream_levels: list[int] = field(default_factory=list)  # the streaming phase's; empty: none
     stream_targets: list[str] = field(default_factory=list)
     stream_horizon: int = 20
+    strace: bool = False  # a short extra pass per gateway level under strace -c: system calls per request
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a few seconds: 2 levels, 3 targets, tiny model (CI)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="report directory")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated (missing ones are skipped)")
-    p.add_argument("--targets", default=",".join(TARGET_NAMES), help=", ".join(TARGET_NAMES))
+    p.add_argument("--targets", default=",".join(TARGET_NAMES),
+                   help=", ".join(TARGET_NAMES) + "; also " + ", ".join(EXTRA_TARGETS))  # fmt: skip
     p.add_argument("--concurrency", default=",".join(map(str, DEFAULT_LEVELS)), help="levels, e.g. 1,8,64")
     p.add_argument("--duration", type=float, default=4.0, help="measured seconds per level")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each level")
@@ -83,6 +87,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--soak-max-s", type=float, default=180.0,
                    help="soak time limit, even if short of --soak-requests")  # fmt: skip
     p.add_argument("--no-wrk", action="store_true", help="skip the cross-check against wrk")
+    p.add_argument("--strace", action="store_true",
+                   help="after each gateway level, a 2 s pass with `strace -c -f` attached to the gateway's "
+                   "processes: system calls per request (strace slows that pass; its latencies are not kept)",
+                   )  # fmt: skip
     p.add_argument("--auth-concurrency", default=",".join(map(str, AUTH_LEVELS)),
                    help="levels of the auth phase (gateway restarted with TGW_AUTH=required: "
                    "gateway-miss-key, gateway-hit-key on the tiny model); empty: skip it")  # fmt: skip
@@ -138,6 +146,7 @@ def options_from(args: argparse.Namespace) -> Options:
         stream_levels=[int(c) for c in args.stream_concurrency.split(",") if c],
         stream_targets=_csv(args.stream_targets),
         stream_horizon=args.stream_horizon,
+        strace=args.strace,
     )
 
 
@@ -158,7 +167,52 @@ def _level(gen: Generator, stack: Stack, t: TargetSpec, c: int, o: Options) -> L
         b - a for a, b in zip(stats0, stats1, strict=True)
     )
     result.server_cpu_cores = {k: round((cpu_seconds(v) - before[k]) / wall, 2) for k, v in pids.items()}
+    if o.strace and t.name.startswith("gateway"):
+        result.syscalls = syscalls_per_request(gen, pids["gateway"], t, c)
     return result
+
+
+def syscalls_per_request(gen: Generator, pids: list[int], t: TargetSpec, c: int) -> dict[str, float]:
+    """System calls per request of the processes ``pids`` (every thread) over a 2 s pass of ``t`` at ``c``,
+    counted by ``strace -c -f`` (empty when strace is missing or may not attach)."""
+    exe = shutil.which("strace")
+    if exe is None or not pids:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".strace") as out:
+        cmd = [exe, "-c", "-f", "-q", "-o", out.name]
+        for pid in pids:
+            cmd += ["-p", str(pid)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(0.5)  # attached to every thread before the pass begins
+            shards = gen.run(t, c, 0.2, 2.0)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        requests = merge(t.model.name, t.name, c, 2.0, shards).requests
+        calls = parse_strace_counts(Path(out.name).read_text())
+    if not requests or not calls:
+        return {}
+    total = sum(calls.values())
+    no_futex = total - calls.get("futex", 0)
+    return {"total": round(total / requests, 1), "no_futex": round(no_futex / requests, 1)}
+
+
+def parse_strace_counts(text: str) -> dict[str, int]:
+    """``strace -c``'s table -> {syscall: calls} (the ``total`` line left out)."""
+    calls: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 5 or not parts[0].replace(".", "", 1).isdigit() or parts[-1] == "total":
+            continue
+        try:
+            calls[parts[-1]] = int(parts[3])
+        except ValueError:
+            continue
+    return calls
 
 
 def auth_phase(gen: Generator, stack: Stack, model: ModelSpec, salt: int, o: Options) -> list[LevelResult]:
@@ -452,6 +506,16 @@ def run(o: Options) -> int:
     plotted = report.write_plot(o.out / "results.png", results)
     say("")
     say(report.markdown(results, meta))
+    cost_rows = report.costs(results)
+    if cost_rows:
+        say("cost per request (gateway CPU µs/req, system calls with --strace, added p50/p99 vs the same "
+            "protocol direct to Triton):")  # fmt: skip
+        for q in cost_rows:
+            sys_text = f"  {q['syscalls']:.1f} syscalls" if q["syscalls"] is not None else ""
+            added = (f"+{q['added_p50_ms']:.3f} / +{q['added_p99_ms']:.3f} ms vs {q['versus']}"
+                     if q["added_p50_ms"] is not None else "")  # fmt: skip
+            say(f"  {q['model']:<22} {q['target']:<18} c={q['concurrency']:<4} {q['gateway_cpu_us']:7,.0f} µs"
+                f"{sys_text}  {added}")  # fmt: skip
     say("ratios gateway / Triton direct HTTP (throughput; added p50/p99 ms):")
     for q in report.ratios(results):
         say(f"  {q['model']:<22} {q['target']:<16} c={q['concurrency']:<4} {q['throughput_ratio']:.2f}x  "

@@ -54,6 +54,9 @@ class LevelResult:
     triton_inferences: int = 0
     triton_executions: int = 0
     triton_requests: int = 0
+    # --strace: system calls per request of the gateway's processes over a separate short pass (total, and
+    # without futex, which counts the waits of idle threads); empty without --strace.
+    syscalls: dict[str, float] = field(default_factory=dict)
 
     @property
     def batch_formed(self) -> float:
@@ -67,6 +70,7 @@ class LevelResult:
         out["server_cpu_cores"] = ";".join(f"{k}={v:.2f}" for k, v in sorted(self.server_cpu_cores.items()))
         out["error_samples"] = " | ".join(self.error_samples[:3])
         out["batch_formed"] = round(self.batch_formed, 2) if self.triton_executions else None
+        out["syscalls"] = ";".join(f"{k}={v:.1f}" for k, v in sorted(self.syscalls.items()))
         return out
 
 

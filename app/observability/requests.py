@@ -6,7 +6,8 @@ front door (each unary RPC and each message of ``ModelStreamInfer``), and the ``
 request's counter and latency histogram (HTTP: the instrumentator's
 ``http_requests_total{handler,method,status}`` and ``http_request_duration_seconds``; gRPC:
 ``tgw_grpc_requests_total{method,code}`` and ``tgw_grpc_request_duration_seconds``) and writes the one
-access-log line (logger ``app.access``; health probes and scrapes at DEBUG), with the same fields on
+access-log line (logger ``app.access``; health probes and scrapes at DEBUG; ``TGW_ACCESS_LOG_SAMPLE`` below 1
+keeps that share of the answered requests' lines, every error's), with the same fields on
 every door: request_id, method, path, status, duration_ms, and model, version and cache where the request
 got that far (``RequestInfo``, filled in by the services).
 
@@ -89,8 +90,23 @@ class Requests:
     """Records finished requests. ``http_metrics``: the instrumentator's observers
     (``metrics.http_metrics()``), empty when ``TGW_METRICS_ENABLED`` is off."""
 
-    def __init__(self, http_metrics: Sequence[Callable[[Info], None]] = ()) -> None:
+    def __init__(
+        self, http_metrics: Sequence[Callable[[Info], None]] = (), access_log_sample: float = 1.0
+    ) -> None:
         self.http_metrics = tuple(http_metrics)
+        # TGW_ACCESS_LOG_SAMPLE: a line for every ``every``-th answered request (errors: always). Evenly
+        # spaced, not drawn: the lines kept stand for the same share of every route.
+        self._every = 0 if access_log_sample <= 0 else max(1, round(1 / access_log_sample))
+        self._answered = 0
+
+    def _sampled(self, status: int | str) -> bool:
+        """Whether a request that ended with ``status`` gets its access-log line."""
+        if self._every == 1 or not (status == "OK" or (isinstance(status, int) and status < 400)):
+            return True
+        if self._every == 0:
+            return False
+        self._answered += 1
+        return self._answered % self._every == 0
 
     def begin(
         self, kind: Kind, method: str, path: str, request_id: str, span: Any = None,
@@ -111,8 +127,8 @@ class Requests:
             observed = Info(None, None, method, template, str(status), duration_s)  # type: ignore[arg-type]
             for fn in self.http_metrics:
                 fn(observed)
-        quiet = path in QUIET_PATHS
-        _log(request_id, method, path, status, duration_s, info, quiet)
+        if self._sampled(status):
+            _log(request_id, method, path, status, duration_s, info, path in QUIET_PATHS)
 
     def frame(self, request_id: str | None, status: int, duration_s: float, info: RequestInfo) -> None:
         """One request frame of a ``/v1/ws`` socket, answered with ``status`` (200 or its error's)."""
@@ -123,12 +139,14 @@ class Requests:
         (the HTTP status its outcome stands for: 200, or its error's): ``tgw_job_runs_total{status}``,
         ``tgw_job_run_duration_seconds`` and an access-log line with method ``JOB``."""
         metrics.job_run(status, duration_s)
-        _log(request_id, "JOB", path, status, duration_s, info, False)
+        if self._sampled(status):
+            _log(request_id, "JOB", path, status, duration_s, info, False)
 
     def grpc(self, request_id: str, rpc: str, code: str, duration_s: float, info: RequestInfo) -> None:
         """A unary RPC or one ``ModelStreamInfer`` message; ``code``: the gRPC status name."""
         metrics.grpc_request(rpc, code, duration_s)
-        _log(request_id, "gRPC", f"/{GRPC_SERVICE}/{rpc}", code, duration_s, info, rpc in QUIET_RPCS)
+        if self._sampled(code):
+            _log(request_id, "gRPC", f"/{GRPC_SERVICE}/{rpc}", code, duration_s, info, rpc in QUIET_RPCS)
 
 
 def _log(

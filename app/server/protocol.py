@@ -119,6 +119,35 @@ def connection_cap(configured: int, fd_limit: int | None = None) -> int:
     return max(16, fd_limit - max(FD_RESERVE_MIN, fd_limit // 10))
 
 
+def _sized(start: Any) -> bool:
+    """Whether an ``http.response.start`` announces its body's length: a whole answer whose body follows at
+    once (a stream's head is written as soon as it starts: its first part may be long in coming)."""
+    return any(name.lower() == b"content-length" for name, _ in start.get("headers", ()))
+
+
+class _HeadHold:
+    """The transport as one ``send`` of uvicorn's sees it: holds the response head it writes
+    (``head`` None) or writes what was held together with the first thing written after it, one vectored
+    write; everything else goes to the real transport."""
+
+    __slots__ = ("head", "holding", "real")
+
+    def __init__(self, real: Any, head: bytes | None = None) -> None:
+        self.real, self.head, self.holding = real, head, head is None
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.holding:  # http.response.start: the head
+            self.head, self.holding = bytes(data), False
+        elif self.head is not None:  # the first body write: with the head
+            head, self.head = self.head, None
+            self.real.writelines((head, data))
+        else:
+            self.real.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol plus head/body deadlines, a head-size cap and a connection cap
     (module docstring). The limits come from ``config.tgw_limits`` (set by ``server_config``)."""
@@ -247,40 +276,71 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         until the answer has drained, so the request (and the key's in-flight slot) lasts until the
         client has read it, bounded by the send deadline, and (3) an early answer with ``Connection:
         close`` (413) before the request body has arrived followed by reading and discarding the rest
-        of the body (TGW_BODY_DISCARD_BYTES), so the client reads the answer instead of a reset."""
-        flow = self.flow
+        of the body (TGW_BODY_DISCARD_BYTES), so the client reads the answer instead of a reset, and
+        (4) the head of an answer of known length written together with its body: one system call
+        instead of two (uvicorn writes the head on ``http.response.start``; measured: a ``write`` is
+        ~5 % of a cache miss's CPU on loopback)."""
         step = self.limits.send_buffer_bytes
+        head: bytes | None = None  # the response head uvicorn wrote, held for the first body write
 
         async def guarded(message: Any) -> None:
-            if message["type"] != "http.response.body" or cycle.response_complete:
+            nonlocal head
+            kind = message["type"]
+            if kind == "http.response.start" and not cycle.response_started and _sized(message):
+                real = cycle.transport
+                held = cycle.transport = _HeadHold(real)
+                try:
+                    await send(message)
+                finally:
+                    cycle.transport = real
+                head = held.head
+                return
+            if head is not None and kind == "http.response.body":
+                head, pending = None, head
+                real = cycle.transport
+                joined = cycle.transport = _HeadHold(real, pending)
+                try:
+                    await self._send_body(cycle, send, message, step)
+                finally:
+                    cycle.transport = real
+                    if joined.head is not None and not real.is_closing():
+                        real.write(joined.head)  # no body write came (HEAD, a refused body): the head alone
+                return
+            if kind != "http.response.body" or cycle.response_complete:
                 await send(message)
                 return
-            body = message.get("body", b"")
-            more = message.get("more_body", False)
-            if not more and not cycle.keep_alive and cycle.more_body and not cycle.disconnected:
-                if self.limits.body_discard_bytes and not cycle.waiting_for_100_continue:
-                    cycle.keep_alive = True  # uvicorn would close now: unread body bytes -> reset
-                    self._linger_wanted = True
-            self._held = len(body)
-            try:
-                if len(body) > step:
-                    view = memoryview(body)
-                    for offset in range(0, len(body) - step, step):
-                        await send({"type": "http.response.body", "body": view[offset : offset + step],
-                                    "more_body": True})  # fmt: skip
-                        if cycle.disconnected:
-                            return
-                    body = view[offset + step :]
-                await send({"type": "http.response.body", "body": body, "more_body": more})
-                if flow.write_paused and not cycle.disconnected:
-                    await flow.drain()  # woken when drained, or by connection_lost (deadline, bound)
-            finally:
-                self._held = 0
-                if not flow.write_paused and self._send_deadline is not None:
-                    self._send_deadline.cancel()
-                    self._send_deadline = None
+            await self._send_body(cycle, send, message, step)
 
         return guarded
+
+    async def _send_body(self, cycle: Any, send: Any, message: Any, step: int) -> None:
+        """One ``http.response.body`` message: a large body in ``step``-sized writes, the last one
+        waiting for the buffer to drain (see ``_guarded_send``)."""
+        flow = self.flow
+        body = message.get("body", b"")
+        more = message.get("more_body", False)
+        if not more and not cycle.keep_alive and cycle.more_body and not cycle.disconnected:
+            if self.limits.body_discard_bytes and not cycle.waiting_for_100_continue:
+                cycle.keep_alive = True  # uvicorn would close now: unread body bytes -> reset
+                self._linger_wanted = True
+        self._held = len(body)
+        try:
+            if len(body) > step:
+                view = memoryview(body)
+                for offset in range(0, len(body) - step, step):
+                    await send({"type": "http.response.body", "body": view[offset : offset + step],
+                                "more_body": True})  # fmt: skip
+                    if cycle.disconnected:
+                        return
+                body = view[offset + step :]
+            await send({"type": "http.response.body", "body": body, "more_body": more})
+            if flow.write_paused and not cycle.disconnected:
+                await flow.drain()  # woken when drained, or by connection_lost (deadline, bound)
+        finally:
+            self._held = 0
+            if not flow.write_paused and self._send_deadline is not None:
+                self._send_deadline.cancel()
+                self._send_deadline = None
 
     # --- deadlines ----------------------------------------------------------------------------------
     def _arm(self, delay: float, callback: Any) -> None:

@@ -174,37 +174,51 @@ class L1Cache:
 
 
 class ReadPolicy:
-    """Whether a lookup should go to Redis, per model version: learned from the lookups themselves.
+    """Whether a request's answer should be looked up in Redis and stored there, per model version: learned
+    from the lookups themselves.
 
     A model whose answers are never asked for twice (unique inputs: a feature extractor, a forecaster fed
-    live data) pays a Redis round trip on every request for nothing (on this box that round trip is the
-    largest part of the gateway's added latency on a miss). When the hit ratio of a model's recent remote
-    lookups (a decaying window of ``window`` lookups) is below ``min_hit_ratio``, only one request in
-    ``probe_every`` looks in Redis; the others are answered by Triton straight away (their answers are
-    still written to the cache). A probe that hits raises the ratio again, and lookups resume for every
-    request as soon as it is back over the threshold. The in-process L1 is always consulted.
-    ``min_hit_ratio`` 0 turns this off (every request looks in Redis).
+    live data) pays a Redis round trip on every request for nothing, and a Redis ``SET`` of an answer
+    nobody reads again (on this box the two were the largest part of the gateway's CPU per cache miss).
+    When the hit ratio of a model's recent remote lookups (a decaying window of ``window`` lookups) is below
+    ``min_hit_ratio`` the model is *cold*: only the sampled keys, one in ``probe_every`` chosen by the key's
+    own digest (the same keys on every replica), are still looked up and stored; the others are answered by
+    Triton straight away and not stored. Because a sampled key is always both stored and looked up, the hit
+    ratio of the sampled lookups is the model's repeat ratio, and lookups and stores resume for every key
+    as soon as it is back over the threshold. The in-process L1 is always consulted.
+    ``min_hit_ratio`` 0 turns this off (every request looks in Redis and stores its answer).
     """
 
     def __init__(self, min_hit_ratio: float, window: int = 256, probe_every: int = 16) -> None:
         self.min_hit_ratio = min_hit_ratio
         self.window = window
         self.probe_every = probe_every
-        self._stats: dict[tuple[str, str], list[float]] = {}  # model -> [lookups, hits, skipped]
+        self._stats: dict[tuple[str, str], list[float]] = {}  # model -> [lookups, hits]
 
-    def should_read(self, model: tuple[str, str]) -> bool:
+    def warm(self, model: tuple[str, str]) -> bool:
+        """Whether every key of ``model`` is looked up and stored (False: only the sampled ones)."""
         if self.min_hit_ratio <= 0:
             return True
         stats = self._stats.get(model)
         if stats is None:
             if len(self._stats) > 4096:  # model names come from requests that resolved: still bound it
                 self._stats.clear()
-            stats = self._stats[model] = [0.0, 0.0, 0.0]
-        lookups, hits, _ = stats
-        if lookups < self.window / 2 or hits >= self.min_hit_ratio * lookups:
-            return True
-        stats[2] += 1
-        return stats[2] % self.probe_every == 0
+            stats = self._stats[model] = [0.0, 0.0]
+        lookups, hits = stats
+        return lookups < self.window / 2 or hits >= self.min_hit_ratio * lookups
+
+    def sampled(self, key: str) -> bool:
+        """One key in ``probe_every``, from the digest at the end of the key (the same on every replica)."""
+        try:
+            return int(key[-4:], 16) % self.probe_every == 0
+        except ValueError:
+            return hash(key) % self.probe_every == 0
+
+    def should_read(self, model: tuple[str, str], key: str) -> bool:
+        """Look ``key`` up in Redis (and, with ``should_write``, store its answer there)?"""
+        return self.warm(model) or self.sampled(key)
+
+    should_write = should_read  # a cold model's unsampled keys are neither looked up nor stored
 
     def record(self, model: tuple[str, str], hit: bool) -> None:
         stats = self._stats.get(model)

@@ -186,9 +186,10 @@ class InferenceService:
         key = self.key_for(req) if not _large(req) else await self._key_off_loop(req)
         outcome: CacheOutcome = "BYPASS"
         start_ns = time.perf_counter_ns()
+        model = (info.name, info.version)
+        remote = True  # look in Redis and store there (False: a cold model's unsampled key, ReadPolicy)
         if use_cache and req.cache_read:
-            model = (info.name, info.version)
-            remote = self.read_policy.should_read(model)
+            remote = self.read_policy.should_read(model, key)
             try:
                 hit = await self._cache_get(key, remote)
             except CacheUnavailable:
@@ -208,7 +209,7 @@ class InferenceService:
         else:
             metrics.cache_outcome("bypass")
         annotate(info.name, info.version, outcome)
-        write = use_cache and req.cache_write
+        write = use_cache and req.cache_write and remote
 
         async def forward() -> TritonResult:
             result = await self._forward(req, deadline)
@@ -249,9 +250,11 @@ class InferenceService:
         if use_cache:
             key = self.stream_key(req) if not _large(req) else await asyncio.to_thread(self.stream_key, req)
             model = (info.name, info.version)
-            if req.cache_read and not self.read_policy.should_read(model):
-                outcome = "MISS"  # few recent replays: not looked up (1 in 16 still is), stored all the same
-                metrics.cache_outcome("skipped")
+            if not self.read_policy.should_write(model, key):
+                use_cache = False  # few recent replays: an unsampled key is neither looked up nor stored
+                outcome = "MISS" if req.cache_read else "BYPASS"
+                if req.cache_read:
+                    metrics.cache_outcome("skipped")
             elif req.cache_read:
                 try:
                     replay = await self._cached_stream(key)

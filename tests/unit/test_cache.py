@@ -131,20 +131,23 @@ def test_large_values_are_not_stored() -> None:
 def test_read_policy_skips_redis_for_models_that_never_hit_and_recovers() -> None:
     policy = ReadPolicy(min_hit_ratio=0.01, window=64, probe_every=16)
     m = ("m", "1")
+    keys = [f"tgw:m:1:{i:032x}" for i in range(4096)]
     # Learning: every lookup goes to Redis until half a window of lookups is seen.
-    for _ in range(32):
-        assert policy.should_read(m)
+    for key in keys[:32]:
+        assert policy.should_read(m, key) and policy.should_write(m, key)
         policy.record(m, hit=False)
-    # Never a hit: 1 in 16 lookups still probes Redis.
-    reads = [policy.should_read(m) for _ in range(160)]
-    assert sum(reads) == 10
-    assert policy.should_read(("other", "1"))  # per model
-    # Probes that hit bring every lookup back.
+    # Never a hit: one key in 16 is still looked up and stored, chosen by the key's digest (every replica
+    # samples the same keys: a sampled key is always stored and looked up, so its hits measure repeats).
+    reads = [policy.should_read(m, key) for key in keys]
+    assert sum(reads) == len(keys) // 16
+    assert [policy.should_write(m, key) for key in keys] == reads
+    assert policy.should_read(("other", "1"), keys[1])  # per model
+    # Sampled lookups that hit bring every lookup and store back.
     for _ in range(3):
         policy.record(m, hit=True)
-    assert all(policy.should_read(m) for _ in range(20))
+    assert all(policy.should_read(m, key) and policy.should_write(m, key) for key in keys[:20])
     # 0 turns it off.
     off = ReadPolicy(min_hit_ratio=0.0)
-    for _ in range(1000):
+    for key in keys[:1000]:
         off.record(m, hit=False)
-        assert off.should_read(m)
+        assert off.should_read(m, key)
