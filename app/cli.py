@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -264,13 +266,40 @@ def _serve_workers_with_children(
     return code
 
 
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, bounded by a container's CPU quota (cgroup v2
+    ``cpu.max``, or v1 ``cpu.cfs_quota_us``), rounded up."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = period = 0.0
+    try:
+        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if text and text[0] != "max":
+            quota, period = float(text[0]), float(text[1])
+    except (OSError, ValueError, IndexError):
+        try:
+            quota = float(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            period = float(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            pass
+    if quota > 0 and period > 0:
+        cores = min(cores, max(1, math.ceil(quota / period)))
+    return max(1, cores)
+
+
+def serve_workers(settings: Settings) -> int:
+    """TGW_WORKERS when set; else one per usable core, 1 to 16 (Triton on other machines: each worker's
+    event loop is one core's work; docs/scaling.md, "Workers")."""
+    if "workers" in settings.server.model_fields_set:
+        return settings.server.workers
+    return max(1, min(16, usable_cores()))
+
+
 def up_workers(settings: Settings) -> int:
     """TGW_WORKERS when set; else half the cores this process may use, 1 to 8 (one on a 2-core machine:
     Triton needs the other)."""
     if "workers" in settings.server.model_fields_set:
         return settings.server.workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores // 2))
+    return max(1, min(8, usable_cores() // 2))
 
 
 def cmd_up(_: argparse.Namespace) -> int:
@@ -373,8 +402,9 @@ def cmd_serve(_: argparse.Namespace) -> int:
     _check_before_start(settings, "serve")
     if not _wait_for_dependencies(settings):
         return 1
-    config = _uvicorn_config(settings, workers=settings.server.workers)
-    if settings.server.workers > 1:
+    workers = serve_workers(settings)
+    config = _uvicorn_config(settings, workers=workers)
+    if workers > 1:
         with _multiprocess_metrics_dir():
             return run_workers(config)
     server = GracefulServer(config, settings.server.shutdown_delay_s)

@@ -118,8 +118,8 @@ class ServerSettings(_Group):
     host: str = Field("127.0.0.1", description="address the gateway listens on (0.0.0.0 in containers)")
     port: int = Field(8080, ge=1, le=65535, description="gateway HTTP port")
     workers: int = Field(
-        1, ge=1, le=64, description="gateway worker processes: `tgw serve` (default 1) and `tgw up` (unset: "
-        "half the cores, 1 to 8)",
+        1, ge=1, le=64, description="gateway worker processes; unset: `tgw serve` one per usable core (CPU "
+        "affinity and container quota, 1 to 16), `tgw up` half of them (1 to 8: Triton shares the machine)",
     )  # fmt: skip
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="413 above this request size")
     decode_processes: int = Field(

