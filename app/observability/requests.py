@@ -75,6 +75,8 @@ class Served:
         if not record:
             return
         rid, info, requests = self.request_id, self.info, self.requests
+        if info.door is not None and requests.meter is not None:  # an inference request: usage metering
+            requests.meter(info, status)
         if kind == "http":
             requests.http(rid, self.method, self.path, template, int(status), elapsed, info)
         elif kind == "grpc":
@@ -91,6 +93,9 @@ class Requests:
 
     def __init__(self, http_metrics: Sequence[Callable[[Info], None]] = ()) -> None:
         self.http_metrics = tuple(http_metrics)
+        # Usage metering (``app.services.usage.UsageMeter.record``, set by the composition root): called
+        # once per request the inference service saw, with its info and status.
+        self.meter: Callable[[RequestInfo, int | str], None] | None = None
 
     def begin(
         self, kind: Kind, method: str, path: str, request_id: str, span: Any = None,

@@ -153,7 +153,7 @@ class JobService:
         # submission looks nothing up (its line says so, with the model, as a submission that skips the read)
         if req.info.decoupled:
             annotate(req.info.name, req.info.version, "BYPASS")
-        hit = None if req.info.decoupled else await self.inference.cached(req)
+        hit = None if req.info.decoupled else await self.inference.cached(req, ctx)
         if hit is not None:
             result = await self.offload.encode(json_values(hit.result.outputs), result_json, hit)
             job.status, job.result, job.cache, job.finished_at = (
