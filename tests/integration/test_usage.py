@@ -86,7 +86,9 @@ def grpc_stream(addr: str, key: dict[str, str], count: int) -> int:
     req.raw_input_contents.append(np.array([count], dtype=np.int32).tobytes())
     with grpc.insecure_channel(addr) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        call = stub.ModelStreamInfer(iter([req]), metadata=[("authorization", key["Authorization"])], timeout=30)
+        call = stub.ModelStreamInfer(
+            iter([req]), metadata=[("authorization", key["Authorization"])], timeout=30
+        )
         responses = list(call)
     assert not any(r.error_message for r in responses)
     return len(responses)
@@ -132,7 +134,11 @@ def test_exact_counts_per_tenant_and_door(gw: GatewayAddresses) -> None:
     grpc_infer(gw.grpc, a, np.array([[base + 0.5, 3.0]], dtype=np.float32))
     assert ws_infer(gw.http, a, {"INPUT0": [[base + 0.25, 4.0]]})["type"] == "result"
     # tenant B: /v2 (3 rows), gRPC stream (2 responses + the final flag), a job, 4 concurrent misses (batched)
-    v2 = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [3, 1], "data": [base, base + 1, base + 2]}]}
+    v2 = {
+        "inputs": [
+            {"name": "INPUT0", "datatype": "FP32", "shape": [3, 1], "data": [base, base + 1, base + 2]}
+        ]
+    }
     assert httpx.post(f"{gw.http}/v2/models/identity_fp32/infer", json=v2, headers=auth(b)).status_code == 200
     grpc_stream(gw.grpc, b, 2)
     assert job(gw.http, b, {"INPUT0": [[base + 0.75, 5.0]]})["status"] == "succeeded"
@@ -147,9 +153,10 @@ def test_exact_counts_per_tenant_and_door(gw: GatewayAddresses) -> None:
 
     def counted() -> bool:
         rows_a, rows_b = usage(gw.http, tenant_a, "door"), usage(gw.http, tenant_b, "door")
-        return sum(r["requests"] for r in rows_a.values()) == 6 and sum(
-            r["requests"] for r in rows_b.values()
-        ) == 7
+        return (
+            sum(r["requests"] for r in rows_a.values()) == 6
+            and sum(r["requests"] for r in rows_b.values()) == 7
+        )
 
     eventually(counted, 5, 0.1, "usage not flushed")
     doors_a, doors_b = usage(gw.http, tenant_a, "door"), usage(gw.http, tenant_b, "door")
@@ -164,9 +171,17 @@ def test_exact_counts_per_tenant_and_door(gw: GatewayAddresses) -> None:
     assert outcomes_a[("502",)]["compute_s"] == 0 or outcomes_a[("502",)]["compute_s"] < 0.5
     assert v1a["responses"] == 4  # the SSE stream's 3 responses and Triton's final flag
     assert (doors_a[("grpc",)]["requests"], doors_a[("grpc",)]["rows"]) == (1, 1)
-    assert (doors_a[("ws",)]["requests"], doors_a[("ws",)]["rows"], doors_a[("ws",)]["bytes_out"]) == (1, 1, 8)
+    assert (doors_a[("ws",)]["requests"], doors_a[("ws",)]["rows"], doors_a[("ws",)]["bytes_out"]) == (
+        1,
+        1,
+        8,
+    )
     assert set(doors_a) == {("v1",), ("grpc",), ("ws",)}
-    assert (doors_b[("v2",)]["requests"], doors_b[("v2",)]["rows"], doors_b[("v2",)]["bytes_in"]) == (1, 3, 12)
+    assert (doors_b[("v2",)]["requests"], doors_b[("v2",)]["rows"], doors_b[("v2",)]["bytes_in"]) == (
+        1,
+        3,
+        12,
+    )
     assert doors_b[("grpc_stream",)]["requests"] == 1 and doors_b[("grpc_stream",)]["responses"] >= 2
     assert doors_b[("job",)]["requests"] == 1 and doors_b[("job",)]["rows"] == 1
     assert doors_b[("v1",)]["requests"] == 4 and doors_b[("v1",)]["misses"] == 4
