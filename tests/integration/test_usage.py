@@ -7,9 +7,13 @@ its hard cap, refused on a second replica within the flush interval; ``/v1/usage
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,6 +32,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 PEPPER = "test-pepper-5c2e8a1f7b3d9046af1c93e7d52b08e4c6a1f9d3b7e20c58"
 ADMIN = "test-admin-9a4b1d6f0a3c9e2b7d5f1a8c3e6b0d9f2a7c4e1b8d5f3a06"
 ADMIN_H = {"Authorization": f"Bearer {ADMIN}"}
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def settings(triton: EmbeddedTriton, redis: EmbeddedRedis, **extra: object) -> dict[str, object]:
@@ -272,3 +277,42 @@ def test_budget_soft_warning_and_hard_cap_on_two_replicas(
             return answer.status_code == 429 and answer.json()["error"]["details"]["scope"] == "tenant"
 
         eventually(tenant_capped, 3, 0.05, "the tenant budget was not enforced")
+
+
+def test_tgw_usage_and_budget_cli(gw: GatewayAddresses, redis_server: EmbeddedRedis) -> None:
+    env = {**os.environ, "TGW_REDIS_URL": redis_server.url, "TGW_KEY_PEPPER": PEPPER, "COLUMNS": "160"}
+
+    def tgw(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+
+    tenant = f"ucli{time.time_ns()}"
+    made = tgw("keys", "create", "--name", "cli", "--tenant", tenant, "--budget", "requests=100,compute_s=60")
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)
+    assert key["budget"] == {"requests": 100, "rows": 0, "compute_s": 60, "soft": 0.8}
+    bearer = {"Authorization": f"Bearer {key['key']}", "id": key["id"]}
+    for i in range(3):
+        assert v1(gw.http, bearer, "identity_fp32", {"INPUT0": [[float(i), 1.0]]}).status_code == 200
+    eventually(lambda: usage(gw.http, tenant, "tenant").get((tenant,), {}).get("requests") == 3, 5, 0.1,
+               "usage not flushed")  # fmt: skip
+    shown = tgw("usage", "--tenant", tenant, "--format", "json")
+    assert shown.returncode == 0, shown.stderr
+    assert [(r["model"], r["requests"], r["rows"]) for r in json.loads(shown.stdout)] == [
+        ("identity_fp32", 3, 3)
+    ]
+    table = tgw("usage", "--tenant", tenant)
+    assert table.returncode == 0, table.stderr
+    assert "identity_fp32" in table.stdout and "requests per day" in table.stdout and "█" in table.stdout
+    updated = tgw("keys", "update", key["id"], "--budget", "requests=2")
+    assert updated.returncode == 0 and json.loads(updated.stdout)["budget"]["requests"] == 2
+    assert tgw("keys", "update", key["id"], "--budget", "tokens=5").returncode == 2
+    budget = tgw("usage", "budget", tenant, "--requests", "1000", "--compute-s", "3600", "--soft", "0.9")
+    assert budget.returncode == 0, budget.stderr
+    assert json.loads(budget.stdout)["budget"] == {
+        "requests": 1000,
+        "rows": 0,
+        "compute_s": 3600,
+        "soft": 0.9,
+    }
+    assert json.loads(tgw("usage", "budget", tenant, "--clear").stdout)["budget"] is None
