@@ -34,6 +34,51 @@ class TenantBudget(BaseModel):
     )
 
 
+class Usage(BaseModel):
+    requests: int
+    rows: int
+    bytes_in: int
+    bytes_out: int
+    hits: int
+    misses: int
+    followers: int
+    responses: int
+    compute_s: float
+    saved_s: float
+
+
+class TenantMonth(BaseModel):
+    name: str
+    usage: Usage
+    budget: dict[str, float] | None
+
+
+class KeyMonth(BaseModel):
+    id: str
+    usage: Usage
+    budget: dict[str, float] | None = None
+
+
+class MonthUsage(BaseModel):
+    month: str = Field(description="YYYY-MM, UTC")
+    resets_at: str = Field(description="when the month's budgets reset (ISO 8601, UTC)")
+    tenant: TenantMonth
+    key: KeyMonth | None
+
+
+class UsageReport(BaseModel):
+    from_: str = Field(alias="from")
+    to: str
+    group_by: str
+    rows: list[dict[str, Any]] = Field(description="the group's columns, then every metric and errors")
+
+
+class TenantSettings(BaseModel):
+    tenant: str
+    budget: dict[str, float] | None
+    webhook_url: str | None
+
+
 def _meter(gw: Any) -> UsageMeter:
     meter: UsageMeter | None = gw.usage
     if meter is None:
@@ -41,7 +86,9 @@ def _meter(gw: Any) -> UsageMeter:
     return meter
 
 
-@router.get("/v1/usage", response_class=ORJSONResponse, responses=errors(409, notes=_OFF))
+@router.get(
+    "/v1/usage", response_class=ORJSONResponse, response_model=MonthUsage, responses=errors(409, notes=_OFF)
+)
 async def my_usage(principal: PrincipalDep, gw: GatewayDep) -> ORJSONResponse:
     """This UTC month's usage of the calling key and of its tenant, with their budgets (counts are
     written every TGW_USAGE_FLUSH_INTERVAL_S: the last second may not be in them yet)."""
@@ -53,7 +100,14 @@ async def my_usage(principal: PrincipalDep, gw: GatewayDep) -> ORJSONResponse:
     return ORJSONResponse(body)
 
 
-@router.get("/v1/admin/usage", responses=errors(409, 422, notes=_OFF))
+@router.get(
+    "/v1/admin/usage",
+    response_model=UsageReport,
+    responses={
+        **errors(409, 422, notes=_OFF),
+        200: {"content": {"text/csv": {"schema": {"type": "string"}}}},
+    },
+)
 async def admin_usage(
     request: Request,
     gw: GatewayDep,
@@ -88,7 +142,10 @@ async def admin_usage(
 
 
 @router.get(
-    "/v1/admin/usage/tenants/{tenant}", response_class=ORJSONResponse, responses=errors(409, notes=_OFF)
+    "/v1/admin/usage/tenants/{tenant}",
+    response_class=ORJSONResponse,
+    response_model=TenantSettings,
+    responses=errors(409, notes=_OFF),
 )
 async def get_tenant(tenant: str, gw: GatewayDep) -> ORJSONResponse:
     """A tenant's budget and webhook URL."""
@@ -96,7 +153,10 @@ async def get_tenant(tenant: str, gw: GatewayDep) -> ORJSONResponse:
 
 
 @router.put(
-    "/v1/admin/usage/tenants/{tenant}", response_class=ORJSONResponse, responses=errors(409, 422, notes=_OFF)
+    "/v1/admin/usage/tenants/{tenant}",
+    response_class=ORJSONResponse,
+    response_model=TenantSettings,
+    responses=errors(409, 422, notes=_OFF),
 )
 async def put_tenant(tenant: str, spec: TenantBudget, gw: GatewayDep) -> ORJSONResponse:
     """Set a tenant's monthly budget (every replica enforces it within TGW_USAGE_FLUSH_INTERVAL_S)."""
