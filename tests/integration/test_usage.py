@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ from websockets.sync.client import connect
 from app.launcher import EmbeddedRedis, EmbeddedTriton
 from tests.eventually import eventually
 from tests.gateway_server import GatewayAddresses, running_gateway_addresses
+from tests.processes import tgw_serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -320,3 +322,40 @@ def test_tgw_usage_and_budget_cli(gw: GatewayAddresses, redis_server: EmbeddedRe
         "soft": 0.9,
     }
     assert json.loads(tgw("usage", "budget", tenant, "--clear").stdout)["budget"] is None
+
+
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+def test_a_stopped_replica_loses_at_most_one_flush_interval(
+    gw: GatewayAddresses, triton: EmbeddedTriton, redis_server: EmbeddedRedis, tmp_path: Path, stop: str
+) -> None:
+    """A ``tgw serve`` process answers requests for ~2.5 s, then is SIGKILLed (what it counted since its last
+    flush is lost: at most the requests of the last ``TGW_USAGE_FLUSH_INTERVAL_S``) or SIGTERMed (its graceful
+    stop flushes: nothing lost)."""
+    env = {"TGW_TRITON_HTTP_URL": triton.http_url, "TGW_AUTH": "required", "TGW_KEY_PEPPER": PEPPER,
+           "TGW_ADMIN_TOKEN": ADMIN, "TGW_LOG_LEVEL": "WARNING", "TGW_SHUTDOWN_DELAY_S": "0",
+           "TGW_USAGE_FLUSH_INTERVAL_S": "1.0"}  # fmt: skip
+    tenant = f"ukill{time.time_ns()}"
+    key = make_key(gw.http, tenant)
+    with tgw_serve(triton, redis_server.url, tmp_path / "serve.log", ready="/healthz", **env) as proc:
+        answered: list[float] = []
+        started = time.monotonic()
+        with httpx.Client(base_url=proc.url, headers=auth(key), timeout=10) as client:
+            while time.monotonic() - started < 2.5:
+                r = client.post("/v1/models/identity_fp32/infer", json={"inputs": {"INPUT0": [[1.0, 2.0]]}})
+                assert r.status_code == 200, r.text
+                answered.append(time.monotonic())
+        killed = time.monotonic()
+        if stop == "SIGKILL":
+            proc.signal(signal.SIGKILL)
+        else:
+            proc.stop(graceful=True)
+        proc.proc.wait(timeout=30)
+    time.sleep(0.2)
+    metered = usage(gw.http, tenant, "tenant").get((tenant,), {"requests": 0})["requests"]
+    if stop == "SIGTERM":
+        assert metered == len(answered)
+        return
+    last_interval = sum(
+        1 for t in answered if t > killed - 1.0 - 0.25
+    )  # the interval, and a flush's own time
+    assert len(answered) - last_interval <= metered <= len(answered), (metered, len(answered), last_interval)
