@@ -21,6 +21,7 @@ from app.services import usage
 from app.settings import redact_url
 
 _METRICS_SHOWN = ("requests", "rows", "hits", "errors", "bytes_in", "bytes_out", "compute_s", "saved_s")
+_HEADERS = {"bytes_in": "in", "bytes_out": "out", "compute_s": "compute s", "saved_s": "saved s"}
 
 
 def add_parser(sub: Any) -> None:
@@ -128,9 +129,9 @@ def _render(
     table = Table(title=f"usage by {group_by}, {span}")
     columns = [c for c in (rows[0] if rows else {"tenant": ""}) if c not in usage.FIELDS]
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)
     for metric in _METRICS_SHOWN:
-        table.add_column(metric, justify="right")
+        table.add_column(_HEADERS.get(metric, metric), justify="right", no_wrap=True)
     for row in rows:
         table.add_row(
             *(str(row[c]) for c in columns), *(_cell(metric, row[metric]) for metric in _METRICS_SHOWN)

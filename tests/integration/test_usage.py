@@ -309,7 +309,12 @@ def test_tgw_usage_and_budget_cli(gw: GatewayAddresses, redis_server: EmbeddedRe
     ]
     table = tgw("usage", "--tenant", tenant)
     assert table.returncode == 0, table.stderr
-    assert "identity_fp32" in table.stdout and "requests per day" in table.stdout and "█" in table.stdout
+    assert (
+        "identity_fp32" in table.stdout
+        and "requests per day" in table.stdout
+        and "█" in table.stdout
+        and "compute s" in table.stdout
+    )
     updated = tgw("keys", "update", key["id"], "--budget", "requests=2")
     assert updated.returncode == 0 and json.loads(updated.stdout)["budget"]["requests"] == 2
     assert tgw("keys", "update", key["id"], "--budget", "tokens=5").returncode == 2
