@@ -42,7 +42,7 @@ from app.services.offload import Offload
 from app.services.registry import ModelRegistry
 from app.services.statistics import ServedStatistics
 from app.services.streams import StreamLimits
-from app.services.usage import UsageMeter
+from app.services.usage import UsageMeter, UsageWebhooks
 from app.settings import Settings, StreamSettings
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,24 @@ class Edge:
     auth: AuthStage | None  # keys and limits: the pipeline's admission stage, the gRPC door's (None: a
     # process that serves no request, ``tgw worker``, which may run without TGW_KEY_PEPPER)
     usage: UsageMeter | None = None  # usage metering and budgets (None: TGW_USAGE_ENABLED off)
+
+
+def usage_webhooks(settings: Settings, redis: Any) -> UsageWebhooks:
+    """The ``usage.warning`` sender: the jobs' webhook settings (secret, SSRF guard, timeouts)."""
+    import httpx
+
+    from app.services.jobs.webhooks import HttpxWebhookSender, parse_secrets
+
+    jobs = settings.jobs
+    t = jobs.webhook_timeout_s
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(t, connect=min(t, 5.0)), follow_redirects=False, trust_env=False
+    )
+    sender = HttpxWebhookSender(
+        client, jobs.webhook_allow_private, jobs.webhook_max_response_bytes, t,
+        frozenset(jobs.webhook_allowed_ports), first_byte_s=jobs.webhook_first_byte_s,
+    )  # fmt: skip
+    return UsageWebhooks(redis, sender, parse_secrets(jobs.webhook_secret), client)
 
 
 def build_usage(settings: Settings) -> UsageMeter | None:
@@ -216,6 +234,7 @@ async def build_gateway(
         await jobs.start()
         served.start()
         if edge.usage is not None:
+            edge.usage.webhooks_out = usage_webhooks(settings, edge.usage.redis)
             edge.usage.start()
         logger.info("gateway up: Triton %s (inference over %s), Redis %s",
                     settings.triton.triton_urls or settings.triton_grpc_address,

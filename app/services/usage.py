@@ -238,6 +238,70 @@ def budget_state(scope: str, name: str, budget: Budget, used: Mapping[str, float
     return warning
 
 
+# --- the soft-threshold webhook ----------------------------------------------------------------------
+class UsageWebhooks:
+    """One ``usage.warning`` event per (scope, metric, month) to the tenant's ``webhook_url``, signed like
+    the jobs' webhooks (Standard Webhooks: ``webhook-id``, ``webhook-timestamp``, ``webhook-signature``
+    with ``TGW_WEBHOOK_SECRET``), through the same SSRF-guarded sender. Once across replicas: the replica
+    whose ``SET NX`` of ``tgw:usage:{T}:warned:<month>:<scope>:<name>:<metric>`` wins sends it; a failed
+    delivery is retried after 1, 5 and 30 s, then dropped (the ``Usage-Warning`` header says it too)."""
+
+    RETRY_S = (1.0, 5.0, 30.0)
+
+    def __init__(self, redis: Any, sender: Any, secrets: list[bytes], client: Any = None) -> None:
+        self.redis = redis
+        self.sender = sender
+        self.secrets = secrets
+        self.client = client  # closed with the notifier
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def warn(self, tenant: str, url: str, event: dict[str, Any], now: float) -> None:
+        task = asyncio.create_task(self._deliver(tenant, url, event, now))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _deliver(self, tenant: str, url: str, event: dict[str, Any], now: float) -> None:
+        from app.services.jobs.webhooks import sign  # the jobs' signer (Standard Webhooks)
+
+        data = event["data"]
+        marker = f"{NS}{{{tenant}}}:warned:{month_of(now)}:{data['scope']}:{data['name']}:{data['metric']}"
+        try:
+            if not await self.redis.set(marker, "1", nx=True, ex=62 * 86400):
+                return  # another replica (or an earlier request) sent it
+        except Exception as exc:
+            logger.warning("usage.warning for %s not sent: Redis unreachable (%s)", tenant, exc)
+            return
+        body = _json(event)
+        msg_id = f"msg_usage_{tenant}_{month_of(now)}_{data['scope']}_{data['name']}_{data['metric']}"
+        for attempt, delay in enumerate((0.0, *self.RETRY_S)):
+            if delay:
+                await asyncio.sleep(delay)
+            ts = int(time.time())
+            headers = {"webhook-id": msg_id, "webhook-timestamp": str(ts)}
+            if self.secrets:
+                headers["webhook-signature"] = sign(self.secrets, msg_id, ts, body)
+            result = await self.sender.send(url, body, headers)
+            if result.status_code is not None and 200 <= result.status_code < 300:
+                return
+            if result.refused:
+                break
+            logger.info("usage.warning to %s: attempt %d failed (%s)", tenant, attempt + 1,
+                        result.error or result.status_code)  # fmt: skip
+        logger.warning("usage.warning for tenant %s could not be delivered", tenant)
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.client is not None:
+            await self.client.aclose()
+
+
+def _json(value: Any) -> bytes:
+    import orjson
+
+    return orjson.dumps(value)
+
+
 # --- the meter ---------------------------------------------------------------------------------------
 class UsageMeter:
     """The per-process accumulator, its flush task, and the budget view (see the module's doc)."""
@@ -263,6 +327,8 @@ class UsageMeter:
         self.watched: dict[str, float] = {}  # tenant -> last checked (monotonic)
         self.webhooks: dict[str, str] = {}
         self.capped = False  # a budget was reached here since the last flush: flush now
+        self.webhooks_out: UsageWebhooks | None = None  # usage.warning events (set by the gateway)
+        self._warned: set[tuple[str, str, str, str]] = set()  # (month, scope, name, metric) sent from here
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.flushes = 0
@@ -344,10 +410,37 @@ class UsageMeter:
         warning = None
         if key_budget is not None:
             warning = budget_state("key", key_id, key_budget, self.used(tenant, f"k:{key_id}|"), now)
+            if warning is not None:
+                self._notify(tenant, "key", key_id, key_budget, warning, now)
         tenant_budget = self.tenant_budgets.get(tenant)
         if tenant_budget is not None:
-            warning = budget_state("tenant", tenant, tenant_budget, self.used(tenant, "t|"), now) or warning
+            over = budget_state("tenant", tenant, tenant_budget, self.used(tenant, "t|"), now)
+            if over is not None:
+                self._notify(tenant, "tenant", tenant, tenant_budget, over, now)
+            warning = over or warning
         return warning
+
+    def _notify(self, tenant: str, scope: str, name: str, budget: Budget, warning: str, now: float) -> None:
+        """The tenant's ``usage.warning`` webhook, once per (scope, metric, month)."""
+        url = self.webhooks.get(tenant)
+        if self.webhooks_out is None or not url:
+            return
+        metric = warning.split("metric=", 1)[1].split(";", 1)[0]
+        marker = (month_of(now), scope, name, metric)
+        if marker in self._warned:
+            return
+        self._warned.add(marker)
+        used = self.used(tenant, "t|" if scope == "tenant" else f"k:{name}|")[metric]
+        event = {
+            "type": "usage.warning",
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+            "data": {
+                "tenant": tenant, "scope": scope, "name": name, "metric": metric, "used": round(used, 3),
+                "limit": getattr(budget, metric), "soft": budget.soft, "month": month_of(now),
+                "resets_at": next_month_start(now).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            },
+        }  # fmt: skip
+        self.webhooks_out.warn(tenant, url, event, now)
 
     # --- the flush ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -369,6 +462,8 @@ class UsageMeter:
     async def close(self) -> None:
         """``stop``, then close the Redis client."""
         await self.stop()
+        if self.webhooks_out is not None:
+            await self.webhooks_out.close()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
 
@@ -467,6 +562,8 @@ class UsageMeter:
             url = data.get("webhook_url")
             if url:
                 self.webhooks[tenant] = _s(url)
+            else:
+                self.webhooks.pop(tenant, None)
 
     async def _refresh(self, tenants: list[str]) -> None:
         async with asyncio.timeout(self.timeout_s):

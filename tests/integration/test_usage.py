@@ -6,6 +6,7 @@ its hard cap, refused on a second replica within the flush interval; ``/v1/usage
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,11 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+from standardwebhooks import Webhook
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from websockets.sync.client import connect
 
-from app.launcher import EmbeddedRedis, EmbeddedTriton
+from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
 from tests.eventually import eventually
 from tests.gateway_server import GatewayAddresses, running_gateway_addresses
 from tests.processes import tgw_serve
@@ -35,13 +38,16 @@ PEPPER = "test-pepper-5c2e8a1f7b3d9046af1c93e7d52b08e4c6a1f9d3b7e20c58"
 ADMIN = "test-admin-9a4b1d6f0a3c9e2b7d5f1a8c3e6b0d9f2a7c4e1b8d5f3a06"
 ADMIN_H = {"Authorization": f"Bearer {ADMIN}"}
 ROOT = Path(__file__).resolve().parents[2]
+SECRET = "whsec_" + base64.b64encode(b"usage-secret-0123456789abcdef").decode()
+RECEIVER_PORT = free_port()
 
 
 def settings(triton: EmbeddedTriton, redis: EmbeddedRedis, **extra: object) -> dict[str, object]:
     return {
         "triton_url": triton.grpc_url, "triton_http_url": triton.http_url, "redis_url": redis.url,
         "auth": "required", "key_pepper": PEPPER, "admin_token": ADMIN, "auth_key_cache_s": 1.0,
-        "job_worker_in_process": True, **extra,
+        "job_worker_in_process": True, "webhook_allow_private": True, "webhook_secret": SECRET,
+        "webhook_allowed_ports": [RECEIVER_PORT], **extra,
     }  # fmt: skip
 
 
@@ -364,3 +370,45 @@ def test_a_stopped_replica_loses_at_most_one_flush_interval(
     last_interval = sum(1 for t in answered if t > killed - 1.0 - 0.25)
     print(f"usage SIGKILL: {len(answered)} answered, {metered} metered, {last_interval} in the last interval")
     assert len(answered) - last_interval <= metered <= len(answered), (metered, len(answered), last_interval)
+
+
+def test_soft_threshold_sends_one_signed_usage_warning(gw: GatewayAddresses) -> None:
+    calls: list[tuple[dict[str, str], bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["content-length"]))
+            calls.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", RECEIVER_PORT), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        tenant = f"uw{time.time_ns()}"
+        key = make_key(gw.http, tenant)
+        r = httpx.put(f"{gw.http}/v1/admin/usage/tenants/{tenant}", headers=ADMIN_H, json={
+            "budget": {"requests": 4, "soft": 0.5}, "webhook_url": f"http://127.0.0.1:{RECEIVER_PORT}/usage",
+        })  # fmt: skip
+        assert r.status_code == 200, r.text
+        warnings = [v1(gw.http, key, "identity_fp32", {"INPUT0": [[1.0, 2.0]]}).headers.get("usage-warning")
+                    for _ in range(4)]  # fmt: skip
+        assert (
+            warnings[:2] == [None, None]
+            and warnings[2] == f"tenant={tenant}; metric=requests; used=2; limit=4"
+        )
+        eventually(lambda: len(calls) == 1, 5, 0.05, "no usage.warning arrived")
+        time.sleep(0.5)
+        assert len(calls) == 1  # once per (scope, metric, month), though the 4th answer warned too
+        headers, raw = calls[0]
+        event = Webhook(SECRET).verify(raw, headers)
+        assert event["type"] == "usage.warning" and headers["webhook-id"].startswith("msg_usage_")
+        assert {k: event["data"][k] for k in ("tenant", "scope", "metric", "used", "limit", "soft")} == {
+            "tenant": tenant, "scope": "tenant", "metric": "requests", "used": 2, "limit": 4, "soft": 0.5,
+        }  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
