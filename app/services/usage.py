@@ -719,7 +719,7 @@ async def month_usage(redis: Any, tenant: str, key_id: str | None, now: float) -
 async def set_tenant_budget(redis: Any, tenant: str, budget: Budget | None, webhook_url: str | None) -> None:
     """Store (or, None, remove) a tenant's monthly budget; ``webhook_url`` "" removes it, None keeps it."""
     key = settings_key(tenant)
-    async with redis.pipeline(transaction=True) as pipe:
+    async with redis.pipeline(transaction=False) as pipe:  # one key: in order, Cluster-safe
         pipe.hdel(key, *sorted(_BUDGET_FIELDS))
         if budget is not None:
             pipe.hset(key, mapping={k: str(v) for k, v in budget.as_dict().items()})
