@@ -197,6 +197,7 @@ def test_exact_counts_per_tenant_and_door(gw: GatewayAddresses) -> None:
     )
     assert doors_b[("grpc_stream",)]["requests"] == 1 and doors_b[("grpc_stream",)]["responses"] >= 2
     assert doors_b[("job",)]["requests"] == 1 and doors_b[("job",)]["rows"] == 1
+    assert usage(gw.http, tenant_b, "key", door="job")[(b["id"],)]["requests"] == 1  # the submitting key
     assert doors_b[("v1",)]["requests"] == 4 and doors_b[("v1",)]["misses"] == 4
     assert sum(r["errors"] for r in doors_b.values()) == 0
     models_a = usage(gw.http, tenant_a, "model")

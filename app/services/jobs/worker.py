@@ -470,9 +470,10 @@ class JobWorker:
                 f"{changed[0]}: the model's inputs changed since the job was submitted", {"field": changed[0]}
             )
         ctx = RequestContext.open("job", job.request_id or None)
-        req = JobSpec.from_record(job.spec).request(info, inputs, ctx.request_id)
-        # the job's owner, for usage metering (the submission's key decided the rest: it is in the spec)
-        ctx.caller = Caller(key_id="", tenant=job.owner, tier="", cache_scope=req.cache_scope)
+        spec = JobSpec.from_record(job.spec)
+        req = spec.request(info, inputs, ctx.request_id)
+        # the job's owner and key, for usage metering (the key decided the rest at submit: it is in the spec)
+        ctx.caller = Caller(key_id=spec.key_id, tenant=job.owner, tier="", cache_scope=req.cache_scope)
         return req, ctx
 
     async def _failed_attempt(self, job_id: str, attempt: int, err: bytes) -> None:
