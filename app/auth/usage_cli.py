@@ -111,6 +111,12 @@ async def _report(redis: Any, args: argparse.Namespace) -> int:
     if args.format == "json":
         sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
+    try:
+        import rich  # noqa: F401  (the table and the bars)
+    except ImportError:
+        sys.stderr.write("tgw usage: the table needs the rich package (pip install rich); "
+                         "--format csv or json work without it\n")  # fmt: skip
+        return 2
     days = await usage.query(redis, tenants, start, end, "day", args.model, args.key_id)
     _render(rows, days, args.group_by, start, end)
     return 0
