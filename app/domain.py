@@ -177,6 +177,7 @@ class JobSpec:
     cache_scope: str = ""
     cache_read: bool = True  # the submission's Cache-Control (no-cache / no-store), for the worker's call
     cache_write: bool = True
+    key_id: str = ""  # the submitting key's public id: the attempts are metered under it (usage)
 
     @classmethod
     def of(cls, req: InferRequest) -> JobSpec:

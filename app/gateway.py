@@ -42,6 +42,7 @@ from app.services.offload import Offload
 from app.services.registry import ModelRegistry
 from app.services.statistics import ServedStatistics
 from app.services.streams import StreamLimits
+from app.services.usage import UsageMeter, UsageWebhooks
 from app.settings import Settings, StreamSettings
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,36 @@ class Edge:
     requests: Requests  # records every finished request: metrics, access-log line (every door)
     auth: AuthStage | None  # keys and limits: the pipeline's admission stage, the gRPC door's (None: a
     # process that serves no request, ``tgw worker``, which may run without TGW_KEY_PEPPER)
+    usage: UsageMeter | None = None  # usage metering and budgets (None: TGW_USAGE_ENABLED off)
+
+
+def usage_webhooks(settings: Settings, redis: Any) -> UsageWebhooks:
+    """The ``usage.warning`` sender: the jobs' webhook settings (secret, SSRF guard, timeouts)."""
+    import httpx
+
+    from app.services.jobs.webhooks import HttpxWebhookSender, parse_secrets
+
+    jobs = settings.jobs
+    t = jobs.webhook_timeout_s
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(t, connect=min(t, 5.0)), follow_redirects=False, trust_env=False
+    )
+    sender = HttpxWebhookSender(
+        client, jobs.webhook_allow_private, jobs.webhook_max_response_bytes, t,
+        frozenset(jobs.webhook_allowed_ports), first_byte_s=jobs.webhook_first_byte_s,
+    )  # fmt: skip
+    return UsageWebhooks(redis, sender, parse_secrets(jobs.webhook_secret), client)
+
+
+def build_usage(settings: Settings) -> UsageMeter | None:
+    """The usage meter (``app.services.usage``): counts in Redis where keys and limits live (its client
+    connects lazily, on the first flush's loop); started and stopped by ``build_gateway``."""
+    auth = settings.auth
+    if not auth.usage_enabled:
+        return None
+    timeout = max(auth.auth_redis_timeout_s, 2.0)
+    redis = make_redis(settings.auth_redis_address, timeout, settings.cache.redis_cluster)
+    return UsageMeter(redis, auth.usage_flush_interval_s, auth.usage_retention_days)
 
 
 def stream_limits(settings: StreamSettings) -> StreamLimits:
@@ -90,7 +121,12 @@ def build_edge(settings: Settings, classify: Callable[[str], str] = path_class, 
         http_metrics() if observability.metrics_enabled else (),
         access_log_sample=observability.access_log_sample,
     )
-    return Edge(Lifecycle(), requests, auth)
+    usage = build_usage(settings)
+    if usage is not None:
+        requests.meter = usage.record  # every door's requests, once each (Served.end)
+        if auth is not None:
+            auth.budgets = usage  # the monthly budgets, checked with the rate limits
+    return Edge(Lifecycle(), requests, auth, usage)
 
 
 @dataclass(slots=True)
@@ -108,6 +144,7 @@ class Gateway:
     offload: Offload  # large bodies decoded, large answers encoded, in child processes (TGW_DECODE_PROCESSES)
     requests: Requests  # records every finished request: metrics, access-log line (gRPC, /v1/ws frames)
     auth: AuthStage | None  # keys and limits (the edge's): the HTTP pipeline's admission, the gRPC door's
+    usage: UsageMeter | None = None  # usage metering and budgets (the edge's)
     grpc: Door | None = None  # the gRPC front door, built when asked for and TGW_GRPC_ENABLED; not started
 
 
@@ -186,7 +223,7 @@ async def build_gateway(
     )  # fmt: skip
     gw = Gateway(
         settings, admin, transport, redis, cache, registry, inference, health, jobs, lifecycle, offload,
-        requests, edge.auth,
+        requests, edge.auth, edge.usage,
     )  # fmt: skip
     lifecycle.watch(health)
     lifecycle.drain_hooks.append(jobs.begin_drain)
@@ -200,6 +237,9 @@ async def build_gateway(
             await shm.start()
         await jobs.start()
         served.start()
+        if edge.usage is not None:
+            edge.usage.webhooks_out = usage_webhooks(settings, edge.usage.redis)
+            edge.usage.start()
         logger.info("gateway up: Triton %s (inference over %s), Redis %s",
                     settings.triton.triton_urls or settings.triton_grpc_address,
                     "routed" if settings.triton.triton_urls else
@@ -212,13 +252,14 @@ async def build_gateway(
     finally:
         # Every part is closed even if one fails to (a part left open, a gRPC channel above all, outlives
         # the event loop it belongs to).
-        in_process, auth = settings.jobs.job_worker_in_process, edge.auth
+        in_process, auth, usage = settings.jobs.job_worker_in_process, edge.auth, edge.usage
         steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
             ("auth", (lambda: stop_auth(auth)) if auth is not None else _nothing),
             ("jobs", lambda: jobs.stop(drain_s=min(settings.server.drain_s, 5.0) if in_process else 0)),
             ("cache writes", lambda: inference.drain_writes(timeout_s=1.0)),
             ("decode pool", offload.close),
             ("served statistics", served.stop),
+            ("usage", usage.close if usage is not None else _nothing),  # after the jobs: their attempts
             ("cache store", store.close if store is not None else _nothing),
             ("shared memory", shm.close if shm is not None else _nothing),
             ("inference transport", transport.close if transport is not admin else _nothing),

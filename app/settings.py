@@ -503,6 +503,17 @@ class AuthSettings(_Group):
     cache_scope: Literal["shared", "tenant"] = Field(
         "shared", description="shared (default) or tenant: one cached answer per tenant (docs/auth.md)"
     )
+    usage_enabled: bool = Field(
+        True, description="meter every inference request per tenant and key in Redis (TGW_AUTH_REDIS_URL's "
+        "instance) and enforce monthly budgets (docs/usage.md)",
+    )  # fmt: skip
+    usage_flush_interval_s: float = Field(
+        1.0, gt=0, le=60, description="usage counters are written to Redis this often (and at a graceful "
+        "stop): a killed process loses at most this much of its metering",
+    )  # fmt: skip
+    usage_retention_days: int = Field(
+        90, ge=1, le=3650, description="hourly usage buckets are kept this long"
+    )
 
     @field_validator("key_pepper", "admin_token")
     @classmethod

@@ -9,7 +9,22 @@ from pydantic import BaseModel, Field
 
 from app.auth.keys import KeyStore
 from app.errors import InvalidInput
+from app.services.usage import Budget
 from app.settings import AuthSettings
+
+
+class BudgetSpec(BaseModel):
+    """Monthly (UTC calendar month) caps of a key or a tenant; 0 or absent: no cap on that metric."""
+
+    model_config = {"extra": "forbid"}
+    requests: float = Field(0, ge=0, description="requests per month")
+    rows: float = Field(0, ge=0, description="rows (the batch dimension) per month")
+    compute_s: float = Field(0, ge=0, description="Triton compute seconds per month")
+    soft: float = Field(0.8, gt=0, le=1, description="fraction past which answers carry Usage-Warning")
+
+    def budget(self) -> Budget | None:
+        budget = Budget(self.requests, self.rows, self.compute_s, self.soft)
+        return None if budget.empty else budget
 
 
 class NewKey(BaseModel):
@@ -21,6 +36,7 @@ class NewKey(BaseModel):
     burst: int | None = Field(None, ge=1, le=1_000_000, description="requests allowed at once above the rate")
     concurrency: int | None = Field(None, ge=0, le=100_000, description="in-flight requests; 0 = unbounded")
     daily_quota: int | None = Field(None, ge=0, le=10**12, description="requests per UTC day; 0 = none")
+    budget: BudgetSpec | None = Field(None, description="monthly caps (docs/usage.md); none by default")
 
 
 async def create_key(
@@ -36,5 +52,17 @@ async def create_key(
         spec.burst if spec.burst is not None else settings.auth_default_burst,
         spec.concurrency if spec.concurrency is not None else settings.auth_default_concurrency,
         spec.daily_quota if spec.daily_quota is not None else settings.auth_default_daily_quota,
+        _as_dict(spec.budget),
     )  # fmt: skip
     return {"key": token, **rec.public()}
+
+
+def _as_dict(spec: BudgetSpec | None) -> dict[str, float] | None:
+    budget = spec.budget() if spec is not None else None
+    return budget.as_dict() if budget is not None else None
+
+
+async def update_budget(store: KeyStore, key_id: str, spec: BudgetSpec | None) -> dict[str, Any] | None:
+    """Set (None: remove) a key's monthly budget; None when there is no such key."""
+    rec = await store.set_budget(key_id, _as_dict(spec))
+    return rec.public() if rec is not None else None

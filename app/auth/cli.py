@@ -14,13 +14,14 @@ from typing import Any
 import orjson
 from redis.exceptions import RedisError
 
-from app.auth.admin import NewKey, create_key
+from app.auth.admin import BudgetSpec, NewKey, create_key, update_budget
 from app.auth.keys import KeyStore
 from app.auth.principal import parse_tiers
 from app.auth.stage import ADMIN_TIER
 from app.cli_common import stack_settings
 from app.clients.redis import make_redis
 from app.errors import GatewayError
+from app.services.usage import parse_budget
 from app.settings import Settings, redact_url
 
 
@@ -35,7 +36,12 @@ def add_parser(sub: Any) -> None:
     create.add_argument("--burst", type=int, help="burst above the rate (default TGW_AUTH_DEFAULT_BURST)")
     create.add_argument("--concurrency", type=int, help="in-flight requests, 0 = unbounded")
     create.add_argument("--daily-quota", type=int, help="requests per UTC day, 0 = none")
+    create.add_argument("--budget", help=_BUDGET_HELP)
     create.set_defaults(fn=cmd_keys)
+    update = ksub.add_parser("update", help="change a key's monthly budget")
+    update.add_argument("id")
+    update.add_argument("--budget", required=True, help=_BUDGET_HELP + "; none removes it")
+    update.set_defaults(fn=cmd_keys)
     ksub.add_parser("list", help="every key (never the key itself)").set_defaults(fn=cmd_keys)
     revoke = ksub.add_parser("revoke", help="revoke a key by id (effective within TGW_AUTH_KEY_CACHE_S)")
     revoke.add_argument("id")
@@ -44,6 +50,15 @@ def add_parser(sub: Any) -> None:
     rotate.add_argument("id")
     rotate.add_argument("--grace-s", type=int, default=0, help="the old secret works this much longer")
     rotate.set_defaults(fn=cmd_keys)
+
+
+_BUDGET_HELP = "monthly caps, e.g. requests=1000000,rows=5000000,compute_s=3600[,soft=0.8] (docs/usage.md)"
+
+
+def budget_spec(text: str | None) -> BudgetSpec | None:
+    """``--budget`` as the API's ``BudgetSpec`` (InvalidInput when malformed)."""
+    budget = parse_budget(text, "--budget") if text is not None else None
+    return BudgetSpec(**budget.as_dict()) if budget is not None else None
 
 
 def _out(obj: Any) -> None:
@@ -103,6 +118,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 spec = NewKey(
                     name=args.name, tenant=args.tenant, tier=args.tier, rps=args.rps, burst=args.burst,
                     concurrency=args.concurrency, daily_quota=args.daily_quota,
+                    budget=budget_spec(args.budget),
                 )  # fmt: skip
                 _out(await create_key(store, settings.auth, tiers, spec))
             except (GatewayError, ValueError) as exc:
@@ -111,6 +127,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return 0
         if cmd == "list":
             _out([rec.public() for rec in await store.list()])
+            return 0
+        if cmd == "update":
+            try:
+                updated = await update_budget(store, args.id, budget_spec(args.budget))
+            except (GatewayError, ValueError) as exc:
+                sys.stderr.write(f"tgw keys update: {getattr(exc, 'message', exc)}\n")
+                return 2
+            if updated is None:
+                sys.stderr.write(f"no key {args.id!r}\n")
+                return 1
+            _out(updated)
             return 0
         if cmd == "revoke":
             if not await store.revoke(args.id):
@@ -129,7 +156,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
     var, address = auth_redis_source(settings)
     shown = redact_url(address)
     try:
-        return asyncio.run(_with_store(settings, run, writes=args.keys_command in ("create", "rotate")))
+        writes = args.keys_command in ("create", "rotate", "update")
+        return asyncio.run(_with_store(settings, run, writes=writes))
     except EvictingStore as exc:
         sys.stderr.write(
             f"tgw keys: refusing to store keys in {shown} ({var}): its maxmemory-policy is {exc}, so Redis"

@@ -71,6 +71,7 @@ class KeyRecord:
     daily_quota: int
     created: float
     digest: str = ""
+    budget: dict[str, float] | None = None  # monthly caps (app.services.usage.Budget.as_dict); None: none
 
     def dumps(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -97,10 +98,12 @@ class KeyStore:
         self.timeout_s = timeout_s
 
     async def create(
-        self, name: str, tenant: str, tier: str, rps: float, burst: int, concurrency: int, daily_quota: int
-    ) -> tuple[str, KeyRecord]:
+        self, name: str, tenant: str, tier: str, rps: float, burst: int, concurrency: int, daily_quota: int,
+        budget: dict[str, float] | None = None,
+    ) -> tuple[str, KeyRecord]:  # fmt: skip
         key_id, token = new_token()
         rec = KeyRecord(key_id, name, tenant, tier, rps, burst, concurrency, daily_quota, time.time())
+        rec.budget = budget
         rec.digest = digest(self.pepper, token)
         async with asyncio.timeout(self.timeout_s):
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -140,6 +143,16 @@ class KeyStore:
             found = await self.redis.hget(IDS_KEY, key_id)
             raw = await self.redis.get(record_key(_s(found))) if found is not None else None
         return KeyRecord.loads(raw) if raw is not None else None
+
+    async def set_budget(self, key_id: str, budget: dict[str, float] | None) -> KeyRecord | None:
+        """Set (None: remove) a key's monthly budget; seen by every replica within TGW_AUTH_KEY_CACHE_S."""
+        rec = await self.get(key_id)
+        if rec is None:
+            return None
+        rec.budget = budget
+        async with asyncio.timeout(self.timeout_s):
+            await self.redis.set(record_key(rec.digest), rec.dumps(), xx=True)
+        return rec
 
     async def revoke(self, key_id: str) -> bool:
         rec = await self.get(key_id)

@@ -49,6 +49,7 @@ from app.auth.principal import (
 )
 from app.errors import ServiceUnavailable
 from app.request_context import route_path
+from app.services.usage import Budget, UsageMeter
 from app.settings import AuthSettings
 
 logger = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ class AuthStage:
         self._degraded_logged = 0.0
         self.keys: KeyStore | None = None
         self.limiter: RedisLimiter | None = None
+        self.budgets: UsageMeter | None = None  # monthly budgets (set by the composition root)
         if not self.enabled:
             return
         if not settings.key_pepper:
@@ -314,7 +316,8 @@ class AuthStage:
             max_timeout_s=tier.max_timeout_s, max_stream_s=tier.max_stream_s, admin=tier.name == ADMIN_TIER,
             limits=Limits(rec.rps, rec.burst, rec.concurrency, rec.daily_quota),
             cache_scope=cache_scope_of(rec.tenant, self.settings.cache_scope),
-            extra={"digest": rec.digest},  # what recheck() looks up again (revocation, rotation)
+            extra={"digest": rec.digest,  # what recheck() looks up again (revocation, rotation)
+                   "budget": Budget.from_mapping(rec.budget)},  # the key's monthly budget (None: none)
         )  # fmt: skip
 
     async def _verify(self, key_id: str, token: str) -> KeyRecord | None:
@@ -392,6 +395,7 @@ class AuthStage:
         limits = principal.limits
         if limits is None or self.limiter is None:
             return  # admin token: unlimited
+        await self.check_budget(principal)
         slot = new_slot_id()
         ws = kind == "ws"
         try:
@@ -419,6 +423,7 @@ class AuthStage:
         limits = principal.limits
         if limits is None or self.limiter is None:
             return
+        await self.check_budget(principal)
         try:
             decision = await self.limiter.admit(principal.key_id, limits, "", concurrency=0, quota=False)
         except _REDIS_ERRORS as exc:
@@ -426,6 +431,19 @@ class AuthStage:
             decision = self.local.admit(principal.key_id, limits, take_slot=False)
         if not decision.admitted:
             raise self._too_many(decision, limits, False)
+
+    async def check_budget(self, principal: Principal) -> None:
+        """The key's and its tenant's monthly budgets (``app.services.usage``): 429 ``budget_exhausted``
+        once one is used up; past a soft threshold, ``principal.extra["usage_warning"]`` (the
+        ``Usage-Warning`` header of the answer)."""
+        if self.budgets is None:
+            return
+        budget = principal.extra.get("budget")
+        warning = await self.budgets.check(principal.tenant, principal.key_id, budget)
+        if warning is not None:
+            principal.extra["usage_warning"] = warning
+        else:
+            principal.extra.pop("usage_warning", None)
 
     def _too_many(self, decision: Decision, limits: Limits, ws: bool) -> TooManyRequests:
         what = "open WebSockets" if ws and decision.reason == "concurrency" else decision.reason

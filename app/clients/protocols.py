@@ -27,6 +27,7 @@ class TritonResult:
     outputs: dict[str, np.ndarray]
     datatypes: dict[str, str]
     final: bool = True  # a streamed response: the request's last (Triton's ``triton_final_response``)
+    compute_s: float = 0.0  # Triton time the answer cost (usage metering; a micro-batched call's: its share)
 
 
 @dataclass(slots=True, frozen=True)

@@ -76,6 +76,8 @@ class Served:
         if not record:
             return
         rid, info, requests = self.request_id, self.info, self.requests
+        if info.door is not None and requests.meter is not None:  # an inference request: usage metering
+            requests.meter(info, status)
         if kind == "http":
             requests.http(rid, self.method, self.path, template, int(status), elapsed, info)
         elif kind == "grpc":
@@ -94,6 +96,9 @@ class Requests:
         self, http_metrics: Sequence[Callable[[Info], None]] = (), access_log_sample: float = 1.0
     ) -> None:
         self.http_metrics = tuple(http_metrics)
+        # Usage metering (``app.services.usage.UsageMeter.record``, set by the composition root): called
+        # once per request the inference service saw, with its info and status.
+        self.meter: Callable[[RequestInfo, int | str], None] | None = None
         # TGW_ACCESS_LOG_SAMPLE: a line for every ``every``-th answered request (errors: always). Evenly
         # spaced, not drawn: the lines kept stand for the same share of every route.
         self._every = 0 if access_log_sample <= 0 else max(1, round(1 / access_log_sample))

@@ -128,6 +128,7 @@ class _Queue:
         stacked = {n: np.concatenate([it.call.inputs[n] for it in batch], axis=0) for n in first.inputs}
         total = sum(it.rows for it in batch)
         call = replace(first, inputs=stacked, deadline=max(it.call.deadline for it in batch))
+        started = time.perf_counter()
         try:
             result = await self.owner.inner.infer(call)
         except (ServiceUnavailable, UpstreamTimeout) as exc:  # the same for every request
@@ -146,11 +147,15 @@ class _Queue:
         if any(arr.ndim == 0 or arr.shape[0] != total for arr in result.outputs.values()):
             await asyncio.gather(*(self._single(it) for it in batch))
             return
+        per_row = (time.perf_counter() - started) / total  # the call's time, split by rows (usage metering)
         start = 0
         for it in batch:
             end = start + it.rows
             outputs = {n: arr[start:end].copy() for n, arr in result.outputs.items()}
-            _resolve(it.future, TritonResult(result.model_version, outputs, dict(result.datatypes)))
+            split = TritonResult(
+                result.model_version, outputs, dict(result.datatypes), compute_s=per_row * it.rows
+            )
+            _resolve(it.future, split)
             start = end
 
 

@@ -13,6 +13,7 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,7 @@ def encode_result(result: TritonResult, expires_at: float = 0.0) -> bytes:
         {
             "v": result.model_version,
             "x": round(expires_at, 3),
+            "c": round(result.compute_s, 6),  # what the answer cost in Triton (usage: saved compute)
             "o": [
                 [name, result.datatypes[name], list(arr.shape), len(blob)]
                 for (name, arr), blob in zip(result.outputs.items(), blobs, strict=True)
@@ -94,7 +96,7 @@ def decode_stream(value: bytes) -> list[TritonResult]:
         final, size = _PART.unpack_from(value, offset)
         offset += _PART.size
         result = decode_result(value[offset : offset + size])
-        results.append(TritonResult(result.model_version, result.outputs, result.datatypes, bool(final)))
+        results.append(replace(result, final=bool(final)))
         offset += size
     return results
 
@@ -115,7 +117,8 @@ def decode_entry(value: bytes) -> tuple[TritonResult, float]:
         offset += nbytes
         outputs[name] = tensor_from_bytes(blob, datatype, shape)
         datatypes[name] = datatype
-    return TritonResult(header["v"], outputs, datatypes), float(header.get("x", 0.0))
+    compute = float(header.get("c", 0.0))  # an entry written before usage metering: 0
+    return TritonResult(header["v"], outputs, datatypes, compute_s=compute), float(header.get("x", 0.0))
 
 
 class CacheUnavailable(Exception):

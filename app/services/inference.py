@@ -22,7 +22,7 @@ from app.clients.protocols import InferenceTransport, TritonCall, TritonResult
 from app.domain import CacheOutcome, InferRequest, InferResponse
 from app.errors import GatewayError, NotOffered, UpstreamTimeout
 from app.observability import metrics, tracing
-from app.observability.context import add_timing, annotate
+from app.observability.context import add_timing, annotate, note_answer, note_usage
 from app.request_context import RequestContext
 from app.services.cache import CacheUnavailable, ReadPolicy, ResponseCache, cache_key
 from app.services.registry import ModelInfo, ModelRegistry
@@ -48,6 +48,34 @@ def _large(req: InferRequest) -> bool:
     for arr in req.inputs.values():  # a plain loop: ~0.1 µs a request (a generator: ~0.4)
         size += arr.nbytes
     return size > KEY_OFF_LOOP_BYTES
+
+
+def _rows_and_bytes(req: InferRequest) -> tuple[int, int]:
+    """The request's rows (its batch dimension; 1 for a model without one) and input tensor bytes."""
+    size = 0
+    rows = 1
+    for arr in req.inputs.values():
+        size += arr.nbytes
+        if req.info.max_batch_size > 0 and arr.ndim > 0:
+            rows = int(arr.shape[0])
+    return rows, size
+
+
+def _out_bytes(result: TritonResult) -> int:
+    size = 0
+    for arr in result.outputs.values():
+        size += arr.nbytes
+    return size
+
+
+def meter(req: InferRequest, ctx: RequestContext) -> None:
+    """The request reached the service: it is metered (``app.services.usage``) when its door ends it."""
+    caller = ctx.caller
+    rows, size = _rows_and_bytes(req)
+    if caller is not None:
+        note_usage(ctx.door, caller.tenant, caller.key_id, rows, size)
+    else:
+        note_usage(ctx.door, "", "", rows, size)
 
 
 def refuse_decoupled(info: ModelInfo) -> None:
@@ -151,7 +179,7 @@ class InferenceService:
             req.cache_scope = caller.cache_scope
         return req
 
-    async def cached(self, req: InferRequest) -> InferResponse | None:
+    async def cached(self, req: InferRequest, ctx: RequestContext | None = None) -> InferResponse | None:
         """The cached answer, if any, without calling Triton (job submission answers hits at once), for a
         request its context was already applied to (``bind``). Follows the same rules as ``infer``; a
         cache error counts as no answer."""
@@ -165,12 +193,18 @@ class InferenceService:
         except CacheUnavailable:
             hit = None
         annotate(info.name, info.version, "HIT" if hit is not None else "MISS")
-        return InferResponse(info.name, hit, "HIT") if hit is not None else None
+        if hit is None:
+            return None
+        if ctx is not None:  # answered at once (a job submission): metered as the door's request
+            meter(req, ctx)
+            note_answer(_out_bytes(hit), saved_s=hit.compute_s)
+        return InferResponse(info.name, hit, "HIT")
 
     async def infer(self, req: InferRequest, ctx: RequestContext) -> InferResponse:
         """The answer to ``req``, from the cache or Triton, within the caller's deadline (``ctx.deadline``:
         past it, 504 ``triton_timeout``, rendered DEADLINE_EXCEEDED over gRPC)."""
         self.bind(req, ctx)
+        meter(req, ctx)
         deadline = ctx.deadline
         if deadline is None:
             return await self._infer(req, None)
@@ -203,6 +237,7 @@ class InferenceService:
                     annotate(info.name, info.version, "HIT")
                     if self.served is not None:
                         self.served.hit(info.name, info.version, time.perf_counter_ns() - start_ns)
+                    note_answer(_out_bytes(hit), saved_s=hit.compute_s)
                     return InferResponse(info.name, hit, "HIT")
                 outcome = "MISS"
                 metrics.cache_outcome("miss" if remote else "skipped")
@@ -220,8 +255,14 @@ class InferenceService:
             return result
 
         if not req.cacheable:  # a sequence step is never shared with another request
-            return InferResponse(info.name, await forward(), outcome)
+            result = await forward()
+            note_answer(_out_bytes(result), result.compute_s)
+            return InferResponse(info.name, result, outcome)
         result, shared = await self.flights.do(key, forward)
+        if shared:
+            note_answer(_out_bytes(result), saved_s=result.compute_s, follower=True)
+        else:
+            note_answer(_out_bytes(result), result.compute_s)
         if shared:
             metrics.SINGLEFLIGHT_SHARED.inc()
             if self.served is not None:  # Triton saw the one call this request shared
@@ -240,6 +281,7 @@ class InferenceService:
         life is bounded by the caller's deadline and its tier's longest stream; leaving it early
         (``aclose``/``cancel``) cancels the request in Triton."""
         self.bind(req, ctx)
+        meter(req, ctx)
         info = req.info
         limits = self.stream_limits
         caller = ctx.caller
@@ -357,12 +399,15 @@ class InferenceService:
     async def _forward(self, req: InferRequest, deadline: float | None) -> TritonResult:
         info = req.info
         call = self.call_for(req, deadline)
+        start = time.perf_counter()
         with self._triton_call("triton.infer", call):
             try:
                 async with asyncio.timeout(self.timeout_s + 1.0):
                     result = await self.transport.infer(call)
             except TimeoutError:
                 raise UpstreamTimeout("Triton did not answer before the deadline") from None
+        if not result.compute_s:  # sent alone: the call's triton stage (a micro-batched one: its share)
+            result = replace(result, compute_s=time.perf_counter() - start - call.queued_s)
         if result.model_version and result.model_version != info.version:
             logger.info("model %s answered from version %s, expected %s; refreshing metadata",
                         info.name, result.model_version, info.version)  # fmt: skip

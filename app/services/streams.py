@@ -27,13 +27,14 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from app.clients.protocols import TritonResult
 from app.domain import CacheOutcome, InferResponse
 from app.errors import GatewayError, ServiceUnavailable, UpstreamTimeout
 from app.observability import metrics
+from app.observability.context import note_answer, note_response
 from app.request_context import RequestContext
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ class ResponseStream:
                 time.perf_counter() - self.started
             )
         self.responses += 1
+        note_answer(_size(item) - 64, saved_s=item.compute_s if self.cache == "HIT" else 0.0)
+        note_response()
         return InferResponse(self.model, item, self.cache)
 
     def cancel(self, by: Canceller = "client") -> None:
@@ -156,6 +159,7 @@ class ResponseStream:
         collected_bytes = 0
         completed = False
         limits = self.limits
+        pumped = time.perf_counter()
         try:
             async with asyncio.timeout(self._max_duration_s or None):
                 async for result in source:
@@ -181,6 +185,7 @@ class ResponseStream:
                             collected = None
                     if result.final:  # the source ends right after it (the upstream call closes cleanly)
                         completed = self._complete = True
+                        result = replace(result, compute_s=time.perf_counter() - pumped)  # stored with it
                         if collected is not None:  # stored before the final response is handed on: the
                             await self._store_safely(collected)  # client's next request finds it
                     self._held_bytes += size
@@ -199,6 +204,7 @@ class ResponseStream:
             self._error = exc
             self.end = "deadline" if isinstance(exc, UpstreamTimeout) else "error"
         finally:
+            note_answer(0, time.perf_counter() - pumped)  # usage: the stream's Triton time
             if not completed:
                 self._queue.put_nowait(_END)
             with contextlib.suppress(BaseException):

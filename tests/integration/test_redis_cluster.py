@@ -75,6 +75,22 @@ def test_gateway_cache_on_the_cluster(cluster_gateway: str) -> None:
         assert again.headers["X-Cache"] == "HIT" and again.json() == first.json()
 
 
+def test_usage_metering_on_the_cluster(cluster_gateway: str) -> None:
+    """The usage meter's pipelined flush (single-key commands) and the admin query on three masters."""
+
+    def metered(c: httpx.Client) -> int:
+        rows = c.get("/v1/admin/usage", params={"tenant": "-", "group_by": "tenant"}).json()["rows"]
+        return int(rows[0]["requests"]) if rows else 0
+
+    with httpx.Client(base_url=cluster_gateway, timeout=10) as c:
+        before = metered(c)
+        for _ in range(3):
+            r = c.post("/v1/models/identity_fp32/infer", json={"inputs": {"INPUT0": [unique_row()]}})
+            assert r.status_code == 200, r.text
+        eventually(lambda: metered(c) >= before + 3, 5, 0.1, "usage not flushed to the cluster")
+        assert c.get("/v1/usage").json()["tenant"]["usage"]["requests"] >= before + 3
+
+
 def test_jobs_on_the_cluster(cluster_gateway: str) -> None:
     with httpx.Client(base_url=cluster_gateway, timeout=10) as c:
         bodies = [{"inputs": {"INPUT0": [unique_row()]}} for _ in range(5)]

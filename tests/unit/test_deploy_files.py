@@ -742,6 +742,11 @@ KNOWN_METRICS = {
     "nv_inference_compute_infer_duration_us",
     "nv_inference_request_success",
     "nv_gpu_utilization",
+    "tgw_usage_requests_total",
+    "tgw_usage_rows_total",
+    "tgw_usage_bytes_total",
+    "tgw_usage_compute_seconds_total",
+    "tgw_usage_saved_compute_seconds_total",
 }
 # What the issue asks the dashboard to show, and a metric that must be behind it.
 REQUIRED_PANELS = {
@@ -753,6 +758,7 @@ REQUIRED_PANELS = {
     "gpu utilisation": "nv_gpu_utilization",
     "job queue depth": "tgw_jobs_queue_depth",
     "webhook failures": "tgw_webhook_deliveries_total",
+    "compute seconds per tenant": "tgw_usage_compute_seconds_total",
 }
 PROMQL_WORDS = {
     "sum",
@@ -770,6 +776,8 @@ PROMQL_WORDS = {
     "outcome",
     "model",
     "gpu_uuid",
+    "tenant",
+    "direction",
 }
 
 

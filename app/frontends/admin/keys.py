@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel, Field
 
-from app.auth.admin import NewKey, create_key
+from app.auth.admin import BudgetSpec, NewKey, create_key, update_budget
 from app.auth.keys import KeyRecord, KeyStore
 from app.auth.principal import Principal
 from app.auth.stage import AuthStage, path_class
@@ -31,6 +31,7 @@ class KeyView(BaseModel):
     concurrency: int
     daily_quota: int
     created: str = Field(description="ISO 8601, UTC")
+    budget: dict[str, float] | None = Field(None, description="monthly caps (docs/usage.md)")
 
 
 class KeyCreated(KeyView):
@@ -168,6 +169,25 @@ async def new_key(spec: NewKey, stage: AuthDep) -> ORJSONResponse:
     """Create a key; the answer holds the key itself, shown this once."""
     created = await create_key(_store(stage), stage.settings, set(stage.tiers), spec)
     return ORJSONResponse(created, status_code=201)
+
+
+class KeyUpdate(BaseModel):
+    model_config = {"extra": "forbid"}
+    budget: BudgetSpec | None = Field(description="the key's monthly caps (docs/usage.md); null removes them")
+
+
+@router.patch(
+    "/v1/admin/keys/{key_id}",
+    response_class=ORJSONResponse,
+    response_model=KeyView,
+    responses=errors(404, 409, 422, notes={404: "no such key", **_AUTH_OFF}),
+)
+async def update_key(key_id: str, spec: KeyUpdate, stage: AuthDep) -> ORJSONResponse:
+    """Change a key's monthly budget; every replica applies it within TGW_AUTH_KEY_CACHE_S."""
+    updated = await update_budget(_store(stage), key_id, spec.budget)
+    if updated is None:
+        raise NotFound(f"no key {key_id!r}")
+    return ORJSONResponse(updated)
 
 
 @router.delete(

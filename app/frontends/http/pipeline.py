@@ -211,6 +211,8 @@ class Pipeline:
             except Exception as exc:
                 code, err, message = log_unhandled(exc)
                 reply = _error_reply(scope, code, err, message, None, None)
+            if grant is not None and isinstance(reply, Reply):
+                reply = _usage_warning(grant, reply)
             if isinstance(reply, SSEReply):  # a stream: the grant (in-flight slot) is held until it ends
                 status, sent = await self._send_stream(scope, receive, send, reply, rid_header)
             elif reply is not None:
@@ -338,3 +340,13 @@ def _error_reply(
     kserve = is_kserve_path(scope["path"])
     body = error_body(code, message, details, kserve=kserve)
     return Reply(kserve_status(status) if kserve else status, body, JSON, extra)
+
+
+def _usage_warning(grant: Any, reply: Reply) -> Reply:
+    """A key past a soft threshold of its monthly budget (``app.auth.stage.AuthStage.check_budget``): the
+    answer carries ``Usage-Warning`` (docs/usage.md)."""
+    extra = getattr(grant, "extra", None)
+    warning = extra.get("usage_warning") if extra else None
+    if warning is None:
+        return reply
+    return reply._replace(headers=(*reply.headers, (b"usage-warning", warning.encode("latin-1"))))

@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -143,17 +143,20 @@ class JobService:
             raise InvalidInput(f"priority: expected one of {', '.join(PRIORITIES)}", {"field": "priority"})
         webhook_url, progress = await self._vet_webhook(body.webhook)
         fingerprint = body.fingerprint
-        spec = JobSpec.of(req).to_record()
+        key_id = (
+            ctx.caller.key_id if ctx.caller is not None else ""
+        )  # usage: its attempts are metered under it
+        record = replace(JobSpec.of(req), key_id=key_id).to_record()
         job = Job(
             id=new_job_id(), owner=owner, status=JobStatus.QUEUED, model=model, version=version,
-            priority=priority, created_at=time.time(), request_id=ctx.request_id, spec=spec,
+            priority=priority, created_at=time.time(), request_id=ctx.request_id, spec=record,
             webhook_url=webhook_url, webhook_progress=progress,
         )  # fmt: skip
         # a decoupled model's job is answered by its worker (which replays a completed stream cached): its
         # submission looks nothing up (its line says so, with the model, as a submission that skips the read)
         if req.info.decoupled:
             annotate(req.info.name, req.info.version, "BYPASS")
-        hit = None if req.info.decoupled else await self.inference.cached(req)
+        hit = None if req.info.decoupled else await self.inference.cached(req, ctx)
         if hit is not None:
             result = await self.offload.encode(json_values(hit.result.outputs), result_json, hit)
             job.status, job.result, job.cache, job.finished_at = (

@@ -40,7 +40,7 @@ from app.domain import JobSpec, json_values
 from app.errors import GatewayError, InvalidInput, PayloadTooLarge, UpstreamError
 from app.observability import metrics
 from app.observability.requests import Requests
-from app.request_context import RequestContext
+from app.request_context import Caller, RequestContext
 from app.services.inference import InferenceService, InferRequest
 from app.services.jobs.events import EventHub
 from app.services.jobs.service import error_json, result_json
@@ -470,7 +470,11 @@ class JobWorker:
                 f"{changed[0]}: the model's inputs changed since the job was submitted", {"field": changed[0]}
             )
         ctx = RequestContext.open("job", job.request_id or None)
-        return JobSpec.from_record(job.spec).request(info, inputs, ctx.request_id), ctx
+        spec = JobSpec.from_record(job.spec)
+        req = spec.request(info, inputs, ctx.request_id)
+        # the job's owner and key, for usage metering (the key decided the rest at submit: it is in the spec)
+        ctx.caller = Caller(key_id=spec.key_id, tenant=job.owner, tier="", cache_scope=req.cache_scope)
+        return req, ctx
 
     async def _failed_attempt(self, job_id: str, attempt: int, err: bytes) -> None:
         await self._stored(lambda: self.store.set_last_error(job_id, err))
