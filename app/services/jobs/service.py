@@ -144,6 +144,8 @@ class JobService:
         webhook_url, progress = await self._vet_webhook(body.webhook)
         fingerprint = body.fingerprint
         spec = JobSpec.of(req).to_record()
+        if version is None and ctx.traffic is not None:  # the version the model's traffic policy chose
+            version = ctx.traffic.version  # runs it, whatever the policy says when the job runs
         job = Job(
             id=new_job_id(), owner=owner, status=JobStatus.QUEUED, model=model, version=version,
             priority=priority, created_at=time.time(), request_id=ctx.request_id, spec=spec,
