@@ -62,6 +62,7 @@ MODELS_KEY = f"{PREFIX}:models"
 LEASE_KEY = f"{PREFIX}:lease"
 STATS_TTL_S = 7 * 86400
 DECISIONS_KEPT = 50
+COMPARE_OFF_LOOP_BYTES = 1 << 20
 
 METRIC_NAMES = ("n", "compared", "err", "err_delta", "p99_ratio", "mean_rel", "mean_abs", "max_abs", "match")
 _CONDITION = re.compile(
@@ -371,7 +372,7 @@ def evidence_of(
     err_p = e_p / n_p if n_p else 0.0
     pair = f"{prod}>{cand}"
     compared = stats.get(f"cmp:{pair}", 0.0)
-    outputs = {k.split(":", 3)[3] for k in stats if k.startswith(f"rel:{pair}:")}
+    outputs = {k[len(f"rel:{pair}:") :] for k in stats if k.startswith(f"rel:{pair}:")}
     rel = max((stats[f"rel:{pair}:{o}"] / compared for o in outputs), default=nan) if compared else nan
     mean_abs = max((stats[f"abs:{pair}:{o}"] / compared for o in outputs), default=nan) if compared else nan
     max_abs = max((stats.get(f"max:{pair}:{o}", nan) for o in outputs), default=nan) if compared else nan
@@ -606,7 +607,7 @@ class TrafficStore:
             pair = key.split(":", 1)[1]
             prod_v, shadow_v = pair.split(">", 1)
             compared = stats.get(f"cmp:{pair}", 0.0)
-            outputs = sorted({k.split(":", 3)[3] for k in stats if k.startswith(f"rel:{pair}:")})
+            outputs = sorted({k[len(f"rel:{pair}:") :] for k in stats if k.startswith(f"rel:{pair}:")})
             shadows.append({
                 "production": prod_v, "shadow": shadow_v, "calls": int(stats[key]), "compared": int(compared),
                 "errors": int(stats.get(f"serr:{pair}", 0)), "mismatched": int(stats.get(f"mism:{pair}", 0)),
@@ -750,9 +751,6 @@ class TrafficPolicies:
         shadow = routed.shadow
         assert shadow is not None
         m, rev, pair = routed.model, routed.revision, f"{routed.version}>{shadow}"
-        b = self._batch
-        b.add(m, rev, f"calls:{pair}")
-        b.add(m, rev, f"n:{shadow}")
         shadow_call = replace(
             call, version=shadow, request_id=f"{call.request_id}.shadow" if call.request_id else "",
             deadline=time.monotonic() + self.timeout_s, max_batch_rows=0,
@@ -764,13 +762,23 @@ class TrafficPolicies:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            b = self._batch  # the one in force now (a flush replaces it), the call counted with its outcome
+            b.add(m, rev, f"calls:{pair}")
+            b.add(m, rev, f"n:{shadow}")
             b.add(m, rev, f"err:{shadow}")
             b.add(m, rev, f"serr:{pair}")
             metrics.shadow_call(m, routed.version, shadow, "error")
             logger.debug("shadow call to %s version %s failed: %s", m, shadow, exc)
             return
+        b = self._batch
+        b.add(m, rev, f"calls:{pair}")
+        b.add(m, rev, f"n:{shadow}")
         b.latency(m, rev, shadow, (time.perf_counter() - start) * 1000)
-        diffs = compare(production.outputs, result.outputs)
+        size = sum(a.nbytes for a in production.outputs.values())
+        if size > COMPARE_OFF_LOOP_BYTES:  # large answers compared in a worker thread (numpy frees the GIL)
+            diffs = await asyncio.to_thread(compare, production.outputs, result.outputs)
+        else:
+            diffs = compare(production.outputs, result.outputs)
         if diffs is None:
             b.add(m, rev, f"mism:{pair}")
             metrics.shadow_call(m, routed.version, shadow, "mismatch")
