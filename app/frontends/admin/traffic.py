@@ -33,6 +33,37 @@ class TrafficSpec(BaseModel):
     rollback_when: Any = Field(None, description="e.g. n>=50,err_delta>0.05")
 
 
+class TrafficView(BaseModel):
+    """A model's policy as in force, with the evidence gathered under its revision and its decisions."""
+
+    model: str
+    weights: dict[str, float]
+    sticky: str | None
+    shadow: str | None
+    shadow_sample: float
+    promote_when: str | None
+    rollback_when: str | None
+    revision: int
+    updated_by: str
+    updated_at: str | None = Field(description="ISO 8601, UTC")
+    production: str | None = Field(description="the version with the largest weight")
+    candidate: str | None = Field(
+        description="the shadow, else the other weighted version: promoted or rolled back"
+    )
+    versions: dict[str, dict[str, Any]] = Field(description="per version: requests, errors, p50_ms, p99_ms")
+    shadow_comparisons: list[dict[str, Any]] = Field(
+        description="per (production, shadow) pair: calls, compared, errors, mismatched, dropped, and per "
+        "output mean_rel, mean_abs, max_abs (exact_match for integer outputs)"
+    )
+    evidence: dict[str, float | None] = Field(description="what promote_when / rollback_when test")
+    decisions: list[dict[str, Any]] = Field(description="promotions and rollbacks, newest first")
+
+
+class Removed(BaseModel):
+    model: str
+    removed: bool
+
+
 _OFF = {409: "traffic policies are off (TGW_TRAFFIC_ENABLED=false)"}
 
 
@@ -57,6 +88,7 @@ async def _shown(gw: Gateway, model: str) -> dict[str, Any]:
 @router.get(
     "/{model}/traffic",
     response_class=ORJSONResponse,
+    response_model=TrafficView,
     responses=errors(404, 409, notes={404: "no policy", **_OFF}),
 )
 async def get_traffic(model: str, gw: GatewayDep) -> ORJSONResponse:
@@ -65,7 +97,12 @@ async def get_traffic(model: str, gw: GatewayDep) -> ORJSONResponse:
     return ORJSONResponse(await _shown(gw, model))
 
 
-@router.put("/{model}/traffic", response_class=ORJSONResponse, responses=errors(404, 409, 422, notes=_OFF))
+@router.put(
+    "/{model}/traffic",
+    response_class=ORJSONResponse,
+    response_model=TrafficView,
+    responses=errors(404, 409, 422, notes=_OFF),
+)
 async def put_traffic(
     model: str, spec: TrafficSpec, gw: GatewayDep, principal: PrincipalDep
 ) -> ORJSONResponse:
@@ -82,6 +119,7 @@ async def put_traffic(
 @router.delete(
     "/{model}/traffic",
     response_class=ORJSONResponse,
+    response_model=Removed,
     responses=errors(404, 409, notes={404: "no policy", **_OFF}),
 )
 async def delete_traffic(model: str, gw: GatewayDep, principal: PrincipalDep) -> ORJSONResponse:
@@ -93,7 +131,7 @@ async def delete_traffic(model: str, gw: GatewayDep, principal: PrincipalDep) ->
 
 
 @router.post(
-    "/{model}/traffic/{decision}", response_class=ORJSONResponse,
+    "/{model}/traffic/{decision}", response_class=ORJSONResponse, response_model=TrafficView,
     responses=errors(404, 409, 422, notes={404: "no policy", **_OFF}),
 )  # fmt: skip
 async def decide_traffic(
