@@ -43,6 +43,7 @@ def add_parser(sub: Any) -> None:
     put.add_argument("--shadow-sample", type=float, help="the share of requests shadowed, 0..1 (default 1)")
     put.add_argument("--promote-when", help="e.g. 'n>=200,mean_rel<=0.01,err_delta<=0.01,p99_ratio<=1.2'")
     put.add_argument("--rollback-when", help="e.g. 'n>=50,err_delta>0.05'")
+    put.add_argument("--json", action="store_true", help="print the policy as JSON (the admin API's answer)")
     put.set_defaults(fn=cmd_traffic)
     show = tsub.add_parser("show", help="a model's policy, its evidence (shadow comparisons) and decisions")
     show.add_argument("model")
@@ -55,6 +56,8 @@ def add_parser(sub: Any) -> None:
     ):
         p = tsub.add_parser(name, help=text)
         p.add_argument("model")
+        if name != "clear":
+            p.add_argument("--json", action="store_true", help="print the policy as JSON")
         p.set_defaults(fn=cmd_traffic)
 
 
@@ -150,6 +153,8 @@ def render(summary: dict[str, Any]) -> str:
                 f"    {d['at']}  {d['decision']} {d['candidate']} (production {d['production']}) "
                 f"by {d['by']}{why}: revision {d['from_revision']} -> {d['to_revision']}"
             )
+            if d.get("evidence"):
+                lines.append("      on " + " ".join(f"{k}={_num(v)}" for k, v in d["evidence"].items()))
     else:
         lines.append("  decisions      none yet")
     return "\n".join(lines)
@@ -198,7 +203,7 @@ def cmd_traffic(args: argparse.Namespace) -> int:
         if summary is None:
             sys.stderr.write(f"tgw traffic: model {model!r} has no traffic policy\n")
             return 1
-        if cmd == "show" and not args.json:
+        if not args.json:
             sys.stdout.write(render(summary) + "\n")
         else:
             _out(summary)

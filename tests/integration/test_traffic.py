@@ -318,7 +318,7 @@ def test_admin_api_and_cli_round_trip(base: str, own_redis: EmbeddedRedis, trito
                               capture_output=True, text=True, timeout=60)  # fmt: skip
 
     done = tgw("set", VAE, "--weights", "1=80,2=20", "--sticky", "tenant", "--shadow", "2", "--shadow-sample",
-               "0.5", "--promote-when", "n>=500,mean_rel<=0.01", "--rollback-when", "n>=50,err_delta>0.05")  # fmt: skip
+               "0.5", "--promote-when", "n>=500,mean_rel<=0.01", "--rollback-when", "n>=50,err_delta>0.05", "--json")  # fmt: skip
     assert done.returncode == 0, done.stderr
     cli = json.loads(done.stdout)
     api = show(base, VAE)
@@ -337,13 +337,13 @@ def test_admin_api_and_cli_round_trip(base: str, own_redis: EmbeddedRedis, trito
     assert text.returncode == 0 and "promote when   n>=500,mean_rel<=0.01" in text.stdout, text.stdout
     assert json.loads(tgw("show", VAE, "--json").stdout)["revision"] == api["revision"]
     promoted = tgw("promote", VAE)
-    assert promoted.returncode == 0, promoted.stderr
+    assert promoted.returncode == 0 and "promote 2 (production 1) by cli" in promoted.stdout, promoted.stdout
     after = show(base, VAE)
     assert after["weights"] == {"1": 0, "2": 100} and after["decisions"][0]["by"].startswith("cli")
     # the API's own change, seen by the CLI
     assert put(base, VAE, {"weights": {"1": 70, "2": 30}}).status_code == 200
     assert json.loads(tgw("show", VAE, "--json").stdout)["weights"] == {"1": 70, "2": 30}
-    rolled = json.loads(tgw("rollback", VAE).stdout)
+    rolled = json.loads(tgw("rollback", VAE, "--json").stdout)
     assert rolled["weights"] == {"1": 70, "2": 0}
     bad = tgw("set", VAE, "--weights", "1=90,3=10")
     assert bad.returncode == 2 and "weights.3" in bad.stderr, bad.stderr
