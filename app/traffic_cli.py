@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import logging
 import math
 import sys
 import urllib.request
@@ -174,6 +175,9 @@ async def _with_store(settings: Settings, fn: Callable[[TrafficStore], Awaitable
 
 def cmd_traffic(args: argparse.Namespace) -> int:
     settings = stack_settings("tgw traffic")
+    # the audit lines are the gateways' (each replica logs the revision it applies and who set it): here the
+    # command's own output says what was done
+    logging.getLogger("app.services.traffic").addHandler(logging.NullHandler())
     cmd, model = args.traffic_command, args.model
 
     async def run(store: TrafficStore) -> int:

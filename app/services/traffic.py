@@ -851,8 +851,9 @@ class TrafficPolicies:
                 old = self.policies.get(model)
                 if old is None or old.revision != p.revision:
                     logger.info(
-                        "traffic policy in force for %s: revision %d %s", model, p.revision, spec_of(p)
-                    )
+                        "traffic policy in force for %s: revision %d set by %s: %s", model, p.revision,
+                        p.updated_by, spec_of(p),
+                    )  # fmt: skip
             for model in set(self.policies) - set(fresh):
                 logger.info("traffic policy for %s removed: the latest ready version serves it", model)
         self.policies = fresh
