@@ -7,6 +7,7 @@ Every gateway here uses its own Redis (module scope), so the session's gateway n
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import statistics
@@ -386,3 +387,30 @@ def test_grpc_version_named_is_not_redirected(base: str, gw: tuple[str, str]) ->
         assert client.infer(VAE, [inp]).get_response().model_version == "2"
     finally:
         client.close()
+
+
+def test_one_replica_at_a_time_holds_the_evaluation_lease(own_redis: EmbeddedRedis) -> None:
+    """The lease (SET NX PX, renewed by its holder): a second replica does not evaluate while the first
+    renews it, takes over when the first releases it (stop) or stops renewing (past TGW_TRAFFIC_LEASE_S)."""
+    from app.clients.redis import make_redis
+    from app.services.traffic import TrafficPolicies
+
+    async def scenario() -> None:
+        first = TrafficPolicies(make_redis(own_redis.url, 2.0), lease_s=0.5)
+        second = TrafficPolicies(make_redis(own_redis.url, 2.0), lease_s=0.5)
+        third = TrafficPolicies(make_redis(own_redis.url, 2.0), lease_s=0.5)
+        try:
+            assert await first._hold_lease() and not await second._hold_lease()
+            await asyncio.sleep(0.3)
+            assert await first._hold_lease() and not await second._hold_lease()  # renewed
+            await asyncio.sleep(0.3)  # past the first lease's end: renewed, still the first's
+            assert not await second._hold_lease()
+            await first.stop()  # released at once
+            assert await second._hold_lease() and not await third._hold_lease()
+            await asyncio.sleep(0.7)  # the second stops renewing: its lease ends
+            assert await third._hold_lease() and not await second._hold_lease()
+        finally:
+            for replica in (second, third):
+                await replica.stop()
+
+    asyncio.run(scenario())

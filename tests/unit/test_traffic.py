@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -221,3 +222,45 @@ def test_applied_decisions() -> None:
     assert promoted.weights == {"1": 0.0, "2": 100.0} and promoted.shadow is None
     rolled = applied(shadowed, "rollback")
     assert rolled.weights == {"1": 100} and rolled.shadow is None and rolled.candidate is None
+
+
+def test_shadow_calls_are_bounded_compared_and_counted() -> None:
+    """Past TGW_TRAFFIC_SHADOW_MAX_IN_FLIGHT a sampled request is not shadowed (dropped, counted); a shadow
+    call is compared with production's answer, a failing one counted as the shadow version's error."""
+    import asyncio
+
+    from app.clients.protocols import TritonCall, TritonResult
+    from app.request_context import Routed
+    from app.services.traffic import TrafficPolicies
+
+    production = TritonResult("1", {"y": np.array([1.0, 2.0, 3.0], dtype=np.float32)}, {"y": "FP32"})
+    call = TritonCall(model="m", version="1", inputs={}, datatypes={}, outputs=None, parameters={},
+                      request_id="r", deadline=0.0)  # fmt: skip
+
+    async def scenario() -> dict[str, float]:
+        traffic = TrafficPolicies(None, shadow_max_in_flight=2)
+        release = asyncio.Event()
+        sent: list[TritonCall] = []
+
+        async def send(c: TritonCall) -> TritonResult:
+            sent.append(c)
+            await release.wait()
+            if c.request_id == "boom.shadow":
+                raise RuntimeError("shadow down")
+            return TritonResult("2", {"y": np.array([1.0, 2.0, 3.3], dtype=np.float32)}, {"y": "FP32"})
+
+        routed = Routed("m", "1", 5, "2")
+        traffic.shadow(routed, call, production, send)
+        traffic.shadow(routed, replace(call, request_id="boom"), production, send)
+        traffic.shadow(routed, call, production, send)  # a third while two are under way: dropped
+        await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.sleep(0.01)
+        assert {c.version for c in sent} == {"2"} and all(c.max_batch_rows == 0 for c in sent)
+        assert [c.request_id for c in sent] == ["r.shadow", "boom.shadow"]
+        return dict(traffic._batch.sums[("m", 5)])
+
+    stats = asyncio.run(scenario())
+    assert stats["calls:1>2"] == 2 and stats["cmp:1>2"] == 1 and stats["drop:1>2"] == 1
+    assert stats["err:2"] == 1 and stats["serr:1>2"] == 1 and stats["n:2"] == 2
+    assert stats["abs:1>2:y"] == pytest.approx(0.1, rel=1e-4)
