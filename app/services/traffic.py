@@ -63,6 +63,7 @@ LEASE_KEY = f"{PREFIX}:lease"
 STATS_TTL_S = 7 * 86400
 DECISIONS_KEPT = 50
 COMPARE_OFF_LOOP_BYTES = 1 << 20
+MAX_WEIGHT = 1e6
 
 METRIC_NAMES = ("n", "compared", "err", "err_delta", "p99_ratio", "mean_rel", "mean_abs", "max_abs", "match")
 _CONDITION = re.compile(
@@ -238,8 +239,10 @@ def policy_from_spec(
     weights: dict[str, float] = {}
     for v, w in raw.items():
         v = str(v)
-        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
-            raise InvalidInput(f"weights.{v}: expected a number >= 0", {"field": f"weights.{v}"})
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w <= MAX_WEIGHT:
+            raise InvalidInput(
+                f"weights.{v}: expected a number in [0, {MAX_WEIGHT:g}]", {"field": f"weights.{v}"}
+            )
         if versions is not None and v not in versions:
             raise InvalidInput(
                 f"weights.{v}: model {model!r} has no version {v!r} (ready: {', '.join(versions) or 'none'})",
