@@ -209,7 +209,7 @@ class InferenceService:
             self.traffic.served(routed, False, time.perf_counter() - start, True)
             raise
         self.traffic.served(routed, True, time.perf_counter() - start, response.cache != "HIT")
-        if routed.shadow is not None:
+        if routed.shadow is not None and not req.options.sequence:  # a sequence's steps: never half-replayed
             self.traffic.shadow(routed, self.call_for(req), response.result, self.transport.infer)
         return response
 
