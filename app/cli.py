@@ -528,6 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
     from app.auth.usage_cli import add_parser as add_usage_parser
 
     add_usage_parser(sub)
+
+    from app.traffic_cli import add_parser as add_traffic_parser
+
+    add_traffic_parser(sub)
     bench = sub.add_parser(
         "bench", help="benchmark: Triton direct vs the gateway (embedded stack, reports in bench-results/)",
         description=BENCH_HELP, formatter_class=BenchHelpFormatter,

@@ -42,6 +42,7 @@ from app.services.offload import Offload
 from app.services.registry import ModelRegistry
 from app.services.statistics import ServedStatistics
 from app.services.streams import StreamLimits
+from app.services.traffic import TrafficPolicies
 from app.services.usage import UsageMeter, UsageWebhooks
 from app.settings import Settings, StreamSettings
 
@@ -148,6 +149,22 @@ class Gateway:
     grpc: Door | None = None  # the gRPC front door, built when asked for and TGW_GRPC_ENABLED; not started
 
 
+def build_traffic(settings: Settings) -> TrafficPolicies:
+    """The models' traffic policies, from the keys' Redis (where nothing is evicted; ``tgw traffic`` writes
+    there too); none when TGW_TRAFFIC_ENABLED is off."""
+    t = settings.traffic
+    redis = (
+        make_redis(settings.auth_redis_address, max(settings.auth.auth_redis_timeout_s, 1.0),
+                   settings.cache.redis_cluster)
+        if t.traffic_enabled else None
+    )  # fmt: skip
+    return TrafficPolicies(
+        redis, poll_s=t.traffic_poll_interval_s, shadow_max_in_flight=t.traffic_shadow_max_in_flight,
+        lease_s=t.traffic_lease_s, evaluate_s=t.traffic_evaluate_interval_s,
+        latency_samples=t.traffic_latency_samples, timeout_s=settings.triton.triton_timeout_s,
+    )  # fmt: skip
+
+
 # What the decode processes run (``app.services.offload``): imported in each child when it starts, so the
 # first large body does not pay for the imports.
 DECODE_MODULES = (
@@ -209,9 +226,10 @@ async def build_gateway(
     )  # fmt: skip
     registry = ModelRegistry(admin, settings.triton.metadata_ttl_s, settings.cache.cache_exclude_models)
     served = ServedStatistics(admin, redis, settings.cache.cache_namespace)
+    traffic = build_traffic(settings)
     inference = InferenceService(
         infer_transport, registry, cache, settings.cache.cache_namespace, settings.triton.triton_timeout_s,
-        ReadPolicy(settings.cache.cache_read_min_hit_ratio), served, stream_limits(settings.streams),
+        ReadPolicy(settings.cache.cache_read_min_hit_ratio), served, stream_limits(settings.streams), traffic,
     )  # fmt: skip
     health = HealthService(admin, transport, cache)
     offload = Offload(settings.server.decode_processes, preload=DECODE_MODULES)
@@ -237,6 +255,7 @@ async def build_gateway(
             await shm.start()
         await jobs.start()
         served.start()
+        await traffic.start()
         if edge.usage is not None:
             edge.usage.webhooks_out = usage_webhooks(settings, edge.usage.redis)
             edge.usage.start()
@@ -257,6 +276,7 @@ async def build_gateway(
             ("auth", (lambda: stop_auth(auth)) if auth is not None else _nothing),
             ("jobs", lambda: jobs.stop(drain_s=min(settings.server.drain_s, 5.0) if in_process else 0)),
             ("cache writes", lambda: inference.drain_writes(timeout_s=1.0)),
+            ("traffic policies", traffic.stop),
             ("decode pool", offload.close),
             ("served statistics", served.stop),
             ("usage", usage.close if usage is not None else _nothing),  # after the jobs: their attempts

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from app import __version__
 from app.auth.runtime import check_model_priorities
 from app.auth.stage import classifier
-from app.frontends.admin import health, models
+from app.frontends.admin import health, models, traffic
 from app.frontends.admin import keys as auth_routes
 from app.frontends.admin import usage as usage_routes
 from app.frontends.admin.docs import install_docs
@@ -123,7 +123,7 @@ def web_app(settings: Settings) -> FastAPI:
     app.state.edge = edge = build_edge(settings, classifier(routes.auth_class))
     app.state.lifecycle, app.state.requests, app.state.auth = edge.lifecycle, edge.requests, edge.auth
     install_exception_handlers(app)
-    routers = [module.router for module in (health, models, v2, jobs, ws, auth_routes, usage_routes)]
+    routers = [module.router for module in (health, models, v2, jobs, ws, auth_routes, usage_routes, traffic)]
     for router in routers:
         app.include_router(router)
     schemas.document_errors(app)

@@ -73,6 +73,17 @@ class Caller:
     max_stream_s: float | None = None  # the tier's bound on a stream's life (None: the gateway's)
 
 
+@dataclass(slots=True)
+class Routed:
+    """A request routed by its model's traffic policy (``app.services.traffic``): the version chosen, the
+    policy revision it was chosen under, and the shadow version its inputs also go to (None: not sampled)."""
+
+    model: str
+    version: str
+    revision: int
+    shadow: str | None = None
+
+
 Door = Literal["v1", "v2", "grpc", "grpc_stream", "ws", "job"]
 
 
@@ -93,6 +104,7 @@ class RequestContext:
     cache_write: bool = True
     deadline: float | None = None  # time.monotonic() by which the caller wants its answer; None: no own bound
     cancelled: asyncio.Event | None = None
+    traffic: Routed | None = None  # ``InferenceService.resolve``: a traffic policy chose the version
 
     @classmethod
     def open(

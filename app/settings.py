@@ -616,6 +616,35 @@ class StreamSettings(_Group):
     )  # fmt: skip
 
 
+class TrafficSettings(_Group):
+    """Traffic policies (app.services.traffic): canary weights, shadow traffic, promotion and rollback. The
+    policies live in the keys' Redis (TGW_AUTH_REDIS_URL, else the jobs', else the cache's)."""
+
+    title: ClassVar[str] = "Traffic policies"  # its heading in the README
+
+    traffic_enabled: bool = Field(
+        True, description="apply the models' traffic policies (tgw traffic, /v1/admin/models/{m}/traffic)"
+    )
+    traffic_poll_interval_s: float = Field(
+        0.5, gt=0, le=5, description="how often each replica checks the policies' revision in Redis (a "
+        "change applies everywhere within about this) and flushes the evidence it gathered",
+    )  # fmt: skip
+    traffic_shadow_max_in_flight: int = Field(
+        8, ge=1, description="shadow calls under way per replica; a sampled request past it is not shadowed "
+        "(counted as dropped)",
+    )  # fmt: skip
+    traffic_evaluate_interval_s: float = Field(
+        1.0, gt=0, description="how often the replica holding the lease tests promote/rollback conditions"
+    )
+    traffic_lease_s: float = Field(
+        5.0, gt=0, description="the evaluation lease: another replica takes over this long after its holder "
+        "stopped renewing it",
+    )  # fmt: skip
+    traffic_latency_samples: int = Field(
+        1000, ge=10, description="latency samples kept per version for the p99 of promote/rollback conditions"
+    )
+
+
 class ObservabilitySettings(_Group):
     """Logs, metrics and tracing (app.observability)."""
 
@@ -651,6 +680,7 @@ GROUPS: dict[str, type[_Group]] = {
     "auth": AuthSettings,
     "embedded": EmbeddedSettings,
     "streams": StreamSettings,
+    "traffic": TrafficSettings,
     "observability": ObservabilitySettings,
 }
 
@@ -712,6 +742,7 @@ class Settings(BaseModel):
     auth: AuthSettings
     embedded: EmbeddedSettings
     streams: StreamSettings
+    traffic: TrafficSettings
     observability: ObservabilitySettings
 
     def __init__(self, **values: Any) -> None:

@@ -121,6 +121,30 @@ GRPC_DURATION = Histogram(
     buckets=HTTP_LATENCY_BUCKETS,
 )  # fmt: skip
 
+# --- traffic policies (app.services.traffic): canary splits, shadow comparisons, promotions ---------------
+TRAFFIC_REQUESTS = Counter(
+    "tgw_traffic_requests", "Requests whose version a traffic policy chose, by model, version and outcome "
+    "(ok, error)", ["model", "version", "outcome"],
+)  # fmt: skip
+SHADOW_CALLS = Counter(
+    "tgw_shadow_calls", "Shadow calls by model, production version, shadow version and outcome (compared, "
+    "error: the shadow failed, mismatch: outputs of other shapes, dropped: TGW_TRAFFIC_SHADOW_MAX_IN_FLIGHT "
+    "reached)", ["model", "version", "shadow_version", "outcome"],
+)  # fmt: skip
+SHADOW_DIFFERENCE = Histogram(
+    "tgw_shadow_relative_difference", "Per output tensor of a compared shadow call: mean |shadow - "
+    "production| over the production output's standard deviation", ["model", "version", "shadow_version"],
+    buckets=(1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0),
+)  # fmt: skip
+SHADOW_EXACT = Histogram(
+    "tgw_shadow_exact_match_ratio", "Per integer, bool or BYTES output tensor of a compared shadow call: the "
+    "share of elements equal to production's", ["model", "version", "shadow_version"],
+    buckets=(0.5, 0.9, 0.99, 0.999, 1.0),
+)  # fmt: skip
+TRAFFIC_DECISIONS = Counter(
+    "tgw_traffic_decisions", "Automatic traffic decisions (promote, rollback) by model", ["model", "decision"]
+)
+
 # --- the event loop (app.observability.loop): what one step of work holds every other request for ---------
 LOOP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25, 1.0)
 LOOP_BUSY = Histogram(
@@ -169,6 +193,25 @@ def triton_request(model: str, version: str, outcome: str, seconds: float) -> No
     if child is None:
         child = _triton_children[key] = TRITON_DURATION.labels(model, version, outcome)
     child.observe(seconds)
+
+
+def traffic_request(model: str, version: str, outcome: str) -> None:
+    TRAFFIC_REQUESTS.labels(model, version, outcome).inc()
+
+
+def shadow_call(model: str, version: str, shadow: str, outcome: str) -> None:
+    SHADOW_CALLS.labels(model, version, shadow, outcome).inc()
+
+
+def shadow_difference(model: str, version: str, shadow: str, mean_rel: float, exact: float | None) -> None:
+    if mean_rel == mean_rel:  # not NaN (a BYTES output has only its exact-match rate)
+        SHADOW_DIFFERENCE.labels(model, version, shadow).observe(mean_rel)
+    if exact is not None:
+        SHADOW_EXACT.labels(model, version, shadow).observe(exact)
+
+
+def traffic_decision(model: str, decision: str) -> None:
+    TRAFFIC_DECISIONS.labels(model, decision).inc()
 
 
 _grpc_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}

@@ -23,12 +23,13 @@ from app.domain import CacheOutcome, InferRequest, InferResponse
 from app.errors import GatewayError, NotOffered, UpstreamTimeout
 from app.observability import metrics, tracing
 from app.observability.context import add_timing, annotate, note_answer, note_usage
-from app.request_context import RequestContext
+from app.request_context import RequestContext, Routed
 from app.services.cache import CacheUnavailable, ReadPolicy, ResponseCache, cache_key
 from app.services.registry import ModelInfo, ModelRegistry
 from app.services.singleflight import SingleFlight
 from app.services.statistics import ServedStatistics
 from app.services.streams import ResponseStream, StreamLimits
+from app.services.traffic import TrafficPolicies
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,9 @@ class InferenceService:
         read_policy: ReadPolicy | None = None,
         served: ServedStatistics | None = None,
         stream_limits: StreamLimits | None = None,
+        traffic: TrafficPolicies | None = None,
     ) -> None:
+        self.traffic = traffic or TrafficPolicies(None)  # the models' traffic policies (none: no Redis)
         self.stream_limits = stream_limits or StreamLimits()
         self.transport = transport
         self.served = served  # answers given without Triton, for the model statistics
@@ -129,11 +132,22 @@ class InferenceService:
         self.flights: SingleFlight[TritonResult] = SingleFlight(metrics.SINGLEFLIGHT_WAITERS)
         self._writes: set[asyncio.Task[None]] = set()
 
-    async def resolve(self, model: str, version: str | None, *, stream: bool = False) -> ModelInfo:
+    async def resolve(
+        self, model: str, version: str | None, *, stream: bool = False, ctx: RequestContext | None = None
+    ) -> ModelInfo:
         """The model version that will serve a request (every door calls this once, first, then decodes).
-        A unary call (``stream`` False) to a decoupled model, which may answer any number of times, is
-        refused here (501), for every door, before its body is decoded and before anything reaches
-        Triton."""
+        A request that names no version gets the latest ready one, or the one its model's traffic policy
+        chooses for it (``app.services.traffic``: weights, the caller when sticky), recorded in ``ctx``
+        (``ctx.traffic``: counted, maybe shadowed, by ``infer``); one that names a version is never
+        redirected. A unary call (``stream`` False) to a decoupled model, which may answer any number of
+        times, is refused here (501), for every door, before its body is decoded and before anything
+        reaches Triton."""
+        if version is None and ctx is not None:
+            policy = self.traffic.policies.get(model)  # the one lookup a model without a policy costs
+            if policy is not None:
+                routed = policy.route(await self.registry.ready_versions(model), ctx.caller)
+                if routed is not None:
+                    version, ctx.traffic = routed.version, routed
         info = await self.registry.resolve(model, version)
         if not stream:
             refuse_decoupled(info)
@@ -205,6 +219,35 @@ class InferenceService:
         past it, 504 ``triton_timeout``, rendered DEADLINE_EXCEEDED over gRPC)."""
         self.bind(req, ctx)
         meter(req, ctx)
+        routed = ctx.traffic
+        if routed is not None and routed.version == req.info.version:
+            return await self._routed(req, ctx, routed)
+        deadline = ctx.deadline  # as ``_infer_within``, inline: one coroutine less per request
+        if deadline is None:
+            return await self._infer(req, None)
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                return await self._infer(req, deadline)
+        except TimeoutError:
+            raise UpstreamTimeout("deadline exceeded waiting for Triton", {"deadline": "caller"}) from None
+
+    async def _routed(self, req: InferRequest, ctx: RequestContext, routed: Routed) -> InferResponse:
+        """A request whose version a traffic policy chose: counted for that version (its evidence), and
+        when sampled its inputs go to the shadow version after its answer (never delaying or failing it)."""
+        start = time.perf_counter()
+        try:
+            response = await self._infer_within(req, ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.traffic.served(routed, False, time.perf_counter() - start, True)
+            raise
+        self.traffic.served(routed, True, time.perf_counter() - start, response.cache != "HIT")
+        if routed.shadow is not None and not req.options.sequence:  # a sequence's steps: never half-replayed
+            self.traffic.shadow(routed, self.call_for(req), response.result, self.transport.infer)
+        return response
+
+    async def _infer_within(self, req: InferRequest, ctx: RequestContext) -> InferResponse:
         deadline = ctx.deadline
         if deadline is None:
             return await self._infer(req, None)

@@ -43,6 +43,7 @@ FROM_ENV = {
     "embedded": ("TGW_EMBEDDED_TRITONS", "2", "embedded_tritons", 2),
     "observability": ("TGW_LOG_FORMAT", "text", "log_format", "text"),
     "streams": ("TGW_STREAM_BUFFER_RESPONSES", "32", "stream_buffer_responses", 32),
+    "traffic": ("TGW_TRAFFIC_SHADOW_MAX_IN_FLIGHT", "3", "traffic_shadow_max_in_flight", 3),
 }
 
 

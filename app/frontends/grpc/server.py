@@ -341,7 +341,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self.offload.decode(size, codec.decode_message, info, request.SerializeToString())
 
     async def _infer(self, request: Any, ctx: RequestContext) -> InferResponse:
-        info = await self.inference.resolve(request.model_name, request.model_version or None)
+        info = await self.inference.resolve(request.model_name, request.model_version or None, ctx=ctx)
         decoded = await self.decode(info, request)
         return await self.inference.infer(decoded.request, ctx)
 
@@ -530,7 +530,7 @@ class _Stream:
                 pending.principal = dataclasses.replace(self.principal, slot=None, extra={})
                 await self.auth.limit(pending.principal)  # this message's rate, slot and daily quota
             version = request.model_version or None
-            info = await self.servicer.inference.resolve(request.model_name, version, stream=True)
+            info = await self.servicer.inference.resolve(request.model_name, version, stream=True, ctx=ctx)
             decoded = await self.servicer.decode(info, request)
         except GatewayError as exc:
             log_gateway_error(exc)

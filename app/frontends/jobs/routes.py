@@ -71,15 +71,16 @@ async def _read_job_body(request: Request, limit: int) -> bytes:
 
 
 async def _submit(service: JobService, request: Request, model: str, version: str | None) -> Response:
-    info = await service.inference.resolve(model, version, stream=True)  # a decoupled model's job streams
+    ctx = context_of(request, "job")
+    # a decoupled model's job streams; a version a traffic policy chose is pinned in the job (submit)
+    info = await service.inference.resolve(model, version, stream=True, ctx=ctx)
     raw = await _read_job_body(request, service.max_body_bytes)
     # parsed within the bounds of the model's tensors (app.services.payload) and decoded for it: in a child
     # process when large (app.services.offload)
     body = await service.offload.decode(len(raw), prepare_job, raw, info, model, version)
     job = await service.submit(
-        owner_of(request), model, version, body, request.headers.get("idempotency-key"),
-        context_of(request, "job"),
-    )  # fmt: skip
+        owner_of(request), model, version, body, request.headers.get("idempotency-key"), ctx
+    )
     content: dict[str, Any] = {"id": job.id, "status": str(job.status), **_links(request, job.id)}
     headers = {"Location": content["status_url"]}
     if job.replayed:

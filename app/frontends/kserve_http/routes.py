@@ -186,7 +186,7 @@ async def infer_v2(gw: Gateway, params: Params, raw: bytes, headers: Headers, ct
     compressed when ``Accept-Encoding`` asks for it. Large bodies are decoded, and large answers written
     (and compressed), in the offload pool's child processes."""
     service, offload, max_body_bytes = gw.inference, gw.offload, gw.settings.server.max_body_bytes
-    info = await service.resolve(params["model"], params.get("version"))
+    info = await service.resolve(params["model"], params.get("version"), ctx=ctx)
     coding, length = header_value(headers, b"content-encoding"), header_value(headers, _HEADER_LENGTH)
     # The JSON part is what costs (binary tensors are views of the body); a compressed body may inflate.
     json_bytes = int(length) if length is not None and length.isdigit() else len(raw)
@@ -258,7 +258,7 @@ async def generate_v2(
     Triton requires (200 with Triton's error otherwise; the gateway cancels the request at the second
     response where Triton lets the model run to its end)."""
     service = gw.inference
-    info = await service.resolve(params["model"], params.get("version"), stream=True)
+    info = await service.resolve(params["model"], params.get("version"), stream=True, ctx=ctx)
     gen = generate.decode(info, raw)
     if not info.decoupled:
         try:
@@ -293,7 +293,7 @@ async def generate_stream_v2(
     model's ``ResponseStream`` (cache replay, bounded buffering, cancellation reaching Triton when the
     client goes away); a model that answers once: its unary answer as the one event."""
     service = gw.inference
-    info = await service.resolve(params["model"], params.get("version"), stream=True)
+    info = await service.resolve(params["model"], params.get("version"), stream=True, ctx=ctx)
     gen = generate.decode(info, raw)
     render = generate.event_renderer(gen.id)
     if not info.decoupled:

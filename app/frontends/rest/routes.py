@@ -29,7 +29,7 @@ async def infer_v1(gw: Gateway, params: Params, body: bytes, headers: Headers, c
     """The ``/v1`` infer handler. Large bodies are decoded, and large answers written, in the gateway's
     offload pool's child processes."""
     service, offload = gw.inference, gw.offload
-    info = await service.resolve(params["model"], params.get("version"))
+    info = await service.resolve(params["model"], params.get("version"), ctx=ctx)
     req = await offload.decode(len(body), v1.decode, info, body)
     response = await service.infer(req, ctx)
     values = json_values(response.result.outputs)
@@ -46,7 +46,7 @@ async def stream_v1(
     bounded buffering, cancellation reaching Triton when the client goes away); a model that answers once:
     its unary answer as the one event (``final`` true)."""
     service, offload = gw.inference, gw.offload
-    info = await service.resolve(params["model"], params.get("version"), stream=True)
+    info = await service.resolve(params["model"], params.get("version"), stream=True, ctx=ctx)
     req = await offload.decode(len(body), v1.decode, info, body)
     if not info.decoupled:
         return SSEReply(one_response(lambda: service.infer(req, ctx)), v1.stream_event, v1.error_event)

@@ -147,6 +147,8 @@ class JobService:
             ctx.caller.key_id if ctx.caller is not None else ""
         )  # usage: its attempts are metered under it
         record = replace(JobSpec.of(req), key_id=key_id).to_record()
+        if version is None and ctx.traffic is not None:  # the version the model's traffic policy chose
+            version = ctx.traffic.version  # runs it, whatever the policy says when the job runs
         job = Job(
             id=new_job_id(), owner=owner, status=JobStatus.QUEUED, model=model, version=version,
             priority=priority, created_at=time.time(), request_id=ctx.request_id, spec=record,

@@ -438,7 +438,7 @@ class Multiplexer:
                 raise InvalidInput(
                     "model: expected a model name (and version, if given, a string)", {"field": "model"}
                 )
-            info = await self.inference.resolve(model, version, stream=True)
+            info = await self.inference.resolve(model, version, stream=True, ctx=ctx)
             if info.decoupled:  # any number of responses: streamed, cancellable under its ref
                 streaming = self._streaming(tags)
             if decoded is None:
