@@ -79,7 +79,9 @@ class Inference:
         self.sources = sources  # by the request's N
         self.limits = StreamLimits(buffer_responses=buffer)
 
-    async def resolve(self, model: str, version: str | None, *, stream: bool = False) -> ModelInfo:
+    async def resolve(
+        self, model: str, version: str | None, *, stream: bool = False, ctx: RequestContext | None = None
+    ) -> ModelInfo:
         assert stream
         return INFO
 
