@@ -119,7 +119,8 @@ class ServerSettings(_Group):
     port: int = Field(8080, ge=1, le=65535, description="gateway HTTP port")
     workers: int = Field(
         1, ge=1, le=64, description="gateway worker processes; unset: `tgw serve` one per usable core (CPU "
-        "affinity and container quota, 1 to 16), `tgw up` half of them (1 to 8: Triton shares the machine)",
+        "affinity and container quota, 1 to 16), `tgw up` half of them (Triton shares the machine; three "
+        "quarters with its GPU configs)",
     )  # fmt: skip
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="413 above this request size")
     decode_processes: int = Field(
