@@ -95,11 +95,12 @@ def markdown_files() -> list[str]:
 
 def documents_with_examples() -> list[str]:
     """The documents whose console blocks are run: README.md first (its outputs were taken on a fresh
-    stack: cache misses, metrics counters), then the others, whose examples must not depend on order."""
+    stack: cache misses, metrics counters), then the others, whose examples must not depend on order.
+    A document whose every console block is marked ``skip`` has nothing to run."""
     return [
         doc
         for doc in markdown_files()
-        if any(b.examples for b in parse_blocks((ROOT / doc).read_text(), doc))
+        if any(b.examples and b.mode != "skip" for b in parse_blocks((ROOT / doc).read_text(), doc))
     ]
 
 

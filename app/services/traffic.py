@@ -589,7 +589,10 @@ class TrafficStore:
 
     async def summary(self, model: str) -> dict[str, Any] | None:
         """The policy, its evidence under its revision, and the decision history: what
-        ``GET /v1/admin/models/{m}/traffic`` and ``tgw traffic show`` give."""
+        ``GET /v1/admin/models/{m}/traffic`` and ``tgw traffic show`` give. The decisions are read first: a
+        decision is recorded after the policy it wrote, so the policy read next is that one or a later one
+        (never a decision shown beside the weights it replaced)."""
+        decisions = await self.decisions(model)
         policy = await self.get(model)
         if policy is None:
             return None
@@ -635,7 +638,7 @@ class TrafficStore:
             "versions": per_version,
             "shadow_comparisons": shadows,
             "evidence": {k: _round(v, 6) for k, v in evidence.items()},
-            "decisions": await self.decisions(model),
+            "decisions": decisions,
         }
 
 
