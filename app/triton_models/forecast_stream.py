@@ -30,6 +30,29 @@ except ImportError:  # pragma: no cover
 
 MAX_HORIZON = 10_000
 TARGET = "transformer_timeseries"
+# Triton's Python-backend stub is built against numpy 1.x: where numpy 2 is installed (the GPU image), its
+# numpy bridge (``as_numpy``, ``Tensor(name, array)``) misreads arrays, so tensors go through PyTorch's
+# DLPack there, as the GPU models' do (``app.triton_models.torch_runner``).
+_DLPACK = int(np.__version__.split(".", 1)[0]) >= 2
+
+
+def _array(tensor: Any) -> np.ndarray:
+    """A Triton tensor (an input, a BLS output, on the CPU or a GPU) as a numpy array."""
+    if not _DLPACK:
+        return np.asarray(tensor.as_numpy())
+    from torch.utils.dlpack import from_dlpack
+
+    return np.asarray(from_dlpack(tensor.to_dlpack()).cpu().numpy())
+
+
+def _tensor(name: str, array: np.ndarray) -> Any:
+    """A numpy array as a Triton tensor."""
+    if not _DLPACK:
+        return pb_utils.Tensor(name, array)
+    import torch
+    from torch.utils.dlpack import to_dlpack
+
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(torch.from_numpy(np.ascontiguousarray(array))))
 
 
 class TritonPythonModel:
@@ -62,11 +85,11 @@ class TritonPythonModel:
         return None
 
     def _stream(self, request: Any, sender: Any) -> None:
-        series = pb_utils.get_input_tensor_by_name(request, "series").as_numpy()
+        series = _array(pb_utils.get_input_tensor_by_name(request, "series"))
         horizon_in = pb_utils.get_input_tensor_by_name(request, "horizon")
         if horizon_in is None:
             raise ValueError("horizon is required")
-        window, scale, horizon = preprocess(series, horizon_in.as_numpy(), self.window, self.max_horizon)
+        window, scale, horizon = preprocess(series, _array(horizon_in), self.window, self.max_horizon)
         total = int(horizon[0])
         history = np.asarray(series, dtype=np.float32).reshape(-1)[-self.window :]
         step = 0
@@ -84,8 +107,8 @@ class TritonPythonModel:
                 sender.send(
                     pb_utils.InferenceResponse(
                         output_tensors=[
-                            pb_utils.Tensor("step", np.array([step], dtype=np.int32)),
-                            pb_utils.Tensor("value", np.array([value], dtype=np.float32)),
+                            _tensor("step", np.array([step], dtype=np.int32)),
+                            _tensor("value", np.array([value], dtype=np.float32)),
                         ]
                     )
                 )
@@ -96,9 +119,9 @@ class TritonPythonModel:
         """One BLS call: ``[1, W, 1]`` scaled window -> ``[1, H]`` scaled forecast."""
         response = pb_utils.InferenceRequest(
             model_name=self.target,
-            inputs=[pb_utils.Tensor("series", window)],
+            inputs=[_tensor("series", window)],
             requested_output_names=["forecast"],
         ).exec()
         if response.has_error():
             raise RuntimeError(f"{self.target}: {response.error().message()}")
-        return pb_utils.get_output_tensor_by_name(response, "forecast").as_numpy()
+        return _array(pb_utils.get_output_tensor_by_name(response, "forecast"))
