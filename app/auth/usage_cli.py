@@ -130,7 +130,8 @@ def _render(
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # piped or redirected (no terminal to measure): wide enough for every column, not rich's 80
+    console = Console() if sys.stdout.isatty() else Console(width=140)
     span = f"{start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
     table = Table(title=f"usage by {group_by}, {span}")
     columns = [c for c in (rows[0] if rows else {"tenant": ""}) if c not in usage.FIELDS]
