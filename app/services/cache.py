@@ -184,19 +184,24 @@ class ReadPolicy:
     live data) pays a Redis round trip on every request for nothing, and a Redis ``SET`` of an answer
     nobody reads again (on this box the two were the largest part of the gateway's CPU per cache miss).
     When the hit ratio of a model's recent remote lookups (a decaying window of ``window`` lookups) is below
-    ``min_hit_ratio`` the model is *cold*: only the sampled keys, one in ``probe_every`` chosen by the key's
-    own digest (the same keys on every replica), are still looked up and stored; the others are answered by
-    Triton straight away and not stored. Because a sampled key is always both stored and looked up, the hit
-    ratio of the sampled lookups is the model's repeat ratio, and lookups and stores resume for every key
-    as soon as it is back over the threshold. The in-process L1 is always consulted.
-    ``min_hit_ratio`` 0 turns this off (every request looks in Redis and stores its answer).
+    ``min_hit_ratio`` the model is *cold*: a key is still looked up and its answer stored when it is
+    sampled (one in ``probe_every``, chosen by the key's own digest: the same keys on every replica, so a
+    key repeated across replicas is noticed) or when this process saw it among the model's last
+    ``recent`` keys (a repeat: a small hot set is noticed at its second request, sampled or not). Other
+    keys are answered by Triton straight away and not stored. Lookups that hit raise the ratio, and every
+    key is looked up and stored again as soon as it is back over the threshold. The in-process L1 is
+    always consulted. ``min_hit_ratio`` 0 turns this off (every request looks in Redis and stores).
     """
 
-    def __init__(self, min_hit_ratio: float, window: int = 256, probe_every: int = 16) -> None:
+    def __init__(
+        self, min_hit_ratio: float, window: int = 256, probe_every: int = 16, recent: int = 2048
+    ) -> None:
         self.min_hit_ratio = min_hit_ratio
         self.window = window
         self.probe_every = probe_every
+        self.recent = recent
         self._stats: dict[tuple[str, str], list[float]] = {}  # model -> [lookups, hits]
+        self._seen: dict[tuple[str, str], dict[str, None]] = {}  # a cold model's last keys, oldest first
 
     def warm(self, model: tuple[str, str]) -> bool:
         """Whether every key of ``model`` is looked up and stored (False: only the sampled ones)."""
@@ -217,11 +222,29 @@ class ReadPolicy:
         except ValueError:
             return hash(key) % self.probe_every == 0
 
-    def should_read(self, model: tuple[str, str], key: str) -> bool:
-        """Look ``key`` up in Redis (and, with ``should_write``, store its answer there)?"""
-        return self.warm(model) or self.sampled(key)
+    def repeated(self, model: tuple[str, str], key: str) -> bool:
+        """Whether this process saw ``key`` among ``model``'s last ``recent`` keys (remembering it)."""
+        seen = self._seen.get(model)
+        if seen is None:
+            if len(self._seen) >= 256:  # bounded: cold models only, and few of them at once
+                self._seen.clear()
+            seen = self._seen[model] = {}
+        if key in seen:
+            return True
+        seen[key] = None
+        if len(seen) > self.recent:
+            del seen[next(iter(seen))]
+        return False
 
-    should_write = should_read  # a cold model's unsampled keys are neither looked up nor stored
+    def should_read(self, model: tuple[str, str], key: str) -> bool:
+        """Look ``key`` up in Redis and store its answer there? Asked once per request (it remembers the
+        key of a cold model)."""
+        if self.warm(model):
+            self._seen.pop(model, None)
+            return True
+        return self.sampled(key) or self.repeated(model, key)
+
+    should_write = should_read  # a cold model's other keys are neither looked up nor stored
 
     def record(self, model: tuple[str, str], hit: bool) -> None:
         stats = self._stats.get(model)
