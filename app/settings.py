@@ -350,8 +350,8 @@ class CacheSettings(_Group):
     cache_max_value_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger answers are not cached")
     cache_read_min_hit_ratio: float = Field(
         0.01, ge=0, le=1, description="below this recent hit ratio a model's requests neither look in "
-        "Redis nor store their answers there but for 1 key in 16 (sampled by digest); 0 = always "
-        "(see docs/performance.md)",
+        "Redis nor store their answers there, but for 1 key in 16 (sampled by digest) and repeats; 0 = "
+        "always (see docs/performance.md)",
     )  # fmt: skip
     l1_cache_entries: int = Field(
         4096, ge=0, description="hot answers kept in process in front of Redis; 0 = off"
