@@ -222,14 +222,7 @@ class InferenceService:
         routed = ctx.traffic
         if routed is not None and routed.version == req.info.version:
             return await self._routed(req, ctx, routed)
-        deadline = ctx.deadline  # as ``_infer_within``, inline: one coroutine less per request
-        if deadline is None:
-            return await self._infer(req, None)
-        try:
-            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
-                return await self._infer(req, deadline)
-        except TimeoutError:
-            raise UpstreamTimeout("deadline exceeded waiting for Triton", {"deadline": "caller"}) from None
+        return await self._infer_within(req, ctx)
 
     async def _routed(self, req: InferRequest, ctx: RequestContext, routed: Routed) -> InferResponse:
         """A request whose version a traffic policy chose: counted for that version (its evidence), and
@@ -248,6 +241,7 @@ class InferenceService:
         return response
 
     async def _infer_within(self, req: InferRequest, ctx: RequestContext) -> InferResponse:
+        """``_infer`` within the caller's deadline."""
         deadline = ctx.deadline
         if deadline is None:
             return await self._infer(req, None)

@@ -31,6 +31,13 @@ def running_tritons(
 ) -> Iterator[list[EmbeddedTriton]]:
     """``count`` Tritons serving the same copy of ``models``; all stopped when the block ends."""
     repo = model_repository(tmp_path_factory, models)
+    with tritons_on(tmp_path_factory, [repo] * count) as servers:
+        yield servers
+
+
+@contextlib.contextmanager
+def tritons_on(tmp_path_factory: pytest.TempPathFactory, repos: list[Path]) -> Iterator[list[EmbeddedTriton]]:
+    """One Triton per repository in ``repos``, on free ports; all stopped when the block ends."""
     servers = [
         EmbeddedTriton(
             [repo],
@@ -39,7 +46,7 @@ def running_tritons(
             metrics_port=free_port(),
             state_dir=tmp_path_factory.mktemp(f"triton{i}"),
         )
-        for i in range(count)
+        for i, repo in enumerate(repos)
     ]
     try:
         for server in servers:

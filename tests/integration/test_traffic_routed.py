@@ -11,10 +11,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from app.launcher import EmbeddedRedis, EmbeddedTriton, free_port
+from app.launcher import EmbeddedRedis, EmbeddedTriton
 from tests.eventually import eventually
 from tests.gateway_server import running_gateway
-from tests.integration.servers import model_repository, running_redis
+from tests.integration.servers import model_repository, running_redis, tritons_on
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -24,27 +24,13 @@ MODEL = "versioned_fp32"  # OUTPUT0 = INPUT0 * the version number
 @pytest.fixture(scope="module")
 def split_tritons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[EmbeddedTriton]]:
     """Two Tritons: the first serves only version 1 of the model, the second only version 2."""
-    servers = []
+    repos = []
     for only in ("1", "2"):
         repo = model_repository(tmp_path_factory, [MODEL])
-        other = "2" if only == "1" else "1"
-        shutil.rmtree(repo / MODEL / other)
-        servers.append(
-            EmbeddedTriton(
-                [repo],
-                http_port=free_port(),
-                grpc_port=free_port(),
-                metrics_port=free_port(),
-                state_dir=tmp_path_factory.mktemp(f"triton-v{only}"),
-            )
-        )
-    try:
-        for server in servers:
-            server.start(timeout=180)
+        shutil.rmtree(repo / MODEL / ("2" if only == "1" else "1"))
+        repos.append(repo)
+    with tritons_on(tmp_path_factory, repos) as servers:
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 @pytest.fixture(scope="module")
