@@ -5,9 +5,11 @@ statistics) and inference when ``TGW_TRITON_HTTP_URL`` is unset. Channels are cr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -33,6 +35,10 @@ _MAX_MESSAGE = 256 * 1024 * 1024
 # How long a keepalive ping waits for its ack before the channel is taken for dead (was the setting
 # TGW_TRITON_GRPC_KEEPALIVE_TIMEOUT_S: nothing an operator tunes; the interval and without-calls are).
 KEEPALIVE_ACK_TIMEOUT_S = 20.0
+# Idle ModelStreamInfer streams kept per Triton for the next streamed request (``TritonGrpcClient.stream``),
+# and how long one is kept unused: below Triton's keepalive bound on calls without data (5 min).
+STREAM_POOL = 16
+STREAM_IDLE_S = 60.0
 
 
 def channel_args(
@@ -149,6 +155,9 @@ class TritonGrpcClient:
         self._server_version: tuple[int, ...] | None = None
         self._options = list(options)
         self._stream_channel: grpc.aio.Channel | None = None  # streams: opened at the first one
+        self._stream_stubs: service_pb2_grpc.GRPCInferenceServiceStub | None = None
+        self._idle_streams: list[tuple[Any, float]] = []  # (stream, idle since): the newest last
+        self._closing: set[asyncio.Task[None]] = set()
 
     def _map(self, exc: InferenceServerException) -> GatewayError:
         status = grpc_status_from_text(exc.status())
@@ -264,42 +273,113 @@ class TritonGrpcClient:
     def _stream_stub(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
         if self._stream_channel is None:
             self._stream_channel = grpc.aio.insecure_channel(self.url, options=self._options)
-        return service_pb2_grpc.GRPCInferenceServiceStub(self._stream_channel)
+            self._stream_stubs = service_pb2_grpc.GRPCInferenceServiceStub(self._stream_channel)
+        assert self._stream_stubs is not None
+        return self._stream_stubs
+
+    def _idle_stream(self) -> Any | None:
+        """A ``ModelStreamInfer`` stream that carried an earlier request to its end, ready for the next."""
+        now = time.monotonic()
+        while self._idle_streams:
+            rpc, since = self._idle_streams.pop()
+            if not rpc.done() and now - since < STREAM_IDLE_S:
+                return rpc
+            self._retire(rpc)
+        return None
+
+    def _retire(self, rpc: Any) -> None:
+        """An idle stream not kept: half-closed (no request is in flight on it), its end read away."""
+        if rpc.done():
+            return
+
+        async def close() -> None:
+            with contextlib.suppress(Exception):
+                await rpc.done_writing()
+                while await rpc.read() is not grpc.aio.EOF:
+                    pass
+            rpc.cancel()
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def stream(self, call: TritonCall) -> AsyncIterator[TritonResult]:
-        """``call`` on its own ``ModelStreamInfer`` stream; yields every response as it comes.
+        """``call``'s responses on a ``ModelStreamInfer`` stream, each yielded as it comes.
 
-        One stream per request: Triton 2.51 aborts (``proto_buffer_writer.h`` assertion) when a decoupled
-        model's responses interleave with others on one stream. Triton's empty final response is always
-        asked for, and the stream is half-closed only after it: Triton 2.51 crashed (SIGSEGV in
-        ``TRITONBACKEND_ResponseSend``, about once in six loaded runs) when a stream was half-closed while a
-        decoupled model still sent on it. Leaving the loop early (the client went away) cancels the stream,
-        which Triton passes on to the model as a cancelled request."""
+        One request at a time on a stream: Triton 2.51 aborts (``proto_buffer_writer.h`` assertion) when a
+        decoupled model's responses interleave with others on one stream. Opening a stream costs a round
+        of HTTP/2 frames and grpc.aio work (0.3-0.6 ms of the first response at c=1 on a 2-core box,
+        docs/performance.md), so a stream that carried its request to Triton's final response goes back to
+        a small pool of idle streams for the next request (tritonclient's and perf_analyzer's way: many
+        requests, one after the other, on one stream); the request id travels in the request (its ``id``).
+        Triton's empty final response is always asked for, and a stream is half-closed only when idle:
+        Triton 2.51 crashed (SIGSEGV in ``TRITONBACKEND_ResponseSend``, about once in six loaded runs) when
+        a stream was half-closed while a decoupled model still sent on it. The deadline is the gateway's
+        (``call.deadline``, on every read). Leaving the loop early (the client went away), the deadline or
+        an error cancels the stream, which Triton passes on to the model as a cancelled request; such a
+        stream is never reused. A traced call (a ``traceparent`` to send) gets a stream of its own."""
         message = stream_request(call)
-        metadata = {"x-request-id": call.request_id} if call.request_id else {}
+        metadata: dict[str, str] = {}
         tracing.inject(metadata)
-        rpc = self._stream_stub().ModelStreamInfer(
-            metadata=tuple(metadata.items()), timeout=call.remaining_s() if call.deadline else None
-        )
+        rpc = None if metadata else self._idle_stream()
         finished = False
         try:
-            await rpc.write(message)
-            async for response in rpc:
+            if rpc is not None:
+                try:
+                    await rpc.write(message)
+                    response = await self._read(rpc, call)
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError, _Ended) as exc:
+                    # an idle stream that had ended meanwhile (Triton restarted, the connection dropped)
+                    # before any response: sent again on a fresh one (a stream is retried only before
+                    # its first response)
+                    logger.debug("an idle Triton stream had ended (%s): opening another", exc)
+                    rpc.cancel()
+                    rpc = None
+            if rpc is None:
+                rpc = self._stream_stub().ModelStreamInfer(metadata=tuple(metadata.items()))
+                await rpc.write(message)
+                response = await self._read(rpc, call)
+            while True:
                 if response.error_message:
                     raise from_grpc(None, response.error_message, self._retry_after_s)
-                yield self._streamed(response.infer_response)
-                final = response.infer_response.parameters.get("triton_final_response")
-                if final is not None and final.bool_param:
-                    break
-            await rpc.done_writing()
-            async for _ in rpc:  # the stream's status: nothing more is expected
-                pass
-            finished = True
+                result = self._streamed(response.infer_response)
+                if result.final:
+                    finished = True
+                    flag = response.infer_response.parameters.get("triton_final_response")
+                    if flag is None or not flag.bool_param:  # not Triton's own word that it is done
+                        rpc.cancel()
+                    elif len(self._idle_streams) < STREAM_POOL:
+                        self._idle_streams.append((rpc, time.monotonic()))
+                    else:
+                        self._retire(rpc)
+                yield result
+                if finished:
+                    return
+                response = await self._read(rpc, call)
+        except _Ended as exc:
+            raise from_grpc(exc.code, exc.details, self._retry_after_s) from None
+        except TimeoutError:
+            raise from_grpc(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", self._retry_after_s
+            ) from None
         except grpc.aio.AioRpcError as exc:
             raise from_grpc(exc.code(), exc.details() or exc.code().name, self._retry_after_s) from None
         finally:
-            if not finished:
+            if not finished and rpc is not None:
                 rpc.cancel()
+
+    @staticmethod
+    async def _read(rpc: Any, call: TritonCall) -> service_pb2.ModelStreamInferResponse:
+        """The stream's next response, within ``call``'s deadline (the whole stream's, not each read's);
+        ``_Ended`` if Triton ended the stream."""
+        left = call.deadline - time.monotonic() if call.deadline else None
+        if left is not None and left <= 0:
+            raise TimeoutError
+        async with asyncio.timeout(left):
+            response = await rpc.read()
+        if response is grpc.aio.EOF:  # the stream ended before Triton's final response
+            raise _Ended(await rpc.code(), await rpc.details() or "Triton ended the stream")
+        return response
 
     @staticmethod
     def _streamed(response: service_pb2.ModelInferResponse) -> TritonResult:
@@ -311,8 +391,18 @@ class TritonGrpcClient:
     async def close(self) -> None:
         for client in self._clients:
             await client.close()
+        while self._idle_streams:
+            self._idle_streams.pop()[0].cancel()
         if self._stream_channel is not None:
             await self._stream_channel.close()
+
+
+class _Ended(Exception):
+    """Triton ended a ``ModelStreamInfer`` stream (its status) before the request's final response."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
 
 
 def _result(result: grpcclient.InferResult, final: bool = True) -> TritonResult:

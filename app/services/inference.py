@@ -353,7 +353,9 @@ class InferenceService:
         annotate(info.name, info.version, outcome)
         now = time.monotonic()
         deadline = now + max_s if ctx.deadline is None else min(ctx.deadline, now + max_s)
-        call = replace(self.call_for(req), deadline=deadline, max_batch_rows=0)
+        # the caller's deadline bounds each read from Triton (UpstreamTimeout); the tier's longest stream,
+        # when it comes first, is the pump's own bound (its ``duration`` error, not a deadline)
+        call = replace(self.call_for(req), deadline=ctx.deadline or 0.0, max_batch_rows=0)
         store = None
         if use_cache and req.cache_write:
             cache_max = limits.cache_max_bytes
@@ -364,9 +366,11 @@ class InferenceService:
                         await self.cache.put_stream(key, results, cache_max)
 
         duration = deadline - now if ctx.deadline is None or ctx.deadline > now + max_s else 0.0
-        return ResponseStream(
+        stream = ResponseStream(
             info.name, ctx, limits, outcome, self._relay(call), store=store, max_duration_s=duration
         )
+        await asyncio.sleep(0)  # the pump's turn: the request is on its way to Triton while the door gets
+        return stream  # ready to answer (~0.3 ms of the first response at c=1, measured)
 
     async def _cached_stream(self, key: str) -> list[TritonResult] | None:
         with _cache_lookup():
