@@ -67,6 +67,7 @@ class Options:
     stream_levels: list[int] = field(default_factory=list)  # the streaming phase's; empty: none
     stream_targets: list[str] = field(default_factory=list)
     stream_horizon: int = 20
+    stream_rounds: int = 1  # the streaming plan run this many times in turn, each level's samples pooled
     strace: bool = False  # a short extra pass per gateway level under strace -c: system calls per request
 
 
@@ -100,6 +101,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    )  # fmt: skip
     p.add_argument("--stream-targets", default=",".join(STREAM_TARGETS), help=", ".join(STREAM_TARGETS))
     p.add_argument("--stream-horizon", type=int, default=20, help="responses per measured stream")
+    p.add_argument("--stream-rounds", type=int, default=1,
+                   help="run the streaming plan this many times in turn and pool each level's samples: "
+                   "Triton direct and the gateway measured in alternation, so a drift of the machine's "
+                   "speed falls on both (default: 1)")  # fmt: skip
     p.add_argument("--model-config-name", default=os.environ.get("TGW_TRITON_MODEL_CONFIG_NAME", "auto"),
                    help="Triton model configs to load: auto (gpu where a GPU is visible, else cpu), cpu, "
                         "gpu, gpu_eager, gpu_nobatch, gpu_eager_nobatch")  # fmt: skip
@@ -146,6 +151,7 @@ def options_from(args: argparse.Namespace) -> Options:
         stream_levels=[int(c) for c in args.stream_concurrency.split(",") if c],
         stream_targets=_csv(args.stream_targets),
         stream_horizon=args.stream_horizon,
+        stream_rounds=max(1, args.stream_rounds),
         strace=args.strace,
     )
 
@@ -263,32 +269,47 @@ def stream_phase(stack: Stack, salt: int, o: Options) -> dict[str, Any]:
             continue
         for replay in (False, True) if name.startswith("gateway") else (False,):
             plan += [(StreamTarget(name, "127.0.0.1", ports[name], replay), c) for c in o.stream_levels]
-    levels: list[StreamLevel] = []
-    say(f"streaming phase: {streams.MODEL}, {o.stream_horizon} responses a stream …")
-    for i, (target, c) in enumerate(plan, 1):
-        if target.replay:
-            streams.prime(target, o.stream_horizon)
-        # each target's misses their own series (a stream stored through one door replays through all)
-        own = salt + 10_000_000 * o.stream_targets.index(target.name)
-        pids = stack.server_pids()
-        before = {k: cpu_seconds(v) for k, v in pids.items()}
-        t0 = time.monotonic()
-        level = streams.measure(target, c, o.stream_horizon, o.warmup_s, o.duration_s, o.generators, own)
-        wall = time.monotonic() - t0  # warm-up, measurement and the generators' start: CPU over all of it
-        level.server_cpu_cores = {k: round((cpu_seconds(v) - before[k]) / wall, 2) for k, v in pids.items()}
-        levels.append(level)
-        r = level.row()
-        say(f"[{i:>3}/{len(plan)}] {r['target']:<13} {r['cache']:<6} c={c:<4} {r['streams']:>6} streams  "
-            f"first p50 {r['first_p50_ms']:7.2f} p99 {r['first_p99_ms']:7.2f} ms  "
-            f"gap p50 {r['gap_p50_ms']:6.3f} p99 {r['gap_p99_ms']:7.3f} ms  err {r['errors']}  cpu "
-            + " ".join(f"{k}={v:.2f}" for k, v in level.server_cpu_cores.items())
-            + (f"\n      errors: {r['error_samples'][0]}" if r["error_samples"] else ""))  # fmt: skip
+    merged: dict[tuple[str, bool, int], StreamLevel] = {}
+    cpu: dict[tuple[str, bool, int], list[dict[str, float]]] = {}
+    rounds = o.stream_rounds
+    say(f"streaming phase: {streams.MODEL}, {o.stream_horizon} responses a stream"
+        + (f", {rounds} rounds in turn" if rounds > 1 else "") + " …")  # fmt: skip
+    for rnd in range(rounds):
+        for i, (target, c) in enumerate(plan, 1):
+            if target.replay:
+                streams.prime(target, o.stream_horizon)
+            # each target's misses their own series (a stream stored through one door replays through all)
+            own = salt + 10_000_000 * o.stream_targets.index(target.name) + 100_000_000 * rnd
+            pids = stack.server_pids()
+            before = {k: cpu_seconds(v) for k, v in pids.items()}
+            t0 = time.monotonic()
+            level = streams.measure(target, c, o.stream_horizon, o.warmup_s, o.duration_s, o.generators, own)
+            wall = time.monotonic() - t0  # warm-up, measurement and the generators' start: CPU over all of it
+            used = {k: cpu_seconds(v) - before[k] for k, v in pids.items()}
+            level.server_cpu_cores = {k: round(v / wall, 2) for k, v in used.items()}
+            key = (target.name, target.replay, c)
+            cpu.setdefault(key, []).append(level.server_cpu_cores)
+            merged[key] = streams.pooled(merged.get(key), level)
+            r = level.row()
+            tag = f"{i:>3}/{len(plan)}" + (f" r{rnd + 1}" if rounds > 1 else "")
+            say(f"[{tag}] {r['target']:<13} {r['cache']:<6} c={c:<4} {r['streams']:>6} streams  "
+                f"first p50 {r['first_p50_ms']:7.2f} p99 {r['first_p99_ms']:7.2f} ms  "
+                f"gap p50 {r['gap_p50_ms']:6.3f} p99 {r['gap_p99_ms']:7.3f} ms  err {r['errors']}  cpu "
+                + " ".join(f"{k}={v:.2f}" for k, v in level.server_cpu_cores.items())
+                + (f"\n      errors: {r['error_samples'][0]}" if r["error_samples"] else ""))  # fmt: skip
+    levels = list(merged.values())
+    for key, level in merged.items():  # CPU: the rounds' mean
+        samples = cpu[key]
+        level.server_cpu_cores = {
+            k: round(sum(s.get(k, 0.0) for s in samples) / len(samples), 2) for k in samples[0]
+        }
     say(streams.table(levels))
     goals = streams.checks(levels)
     for g in goals:
         say(f"  {'met' if g['met'] else 'NOT MET'}: {g['name']}: {g['measured']} (goal {g['goal']})")
-    return {"horizon": o.stream_horizon, "levels": [lv.row() for lv in levels], "checks": goals,
-            "targets": {k: v for k, v in STREAM_TARGET_HELP.items() if k in o.stream_targets}}  # fmt: skip
+    targets = {k: v for k, v in STREAM_TARGET_HELP.items() if k in o.stream_targets}
+    return {"horizon": o.stream_horizon, "rounds": rounds, "levels": [lv.row() for lv in levels],
+            "checks": goals, "targets": targets}  # fmt: skip
 
 
 def _line(i: int, n: int, r: LevelResult) -> str:

@@ -241,6 +241,18 @@ def measure(
     return level
 
 
+def pooled(into: StreamLevel | None, level: StreamLevel) -> StreamLevel:
+    """``level``'s samples added to ``into`` (the same target, cache and concurrency in another round)."""
+    if into is None:
+        return level
+    into.streams += level.streams
+    into.errors += level.errors
+    into.first_ms += level.first_ms
+    into.gap_ms += level.gap_ms
+    into.error_samples += level.error_samples
+    return into
+
+
 def prime(target: StreamTarget, horizon: int) -> None:
     """Run the replayed request once (so the measured ones are replays)."""
     asyncio.run(_prime(target, horizon))

@@ -132,3 +132,19 @@ def test_gateway_grpc_targets_send_what_triton_grpc_sends() -> None:
     assert grpc_request_factory(miss, 5)(42) == grpc_request_factory(direct, 5)(42)
     repeated = grpc_request_factory(hit, 5)
     assert repeated(1) == repeated(33) == grpc_request_factory(hit, 9)(1) and repeated(1) != repeated(2)
+
+
+def test_stream_rounds_pool_their_samples_and_the_goals_read_the_pooled_levels() -> None:
+    from app.bench.streams import StreamLevel, checks, pooled
+
+    def level(target: str, firsts: list[float], replay: bool = False) -> StreamLevel:
+        return StreamLevel(target, replay, 1, streams=len(firsts), first_ms=firsts, gap_ms=[0.1])
+
+    # round 1: the machine fast; round 2: slow (a drift falls on Triton direct and the gateway alike)
+    triton = pooled(level("triton-sse", [3.0, 3.0, 3.0]), level("triton-sse", [5.0, 5.0, 5.0]))
+    gateway = pooled(level("gateway-sse", [3.5, 3.5, 3.5]), level("gateway-sse", [5.5, 5.5, 5.5]))
+    assert pooled(None, triton) is triton
+    assert triton.streams == 6 and sorted(triton.first_ms) == [3.0] * 3 + [5.0] * 3
+    assert gateway.gap_ms == [0.1, 0.1]
+    [goal] = checks([triton, gateway])
+    assert goal["met"] and goal["measured"] == "0.500 ms"
