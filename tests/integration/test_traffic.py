@@ -403,18 +403,19 @@ def test_one_replica_at_a_time_holds_the_evaluation_lease(own_redis: EmbeddedRed
     from app.services.traffic import TrafficPolicies
 
     async def scenario() -> None:
-        first = TrafficPolicies(make_redis(own_redis.url, 2.0), lease_s=0.5)
-        second = TrafficPolicies(make_redis(own_redis.url, 2.0), lease_s=0.5)
-        third = TrafficPolicies(make_redis(own_redis.url, 2.0), lease_s=0.5)
+        # a 1.5 s lease renewed after 0.8 s: slack for a loaded 2-core machine (0.5 s was not enough)
+        first = TrafficPolicies(make_redis(own_redis.url, 2.0), lease_s=1.5)
+        second = TrafficPolicies(make_redis(own_redis.url, 2.0), lease_s=1.5)
+        third = TrafficPolicies(make_redis(own_redis.url, 2.0), lease_s=1.5)
         try:
             assert await first._hold_lease() and not await second._hold_lease()
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.8)
             assert await first._hold_lease() and not await second._hold_lease()  # renewed
-            await asyncio.sleep(0.3)  # past the first lease's end: renewed, still the first's
+            await asyncio.sleep(0.9)  # past the first lease's end: renewed, still the first's
             assert not await second._hold_lease()
             await first.stop()  # released at once
             assert await second._hold_lease() and not await third._hold_lease()
-            await asyncio.sleep(0.7)  # the second stops renewing: its lease ends
+            await asyncio.sleep(1.8)  # the second stops renewing: its lease ends
             assert await third._hold_lease() and not await second._hold_lease()
         finally:
             for replica in (second, third):
