@@ -317,7 +317,7 @@ class TritonGrpcClient:
         a stream was half-closed while a decoupled model still sent on it. The deadline is the gateway's
         (``call.deadline``, on every read). Leaving the loop early (the client went away), the deadline or
         an error cancels the stream, which Triton passes on to the model as a cancelled request; such a
-        stream is never reused. A traced call (a ``traceparent`` to send) gets a stream of its own."""
+        stream is never reused. A traced call (a ``traceparent`` to send) gets a stream of its own, once."""
         message = stream_request(call)
         metadata: dict[str, str] = {}
         tracing.inject(metadata)
@@ -348,9 +348,9 @@ class TritonGrpcClient:
                     flag = response.infer_response.parameters.get("triton_final_response")
                     if flag is None or not flag.bool_param:  # not Triton's own word that it is done
                         rpc.cancel()
-                    elif len(self._idle_streams) < STREAM_POOL:
+                    elif not metadata and len(self._idle_streams) < STREAM_POOL:
                         self._idle_streams.append((rpc, time.monotonic()))
-                    else:
+                    else:  # a traced stream (its traceparent was this request's), or the pool is full
                         self._retire(rpc)
                 yield result
                 if finished:

@@ -114,3 +114,28 @@ async def test_a_deadline_ends_a_request_on_a_pooled_stream(triton: EmbeddedTrit
         assert values(await collect(client.stream(count_call(2, "after")))) == [0, 1]
     finally:
         await client.close()
+
+
+async def test_a_traced_stream_is_used_once(triton: EmbeddedTriton) -> None:
+    """A traced call's stream carries its ``traceparent`` as the stream's metadata: it is never lent to
+    another request (whose trace it would name)."""
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from app.observability import tracing
+
+    client = TritonGrpcClient(triton.grpc_url)
+    tracing.setup_tracing(None, exporter=InMemorySpanExporter())
+    try:
+        with tracing.span("test.parent"):
+            assert values(await collect(client.stream(count_call(3, "traced")))) == [0, 1, 2]
+        assert client._idle_streams == []  # closed once done, not pooled
+    finally:
+        tracing.shutdown_tracing()
+        await client.close()
+    client = TritonGrpcClient(triton.grpc_url)
+    try:  # untraced again: pooled
+        assert values(await collect(client.stream(count_call(2, "plain")))) == [0, 1]
+        assert len(client._idle_streams) == 1
+    finally:
+        await client.close()
