@@ -353,8 +353,8 @@ class InferenceService:
         annotate(info.name, info.version, outcome)
         now = time.monotonic()
         deadline = now + max_s if ctx.deadline is None else min(ctx.deadline, now + max_s)
-        # the caller's deadline bounds each read from Triton (UpstreamTimeout); the tier's longest stream,
-        # when it comes first, is the pump's own bound (its ``duration`` error, not a deadline)
+        # the caller's deadline bounds the stream's reads from Triton (UpstreamTimeout); the tier's longest
+        # stream, when it comes first, is the pump's own bound (its ``duration`` error, not a deadline)
         call = replace(self.call_for(req), deadline=ctx.deadline or 0.0, max_batch_rows=0)
         store = None
         if use_cache and req.cache_write:
