@@ -155,7 +155,7 @@ class TritonGrpcClient:
         self._server_version: tuple[int, ...] | None = None
         self._options = list(options)
         self._stream_channel: grpc.aio.Channel | None = None  # streams: opened at the first one
-        self._stream_stubs: service_pb2_grpc.GRPCInferenceServiceStub | None = None
+        self._stream_service: service_pb2_grpc.GRPCInferenceServiceStub | None = None
         self._idle_streams: list[tuple[Any, float]] = []  # (stream, idle since): the newest last
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -273,9 +273,9 @@ class TritonGrpcClient:
     def _stream_stub(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
         if self._stream_channel is None:
             self._stream_channel = grpc.aio.insecure_channel(self.url, options=self._options)
-            self._stream_stubs = service_pb2_grpc.GRPCInferenceServiceStub(self._stream_channel)
-        assert self._stream_stubs is not None
-        return self._stream_stubs
+            self._stream_service = service_pb2_grpc.GRPCInferenceServiceStub(self._stream_channel)
+        assert self._stream_service is not None
+        return self._stream_service
 
     def _idle_stream(self) -> Any | None:
         """A ``ModelStreamInfer`` stream that carried an earlier request to its end, ready for the next."""
@@ -326,8 +326,7 @@ class TritonGrpcClient:
         try:
             if rpc is not None:
                 try:
-                    await rpc.write(message)
-                    response = await self._read(rpc, call)
+                    response = await self._send(rpc, message, call)
                 except (grpc.aio.AioRpcError, asyncio.InvalidStateError, _Ended) as exc:
                     # an idle stream that had ended meanwhile (Triton restarted, the connection dropped)
                     # before any response: sent again on a fresh one (a stream is retried only before
@@ -337,21 +336,14 @@ class TritonGrpcClient:
                     rpc = None
             if rpc is None:
                 rpc = self._stream_stub().ModelStreamInfer(metadata=tuple(metadata.items()))
-                await rpc.write(message)
-                response = await self._read(rpc, call)
+                response = await self._send(rpc, message, call)
             while True:
                 if response.error_message:
                     raise from_grpc(None, response.error_message, self._retry_after_s)
                 result = self._streamed(response.infer_response)
                 if result.final:
                     finished = True
-                    flag = response.infer_response.parameters.get("triton_final_response")
-                    if flag is None or not flag.bool_param:  # not Triton's own word that it is done
-                        rpc.cancel()
-                    elif not metadata and len(self._idle_streams) < STREAM_POOL:
-                        self._idle_streams.append((rpc, time.monotonic()))
-                    else:  # a traced stream (its traceparent was this request's), or the pool is full
-                        self._retire(rpc)
+                    self._release(rpc, response.infer_response, reusable=not metadata)
                 yield result
                 if finished:
                     return
@@ -367,6 +359,25 @@ class TritonGrpcClient:
         finally:
             if not finished and rpc is not None:
                 rpc.cancel()
+
+    def _release(self, rpc: Any, final: service_pb2.ModelInferResponse, reusable: bool) -> None:
+        """A stream whose request got its final response: pooled for the next request when Triton said so
+        (its final flag) and it may be lent (not traced: its traceparent was this request's) and there is
+        room, else half-closed; cancelled without Triton's flag (something may still come on it)."""
+        flag = final.parameters.get("triton_final_response")
+        if flag is None or not flag.bool_param:
+            rpc.cancel()
+        elif reusable and len(self._idle_streams) < STREAM_POOL:
+            self._idle_streams.append((rpc, time.monotonic()))
+        else:
+            self._retire(rpc)
+
+    async def _send(
+        self, rpc: Any, message: service_pb2.ModelInferRequest, call: TritonCall
+    ) -> service_pb2.ModelStreamInferResponse:
+        """``message`` written on ``rpc``; its first response."""
+        await rpc.write(message)
+        return await self._read(rpc, call)
 
     @staticmethod
     async def _read(rpc: Any, call: TritonCall) -> service_pb2.ModelStreamInferResponse:

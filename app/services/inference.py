@@ -351,8 +351,6 @@ class InferenceService:
         if outcome == "BYPASS":
             metrics.cache_outcome("bypass")
         annotate(info.name, info.version, outcome)
-        now = time.monotonic()
-        deadline = now + max_s if ctx.deadline is None else min(ctx.deadline, now + max_s)
         # the caller's deadline bounds the stream's reads from Triton (UpstreamTimeout); the tier's longest
         # stream, when it comes first, is the pump's own bound (its ``duration`` error, not a deadline)
         call = replace(self.call_for(req), deadline=ctx.deadline or 0.0, max_batch_rows=0)
@@ -365,7 +363,8 @@ class InferenceService:
                     with contextlib.suppress(CacheUnavailable):
                         await self.cache.put_stream(key, results, cache_max)
 
-        duration = deadline - now if ctx.deadline is None or ctx.deadline > now + max_s else 0.0
+        tier_first = ctx.deadline is None or ctx.deadline > time.monotonic() + max_s
+        duration = max_s if tier_first else 0.0
         stream = ResponseStream(
             info.name, ctx, limits, outcome, self._relay(call), store=store, max_duration_s=duration
         )

@@ -6,6 +6,7 @@ request failing; a deadline ends a pooled stream's request like a fresh one's.""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -29,6 +30,15 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTriton]
         yield server
 
 
+@contextlib.asynccontextmanager
+async def grpc_client(triton: EmbeddedTriton) -> AsyncIterator[TritonGrpcClient]:
+    client = TritonGrpcClient(triton.grpc_url)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
 def count_call(count: int, rid: str, deadline_s: float = 30.0) -> TritonCall:
     return TritonCall(
         "repeat_decoupled", "", {"COUNT": np.array([count], np.int32)}, {"COUNT": "INT32"},
@@ -49,8 +59,7 @@ def values(results: list[TritonResult]) -> list[int]:
 
 
 async def test_sequential_streams_share_one_upstream_stream(triton: EmbeddedTriton) -> None:
-    client = TritonGrpcClient(triton.grpc_url)
-    try:
+    async with grpc_client(triton) as client:
         before = await client.model_statistics("repeat_decoupled")
         streams = []
         for i in range(5):
@@ -66,13 +75,10 @@ async def test_sequential_streams_share_one_upstream_stream(triton: EmbeddedTrit
             return _successes(after) - _successes(before) == 5
 
         await eventually_async(five_more, message="five requests reached the model on the one stream")
-    finally:
-        await client.close()
 
 
 async def test_a_stream_left_early_is_cancelled_and_not_reused(triton: EmbeddedTriton) -> None:
-    client = TritonGrpcClient(triton.grpc_url)
-    try:
+    async with grpc_client(triton) as client:
         await collect(client.stream(count_call(2, "warm")))
         [(pooled, _)] = client._idle_streams
         responses = client.stream(count_call(10_000, "left"))
@@ -85,13 +91,10 @@ async def test_a_stream_left_early_is_cancelled_and_not_reused(triton: EmbeddedT
         assert values(results) == [0, 1, 2]
         [(fresh, _)] = client._idle_streams
         assert fresh is not pooled
-    finally:
-        await client.close()
 
 
 async def test_an_idle_stream_whose_triton_restarted_is_replaced(triton: EmbeddedTriton) -> None:
-    client = TritonGrpcClient(triton.grpc_url)
-    try:
+    async with grpc_client(triton) as client:
         await collect(client.stream(count_call(2, "before")))
         [(pooled, _)] = client._idle_streams
         triton.restart(timeout=120)
@@ -99,21 +102,16 @@ async def test_an_idle_stream_whose_triton_restarted_is_replaced(triton: Embedde
         assert values(results) == [0, 1, 2]
         [(fresh, _)] = client._idle_streams
         assert fresh is not pooled
-    finally:
-        await client.close()
 
 
 async def test_a_deadline_ends_a_request_on_a_pooled_stream(triton: EmbeddedTriton) -> None:
-    client = TritonGrpcClient(triton.grpc_url)
-    try:
+    async with grpc_client(triton) as client:
         await collect(client.stream(count_call(2, "warm")))
         [(pooled, _)] = client._idle_streams
         with pytest.raises(UpstreamTimeout):  # 100,000 responses, answered without pause: not in 0.2 s
             await collect(client.stream(count_call(100_000, "late", deadline_s=0.2)))
         assert pooled.done() and client._idle_streams == []  # cancelled, not reused
         assert values(await collect(client.stream(count_call(2, "after")))) == [0, 1]
-    finally:
-        await client.close()
 
 
 async def test_a_traced_stream_is_used_once(triton: EmbeddedTriton) -> None:
@@ -124,18 +122,14 @@ async def test_a_traced_stream_is_used_once(triton: EmbeddedTriton) -> None:
 
     from app.observability import tracing
 
-    client = TritonGrpcClient(triton.grpc_url)
-    tracing.setup_tracing(None, exporter=InMemorySpanExporter())
-    try:
-        with tracing.span("test.parent"):
-            assert values(await collect(client.stream(count_call(3, "traced")))) == [0, 1, 2]
-        assert client._idle_streams == []  # closed once done, not pooled
-    finally:
-        tracing.shutdown_tracing()
-        await client.close()
-    client = TritonGrpcClient(triton.grpc_url)
-    try:  # untraced again: pooled
+    async with grpc_client(triton) as client:
+        tracing.setup_tracing(None, exporter=InMemorySpanExporter())
+        try:
+            with tracing.span("test.parent"):
+                assert values(await collect(client.stream(count_call(3, "traced")))) == [0, 1, 2]
+            assert client._idle_streams == []  # closed once done, not pooled
+        finally:
+            tracing.shutdown_tracing()
+    async with grpc_client(triton) as client:  # untraced again: pooled
         assert values(await collect(client.stream(count_call(2, "plain")))) == [0, 1]
         assert len(client._idle_streams) == 1
-    finally:
-        await client.close()
