@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
@@ -49,6 +50,7 @@ class AutoPipeline:
         self.redis = redis
         self.timeout_s = timeout_s
         self._ops: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._next: asyncio.Task[None] | None = None  # the flush that takes the commands issued so far
         self._tasks: set[asyncio.Future[None]] = set()
         self.pipelines = 0
         self.commands = 0
@@ -57,16 +59,16 @@ class AutoPipeline:
         """``submit("GET", key)``: a future for the raw reply."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        if not self._ops:
-            loop.call_soon(self._flush)
         self._ops.append((args, fut))
+        if self._next is None:  # its first step runs on the next turn, with every command issued by then
+            self._next = task = loop.create_task(self._flush())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return fut
 
-    def _flush(self) -> None:
-        ops, self._ops = self._ops, []
-        task = asyncio.ensure_future(self._execute(ops))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _flush(self) -> None:
+        ops, self._ops, self._next = self._ops, [], None
+        await self._execute(ops)
 
     async def _execute(self, ops: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         self.pipelines += 1
@@ -81,7 +83,8 @@ class AutoPipeline:
                 await conn.send_packed_command(packed, check_health=False)
                 for _ in ops:
                     try:
-                        results.append(await conn.read_response())
+                        # no timeout scope per reply: the flush is bounded as a whole (above)
+                        results.append(await conn.read_response(timeout=math.inf))
                     except ResponseError as exc:
                         results.append(exc)
         except BaseException as exc:
