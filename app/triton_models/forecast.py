@@ -1,4 +1,4 @@
-"""Pre- and post-process steps of the ``forecast`` ensemble (Python backend, numpy only).
+"""Pre- and post-process steps of the ``forecast`` ensemble (Python backend; DLPack under numpy 2).
 
 ``forecast`` = ``forecast_preprocess`` -> ``transformer_timeseries`` -> ``forecast_postprocess``:
 
@@ -27,6 +27,31 @@ except ImportError:  # pragma: no cover
 WINDOW = 20
 HORIZON = 10
 MIN_STD = 1e-3
+
+# Triton's Python-backend stub is built against numpy 1.x: where numpy 2 is installed (the GPU image), its
+# numpy bridge (``as_numpy``, ``Tensor(name, array)``) misreads arrays, so tensors go through PyTorch's
+# DLPack there, as the GPU models' do (``app.triton_models.torch_runner``): the ensemble's steps and
+# ``forecast_stream`` alike.
+_DLPACK = int(np.__version__.split(".", 1)[0]) >= 2
+
+
+def _array(tensor: Any) -> np.ndarray:
+    """A Triton tensor (an input, a BLS output, on the CPU or a GPU) as a numpy array."""
+    if not _DLPACK:
+        return np.asarray(tensor.as_numpy())
+    from torch.utils.dlpack import from_dlpack
+
+    return np.asarray(from_dlpack(tensor.to_dlpack()).cpu().numpy())
+
+
+def _tensor(name: str, array: np.ndarray) -> Any:
+    """A numpy array as a Triton tensor."""
+    if not _DLPACK:
+        return pb_utils.Tensor(name, array)
+    import torch
+    from torch.utils.dlpack import to_dlpack
+
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(torch.from_numpy(np.ascontiguousarray(array))))
 
 
 def _param(args: dict[str, str], key: str, default: int) -> int:
@@ -85,11 +110,11 @@ class PreprocessModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = []
         for request in requests:
-            series = pb_utils.get_input_tensor_by_name(request, "series").as_numpy()
+            series = _array(pb_utils.get_input_tensor_by_name(request, "series"))
             h = pb_utils.get_input_tensor_by_name(request, "horizon")
             try:
                 window, scale, horizon = preprocess(
-                    series, None if h is None else h.as_numpy(), self.window, self.max_horizon
+                    series, None if h is None else _array(h), self.window, self.max_horizon
                 )
             except ValueError as exc:
                 responses.append(_error(str(exc)))
@@ -97,9 +122,9 @@ class PreprocessModel:
             responses.append(
                 pb_utils.InferenceResponse(
                     output_tensors=[
-                        pb_utils.Tensor("window", window),
-                        pb_utils.Tensor("scale", scale),
-                        pb_utils.Tensor("horizon_out", horizon),
+                        _tensor("window", window),
+                        _tensor("scale", scale),
+                        _tensor("horizon_out", horizon),
                     ]
                 )
             )
@@ -115,12 +140,12 @@ class PostprocessModel:
         for request in requests:
             try:
                 out = postprocess(
-                    pb_utils.get_input_tensor_by_name(request, "forecast").as_numpy(),
-                    pb_utils.get_input_tensor_by_name(request, "scale").as_numpy(),
-                    pb_utils.get_input_tensor_by_name(request, "horizon").as_numpy(),
+                    _array(pb_utils.get_input_tensor_by_name(request, "forecast")),
+                    _array(pb_utils.get_input_tensor_by_name(request, "scale")),
+                    _array(pb_utils.get_input_tensor_by_name(request, "horizon")),
                 )
             except Exception as exc:
                 responses.append(_error(f"postprocess: {exc}", invalid_arg=False))
                 continue
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("forecast", out)]))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[_tensor("forecast", out)]))
         return responses

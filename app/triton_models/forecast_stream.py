@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from app.triton_models.forecast import WINDOW, _error, postprocess, preprocess
+from app.triton_models.forecast import WINDOW, _array, _error, _tensor, postprocess, preprocess
 
 try:  # only importable inside the Triton Python backend stub
     import triton_python_backend_utils as pb_utils
@@ -30,31 +30,6 @@ except ImportError:  # pragma: no cover
 
 MAX_HORIZON = 10_000
 TARGET = "transformer_timeseries"
-# Triton's Python-backend stub is built against numpy 1.x: where numpy 2 is installed (the GPU image), its
-# numpy bridge (``as_numpy``, ``Tensor(name, array)``) misreads arrays, so tensors go through PyTorch's
-# DLPack there, as the GPU models' do (``app.triton_models.torch_runner``).
-_DLPACK = int(np.__version__.split(".", 1)[0]) >= 2
-
-
-def _array(tensor: Any) -> np.ndarray:
-    """A Triton tensor (an input, a BLS output, on the CPU or a GPU) as a numpy array."""
-    if not _DLPACK:
-        return np.asarray(tensor.as_numpy())
-    from torch.utils.dlpack import from_dlpack
-
-    return np.asarray(from_dlpack(tensor.to_dlpack()).cpu().numpy())
-
-
-def _tensor(name: str, array: np.ndarray) -> Any:
-    """A numpy array as a Triton tensor."""
-    if not _DLPACK:
-        return pb_utils.Tensor(name, array)
-    import torch
-    from torch.utils.dlpack import to_dlpack
-
-    return pb_utils.Tensor.from_dlpack(name, to_dlpack(torch.from_numpy(np.ascontiguousarray(array))))
-
-
 class TritonPythonModel:
     target: str
     window: int
