@@ -38,28 +38,22 @@ PIPELINE = ("forecast", "forecast_preprocess", "forecast_postprocess", "forecast
 REL, ABS = 0.01, 1e-3
 
 
-def infer(url: str, model: str, version: int, x: np.ndarray) -> np.ndarray:
-    body = {
-        "inputs": [
-            {"name": "series", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}
-        ]
-    }
-    req = urllib.request.Request(
-        f"{url}/v2/models/{model}/versions/{version}/infer",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        out = json.loads(resp.read())["outputs"][0]
-    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
-
-
 def post(url: str, path: str, body: dict[str, object]) -> bytes:
     req = urllib.request.Request(
         f"{url}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
     with urllib.request.urlopen(req, timeout=60) as resp:
         return bytes(resp.read())
+
+
+def infer(url: str, model: str, version: int, x: np.ndarray) -> np.ndarray:
+    body = {
+        "inputs": [
+            {"name": "series", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}
+        ]
+    }
+    out = json.loads(post(url, f"/v2/models/{model}/versions/{version}/infer", body))["outputs"][0]
+    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
 
 
 def check_forecast(url: str, rng: np.random.Generator) -> bool:
